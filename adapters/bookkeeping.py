@@ -1,0 +1,72 @@
+"""Tables the runners keep beside the read models: relay position, projection tracking, dead
+letters. Also the queries operators and /metrics use to see lag and missing positions."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from psycopg import Connection
+from psycopg.rows import dict_row
+
+DDL = (
+    """CREATE TABLE IF NOT EXISTS relay_positions (
+        name text PRIMARY KEY,
+        position bigint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    """CREATE TABLE IF NOT EXISTS projection_tracking (
+        name text PRIMARY KEY,
+        position bigint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    """CREATE TABLE IF NOT EXISTS projection_dead_letters (
+        name text NOT NULL,
+        position bigint NOT NULL,
+        topic text NOT NULL,
+        error text NOT NULL,
+        attempts int NOT NULL,
+        failed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (name, position)
+    )""",
+)
+
+DLQ_LIST_MAX_ROWS = 1000
+
+
+def lock_key(*parts: str) -> int:
+    """A stable advisory-lock key (int8) for a named role within a schema."""
+    return zlib.crc32(":".join(parts).encode())
+
+
+def tracked_position(conn: Connection[Any], name: str) -> int:
+    row = conn.execute("SELECT position FROM projection_tracking WHERE name = %s", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def relay_position(conn: Connection[Any], name: str = "relay") -> int:
+    row = conn.execute("SELECT position FROM relay_positions WHERE name = %s", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def all_tracking(conn: Connection[Any]) -> dict[str, int]:
+    rows = conn.execute("SELECT name, position FROM projection_tracking").fetchall()
+    return {str(name): int(pos) for name, pos in rows}
+
+
+def dead_letters(conn: Connection[Any], name: str | None = None) -> list[dict[str, Any]]:
+    """Unresolved dead letters: the ledger positions a read model is missing."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT name, position, topic, error, attempts, failed_at FROM projection_dead_letters"
+            " WHERE %(name)s::text IS NULL OR name = %(name)s ORDER BY name, position LIMIT %(n)s",
+            {"name": name, "n": DLQ_LIST_MAX_ROWS},
+        )
+        return cur.fetchall()
+
+
+def dead_letter_counts(conn: Connection[Any]) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT name, count(*) FROM projection_dead_letters GROUP BY name"
+    ).fetchall()
+    return {str(name): int(n) for name, n in rows}

@@ -1,0 +1,95 @@
+"""Encodes domain events for the ledger with msgspec msgpack, typed per event class.
+
+A typed decoder per class keeps Decimal, UUID and aware datetimes exact (datetimes come back
+in UTC, the same instant), and is faster and smaller than the library's JSON transcoding.
+Schemas evolve by adding fields with defaults, so old rows decode with the current class;
+`class_version` upcasters still run on the decoded state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from functools import lru_cache
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
+from eventsourcing.utils import get_topic, resolve_topic
+
+_HEADER_FIELDS = frozenset({"originator_id", "originator_version"})
+_ENCODER = msgspec.msgpack.Encoder(uuid_format="bytes")
+
+
+@lru_cache(maxsize=512)
+def _codec_for(event_cls: type[Any]) -> tuple[type[msgspec.Struct], msgspec.msgpack.Decoder[Any]]:
+    hints = typing.get_type_hints(event_cls)
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(event_cls):
+        if f.name in _HEADER_FIELDS:
+            continue
+        kind = hints.get(f.name, Any)
+        if f.default is not dataclasses.MISSING:
+            fields.append((f.name, kind, f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            fields.append((f.name, kind, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, kind))
+    fields.append(("class_version", int, 1))
+    # Required fields must precede defaulted ones in a Struct definition.
+    fields.sort(key=lambda spec: len(spec) == 3)
+    struct = msgspec.defstruct(f"{event_cls.__qualname__}State", fields, omit_defaults=True)
+    return struct, msgspec.msgpack.Decoder(struct)
+
+
+def encode_state(event_cls: type[Any], state: dict[str, Any]) -> bytes:
+    struct, _ = _codec_for(event_cls)
+    return _ENCODER.encode(struct(**state))
+
+
+def decode_state(event_cls: type[Any], data: bytes) -> dict[str, Any]:
+    _, decoder = _codec_for(event_cls)
+    return msgspec.structs.asdict(decoder.decode(data))
+
+
+class MsgspecMapper(Mapper[UUID]):
+    """A Mapper whose state encoding is msgspec msgpack, typed by the event's own class."""
+
+    def __init__(self, transcoder: Transcoder | None = None, **_: Any) -> None:
+        # The library's Transcoder is unused: encoding is typed per event class below.
+        self.transcoder = transcoder  # type: ignore[assignment]
+        self.compressor = None
+        self.cipher = None
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        cls = type(domain_event)
+        state = dict(vars(domain_event))
+        originator_id = state.pop("originator_id")
+        originator_version = state.pop("originator_version")
+        class_version = getattr(cls, "class_version", 1)
+        if class_version > 1:
+            state["class_version"] = class_version
+        return StoredEvent(
+            originator_id=originator_id,
+            originator_version=originator_version,
+            topic=get_topic(cls),
+            state=encode_state(cls, state),
+        )
+
+    def to_domain_event(self, stored_event: StoredEvent) -> Any:
+        cls = resolve_topic(stored_event.topic)
+        state = decode_state(cls, stored_event.state)
+        from_version = state.pop("class_version", 1)
+        target_version = getattr(cls, "class_version", 1)
+        while from_version < target_version:
+            getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
+            from_version += 1
+        originator_id = stored_event.originator_id
+        state["originator_id"] = (
+            originator_id if isinstance(originator_id, UUID) else UUID(str(originator_id))
+        )
+        state["originator_version"] = stored_event.originator_version
+        event = object.__new__(cls)
+        object.__setattr__(event, "__dict__", state)
+        return event

@@ -1,0 +1,134 @@
+"""The ledger: the eventsourcing library's Postgres application recorder with our msgspec mapper.
+
+`LedgerStore` implements domain.ports.Ledger (get/save) and gives the relay and projectors an
+ordered reader over the notification log (the ledger's total order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+from uuid import UUID
+
+import psycopg
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import (
+    IntegrityError,
+    Notification,
+    PersistenceError,
+    StoredEvent,
+)
+from eventsourcing.persistence import (
+    OperationalError as LibOperationalError,
+)
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.utils import Environment
+
+from adapters.codec import MsgspecMapper
+from domain.errors import Conflict, NotFound, Unavailable
+
+LEDGER_NAME = "billing"  # the events table is "billing_events"; its NOTIFY channel too
+LEDGER_POOL_SIZE = 8
+LEDGER_POOL_OVERFLOW = 8
+LEDGER_LOCK_TIMEOUT_S = 5  # an append waits this long for the table lock, then fails
+LEDGER_CONNECT_TIMEOUT_S = 5
+READ_PAGE_MAX_ROWS = 10_000
+
+A = TypeVar("A", bound=Aggregate)
+
+
+def postgres_env(database_url: str, schema: str) -> dict[str, str]:
+    """Translate a postgresql:// URL into the library's settings, passed explicitly."""
+    url = urlparse(database_url)
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ValueError("DATABASE_URL must start with postgresql://")
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": (url.path or "/postgres").lstrip("/") or "postgres",
+        "POSTGRES_HOST": url.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": unquote(url.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(url.password or ""),
+        "POSTGRES_SCHEMA": schema,
+        "POSTGRES_POOL_SIZE": str(LEDGER_POOL_SIZE),
+        "POSTGRES_MAX_OVERFLOW": str(LEDGER_POOL_OVERFLOW),
+        "POSTGRES_LOCK_TIMEOUT": str(LEDGER_LOCK_TIMEOUT_S),
+        "POSTGRES_CONNECT_TIMEOUT": str(LEDGER_CONNECT_TIMEOUT_S),
+        "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
+        "POSTGRES_PRE_PING": "y",
+        # TECH-NOTES: with db functions on, inserts skip the table lock. Keep it off.
+        "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+        "CREATE_TABLE": "y",
+    }
+
+
+class _LedgerApp(Application[UUID]):
+    name = LEDGER_NAME
+
+    def construct_env(self, name: str, env: Mapping[str, str] | None = None) -> Environment:
+        # Settings come from infra only; never from os.environ behind our back.
+        return Environment(name, dict(env or {}))
+
+    def construct_mapper(self) -> MsgspecMapper:  # type: ignore[override]
+        return MsgspecMapper()
+
+
+class LedgerStore:
+    """Append and read the ledger. Library errors become our domain errors here."""
+
+    def __init__(self, database_url: str, schema: str) -> None:
+        self._app = _LedgerApp(env=postgres_env(database_url, schema))
+        recorder = self._app.recorder
+        assert isinstance(recorder, PostgresApplicationRecorder)
+        self.recorder = recorder
+        self.mapper: MsgspecMapper = self._app.mapper  # type: ignore[assignment]
+        self.channel = recorder.channel_name
+        self.table = f'"{schema}"."{recorder.events_table_name}"'
+        self.appended_events = 0
+
+    def close(self) -> None:
+        self._app.close()
+
+    def get(self, aggregate_id: UUID, kind: type[A]) -> A:
+        try:
+            aggregate = self._app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            raise NotFound(kind.__name__, aggregate_id) from None
+        except (LibOperationalError, psycopg.OperationalError) as e:
+            raise Unavailable(f"ledger unavailable: {type(e).__name__}") from e
+        if not isinstance(aggregate, kind):
+            raise NotFound(kind.__name__, aggregate_id)
+        return aggregate
+
+    def save(self, *aggregates: Aggregate) -> int:
+        try:
+            recordings = self._app.save(*aggregates)
+        except IntegrityError as e:
+            raise Conflict("already recorded in the ledger") from e
+        except (PersistenceError, psycopg.Error) as e:
+            raise Unavailable(f"ledger cannot commit: {type(e).__name__}") from e
+        if not recordings:
+            return self.head()
+        self.appended_events += len(recordings)
+        return int(recordings[-1].notification.id)
+
+    def head(self) -> int:
+        """The position of the newest ledger entry (0 when empty)."""
+        try:
+            return int(self.recorder.max_notification_id() or 0)
+        except (PersistenceError, psycopg.Error) as e:
+            raise Unavailable(f"ledger unavailable: {type(e).__name__}") from e
+
+    def read_after(
+        self, position: int, limit: int, stop: int | None = None
+    ) -> Sequence[Notification]:
+        """Entries with position > `position` (and <= `stop`), in ledger order."""
+        assert 0 < limit <= READ_PAGE_MAX_ROWS
+        return self.recorder.select_notifications(
+            start=position, limit=limit, stop=stop, inclusive_of_start=False
+        )
+
+    def decode(self, stored: StoredEvent) -> Any:
+        return self.mapper.to_domain_event(stored)

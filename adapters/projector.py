@@ -1,0 +1,261 @@
+"""The projector runner: feeds one read model from its durable JetStream pull consumer.
+
+Exactly-once effect: a read-model change and its tracking position commit in one Postgres
+transaction; entries at or below the tracked position are skipped. Delivery order does not
+matter: every relayed message names `prev`, the ledger position just before it, and when that is
+ahead of the tracked position the missing entries are read from the ledger itself (the source of
+truth), so redelivered or reordered messages can never make the tracking check skip an event.
+
+A handler that fails is retried in place with exponential backoff (the message is kept in
+progress, so nothing after it overtakes it); after the last retry the entry is dead-lettered:
+copied to the DLQ stream with its error, recorded as a position the read model is missing,
+counted, and the projector carries on. Infrastructure errors (Postgres or NATS away) never
+dead-letter anything: the batch is nak'd with a delay and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import psycopg
+from eventsourcing.persistence import StoredEvent
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from adapters.bus import DeadLetter, RelayedBatch, Streams, decode_batch, encode
+from adapters.ledger import LedgerStore
+from projections.base import ReadModel
+
+log = logging.getLogger("billing.projector")
+
+FETCH_BATCH_MSGS = 64
+FETCH_TIMEOUT_S = 1.0
+ACK_WAIT_S = 30.0
+MAX_DELIVER = 20  # JetStream's bound; handler retries below are bounded on their own
+MAX_ACK_PENDING = 4 * FETCH_BATCH_MSGS
+HANDLER_RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+INFRA_RETRY_DELAY_S = 1.0
+GAP_READ_PAGE_ROWS = 5000
+PUBLISH_TIMEOUT_S = 5.0
+
+TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One ledger entry to apply."""
+
+    position: int
+    stored: StoredEvent
+
+
+def _units(batch: RelayedBatch) -> list[Unit]:
+    return [
+        Unit(e.position, StoredEvent(e.originator_id, e.originator_version, e.topic, e.state))
+        for e in batch.entries
+    ]
+
+
+class Projector:
+    def __init__(
+        self,
+        model: ReadModel,
+        ledger: LedgerStore,
+        pool: ConnectionPool,
+        js: JetStreamContext,
+        streams: Streams,
+        retry_backoff_s: Sequence[float] = HANDLER_RETRY_BACKOFF_S,
+    ) -> None:
+        self.model = model
+        self._ledger = ledger
+        self._pool = pool
+        self._js = js
+        self._streams = streams
+        self._backoff = tuple(retry_backoff_s)
+        self.applied_entries = 0
+        self.dead_lettered = 0
+
+    # ---- the consumer loop -------------------------------------------------------------
+
+    async def subscribe(self) -> JetStreamContext.PullSubscription:
+        return await self._js.pull_subscribe(
+            self._streams.ledger_wildcard,
+            durable=self._streams.consumer(self.model.name),
+            stream=self._streams.ledger,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=ACK_WAIT_S,
+                max_deliver=MAX_DELIVER,
+                max_ack_pending=MAX_ACK_PENDING,
+            ),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        sub: JetStreamContext.PullSubscription | None = None
+        while not stop.is_set():
+            try:
+                if sub is None:
+                    sub = await self.subscribe()
+                msgs = await sub.fetch(FETCH_BATCH_MSGS, timeout=FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # broker away: keep trying, ledger keeps everything
+                log.warning("projector %s cannot fetch: %s: %s", self.model.name, type(e).__name__, e)
+                sub = None
+                await _wait(stop, INFRA_RETRY_DELAY_S)
+                continue
+            await self.handle(msgs)
+
+    async def handle(self, msgs: Sequence[Msg]) -> None:
+        """Apply a fetched batch, then ack it. Safe to call with any order or repeats."""
+        batches = [decode_batch(m.data) for m in msgs]
+        try:
+            try:
+                await asyncio.to_thread(self._apply_together, batches)
+            except TRANSIENT:
+                raise
+            except Exception:
+                # Somebody's handler failed: find which entry, retry it, dead-letter it.
+                for msg, batch in zip(msgs, batches, strict=True):
+                    await self._apply_carefully(msg, batch)
+        except (*TRANSIENT, nats.errors.Error, TimeoutError) as e:
+            log.warning("projector %s will retry: %s: %s", self.model.name, type(e).__name__, e)
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=INFRA_RETRY_DELAY_S)
+            return
+        for msg in msgs:
+            with contextlib.suppress(Exception):  # an ack lost is a harmless redelivery
+                await msg.ack()
+
+    # ---- applying, all in one transaction (the fast path) -------------------------------
+
+    def _apply_together(self, batches: Sequence[RelayedBatch]) -> None:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            tracked = self._lock_tracking(cur)
+            start, applied = tracked, 0
+            for batch in sorted(batches, key=lambda b: b.last):
+                if batch.last <= tracked:
+                    continue
+                for unit in self._missing_before(tracked, batch):
+                    self._apply_unit(cur, unit)
+                    tracked, applied = unit.position, applied + 1
+                tracked = max(tracked, batch.prev)
+                for unit in _units(batch):
+                    if unit.position > tracked:
+                        self._apply_unit(cur, unit)
+                        tracked, applied = unit.position, applied + 1
+            if tracked != start:
+                self._set_tracking(cur, tracked)
+        self.applied_entries += applied
+
+    def _missing_before(self, tracked: int, batch: RelayedBatch) -> Iterator[Unit]:
+        """Ledger entries in (tracked, batch.prev]: what this message assumes we already have."""
+        while tracked < batch.prev:
+            page = self._ledger.read_after(tracked, GAP_READ_PAGE_ROWS, stop=batch.prev)
+            if not page:
+                return
+            for n in page:
+                yield Unit(n.id, n)
+            tracked = page[-1].id
+
+    def _apply_unit(self, cur: psycopg.Cursor[Any], unit: Unit) -> None:
+        self.model.apply(cur, self._ledger.decode(unit.stored), unit.position)
+
+    def _lock_tracking(self, cur: psycopg.Cursor[Any]) -> int:
+        cur.execute(
+            "INSERT INTO projection_tracking (name, position) VALUES (%s, 0)"
+            " ON CONFLICT (name) DO NOTHING",
+            (self.model.name,),
+        )
+        cur.execute(
+            "SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE",
+            (self.model.name,),
+        )
+        row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def _set_tracking(self, cur: psycopg.Cursor[Any], position: int) -> None:
+        cur.execute(
+            "UPDATE projection_tracking SET position = %s, updated_at = now() WHERE name = %s",
+            (position, self.model.name),
+        )
+
+    # ---- applying entry by entry, with retries and dead letters (the careful path) ------
+
+    async def _apply_carefully(self, msg: Msg, batch: RelayedBatch) -> None:
+        tracked = await asyncio.to_thread(self._tracked)
+        if batch.last <= tracked:
+            return
+        units = list(await asyncio.to_thread(lambda: list(self._missing_before(tracked, batch))))
+        units += _units(batch)
+        for unit in units:
+            await self._apply_with_retries(msg, unit)
+
+    def _tracked(self) -> int:
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT position FROM projection_tracking WHERE name = %s", (self.model.name,)
+            )
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+
+    def _apply_alone(self, unit: Unit, error: str | None = None, attempts: int = 0) -> None:
+        """Apply one entry (or, with `error`, record it as dead) with its tracking row."""
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            if self._lock_tracking(cur) >= unit.position:
+                return
+            if error is None:
+                self._apply_unit(cur, unit)
+            else:
+                cur.execute(
+                    "INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name, position) DO NOTHING",
+                    (self.model.name, unit.position, unit.stored.topic, error, attempts),
+                )
+            self._set_tracking(cur, unit.position)
+
+    async def _apply_with_retries(self, msg: Msg, unit: Unit) -> None:
+        error = ""
+        for attempt in range(len(self._backoff) + 1):
+            try:
+                await asyncio.to_thread(self._apply_alone, unit)
+                self.applied_entries += 1
+                return
+            except TRANSIENT:
+                raise
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"[:2000]
+                log.warning("projector %s failed at position %d (attempt %d): %s",
+                            self.model.name, unit.position, attempt + 1, error)
+                if attempt < len(self._backoff):
+                    await asyncio.sleep(self._backoff[attempt])
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+        attempts = len(self._backoff) + 1
+        letter = DeadLetter(self.model.name, unit.position, unit.stored.topic, error, attempts)
+        await self._js.publish(
+            self._streams.dlq_subject(self.model.name),
+            encode(letter),
+            timeout=PUBLISH_TIMEOUT_S,
+            stream=self._streams.dlq,
+            headers={"Nats-Msg-Id": f"{self.model.name}:{unit.position}"},
+        )
+        await asyncio.to_thread(self._apply_alone, unit, error, attempts)
+        self.dead_lettered += 1
+        log.error("projector %s dead-lettered position %d: %s", self.model.name, unit.position, error)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

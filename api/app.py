@@ -1,0 +1,35 @@
+"""Builds the Litestar app from injected dependencies, wrapped in the request-id middleware."""
+
+from __future__ import annotations
+
+from litestar import Litestar, Router
+from litestar.config.app import ExperimentalFeatures
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp
+
+from api import health, problems
+from api.auth import admin_guard
+from api.deps import ApiDeps
+from api.observability import Metrics, OpsCollector, RequestIdMiddleware
+from api.organisations import OrganisationController
+
+MAX_BODY_BYTES = 1024 * 1024  # API.md: 413 over 1 MiB
+
+
+def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
+    """Return the Litestar app and the ASGI callable to serve (the app plus request ids)."""
+    metrics = Metrics()
+    metrics.registry.register(OpsCollector(deps.ops_snapshot))
+    admin = Router(path="/", route_handlers=[OrganisationController], guards=[admin_guard])
+    app = Litestar(
+        route_handlers=[health.live, health.ready, health.metrics, admin],
+        exception_handlers={Exception: problems.handle},
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(title="Billing ledger API", version="1"),
+        debug=False,
+        logging_config=None,  # infra/logs.py owns logging (JSON lines)
+        experimental_features=list[ExperimentalFeatures](),
+    )
+    app.state.deps = deps
+    app.state.metrics = metrics
+    return app, RequestIdMiddleware(app, metrics)

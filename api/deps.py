@@ -1,0 +1,36 @@
+"""What the API needs from the outside, injected by infra (the API never builds adapters)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from psycopg_pool import ConnectionPool
+
+from domain.ports import ProjectionGate
+from domain.services import OrganisationService
+
+READ_WAIT_S = 5.0  # a read waits this long for its read model to include prior writes
+
+
+@dataclass(frozen=True)
+class OpsSnapshot:
+    """Figures for /metrics that live outside this process (read at scrape time)."""
+
+    ledger_head: int
+    ledger_appends: int
+    relay_position: int
+    projections: dict[str, int]
+    dead_letters: dict[str, int]
+
+
+@dataclass
+class ApiDeps:
+    organisations: OrganisationService
+    read_pool: ConnectionPool
+    gate: ProjectionGate
+    admin_token_sha256: bytes | None
+    readiness: dict[str, Callable[[], Awaitable[bool]]]
+    ops_snapshot: Callable[[], OpsSnapshot]
+    read_wait_s: float = READ_WAIT_S
+    extra: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,118 @@
+"""Every error the API answers is RFC 9457 problem+json, mapped here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
+
+log = logging.getLogger("billing.api")
+
+PROBLEM_JSON = "application/problem+json"
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class Unauthenticated(Exception):
+    """No, unknown, revoked or expired credential (401)."""
+
+
+class Forbidden(Exception):
+    """Authenticated, but not allowed (403)."""
+
+
+def problem(
+    status: int,
+    detail: str,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
+    body: dict[str, Any] = {
+        "type": f"https://billing.invalid/problems/{status}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = [
+            {"field": e.field, "message": e.message}
+            | ({"index": e.index} if e.index is not None else {})
+            for e in errors
+        ]
+    return Response(
+        content=msgspec.json.encode(body),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers or {},
+    )
+
+
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_NAMED = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
+
+
+def field_error(message: str, index: int | None = None) -> FieldError:
+    """Turn a msgspec validation message into a field error the client can act on."""
+    at = _AT.search(message)
+    path = at.group(1) if at else ""
+    text = _AT.sub("", message)
+    named = _NAMED.search(text)
+    name = ".".join(p for p in (path, named.group(1) if named else "") if p) or "body"
+    return FieldError(name, text, index)
+
+
+def _validation_errors(exc: ValidationException) -> list[FieldError]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    errors = []
+    for item in extra:
+        if isinstance(item, dict):
+            parsed = field_error(str(item.get("message", "invalid")))
+            key = str(item.get("key") or "body")
+            if parsed.field == "body" and key not in ("data", "body"):
+                parsed = FieldError(key, parsed.message)
+            errors.append(parsed)
+    return errors or [field_error(str(exc.detail))]
+
+
+def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """The one mapping from exceptions to HTTP."""
+    if isinstance(exc, ValidationFailed):
+        return problem(422, "the request is invalid; nothing was changed", exc.errors)
+    if isinstance(exc, NotFound):
+        return problem(404, str(exc))
+    if isinstance(exc, Conflict):
+        return problem(409, str(exc))
+    if isinstance(exc, Unavailable):
+        return problem(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, Unauthenticated):
+        return problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, Forbidden):
+        return problem(403, str(exc))
+    if isinstance(exc, ValidationException):
+        detail = str(exc.detail)
+        if "malformed" in detail.lower() or "decode" in detail.lower():
+            return problem(400, "the body is not valid JSON")
+        return problem(422, "the request is invalid; nothing was changed", _validation_errors(exc))
+    if isinstance(exc, HTTPException):
+        return problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(500, "internal error; it has been logged")
+
+

@@ -1,0 +1,182 @@
+"""The Organisation aggregate (the billed customer), its events and its settings rules."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from eventsourcing.domain import Aggregate
+
+from domain.errors import Problems
+
+NAME_MAX_CHARS = 200
+EMAIL_MAX_CHARS = 254
+SUPPORTED_CURRENCIES = frozenset({"INR"})
+DEFAULT_CURRENCY = "INR"
+DEFAULT_TIMEZONE = "Asia/Kolkata"
+DEFAULT_COUNTRY = "IN"
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+_STATE_CODE = re.compile(r"^(0[1-9]|[1-3][0-9])$")
+# GSTIN: 2-digit state, 10-char PAN, entity digit, 'Z', checksum character.
+_GSTIN = re.compile(r"^[0-9]{2}[A-Z]{5}[0-9]{4}[A-Z][1-9A-Z]Z[0-9A-Z]$")
+
+SETTING_NAMES = (
+    "name",
+    "billing_email",
+    "currency",
+    "timezone",
+    "country",
+    "gstin",
+    "state_code",
+)
+
+Settings = dict[str, str | None]
+
+
+def check_settings(settings: Settings, problems: Problems) -> None:
+    """Add a problem for every setting in `settings` that breaks a rule (BILLING.md, Tenants)."""
+    checks = {
+        "name": _check_name,
+        "billing_email": _check_email,
+        "currency": _check_currency,
+        "timezone": _check_timezone,
+        "country": _check_country,
+        "gstin": _check_gstin,
+        "state_code": _check_state_code,
+    }
+    for key, value in settings.items():
+        message = checks[key](value)
+        if message:
+            problems.add(key, message)
+    gstin, state = settings.get("gstin"), settings.get("state_code")
+    if gstin and state and not gstin.startswith(state):
+        problems.add("gstin", f"GSTIN must start with the state code {state}")
+
+
+def _check_name(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return "must not be empty"
+    if len(value) > NAME_MAX_CHARS:
+        return f"at most {NAME_MAX_CHARS} characters"
+    return None
+
+
+def _check_email(value: str | None) -> str | None:
+    if value is None or len(value) > EMAIL_MAX_CHARS or not _EMAIL.match(value):
+        return "must be an email address"
+    return None
+
+
+def _check_currency(value: str | None) -> str | None:
+    if value not in SUPPORTED_CURRENCIES:
+        return f"must be one of {sorted(SUPPORTED_CURRENCIES)}"
+    return None
+
+
+def _check_timezone(value: str | None) -> str | None:
+    if not value or len(value) > 64 or value.startswith(("/", ".")):
+        return "must be an IANA time zone such as Asia/Kolkata"
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return "must be an IANA time zone such as Asia/Kolkata"
+    return None
+
+
+def _check_country(value: str | None) -> str | None:
+    if value is None or not _COUNTRY.match(value):
+        return "must be a two-letter ISO 3166 country code in capitals"
+    return None
+
+
+def _check_gstin(value: str | None) -> str | None:
+    if value is not None and not _GSTIN.match(value):
+        return "must be a 15-character GSTIN"
+    return None
+
+
+def _check_state_code(value: str | None) -> str | None:
+    if value is not None and not _STATE_CODE.match(value):
+        return "must be a two-digit GST state code (01-38)"
+    return None
+
+
+class Organisation(Aggregate):
+    """A billed customer. Settings change only through SettingsUpdated events."""
+
+    class Created(Aggregate.Created):
+        name: str
+        billing_email: str
+        currency: str
+        timezone: str
+        country: str
+        gstin: str | None
+        state_code: str | None
+
+    class SettingsUpdated(Aggregate.Event):
+        before: dict[str, str | None]
+        after: dict[str, str | None]
+
+        def apply(self, aggregate: Any) -> None:
+            for key, value in self.after.items():
+                setattr(aggregate, key, value)
+
+    def __init__(
+        self,
+        name: str,
+        billing_email: str,
+        currency: str,
+        timezone: str,
+        country: str,
+        gstin: str | None,
+        state_code: str | None,
+    ) -> None:
+        self.name = name
+        self.billing_email = billing_email
+        self.currency = currency
+        self.timezone = timezone
+        self.country = country
+        self.gstin = gstin
+        self.state_code = state_code
+
+    @classmethod
+    def create(cls, org_id: UUID, settings: Settings, at: datetime) -> Organisation:
+        """Decide: validate the full settings and emit Created."""
+        full: Settings = {
+            "currency": DEFAULT_CURRENCY,
+            "timezone": DEFAULT_TIMEZONE,
+            "country": DEFAULT_COUNTRY,
+            "gstin": None,
+            "state_code": None,
+            **settings,
+        }
+        problems = Problems()
+        for required in ("name", "billing_email"):
+            if required not in full:
+                problems.add(required, "is required")
+        problems.raise_if_any()
+        check_settings(full, problems)
+        problems.raise_if_any()
+        return cls._create(cls.Created, id=org_id, timestamp=at, **full)
+
+    def settings(self) -> Settings:
+        return {key: getattr(self, key) for key in SETTING_NAMES}
+
+    def update_settings(self, changes: Settings, at: datetime) -> bool:
+        """Decide: validate the resulting settings; emit SettingsUpdated if anything changes."""
+        current = self.settings()
+        merged = {**current, **changes}
+        problems = Problems()
+        check_settings(merged, problems)
+        problems.raise_if_any()
+        after = {k: v for k, v in changes.items() if current[k] != v}
+        if not after:
+            return False
+        before = {k: current[k] for k in after}
+        self.trigger_event(self.SettingsUpdated, timestamp=at, before=before, after=after)
+        return True

@@ -1,0 +1,1 @@
+"""Composition root: settings from the environment, embedded servers, process roles, CLI."""

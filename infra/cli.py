@@ -1,0 +1,114 @@
+"""The `billing` command: process roles and operator tasks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import msgspec
+from tqdm import tqdm
+
+from adapters import bookkeeping
+from adapters.maintenance import rebuild, redrive
+from infra import logs
+from infra.roles import ROLES, run_roles
+from infra.settings import Settings, from_env
+from infra.wiring import READ_MODELS, Runtime, read_model, servers
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="billing", description="Usage-billing ledger")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run every role in one process (API, relay, projectors, scheduler)")
+    sub.add_parser("api", help="run the HTTP API only")
+    sub.add_parser("relay", help="run the ledger relay only (one active, others standby)")
+    sub.add_parser("project", help="run the projectors only")
+    proj = sub.add_parser("projections", help="read models").add_subparsers(dest="action", required=True)
+    proj.add_parser("status", help="position, lag and dead letters of every read model")
+    rb = proj.add_parser("rebuild", help="drop one read model and replay it from position 0")
+    rb.add_argument("name", choices=[m.name for m in READ_MODELS])
+    dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="action", required=True)
+    for action in ("list", "redrive"):
+        a = dlq.add_parser(action)
+        a.add_argument("--projection", choices=[m.name for m in READ_MODELS])
+    return p
+
+
+def _run_roles(settings: Settings, roles: set[str]) -> int:
+    with servers(settings) as (db, nats):
+        rt = Runtime.open(settings, db, nats)
+
+        async def main() -> None:
+            try:
+                await run_roles(rt, roles)
+            finally:
+                await rt.close()
+
+        asyncio.run(main())
+    return 0
+
+
+def _operator(settings: Settings, args: argparse.Namespace) -> int:
+    with servers(settings) as (db, nats):
+        rt = Runtime.open(settings, db, nats)
+        try:
+            return _operate(rt, args)
+        finally:
+            rt.pool.close()
+            rt.ledger.close()
+
+
+def _operate(rt: Runtime, args: argparse.Namespace) -> int:
+    out = sys.stdout
+    if args.command == "projections" and args.action == "status":
+        snap = rt.ops_snapshot()
+        for name, pos in sorted(snap.projections.items()):
+            out.write(f"{name}: position {pos}, lag {snap.ledger_head - pos}, "
+                      f"dead letters {snap.dead_letters.get(name, 0)}\n")
+        out.write(f"relay: position {snap.relay_position}, head {snap.ledger_head}\n")
+        return 0
+    if args.command == "projections" and args.action == "rebuild":
+        model = read_model(args.name)
+        with tqdm(total=max(rt.ledger.head(), 1), unit="pos", desc=f"rebuild {model.name}",
+                  file=sys.stderr) as bar:
+            def progress(position: int, head: int) -> None:
+                bar.total = max(head, 1)
+                bar.n = position
+                bar.refresh()
+
+            position = rebuild(rt.pool, rt.ledger, model, progress)
+        out.write(f"{model.name} rebuilt up to ledger position {position}\n")
+        return 0
+    names = [args.projection] if args.projection else [m.name for m in READ_MODELS]
+    if args.action == "list":
+        with rt.pool.connection() as conn:
+            for name in names:
+                for row in bookkeeping.dead_letters(conn, name):
+                    out.write(msgspec.json.encode(row).decode() + "\n")
+        return 0
+    failed = 0
+    for name in names:
+        result = redrive(rt.pool, rt.ledger, read_model(name))
+        out.write(f"{name}: re-driven {len(result.applied)}, still failing "
+                  f"{len(result.still_failing)}\n")
+        for position, error in result.still_failing.items():
+            out.write(f"  position {position}: {error}\n")
+        failed += len(result.still_failing)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = from_env()
+    logs.configure(settings.log_level)
+    if args.command == "serve":
+        return _run_roles(settings, set(ROLES))
+    if args.command in ("api", "relay", "project"):
+        return _run_roles(settings, {args.command})
+    return _operator(settings, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Process roles: `serve` (everything in one process) or one of api / relay / project."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import uvicorn
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from adapters.projector import Projector
+from adapters.relay import Relay
+from api.app import create_app
+from infra.wiring import READ_MODELS, Runtime
+
+log = logging.getLogger("billing.roles")
+
+ROLES = ("api", "relay", "project", "scheduler")
+SHUTDOWN_TIMEOUT_S = 15.0
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn without its own signal handling: the role runner owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_roles(rt: Runtime, roles: set[str], stop: asyncio.Event | None = None) -> None:
+    """Run the given roles until SIGINT/SIGTERM (or `stop`), then shut down in order."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    js = await rt.connect_nats(f"billing-{'-'.join(sorted(roles))}")
+    jobs: list[Coroutine[Any, Any, None]] = []
+    server: _Server | None = None
+    scheduler: AsyncIOScheduler | None = None
+    if "relay" in roles:
+        relay = Relay(rt.ledger, rt.database_url, rt.settings.pg_schema, js, rt.streams)
+        rt.extras["relay"] = relay
+        jobs.append(relay.run(stop))
+    if "project" in roles:
+        for model in READ_MODELS:
+            projector = Projector(model, rt.ledger, rt.pool, js, rt.streams)
+            rt.extras[f"projector:{model.name}"] = projector
+            jobs.append(projector.run(stop))
+    if "scheduler" in roles:
+        # The monthly invoice run is registered here once invoicing exists (issue 5).
+        scheduler = AsyncIOScheduler(timezone="UTC")
+        scheduler.start()
+    if "api" in roles:
+        _, asgi = create_app(rt.api_deps())
+        config = uvicorn.Config(
+            asgi, host=rt.settings.host, port=rt.settings.port, log_config=None,
+            lifespan="off", access_log=False, timeout_graceful_shutdown=5,
+        )
+        server = _Server(config)
+        jobs.append(server.serve())
+    tasks = [asyncio.create_task(job) for job in jobs]
+    log.info("started", extra={"roles": sorted(roles), "host": rt.settings.host,
+                               "port": rt.settings.port})
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not stopper and task.exception():
+            log.error("a role failed", exc_info=task.exception())
+    stop.set()
+    if server is not None:
+        server.should_exit = True
+    if scheduler is not None:
+        scheduler.shutdown(wait=False)
+    await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
+    stopper.cancel()
+    for task in tasks:
+        task.cancel()
+    log.info("stopped")

@@ -1,0 +1,67 @@
+"""Settings, read from the environment once (API.md's table) and passed down explicitly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_DATA_DIR = "./.data"
+DEFAULT_SUPPLIER_STATE_CODE = "29"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    data_dir: Path
+    database_url: str | None
+    nats_url: str | None
+    admin_token: str | None
+    smtp_url: str | None
+    razorpay_key_id: str | None
+    razorpay_key_secret: str | None
+    razorpay_webhook_secret: str | None
+    razorpay_base_url: str | None
+    supplier_state_code: str
+    supplier_gstin: str | None
+    log_level: str = "INFO"
+    # Isolation knobs: tests give every test its own schema and stream names.
+    pg_schema: str = "public"
+    stream_prefix: str = ""
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 < port < 65536:
+        raise ValueError(f"PORT must be 1..65535, got {value}")
+    return port
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from `env` (default: the process environment). The only env reader."""
+    e = os.environ if env is None else env
+
+    def opt(name: str) -> str | None:
+        value = e.get(name, "").strip()
+        return value or None
+
+    return Settings(
+        host=opt("HOST") or DEFAULT_HOST,
+        port=_port(opt("PORT") or str(DEFAULT_PORT)),
+        data_dir=Path(opt("BILLING_DATA_DIR") or DEFAULT_DATA_DIR).resolve(),
+        database_url=opt("DATABASE_URL"),
+        nats_url=opt("NATS_URL"),
+        admin_token=opt("BILLING_ADMIN_TOKEN"),
+        smtp_url=opt("SMTP_URL"),
+        razorpay_key_id=opt("RAZORPAY_KEY_ID"),
+        razorpay_key_secret=opt("RAZORPAY_KEY_SECRET"),
+        razorpay_webhook_secret=opt("RAZORPAY_WEBHOOK_SECRET"),
+        razorpay_base_url=opt("RAZORPAY_BASE_URL"),
+        supplier_state_code=opt("SUPPLIER_STATE_CODE") or DEFAULT_SUPPLIER_STATE_CODE,
+        supplier_gstin=opt("SUPPLIER_GSTIN"),
+        log_level=(opt("LOG_LEVEL") or "INFO").upper(),
+    )

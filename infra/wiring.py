@@ -1,0 +1,167 @@
+"""Wires settings to servers, the ledger, pools, streams, read models and the API's deps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import psycopg
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from adapters import bookkeeping, bus
+from adapters.gate import PgProjectionGate
+from adapters.ledger import LedgerStore
+from adapters.maintenance import ensure_tables
+from adapters.pg import open_pool
+from api.deps import ApiDeps, OpsSnapshot
+from domain.services import OrganisationService
+from infra.embedded import embedded_servers
+from infra.settings import Settings
+from projections import organisations
+from projections.base import ReadModel
+
+log = logging.getLogger("billing.infra")
+
+READ_MODELS: tuple[ReadModel, ...] = (organisations.READ_MODEL,)
+SCHEMA_LOCK_TIMEOUT_S = 30
+ADMIN_TOKEN_FILE = "admin-token"
+NATS_CLOSE_TIMEOUT_S = 5.0
+
+
+def read_model(name: str) -> ReadModel:
+    for model in READ_MODELS:
+        if model.name == name:
+            return model
+    known = ", ".join(m.name for m in READ_MODELS)
+    raise SystemExit(f"unknown read model {name!r}; known: {known}")
+
+
+@contextlib.contextmanager
+def servers(settings: Settings, *, fsync: bool = True) -> Iterator[tuple[str, str]]:
+    """Yield (database_url, nats_url): the configured ones, or embedded servers started here."""
+    with embedded_servers(
+        settings.data_dir,
+        need_pg=settings.database_url is None,
+        need_nats=settings.nats_url is None,
+        fsync=fsync,
+    ) as (pg, nats):
+        yield (
+            settings.database_url or (pg.url if pg else ""),
+            settings.nats_url or (nats.url if nats else ""),
+        )
+
+
+def setup_schema(database_url: str, schema: str) -> LedgerStore:
+    """Create every table idempotently (one process at a time) and open the ledger."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET lock_timeout = '{}s'").format(SCHEMA_LOCK_TIMEOUT_S))
+        conn.execute("SELECT pg_advisory_lock(%s)", (bookkeeping.lock_key(schema, "schema"),))
+        try:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
+            for statement in bookkeeping.DDL:
+                conn.execute(statement)  # type: ignore[arg-type]
+            for model in READ_MODELS:
+                for statement in model.ddl:
+                    conn.execute(statement)  # type: ignore[arg-type]
+            return LedgerStore(database_url, schema)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (bookkeeping.lock_key(schema, "schema"),))
+
+
+@dataclass
+class Runtime:
+    """Everything a process role needs, built once from Settings."""
+
+    settings: Settings
+    database_url: str
+    nats_url: str
+    ledger: LedgerStore
+    pool: ConnectionPool
+    streams: bus.Streams
+    nc: NatsClient | None = None
+    js: JetStreamContext | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, settings: Settings, database_url: str, nats_url: str) -> Runtime:
+        ledger = setup_schema(database_url, settings.pg_schema)
+        pool = open_pool(database_url, settings.pg_schema)
+        for model in READ_MODELS:
+            ensure_tables(pool, model)
+        return cls(settings, database_url, nats_url, ledger, pool,
+                   bus.Streams(settings.stream_prefix))
+
+    async def connect_nats(self, name: str) -> JetStreamContext:
+        self.nc = await bus.connect(self.nats_url, name)
+        self.js = self.nc.jetstream(timeout=bus.REQUEST_TIMEOUT_S)
+        await bus.ensure_streams(self.js, self.streams)
+        return self.js
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), NATS_CLOSE_TIMEOUT_S)
+        self.pool.close()
+        self.ledger.close()
+
+    def ops_snapshot(self) -> OpsSnapshot:
+        with self.pool.connection() as conn:
+            return OpsSnapshot(
+                ledger_head=self.ledger.head(),
+                ledger_appends=self.ledger.appended_events,
+                relay_position=bookkeeping.relay_position(conn),
+                projections={m.name: 0 for m in READ_MODELS} | bookkeeping.all_tracking(conn),
+                dead_letters=bookkeeping.dead_letter_counts(conn),
+            )
+
+    def api_deps(self) -> ApiDeps:
+        async def postgres_ok() -> bool:
+            def check() -> bool:
+                with self.pool.connection(timeout=2) as conn:
+                    conn.execute("SELECT 1")
+                return True
+
+            return await asyncio.to_thread(check)
+
+        async def nats_ok() -> bool:
+            if self.nc is None or not self.nc.is_connected:
+                return False
+            await self.nc.flush(timeout=1)
+            return True
+
+        return ApiDeps(
+            organisations=OrganisationService(self.ledger, lambda: datetime.now(UTC), uuid4),
+            read_pool=self.pool,
+            gate=PgProjectionGate(self.pool, self.ledger),
+            admin_token_sha256=admin_token_digest(self.settings),
+            readiness={"postgres": postgres_ok, "nats": nats_ok},
+            ops_snapshot=self.ops_snapshot,
+        )
+
+
+def admin_token_digest(settings: Settings) -> bytes:
+    """The bootstrap owner token: BILLING_ADMIN_TOKEN, or one generated once into the data
+    folder (mode 0600) so that `make run` is usable without configuration."""
+    token = settings.admin_token
+    if token is None:
+        path = settings.data_dir / ADMIN_TOKEN_FILE
+        if not path.exists():
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+            log.warning("BILLING_ADMIN_TOKEN is not set; generated an owner token in %s", path)
+        token = path.read_text().strip()
+    return hashlib.sha256(token.encode()).digest()

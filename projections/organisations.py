@@ -1,0 +1,93 @@
+"""The organisations read model: one row per organisation with its current settings."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from psycopg import Connection, Cursor, sql
+from psycopg.rows import dict_row
+
+from domain.organisation import SETTING_NAMES, Organisation
+from projections.base import ReadModel
+
+NAME = "organisations"
+LIST_MAX_ROWS = 1000
+
+DDL = (
+    """CREATE TABLE IF NOT EXISTS organisations (
+        id uuid PRIMARY KEY,
+        name text NOT NULL,
+        billing_email text NOT NULL,
+        currency text NOT NULL,
+        timezone text NOT NULL,
+        country text NOT NULL,
+        gstin text,
+        state_code text,
+        created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL,
+        version bigint NOT NULL,
+        ledger_position bigint NOT NULL
+    )""",
+)
+
+
+def _created(cur: Cursor[Any], e: Organisation.Created, position: int) -> None:
+    cur.execute(
+        """INSERT INTO organisations (id, name, billing_email, currency, timezone, country,
+               gstin, state_code, created_at, updated_at, version, ledger_position)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+        (e.originator_id, e.name, e.billing_email, e.currency, e.timezone, e.country,
+         e.gstin, e.state_code, e.timestamp, e.timestamp, e.originator_version, position),
+    )
+
+
+def _settings_updated(cur: Cursor[Any], e: Organisation.SettingsUpdated, position: int) -> None:
+    changes: dict[str, Any] = {k: v for k, v in e.after.items() if k in SETTING_NAMES}
+    changes |= {"updated_at": e.timestamp, "version": e.originator_version,
+                "ledger_position": position}
+    assignments = sql.SQL(", ").join(
+        sql.SQL("{} = %s").format(sql.Identifier(k)) for k in changes
+    )
+    cur.execute(
+        sql.SQL("UPDATE organisations SET {} WHERE id = %s").format(assignments),
+        (*changes.values(), e.originator_id),
+    )
+    if cur.rowcount != 1:
+        raise LookupError(f"organisation {e.originator_id} is not in the read model")
+
+
+READ_MODEL = ReadModel(
+    name=NAME,
+    ddl=DDL,
+    tables=("organisations",),
+    handlers={Organisation.Created: _created, Organisation.SettingsUpdated: _settings_updated},
+)
+
+_COLUMNS = "id, name, billing_email, currency, timezone, country, gstin, state_code, created_at, updated_at"
+
+
+def get(conn: Connection[Any], org_id: UUID) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {_COLUMNS} FROM organisations WHERE id = %s", (org_id,))
+        return cur.fetchone()
+
+
+def page(
+    conn: Connection[Any], limit: int, after: tuple[datetime, UUID] | None
+) -> list[dict[str, Any]]:
+    """Organisations oldest first, `limit` at most, after the (created_at, id) cursor."""
+    assert 0 < limit <= LIST_MAX_ROWS
+    with conn.cursor(row_factory=dict_row) as cur:
+        if after is None:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM organisations ORDER BY created_at, id LIMIT %s", (limit,)
+            )
+        else:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM organisations WHERE (created_at, id) > (%s, %s)"
+                " ORDER BY created_at, id LIMIT %s",
+                (*after, limit),
+            )
+        return cur.fetchall()
