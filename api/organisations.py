@@ -9,6 +9,7 @@ from uuid import UUID
 import anyio
 import msgspec
 from litestar import Controller, Request, Response, get, patch, post
+from litestar.params import FromPath, JSONBody
 from psycopg_pool import ConnectionPool
 
 from api.deps import ApiDeps
@@ -108,7 +109,7 @@ class OrganisationController(Controller):
 
     @post("/", status_code=201, summary="Create an organisation")
     async def create(
-        self, data: CreateOrganisation, request: Request[Any, Any, Any]
+        self, data: JSONBody[CreateOrganisation], request: Request[Any, Any, Any]
     ) -> Response[OrganisationOut]:
         deps: ApiDeps = request.app.state.deps
         written = await anyio.to_thread.run_sync(deps.organisations.create, _given(data))
@@ -138,7 +139,7 @@ class OrganisationController(Controller):
         return OrganisationPage(items, next_cursor)
 
     @get("/{org_id:str}", summary="Read an organisation")
-    async def read(self, org_id: str, request: Request[Any, Any, Any]) -> OrganisationOut:
+    async def read(self, org_id: FromPath[str], request: Request[Any, Any, Any]) -> OrganisationOut:
         deps: ApiDeps = request.app.state.deps
         ident = _parse_id(org_id)
         await _caught_up(deps, request)
@@ -146,7 +147,7 @@ class OrganisationController(Controller):
 
     @patch("/{org_id:str}", summary="Update an organisation's settings")
     async def update(
-        self, org_id: str, data: UpdateOrganisation, request: Request[Any, Any, Any]
+        self, org_id: FromPath[str], data: JSONBody[UpdateOrganisation], request: Request[Any, Any, Any]
     ) -> Response[OrganisationOut]:
         deps: ApiDeps = request.app.state.deps
         ident = _parse_id(org_id)

@@ -140,12 +140,17 @@ class EmbeddedPostgres:
         if not self.owned:
             return
         self.owned = False
-        as_user = {"user": PG_SYSTEM_USER} if os.geteuid() == 0 else {}
-        subprocess.run(
+        as_user = {"user": PG_SYSTEM_USER, "group": PG_SYSTEM_USER} if os.geteuid() == 0 else {}
+        result = subprocess.run(
             [str(postgres_bin_path() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w",
-             "stop"],
-            check=False, capture_output=True, timeout=STOP_TIMEOUT_S, **as_user,  # type: ignore[call-overload]
+             "-t", str(int(STOP_TIMEOUT_S)), "stop"],
+            check=False, capture_output=True, timeout=STOP_TIMEOUT_S + 5, **as_user,  # type: ignore[call-overload]
         )
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self._running_port() is not None and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL_S)
+        if self._running_port() is not None:
+            raise RuntimeError(f"PostgreSQL did not stop: {result.stderr.decode(errors='replace')}")
 
 
 def nats_server_binary() -> str:

@@ -31,13 +31,16 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def run_roles(rt: Runtime, roles: set[str], stop: asyncio.Event | None = None) -> None:
+async def run_roles(
+    rt: Runtime, roles: set[str], stop: asyncio.Event | None = None, *, signals: bool = True
+) -> None:
     """Run the given roles until SIGINT/SIGTERM (or `stop`), then shut down in order."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    if signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
     js = await rt.connect_nats(f"billing-{'-'.join(sorted(roles))}")
     jobs: list[Coroutine[Any, Any, None]] = []
     server: _Server | None = None

@@ -1,0 +1,135 @@
+"""Test fixtures: one embedded Postgres and one NATS per session (or DATABASE_URL / NATS_URL
+when given), and for every test its own Postgres schema and JetStream stream names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import psycopg
+import pytest
+from psycopg import sql
+
+from infra.embedded import embedded_servers
+from infra.roles import run_roles
+from infra.settings import Settings, from_env
+from infra.wiring import Runtime
+
+WAIT_DEADLINE_S = 20.0
+POLL_S = 0.02
+TEST_ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    env = from_env()
+    data = tmp_path_factory.mktemp("servers")
+    with embedded_servers(
+        data, need_pg=env.database_url is None, need_nats=env.nats_url is None, fsync=False
+    ) as (pg, nats_server):
+        yield (env.database_url or (pg.url if pg else ""),
+               env.nats_url or (nats_server.url if nats_server else ""))
+
+
+def make_settings(tmp: Path, **overrides: Any) -> Settings:
+    base = from_env({"BILLING_DATA_DIR": str(tmp), "BILLING_ADMIN_TOKEN": TEST_ADMIN_TOKEN})
+    tag = uuid.uuid4().hex[:10]
+    return dataclasses.replace(
+        base, pg_schema=f"t_{tag}", stream_prefix=f"T{tag.upper()}_", **overrides
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def runtime(settings: Settings, server_urls: tuple[str, str]) -> Iterator[Runtime]:
+    db, nats_url = server_urls
+    rt = Runtime.open(settings, db, nats_url)
+    try:
+        yield rt
+    finally:
+        rt.pool.close()
+        rt.ledger.close()
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(settings.pg_schema)))
+        asyncio.run(_delete_streams(nats_url, rt))
+
+
+async def _delete_streams(url: str, rt: Runtime) -> None:
+    with contextlib.suppress(Exception):
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+        js = nc.jetstream()
+        for name in (rt.streams.ledger, rt.streams.dlq):
+            with contextlib.suppress(Exception):
+                await js.delete_stream(name)
+        await nc.close()
+
+
+async def wait_until(
+    condition: Callable[[], Any], what: str, deadline_s: float = WAIT_DEADLINE_S
+) -> Any:
+    """Poll `condition` (sync, run in a thread) until truthy; fail the test at the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        value = await asyncio.to_thread(condition)
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
+        await asyncio.sleep(POLL_S)
+
+
+@contextlib.asynccontextmanager
+async def running(rt: Runtime, roles: set[str]) -> AsyncIterator[asyncio.Event]:
+    """Run process roles in this event loop for the duration of the block."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_roles(rt, roles, stop, signals=False))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        if rt.nc is not None:
+            await rt.nc.close()
+            rt.nc = None
+
+
+def tracked(rt: Runtime, name: str) -> int:
+    from adapters.bookkeeping import tracked_position
+
+    with rt.pool.connection() as conn:
+        return tracked_position(conn, name)
+
+
+def table_rows(rt: Runtime, table: str, order_by: str = "id") -> list[tuple[Any, ...]]:
+    with rt.pool.connection() as conn:
+        return conn.execute(
+            sql.SQL("SELECT * FROM {} ORDER BY {}").format(
+                sql.Identifier(table), sql.SQL(order_by))
+        ).fetchall()
+
+
+def http_status(url: str) -> int:
+    """The status of GET url, or 0 while nothing answers there."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=3).status_code
+    except httpx.HTTPError:
+        return 0

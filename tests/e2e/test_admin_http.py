@@ -1,0 +1,179 @@
+"""The admin organisation API over real HTTP: contract shapes, read-your-writes, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql
+
+from infra.embedded import free_port
+from infra.wiring import Runtime
+from tests.conftest import TEST_ADMIN_TOKEN, http_status, make_settings, running, wait_until
+
+pytestmark = pytest.mark.anyio
+AUTH = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+ORGS = "/admin/v1/organisations"
+
+
+@dataclasses.dataclass
+class Api:
+    http: httpx.AsyncClient
+    rt: Runtime
+
+    def org_count(self) -> int:
+        with self.rt.pool.connection() as conn:
+            row = conn.execute("SELECT count(*) FROM organisations").fetchone()
+            assert row is not None
+            return int(row[0])
+
+
+@pytest.fixture(scope="module")
+async def api(
+    tmp_path_factory: pytest.TempPathFactory, server_urls: tuple[str, str]
+) -> AsyncIterator[Api]:
+    settings = make_settings(Path(tmp_path_factory.mktemp("api")), port=free_port())
+    rt = Runtime.open(settings, *server_urls)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        async with running(rt, {"api", "relay", "project"}), httpx.AsyncClient(
+            base_url=base, timeout=10
+        ) as http:
+            await wait_until(lambda: http_status(f"{base}/health/ready") == 200, "up")
+            yield Api(http, rt)
+    finally:
+        rt.pool.close()
+        rt.ledger.close()
+        with psycopg.connect(server_urls[0], autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(settings.pg_schema)))
+
+
+def _problem(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = r.json()
+    assert body["status"] == status and body["title"] and body["detail"] and body["type"]
+    assert "Traceback" not in r.text
+    return body
+
+
+async def test_create_then_read_immediately_sees_the_write(api: Api) -> None:
+    r = await api.http.post(ORGS, headers=AUTH, json={
+        "name": "Acme", "billing_email": "ap@acme.in", "gstin": "29ABCDE1234F1Z5",
+        "state_code": "29"})
+    assert r.status_code == 201
+    created = r.json()
+    assert int(r.headers["x-ledger-position"]) > 0
+    assert r.headers["location"] == f"{ORGS}/{created['id']}"
+    got = await api.http.get(f"{ORGS}/{created['id']}", headers=AUTH)
+    assert got.status_code == 200 and got.json() == created
+    assert created["currency"] == "INR" and created["timezone"] == "Asia/Kolkata"
+
+
+async def test_patch_changes_settings_and_reads_reflect_it(api: Api) -> None:
+    org = (await api.http.post(ORGS, headers=AUTH,
+                               json={"name": "Old", "billing_email": "a@b.in"})).json()
+    r = await api.http.patch(f"{ORGS}/{org['id']}", headers=AUTH,
+                             json={"name": "New", "state_code": "27"})
+    assert r.status_code == 200 and r.json()["name"] == "New"
+    got = (await api.http.get(f"{ORGS}/{org['id']}", headers=AUTH)).json()
+    assert (got["name"], got["state_code"]) == ("New", "27")
+
+
+async def test_list_pages_with_an_opaque_cursor(api: Api) -> None:
+    for i in range(5):
+        await api.http.post(ORGS, headers=AUTH, json={"name": f"p{i}", "billing_email": "a@b.in"})
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": "2"} | ({"cursor": cursor} if cursor else {})
+        page = (await api.http.get(ORGS, headers=AUTH, params=params)).json()
+        assert len(page["items"]) <= 2
+        seen += [o["id"] for o in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == api.org_count()
+
+
+async def test_request_id_is_echoed_or_minted(api: Api) -> None:
+    r = await api.http.get("/health/live", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = await api.http.get("/nowhere")
+    _problem(r, 404)
+    assert len(r.headers["x-request-id"]) == 32
+
+
+async def test_metrics_and_openapi_are_served(api: Api) -> None:
+    await api.http.get(ORGS, headers=AUTH)
+    text = (await api.http.get("/metrics")).text
+    for name in ("billing_http_requests_total", "billing_ledger_head_position",
+                 "billing_relay_lag_entries", "billing_projection_lag_entries",
+                 "billing_dead_letters"):
+        assert name in text
+    schema = (await api.http.get("/schema/openapi.json")).json()
+    assert "/admin/v1/organisations" in schema["paths"]
+
+
+BAD_CREATES: list[tuple[str, Any, int, set[str]]] = [
+    ("wrong type", {"name": 1, "billing_email": "a@b.in"}, 422, {"name"}),
+    ("missing field", {"billing_email": "a@b.in"}, 422, {"name"}),
+    ("unknown field", {"name": "x", "billing_email": "a@b.in", "plan": "gold"}, 422, {"plan"}),
+    ("not an object", [1, 2], 422, {"body"}),
+    ("null name", {"name": None, "billing_email": "a@b.in"}, 422, {"name"}),
+    ("rule breaks", {"name": "x", "billing_email": "no", "currency": "USD"}, 422,
+     {"billing_email", "currency"}),
+    ("gstin of another state", {"name": "x", "billing_email": "a@b.in",
+                                "gstin": "29ABCDE1234F1Z5", "state_code": "07"}, 422, {"gstin"}),
+    ("overlong name", {"name": "x" * 500, "billing_email": "a@b.in"}, 422, {"name"}),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "fields"), BAD_CREATES,
+                         ids=[c[0] for c in BAD_CREATES])
+async def test_bad_create_gets_a_problem_and_changes_nothing(
+    api: Api, case: str, body: Any, status: int, fields: set[str]
+) -> None:
+    head = api.rt.ledger.head()
+    problem = _problem(await api.http.post(ORGS, headers=AUTH, json=body), status)
+    assert {e["field"] for e in problem["errors"]} == fields, case
+    assert api.rt.ledger.head() == head
+
+
+async def test_malformed_json_and_huge_bodies_are_refused(api: Api) -> None:
+    head = api.rt.ledger.head()
+    _problem(await api.http.post(ORGS, headers=AUTH, content=b"{nope"), 400)
+    huge = b'{"name": "' + b"x" * (1024 * 1024 + 10) + b'", "billing_email": "a@b.in"}'
+    _problem(await api.http.post(ORGS, headers=AUTH, content=huge), 413)
+    assert api.rt.ledger.head() == head
+
+
+async def test_unknown_and_malformed_ids(api: Api) -> None:
+    head = api.rt.ledger.head()
+    _problem(await api.http.get(f"{ORGS}/{uuid.uuid4()}", headers=AUTH), 404)
+    _problem(await api.http.patch(f"{ORGS}/{uuid.uuid4()}", headers=AUTH, json={"name": "x"}), 404)
+    bad = _problem(await api.http.get(f"{ORGS}/not-a-uuid", headers=AUTH), 422)
+    assert bad["errors"][0]["field"] == "id"
+    _problem(await api.http.patch(f"{ORGS}/{uuid.uuid4()}", headers=AUTH, json={}), 422)
+    _problem(await api.http.get(ORGS, headers=AUTH, params={"limit": "5000"}), 422)
+    _problem(await api.http.get(ORGS, headers=AUTH, params={"cursor": "garbage!"}), 422)
+    assert api.rt.ledger.head() == head
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token", "Basic abc", "Bearer"])
+async def test_missing_or_invalid_token_is_401_and_changes_nothing(
+    api: Api, header: str | None
+) -> None:
+    head = api.rt.ledger.head()
+    headers = {"Authorization": header} if header is not None else {}
+    r = await api.http.post(ORGS, headers=headers, json={"name": "x", "billing_email": "a@b.in"})
+    _problem(r, 401)
+    assert r.headers["www-authenticate"] == "Bearer"
+    _problem(await api.http.get(ORGS, headers=headers), 401)
+    assert api.rt.ledger.head() == head

@@ -1,0 +1,91 @@
+"""`billing serve` on the embedded default: ready, serving, stopping cleanly, data kept; and the
+operator commands around it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.embedded import free_port
+from tests.conftest import http_status
+
+READY_DEADLINE_S = 60.0
+BILLING = [sys.executable, "-m", "infra.cli"]
+
+
+def _env(data: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
+    env |= {"BILLING_DATA_DIR": str(data), "PORT": str(port), "BILLING_ADMIN_TOKEN": "cli-token"}
+    return env
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> float:
+    started = time.monotonic()
+    while http_status(url) != 200:
+        assert proc.poll() is None, "billing serve exited early"
+        assert time.monotonic() - started < READY_DEADLINE_S, "not ready in 60 s"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    yield tmp_path / "data", free_port()
+    # Whatever happened, nothing started under this folder keeps running.
+    subprocess.run(["pkill", "-f", str(tmp_path)], check=False)
+
+
+def _start(data: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*BILLING, "serve"], env=_env(data, port), cwd=Path.cwd(),
+                            stdout=subprocess.DEVNULL, stderr=(data.parent / "serve.log").open("ab"))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def test_serve_starts_embedded_servers_serves_and_keeps_data(serve: tuple[Path, int]) -> None:
+    data, port = serve
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer cli-token"}
+    proc = _start(data, port)
+    try:
+        _wait_ready(f"{base}/health/ready", proc)
+        r = httpx.post(f"{base}/admin/v1/organisations", headers=auth,
+                       json={"name": "Kept", "billing_email": "a@b.in"}, timeout=10)
+        assert r.status_code == 201
+    finally:
+        _stop(proc)
+    pg_pid = data / "pg" / "postmaster.pid"
+    assert not pg_pid.exists(), "embedded Postgres was left running"
+
+    proc = _start(data, port)
+    try:
+        _wait_ready(f"{base}/health/ready", proc)
+        names = [o["name"] for o in httpx.get(f"{base}/admin/v1/organisations", headers=auth,
+                                              timeout=10).json()["items"]]
+        assert names == ["Kept"]
+    finally:
+        _stop(proc)
+
+    env = _env(data, port)
+    status = subprocess.run([*BILLING, "projections", "status"], env=env, capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert "organisations: position" in status.stdout and "lag 0" in status.stdout
+    rebuilt = subprocess.run([*BILLING, "projections", "rebuild", "organisations"], env=env,
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert "organisations rebuilt up to ledger position 1" in rebuilt.stdout
+    assert "rebuild organisations" in rebuilt.stderr  # the progress bar
+    dlq = subprocess.run([*BILLING, "dlq", "list"], env=env, capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert dlq.stdout == ""
+    assert not pg_pid.exists()
