@@ -85,6 +85,7 @@ class LedgerStore:
         self.recorder = recorder
         self.mapper: MsgspecMapper = self._app.mapper  # type: ignore[assignment]
         self.channel = recorder.channel_name
+        self.events_table = recorder.events_table_name
         self.table = f'"{schema}"."{recorder.events_table_name}"'
         self.appended_events = 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from eventsourcing.utils import get_topic
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
@@ -16,6 +17,10 @@ REBUILD_PAGE_ROWS = 5000
 REBUILD_LOCK_TIMEOUT_S = 30
 
 Progress = Callable[[int, int], None]  # (position reached, ledger head)
+
+
+def model_topics(model: ReadModel) -> frozenset[str]:
+    return frozenset(get_topic(cls) for cls in model.handlers)
 
 
 def ensure_tables(pool: ConnectionPool, model: ReadModel) -> None:
@@ -31,6 +36,7 @@ def rebuild(
     the old model until the new one commits; the live projector waits on the tracking row and
     then carries on after the rebuilt position. Returns the position reached."""
     head = ledger.head()
+    topics = model_topics(model)
     with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
         cur.execute(sql.SQL("SET LOCAL lock_timeout = '{}s'").format(REBUILD_LOCK_TIMEOUT_S))
         cur.execute(
@@ -47,8 +53,7 @@ def rebuild(
             page = ledger.read_after(position, REBUILD_PAGE_ROWS, stop=head)
             if not page:
                 break
-            for n in page:
-                model.apply(cur, ledger.decode(n), n.id)
+            model.apply_all(cur, [(ledger.decode(n), n.id) for n in page if n.topic in topics])
             position = page[-1].id
             if progress:
                 progress(position, head)
@@ -79,8 +84,7 @@ def redrive(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> Redr
         page = ledger.read_after(position - 1, 1, stop=position)
         try:
             with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                for n in page:
-                    model.apply(cur, ledger.decode(n), n.id)
+                model.apply_all(cur, [(ledger.decode(n), n.id) for n in page])
                 cur.execute(
                     "DELETE FROM projection_dead_letters WHERE name = %s AND position = %s",
                     (model.name, position),

@@ -25,6 +25,7 @@ from typing import Any
 import nats.errors
 import psycopg
 from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -82,6 +83,8 @@ class Projector:
         self._backoff = tuple(retry_backoff_s)
         self.applied_entries = 0
         self.dead_lettered = 0
+        # Entries of other topics are skipped without decoding them.
+        self._topics = frozenset(get_topic(cls) for cls in model.handlers)
 
     # ---- the consumer loop -------------------------------------------------------------
 
@@ -142,21 +145,28 @@ class Projector:
     def _apply_together(self, batches: Sequence[RelayedBatch]) -> None:
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             tracked = self._lock_tracking(cur)
-            start, applied = tracked, 0
+            start = tracked
+            units: list[Unit] = []
             for batch in sorted(batches, key=lambda b: b.last):
                 if batch.last <= tracked:
                     continue
                 for unit in self._missing_before(tracked, batch):
-                    self._apply_unit(cur, unit)
-                    tracked, applied = unit.position, applied + 1
+                    units.append(unit)
+                    tracked = unit.position
                 tracked = max(tracked, batch.prev)
                 for unit in _units(batch):
                     if unit.position > tracked:
-                        self._apply_unit(cur, unit)
-                        tracked, applied = unit.position, applied + 1
+                        units.append(unit)
+                        tracked = unit.position
+            self._apply_units(cur, units)
             if tracked != start:
                 self._set_tracking(cur, tracked)
-        self.applied_entries += applied
+        self.applied_entries += len(units)
+
+    def _apply_units(self, cur: psycopg.Cursor[Any], units: Sequence[Unit]) -> None:
+        decode, topics = self._ledger.decode, self._topics
+        items = [(decode(u.stored), u.position) for u in units if u.stored.topic in topics]
+        self.model.apply_all(cur, items)
 
     def _missing_before(self, tracked: int, batch: RelayedBatch) -> Iterator[Unit]:
         """Ledger entries in (tracked, batch.prev]: what this message assumes we already have."""
@@ -167,9 +177,6 @@ class Projector:
             for n in page:
                 yield Unit(n.id, n)
             tracked = page[-1].id
-
-    def _apply_unit(self, cur: psycopg.Cursor[Any], unit: Unit) -> None:
-        self.model.apply(cur, self._ledger.decode(unit.stored), unit.position)
 
     def _lock_tracking(self, cur: psycopg.Cursor[Any]) -> int:
         cur.execute(
@@ -216,7 +223,7 @@ class Projector:
             if self._lock_tracking(cur) >= unit.position:
                 return
             if error is None:
-                self._apply_unit(cur, unit)
+                self._apply_units(cur, [unit])
             else:
                 cur.execute(
                     "INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"

@@ -9,9 +9,12 @@ from litestar.types import ASGIApp
 
 from api import health, problems
 from api.auth import admin_guard
+from api.catalogue import MeterController, ProjectController
 from api.deps import ApiDeps
+from api.ingest import ingest
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController
+from api.usage import organisation_usage, own_usage
 
 MAX_BODY_BYTES = 1024 * 1024  # API.md: 413 over 1 MiB
 
@@ -20,9 +23,14 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
     """Return the Litestar app and the ASGI callable to serve (the app plus request ids)."""
     metrics = Metrics()
     metrics.registry.register(OpsCollector(deps.ops_snapshot))
-    admin = Router(path="/", route_handlers=[OrganisationController], guards=[admin_guard])
+    admin = Router(
+        path="/",
+        route_handlers=[OrganisationController, MeterController, ProjectController,
+                        organisation_usage],
+        guards=[admin_guard],
+    )
     app = Litestar(
-        route_handlers=[health.live, health.ready, health.metrics, admin],
+        route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage],
         exception_handlers={Exception: problems.handle},
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(title="Billing ledger API", version="1"),

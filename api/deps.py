@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from psycopg_pool import ConnectionPool
 
-from domain.ports import ProjectionGate
-from domain.services import OrganisationService
+from domain.ports import KeyLookup, MeterLookup, ProjectionGate, UsageRecorder
+from domain.services import CatalogueService, OrganisationService
 
 READ_WAIT_S = 5.0  # a read waits this long for its read model to include prior writes
 
@@ -27,6 +28,11 @@ class OpsSnapshot:
 @dataclass
 class ApiDeps:
     organisations: OrganisationService
+    catalogue: CatalogueService
+    usage: UsageRecorder
+    keys: KeyLookup
+    meters: MeterLookup
+    clock: Callable[[], datetime]
     read_pool: ConnectionPool
     gate: ProjectionGate
     admin_token_sha256: bytes | None

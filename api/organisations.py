@@ -13,12 +13,11 @@ from litestar.params import FromPath, JSONBody
 from psycopg_pool import ConnectionPool
 
 from api.deps import ApiDeps
+from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import SETTING_NAMES, Organisation, Settings
 from projections import organisations as view
-
-LEDGER_POSITION_HEADER = "X-Ledger-Position"
 
 
 class CreateOrganisation(msgspec.Struct, forbid_unknown_fields=True):
@@ -64,30 +63,6 @@ def _given(struct: msgspec.Struct) -> Settings:
     return {k: v for k, v in fields.items() if v is not msgspec.UNSET and v is not None}
 
 
-def _parse_id(raw: str) -> UUID:
-    try:
-        return UUID(raw)
-    except ValueError:
-        raise ValidationFailed([FieldError("id", "must be a UUID")]) from None
-
-
-def _min_position(request: Request[Any, Any, Any]) -> int:
-    raw = request.headers.get(LEDGER_POSITION_HEADER.lower())
-    if raw is None:
-        return 0
-    if not raw.isdigit() or len(raw) > 19:
-        raise ValidationFailed([FieldError(LEDGER_POSITION_HEADER, "must be a ledger position")])
-    return int(raw)
-
-
-async def _caught_up(deps: ApiDeps, request: Request[Any, Any, Any]) -> None:
-    """Reads see every write committed before them (or up to X-Ledger-Position)."""
-    position = _min_position(request)
-    await anyio.to_thread.run_sync(
-        deps.gate.wait_until_current, view.NAME, position, deps.read_wait_s
-    )
-
-
 def _out(org: Organisation) -> OrganisationOut:
     return OrganisationOut(
         id=org.id, created_at=org.created_on, updated_at=org.modified_on,
@@ -125,7 +100,7 @@ class OrganisationController(Controller):
         deps: ApiDeps = request.app.state.deps
         limit = parse_limit(request.query_params.get("limit"))
         after = decode_cursor(request.query_params.get("cursor"))
-        await _caught_up(deps, request)
+        await wait_caught_up(deps, request, view.NAME)
 
         def fetch() -> list[dict[str, Any]]:
             with deps.read_pool.connection() as conn:
@@ -141,8 +116,8 @@ class OrganisationController(Controller):
     @get("/{org_id:str}", summary="Read an organisation")
     async def read(self, org_id: FromPath[str], request: Request[Any, Any, Any]) -> OrganisationOut:
         deps: ApiDeps = request.app.state.deps
-        ident = _parse_id(org_id)
-        await _caught_up(deps, request)
+        ident = parse_id(org_id, "organisation")
+        await wait_caught_up(deps, request, view.NAME)
         return await anyio.to_thread.run_sync(_read, deps.read_pool, ident)
 
     @patch("/{org_id:str}", summary="Update an organisation's settings")
@@ -150,7 +125,7 @@ class OrganisationController(Controller):
         self, org_id: FromPath[str], data: JSONBody[UpdateOrganisation], request: Request[Any, Any, Any]
     ) -> Response[OrganisationOut]:
         deps: ApiDeps = request.app.state.deps
-        ident = _parse_id(org_id)
+        ident = parse_id(org_id, "organisation")
         changes: Settings = {
             k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET
         }

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
+
+from domain.usage import MeterRule, UsageFact
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -36,3 +41,46 @@ class ProjectionGate(Protocol):
     def wait_until_current(self, projection: str, min_position: int, timeout_s: float) -> None:
         """Wait until `projection` includes every entry committed before this call."""
         ...
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What a usage append did: new events, resent ones, and the position to wait for."""
+
+    accepted: int
+    duplicates: int
+    position: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A project API key as the ingestion path sees it (from the key cache)."""
+
+    key_id: UUID
+    prefix: str
+    secret_sha256: str
+    project_id: UUID
+    organisation_id: UUID
+    timezone: str
+    expires_at: datetime | None
+    revoked: bool
+
+
+class UsageRecorder(Protocol):
+    """Appends validated usage to the ledger with group commit; one duplicate never rejects
+    its neighbours. Raises Unavailable (503) when the ledger cannot take it now."""
+
+    async def record(self, key: KeyRecord, facts: Sequence[UsageFact], received_at: datetime) -> Appended:
+        ...
+
+
+class KeyLookup(Protocol):
+    """Project keys by visible prefix, from a per-process cache of the key projection."""
+
+    async def find(self, prefix: str) -> KeyRecord | None: ...
+
+
+class MeterLookup(Protocol):
+    """Meter rules by code, from a per-process cache of the meters projection."""
+
+    async def rules(self, codes: set[str]) -> dict[str, MeterRule]: ...

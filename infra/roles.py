@@ -60,6 +60,8 @@ async def run_roles(
         scheduler.start()
     if "api" in roles:
         _, asgi = create_app(rt.api_deps())
+        assert rt.key_cache is not None and rt.meter_cache is not None
+        jobs += [rt.key_cache.run(stop), rt.meter_cache.run(stop)]
         config = uvicorn.Config(
             asgi, host=rt.settings.host, port=rt.settings.port, log_config=None,
             lifespan="off", access_log=False, timeout_graceful_shutdown=5,

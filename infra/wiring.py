@@ -20,20 +20,27 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from adapters import bookkeeping, bus
+from adapters.caches import KeyCache, MeterCache
 from adapters.gate import PgProjectionGate
 from adapters.ledger import LedgerStore
 from adapters.maintenance import ensure_tables
 from adapters.pg import open_pool
+from adapters.usage_writer import UsageWriter
 from api.deps import ApiDeps, OpsSnapshot
-from domain.services import OrganisationService
+from domain.api_key import PREFIX_CHARS
+from domain.services import CatalogueService, OrganisationService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
-from projections import organisations
+from projections import catalogue, organisations, usage_totals
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
 
-READ_MODELS: tuple[ReadModel, ...] = (organisations.READ_MODEL,)
+READ_MODELS: tuple[ReadModel, ...] = (
+    organisations.READ_MODEL,
+    catalogue.READ_MODEL,
+    usage_totals.READ_MODEL,
+)
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
 NATS_CLOSE_TIMEOUT_S = 5.0
@@ -92,6 +99,9 @@ class Runtime:
     streams: bus.Streams
     nc: NatsClient | None = None
     js: JetStreamContext | None = None
+    writer: UsageWriter | None = None
+    key_cache: KeyCache | None = None
+    meter_cache: MeterCache | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -110,6 +120,9 @@ class Runtime:
         return self.js
 
     async def close(self) -> None:
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.stop)
+            self.writer = None
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), NATS_CLOSE_TIMEOUT_S)
@@ -120,7 +133,8 @@ class Runtime:
         with self.pool.connection() as conn:
             return OpsSnapshot(
                 ledger_head=self.ledger.head(),
-                ledger_appends=self.ledger.appended_events,
+                ledger_appends=self.ledger.appended_events
+                + (self.writer.appended_events if self.writer else 0),
                 relay_position=bookkeeping.relay_position(conn),
                 projections={m.name: 0 for m in READ_MODELS} | bookkeeping.all_tracking(conn),
                 dead_letters=bookkeeping.dead_letter_counts(conn),
@@ -141,14 +155,30 @@ class Runtime:
             await self.nc.flush(timeout=1)
             return True
 
+        self.writer = UsageWriter(self.database_url, self.settings.pg_schema,
+                                  self.ledger.events_table, self.ledger.channel)
+        self.writer.start()
+        self.key_cache = KeyCache(self.pool)
+        self.meter_cache = MeterCache(self.pool)
+        clock = lambda: datetime.now(UTC)  # noqa: E731
         return ApiDeps(
-            organisations=OrganisationService(self.ledger, lambda: datetime.now(UTC), uuid4),
+            organisations=OrganisationService(self.ledger, clock, uuid4),
+            catalogue=CatalogueService(self.ledger, clock, uuid4, new_key_secret),
+            usage=self.writer,
+            keys=self.key_cache,
+            meters=self.meter_cache,
+            clock=clock,
             read_pool=self.pool,
             gate=PgProjectionGate(self.pool, self.ledger),
             admin_token_sha256=admin_token_digest(self.settings),
             readiness={"postgres": postgres_ok, "nats": nats_ok},
             ops_snapshot=self.ops_snapshot,
         )
+
+
+def new_key_secret() -> tuple[str, str]:
+    """A key's visible prefix and its 256-bit secret part."""
+    return secrets.token_hex(PREFIX_CHARS // 2), secrets.token_urlsafe(32)
 
 
 def admin_token_digest(settings: Settings) -> bytes:

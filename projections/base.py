@@ -9,6 +9,7 @@ from typing import Any
 from psycopg import Cursor
 
 Handler = Callable[[Cursor[Any], Any, int], None]
+BatchHandler = Callable[[Cursor[Any], list[tuple[Any, int]]], None]
 
 
 @dataclass(frozen=True)
@@ -20,11 +21,22 @@ class ReadModel:
     ddl: tuple[str, ...]
     tables: tuple[str, ...]
     handlers: dict[type[Any], Handler] = field(default_factory=dict)
+    # A model that folds many events into few rows applies a whole batch at once (same result
+    # as applying them one by one, in order); it receives only the events it handles.
+    batch: BatchHandler | None = None
 
     def handles(self, event: Any) -> bool:
         return type(event) in self.handlers
 
     def apply(self, cur: Cursor[Any], event: Any, position: int) -> None:
-        handler = self.handlers.get(type(event))
-        if handler is not None:
-            handler(cur, event, position)
+        self.apply_all(cur, [(event, position)])
+
+    def apply_all(self, cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
+        mine = [(e, p) for e, p in items if type(e) in self.handlers]
+        if not mine:
+            return
+        if self.batch is not None:
+            self.batch(cur, mine)
+            return
+        for event, position in mine:
+            self.handlers[type(event)](cur, event, position)

@@ -105,6 +105,9 @@ async def running(rt: Runtime, roles: set[str]) -> AsyncIterator[asyncio.Event]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+        if rt.writer is not None:
+            await asyncio.to_thread(rt.writer.stop)
+            rt.writer = None
         if rt.nc is not None:
             await rt.nc.close()
             rt.nc = None

@@ -1,0 +1,183 @@
+"""Admin routes for meters, projects and project API keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+import anyio
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import FromPath, JSONBody
+from psycopg_pool import ConnectionPool
+
+from api.deps import ApiDeps
+from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from domain.errors import NotFound
+from projections import catalogue, usage_totals
+
+
+class DefineMeter(msgspec.Struct, forbid_unknown_fields=True):
+    code: str
+    name: str
+    aggregation: Literal["count", "sum", "max", "unique_count", "latest"]
+    field: str | None = None
+    group_by: list[str] = []
+    allow_negative: bool = False
+
+
+class MeterOut(msgspec.Struct):
+    code: str
+    name: str
+    aggregation: str
+    field: str | None
+    group_by: list[str]
+    allow_negative: bool
+
+
+class MeterList(msgspec.Struct):
+    items: list[MeterOut]
+    next_cursor: str | None = None
+
+
+class CreateProject(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class ProjectOut(msgspec.Struct):
+    id: UUID
+    organisation_id: UUID
+    name: str
+    created_at: datetime
+
+
+class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    expires_at: datetime | None = None
+
+
+class KeyOut(msgspec.Struct):
+    id: UUID
+    project_id: UUID
+    name: str
+    prefix: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+
+
+class KeyCreated(msgspec.Struct):
+    id: UUID
+    project_id: UUID
+    name: str
+    prefix: str
+    expires_at: datetime | None
+    created_at: datetime
+    key: str  # shown once; only its hash is recorded
+
+
+class KeyList(msgspec.Struct):
+    items: list[KeyOut]
+    next_cursor: str | None = None
+
+
+def _has_usage(pool: ConnectionPool) -> Any:
+    def check(code: str) -> bool:
+        with pool.connection() as conn:
+            return usage_totals.has_usage(conn, code)
+
+    return check
+
+
+class MeterController(Controller):
+    path = "/admin/v1/meters"
+    tags = ["meters"]
+
+    @post("/", summary="Define a meter (or change one that has no usage yet)")
+    async def define(
+        self, data: JSONBody[DefineMeter], request: Request[Any, Any, Any]
+    ) -> Response[MeterOut]:
+        deps: ApiDeps = request.app.state.deps
+        written, created = await anyio.to_thread.run_sync(
+            deps.catalogue.define_meter, data.code, data.name, data.aggregation, data.field,
+            data.group_by, data.allow_negative, _has_usage(deps.read_pool),
+        )
+        m = written.aggregate
+        out = MeterOut(m.code, m.name, m.aggregation, m.field, list(m.group_by), m.allow_negative)
+        return Response(out, status_code=201 if created else 200,
+                        headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+    @get("/", summary="List meters")
+    async def list_(self, request: Request[Any, Any, Any]) -> MeterList:
+        deps: ApiDeps = request.app.state.deps
+        await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
+
+        def fetch() -> list[dict[str, Any]]:
+            with deps.read_pool.connection() as conn:
+                return catalogue.meters(conn)
+
+        rows = await anyio.to_thread.run_sync(fetch)
+        return MeterList([msgspec.convert(r, MeterOut, from_attributes=False, strict=False)
+                          for r in rows])
+
+
+class ProjectController(Controller):
+    path = "/admin/v1"
+    tags = ["projects"]
+
+    @post("/organisations/{org_id:str}/projects", summary="Create a project", status_code=201)
+    async def create(self, org_id: FromPath[str], data: JSONBody[CreateProject],
+                     request: Request[Any, Any, Any]) -> Response[ProjectOut]:
+        deps: ApiDeps = request.app.state.deps
+        written = await anyio.to_thread.run_sync(deps.catalogue.create_project,
+                                                 parse_id(org_id, "organisation"), data.name)
+        p = written.aggregate
+        return Response(ProjectOut(p.id, p.organisation_id, p.name, p.created_on), status_code=201,
+                        headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+    @get("/projects/{project_id:str}", summary="Read a project")
+    async def read(self, project_id: FromPath[str], request: Request[Any, Any, Any]) -> ProjectOut:
+        deps: ApiDeps = request.app.state.deps
+        ident = parse_id(project_id, "project")
+        await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
+
+        def fetch() -> dict[str, Any] | None:
+            with deps.read_pool.connection() as conn:
+                return catalogue.project(conn, ident)
+
+        row = await anyio.to_thread.run_sync(fetch)
+        if row is None:
+            raise NotFound("project", ident)
+        return msgspec.convert(row, ProjectOut)
+
+    @post("/projects/{project_id:str}/api-keys", summary="Create an API key (shown once)",
+          status_code=201)
+    async def create_key(self, project_id: FromPath[str], data: JSONBody[CreateKey],
+                         request: Request[Any, Any, Any]) -> Response[KeyCreated]:
+        deps: ApiDeps = request.app.state.deps
+        written, full = await anyio.to_thread.run_sync(
+            deps.catalogue.issue_key, parse_id(project_id, "project"), data.name, data.expires_at)
+        k = written.aggregate
+        out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)
+        return Response(out, status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+    @get("/projects/{project_id:str}/api-keys", summary="List a project's API keys (never secrets)")
+    async def list_keys(self, project_id: FromPath[str], request: Request[Any, Any, Any]) -> KeyList:
+        deps: ApiDeps = request.app.state.deps
+        ident = parse_id(project_id, "project")
+        await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
+
+        def fetch() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+            with deps.read_pool.connection() as conn:
+                return catalogue.project(conn, ident), catalogue.api_keys(conn, ident)
+
+        project, rows = await anyio.to_thread.run_sync(fetch)
+        if project is None:
+            raise NotFound("project", ident)
+        return KeyList([msgspec.convert(r, KeyOut) for r in rows])
+
+    @delete("/api-keys/{key_id:str}", summary="Revoke an API key", status_code=204)
+    async def revoke_key(self, key_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
+        deps: ApiDeps = request.app.state.deps
+        await anyio.to_thread.run_sync(deps.catalogue.revoke_key, parse_id(key_id, "api key"))

@@ -1,0 +1,166 @@
+"""Usage queries: an organisation's (admin) or the calling project's own (API key)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import anyio
+import msgspec
+from litestar import Request, get
+from litestar.params import FromPath
+
+from api.deps import ApiDeps
+from api.ids import min_position, parse_id
+from api.ingest import authenticate_key
+from api.pagination import parse_limit
+from domain.errors import FieldError, NotFound, ValidationFailed
+from projections import organisations, usage_totals
+
+MAX_DAYS_BY_DAY = 400
+MAX_MONTHS = 120
+
+
+class UsageItem(msgspec.Struct, omit_defaults=True):
+    metric: str
+    period_start: datetime
+    period_end: datetime
+    quantity: str
+    project_id: UUID | None = None
+    group: dict[str, str | None] | None = None
+
+
+class UsagePage(msgspec.Struct):
+    items: list[UsageItem]
+    next_cursor: str | None
+
+
+def decimal_text(q: Decimal) -> str:
+    """Exact decimal text without exponent or trailing zeros: 12.50 -> "12.5", 100 -> "100"."""
+    if q == q.to_integral_value():
+        return str(q.quantize(Decimal(1)))
+    return format(q.normalize(), "f")
+
+
+def _local_date(raw: str | None, name: str, tz: ZoneInfo, default: date) -> date:
+    if raw is None:
+        return default
+    try:
+        if len(raw) == 10:
+            return date.fromisoformat(raw)
+        at = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValidationFailed([FieldError(name, "must be a date or RFC 3339 time")]) from None
+    if at.tzinfo is None:
+        raise ValidationFailed([FieldError(name, "must include an offset")])
+    return at.astimezone(tz).date()
+
+
+def _next_month(d: date) -> date:
+    return (d.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+def build_query(
+    params: dict[str, str | None], org_id: UUID, tz: ZoneInfo, project_id: UUID | None,
+    today: date,
+) -> usage_totals.UsageQuery:
+    problems: list[FieldError] = []
+    metric = params.get("metric")
+    if not metric:
+        problems.append(FieldError("metric", "is required"))
+    granularity = params.get("granularity") or "month"
+    if granularity not in usage_totals.GRANULARITIES:
+        problems.append(FieldError("granularity", "must be day or month"))
+    month_start = today.replace(day=1)
+    try:
+        start = _local_date(params.get("from"), "from", tz, month_start)
+        end = _local_date(params.get("to"), "to", tz, _next_month(month_start))
+    except ValidationFailed as e:
+        raise ValidationFailed(problems + e.errors) from None
+    if granularity == "month":
+        start = start.replace(day=1)
+    if end <= start:
+        problems.append(FieldError("to", "must be after from"))
+    limit_days = MAX_DAYS_BY_DAY if granularity == "day" else MAX_MONTHS * 31
+    if (end - start).days > limit_days:
+        problems.append(FieldError("to", f"at most {limit_days} days after from"))
+    group_by = tuple(g for g in (params.get("group_by") or "").split(",") if g)
+    if problems:
+        raise ValidationFailed(problems)
+    assert metric is not None
+    return usage_totals.UsageQuery(org_id, metric, granularity, start, end, project_id, group_by)
+
+
+async def answer(deps: ApiDeps, request: Request[Any, Any, Any], org_id: UUID,
+                 project_id: UUID | None) -> UsagePage:
+    position = min_position(request)
+    if position:
+        await anyio.to_thread.run_sync(deps.gate.wait_for, usage_totals.NAME, position,
+                                       deps.read_wait_s)
+    params = {k: request.query_params.get(k) for k in ("metric", "granularity", "from", "to",
+                                                      "group_by", "limit", "cursor")}
+    limit = parse_limit(params["limit"])
+    offset = _offset(params["cursor"])
+
+    def run() -> tuple[usage_totals.UsageQuery, ZoneInfo, list[dict[str, Any]]]:
+        with deps.read_pool.connection() as conn:
+            org = organisations.get(conn, org_id)
+            if org is None:
+                raise NotFound("organisation", org_id)
+            tz = ZoneInfo(org["timezone"])
+            query = build_query(params, org_id, tz, project_id, datetime.now(tz).date())
+            rule = usage_totals.meter_rule(conn, query.metric)
+            if rule is None:
+                raise ValidationFailed([FieldError("metric", f"no meter {query.metric!r} has usage")])
+            unknown = [g for g in query.group_by if g not in rule.group_by]
+            if unknown:
+                raise ValidationFailed([FieldError(
+                    "group_by", f"{', '.join(unknown)} not in this meter's group_by {list(rule.group_by)}")])
+            return query, tz, usage_totals.quantities(conn, query, rule.aggregation)
+
+    query, tz, rows = await anyio.to_thread.run_sync(run)
+    page = rows[offset: offset + limit]
+    items = [_item(query, tz, r) for r in page]
+    more = offset + limit < len(rows)
+    return UsagePage(items, str(offset + limit) if more else None)
+
+
+def _offset(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    if not cursor.isdigit() or len(cursor) > 6:
+        raise ValidationFailed([FieldError("cursor", "is not a cursor this API returned")])
+    return int(cursor)
+
+
+def _item(q: usage_totals.UsageQuery, tz: ZoneInfo, row: dict[str, Any]) -> UsageItem:
+    start: date = row["period_start"]
+    end = start + timedelta(days=1) if q.granularity == "day" else _next_month(start)
+    group = {name: row[f"g{i}"] for i, name in enumerate(q.group_by)} if q.group_by else None
+    return UsageItem(
+        metric=q.metric,
+        period_start=datetime.combine(start, time(0), tz),
+        period_end=datetime.combine(end, time(0), tz),
+        quantity=decimal_text(Decimal(row["quantity"])),
+        project_id=row.get("project_id"),
+        group=group,
+    )
+
+
+@get("/admin/v1/organisations/{org_id:str}/usage", summary="An organisation's usage",
+     tags=["usage"])
+async def organisation_usage(org_id: FromPath[str], request: Request[Any, Any, Any]) -> UsagePage:
+    deps: ApiDeps = request.app.state.deps
+    raw_project = request.query_params.get("project_id")
+    project = parse_id(raw_project, "project") if raw_project else None
+    return await answer(deps, request, parse_id(org_id, "organisation"), project)
+
+
+@get("/api/v1/usage", summary="The calling project's own usage", tags=["usage"])
+async def own_usage(request: Request[Any, Any, Any]) -> UsagePage:
+    deps: ApiDeps = request.app.state.deps
+    key = await authenticate_key(request, deps)
+    return await answer(deps, request, key.organisation_id, key.project_id)

@@ -1,0 +1,73 @@
+"""The ApiKey aggregate: a project's credential. Only a hash of the secret is ever recorded."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from domain.errors import Conflict, Problems
+
+NAME_MAX_CHARS = 200
+KEY_PREFIX = "bk_"
+PREFIX_CHARS = 12  # visible part: identifies a key in lists and logs
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """`bk_<prefix>_<secret>` -> (prefix, full key) or None when it is not shaped like a key."""
+    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+        return None
+    rest = key[len(KEY_PREFIX):]
+    prefix, sep, secret = rest.partition("_")
+    if not sep or len(prefix) != PREFIX_CHARS or not secret:
+        return None
+    return prefix, key
+
+
+class ApiKey(Aggregate):
+    class Created(Aggregate.Created):
+        project_id: UUID
+        organisation_id: UUID
+        name: str
+        prefix: str
+        secret_sha256: str
+        expires_at: datetime | None
+
+    class Revoked(Aggregate.Event):
+        def apply(self, aggregate: Any) -> None:
+            aggregate.revoked = True
+
+    def __init__(self, project_id: UUID, organisation_id: UUID, name: str, prefix: str,
+                 secret_sha256: str, expires_at: datetime | None) -> None:
+        self.project_id = project_id
+        self.organisation_id = organisation_id
+        self.name = name
+        self.prefix = prefix
+        self.secret_sha256 = secret_sha256
+        self.expires_at = expires_at
+        self.revoked = False
+
+    @classmethod
+    def issue(cls, key_id: UUID, project_id: UUID, organisation_id: UUID, name: str, prefix: str,
+              secret: str, expires_at: datetime | None, at: datetime) -> ApiKey:
+        problems = Problems()
+        if not name.strip() or len(name) > NAME_MAX_CHARS:
+            problems.add("name", f"1-{NAME_MAX_CHARS} characters")
+        if expires_at is not None and (expires_at.tzinfo is None or expires_at <= at):
+            problems.add("expires_at", "must be a future time with an offset")
+        problems.raise_if_any()
+        return cls._create(cls.Created, id=key_id, timestamp=at, project_id=project_id,
+                           organisation_id=organisation_id, name=name, prefix=prefix,
+                           secret_sha256=secret_hash(secret), expires_at=expires_at)
+
+    def revoke(self, at: datetime) -> None:
+        if self.revoked:
+            raise Conflict("the key is already revoked")
+        self.trigger_event(self.Revoked, timestamp=at)

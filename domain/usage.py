@@ -1,0 +1,176 @@
+"""Usage events: the rules an incoming event must meet (API.md, BILLING.md), its ledger identity
+and the ledger event it becomes, and the reference fold of events into a period quantity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid5
+from zoneinfo import ZoneInfo
+
+from eventsourcing.domain import Aggregate
+
+from domain.errors import Problems
+
+EVENT_ID_MAX_CHARS = 128
+PROPERTIES_MAX_BYTES = 4096
+PROPERTY_KEY_MAX_CHARS = 64
+PROPERTY_VALUE_MAX_CHARS = 256
+PROPERTIES_MAX_KEYS = 64
+VALUE_MAX_DIGITS = 18
+LATE_WINDOW = timedelta(days=35)
+FUTURE_WINDOW = timedelta(minutes=5)
+_USAGE_NAMESPACE = UUID("0b6f8d8e-6a49-4e7e-9a8e-27c0c55d1c11")
+
+
+def usage_id(project_id: UUID, event_id: str) -> UUID:
+    """Idempotency by construction: the same (project, event_id) is the same ledger identity."""
+    return uuid5(_USAGE_NAMESPACE, f"{project_id}/{event_id}")
+
+
+class Usage(Aggregate):
+    """One usage event. Never changes after it is recorded."""
+
+    class Recorded(Aggregate.Created):
+        organisation_id: UUID
+        project_id: UUID
+        event_id: str
+        metric: str
+        value: Decimal
+        occurred_at: datetime
+        timezone: str
+        properties: dict[str, str]
+
+
+@dataclass(frozen=True)
+class MeterRule:
+    """What validation and aggregation need to know about a meter."""
+
+    code: str
+    aggregation: str
+    field: str | None
+    group_by: tuple[str, ...]
+    allow_negative: bool
+
+
+@dataclass(frozen=True)
+class UsageFact:
+    """A validated usage event, ready to be recorded."""
+
+    event_id: str
+    metric: str
+    value: Decimal
+    occurred_at: datetime
+    properties: dict[str, str]
+
+
+def canonical(value: Any) -> str | None:
+    """Property values are kept as exact strings: numbers in their decimal form."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int)):
+        return str(value)
+    if isinstance(value, Decimal) and value.is_finite():
+        return str(value)
+    return None
+
+
+def _check_value(value: Decimal, meter: MeterRule | None, problems: Problems, index: int) -> None:
+    if not value.is_finite():
+        problems.add("value", "must be a finite number", index)
+        return
+    digits = value.normalize().as_tuple()
+    if value != 0 and (len(digits.digits) > VALUE_MAX_DIGITS or not -VALUE_MAX_DIGITS
+                       <= value.adjusted() < VALUE_MAX_DIGITS):
+        problems.add("value", f"at most {VALUE_MAX_DIGITS} significant digits, below 1e18", index)
+    if value < 0 and not (meter and meter.allow_negative):
+        problems.add("value", "must not be negative for this meter", index)
+
+
+def _check_properties(
+    properties: Mapping[str, Any], size: int, problems: Problems, index: int
+) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if size > PROPERTIES_MAX_BYTES or len(properties) > PROPERTIES_MAX_KEYS:
+        problems.add("properties", f"at most {PROPERTIES_MAX_BYTES} bytes and "
+                     f"{PROPERTIES_MAX_KEYS} keys", index)
+        return out
+    for key, value in properties.items():
+        text = canonical(value)
+        if not key or len(key) > PROPERTY_KEY_MAX_CHARS:
+            problems.add(f"properties.{key[:64]}", "keys are 1-64 characters", index)
+        elif text is None:
+            problems.add(f"properties.{key}", "must be a string, number or boolean", index)
+        elif len(text) > PROPERTY_VALUE_MAX_CHARS:
+            problems.add(f"properties.{key}", f"at most {PROPERTY_VALUE_MAX_CHARS} characters", index)
+        else:
+            out[key] = text
+    return out
+
+
+def check_usage(
+    index: int,
+    event_id: str,
+    metric: str,
+    timestamp: datetime | None,
+    value: Decimal | None,
+    properties: Mapping[str, Any] | None,
+    properties_size: int,
+    meters: Mapping[str, MeterRule],
+    now: datetime,
+    problems: Problems,
+) -> UsageFact | None:
+    """Validate one event against every rule; add each broken rule to `problems`."""
+    before = len(problems.errors)
+    if not 1 <= len(event_id) <= EVENT_ID_MAX_CHARS:
+        problems.add("event_id", f"1-{EVENT_ID_MAX_CHARS} characters", index)
+    meter = meters.get(metric)
+    if meter is None:
+        problems.add("metric", f"no meter is defined with code {metric[:64]!r}", index)
+    occurred = now if timestamp is None else timestamp
+    if occurred.tzinfo is None or occurred.utcoffset() is None:
+        problems.add("timestamp", "must be RFC 3339 with an offset", index)
+    elif occurred < now - LATE_WINDOW:
+        problems.add("timestamp", "is more than 35 days in the past; too late to bill", index)
+    elif occurred > now + FUTURE_WINDOW:
+        problems.add("timestamp", "is more than 5 minutes in the future", index)
+    amount = Decimal(1) if value is None else value
+    _check_value(amount, meter, problems, index)
+    props = _check_properties(properties or {}, properties_size, problems, index)
+    if meter is not None and meter.aggregation == "unique_count" and meter.field not in props:
+        problems.add(f"properties.{meter.field}", "is required by this unique_count meter", index)
+    if len(problems.errors) > before:
+        return None
+    return UsageFact(event_id, metric, amount, occurred, props)
+
+
+# ---- the reference fold: what a period's quantity is, straight from the events ----------
+
+def local_day(at: datetime, timezone: str) -> date:
+    return at.astimezone(ZoneInfo(timezone)).date()
+
+
+def local_month(at: datetime, timezone: str) -> date:
+    return local_day(at, timezone).replace(day=1)
+
+
+def fold(aggregation: str, field: str | None, events: Iterable[tuple[int, Usage.Recorded]]) -> Decimal:
+    """Quantity of one period from (ledger position, event) pairs of distinct events."""
+    items = list(events)
+    if aggregation == "count":
+        return Decimal(len(items))
+    if aggregation == "sum":
+        return sum((e.value for _, e in items), Decimal(0))
+    if aggregation == "max":
+        return max((e.value for _, e in items), default=Decimal(0))
+    if aggregation == "unique_count":
+        assert field is not None
+        return Decimal(len({e.properties[field] for _, e in items}))
+    if aggregation == "latest":
+        if not items:
+            return Decimal(0)
+        return max(items, key=lambda pe: (pe[1].occurred_at, pe[0]))[1].value
+    raise ValueError(f"unknown aggregation {aggregation}")

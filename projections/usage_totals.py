@@ -1,0 +1,249 @@
+"""The usage totals read model: per organisation, project, meter, day and month (in the
+organisation's timezone) and group_by values — count, sum, max, latest, and the distinct values
+behind unique_count (kept exactly, not estimated). Its own copy of meter definitions keeps a
+rebuild a pure function of the ledger."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from psycopg import Connection, Cursor
+from psycopg.rows import dict_row
+
+from domain.meter import Meter
+from domain.usage import MeterRule, Usage, local_day
+from projections.base import ReadModel
+
+NAME = "usage_totals"
+GRANULARITIES = ("day", "month")
+QUERY_MAX_ROWS = 10_000
+
+DDL = (
+    """CREATE TABLE IF NOT EXISTS usage_meters (
+        id uuid PRIMARY KEY,
+        code text NOT NULL UNIQUE,
+        aggregation text NOT NULL,
+        field text,
+        group_by text[] NOT NULL,
+        allow_negative boolean NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS usage_totals (
+        organisation_id uuid NOT NULL,
+        project_id uuid NOT NULL,
+        metric text NOT NULL,
+        granularity text NOT NULL,
+        period_start date NOT NULL,
+        group_key text NOT NULL,
+        group_values jsonb NOT NULL,
+        count bigint NOT NULL,
+        sum numeric NOT NULL,
+        max numeric NOT NULL,
+        latest_value numeric NOT NULL,
+        latest_at timestamptz NOT NULL,
+        latest_position bigint NOT NULL,
+        PRIMARY KEY (organisation_id, metric, granularity, period_start, project_id, group_key)
+    )""",
+    """CREATE TABLE IF NOT EXISTS usage_unique (
+        organisation_id uuid NOT NULL,
+        project_id uuid NOT NULL,
+        metric text NOT NULL,
+        granularity text NOT NULL,
+        period_start date NOT NULL,
+        group_key text NOT NULL,
+        value text NOT NULL,
+        PRIMARY KEY (organisation_id, metric, granularity, period_start, project_id, group_key, value)
+    )""",
+)
+
+Bucket = tuple[UUID, UUID, str, str, date, str]
+
+
+@dataclass
+class _Totals:
+    group_values: dict[str, str]
+    count: int = 0
+    sum: Decimal = Decimal(0)
+    max: Decimal | None = None
+    latest: tuple[datetime, int, Decimal] | None = None
+
+    def add(self, value: Decimal, at: datetime, position: int) -> None:
+        self.count += 1
+        self.sum += value
+        self.max = value if self.max is None else max(self.max, value)
+        if self.latest is None or (at, position) > self.latest[:2]:
+            self.latest = (at, position, value)
+
+
+def group_key(values: dict[str, str]) -> str:
+    return json.dumps(values, sort_keys=True, separators=(",", ":")) if values else ""
+
+
+def _rule(row: Sequence[Any]) -> MeterRule:
+    return MeterRule(row[0], row[1], row[2], tuple(row[3]), row[4])
+
+
+def _noop(cur: Cursor[Any], event: Any, position: int) -> None:
+    """Never called: this model applies whole batches (see `_apply_batch`)."""
+    raise AssertionError("usage totals apply in batches")
+
+
+def _apply_batch(cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
+    rules: dict[str, MeterRule] = {}
+    totals: dict[Bucket, _Totals] = {}
+    uniques: set[tuple[UUID, UUID, str, str, date, str, str]] = set()
+    for event, position in items:
+        if isinstance(event, (Meter.Defined, Meter.Redefined)):
+            _flush(cur, totals, uniques)
+            _upsert_meter(cur, event)
+            rules.clear()
+            continue
+        e: Usage.Recorded = event
+        rule = rules.get(e.metric) or _load_rule(cur, e.metric, rules)
+        if rule is None:
+            raise LookupError(f"usage for unknown meter {e.metric!r}")
+        groups = {k: e.properties.get(k, "") for k in rule.group_by}
+        key = group_key(groups)
+        day = local_day(e.occurred_at, e.timezone)
+        for granularity, start in (("day", day), ("month", day.replace(day=1))):
+            bucket = (e.organisation_id, e.project_id, e.metric, granularity, start, key)
+            t = totals.get(bucket)
+            if t is None:
+                t = totals[bucket] = _Totals(groups)
+            t.add(e.value, e.occurred_at, position)
+            if rule.aggregation == "unique_count" and rule.field is not None:
+                uniques.add((*bucket, e.properties[rule.field]))
+    _flush(cur, totals, uniques)
+
+
+def _upsert_meter(cur: Cursor[Any], e: Any) -> None:
+    if isinstance(e, Meter.Defined):
+        cur.execute(
+            "INSERT INTO usage_meters (id, code, aggregation, field, group_by, allow_negative)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (e.originator_id, e.code, e.aggregation, e.field, list(e.group_by), e.allow_negative),
+        )
+        return
+    cur.execute(
+        "UPDATE usage_meters SET aggregation = %s, field = %s, group_by = %s, allow_negative = %s"
+        " WHERE id = %s",
+        (e.aggregation, e.field, list(e.group_by), e.allow_negative, e.originator_id),
+    )
+
+
+def _load_rule(cur: Cursor[Any], code: str, rules: dict[str, MeterRule]) -> MeterRule | None:
+    cur.execute("SELECT code, aggregation, field, group_by, allow_negative FROM usage_meters"
+                " WHERE code = %s", (code,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    rules[code] = _rule(row)
+    return rules[code]
+
+
+def _flush(cur: Cursor[Any], totals: dict[Bucket, _Totals], uniques: set[Any]) -> None:
+    if totals:
+        cur.executemany(
+            """INSERT INTO usage_totals AS t (organisation_id, project_id, metric, granularity,
+                   period_start, group_key, group_values, count, sum, max, latest_value,
+                   latest_at, latest_position)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (organisation_id, metric, granularity, period_start, project_id, group_key)
+               DO UPDATE SET count = t.count + excluded.count, sum = t.sum + excluded.sum,
+                   max = GREATEST(t.max, excluded.max),
+                   latest_value = CASE WHEN (excluded.latest_at, excluded.latest_position)
+                       > (t.latest_at, t.latest_position) THEN excluded.latest_value
+                       ELSE t.latest_value END,
+                   latest_at = GREATEST(t.latest_at, excluded.latest_at),
+                   latest_position = CASE WHEN (excluded.latest_at, excluded.latest_position)
+                       > (t.latest_at, t.latest_position) THEN excluded.latest_position
+                       ELSE t.latest_position END""",
+            [
+                (*bucket, json.dumps(t.group_values), t.count, t.sum, t.max, t.latest[2],
+                 t.latest[0], t.latest[1])
+                for bucket, t in totals.items()
+                if t.latest is not None
+            ],
+        )
+        totals.clear()
+    if uniques:
+        cur.executemany(
+            "INSERT INTO usage_unique (organisation_id, project_id, metric, granularity,"
+            " period_start, group_key, value) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            sorted(uniques, key=str),
+        )
+        uniques.clear()
+
+
+READ_MODEL = ReadModel(
+    name=NAME,
+    ddl=DDL,
+    tables=("usage_meters", "usage_totals", "usage_unique"),
+    handlers={Meter.Defined: _noop, Meter.Redefined: _noop, Usage.Recorded: _noop},
+    batch=_apply_batch,
+)
+
+
+# ---- queries --------------------------------------------------------------------------------
+
+_QUANTITY = {
+    "count": "sum(count)::numeric",
+    "sum": "sum(sum)",
+    "max": "max(max)",
+    "latest": "(array_agg(latest_value ORDER BY latest_at DESC, latest_position DESC))[1]",
+}
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    organisation_id: UUID
+    metric: str
+    granularity: str
+    start: date  # first period start included
+    end: date  # periods starting before this
+    project_id: UUID | None = None
+    group_by: tuple[str, ...] = ()
+
+
+def meter_rule(conn: Connection[Any], code: str) -> MeterRule | None:
+    row = conn.execute("SELECT code, aggregation, field, group_by, allow_negative FROM usage_meters"
+                       " WHERE code = %s", (code,)).fetchone()
+    return _rule(row) if row else None
+
+
+def has_usage(conn: Connection[Any], code: str) -> bool:
+    row = conn.execute("SELECT EXISTS (SELECT 1 FROM usage_totals WHERE metric = %s)",
+                       (code,)).fetchone()
+    return bool(row and row[0])
+
+
+def quantities(conn: Connection[Any], q: UsageQuery, aggregation: str) -> list[dict[str, Any]]:
+    """One row per period (and project, and group values when asked): period_start, quantity."""
+    table = "usage_unique" if aggregation == "unique_count" else "usage_totals"
+    quantity = "count(DISTINCT value)::numeric" if aggregation == "unique_count" else _QUANTITY[aggregation]
+    keys = ["period_start"] + (["project_id"] if q.project_id else [])
+    # group_key is the canonical JSON of the meter's group_by values ('' when it has none).
+    groups = [f"NULLIF(x.group_key, '')::jsonb ->> %(g{i})s" for i, _ in enumerate(q.group_by)]
+    select_groups = "".join(f", {g} AS g{i}" for i, g in enumerate(groups))
+    group_cols = ", ".join(keys + [f"g{i}" for i in range(len(groups))])
+    params: dict[str, Any] = {"org": q.organisation_id, "metric": q.metric, "gran": q.granularity,
+                              "start": q.start, "end": q.end, "project": q.project_id,
+                              "limit": QUERY_MAX_ROWS}
+    params |= {f"g{i}": name for i, name in enumerate(q.group_by)}
+    sql = (
+        f"SELECT {group_cols}, {quantity} AS quantity FROM ("
+        f" SELECT x.*{select_groups} FROM {table} x"
+        " WHERE organisation_id = %(org)s AND metric = %(metric)s AND granularity = %(gran)s"
+        " AND period_start >= %(start)s AND period_start < %(end)s"
+        " AND (%(project)s::uuid IS NULL OR project_id = %(project)s)"
+        f") s GROUP BY {group_cols} ORDER BY {group_cols} LIMIT %(limit)s"
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.encode(), params)  # type: ignore[call-overload]
+        return cur.fetchall()
