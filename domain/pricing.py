@@ -1,0 +1,387 @@
+"""The pure pricing engine: plan versions, their validation, and pricing a period's usage.
+
+Owns the value types of a plan (`Tier`, `Charge`, `PlanVersion`), the rules a plan must obey
+(`validate_plan`), the four charge models (`charge_amount`, unrounded rupees) and turning a
+plan plus quantities plus tax facts into invoice lines, GST and totals in paise (`price`).
+Everything is exact `Decimal` arithmetic; the only rounding is per line (money.to_paise) and
+per tax component (tax.gst). The rules as implemented are written down in docs/PRICING.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from decimal import Decimal, localcontext
+from typing import Literal
+
+from domain.errors import Problems
+from domain.money import EXACT, is_finite_decimal, to_paise
+from domain.organisation import SUPPORTED_CURRENCIES
+from domain.tax import TaxFacts, TaxLine, gst
+
+ChargeModel = Literal["per_unit", "graduated", "volume", "package"]
+CHARGE_MODELS: tuple[ChargeModel, ...] = ("per_unit", "graduated", "volume", "package")
+TIERED_MODELS = frozenset({"graduated", "volume"})
+
+PLAN_CODE_MAX_CHARS = 64
+PLAN_NAME_MAX_CHARS = 200
+
+BASE_FEE_DESCRIPTION = "base fee"
+MINIMUM_DESCRIPTION = "minimum commitment"  # wording fixed by BILLING.md
+
+ZERO = Decimal(0)
+ONE = Decimal(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """One price band of a graduated or volume charge. `up_to` is inclusive (units, may be
+    fractional); None marks the open-ended last tier. Prices are rupees."""
+
+    up_to: Decimal | None
+    unit_price: Decimal
+    flat_fee: Decimal = ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """How one meter's period quantity is priced. Only the fields of its `model` are set:
+    per_unit -> unit_price; graduated / volume -> tiers; package -> package_size, package_price."""
+
+    metric: str
+    model: ChargeModel
+    unit_price: Decimal | None = None
+    tiers: tuple[Tier, ...] = ()
+    package_size: Decimal | None = None
+    package_price: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanVersion:
+    """One immutable version of a plan. Money fields are rupees per billing period."""
+
+    code: str
+    version: int
+    name: str
+    currency: str
+    base_fee: Decimal = ZERO
+    minimum: Decimal = ZERO
+    charges: tuple[Charge, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One invoice line; `amount` is whole paise (may be negative only for a late-usage
+    minimum-commitment adjustment)."""
+
+    description: str
+    metric: str | None
+    quantity: Decimal
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class LateUsage:
+    """Usage of an already-finalized period: the quantities its invoice billed and the
+    quantities now known, priced with the plan version that priced that period."""
+
+    period: str
+    plan: PlanVersion
+    billed: Mapping[str, Decimal] = field(default_factory=dict)
+    corrected: Mapping[str, Decimal] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """A priced invoice: every amount is whole paise of `currency`."""
+
+    currency: str
+    lines: tuple[Line, ...]
+    subtotal: int
+    taxes: tuple[TaxLine, ...]
+    total: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_plan(plan: PlanVersion, known_meters: AbstractSet[str]) -> None:
+    """Raise ValidationFailed naming every rule `plan` breaks; `known_meters` are meter codes."""
+    problems = Problems()
+    _check_header(plan, problems)
+    seen: set[str] = set()
+    for index, charge in enumerate(plan.charges):
+        where = f"charges[{index}]"
+        _check_charge(charge, where, known_meters, problems)
+        if charge.metric in seen:
+            problems.add(f"{where}.metric", f"{charge.metric!r} already has a charge in this plan")
+        seen.add(charge.metric)
+    problems.raise_if_any()
+
+
+def _check_header(plan: PlanVersion, problems: Problems) -> None:
+    if not isinstance(plan.code, str) or not plan.code.strip():
+        problems.add("code", "must not be empty")
+    elif len(plan.code) > PLAN_CODE_MAX_CHARS:
+        problems.add("code", f"at most {PLAN_CODE_MAX_CHARS} characters")
+    if not isinstance(plan.name, str) or not plan.name.strip():
+        problems.add("name", "must not be empty")
+    elif len(plan.name) > PLAN_NAME_MAX_CHARS:
+        problems.add("name", f"at most {PLAN_NAME_MAX_CHARS} characters")
+    if isinstance(plan.version, bool) or not isinstance(plan.version, int) or plan.version < 1:
+        problems.add("version", "must be a whole number from 1")
+    if plan.currency not in SUPPORTED_CURRENCIES:
+        problems.add("currency", f"must be one of {sorted(SUPPORTED_CURRENCIES)}")
+    _check_price(plan.base_fee, "base_fee", problems)
+    _check_price(plan.minimum, "minimum", problems)
+
+
+def _check_price(value: object, where: str, problems: Problems) -> None:
+    if not is_finite_decimal(value):
+        problems.add(where, "must be a decimal number")
+    elif isinstance(value, Decimal) and value < 0:
+        problems.add(where, "must not be negative")
+
+
+def _check_charge(charge: Charge, where: str, known_meters: AbstractSet[str], problems: Problems) -> None:
+    if charge.metric not in known_meters:
+        problems.add(f"{where}.metric", f"{charge.metric!r} is not a defined meter")
+    if charge.model not in CHARGE_MODELS:
+        problems.add(f"{where}.model", f"must be one of {list(CHARGE_MODELS)}")
+        return
+    _check_fields_of_model(charge, where, problems)
+    if charge.model == "per_unit":
+        _check_price(charge.unit_price, f"{where}.unit_price", problems)
+    elif charge.model in TIERED_MODELS:
+        _check_tiers(charge.tiers, f"{where}.tiers", problems)
+    else:
+        _check_package(charge, where, problems)
+
+
+def _check_fields_of_model(charge: Charge, where: str, problems: Problems) -> None:
+    # A field that the model ignores is refused: it almost always means the plan author
+    # picked the wrong model, and silently ignoring a price is how invoices go wrong.
+    used = {
+        "per_unit": {"unit_price"},
+        "graduated": {"tiers"},
+        "volume": {"tiers"},
+        "package": {"package_size", "package_price"},
+    }[charge.model]
+    present = {
+        "unit_price": charge.unit_price is not None,
+        "tiers": bool(charge.tiers),
+        "package_size": charge.package_size is not None,
+        "package_price": charge.package_price is not None,
+    }
+    for name, is_set in present.items():
+        if is_set and name not in used:
+            problems.add(f"{where}.{name}", f"has no meaning for a {charge.model} charge")
+
+
+def _check_package(charge: Charge, where: str, problems: Problems) -> None:
+    size = charge.package_size
+    if not is_finite_decimal(size):
+        problems.add(f"{where}.package_size", "must be a decimal number")
+    elif isinstance(size, Decimal) and size <= 0:
+        problems.add(f"{where}.package_size", "must be greater than 0")
+    _check_price(charge.package_price, f"{where}.package_price", problems)
+
+
+def _check_tiers(tiers: tuple[Tier, ...], where: str, problems: Problems) -> None:
+    if not tiers:
+        problems.add(where, "at least one tier is required")
+        return
+    last = len(tiers) - 1
+    previous: Decimal | None = None
+    for index, tier in enumerate(tiers):
+        at = f"{where}[{index}]"
+        _check_price(tier.unit_price, f"{at}.unit_price", problems)
+        _check_price(tier.flat_fee, f"{at}.flat_fee", problems)
+        if tier.up_to is None:
+            if index != last:
+                problems.add(f"{at}.up_to", "only the last tier may be open-ended (up_to null)")
+            continue
+        if index == last:
+            problems.add(f"{at}.up_to", "the last tier must be open-ended (up_to null)")
+        if not is_finite_decimal(tier.up_to):
+            problems.add(f"{at}.up_to", "must be a decimal number")
+        elif tier.up_to <= 0:
+            problems.add(f"{at}.up_to", "must be greater than 0")
+        elif previous is not None and tier.up_to <= previous:
+            problems.add(f"{at}.up_to", f"must be greater than the previous tier's up_to ({previous})")
+        else:
+            previous = tier.up_to
+
+
+# ---------------------------------------------------------------------------------------------
+# Charge models (unrounded rupees)
+
+
+def charge_amount(charge: Charge, quantity: Decimal) -> Decimal:
+    """The exact, unrounded rupee amount of `charge` for a period quantity (>= 0).
+
+    Expects a charge that passed validate_plan; raises ValueError for a malformed charge or a
+    negative / non-finite quantity, decimal.Inexact if exact arithmetic were ever impossible.
+    """
+    if not is_finite_decimal(quantity) or quantity < 0:
+        raise ValueError(f"quantity must be a finite decimal >= 0, got {quantity!r}")
+    with localcontext(EXACT):
+        if charge.model == "per_unit":
+            return quantity * _required(charge.unit_price, "unit_price")
+        if charge.model == "graduated":
+            return _graduated(charge.tiers, quantity)
+        if charge.model == "volume":
+            return _volume(charge.tiers, quantity)
+        if charge.model == "package":
+            return _package(
+                _required(charge.package_size, "package_size"),
+                _required(charge.package_price, "package_price"),
+                quantity,
+            )
+    raise ValueError(f"unknown charge model {charge.model!r}")
+
+
+def _required(value: Decimal | None, name: str) -> Decimal:
+    if value is None:
+        raise ValueError(f"charge has no {name}; validate_plan first")
+    return value
+
+
+def _graduated(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
+    # Continuous: tier i prices the part of `quantity` inside (previous up_to, up_to], so
+    # 100.5 units over a 100-unit first tier puts 0.5 of a unit in the second tier.
+    total = ZERO
+    lower = ZERO
+    for tier in tiers:
+        upper = quantity if tier.up_to is None else min(quantity, tier.up_to)
+        portion = upper - lower
+        if portion > 0:
+            total += portion * tier.unit_price + tier.flat_fee
+        if tier.up_to is None or quantity <= tier.up_to:
+            break
+        lower = tier.up_to
+    return total
+
+
+def _volume(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
+    if quantity == 0:
+        return ZERO  # BILLING.md: q = 0 costs 0, the first tier's flat fee included
+    tier = _tier_containing(tiers, quantity)
+    return quantity * tier.unit_price + tier.flat_fee
+
+
+def _tier_containing(tiers: tuple[Tier, ...], quantity: Decimal) -> Tier:
+    for tier in tiers:
+        if tier.up_to is None or quantity <= tier.up_to:
+            return tier
+    raise ValueError("tiers have no open-ended last tier; validate_plan first")
+
+
+def _package(size: Decimal, package_price: Decimal, quantity: Decimal) -> Decimal:
+    # ceil(q / size) with exact integer division: a started package is a whole package.
+    packages = quantity // size
+    if quantity % size:
+        packages += 1
+    return packages * package_price
+
+
+# ---------------------------------------------------------------------------------------------
+# Invoice pricing
+
+
+def price(
+    plan: PlanVersion,
+    quantities: Mapping[str, Decimal],
+    tax: TaxFacts,
+    late: Sequence[LateUsage] = (),
+) -> Priced:
+    """Price one period: lines (base fee, one per charge, minimum top-up, late usage), subtotal,
+    GST and total, all in paise. Metrics without a charge in `plan` are not billed; a charged
+    metric missing from `quantities` has quantity 0. Raises ValidationFailed for a negative or
+    non-finite quantity, a late plan in another currency, or late usage that went down."""
+    problems = Problems()
+    _check_quantities(plan, quantities, "quantities", problems)
+    for index, item in enumerate(late):
+        _check_late(plan, item, f"late[{index}]", problems)
+    problems.raise_if_any()
+    lines = [*period_lines(plan, quantities)]
+    for index, item in enumerate(late):
+        late_lines = late_usage_lines(item)
+        if sum(line.amount for line in late_lines) < 0:
+            problems.add(
+                f"late[{index}]",
+                f"usage for {item.period} went down after its invoice was finalized; "
+                "that needs a credit note, not an invoice line",
+            )
+        lines.extend(late_lines)
+    problems.raise_if_any()
+    subtotal = sum(line.amount for line in lines)
+    taxes = gst(subtotal, tax)
+    total = subtotal + sum(t.amount for t in taxes)
+    return Priced(plan.currency, tuple(lines), subtotal, taxes, total)
+
+
+def period_lines(plan: PlanVersion, quantities: Mapping[str, Decimal]) -> tuple[Line, ...]:
+    """The period's own lines: base fee (if any), every charge (even at 0), minimum top-up (if any)."""
+    lines: list[Line] = []
+    if plan.base_fee > 0:
+        lines.append(Line(BASE_FEE_DESCRIPTION, None, ONE, to_paise(plan.base_fee)))
+    charge_lines = [_charge_line(charge, quantities) for charge in plan.charges]
+    lines.extend(charge_lines)
+    top_up = minimum_top_up(plan, sum(line.amount for line in charge_lines))
+    if top_up:
+        lines.append(Line(MINIMUM_DESCRIPTION, None, ONE, top_up))
+    return tuple(lines)
+
+
+def minimum_top_up(plan: PlanVersion, charges_paise: int) -> int:
+    """Paise needed to lift the rounded charge lines (base fee excluded) to the plan minimum."""
+    return max(0, to_paise(plan.minimum) - charges_paise)
+
+
+def late_usage_lines(item: LateUsage) -> tuple[Line, ...]:
+    """Lines for usage that reached an already-finalized period: per changed metric, what the
+    corrected quantity costs beyond what was billed; plus the change in that period's minimum
+    top-up, so late usage the minimum already paid for is not billed twice."""
+    label = f"late usage for {item.period}"
+    lines: list[Line] = []
+    billed_total = corrected_total = 0
+    for charge in item.plan.charges:
+        billed = item.billed.get(charge.metric, ZERO)
+        corrected = item.corrected.get(charge.metric, ZERO)
+        billed_paise = to_paise(charge_amount(charge, billed))
+        corrected_paise = to_paise(charge_amount(charge, corrected))
+        billed_total += billed_paise
+        corrected_total += corrected_paise
+        if corrected != billed:
+            quantity = EXACT.subtract(corrected, billed)
+            lines.append(Line(label, charge.metric, quantity, corrected_paise - billed_paise))
+    adjustment = minimum_top_up(item.plan, corrected_total) - minimum_top_up(item.plan, billed_total)
+    if adjustment:
+        lines.append(Line(f"{label}: {MINIMUM_DESCRIPTION} adjustment", None, ONE, adjustment))
+    return tuple(lines)
+
+
+def _charge_line(charge: Charge, quantities: Mapping[str, Decimal]) -> Line:
+    quantity = quantities.get(charge.metric, ZERO)
+    return Line(charge.metric, charge.metric, quantity, to_paise(charge_amount(charge, quantity)))
+
+
+def _check_quantities(
+    plan: PlanVersion, quantities: Mapping[str, Decimal], where: str, problems: Problems
+) -> None:
+    for charge in plan.charges:
+        quantity = quantities.get(charge.metric, ZERO)
+        if not is_finite_decimal(quantity):
+            problems.add(f"{where}.{charge.metric}", "must be a decimal number")
+        elif quantity < 0:
+            problems.add(f"{where}.{charge.metric}", "a period quantity cannot be negative")
+
+
+def _check_late(plan: PlanVersion, item: LateUsage, where: str, problems: Problems) -> None:
+    if item.plan.currency != plan.currency:
+        problems.add(f"{where}.plan", f"priced in {item.plan.currency}, this invoice is in {plan.currency}")
+    _check_quantities(item.plan, item.billed, f"{where}.billed", problems)
+    _check_quantities(item.plan, item.corrected, f"{where}.corrected", problems)
