@@ -13,7 +13,7 @@ from litestar.params import FromPath, JSONBody
 from psycopg_pool import ConnectionPool
 
 from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from api.ids import LEDGER_POSITION_HEADER, parse_id, settle, wait_caught_up
 from domain.errors import NotFound
 from projections import catalogue, usage_totals
 
@@ -103,6 +103,7 @@ class MeterController(Controller):
             deps.catalogue.define_meter, data.code, data.name, data.aggregation, data.field,
             data.group_by, data.allow_negative, _has_usage(deps.read_pool),
         )
+        await settle(deps, catalogue.READ_MODEL.name, written.position)
         m = written.aggregate
         out = MeterOut(m.code, m.name, m.aggregation, m.field, list(m.group_by), m.allow_negative)
         return Response(out, status_code=201 if created else 200,
@@ -158,6 +159,7 @@ class ProjectController(Controller):
         deps: ApiDeps = request.app.state.deps
         written, full = await anyio.to_thread.run_sync(
             deps.catalogue.issue_key, parse_id(project_id, "project"), data.name, data.expires_at)
+        await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)
         return Response(out, status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})

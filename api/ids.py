@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from uuid import UUID
 
@@ -9,7 +10,7 @@ import anyio
 from litestar import Request
 
 from api.deps import ApiDeps
-from domain.errors import FieldError, ValidationFailed
+from domain.errors import FieldError, Unavailable, ValidationFailed
 
 LEDGER_POSITION_HEADER = "X-Ledger-Position"
 POSITION_MAX_DIGITS = 19
@@ -36,3 +37,12 @@ async def wait_caught_up(deps: ApiDeps, request: Request[Any, Any, Any], project
     position = min_position(request)
     await anyio.to_thread.run_sync(deps.gate.wait_until_current, projection, position,
                                    deps.read_wait_s)
+
+
+async def settle(deps: ApiDeps, projection: str, position: int) -> None:
+    """Give a write that clients use at once (a key, a meter) the chance to reach its read
+    model before answering. The write is committed either way: on timeout we answer anyway."""
+    if not position:
+        return
+    with contextlib.suppress(Unavailable):
+        await anyio.to_thread.run_sync(deps.gate.wait_for, projection, position, deps.read_wait_s)

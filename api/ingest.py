@@ -14,7 +14,7 @@ from litestar import Request, Response, post
 from api.auth import bearer_token
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER
-from api.problems import Unauthenticated, field_error
+from api.problems import BadRequest, Unauthenticated, field_error
 from domain.api_key import secret_hash, split_key
 from domain.errors import FieldError, Problems, ValidationFailed
 from domain.ports import KeyRecord
@@ -86,10 +86,14 @@ def decode_events(items: list[msgspec.Raw], problems: Problems) -> list[Decoded]
     for index, raw in enumerate(items):
         try:
             event = _event.decode(raw)
-            raw_props = bytes(event.properties)
-            props = None if raw_props in (b"null", b"") else _properties.decode(raw_props)
         except msgspec.ValidationError as e:
             problems.errors.append(field_error(str(e), index))
+            continue
+        raw_props = bytes(event.properties)
+        try:
+            props = None if raw_props in (b"null", b"") else _properties.decode(raw_props)
+        except msgspec.ValidationError:
+            problems.add("properties", "must be an object of string, number or boolean values", index)
             continue
         if props is not None and not isinstance(props, dict):
             problems.add("properties", "must be an object", index)
@@ -105,15 +109,11 @@ async def ingest(request: Request[Any, Any, Any]) -> Response[bytes]:
     deps: ApiDeps = request.app.state.deps
     key = await authenticate_key(request, deps)
     body = await request.body()
-    try:
-        items = split_body(body)
-    except msgspec.DecodeError:
-        raise ValidationFailed([FieldError("body", "is not valid JSON")]) from None
     problems = Problems()
     try:
-        decoded = decode_events(items, problems)
+        decoded = decode_events(split_body(body), problems)
     except msgspec.DecodeError:
-        raise ValidationFailed([FieldError("body", "is not valid JSON")]) from None
+        raise BadRequest("the body is not valid JSON") from None
     rules = await deps.meters.rules({e.metric for _, e, _, _ in decoded})
     now = deps.clock()
     facts: list[UsageFact] = []

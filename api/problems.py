@@ -38,6 +38,10 @@ class Forbidden(Exception):
     """Authenticated, but not allowed (403)."""
 
 
+class BadRequest(Exception):
+    """The body is not JSON at all (400)."""
+
+
 def problem(
     status: int,
     detail: str,
@@ -105,6 +109,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         return problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, Forbidden):
         return problem(403, str(exc))
+    if isinstance(exc, BadRequest):
+        return problem(400, str(exc))
     if isinstance(exc, ValidationException):
         detail = str(exc.detail)
         if "malformed" in detail.lower() or "decode" in detail.lower():

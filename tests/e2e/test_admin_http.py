@@ -2,56 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from psycopg import sql
 
-from infra.embedded import free_port
-from infra.wiring import Runtime
-from tests.conftest import TEST_ADMIN_TOKEN, http_status, make_settings, running, wait_until
+from tests.e2e.conftest import AUTH, Api
 
 pytestmark = pytest.mark.anyio
-AUTH = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 ORGS = "/admin/v1/organisations"
-
-
-@dataclasses.dataclass
-class Api:
-    http: httpx.AsyncClient
-    rt: Runtime
-
-    def org_count(self) -> int:
-        with self.rt.pool.connection() as conn:
-            row = conn.execute("SELECT count(*) FROM organisations").fetchone()
-            assert row is not None
-            return int(row[0])
-
-
-@pytest.fixture(scope="module")
-async def api(
-    tmp_path_factory: pytest.TempPathFactory, server_urls: tuple[str, str]
-) -> AsyncIterator[Api]:
-    settings = make_settings(Path(tmp_path_factory.mktemp("api")), port=free_port())
-    rt = Runtime.open(settings, *server_urls)
-    base = f"http://127.0.0.1:{settings.port}"
-    try:
-        async with running(rt, {"api", "relay", "project"}), httpx.AsyncClient(
-            base_url=base, timeout=10
-        ) as http:
-            await wait_until(lambda: http_status(f"{base}/health/ready") == 200, "up")
-            yield Api(http, rt)
-    finally:
-        rt.pool.close()
-        rt.ledger.close()
-        with psycopg.connect(server_urls[0], autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(settings.pg_schema)))
 
 
 def _problem(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -99,7 +59,7 @@ async def test_list_pages_with_an_opaque_cursor(api: Api) -> None:
         cursor = page["next_cursor"]
         if cursor is None:
             break
-    assert len(seen) == len(set(seen)) == api.org_count()
+    assert len(seen) == len(set(seen)) == api.count("organisations")
 
 
 async def test_request_id_is_echoed_or_minted(api: Api) -> None:

@@ -1,0 +1,50 @@
+"""A running service (API + relay + projectors, in this event loop) shared by a test module."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql
+
+from infra.embedded import free_port
+from infra.wiring import Runtime
+from tests.conftest import TEST_ADMIN_TOKEN, http_status, make_settings, running, wait_until
+
+AUTH = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+
+
+@dataclasses.dataclass
+class Api:
+    http: httpx.AsyncClient
+    rt: Runtime
+
+    def count(self, table: str) -> int:
+        with self.rt.pool.connection() as conn:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
+            assert row is not None
+            return int(row[0])
+
+
+@pytest.fixture(scope="module")
+async def api(
+    tmp_path_factory: pytest.TempPathFactory, server_urls: tuple[str, str]
+) -> AsyncIterator[Api]:
+    settings = make_settings(Path(tmp_path_factory.mktemp("api")), port=free_port())
+    rt = Runtime.open(settings, *server_urls)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        async with running(rt, {"api", "relay", "project"}), httpx.AsyncClient(
+            base_url=base, timeout=10
+        ) as http:
+            await wait_until(lambda: http_status(f"{base}/health/ready") == 200, "up")
+            yield Api(http, rt)
+    finally:
+        rt.pool.close()
+        rt.ledger.close()
+        with psycopg.connect(server_urls[0], autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(settings.pg_schema)))
