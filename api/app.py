@@ -14,6 +14,7 @@ from api.deps import ApiDeps
 from api.ingest import ingest
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController
+from api.plans import PlanController, SubscriptionController
 from api.usage import organisation_usage, own_usage
 
 MAX_BODY_BYTES = 1024 * 1024  # API.md: 413 over 1 MiB
@@ -26,7 +27,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
     admin = Router(
         path="/",
         route_handlers=[OrganisationController, MeterController, ProjectController,
-                        organisation_usage],
+                        organisation_usage, PlanController, SubscriptionController],
         guards=[admin_guard],
     )
     app = Litestar(

@@ -8,6 +8,7 @@ from datetime import datetime
 
 from psycopg_pool import ConnectionPool
 
+from domain.plans_service import PlansService
 from domain.ports import KeyLookup, MeterLookup, ProjectionGate, UsageRecorder
 from domain.services import CatalogueService, OrganisationService
 
@@ -29,6 +30,7 @@ class OpsSnapshot:
 class ApiDeps:
     organisations: OrganisationService
     catalogue: CatalogueService
+    plans: PlansService
     usage: UsageRecorder
     keys: KeyLookup
     meters: MeterLookup

@@ -28,10 +28,11 @@ from adapters.pg import open_pool
 from adapters.usage_writer import UsageWriter
 from api.deps import ApiDeps, OpsSnapshot
 from domain.api_key import PREFIX_CHARS
+from domain.plans_service import PlansService
 from domain.services import CatalogueService, OrganisationService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
-from projections import catalogue, organisations, usage_totals
+from projections import catalogue, organisations, plans, usage_totals
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
@@ -40,6 +41,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     organisations.READ_MODEL,
     catalogue.READ_MODEL,
     usage_totals.READ_MODEL,
+    plans.READ_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
@@ -164,6 +166,7 @@ class Runtime:
         return ApiDeps(
             organisations=OrganisationService(self.ledger, clock, uuid4),
             catalogue=CatalogueService(self.ledger, clock, uuid4, new_key_secret),
+            plans=PlansService(self.ledger, clock),
             usage=self.writer,
             keys=self.key_cache,
             meters=self.meter_cache,

@@ -136,3 +136,41 @@ def http_status(url: str) -> int:
         return httpx.get(url, timeout=3).status_code
     except httpx.HTTPError:
         return 0
+
+
+@contextlib.contextmanager
+def background_roles(rt: Runtime, roles: set[str]) -> Iterator[None]:
+    """Run process roles on an event loop in another thread (for sync tests, e.g. hypothesis)."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    ready = threading.Event()
+
+    async def main() -> None:
+        ready.set()
+        await run_roles(rt, roles, stop, signals=False)
+        if rt.nc is not None:
+            await rt.nc.close()
+            rt.nc = None
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+
+
+def wait_sync(condition: Callable[[], Any], what: str, deadline_s: float = WAIT_DEADLINE_S) -> Any:
+    end = time.monotonic() + deadline_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
+        time.sleep(POLL_S)

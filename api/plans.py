@@ -1,0 +1,276 @@
+"""Admin routes for plans (versioned price lists) and organisations' subscriptions.
+
+Plan prices travel as decimal strings both ways (API.md: "unit prices in plans are decimal
+strings"); they are parsed to Decimal here, in code, so a bad one is a 422 naming its field
+(msgspec.Meta constraints on Decimal fail at request time, see TECH-NOTES). The rules a plan
+must obey are the domain's (domain.plan / domain.pricing.validate_plan).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from uuid import UUID
+
+import anyio
+import msgspec
+from litestar import Controller, Request, Response, get, post, put
+from litestar.params import FromPath, JSONBody
+
+from api.deps import ApiDeps
+from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from domain.errors import NotFound, Problems
+from domain.plan import ChargeSpec, StoredVersion, TierSpec
+from domain.subscription import Subscription, SubscriptionEntry, plan_at
+from projections import catalogue
+from projections import plans as view
+
+DECIMAL_MAX_CHARS = 40  # digits, sign and point of one price or bound
+_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+ZERO_TEXT = "0"
+
+
+# ---- request bodies ---------------------------------------------------------------------------
+
+class TierIn(msgspec.Struct, forbid_unknown_fields=True):
+    unit_price: str
+    up_to: str | None = None  # null (or absent) only on the last, open-ended tier
+    flat_fee: str | None = None
+
+
+class ChargeIn(msgspec.Struct, forbid_unknown_fields=True):
+    metric: str
+    model: str  # per_unit | graduated | volume | package (checked by the domain, with the rest)
+    unit_price: str | None = None
+    tiers: list[TierIn] | None = None
+    package_size: str | None = None
+    package_price: str | None = None
+
+
+class PublishPlan(msgspec.Struct, forbid_unknown_fields=True):
+    code: str
+    name: str
+    currency: str = "INR"
+    base_fee: str = ZERO_TEXT
+    minimum: str = ZERO_TEXT
+    charges: list[ChargeIn] = []
+
+
+class PutSubscription(msgspec.Struct, forbid_unknown_fields=True):
+    plan_code: str
+    starts_at: datetime | None = None  # first subscription: default now; a change: next period
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+class TierOut(msgspec.Struct):
+    up_to: str | None
+    unit_price: str
+    flat_fee: str
+
+
+class ChargeOut(msgspec.Struct, omit_defaults=True):
+    """Only the fields of the charge's model appear, as in the request."""
+
+    metric: str
+    model: str
+    unit_price: str | None = None
+    tiers: list[TierOut] | None = None
+    package_size: str | None = None
+    package_price: str | None = None
+
+
+class PlanVersionOut(msgspec.Struct):
+    code: str
+    version: int
+    name: str
+    currency: str
+    base_fee: str
+    minimum: str
+    charges: list[ChargeOut]
+    published_at: datetime
+
+
+class PlanOut(msgspec.Struct):
+    """The latest version's fields, plus every version (oldest first)."""
+
+    code: str
+    version: int
+    name: str
+    currency: str
+    base_fee: str
+    minimum: str
+    charges: list[ChargeOut]
+    published_at: datetime
+    versions: list[PlanVersionOut]
+
+
+class ScheduleEntryOut(msgspec.Struct):
+    plan_code: str
+    effective_from: datetime
+
+
+class SubscriptionOut(msgspec.Struct):
+    organisation_id: UUID
+    plan_code: str | None  # PUT: the plan asked for; GET: the plan in force now (null: not started)
+    effective_from: datetime | None  # when that plan applies from
+    history: list[ScheduleEntryOut]  # every step, in the order they were recorded
+
+
+# ---- parsing and formatting -------------------------------------------------------------------
+
+def parse_decimal(raw: str, where: str, problems: Problems) -> Decimal:
+    """A plain decimal string ("12", "0.0035", "-1") to an exact Decimal; a problem otherwise."""
+    if len(raw) > DECIMAL_MAX_CHARS or not _DECIMAL.match(raw):
+        problems.add(where, "must be a decimal string such as \"12.50\" or \"0.0035\"")
+        return Decimal(0)
+    try:
+        return Decimal(raw)
+    except InvalidOperation:  # pragma: no cover - the pattern admits only valid decimals
+        problems.add(where, "must be a decimal string")
+        return Decimal(0)
+
+
+def _optional(raw: str | None, where: str, problems: Problems) -> Decimal | None:
+    return None if raw is None else parse_decimal(raw, where, problems)
+
+
+def parse_charges(charges: list[ChargeIn], problems: Problems) -> tuple[ChargeSpec, ...]:
+    specs = []
+    for i, c in enumerate(charges):
+        at = f"charges[{i}]"
+        tiers = tuple(
+            TierSpec(
+                up_to=_optional(t.up_to, f"{at}.tiers[{j}].up_to", problems),
+                unit_price=parse_decimal(t.unit_price, f"{at}.tiers[{j}].unit_price", problems),
+                flat_fee=parse_decimal(ZERO_TEXT if t.flat_fee is None else t.flat_fee,
+                                       f"{at}.tiers[{j}].flat_fee", problems),
+            )
+            for j, t in enumerate(c.tiers or [])
+        )
+        specs.append(ChargeSpec(
+            metric=c.metric, model=c.model,
+            unit_price=_optional(c.unit_price, f"{at}.unit_price", problems),
+            tiers=tiers,
+            package_size=_optional(c.package_size, f"{at}.package_size", problems),
+            package_price=_optional(c.package_price, f"{at}.package_price", problems),
+        ))
+    return tuple(specs)
+
+
+def _text(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def charge_out(spec: ChargeSpec) -> ChargeOut:
+    tiers = [TierOut(_text(t.up_to), str(t.unit_price), str(t.flat_fee)) for t in spec.tiers]
+    return ChargeOut(spec.metric, spec.model, _text(spec.unit_price), tiers or None,
+                     _text(spec.package_size), _text(spec.package_price))
+
+
+def version_out(v: StoredVersion) -> PlanVersionOut:
+    return PlanVersionOut(v.code, v.version, v.name, v.currency, str(v.base_fee), str(v.minimum),
+                          [charge_out(c) for c in v.charges], v.published_at)
+
+
+def plan_out(versions: list[StoredVersion]) -> PlanOut:
+    latest = version_out(versions[-1])
+    return PlanOut(**msgspec.structs.asdict(latest), versions=[version_out(v) for v in versions])
+
+
+def _schedule(history: list[SubscriptionEntry]) -> list[ScheduleEntryOut]:
+    return [ScheduleEntryOut(e.plan_code, e.effective_from) for e in history]
+
+
+def subscription_answer(sub: Subscription, plan_code: str) -> SubscriptionOut:
+    """The PUT answer: the schedule step that puts `plan_code` in force (the newest one)."""
+    step = next((e for e in reversed(sub.history) if e.plan_code == plan_code), None)
+    return SubscriptionOut(sub.organisation_id, plan_code, step.effective_from if step else None,
+                           _schedule(sub.history))
+
+
+# ---- routes -----------------------------------------------------------------------------------
+
+class PlanController(Controller):
+    path = "/admin/v1/plans"
+    tags = ["plans"]
+
+    @post("/", status_code=201,
+          summary="Publish a plan: version 1 of a new code, or the next version of an existing one")
+    async def publish(self, data: JSONBody[PublishPlan],
+                      request: Request[Any, Any, Any]) -> Response[PlanVersionOut]:
+        deps: ApiDeps = request.app.state.deps
+        problems = Problems()
+        base_fee = parse_decimal(data.base_fee, "base_fee", problems)
+        minimum = parse_decimal(data.minimum, "minimum", problems)
+        charges = parse_charges(data.charges, problems)
+        problems.raise_if_any()
+        # A meter defined just before this request must count as known.
+        await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
+
+        def known_meters() -> frozenset[str]:
+            with deps.read_pool.connection() as conn:
+                return frozenset(str(m["code"]) for m in catalogue.meters(conn))
+
+        meters = await anyio.to_thread.run_sync(known_meters)
+        written = await anyio.to_thread.run_sync(
+            deps.plans.publish, data.code, data.name, data.currency, base_fee, minimum, charges, meters,
+        )
+        plan = written.aggregate
+        return Response(
+            version_out(plan.latest), status_code=201,
+            headers={LEDGER_POSITION_HEADER: str(written.position),
+                     "Location": f"{self.path}/{plan.code}"},
+        )
+
+    @get("/{code:str}", summary="Read a plan: its latest version and every version")
+    async def read(self, code: FromPath[str], request: Request[Any, Any, Any]) -> PlanOut:
+        deps: ApiDeps = request.app.state.deps
+        await wait_caught_up(deps, request, view.NAME)
+
+        def fetch() -> list[dict[str, Any]]:
+            with deps.read_pool.connection() as conn:
+                return view.plan_versions(conn, code)
+
+        rows = await anyio.to_thread.run_sync(fetch)
+        if not rows:
+            raise NotFound("plan", code)
+        return plan_out([view.stored_version(r) for r in rows])
+
+
+class SubscriptionController(Controller):
+    path = "/admin/v1"
+    tags = ["subscriptions"]
+
+    @put("/organisations/{org_id:str}/subscription",
+         summary="Assign a plan: starts a subscription (201) or changes plan from the next period (200)")
+    async def assign(self, org_id: FromPath[str], data: JSONBody[PutSubscription],
+                     request: Request[Any, Any, Any]) -> Response[SubscriptionOut]:
+        deps: ApiDeps = request.app.state.deps
+        ident = parse_id(org_id, "organisation")
+        written = await anyio.to_thread.run_sync(deps.plans.subscribe, ident, data.plan_code,
+                                                 data.starts_at)
+        sub = written.aggregate
+        started = written.position > 0 and len(sub.history) == 1
+        return Response(subscription_answer(sub, data.plan_code), status_code=201 if started else 200,
+                        headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+    @get("/organisations/{org_id:str}/subscription",
+         summary="Read an organisation's subscription: the plan in force now and every step")
+    async def read(self, org_id: FromPath[str], request: Request[Any, Any, Any]) -> SubscriptionOut:
+        deps: ApiDeps = request.app.state.deps
+        ident = parse_id(org_id, "organisation")
+        await wait_caught_up(deps, request, view.NAME)
+
+        def fetch() -> list[dict[str, Any]]:
+            with deps.read_pool.connection() as conn:
+                return view.subscription_history(conn, ident)
+
+        history = view.history_entries(await anyio.to_thread.run_sync(fetch))
+        if not history:
+            raise NotFound("subscription of organisation", ident)
+        now = plan_at(history, deps.clock())
+        return SubscriptionOut(ident, now.plan_code if now else None,
+                               now.effective_from if now else None, _schedule(history))

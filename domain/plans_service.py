@@ -1,0 +1,93 @@
+"""Application service for plans and subscriptions: get -> decide -> save, clock passed in.
+
+Two writers racing on the same plan code (or organisation) collide on the aggregate's next
+version in the ledger; the loser decides again from the fresh state, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from datetime import datetime
+from decimal import Decimal
+from typing import TypeVar
+from uuid import UUID
+
+from domain.errors import Conflict, FieldError, NotFound, ValidationFailed
+from domain.organisation import Organisation
+from domain.plan import ChargeSpec, Plan, plan_id
+from domain.ports import Ledger
+from domain.services import Clock, Written
+from domain.subscription import Subscription, subscription_id
+
+SAVE_ATTEMPTS = 3  # decide again after losing a race on the same aggregate, at most this often
+
+T = TypeVar("T")
+
+
+def _with_retries(attempt: Callable[[], T]) -> T:
+    for _ in range(SAVE_ATTEMPTS - 1):
+        try:
+            return attempt()
+        except Conflict:
+            continue
+    return attempt()
+
+
+class PlansService:
+    """Publishes plan versions and assigns plans to organisations."""
+
+    def __init__(self, ledger: Ledger, clock: Clock) -> None:
+        self._ledger = ledger
+        self._clock = clock
+
+    def publish(
+        self, code: str, name: str, currency: str, base_fee: Decimal, minimum: Decimal,
+        charges: Sequence[ChargeSpec], known_meters: AbstractSet[str],
+    ) -> Written[Plan]:
+        """Publish version 1 of a new plan, or the next version of an existing one.
+        `known_meters` are the defined meter codes a charge may refer to."""
+
+        def attempt() -> Written[Plan]:
+            now = self._clock()
+            try:
+                plan = self._ledger.get(plan_id(code), Plan)
+            except NotFound:
+                plan = Plan.publish(code, name, currency, base_fee, minimum, charges, known_meters, now)
+            else:
+                plan.publish_version(name, currency, base_fee, minimum, charges, known_meters, now)
+            return Written(plan, self._ledger.save(plan))
+
+        return _with_retries(attempt)
+
+    def plan(self, code: str) -> Plan:
+        """The plan with every version, from the ledger; NotFound for an unknown code."""
+        try:
+            return self._ledger.get(plan_id(code), Plan)
+        except NotFound:
+            raise NotFound("plan", code) from None
+
+    def subscribe(
+        self, organisation_id: UUID, plan_code: str, starts_at: datetime | None = None
+    ) -> Written[Subscription]:
+        """Start the organisation's subscription (from `starts_at`, default now), or change its
+        plan from the next period. Position 0 when the schedule already says so."""
+
+        def attempt() -> Written[Subscription]:
+            now = self._clock()
+            org = self._ledger.get(organisation_id, Organisation)  # NotFound: unknown organisation
+            plan = self.plan(plan_code)
+            if plan.latest.currency != org.currency:
+                raise ValidationFailed([FieldError(
+                    "plan_code", f"plan {plan_code!r} is priced in {plan.latest.currency}; the "
+                                 f"organisation is billed in {org.currency}")])
+            try:
+                sub = self._ledger.get(subscription_id(organisation_id), Subscription)
+            except NotFound:
+                sub = Subscription.start(organisation_id, plan_code, starts_at or now, now)
+                return Written(sub, self._ledger.save(sub))
+            if not sub.change_plan(plan_code, org.timezone, now, starts_at):
+                return Written(sub, 0)
+            return Written(sub, self._ledger.save(sub))
+
+        return _with_retries(attempt)

@@ -1,0 +1,63 @@
+"""Plans and subscriptions over real HTTP: versions, exact decimal prices, bad input."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.e2e.conftest import AUTH, Api
+
+pytestmark = pytest.mark.anyio
+
+
+async def _meter(api: Api) -> None:
+    r = await api.http.post("/admin/v1/meters", headers=AUTH,
+                            json={"code": "req", "name": "Requests", "aggregation": "count"})
+    assert r.status_code in (200, 201)
+
+
+async def test_publishing_twice_makes_versions_and_prices_stay_exact(api: Api) -> None:
+    await _meter(api)
+    plan = {"code": "growth", "name": "Growth", "base_fee": "999.00", "minimum": "0",
+            "charges": [{"metric": "req", "model": "graduated", "tiers": [
+                {"up_to": "1000", "unit_price": "0"},
+                {"up_to": None, "unit_price": "0.0035", "flat_fee": "10"}]}]}
+    first = await api.http.post("/admin/v1/plans", headers=AUTH, json=plan)
+    assert first.status_code == 201, first.text
+    second = await api.http.post("/admin/v1/plans", headers=AUTH, json=plan | {"base_fee": "1099"})
+    assert second.status_code == 201
+    got = (await api.http.get("/admin/v1/plans/growth", headers=AUTH)).json()
+    assert got["version"] == 2 and len(got["versions"]) == 2
+    assert "0.0035" in str(got)
+
+    org = (await api.http.post("/admin/v1/organisations", headers=AUTH,
+                               json={"name": "sub", "billing_email": "a@b.in"})).json()["id"]
+    r = await api.http.put(f"/admin/v1/organisations/{org}/subscription", headers=AUTH,
+                           json={"plan_code": "growth"})
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("body", [
+    {"code": "bad", "name": "B", "base_fee": "-1", "minimum": "0", "charges": []},
+    {"code": "bad", "name": "B", "base_fee": "abc", "minimum": "0", "charges": []},
+    {"code": "bad", "name": "B", "charges": [{"metric": "unknown-meter", "model": "per_unit",
+                                              "unit_price": "1"}]},
+    {"code": "bad", "name": "B", "charges": [{"metric": "req", "model": "graduated", "tiers": [
+        {"up_to": "10", "unit_price": "1"}, {"up_to": "5", "unit_price": "1"}]}]},
+    {"code": "bad", "name": "B", "surprise": 1},
+])
+async def test_bad_plans_are_refused_and_record_nothing(api: Api, body: dict[str, object]) -> None:
+    await _meter(api)
+    head = api.rt.ledger.head()
+    r = await api.http.post("/admin/v1/plans", headers=AUTH, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"]
+    assert api.rt.ledger.head() == head
+
+
+async def test_subscribing_to_unknowns_is_404(api: Api) -> None:
+    r = await api.http.put(f"/admin/v1/organisations/{uuid.uuid4()}/subscription", headers=AUTH,
+                           json={"plan_code": "growth"})
+    assert r.status_code == 404
+    assert (await api.http.get("/admin/v1/plans/nope", headers=AUTH)).status_code == 404
