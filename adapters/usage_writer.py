@@ -74,7 +74,13 @@ def encode_usage(key: KeyRecord, fact: UsageFact, received_at: datetime) -> tupl
 class UsageWriter:
     """Implements domain.ports.UsageRecorder."""
 
-    def __init__(self, database_url: str, schema: str, events_table: str, channel: str) -> None:
+    def __init__(
+        self, database_url: str, schema: str, events_table: str, channel: str,
+        *, queue_max_events: int = QUEUE_MAX_EVENTS, batch_max_events: int = BATCH_MAX_EVENTS,
+    ) -> None:
+        assert 0 < batch_max_events <= queue_max_events
+        self._queue_max = queue_max_events
+        self._batch_max = batch_max_events
         self._url = database_url
         self._schema = schema
         self._table = sql.Identifier(schema, events_table)
@@ -113,7 +119,7 @@ class UsageWriter:
                 raise Unavailable("shutting down", RETRY_AFTER_S)
             if time.monotonic() < self._unhealthy_until:
                 raise Unavailable("the ledger cannot commit right now", RETRY_AFTER_S)
-            if self._queued_events + len(rows) > QUEUE_MAX_EVENTS:
+            if self._queued_events + len(rows) > self._queue_max:
                 raise Unavailable("ingestion is at capacity; retry shortly", RETRY_AFTER_S)
             self._queue.append(_Request(rows, future, time.monotonic() + REQUEST_DEADLINE_S))
             self._queued_events += len(rows)
@@ -128,12 +134,12 @@ class UsageWriter:
                 self._cond.wait()
             if not self._queue:
                 return []
-            if self._queued_events < BATCH_MAX_EVENTS:
+            if self._queued_events < self._batch_max:
                 # Wait briefly for company: more requests per transaction, same latency bound.
                 self._cond.wait(GROUP_WAIT_S)
             taken: list[_Request] = []
             count = 0
-            while self._queue and (not taken or count + len(self._queue[0].rows) <= BATCH_MAX_EVENTS):
+            while self._queue and (not taken or count + len(self._queue[0].rows) <= self._batch_max):
                 request = self._queue.popleft()
                 taken.append(request)
                 count += len(request.rows)
