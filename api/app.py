@@ -12,6 +12,7 @@ from api.auth import admin_guard
 from api.catalogue import MeterController, ProjectController
 from api.deps import ApiDeps
 from api.ingest import ingest
+from api.invoices import InvoiceController
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController
 from api.plans import PlanController, SubscriptionController
@@ -27,7 +28,8 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
     admin = Router(
         path="/",
         route_handlers=[OrganisationController, MeterController, ProjectController,
-                        organisation_usage, PlanController, SubscriptionController],
+                        organisation_usage, PlanController, SubscriptionController,
+                        InvoiceController],
         guards=[admin_guard],
     )
     app = Litestar(

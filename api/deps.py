@@ -8,6 +8,7 @@ from datetime import datetime
 
 from psycopg_pool import ConnectionPool
 
+from domain.invoicing import InvoicingService
 from domain.plans_service import PlansService
 from domain.ports import KeyLookup, MeterLookup, ProjectionGate, UsageRecorder
 from domain.services import CatalogueService, OrganisationService
@@ -31,6 +32,7 @@ class ApiDeps:
     organisations: OrganisationService
     catalogue: CatalogueService
     plans: PlansService
+    invoicing: InvoicingService
     usage: UsageRecorder
     keys: KeyLookup
     meters: MeterLookup

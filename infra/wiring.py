@@ -7,7 +7,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,11 +30,12 @@ from adapters.pg import open_pool
 from adapters.usage_writer import UsageWriter
 from api.deps import ApiDeps, OpsSnapshot
 from domain.api_key import PREFIX_CHARS
+from domain.invoicing import InvoicingService
 from domain.plans_service import PlansService
 from domain.services import CatalogueService, OrganisationService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
-from projections import catalogue, organisations, plans, usage_totals
+from projections import catalogue, invoices, organisations, plans, usage_totals
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
@@ -42,6 +45,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     catalogue.READ_MODEL,
     usage_totals.READ_MODEL,
     plans.READ_MODEL,
+    invoices.READ_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
@@ -167,6 +171,7 @@ class Runtime:
             organisations=OrganisationService(self.ledger, clock, uuid4),
             catalogue=CatalogueService(self.ledger, clock, uuid4, new_key_secret),
             plans=PlansService(self.ledger, clock),
+            invoicing=InvoicingService(self.ledger, clock, pause=_jittered_pause),
             usage=self.writer,
             keys=self.key_cache,
             meters=self.meter_cache,
@@ -177,6 +182,11 @@ class Runtime:
             readiness={"postgres": postgres_ok, "nats": nats_ok},
             ops_snapshot=self.ops_snapshot,
         )
+
+
+def _jittered_pause(attempt: int) -> None:
+    """Between numbering retries: a short random wait so racing finalizations spread out."""
+    time.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 5)))
 
 
 def new_key_secret() -> tuple[str, str]:

@@ -1,0 +1,185 @@
+"""Admin routes for invoices: list, read, finalize, void (API.md, "Invoice" shape).
+
+Every amount is an integer in paise next to `currency`; quantities and tax rates are decimal
+strings; `number` is null until the invoice is finalized. Reads come from the invoices read
+model (after waiting for it to include earlier writes); finalize and void answer from the
+invoice as saved in the ledger. The invoice run (drafting a period) is a separate endpoint.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import anyio
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.params import FromPath, JSONBody
+
+from api.deps import ApiDeps
+from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from api.pagination import decode_cursor, encode_cursor, parse_limit
+from domain.errors import FieldError, NotFound, ValidationFailed
+from domain.invoice import STATUSES, Invoice
+from domain.subscription import parse_period
+from projections import invoices as view
+
+
+class VoidInvoice(msgspec.Struct, forbid_unknown_fields=True):
+    reason: str | None = None  # at most 500 characters (domain.invoice.VOID_REASON_MAX_CHARS)
+
+
+class LineOut(msgspec.Struct):
+    description: str
+    metric: str | None
+    quantity: str  # decimal string
+    amount: int  # paise
+
+
+class TaxOut(msgspec.Struct):
+    name: str  # CGST | SGST | IGST
+    rate: str  # decimal string, a fraction: "0.09" is 9 %
+    amount: int  # paise
+
+
+class InvoiceOut(msgspec.Struct):
+    id: UUID
+    organisation_id: UUID
+    period: str
+    status: str  # draft | finalized | paid | void
+    number: str | None  # null until finalized
+    currency: str
+    lines: list[LineOut]
+    subtotal: int
+    taxes: list[TaxOut]
+    total: int
+    amount_due: int
+    plan_code: str
+    plan_version: int
+    created_at: datetime
+    finalized_at: datetime | None
+    voided_at: datetime | None
+    void_reason: str | None
+
+
+class InvoicePage(msgspec.Struct):
+    items: list[InvoiceOut]
+    next_cursor: str | None
+
+
+def _utc(at: datetime | None) -> datetime | None:
+    return None if at is None else at.astimezone(UTC)
+
+
+def from_row(row: dict[str, Any]) -> InvoiceOut:
+    """A read-model row (lines/taxes JSON with decimal strings) as the API shape."""
+    return InvoiceOut(
+        id=row["id"], organisation_id=row["organisation_id"], period=row["period"],
+        status=row["status"], number=row["number"], currency=row["currency"],
+        lines=[LineOut(x["description"], x["metric"], str(x["quantity"]), int(x["amount"]))
+               for x in row["lines"]],
+        subtotal=int(row["subtotal"]),
+        taxes=[TaxOut(t["name"], str(t["rate"]), int(t["amount"])) for t in row["taxes"]],
+        total=int(row["total"]), amount_due=int(row["amount_due"]), plan_code=row["plan_code"],
+        plan_version=int(row["plan_version"]), created_at=row["created_at"].astimezone(UTC),
+        finalized_at=_utc(row["finalized_at"]), voided_at=_utc(row["voided_at"]),
+        void_reason=row["void_reason"],
+    )
+
+
+def from_invoice(inv: Invoice) -> InvoiceOut:
+    """The invoice aggregate as the API shape (what finalize and void answer)."""
+    return InvoiceOut(
+        id=inv.id, organisation_id=inv.organisation_id, period=inv.period, status=inv.status,
+        number=inv.number, currency=inv.currency,
+        lines=[LineOut(x.description, x.metric, str(x.quantity), x.amount) for x in inv.lines],
+        subtotal=inv.subtotal,
+        taxes=[TaxOut(t.name, str(t.rate), t.amount) for t in inv.taxes],
+        total=inv.total, amount_due=inv.amount_due, plan_code=inv.plan_code,
+        plan_version=inv.plan_version, created_at=inv.created_on.astimezone(UTC),
+        finalized_at=_utc(inv.finalized_at), voided_at=_utc(inv.voided_at),
+        void_reason=inv.void_reason,
+    )
+
+
+def _filters(request: Request[Any, Any, Any]) -> tuple[UUID | None, str | None, str | None]:
+    query = request.query_params
+    raw_org, status, period = query.get("organisation_id"), query.get("status"), query.get("period")
+    errors: list[FieldError] = []
+    organisation_id = None
+    if raw_org is not None:
+        try:
+            organisation_id = UUID(raw_org)
+        except ValueError:
+            errors.append(FieldError("organisation_id", "must be a UUID"))
+    if status is not None and status not in STATUSES:
+        errors.append(FieldError("status", f"must be one of {list(STATUSES)}"))
+    if period is not None:
+        try:
+            parse_period(period)
+        except ValidationFailed as failed:
+            errors.extend(failed.errors)
+    if errors:
+        raise ValidationFailed(errors)
+    return organisation_id, status, period
+
+
+class InvoiceController(Controller):
+    path = "/admin/v1/invoices"
+    tags = ["invoices"]
+
+    @get("/", summary="List invoices (filter by organisation_id, status, period)")
+    async def list_(self, request: Request[Any, Any, Any]) -> InvoicePage:
+        deps: ApiDeps = request.app.state.deps
+        limit = parse_limit(request.query_params.get("limit"))
+        after = decode_cursor(request.query_params.get("cursor"))
+        organisation_id, status, period = _filters(request)
+        await wait_caught_up(deps, request, view.NAME)
+
+        def fetch() -> list[dict[str, Any]]:
+            with deps.read_pool.connection() as conn:
+                return view.page(conn, limit + 1, after, organisation_id, status, period)
+
+        rows = await anyio.to_thread.run_sync(fetch)
+        items = [from_row(r) for r in rows[:limit]]
+        next_cursor = (
+            encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit else None
+        )
+        return InvoicePage(items, next_cursor)
+
+    @get("/{invoice_id:str}", summary="Read an invoice: lines, taxes and amounts in paise")
+    async def read(self, invoice_id: FromPath[str], request: Request[Any, Any, Any]) -> InvoiceOut:
+        deps: ApiDeps = request.app.state.deps
+        ident = parse_id(invoice_id, "invoice")
+        await wait_caught_up(deps, request, view.NAME)
+
+        def fetch() -> dict[str, Any] | None:
+            with deps.read_pool.connection() as conn:
+                return view.get(conn, ident)
+
+        row = await anyio.to_thread.run_sync(fetch)
+        if row is None:
+            raise NotFound("invoice", ident)
+        return from_row(row)
+
+    @post("/{invoice_id:str}/finalize", status_code=200,
+          summary="Finalize a draft: assign its number (gapless per financial year) and freeze it")
+    async def finalize(self, invoice_id: FromPath[str],
+                       request: Request[Any, Any, Any]) -> Response[InvoiceOut]:
+        deps: ApiDeps = request.app.state.deps
+        ident = parse_id(invoice_id, "invoice")
+        written = await anyio.to_thread.run_sync(deps.invoicing.finalize, ident)
+        return Response(from_invoice(written.aggregate),
+                        headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+    @post("/{invoice_id:str}/void", status_code=200,
+          summary="Void a draft or finalized invoice (optional body {\"reason\"})")
+    async def void(self, invoice_id: FromPath[str], request: Request[Any, Any, Any],
+                   data: JSONBody[VoidInvoice | None] = None) -> Response[InvoiceOut]:
+        deps: ApiDeps = request.app.state.deps
+        ident = parse_id(invoice_id, "invoice")
+        reason = (data.reason if data is not None else None) or ""
+        written = await anyio.to_thread.run_sync(deps.invoicing.void, ident, reason)
+        return Response(from_invoice(written.aggregate),
+                        headers={LEDGER_POSITION_HEADER: str(written.position)})

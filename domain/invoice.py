@@ -1,0 +1,229 @@
+"""The Invoice aggregate: one organisation's bill for one period, and its lifecycle.
+
+An invoice is drafted from a priced period (domain.pricing.price) and carries everything it
+was computed from: the lines, GST components and totals in paise, the plan version that priced
+it, the quantities per meter and the ledger position the usage was read up to. Its identity is
+derived from (organisation, period) — `invoice_id` — so drafting the same period twice appends
+nothing the second time.
+
+Lifecycle: draft -> finalized -> paid; draft or finalized -> void. Finalizing assigns the
+invoice number (domain.numbering) and makes the invoice immutable: the only facts a finalized
+invoice still accepts are being paid (payments, later) or voided. A voided invoice accepts
+nothing. A correction is a void plus a replacement invoice: the replacement is revision 1, 2,
+... of the same (organisation, period), with its own derived id. The rules are written down in
+docs/INVOICES.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+from uuid import UUID, uuid5
+
+import msgspec
+from eventsourcing.domain import Aggregate
+
+from domain.errors import Conflict, FieldError, ValidationFailed
+from domain.pricing import LateUsage, Priced
+from domain.subscription import parse_period
+
+InvoiceStatus = Literal["draft", "finalized", "paid", "void"]
+DRAFT: InvoiceStatus = "draft"
+FINALIZED: InvoiceStatus = "finalized"
+PAID: InvoiceStatus = "paid"
+VOID: InvoiceStatus = "void"
+STATUSES: tuple[InvoiceStatus, ...] = (DRAFT, FINALIZED, PAID, VOID)
+
+FIRST_REVISION = 0
+VOID_REASON_MAX_CHARS = 500
+DEFAULT_VOID_REASON = "voided"
+_INVOICE_NAMESPACE = UUID("c4e2a7d1-6b3f-4e8a-9d05-7f1b2c8e3a44")
+
+
+def invoice_id(organisation_id: UUID, period: str, revision: int = FIRST_REVISION) -> UUID:
+    """The ledger identity of an organisation's invoice for a period ('YYYY-MM'). Revision 0 is
+    uuid5 of (organisation, period); revision n > 0 replaces a voided revision n - 1."""
+    key = f"{organisation_id}/{period}"
+    return uuid5(_INVOICE_NAMESPACE, key if revision == FIRST_REVISION else f"{key}/{revision}")
+
+
+# Ledger formats: they evolve by adding fields with defaults (see adapters/codec.py).
+class InvoiceLine(msgspec.Struct, frozen=True):
+    """One line: `metric` is None for plan-level lines (base fee, minimum commitment);
+    `quantity` is the period quantity (exact decimal); `amount` is whole paise."""
+
+    description: str
+    metric: str | None
+    quantity: Decimal
+    amount: int
+
+
+class InvoiceTax(msgspec.Struct, frozen=True):
+    """One GST component: `name` CGST | SGST | IGST, `rate` a fraction (0.09 is 9 %), paise."""
+
+    name: str
+    rate: Decimal
+    amount: int
+
+
+class LateUsageBilled(msgspec.Struct, frozen=True):
+    """Usage of an earlier, already-finalized period that this invoice bills: the plan version
+    that priced that period, the quantities it had billed and the quantities now known."""
+
+    period: str
+    plan_code: str
+    plan_version: int
+    billed: dict[str, Decimal]
+    corrected: dict[str, Decimal]
+
+
+class Invoice(Aggregate):
+    """An organisation's invoice for one billing period."""
+
+    class Drafted(Aggregate.Created):
+        """A draft invoice, with everything it was computed from. Amounts are paise."""
+
+        organisation_id: UUID
+        period: str
+        revision: int
+        currency: str
+        lines: tuple[InvoiceLine, ...]
+        subtotal: int
+        taxes: tuple[InvoiceTax, ...]
+        total: int
+        amount_due: int
+        plan_code: str
+        plan_version: int
+        usage_position: int  # usage was read from a view that included the ledger up to here
+        quantities: dict[str, Decimal]  # period quantity per charged meter, as priced
+        country: str  # the organisation's tax facts when drafted (place of supply)
+        state_code: str | None
+        supplier_state_code: str
+        late_usage: tuple[LateUsageBilled, ...] = ()
+
+    class Finalized(Aggregate.Event):
+        """The invoice got its number and can no longer change (only be paid or voided)."""
+
+        number: str
+        finalized_at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = FINALIZED
+            aggregate.number = self.number
+            aggregate.finalized_at = self.finalized_at
+
+    class Voided(Aggregate.Event):
+        """The invoice is cancelled; a finalized one keeps its number (the series stays gapless)."""
+
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = VOID
+            aggregate.void_reason = self.reason
+            aggregate.voided_at = self.timestamp
+
+    def __init__(
+        self, organisation_id: UUID, period: str, revision: int, currency: str,
+        lines: tuple[InvoiceLine, ...], subtotal: int, taxes: tuple[InvoiceTax, ...], total: int,
+        amount_due: int, plan_code: str, plan_version: int, usage_position: int,
+        quantities: dict[str, Decimal], country: str, state_code: str | None,
+        supplier_state_code: str, late_usage: tuple[LateUsageBilled, ...] = (),
+    ) -> None:
+        self.organisation_id = organisation_id
+        self.period = period
+        self.revision = revision
+        self.currency = currency
+        self.lines = tuple(lines)
+        self.subtotal = subtotal
+        self.taxes = tuple(taxes)
+        self.total = total
+        self.amount_due = amount_due
+        self.plan_code = plan_code
+        self.plan_version = plan_version
+        self.usage_position = usage_position
+        self.quantities = dict(quantities)
+        self.country = country
+        self.state_code = state_code
+        self.supplier_state_code = supplier_state_code
+        self.late_usage = tuple(late_usage)
+        self.status: InvoiceStatus = DRAFT
+        self.number: str | None = None
+        self.finalized_at: datetime | None = None
+        self.voided_at: datetime | None = None
+        self.void_reason: str | None = None
+
+    @classmethod
+    def draft(
+        cls, organisation_id: UUID, period: str, revision: int, priced: Priced, plan_code: str,
+        plan_version: int, quantities: Mapping[str, Decimal], usage_position: int, country: str,
+        state_code: str | None, supplier_state_code: str, late: Sequence[LateUsage], at: datetime,
+    ) -> Invoice:
+        """Decide: record a draft of `priced` (the output of domain.pricing.price).
+        `quantities` are the period quantities of the plan's charged meters, as priced."""
+        parse_period(period)  # ValidationFailed for anything but YYYY-MM
+        if usage_position < 0 or revision < FIRST_REVISION:
+            raise ValueError("usage_position and revision are >= 0")
+        return cls._create(
+            cls.Drafted, id=invoice_id(organisation_id, period, revision), timestamp=at,
+            organisation_id=organisation_id, period=period, revision=revision,
+            currency=priced.currency,
+            lines=tuple(InvoiceLine(x.description, x.metric, x.quantity, x.amount) for x in priced.lines),
+            subtotal=priced.subtotal,
+            taxes=tuple(InvoiceTax(t.name, t.rate, t.amount) for t in priced.taxes),
+            total=priced.total, amount_due=priced.total, plan_code=plan_code,
+            plan_version=plan_version, usage_position=usage_position,
+            quantities=dict(quantities),
+            country=country, state_code=state_code, supplier_state_code=supplier_state_code,
+            late_usage=tuple(
+                LateUsageBilled(item.period, item.plan.code, item.plan.version, dict(item.billed),
+                                dict(item.corrected))
+                for item in late
+            ),
+        )
+
+    @property
+    def created_at(self) -> datetime:
+        return self.created_on
+
+    @property
+    def is_immutable(self) -> bool:
+        """A finalized (or paid, or void) invoice never changes its lines or amounts."""
+        return self.status != DRAFT
+
+    def _refuse(self, action: str) -> Conflict:
+        what = f"invoice {self.number}" if self.number else f"invoice {self.id}"
+        if self.status == VOID:
+            return Conflict(f"{what} is void; a void invoice cannot be {action}")
+        return Conflict(f"{what} is {self.status} and immutable; it cannot be {action} "
+                        "(correct it with a void and a new invoice, or a credit note)")
+
+    def check_mutable(self, action: str) -> None:
+        """Raise Conflict (naming `action`) unless this is still a draft. Every command that
+        would change a finalized, paid or void invoice goes through here."""
+        if self.status != DRAFT:
+            raise self._refuse(action)
+
+    def check_can_finalize(self) -> None:
+        """Raise Conflict unless this is a draft."""
+        self.check_mutable("finalized again" if self.status in (FINALIZED, PAID) else "finalized")
+
+    def finalize(self, number: str, at: datetime) -> None:
+        """Decide: assign `number` (from the financial year's InvoiceSequence) and freeze."""
+        self.check_can_finalize()
+        if not number:
+            raise ValueError("a finalized invoice has a number")
+        self.trigger_event(self.Finalized, timestamp=at, number=number, finalized_at=at)
+
+    def void(self, reason: str, at: datetime) -> None:
+        """Decide: cancel a draft or finalized invoice. A paid invoice needs a refund or a
+        credit note instead; a void one is already cancelled."""
+        text = reason.strip() or DEFAULT_VOID_REASON
+        if len(text) > VOID_REASON_MAX_CHARS:
+            raise ValidationFailed([FieldError("reason", f"at most {VOID_REASON_MAX_CHARS} characters")])
+        if self.status == VOID:
+            raise self._refuse("voided again")
+        if self.status == PAID:
+            raise self._refuse("voided (refund it or issue a credit note)")
+        self.trigger_event(self.Voided, timestamp=at, reason=text)

@@ -1,0 +1,220 @@
+"""Application service for invoices: draft a period, finalize (number it), void.
+
+get -> decide -> save through the Ledger port, the clock passed in; no other I/O. The caller
+(the invoice run) reads what a draft is computed from — the organisation, its subscription
+schedule, the plan versions, the period's quantities and the ledger position they were read
+up to — and passes it in, so a draft is a pure function of its arguments.
+
+Idempotency: an invoice's id is derived from (organisation, period), so a second draft of the
+same period finds the first one ('existing'), and two runs racing to draft it collide in the
+ledger (Conflict on the duplicate id), which is 'existing' too. Numbering: the invoice and its
+financial year's InvoiceSequence are saved in one atomic append; losing the race for a number
+means deciding again from the fresh sequence, a bounded number of times (domain.numbering).
+The rules are written down in docs/INVOICES.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal, Protocol
+from uuid import UUID
+
+from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
+from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
+from domain.numbering import InvoiceSequence, financial_year, sequence_id
+from domain.plan import StoredVersion, to_version
+from domain.ports import Ledger
+from domain.pricing import LateUsage, price
+from domain.services import Clock, Written
+from domain.subscription import SubscriptionEntry, parse_period, period_bounds, plan_for_period
+from domain.tax import TaxFacts
+
+DraftStatus = Literal["created", "existing", "skipped"]
+CREATED: DraftStatus = "created"
+EXISTING: DraftStatus = "existing"
+SKIPPED: DraftStatus = "skipped"
+
+# Concurrent finalizations of one financial year all want the sequence's next version; each
+# round at least one of them wins, so this bounds the wait of the unluckiest under a burst.
+FINALIZE_ATTEMPTS = 64
+VOID_ATTEMPTS = 3  # a void races only with a finalize or a payment of the same invoice
+REVISIONS_MAX = 100  # replacements of voided invoices of one (organisation, period)
+ZERO = Decimal(0)
+
+Pause = Callable[[int], None]  # called with the attempt number after a lost race
+
+
+def _no_pause(attempt: int) -> None:
+    """Retry at once: the ledger serialises appends, so a retry queues behind the winner."""
+
+
+class Billable(Protocol):
+    """What a draft needs to know about the organisation (domain.organisation.Organisation
+    fits; so does any object with these attributes, e.g. one built from the read model)."""
+
+    @property
+    def id(self) -> UUID: ...
+
+    @property
+    def currency(self) -> str: ...
+
+    @property
+    def timezone(self) -> str: ...
+
+    @property
+    def country(self) -> str: ...
+
+    @property
+    def state_code(self) -> str | None: ...
+
+
+def period_has_ended(period: str, timezone: str, now: datetime) -> bool:
+    """True once the period ('YYYY-MM' in `timezone`) is over at `now`."""
+    return now >= period_bounds(period, timezone)[1]
+
+
+class InvoicingService:
+    """Drafts, finalizes and voids invoices."""
+
+    def __init__(self, ledger: Ledger, clock: Clock, pause: Pause = _no_pause) -> None:
+        self._ledger = ledger
+        self._clock = clock
+        self._pause = pause
+
+    # ---- draft ----------------------------------------------------------------------------
+
+    def draft(
+        self,
+        organisation: Billable,
+        period: str,
+        subscription_history: Sequence[SubscriptionEntry],
+        plan_versions: Mapping[str, Sequence[StoredVersion]],
+        quantities: Mapping[str, Decimal],
+        usage_position: int,
+        supplier_state_code: str,
+        late: Sequence[LateUsage] = (),
+        redraft_voided: bool = False,
+    ) -> tuple[Written[Invoice] | None, DraftStatus]:
+        """Draft the organisation's invoice for `period` ('YYYY-MM', a period that has ended in
+        the organisation's timezone), or find the one already drafted.
+
+        - 'existing' (with that invoice, position 0): the period already has an invoice. A
+          voided one counts too, unless `redraft_voided`: then a replacement (next revision)
+          is drafted — the "void plus a new invoice" correction.
+        - 'skipped' (None): no plan covers the period, or every line amounts to 0.
+        - 'created': a new draft priced by domain.pricing.price with the plan version pinned
+          by plan_for_period; `plan_versions` maps plan codes to their published versions.
+
+        `quantities` are the period's quantities per meter (a charged meter missing is 0),
+        read up to ledger position `usage_position`. `late` is the hook for usage that reached
+        already-finalized periods: it is priced as "late usage for <period>" lines on this
+        invoice (domain.pricing.late_usage_lines) and recorded on it; finding that usage is
+        the caller's job and not done here yet.
+        """
+        parse_period(period)
+        if usage_position < 0:
+            raise ValidationFailed([FieldError("usage_position", "must be a ledger position >= 0")])
+        newest = self._newest(organisation.id, period)
+        if newest is not None and (newest.status != VOID or not redraft_voided):
+            return Written(newest, 0), EXISTING
+        revision = FIRST_REVISION if newest is None else newest.revision + 1
+        if revision > REVISIONS_MAX:
+            raise Conflict(f"the invoice for {period} was replaced {REVISIONS_MAX} times; "
+                           "no more replacements")
+        now = self._clock()
+        if not period_has_ended(period, organisation.timezone, now):
+            end = period_bounds(period, organisation.timezone)[1]
+            raise ValidationFailed([FieldError(
+                "period", f"{period} has not ended yet for this organisation (it ends at "
+                          f"{end.isoformat()}); it can be invoiced after that")])
+        priced_by = plan_for_period(
+            subscription_history, period, organisation.timezone,
+            {code: [(v.version, v.published_at) for v in versions]
+             for code, versions in plan_versions.items()},
+        )
+        if priced_by is None:
+            return None, SKIPPED
+        stored = _pinned(plan_versions, priced_by.plan_code, priced_by.version)
+        if stored.currency != organisation.currency:
+            raise Conflict(f"plan {stored.code!r} is priced in {stored.currency}; the organisation "
+                           f"is billed in {organisation.currency}")
+        plan = to_version(stored)
+        charged = {c.metric: quantities.get(c.metric, ZERO) for c in plan.charges}
+        tax = TaxFacts(organisation.country, organisation.state_code, supplier_state_code)
+        priced = price(plan, charged, tax, late)
+        if all(line.amount == 0 for line in priced.lines):
+            return None, SKIPPED  # BILLING.md: base fee / minimum, "or none if 0"
+        invoice = Invoice.draft(
+            organisation.id, period, revision, priced, plan.code, plan.version, charged,
+            usage_position, organisation.country, organisation.state_code, supplier_state_code,
+            late, now,
+        )
+        try:
+            return Written(invoice, self._ledger.save(invoice)), CREATED
+        except Conflict:  # another run drafted it first
+            return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING
+
+    def _newest(self, organisation_id: UUID, period: str) -> Invoice | None:
+        """The newest revision of the period's invoice: revision n + 1 exists only once
+        revision n is void, so the walk stops at the first missing or non-void one."""
+        newest: Invoice | None = None
+        for revision in range(FIRST_REVISION, REVISIONS_MAX + 1):
+            try:
+                newest = self._ledger.get(invoice_id(organisation_id, period, revision), Invoice)
+            except NotFound:
+                break
+            if newest.status != VOID:
+                break
+        return newest
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def invoice(self, ident: UUID) -> Invoice:
+        """The invoice from the ledger; NotFound for an unknown id."""
+        try:
+            return self._ledger.get(ident, Invoice)
+        except NotFound:
+            raise NotFound("invoice", ident) from None
+
+    def finalize(self, ident: UUID) -> Written[Invoice]:
+        """Give a draft the next number of the current financial year (IST) and freeze it.
+        Conflict if it is not a draft; Unavailable if the numbering stayed contended."""
+        for attempt in range(FINALIZE_ATTEMPTS):
+            invoice = self.invoice(ident)
+            invoice.check_can_finalize()
+            now = self._clock()
+            year = financial_year(now)
+            try:
+                sequence = self._ledger.get(sequence_id(year), InvoiceSequence)
+            except NotFound:
+                sequence = InvoiceSequence.open(year, now)
+            invoice.finalize(sequence.issue(invoice.id, now), now)
+            try:
+                return Written(invoice, self._ledger.save(invoice, sequence))
+            except Conflict:  # another finalization took that number (or changed this invoice)
+                self._pause(attempt)
+        raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
+
+    def void(self, ident: UUID, reason: str = "") -> Written[Invoice]:
+        """Cancel a draft or finalized invoice (a finalized one keeps its number)."""
+        for attempt in range(VOID_ATTEMPTS):
+            invoice = self.invoice(ident)
+            invoice.void(reason, self._clock())
+            try:
+                return Written(invoice, self._ledger.save(invoice))
+            except Conflict:
+                if attempt == VOID_ATTEMPTS - 1:
+                    raise
+                self._pause(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _pinned(
+    plan_versions: Mapping[str, Sequence[StoredVersion]], code: str, version: int | None
+) -> StoredVersion:
+    for stored in plan_versions.get(code, ()):
+        if stored.version == version:
+            return stored
+    raise NotFound("plan version", f"{code} v{version}")

@@ -1,0 +1,166 @@
+"""The invoices read model: one row per invoice with its lines, taxes, amounts and status.
+
+`lines` and `taxes` are JSON with every decimal (quantities, rates) written as a decimal
+string, so nothing passes through a float; amounts are bigint paise. A row follows its invoice
+through the lifecycle (draft -> finalized -> paid / void); the ledger stays the truth and a
+rebuild from position 0 gives the same rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from psycopg import Connection, Cursor
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from domain.invoice import FINALIZED, Invoice
+from projections.base import ReadModel
+
+NAME = "invoices"
+LIST_MAX_ROWS = 1000
+
+DDL = (
+    """CREATE TABLE IF NOT EXISTS invoices (
+        id uuid PRIMARY KEY,
+        organisation_id uuid NOT NULL,
+        period text NOT NULL,
+        revision integer NOT NULL,
+        status text NOT NULL,
+        number text,
+        currency text NOT NULL,
+        lines jsonb NOT NULL,
+        subtotal bigint NOT NULL,
+        taxes jsonb NOT NULL,
+        total bigint NOT NULL,
+        amount_due bigint NOT NULL,
+        plan_code text NOT NULL,
+        plan_version integer NOT NULL,
+        usage_position bigint NOT NULL,
+        void_reason text,
+        created_at timestamptz NOT NULL,
+        finalized_at timestamptz,
+        voided_at timestamptz,
+        updated_at timestamptz NOT NULL,
+        version bigint NOT NULL,
+        ledger_position bigint NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS invoices_by_organisation ON invoices (organisation_id, period)",
+    "CREATE INDEX IF NOT EXISTS invoices_by_period ON invoices (period, organisation_id)",
+    "CREATE INDEX IF NOT EXISTS invoices_by_created ON invoices (created_at, id)",
+    # Numbers are unique by construction (domain.numbering); a duplicate here is a bug that
+    # must stop this view loudly (dead letter) rather than show two invoices with one number.
+    "CREATE UNIQUE INDEX IF NOT EXISTS invoices_by_number ON invoices (number) WHERE number IS NOT NULL",
+)
+
+
+def _drafted(cur: Cursor[Any], e: Invoice.Drafted, position: int) -> None:
+    cur.execute(
+        """INSERT INTO invoices (id, organisation_id, period, revision, status, number, currency,
+               lines, subtotal, taxes, total, amount_due, plan_code, plan_version, usage_position,
+               created_at, updated_at, version, ledger_position)
+           VALUES (%s, %s, %s, %s, 'draft', NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+        (e.originator_id, e.organisation_id, e.period, e.revision, e.currency,
+         Jsonb(msgspec.to_builtins(list(e.lines))), e.subtotal,
+         Jsonb(msgspec.to_builtins(list(e.taxes))), e.total, e.amount_due, e.plan_code,
+         e.plan_version, e.usage_position, e.timestamp, e.timestamp, e.originator_version, position),
+    )
+
+
+def _update(cur: Cursor[Any], e: Any, position: int, assignments: str, values: tuple[Any, ...]) -> None:
+    cur.execute(
+        f"UPDATE invoices SET {assignments}, updated_at = %s, version = %s, ledger_position = %s"
+        " WHERE id = %s",
+        (*values, e.timestamp, e.originator_version, position, e.originator_id),
+    )
+    if cur.rowcount != 1:
+        raise LookupError(f"invoice {e.originator_id} is not in the read model")
+
+
+def _finalized(cur: Cursor[Any], e: Invoice.Finalized, position: int) -> None:
+    _update(cur, e, position, "status = 'finalized', number = %s, finalized_at = %s",
+            (e.number, e.finalized_at))
+
+
+def _voided(cur: Cursor[Any], e: Invoice.Voided, position: int) -> None:
+    _update(cur, e, position, "status = 'void', void_reason = %s, voided_at = %s",
+            (e.reason, e.timestamp))
+
+
+READ_MODEL = ReadModel(
+    name=NAME,
+    ddl=DDL,
+    tables=("invoices",),
+    handlers={
+        Invoice.Drafted: _drafted,
+        Invoice.Finalized: _finalized,
+        Invoice.Voided: _voided,
+    },
+)
+
+_COLUMNS = (
+    "id, organisation_id, period, revision, status, number, currency, lines, subtotal, taxes,"
+    " total, amount_due, plan_code, plan_version, usage_position, void_reason, created_at,"
+    " finalized_at, voided_at, updated_at, ledger_position"
+)
+
+
+# ---- queries ----------------------------------------------------------------------------------
+
+def get(conn: Connection[Any], ident: UUID) -> dict[str, Any] | None:
+    """One invoice, or None."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {_COLUMNS} FROM invoices WHERE id = %s", (ident,))
+        return cur.fetchone()
+
+
+def page(
+    conn: Connection[Any],
+    limit: int,
+    after_cursor: tuple[datetime, UUID] | None,
+    organisation_id: UUID | None = None,
+    status: str | None = None,
+    period: str | None = None,
+) -> list[dict[str, Any]]:
+    """Invoices oldest first (created_at, id), `limit` at most, after the cursor; each filter
+    given narrows the list."""
+    assert 0 < limit <= LIST_MAX_ROWS
+    where = ["TRUE"]
+    params: dict[str, Any] = {"limit": limit}
+    if after_cursor is not None:
+        where.append("(created_at, id) > (%(at)s, %(id)s)")
+        params |= {"at": after_cursor[0], "id": after_cursor[1]}
+    for column, value in (("organisation_id", organisation_id), ("status", status),
+                          ("period", period)):
+        if value is not None:
+            where.append(f"{column} = %({column})s")
+            params[column] = value
+    sql = (f"SELECT {_COLUMNS} FROM invoices WHERE {' AND '.join(where)}"
+           " ORDER BY created_at, id LIMIT %(limit)s")
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.encode(), params)
+        return cur.fetchall()
+
+
+def outstanding(conn: Connection[Any], organisation_id: UUID) -> int:
+    """Paise the organisation still owes: the amount due of its finalized invoices."""
+    row = conn.execute(
+        "SELECT COALESCE(sum(amount_due), 0) FROM invoices WHERE organisation_id = %s AND status = %s",
+        (organisation_id, FINALIZED),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def existing_for_period(conn: Connection[Any], period: str) -> dict[UUID, str]:
+    """Organisations that already have an invoice for `period`, with the status of their
+    newest revision ('void' included: a voided period is not re-drafted by a run)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT DISTINCT ON (organisation_id) organisation_id, status FROM invoices"
+            " WHERE period = %s ORDER BY organisation_id, revision DESC",
+            (period,),
+        )
+        return {row[0]: str(row[1]) for row in cur.fetchall()}
