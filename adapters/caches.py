@@ -16,9 +16,9 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from domain.ports import KeyRecord
+from domain.ports import KeyRecord, TokenRecord
 from domain.usage import MeterRule
-from projections import catalogue
+from projections import access, catalogue
 
 log = logging.getLogger("billing.cache")
 
@@ -32,7 +32,9 @@ def _key(row: dict[str, Any]) -> KeyRecord:
         key_id=row["id"], prefix=row["prefix"], secret_sha256=row["secret_sha256"],
         project_id=row["project_id"], organisation_id=row["organisation_id"],
         timezone=row["timezone"], expires_at=row["expires_at"],
-        revoked=row["revoked_at"] is not None,
+        revoked=row["revoked_at"] is not None, allowed_ips=row["allowed_ips"],
+        organisation_allowed_ips=row["organisation_allowed_ips"], suspended=row["suspended"],
+        rate_per_s=row["rate_limit_per_s"], rate_burst=row["rate_limit_burst"],
     )
 
 
@@ -108,3 +110,53 @@ async def _follow(refresh: Any, stop: asyncio.Event, what: str) -> None:
             log.warning("%s refresh failed: %s", what, e)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), REFRESH_INTERVAL_S)
+
+
+class TokenCache:
+    """Admin tokens by prefix, following the access projection like KeyCache."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self._by_prefix: dict[str, TokenRecord] = {}
+        self._unknown: dict[str, float] = {}
+        self._watermark = 0
+
+    async def find(self, prefix: str) -> TokenRecord | None:
+        record = self._by_prefix.get(prefix)
+        if record is not None:
+            return record
+        if self._unknown.get(prefix, 0.0) > time.monotonic():
+            return None
+        return await asyncio.to_thread(self._load_one, prefix)
+
+    def _load_one(self, prefix: str) -> TokenRecord | None:
+        with self._pool.connection() as conn:
+            row = access.token_by_prefix(conn, prefix)
+        if row is None:
+            if len(self._unknown) >= NEGATIVE_MAX_ENTRIES:
+                self._unknown.clear()
+            self._unknown[prefix] = time.monotonic() + NEGATIVE_TTL_S
+            return None
+        record = _token(row)
+        self._by_prefix[prefix] = record
+        return record
+
+    def refresh(self) -> int:
+        with self._pool.connection() as conn:
+            rows = access.tokens_changed_since(conn, self._watermark)
+        for row in rows:
+            self._by_prefix[row["prefix"]] = _token(row)
+            self._unknown.pop(row["prefix"], None)
+            self._watermark = max(self._watermark, int(row["ledger_position"]))
+        return len(rows)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await _follow(self.refresh, stop, "token cache")
+
+
+def _token(row: dict[str, Any]) -> TokenRecord:
+    return TokenRecord(
+        token_id=row["id"], token_sha256=row["token_sha256"], role=row["role"],
+        organisation_id=row["organisation_id"], expires_at=row["expires_at"],
+        revoked=row["revoked_at"] is not None,
+    )

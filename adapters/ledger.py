@@ -7,9 +7,10 @@ ordered reader over the notification log (the ledger's total order).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -27,6 +28,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import Environment
 
 from adapters.codec import MsgspecMapper
+from domain.audit import CURRENT_ACTOR, describe
 from domain.errors import Conflict, NotFound, Unavailable
 
 LEDGER_NAME = "billing"  # the events table is "billing_events"; its NOTIFY channel too
@@ -104,6 +106,11 @@ class LedgerStore:
         return aggregate
 
     def save(self, *aggregates: Aggregate) -> int:
+        actor = CURRENT_ACTOR.get()
+        if actor is not None:
+            entry = describe(actor, aggregates, uuid4(), datetime.now(UTC))
+            if entry is not None:
+                aggregates = (*aggregates, entry)
         try:
             recordings = self._app.save(*aggregates)
         except IntegrityError as e:

@@ -8,6 +8,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
 from api import health, problems
+from api.access import AccessController
 from api.auth import admin_guard
 from api.catalogue import MeterController, ProjectController
 from api.deps import ApiDeps
@@ -15,10 +16,21 @@ from api.ingest import ingest
 from api.invoices import InvoiceController
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController
+from api.permissions import rule_for
 from api.plans import PlanController, SubscriptionController
 from api.usage import organisation_usage, own_usage
 
 MAX_BODY_BYTES = 1024 * 1024  # API.md: 413 over 1 MiB
+
+
+def check_rules(app: Litestar) -> None:
+    """Every admin route must have a permission rule: refuse to start otherwise."""
+    for route in app.routes:
+        if not route.path_format.startswith("/admin/"):
+            continue
+        for method in sorted(getattr(route, "methods", set()) - {"OPTIONS", "HEAD"}):
+            if rule_for(method, route.path_format) is None:
+                raise RuntimeError(f"{method} {route.path_format} has no rule in api/permissions.py")
 
 
 def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
@@ -29,7 +41,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         path="/",
         route_handlers=[OrganisationController, MeterController, ProjectController,
                         organisation_usage, PlanController, SubscriptionController,
-                        InvoiceController],
+                        InvoiceController, AccessController],
         guards=[admin_guard],
     )
     app = Litestar(
@@ -41,6 +53,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         logging_config=None,  # infra/logs.py owns logging (JSON lines)
         experimental_features=list[ExperimentalFeatures](),
     )
+    check_rules(app)
     app.state.deps = deps
     app.state.metrics = metrics
     return app, RequestIdMiddleware(app, metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -10,8 +11,16 @@ from psycopg_pool import ConnectionPool
 
 from domain.invoicing import InvoicingService
 from domain.plans_service import PlansService
-from domain.ports import KeyLookup, MeterLookup, ProjectionGate, UsageRecorder
-from domain.services import CatalogueService, OrganisationService
+from domain.ports import (
+    KeyLookup,
+    MeterLookup,
+    ProjectionGate,
+    RateLimiter,
+    Resolver,
+    TokenLookup,
+    UsageRecorder,
+)
+from domain.services import AccessService, CatalogueService, OrganisationService
 
 READ_WAIT_S = 5.0  # a read waits this long for its read model to include prior writes
 
@@ -33,6 +42,12 @@ class ApiDeps:
     catalogue: CatalogueService
     plans: PlansService
     invoicing: InvoicingService
+    access: AccessService
+    tokens: TokenLookup
+    resolver: Resolver
+    rate_limiter: RateLimiter
+    role_permissions: dict[str, frozenset[str]]
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     usage: UsageRecorder
     keys: KeyLookup
     meters: MeterLookup

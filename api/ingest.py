@@ -4,6 +4,7 @@ batch in one 422), append through group commit, answer 202 only after commit."""
 from __future__ import annotations
 
 import hmac
+import math
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -12,9 +13,10 @@ import msgspec
 from litestar import Request, Response, post
 
 from api.auth import bearer_token
+from api.client_ip import allowed, client_ip
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER
-from api.problems import BadRequest, Unauthenticated, field_error
+from api.problems import BadRequest, Forbidden, TooManyRequests, Unauthenticated, field_error
 from domain.api_key import secret_hash, split_key
 from domain.errors import FieldError, Problems, ValidationFailed
 from domain.ports import KeyRecord
@@ -43,6 +45,29 @@ _event = msgspec.json.Decoder(EventIn)
 # JSON floats in properties become exact Decimals (a property may hold a billed value).
 _properties = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal)
 _encoder = msgspec.json.Encoder()
+
+
+async def authorise_key(
+    request: Request[Any, Any, Any], deps: ApiDeps
+) -> tuple[KeyRecord, dict[str, str]]:
+    """Authenticate the key, check its organisation and addresses, and take one request from
+    its rate limit. Returns the key and the RateLimit headers for the answer."""
+    record = await authenticate_key(request, deps)
+    if record.suspended:
+        raise Forbidden("the organisation is suspended; usage is not accepted")
+    ip = client_ip(request, deps.trusted_proxies)
+    if not (allowed(ip, record.organisation_allowed_ips) and allowed(ip, record.allowed_ips)):
+        raise Forbidden(f"requests from {ip} are not allowed for this key")
+    ok, remaining, retry_s = await deps.rate_limiter.take(
+        f"key:{record.key_id}", record.rate_per_s, record.rate_burst)
+    headers = {
+        "RateLimit-Limit": str(record.rate_burst),
+        "RateLimit-Remaining": str(remaining),
+        "RateLimit-Reset": str(math.ceil(retry_s)),
+    }
+    if not ok:
+        raise TooManyRequests(headers | {"Retry-After": str(max(1, math.ceil(retry_s)))})
+    return record, headers
 
 
 async def authenticate_key(request: Request[Any, Any, Any], deps: ApiDeps) -> KeyRecord:
@@ -107,7 +132,7 @@ def decode_events(items: list[msgspec.Raw], problems: Problems) -> list[Decoded]
       status_code=202)
 async def ingest(request: Request[Any, Any, Any]) -> Response[bytes]:
     deps: ApiDeps = request.app.state.deps
-    key = await authenticate_key(request, deps)
+    key, limit_headers = await authorise_key(request, deps)
     body = await request.body()
     problems = Problems()
     try:
@@ -129,5 +154,5 @@ async def ingest(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(
         _encoder.encode(Accepted(appended.accepted, appended.duplicates)),
         status_code=202, media_type="application/json",
-        headers={LEDGER_POSITION_HEADER: str(appended.position)},
+        headers={LEDGER_POSITION_HEADER: str(appended.position), **limit_headers},
     )

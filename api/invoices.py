@@ -17,6 +17,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath, JSONBody
 
+from api.auth import scope_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
@@ -135,6 +136,10 @@ class InvoiceController(Controller):
         limit = parse_limit(request.query_params.get("limit"))
         after = decode_cursor(request.query_params.get("cursor"))
         organisation_id, status, period = _filters(request)
+        own = scope_of(request)
+        if own is not None and organisation_id not in (None, own):
+            return InvoicePage([], None)  # another organisation's invoices: as if there were none
+        organisation_id = own or organisation_id
         await wait_caught_up(deps, request, view.NAME)
 
         def fetch() -> list[dict[str, Any]]:

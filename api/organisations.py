@@ -12,11 +12,13 @@ from litestar import Controller, Request, Response, get, patch, post
 from litestar.params import FromPath, JSONBody
 from psycopg_pool import ConnectionPool
 
+from api.auth import scope_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
+from api.problems import Forbidden
 from domain.errors import FieldError, NotFound, ValidationFailed
-from domain.organisation import SETTING_NAMES, Organisation, Settings
+from domain.organisation import SETTING_NAMES, Organisation, Settings, canonical_cidrs
 from projections import organisations as view
 
 
@@ -30,6 +32,11 @@ class CreateOrganisation(msgspec.Struct, forbid_unknown_fields=True):
     state_code: str | None = None
 
 
+class RateLimit(msgspec.Struct, forbid_unknown_fields=True):
+    per_second: int
+    burst: int
+
+
 class UpdateOrganisation(msgspec.Struct, forbid_unknown_fields=True):
     name: str | msgspec.UnsetType = msgspec.UNSET
     billing_email: str | msgspec.UnsetType = msgspec.UNSET
@@ -38,6 +45,10 @@ class UpdateOrganisation(msgspec.Struct, forbid_unknown_fields=True):
     country: str | msgspec.UnsetType = msgspec.UNSET
     gstin: str | msgspec.UnsetType | None = msgspec.UNSET
     state_code: str | msgspec.UnsetType | None = msgspec.UNSET
+    allowed_ips: list[str] | msgspec.UnsetType = msgspec.UNSET
+    rate_limit: RateLimit | msgspec.UnsetType = msgspec.UNSET
+    suspended: bool | msgspec.UnsetType = msgspec.UNSET
+    suspend_reason: str = ""
 
 
 class OrganisationOut(msgspec.Struct):
@@ -51,6 +62,9 @@ class OrganisationOut(msgspec.Struct):
     state_code: str | None
     created_at: datetime
     updated_at: datetime
+    suspended: bool
+    allowed_ips: list[str]
+    rate_limit: RateLimit
 
 
 class OrganisationPage(msgspec.Struct):
@@ -66,8 +80,33 @@ def _given(struct: msgspec.Struct) -> Settings:
 def _out(org: Organisation) -> OrganisationOut:
     return OrganisationOut(
         id=org.id, created_at=org.created_on, updated_at=org.modified_on,
+        suspended=org.suspended, allowed_ips=[ip for ip in org.allowed_ips.split(",") if ip],
+        rate_limit=RateLimit(int(org.rate_limit_per_s), int(org.rate_limit_burst)),
         **{k: getattr(org, k) for k in SETTING_NAMES},
     )
+
+
+def _from_row(row: dict[str, Any]) -> OrganisationOut:
+    row = dict(row)
+    row["allowed_ips"] = [ip for ip in row["allowed_ips"].split(",") if ip]
+    row["rate_limit"] = {"per_second": row.pop("rate_limit_per_s"),
+                         "burst": row.pop("rate_limit_burst")}
+    return msgspec.convert(row, OrganisationOut)
+
+
+def _changes(data: UpdateOrganisation) -> Settings:
+    fields = msgspec.structs.asdict(data)
+    changes: Settings = {k: v for k, v in fields.items()
+                         if k in SETTING_NAMES and v is not msgspec.UNSET}
+    if data.allowed_ips is not msgspec.UNSET:
+        try:
+            changes["allowed_ips"] = canonical_cidrs(data.allowed_ips)
+        except ValueError as e:
+            raise ValidationFailed([FieldError("allowed_ips", f"invalid: {e}")]) from None
+    if data.rate_limit is not msgspec.UNSET:
+        changes["rate_limit_per_s"] = str(data.rate_limit.per_second)
+        changes["rate_limit_burst"] = str(data.rate_limit.burst)
+    return changes
 
 
 def _read(pool: ConnectionPool, org_id: UUID) -> OrganisationOut:
@@ -75,7 +114,7 @@ def _read(pool: ConnectionPool, org_id: UUID) -> OrganisationOut:
         row = view.get(conn, org_id)
     if row is None:
         raise NotFound("organisation", org_id)
-    return msgspec.convert(row, OrganisationOut)
+    return _from_row(row)
 
 
 class OrganisationController(Controller):
@@ -106,8 +145,12 @@ class OrganisationController(Controller):
             with deps.read_pool.connection() as conn:
                 return view.page(conn, limit + 1, after)
 
+        own = scope_of(request)
+        if own is not None:  # an organisation-scoped caller lists only its own
+            row = await anyio.to_thread.run_sync(_read, deps.read_pool, own)
+            return OrganisationPage([row] if after is None else [], None)
         rows = await anyio.to_thread.run_sync(fetch)
-        items = [msgspec.convert(r, OrganisationOut) for r in rows[:limit]]
+        items = [_from_row(r) for r in rows[:limit]]
         next_cursor = (
             encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit else None
         )
@@ -126,12 +169,14 @@ class OrganisationController(Controller):
     ) -> Response[OrganisationOut]:
         deps: ApiDeps = request.app.state.deps
         ident = parse_id(org_id, "organisation")
-        changes: Settings = {
-            k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET
-        }
-        if not changes:
+        changes = _changes(data)
+        suspended = None if data.suspended is msgspec.UNSET else data.suspended
+        if scope_of(request) is not None and (suspended is not None or "rate_limit_per_s" in changes):
+            raise Forbidden("suspension and rate limits are set by the platform's operators")
+        if not changes and suspended is None:
             raise ValidationFailed([FieldError("body", "name at least one setting to change")])
-        written = await anyio.to_thread.run_sync(deps.organisations.update_settings, ident, changes)
+        written = await anyio.to_thread.run_sync(
+            deps.organisations.update_settings, ident, changes, suspended, data.suspend_reason)
         return Response(
             _out(written.aggregate), headers={LEDGER_POSITION_HEADER: str(written.position)}
         )

@@ -38,6 +38,14 @@ class Forbidden(Exception):
     """Authenticated, but not allowed (403)."""
 
 
+class TooManyRequests(Exception):
+    """The key's rate limit is spent (429); headers say when to come back."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+        super().__init__("rate limit exceeded for this API key; retry after the Retry-After delay")
+
+
 class BadRequest(Exception):
     """The body is not JSON at all (400)."""
 
@@ -109,6 +117,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         return problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, Forbidden):
         return problem(403, str(exc))
+    if isinstance(exc, TooManyRequests):
+        return problem(429, str(exc), headers=exc.headers)
     if isinstance(exc, BadRequest):
         return problem(400, str(exc))
     if isinstance(exc, ValidationException):

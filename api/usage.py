@@ -15,7 +15,7 @@ from litestar.params import FromPath
 
 from api.deps import ApiDeps
 from api.ids import min_position, parse_id
-from api.ingest import authenticate_key
+from api.ingest import authorise_key
 from api.pagination import parse_limit
 from domain.errors import FieldError, NotFound, ValidationFailed
 from projections import organisations, usage_totals
@@ -162,5 +162,5 @@ async def organisation_usage(org_id: FromPath[str], request: Request[Any, Any, A
 @get("/api/v1/usage", summary="The calling project's own usage", tags=["usage"])
 async def own_usage(request: Request[Any, Any, Any]) -> UsagePage:
     deps: ApiDeps = request.app.state.deps
-    key = await authenticate_key(request, deps)
+    key, _ = await authorise_key(request, deps)
     return await answer(deps, request, key.organisation_id, key.project_id)

@@ -39,24 +39,34 @@ class ApiKey(Aggregate):
         prefix: str
         secret_sha256: str
         expires_at: datetime | None
+        allowed_ips: str = ""  # canonical comma-separated CIDRs; "" = any address
+
+    class ExpiryBrought(Aggregate.Event):
+        """The key now expires earlier (rotation: the old key overlaps the new one briefly)."""
+
+        expires_at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.expires_at = self.expires_at
 
     class Revoked(Aggregate.Event):
         def apply(self, aggregate: Any) -> None:
             aggregate.revoked = True
 
     def __init__(self, project_id: UUID, organisation_id: UUID, name: str, prefix: str,
-                 secret_sha256: str, expires_at: datetime | None) -> None:
+                 secret_sha256: str, expires_at: datetime | None, allowed_ips: str = "") -> None:
         self.project_id = project_id
         self.organisation_id = organisation_id
         self.name = name
         self.prefix = prefix
         self.secret_sha256 = secret_sha256
         self.expires_at = expires_at
+        self.allowed_ips = allowed_ips
         self.revoked = False
 
     @classmethod
     def issue(cls, key_id: UUID, project_id: UUID, organisation_id: UUID, name: str, prefix: str,
-              secret: str, expires_at: datetime | None, at: datetime) -> ApiKey:
+              secret: str, expires_at: datetime | None, at: datetime, allowed_ips: str = "") -> ApiKey:
         problems = Problems()
         if not name.strip() or len(name) > NAME_MAX_CHARS:
             problems.add("name", f"1-{NAME_MAX_CHARS} characters")
@@ -65,7 +75,14 @@ class ApiKey(Aggregate):
         problems.raise_if_any()
         return cls._create(cls.Created, id=key_id, timestamp=at, project_id=project_id,
                            organisation_id=organisation_id, name=name, prefix=prefix,
-                           secret_sha256=secret_hash(secret), expires_at=expires_at)
+                           secret_sha256=secret_hash(secret), expires_at=expires_at,
+                           allowed_ips=allowed_ips)
+
+    def expire_by(self, expires_at: datetime, at: datetime) -> None:
+        if self.revoked:
+            raise Conflict("the key is revoked")
+        if self.expires_at is None or expires_at < self.expires_at:
+            self.trigger_event(self.ExpiryBrought, timestamp=at, expires_at=expires_at)
 
     def revoke(self, at: datetime) -> None:
         if self.revoked:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime
 from typing import Any
@@ -34,6 +35,12 @@ SETTING_NAMES = (
     "gstin",
     "state_code",
 )
+# Access settings travel in the same SettingsUpdated event, as canonical strings.
+ACCESS_SETTING_NAMES = ("allowed_ips", "rate_limit_per_s", "rate_limit_burst")
+DEFAULT_RATE_LIMIT_PER_S = "100"
+DEFAULT_RATE_LIMIT_BURST = "200"
+RATE_LIMIT_MAX_PER_S = 100_000
+ALLOWED_IPS_MAX_ENTRIES = 100
 
 Settings = dict[str, str | None]
 
@@ -48,6 +55,11 @@ def check_settings(settings: Settings, problems: Problems) -> None:
         "country": _check_country,
         "gstin": _check_gstin,
         "state_code": _check_state_code,
+    }
+    checks |= {
+        "allowed_ips": _check_allowed_ips,
+        "rate_limit_per_s": _check_rate,
+        "rate_limit_burst": _check_rate,
     }
     for key, value in settings.items():
         message = checks[key](value)
@@ -106,6 +118,27 @@ def _check_state_code(value: str | None) -> str | None:
     return None
 
 
+def canonical_cidrs(values: list[str]) -> str:
+    """CIDR list as a canonical comma-separated string ("" = everyone); ValueError if invalid."""
+    if len(values) > ALLOWED_IPS_MAX_ENTRIES:
+        raise ValueError(f"at most {ALLOWED_IPS_MAX_ENTRIES} entries")
+    return ",".join(str(ipaddress.ip_network(v.strip(), strict=False)) for v in values)
+
+
+def _check_allowed_ips(value: str | None) -> str | None:
+    try:
+        canonical_cidrs([v for v in (value or "").split(",") if v])
+    except ValueError:
+        return "must be a list of IPv4/IPv6 addresses or CIDR ranges"
+    return None
+
+
+def _check_rate(value: str | None) -> str | None:
+    if value is None or not value.isdigit() or not 1 <= int(value) <= RATE_LIMIT_MAX_PER_S:
+        return f"must be a whole number from 1 to {RATE_LIMIT_MAX_PER_S}"
+    return None
+
+
 class Organisation(Aggregate):
     """A billed customer. Settings change only through SettingsUpdated events."""
 
@@ -117,6 +150,16 @@ class Organisation(Aggregate):
         country: str
         gstin: str | None
         state_code: str | None
+
+    class Suspended(Aggregate.Event):
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.suspended = True
+
+    class Reactivated(Aggregate.Event):
+        def apply(self, aggregate: Any) -> None:
+            aggregate.suspended = False
 
     class SettingsUpdated(Aggregate.Event):
         before: dict[str, str | None]
@@ -143,6 +186,10 @@ class Organisation(Aggregate):
         self.country = country
         self.gstin = gstin
         self.state_code = state_code
+        self.suspended = False
+        self.allowed_ips = ""
+        self.rate_limit_per_s = DEFAULT_RATE_LIMIT_PER_S
+        self.rate_limit_burst = DEFAULT_RATE_LIMIT_BURST
 
     @classmethod
     def create(cls, org_id: UUID, settings: Settings, at: datetime) -> Organisation:
@@ -165,7 +212,17 @@ class Organisation(Aggregate):
         return cls._create(cls.Created, id=org_id, timestamp=at, **full)
 
     def settings(self) -> Settings:
-        return {key: getattr(self, key) for key in SETTING_NAMES}
+        return {key: getattr(self, key) for key in SETTING_NAMES + ACCESS_SETTING_NAMES}
+
+    def set_suspended(self, suspended: bool, reason: str, at: datetime) -> bool:
+        """Suspend (ingestion answers 403) or reactivate; False when already so."""
+        if suspended == self.suspended:
+            return False
+        if suspended:
+            self.trigger_event(self.Suspended, timestamp=at, reason=reason[:500])
+        else:
+            self.trigger_event(self.Reactivated, timestamp=at)
+        return True
 
     def update_settings(self, changes: Settings, at: datetime) -> bool:
         """Decide: validate the resulting settings; emit SettingsUpdated if anything changes."""

@@ -64,6 +64,39 @@ class KeyRecord:
     timezone: str
     expires_at: datetime | None
     revoked: bool
+    allowed_ips: str = ""
+    organisation_allowed_ips: str = ""
+    suspended: bool = False
+    rate_per_s: int = 100
+    rate_burst: int = 200
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An admin token as the admin guard sees it (from the token cache)."""
+
+    token_id: UUID
+    token_sha256: str
+    role: str
+    organisation_id: UUID | None
+    expires_at: datetime | None
+    revoked: bool
+
+
+class TokenLookup(Protocol):
+    async def find(self, prefix: str) -> TokenRecord | None: ...
+
+
+class Resolver(Protocol):
+    """Which organisation a resource belongs to (None when it does not exist)."""
+
+    def organisation_of(self, kind: str, ident: UUID) -> UUID | None: ...
+
+
+class RateLimiter(Protocol):
+    """A shared token bucket per key: (allowed, remaining, seconds until a token is back)."""
+
+    async def take(self, key: str, per_second: int, burst: int) -> tuple[bool, int, float]: ...
 
 
 class UsageRecorder(Protocol):

@@ -60,8 +60,9 @@ async def run_roles(
         scheduler.start()
     if "api" in roles:
         _, asgi = create_app(rt.api_deps())
-        assert rt.key_cache is not None and rt.meter_cache is not None
-        jobs += [rt.key_cache.run(stop), rt.meter_cache.run(stop)]
+        assert rt.key_cache and rt.meter_cache and rt.token_cache and rt.rate_limiter
+        await rt.rate_limiter.open()
+        jobs += [rt.key_cache.run(stop), rt.meter_cache.run(stop), rt.token_cache.run(stop)]
         config = uvicorn.Config(
             asgi, host=rt.settings.host, port=rt.settings.port, log_config=None,
             lifespan="off", access_log=False, timeout_graceful_shutdown=5,

@@ -29,6 +29,7 @@ class Settings:
     supplier_state_code: str
     supplier_gstin: str | None
     log_level: str = "INFO"
+    trusted_proxies: tuple[str, ...] = ()
     # Isolation knobs: tests give every test its own schema and stream names.
     pg_schema: str = "public"
     stream_prefix: str = ""
@@ -64,4 +65,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         supplier_state_code=opt("SUPPLIER_STATE_CODE") or DEFAULT_SUPPLIER_STATE_CODE,
         supplier_gstin=opt("SUPPLIER_GSTIN"),
         log_level=(opt("LOG_LEVEL") or "INFO").upper(),
+        trusted_proxies=tuple(p.strip() for p in (opt("BILLING_TRUSTED_PROXIES") or "").split(",")
+                              if p.strip()),
     )

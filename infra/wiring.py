@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import random
@@ -21,21 +22,24 @@ from nats.js import JetStreamContext
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from adapters import bookkeeping, bus
-from adapters.caches import KeyCache, MeterCache
+from adapters import bookkeeping, bus, rate_limit
+from adapters.caches import KeyCache, MeterCache, TokenCache
 from adapters.gate import PgProjectionGate
 from adapters.ledger import LedgerStore
 from adapters.maintenance import ensure_tables
 from adapters.pg import open_pool
+from adapters.rate_limit import PgRateLimiter
+from adapters.resolver import PgResolver
 from adapters.usage_writer import UsageWriter
 from api.deps import ApiDeps, OpsSnapshot
+from api.permissions import ROLE_PERMISSIONS
 from domain.api_key import PREFIX_CHARS
 from domain.invoicing import InvoicingService
 from domain.plans_service import PlansService
-from domain.services import CatalogueService, OrganisationService
+from domain.services import AccessService, CatalogueService, OrganisationService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
-from projections import catalogue, invoices, organisations, plans, usage_totals
+from projections import access, catalogue, invoices, organisations, plans, usage_totals
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
@@ -46,6 +50,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     usage_totals.READ_MODEL,
     plans.READ_MODEL,
     invoices.READ_MODEL,
+    access.READ_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
@@ -83,7 +88,7 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
         try:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
-            for statement in bookkeeping.DDL:
+            for statement in (*bookkeeping.DDL, *rate_limit.DDL):
                 conn.execute(statement)  # type: ignore[arg-type]
             for model in READ_MODELS:
                 for statement in model.ddl:
@@ -107,6 +112,8 @@ class Runtime:
     js: JetStreamContext | None = None
     writer: UsageWriter | None = None
     key_cache: KeyCache | None = None
+    token_cache: TokenCache | None = None
+    rate_limiter: PgRateLimiter | None = None
     meter_cache: MeterCache | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -125,10 +132,17 @@ class Runtime:
         await bus.ensure_streams(self.js, self.streams)
         return self.js
 
-    async def close(self) -> None:
+    async def close_api(self) -> None:
+        """Stop what api_deps() started: the rate limiter's pool and the usage writer."""
+        if self.rate_limiter is not None:
+            await self.rate_limiter.close()
+            self.rate_limiter = None
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
             self.writer = None
+
+    async def close(self) -> None:
+        await self.close_api()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), NATS_CLOSE_TIMEOUT_S)
@@ -166,19 +180,31 @@ class Runtime:
         self.writer.start()
         self.key_cache = KeyCache(self.pool)
         self.meter_cache = MeterCache(self.pool)
+        self.token_cache = TokenCache(self.pool)
+        self.rate_limiter = PgRateLimiter(self.database_url, self.settings.pg_schema)
         clock = lambda: datetime.now(UTC)  # noqa: E731
+        access_service = AccessService(self.ledger, clock, uuid4, new_key_secret)
+        bootstrap = admin_token(self.settings)
+        access_service.ensure_bootstrap_owner(bootstrap)
         return ApiDeps(
             organisations=OrganisationService(self.ledger, clock, uuid4),
             catalogue=CatalogueService(self.ledger, clock, uuid4, new_key_secret),
             plans=PlansService(self.ledger, clock),
             invoicing=InvoicingService(self.ledger, clock, pause=_jittered_pause),
+            access=access_service,
+            tokens=self.token_cache,
+            resolver=PgResolver(self.pool),
+            rate_limiter=self.rate_limiter,
+            role_permissions=ROLE_PERMISSIONS,
+            trusted_proxies=[ipaddress.ip_network(p, strict=False)
+                             for p in self.settings.trusted_proxies],
             usage=self.writer,
             keys=self.key_cache,
             meters=self.meter_cache,
             clock=clock,
             read_pool=self.pool,
             gate=PgProjectionGate(self.pool, self.ledger),
-            admin_token_sha256=admin_token_digest(self.settings),
+            admin_token_sha256=hashlib.sha256(bootstrap.encode()).digest(),
             readiness={"postgres": postgres_ok, "nats": nats_ok},
             ops_snapshot=self.ops_snapshot,
         )
@@ -194,7 +220,7 @@ def new_key_secret() -> tuple[str, str]:
     return secrets.token_hex(PREFIX_CHARS // 2), secrets.token_urlsafe(32)
 
 
-def admin_token_digest(settings: Settings) -> bytes:
+def admin_token(settings: Settings) -> str:
     """The bootstrap owner token: BILLING_ADMIN_TOKEN, or one generated once into the data
     folder (mode 0600) so that `make run` is usable without configuration."""
     token = settings.admin_token
@@ -207,4 +233,4 @@ def admin_token_digest(settings: Settings) -> bytes:
                 f.write(secrets.token_urlsafe(32))
             log.warning("BILLING_ADMIN_TOKEN is not set; generated an owner token in %s", path)
         token = path.read_text().strip()
-    return hashlib.sha256(token.encode()).digest()
+    return token

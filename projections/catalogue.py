@@ -49,6 +49,7 @@ DDL = (
         ledger_position bigint NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS api_keys_by_project ON api_keys (project_id)",
+    "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS allowed_ips text NOT NULL DEFAULT ''",
     "CREATE INDEX IF NOT EXISTS api_keys_by_position ON api_keys (ledger_position)",
 )
 
@@ -84,10 +85,16 @@ def _project_created(cur: Cursor[Any], e: Project.Created, position: int) -> Non
 def _key_created(cur: Cursor[Any], e: ApiKey.Created, position: int) -> None:
     cur.execute(
         "INSERT INTO api_keys (id, prefix, secret_sha256, project_id, organisation_id, name,"
-        " expires_at, created_at, ledger_position) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        " expires_at, created_at, ledger_position, allowed_ips)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (e.originator_id, e.prefix, e.secret_sha256, e.project_id, e.organisation_id, e.name,
-         e.expires_at, e.timestamp, position),
+         e.expires_at, e.timestamp, position, e.allowed_ips),
     )
+
+
+def _key_expiry(cur: Cursor[Any], e: ApiKey.ExpiryBrought, position: int) -> None:
+    cur.execute("UPDATE api_keys SET expires_at = %s, ledger_position = %s WHERE id = %s",
+                (e.expires_at, position, e.originator_id))
 
 
 def _key_revoked(cur: Cursor[Any], e: ApiKey.Revoked, position: int) -> None:
@@ -107,6 +114,7 @@ READ_MODEL = ReadModel(
         Project.Created: _project_created,
         ApiKey.Created: _key_created,
         ApiKey.Revoked: _key_revoked,
+        ApiKey.ExpiryBrought: _key_expiry,
     },
 )
 
@@ -129,11 +137,20 @@ def project(conn: Connection[Any], project_id: UUID) -> dict[str, Any] | None:
 def api_keys(conn: Connection[Any], project_id: UUID) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            "SELECT id, project_id, name, prefix, expires_at, revoked_at, created_at FROM api_keys"
+            "SELECT id, project_id, name, prefix, expires_at, revoked_at, created_at, allowed_ips"
+            " FROM api_keys"
             " WHERE project_id = %s ORDER BY created_at, id LIMIT %s",
             (project_id, LIST_MAX_ROWS),
         )
         return cur.fetchall()
+
+
+_KEY_COLUMNS = (
+    "k.id, k.prefix, k.secret_sha256, k.project_id, k.organisation_id, k.expires_at, k.revoked_at,"
+    " k.allowed_ips, o.timezone, o.suspended, o.allowed_ips AS organisation_allowed_ips,"
+    " o.rate_limit_per_s, o.rate_limit_burst,"
+    " GREATEST(k.ledger_position, o.ledger_position) AS position"
+)
 
 
 def keys_changed_since(conn: Connection[Any], position: int) -> list[dict[str, Any]]:
@@ -141,8 +158,7 @@ def keys_changed_since(conn: Connection[Any], position: int) -> list[dict[str, A
     `position`: what each API process's key cache reloads."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            "SELECT k.id, k.prefix, k.secret_sha256, k.project_id, k.organisation_id, k.expires_at,"
-            " k.revoked_at, o.timezone, GREATEST(k.ledger_position, o.ledger_position) AS position"
+            f"SELECT {_KEY_COLUMNS}"
             " FROM api_keys k JOIN organisations o ON o.id = k.organisation_id"
             " WHERE k.ledger_position > %(p)s OR o.ledger_position > %(p)s",
             {"p": position},
@@ -153,8 +169,7 @@ def keys_changed_since(conn: Connection[Any], position: int) -> list[dict[str, A
 def key_by_prefix(conn: Connection[Any], prefix: str) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            "SELECT k.id, k.prefix, k.secret_sha256, k.project_id, k.organisation_id, k.expires_at,"
-            " k.revoked_at, o.timezone, GREATEST(k.ledger_position, o.ledger_position) AS position"
+            f"SELECT {_KEY_COLUMNS}"
             " FROM api_keys k JOIN organisations o ON o.id = k.organisation_id WHERE k.prefix = %s",
             (prefix,),
         )

@@ -9,7 +9,7 @@ from uuid import UUID
 from psycopg import Connection, Cursor, sql
 from psycopg.rows import dict_row
 
-from domain.organisation import SETTING_NAMES, Organisation
+from domain.organisation import ACCESS_SETTING_NAMES, SETTING_NAMES, Organisation
 from projections.base import ReadModel
 
 NAME = "organisations"
@@ -30,6 +30,10 @@ DDL = (
         version bigint NOT NULL,
         ledger_position bigint NOT NULL
     )""",
+    "ALTER TABLE organisations ADD COLUMN IF NOT EXISTS suspended boolean NOT NULL DEFAULT false",
+    "ALTER TABLE organisations ADD COLUMN IF NOT EXISTS allowed_ips text NOT NULL DEFAULT ''",
+    "ALTER TABLE organisations ADD COLUMN IF NOT EXISTS rate_limit_per_s integer NOT NULL DEFAULT 100",
+    "ALTER TABLE organisations ADD COLUMN IF NOT EXISTS rate_limit_burst integer NOT NULL DEFAULT 200",
 )
 
 
@@ -45,6 +49,8 @@ def _created(cur: Cursor[Any], e: Organisation.Created, position: int) -> None:
 
 def _settings_updated(cur: Cursor[Any], e: Organisation.SettingsUpdated, position: int) -> None:
     changes: dict[str, Any] = {k: v for k, v in e.after.items() if k in SETTING_NAMES}
+    changes |= {k: int(v) if k.startswith("rate_") else v
+                for k, v in e.after.items() if k in ACCESS_SETTING_NAMES}
     changes |= {"updated_at": e.timestamp, "version": e.originator_version,
                 "ledger_position": position}
     assignments = sql.SQL(", ").join(
@@ -58,14 +64,31 @@ def _settings_updated(cur: Cursor[Any], e: Organisation.SettingsUpdated, positio
         raise LookupError(f"organisation {e.originator_id} is not in the read model")
 
 
+def _suspension(cur: Cursor[Any], e: Any, position: int) -> None:
+    cur.execute(
+        "UPDATE organisations SET suspended = %s, updated_at = %s, version = %s,"
+        " ledger_position = %s WHERE id = %s",
+        (isinstance(e, Organisation.Suspended), e.timestamp, e.originator_version, position,
+         e.originator_id),
+    )
+
+
 READ_MODEL = ReadModel(
     name=NAME,
     ddl=DDL,
     tables=("organisations",),
-    handlers={Organisation.Created: _created, Organisation.SettingsUpdated: _settings_updated},
+    handlers={
+        Organisation.Created: _created,
+        Organisation.SettingsUpdated: _settings_updated,
+        Organisation.Suspended: _suspension,
+        Organisation.Reactivated: _suspension,
+    },
 )
 
-_COLUMNS = "id, name, billing_email, currency, timezone, country, gstin, state_code, created_at, updated_at"
+_COLUMNS = (
+    "id, name, billing_email, currency, timezone, country, gstin, state_code, created_at, updated_at,"
+    " suspended, allowed_ips, rate_limit_per_s, rate_limit_burst"
+)
 
 
 def get(conn: Connection[Any], org_id: UUID) -> dict[str, Any] | None:

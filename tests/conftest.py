@@ -105,9 +105,7 @@ async def running(rt: Runtime, roles: set[str]) -> AsyncIterator[asyncio.Event]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-        if rt.writer is not None:
-            await asyncio.to_thread(rt.writer.stop)
-            rt.writer = None
+        await rt.close_api()
         if rt.nc is not None:
             await rt.nc.close()
             rt.nc = None
@@ -150,6 +148,7 @@ def background_roles(rt: Runtime, roles: set[str]) -> Iterator[None]:
     async def main() -> None:
         ready.set()
         await run_roles(rt, roles, stop, signals=False)
+        await rt.close_api()
         if rt.nc is not None:
             await rt.nc.close()
             rt.nc = None

@@ -1,0 +1,68 @@
+"""A rate limit shared by every API process: GCRA (a token bucket in one timestamp) kept in
+Postgres, one atomic statement per request. If Postgres cannot answer, the request is let
+through (the ledger on the same Postgres then answers 503 anyway) and the miss is counted."""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import timedelta
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("billing.ratelimit")
+
+POOL_MAX_SIZE = 8
+POOL_TIMEOUT_S = 2.0
+STATEMENT_TIMEOUT_MS = 1000
+DDL = (
+    """CREATE TABLE IF NOT EXISTS rate_limits (
+        key text PRIMARY KEY,
+        tat timestamptz NOT NULL
+    )""",
+)
+
+_TAKE = """
+INSERT INTO rate_limits AS r (key, tat) VALUES (%(key)s, clock_timestamp() + %(step)s)
+ON CONFLICT (key) DO UPDATE SET tat = GREATEST(r.tat, clock_timestamp()) + %(step)s
+    WHERE GREATEST(r.tat, clock_timestamp()) + %(step)s - clock_timestamp() <= %(window)s
+RETURNING extract(epoch FROM tat - clock_timestamp())
+"""
+_PEEK = "SELECT extract(epoch FROM tat - clock_timestamp()) FROM rate_limits WHERE key = %s"
+
+
+class PgRateLimiter:
+    """Implements domain.ports.RateLimiter."""
+
+    def __init__(self, database_url: str, schema: str) -> None:
+        self._pool = AsyncConnectionPool(
+            database_url, min_size=1, max_size=POOL_MAX_SIZE, timeout=POOL_TIMEOUT_S, open=False,
+            kwargs={"autocommit": True, "options": f"-c search_path={schema}"
+                    f" -c statement_timeout={STATEMENT_TIMEOUT_MS}"},
+        )
+        self.store_errors = 0
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def take(self, key: str, per_second: int, burst: int) -> tuple[bool, int, float]:
+        step_s = 1.0 / per_second
+        window_s = burst * step_s
+        params = {"key": key, "step": timedelta(seconds=step_s), "window": timedelta(seconds=window_s)}
+        try:
+            async with self._pool.connection() as conn:
+                row = await (await conn.execute(_TAKE, params, prepare=True)).fetchone()
+                if row is not None:
+                    ahead = float(row[0])
+                    return True, max(0, math.floor((window_s - ahead) / step_s)), 0.0
+                peek = await (await conn.execute(_PEEK, (key,))).fetchone()
+        except (psycopg.Error, TimeoutError, OSError) as e:
+            self.store_errors += 1
+            log.warning("rate limit store unavailable, letting the request through: %s", e)
+            return True, 0, 0.0
+        ahead = float(peek[0]) if peek else window_s
+        return False, 0, max(step_s, ahead + step_s - window_s)

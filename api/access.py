@@ -1,0 +1,144 @@
+"""Admin routes for access: admin tokens, API key rotation, and the audit trail."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import anyio
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import FromPath, JSONBody
+
+from api.auth import scope_of
+from api.deps import ApiDeps
+from api.ids import LEDGER_POSITION_HEADER, parse_id, settle, wait_caught_up
+from api.pagination import parse_limit
+from domain.errors import FieldError, ValidationFailed
+from projections import access, catalogue
+
+ROTATION_OVERLAP_MAX_S = 30 * 24 * 3600
+ROTATION_OVERLAP_DEFAULT_S = 24 * 3600
+
+
+class CreateToken(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+    name: str = "admin token"
+    organisation_id: UUID | None = None
+    expires_at: datetime | None = None
+
+
+class TokenCreated(msgspec.Struct):
+    id: UUID
+    role: str
+    organisation_id: UUID | None
+    name: str
+    expires_at: datetime | None
+    token: str  # shown once; only its hash is recorded
+
+
+class Rotate(msgspec.Struct, forbid_unknown_fields=True):
+    overlap_s: int = ROTATION_OVERLAP_DEFAULT_S
+
+
+class RotatedKey(msgspec.Struct):
+    id: UUID
+    project_id: UUID
+    prefix: str
+    key: str  # shown once
+    replaces: UUID
+    old_key_expires_at: datetime
+
+
+class AuditEvent(msgspec.Struct):
+    id: UUID
+    at: datetime
+    actor_id: UUID
+    role: str
+    source_ip: str
+    request_id: str
+    action: str
+    organisation_id: UUID | None
+    targets: list[dict[str, str]]
+    changes: list[dict[str, dict[str, str | None]]]
+    ledger_position: int
+
+
+class AuditPage(msgspec.Struct):
+    items: list[AuditEvent]
+    next_cursor: str | None
+
+
+class AccessController(Controller):
+    path = "/admin/v1"
+    tags = ["access"]
+
+    @post("/tokens", summary="Create an admin token (shown once)", status_code=201)
+    async def create_token(self, data: JSONBody[CreateToken],
+                           request: Request[Any, Any, Any]) -> Response[TokenCreated]:
+        deps: ApiDeps = request.app.state.deps
+        written, token = await anyio.to_thread.run_sync(
+            deps.access.issue_token, data.role, data.organisation_id, data.name, data.expires_at)
+        await settle(deps, access.NAME, written.position)
+        t = written.aggregate
+        return Response(TokenCreated(t.id, t.role, t.organisation_id, t.name, t.expires_at, token),
+                        status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+    @delete("/tokens/{token_id:str}", summary="Revoke an admin token", status_code=204)
+    async def revoke_token(self, token_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
+        deps: ApiDeps = request.app.state.deps
+        await anyio.to_thread.run_sync(deps.access.revoke_token, parse_id(token_id, "token"))
+
+    @post("/api-keys/{key_id:str}/rotate", summary="Rotate an API key: a new key now, the old "
+          "one valid for overlap_s more seconds", status_code=201)
+    async def rotate_key(self, key_id: FromPath[str], data: JSONBody[Rotate],
+                         request: Request[Any, Any, Any]) -> Response[RotatedKey]:
+        deps: ApiDeps = request.app.state.deps
+        if not 0 <= data.overlap_s <= ROTATION_OVERLAP_MAX_S:
+            raise ValidationFailed([FieldError("overlap_s", f"0 to {ROTATION_OVERLAP_MAX_S} seconds")])
+        old_id = parse_id(key_id, "api key")
+        written, full = await anyio.to_thread.run_sync(
+            deps.catalogue.rotate_key, old_id, timedelta(seconds=data.overlap_s))
+        await settle(deps, catalogue.READ_MODEL.name, written.position)
+        k = written.aggregate
+        expires = deps.clock() + timedelta(seconds=data.overlap_s)
+        return Response(RotatedKey(k.id, k.project_id, k.prefix, full, old_id, expires),
+                        status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+    @get("/audit-events", summary="Who did what, when, from where (filters, pagination)")
+    async def audit_events(self, request: Request[Any, Any, Any]) -> AuditPage:
+        deps: ApiDeps = request.app.state.deps
+        q = request.query_params
+        limit = parse_limit(q.get("limit"))
+        cursor = q.get("cursor")
+        if cursor is not None and (not cursor.isdigit() or len(cursor) > 19):
+            raise ValidationFailed([FieldError("cursor", "is not a cursor this API returned")])
+        organisation = scope_of(request) or (
+            parse_id(q["organisation_id"], "organisation") if q.get("organisation_id") else None)
+        actor = parse_id(q["actor_id"], "actor") if q.get("actor_id") else None
+        since, until = _time(q.get("from"), "from"), _time(q.get("to"), "to")
+        await wait_caught_up(deps, request, access.NAME)
+
+        def fetch() -> list[dict[str, Any]]:
+            with deps.read_pool.connection() as conn:
+                return access.audit_page(conn, limit + 1, int(cursor or 0),
+                                         organisation_id=organisation, actor_id=actor,
+                                         action=q.get("action"), since=since, until=until)
+
+        rows = await anyio.to_thread.run_sync(fetch)
+        items = [msgspec.convert(r, AuditEvent) for r in rows[:limit]]
+        more = len(rows) > limit
+        return AuditPage(items, str(items[-1].ledger_position) if more else None)
+
+
+def _time(raw: str | None, name: str) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        at = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValidationFailed([FieldError(name, "must be an RFC 3339 time")]) from None
+    if at.tzinfo is None:
+        raise ValidationFailed([FieldError(name, "must include an offset")])
+    return at

@@ -1,0 +1,73 @@
+"""Who may do what: one table decides every admin route (API.md, Authentication).
+
+A rule names the permission a route needs and how an organisation-scoped caller is confined:
+- GLOBAL: platform-wide commands; organisation-scoped callers get 403.
+- ANY: platform-wide reads (meters, plans) that every role with the permission may see.
+- ORG: the organisation in the path must be the caller's (else 404, as if it did not exist).
+- PROJECT / API_KEY / INVOICE: the resource's organisation must be the caller's (else 404).
+- LIST: the handler narrows the list to the caller's organisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scope = Literal["GLOBAL", "ANY", "ORG", "PROJECT", "API_KEY", "INVOICE", "LIST"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    permission: str
+    scope: Scope
+    path_param: str | None = None
+
+
+A = "/admin/v1"
+RULES: dict[tuple[str, str], Rule] = {
+    ("POST", f"{A}/tokens"): Rule("tokens:write", "GLOBAL"),
+    ("DELETE", f"{A}/tokens/{{token_id}}"): Rule("tokens:write", "GLOBAL"),
+    ("POST", f"{A}/organisations"): Rule("orgs:create", "GLOBAL"),
+    ("GET", f"{A}/organisations"): Rule("orgs:read", "LIST"),
+    ("GET", f"{A}/organisations/{{org_id}}"): Rule("orgs:read", "ORG", "org_id"),
+    ("PATCH", f"{A}/organisations/{{org_id}}"): Rule("orgs:write", "ORG", "org_id"),
+    ("POST", f"{A}/organisations/{{org_id}}/projects"): Rule("projects:write", "ORG", "org_id"),
+    ("GET", f"{A}/organisations/{{org_id}}/usage"): Rule("usage:read", "ORG", "org_id"),
+    ("PUT", f"{A}/organisations/{{org_id}}/subscription"): Rule("billing:write", "GLOBAL"),
+    ("GET", f"{A}/organisations/{{org_id}}/subscription"): Rule("billing:read", "ORG", "org_id"),
+    ("GET", f"{A}/projects/{{project_id}}"): Rule("projects:read", "PROJECT", "project_id"),
+    ("POST", f"{A}/projects/{{project_id}}/api-keys"): Rule("keys:write", "PROJECT", "project_id"),
+    ("GET", f"{A}/projects/{{project_id}}/api-keys"): Rule("keys:read", "PROJECT", "project_id"),
+    ("DELETE", f"{A}/api-keys/{{key_id}}"): Rule("keys:write", "API_KEY", "key_id"),
+    ("POST", f"{A}/api-keys/{{key_id}}/rotate"): Rule("keys:write", "API_KEY", "key_id"),
+    ("POST", f"{A}/meters"): Rule("catalogue:write", "GLOBAL"),
+    ("GET", f"{A}/meters"): Rule("catalogue:read", "ANY"),
+    ("POST", f"{A}/plans"): Rule("catalogue:write", "GLOBAL"),
+    ("GET", f"{A}/plans/{{code}}"): Rule("catalogue:read", "ANY"),
+    ("GET", f"{A}/invoices"): Rule("invoices:read", "LIST"),
+    ("GET", f"{A}/invoices/{{invoice_id}}"): Rule("invoices:read", "INVOICE", "invoice_id"),
+    ("POST", f"{A}/invoices/{{invoice_id}}/finalize"): Rule("invoices:write", "GLOBAL"),
+    ("POST", f"{A}/invoices/{{invoice_id}}/void"): Rule("invoices:write", "GLOBAL"),
+    ("POST", f"{A}/invoice-runs"): Rule("invoices:write", "GLOBAL"),
+    ("GET", f"{A}/audit-events"): Rule("audit:read", "LIST"),
+}
+
+_READ = frozenset({"orgs:read", "projects:read", "keys:read", "catalogue:read", "billing:read",
+                   "usage:read", "invoices:read"})
+_WRITE = frozenset({"orgs:create", "orgs:write", "projects:write", "keys:write", "catalogue:write",
+                    "billing:write", "invoices:write"})
+ALL = frozenset(r.permission for r in RULES.values())
+
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "owner": ALL,
+    "billing_admin": _READ | _WRITE | {"audit:read"},
+    "support": _READ,
+    "auditor": _READ | {"audit:read"},
+    "org_admin": _READ | {"orgs:write", "projects:write", "keys:write", "audit:read"},
+    "org_viewer": _READ,
+}
+
+
+def rule_for(method: str, path_template: str) -> Rule | None:
+    """The rule of a route, by its path template as Litestar routes it ({name}, no types)."""
+    return RULES.get((method, path_template.rstrip("/") or "/"))
