@@ -14,7 +14,8 @@ from psycopg_pool import ConnectionPool
 
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, settle, wait_caught_up
-from domain.errors import NotFound
+from domain.errors import FieldError, NotFound, ValidationFailed
+from domain.organisation import canonical_cidrs
 from projections import catalogue, usage_totals
 
 
@@ -55,6 +56,7 @@ class ProjectOut(msgspec.Struct):
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     expires_at: datetime | None = None
+    allowed_ips: list[str] = []
 
 
 class KeyOut(msgspec.Struct):
@@ -65,6 +67,7 @@ class KeyOut(msgspec.Struct):
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
+    allowed_ips: str
 
 
 class KeyCreated(msgspec.Struct):
@@ -157,8 +160,13 @@ class ProjectController(Controller):
     async def create_key(self, project_id: FromPath[str], data: JSONBody[CreateKey],
                          request: Request[Any, Any, Any]) -> Response[KeyCreated]:
         deps: ApiDeps = request.app.state.deps
+        try:
+            cidrs = canonical_cidrs(data.allowed_ips)
+        except ValueError as e:
+            raise ValidationFailed([FieldError("allowed_ips", f"invalid: {e}")]) from None
         written, full = await anyio.to_thread.run_sync(
-            deps.catalogue.issue_key, parse_id(project_id, "project"), data.name, data.expires_at)
+            deps.catalogue.issue_key, parse_id(project_id, "project"), data.name, data.expires_at,
+            cidrs)
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)

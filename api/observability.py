@@ -36,6 +36,11 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
 
+        self.auth_failures = Counter(
+            "billing_auth_failures_total", "Requests refused by authentication or authorisation",
+            ["status"], registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -90,6 +90,21 @@ def field_error(message: str, index: int | None = None) -> FieldError:
     return FieldError(name, text, index)
 
 
+_REFUSAL_STATUS = {Unauthenticated: "401", Forbidden: "403", TooManyRequests: "429"}
+
+
+def _count_refusal(request: Request[Any, Any, Any], exc: Exception) -> None:
+    """Counted and logged; the log names the reason, never the credential."""
+    status = _REFUSAL_STATUS[type(exc)]
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.auth_failures.labels(status).inc()
+    log.warning("refused", extra={"status": int(status), "reason": str(exc),
+                                  "path": request.url.path,
+                                  "client": request.client.host if request.client else "",
+                                  "request_id": request.scope.get("state", {}).get("request_id")})
+
+
 def _validation_errors(exc: ValidationException) -> list[FieldError]:
     extra = exc.extra if isinstance(exc.extra, list) else []
     errors = []
@@ -105,6 +120,8 @@ def _validation_errors(exc: ValidationException) -> list[FieldError]:
 
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """The one mapping from exceptions to HTTP."""
+    if isinstance(exc, (Unauthenticated, Forbidden, TooManyRequests)):
+        _count_refusal(request, exc)
     if isinstance(exc, ValidationFailed):
         return problem(422, "the request is invalid; nothing was changed", exc.errors)
     if isinstance(exc, NotFound):

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from uuid import UUID, uuid4, uuid5
 
 import msgspec
 from tqdm import tqdm
 
 from adapters import bookkeeping
 from adapters.maintenance import rebuild, redrive
+from domain.access import ROLES as ROLES_OF_PRINCIPALS
+from domain.audit import CURRENT_ACTOR, Actor
+from domain.errors import DomainError
+from domain.services import AccessService, CatalogueService, OrganisationService
 from infra import logs
 from infra.roles import ROLES, run_roles
 from infra.settings import Settings, from_env
-from infra.wiring import READ_MODELS, Runtime, read_model, servers
+from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
+
+CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     proj.add_parser("status", help="position, lag and dead letters of every read model")
     rb = proj.add_parser("rebuild", help="drop one read model and replay it from position 0")
     rb.add_argument("name", choices=[m.name for m in READ_MODELS])
+    admin = sub.add_parser("admin", help="admin principals").add_subparsers(dest="action", required=True)
+    tok = admin.add_parser("create-token", help="print a new admin token (shown once)")
+    tok.add_argument("--role", required=True, choices=ROLES_OF_PRINCIPALS)
+    tok.add_argument("--organisation", help="organisation id, for org_admin / org_viewer")
+    tok.add_argument("--name", default="created with the CLI")
+    orgs = sub.add_parser("orgs", help="organisations").add_subparsers(dest="action", required=True)
+    oc = orgs.add_parser("create", help="create an organisation; prints its id")
+    oc.add_argument("--name", required=True)
+    oc.add_argument("--billing-email", required=True)
+    oc.add_argument("--state-code")
+    oc.add_argument("--gstin")
+    keys = sub.add_parser("keys", help="project API keys").add_subparsers(dest="action", required=True)
+    kc = keys.add_parser("create", help="print a new API key for a project (shown once)")
+    kc.add_argument("--project", required=True)
+    kc.add_argument("--name", default="created with the CLI")
+    kr = keys.add_parser("revoke", help="revoke an API key")
+    kr.add_argument("key_id")
     dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="action", required=True)
     for action in ("list", "redrive"):
         a = dlq.add_parser(action)
@@ -62,6 +88,8 @@ def _operator(settings: Settings, args: argparse.Namespace) -> int:
 
 def _operate(rt: Runtime, args: argparse.Namespace) -> int:
     out = sys.stdout
+    if args.command in ("admin", "orgs", "keys"):
+        return _tenant_command(rt, args)
     if args.command == "projections" and args.action == "status":
         snap = rt.ops_snapshot()
         for name, pos in sorted(snap.projections.items()):
@@ -97,6 +125,37 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
             out.write(f"  position {position}: {error}\n")
         failed += len(result.still_failing)
     return 1 if failed else 0
+
+
+def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:
+    """Operator commands without HTTP; audited as the local operator."""
+    clock = lambda: datetime.now(UTC)  # noqa: E731
+    CURRENT_ACTOR.set(Actor(uuid5(CLI_NAMESPACE, getpass.getuser()), "owner", None, "cli",
+                            f"cli-{uuid4().hex}"))
+    out = sys.stdout
+    try:
+        if args.command == "admin":
+            access = AccessService(rt.ledger, clock, uuid4, new_key_secret)
+            org = UUID(args.organisation) if args.organisation else None
+            _, token = access.issue_token(args.role, org, args.name, None)
+            out.write(token + "\n")
+        elif args.command == "orgs":
+            settings = {"name": args.name, "billing_email": args.billing_email}
+            settings |= {k: v for k, v in (("state_code", args.state_code), ("gstin", args.gstin)) if v}
+            written = OrganisationService(rt.ledger, clock, uuid4).create(settings)
+            out.write(f"{written.aggregate.id}\n")
+        else:
+            catalogue = CatalogueService(rt.ledger, clock, uuid4, new_key_secret)
+            if args.action == "create":
+                _, key = catalogue.issue_key(UUID(args.project), args.name, None)
+                out.write(key + "\n")
+            else:
+                catalogue.revoke_key(UUID(args.key_id))
+                out.write("revoked\n")
+    except (DomainError, ValueError) as e:
+        sys.stderr.write(f"billing: {e}\n")
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

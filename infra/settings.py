@@ -65,6 +65,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         supplier_state_code=opt("SUPPLIER_STATE_CODE") or DEFAULT_SUPPLIER_STATE_CODE,
         supplier_gstin=opt("SUPPLIER_GSTIN"),
         log_level=(opt("LOG_LEVEL") or "INFO").upper(),
+        pg_schema=opt("BILLING_PG_SCHEMA") or "public",
+        stream_prefix=opt("BILLING_STREAM_PREFIX") or "",
         trusted_proxies=tuple(p.strip() for p in (opt("BILLING_TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),
     )

@@ -1,0 +1,295 @@
+"""Access across real processes: two `billing api` processes, a relay and a projector on one
+schema. Route x role matrix, tenant isolation (hypothesis), revocation/expiry/IP checks on
+both APIs within 5 s, a rate limit shared by both, audit entries, and no secret in any log."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from litestar import Litestar, Router, get
+from psycopg import sql
+
+from api.app import check_rules
+from api.permissions import ROLE_PERMISSIONS, RULES
+from domain.access import ORG_ROLES, ROLES
+from infra.embedded import free_port
+from tests.conftest import http_status, wait_sync
+
+BOOT = "access-bootstrap-token-7f3e9a"
+SECRETS: list[str] = [BOOT]
+
+
+@dataclasses.dataclass
+class Cluster:
+    apis: list[str]
+    logs: list[Path]
+    schema: str
+
+    def admin(self, token: str = BOOT, i: int = 0) -> httpx.Client:
+        return httpx.Client(base_url=self.apis[i], timeout=10,
+                            headers={"Authorization": f"Bearer {token}"})
+
+
+@dataclasses.dataclass
+class Tenant:
+    org: str
+    project: str
+    key: str
+    key_id: str
+    tokens: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def cluster(server_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tag = uuid.uuid4().hex[:8]
+    schema, prefix = f"acc_{tag}", f"ACC{tag.upper()}_"
+    logdir = tmp_path_factory.mktemp("access-logs")
+    env = {k: v for k, v in os.environ.items()} | {
+        "DATABASE_URL": server_urls[0], "NATS_URL": server_urls[1], "BILLING_PG_SCHEMA": schema,
+        "BILLING_STREAM_PREFIX": prefix, "BILLING_ADMIN_TOKEN": BOOT, "LOG_LEVEL": "INFO",
+        "BILLING_DATA_DIR": str(logdir)}
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    ports = [free_port(), free_port()]
+
+    def start(role: str, port: int | None = None) -> None:
+        log = logdir / f"{role}-{len(procs)}.log"
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", role], env=env | ({"PORT": str(port)} if port else {}),
+            stdout=subprocess.DEVNULL, stderr=log.open("wb")))
+
+    start("relay")
+    start("project")
+    for port in ports:
+        start("api", port)
+    apis = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        for api in apis:
+            wait_sync(lambda a=api: http_status(f"{a}/health/ready") == 200, f"{api} ready", 60)
+        yield Cluster(apis, logs, schema)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
+        with psycopg.connect(server_urls[0], autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _id(r: httpx.Response) -> str:
+    assert r.status_code in (200, 201), r.text
+    return str(r.json()["id"])
+
+
+def make_tenant(c: Cluster, name: str) -> Tenant:
+    with c.admin() as admin:
+        org = _id(admin.post("/admin/v1/organisations", json={"name": name, "billing_email": "a@b.in"}))
+        project = _id(admin.post(f"/admin/v1/organisations/{org}/projects", json={"name": "p"}))
+        key = admin.post(f"/admin/v1/projects/{project}/api-keys", json={"name": "k"}).json()
+        tokens = {}
+        for role in ROLES:
+            body = {"role": role, "name": role} | ({"organisation_id": org} if role in ORG_ROLES else {})
+            r = admin.post("/admin/v1/tokens", json=body)
+            assert r.status_code == 201, r.text
+            tokens[role] = r.json()["token"]
+        admin.post("/admin/v1/meters", json={"code": "req", "name": "Requests", "aggregation": "count"})
+    SECRETS.extend([key["key"], *tokens.values()])
+    return Tenant(org, project, key["key"], key["id"], tokens)
+
+
+@pytest.fixture(scope="module")
+def tenants(cluster: Cluster) -> dict[str, Tenant]:
+    return {name: make_tenant(cluster, name) for name in ("a", "b")}
+
+
+def _url(template: str, t: Tenant) -> str:
+    ids = {"org_id": t.org, "project_id": t.project, "key_id": str(uuid.uuid4()),
+           "token_id": str(uuid.uuid4()), "invoice_id": str(uuid.uuid4()), "code": "nope"}
+    return template.format(**ids)
+
+
+def test_every_route_enforces_the_permission_table_for_every_role(
+    cluster: Cluster, tenants: dict[str, Tenant]
+) -> None:
+    a = tenants["a"]
+    checked = 0
+    for (method, template), rule in sorted(RULES.items()):
+        for role in ROLES:
+            scoped_global = role in ORG_ROLES and rule.scope == "GLOBAL"
+            allowed = rule.permission in ROLE_PERMISSIONS[role] and not scoped_global
+            with cluster.admin(a.tokens[role]) as client:
+                body = {} if method in ("POST", "PUT", "PATCH") else None
+                r = client.request(method, _url(template, a), json=body,
+                                   params={"metric": "req"} if template.endswith("usage") else None)
+            if allowed:
+                assert r.status_code not in (401, 403), (method, template, role, r.text)
+            else:
+                assert r.status_code == 403, (method, template, role, r.status_code)
+            checked += 1
+    assert checked == len(RULES) * len(ROLES)
+
+
+def test_adding_an_admin_route_without_a_rule_fails() -> None:
+    @get("/admin/v1/secret-new-thing")
+    async def new_thing() -> str:
+        return "x"
+
+    with pytest.raises(RuntimeError, match="has no rule"):
+        check_rules(Litestar(route_handlers=[Router(path="/", route_handlers=[new_thing])]))
+
+
+SCOPED_ROUTES = [(m, t) for (m, t), r in RULES.items() if r.scope in ("ORG", "PROJECT")]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(SCOPED_ROUTES), role=st.sampled_from(ORG_ROLES),
+       caller=st.sampled_from(["a", "b"]), key_kind=st.booleans())
+def test_no_scoped_token_reaches_another_organisation(
+    cluster: Cluster, tenants: dict[str, Tenant], route: tuple[str, str], role: str, caller: str,
+    key_kind: bool,
+) -> None:
+    me, other = tenants[caller], tenants["b" if caller == "a" else "a"]
+    method, template = route
+    with cluster.admin(me.tokens[role]) as client:
+        r = client.request(method, _url(template, other), params={"metric": "req"},
+                           json={"name": "x"} if method in ("POST", "PUT", "PATCH") else None)
+        assert r.status_code in (403, 404), (method, template, role, r.text)
+        if key_kind:
+            # Lists show only one's own organisation.
+            orgs = client.get("/admin/v1/organisations").json()["items"]
+            assert [o["id"] for o in orgs] == [me.org]
+            invoices = client.get("/admin/v1/invoices", params={"organisation_id": other.org})
+            assert invoices.json()["items"] == []
+            audit = client.get("/admin/v1/audit-events") if role == "org_admin" else None
+            if audit is not None:
+                assert all(e["organisation_id"] == me.org for e in audit.json()["items"])
+    # An API key only ever writes and reads its own project.
+    r = httpx.get(f"{cluster.apis[0]}/api/v1/usage", params={"metric": "req"},
+                  headers={"Authorization": f"Bearer {me.key}"})
+    assert all(i.get("project_id") == me.project for i in r.json()["items"])
+
+
+def _ingest(c: Cluster, key: str, i: int, **headers: str) -> httpx.Response:
+    return httpx.post(f"{c.apis[i]}/api/v1/events", timeout=10,
+                      json={"event_id": uuid.uuid4().hex, "metric": "req"},
+                      headers={"Authorization": f"Bearer {key}"} | headers)
+
+
+def _on_both_within_5s(c: Cluster, key: str, status: int, what: str) -> None:
+    started = time.monotonic()
+    for i in (0, 1):
+        wait_sync(lambda i=i: _ingest(c, key, i).status_code == status, f"{what} on api {i}", 5)
+    assert time.monotonic() - started < 5
+
+
+def test_revoked_expired_and_wrong_ip_keys_are_refused_on_both_apis(
+    cluster: Cluster, tenants: dict[str, Tenant]
+) -> None:
+    t = make_tenant(cluster, "keys")
+    with cluster.admin() as admin:
+        assert _ingest(cluster, t.key, 0).status_code == 202
+        assert _ingest(cluster, t.key, 1).status_code == 202
+        assert admin.delete(f"/admin/v1/api-keys/{t.key_id}").status_code == 204
+        _on_both_within_5s(cluster, t.key, 401, "revocation")
+
+        soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+        expiring = admin.post(f"/admin/v1/projects/{t.project}/api-keys",
+                              json={"name": "short", "expires_at": soon}).json()["key"]
+        fenced = admin.post(f"/admin/v1/projects/{t.project}/api-keys",
+                            json={"name": "fenced", "allowed_ips": ["10.0.0.0/8", "fd00::/8"]}).json()["key"]
+        SECRETS.extend([expiring, fenced])
+    for i in (0, 1):
+        r = _ingest(cluster, fenced, i, **{"X-Forwarded-For": "10.1.2.3"})  # spoofing is ignored
+        assert r.status_code == 403 and "not allowed" in r.json()["detail"]
+    _on_both_within_5s(cluster, expiring, 401, "expiry")
+
+
+def test_suspension_refuses_ingestion_on_both_apis_and_reactivation_restores_it(
+    cluster: Cluster,
+) -> None:
+    t = make_tenant(cluster, "suspended")
+    with cluster.admin() as admin:
+        assert admin.patch(f"/admin/v1/organisations/{t.org}", json={"suspended": True}).status_code == 200
+        _on_both_within_5s(cluster, t.key, 403, "suspension")
+        assert "suspended" in _ingest(cluster, t.key, 0).json()["detail"]
+        assert admin.patch(f"/admin/v1/organisations/{t.org}", json={"suspended": False}).status_code == 200
+        _on_both_within_5s(cluster, t.key, 202, "reactivation")
+
+
+def test_rate_limit_holds_across_both_api_processes(cluster: Cluster) -> None:
+    t = make_tenant(cluster, "limited")
+    per_second, burst = 2, 5
+    with cluster.admin() as admin:
+        r = admin.patch(f"/admin/v1/organisations/{t.org}",
+                        json={"rate_limit": {"per_second": per_second, "burst": burst}})
+        assert r.status_code == 200
+    for i in (0, 1):
+        wait_sync(lambda i=i: _ingest(cluster, t.key, i).headers.get("ratelimit-limit") == str(burst),
+                  "new limit seen", 5)
+    time.sleep(burst / per_second)  # let the bucket refill completely before measuring
+    started = time.monotonic()
+    results = [_ingest(cluster, t.key, n % 2) for n in range(30)]
+    elapsed = time.monotonic() - started
+    accepted = [r for r in results if r.status_code == 202]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(accepted) + len(refused) == 30
+    assert burst - 1 <= len(accepted) <= burst + elapsed * per_second + 1
+    assert {r.status_code for r in accepted[:2]} == {202}
+    for r in refused:
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["ratelimit-limit"] == str(burst)
+        assert r.headers["ratelimit-remaining"] == "0" and int(r.headers["ratelimit-reset"]) >= 0
+
+
+def test_admin_commands_leave_an_audit_trail(cluster: Cluster, tenants: dict[str, Tenant]) -> None:
+    a = tenants["a"]
+    with cluster.admin(a.tokens["org_admin"]) as client:
+        r = client.patch(f"/admin/v1/organisations/{a.org}", json={"name": "renamed"},
+                         headers={"X-Request-Id": "audit-req-1"})
+        assert r.status_code == 200
+        events = client.get("/admin/v1/audit-events", params={"action": "SettingsUpdated"},
+                            headers={"X-Ledger-Position": r.headers["x-ledger-position"]}).json()["items"]
+    (entry,) = [e for e in events if e["request_id"] == "audit-req-1"]
+    assert entry["role"] == "org_admin" and entry["source_ip"] == "127.0.0.1"
+    assert entry["organisation_id"] == a.org
+    assert entry["changes"][0]["after"] == {"name": "renamed"}
+    assert entry["changes"][0]["before"]["name"] == "a"
+
+
+def test_secrets_never_reach_logs_errors_audit_or_lists(
+    cluster: Cluster, tenants: dict[str, Tenant]
+) -> None:
+    # Failed attempts are counted and logged (without the credential).
+    bad = "bt_000000000000_this-is-a-wrong-secret"
+    for i in (0, 1):
+        assert httpx.get(f"{cluster.apis[i]}/admin/v1/organisations",
+                         headers={"Authorization": f"Bearer {bad}"}).status_code == 401
+    metrics = httpx.get(f"{cluster.apis[0]}/metrics").text
+    assert 'billing_auth_failures_total{status="401"}' in metrics
+    with cluster.admin() as admin:
+        views = [admin.get("/admin/v1/audit-events", params={"limit": "1000"}).text,
+                 admin.get(f"/admin/v1/projects/{tenants['a'].project}/api-keys").text]
+    logs = [p.read_text(errors="replace") for p in cluster.logs]
+    assert any("refused" in text for text in logs)
+    for secret in [*SECRETS, bad]:
+        # The secret part: what follows the visible prefix (bk_<prefix>_ / bt_<prefix>_).
+        secret_part = secret.split("_", 2)[2] if secret[:3] in ("bk_", "bt_") else secret
+        assert len(secret_part) >= 16
+        for text in views + logs:
+            assert secret_part not in text
+    assert len(SECRETS) > 10
