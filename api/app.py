@@ -13,6 +13,7 @@ from api.auth import admin_guard
 from api.catalogue import MeterController, ProjectController
 from api.deps import ApiDeps
 from api.ingest import ingest
+from api.invoice_runs import invoice_run
 from api.invoices import InvoiceController
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController
@@ -41,7 +42,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         path="/",
         route_handlers=[OrganisationController, MeterController, ProjectController,
                         organisation_usage, PlanController, SubscriptionController,
-                        InvoiceController, AccessController],
+                        InvoiceController, AccessController, invoice_run],
         guards=[admin_guard],
     )
     app = Litestar(

@@ -12,6 +12,7 @@ from psycopg_pool import ConnectionPool
 from domain.invoicing import InvoicingService
 from domain.plans_service import PlansService
 from domain.ports import (
+    InvoiceRunner,
     KeyLookup,
     MeterLookup,
     ProjectionGate,
@@ -43,6 +44,7 @@ class ApiDeps:
     plans: PlansService
     invoicing: InvoicingService
     access: AccessService
+    invoice_runner: InvoiceRunner
     tokens: TokenLookup
     resolver: Resolver
     rate_limiter: RateLimiter

@@ -48,6 +48,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/invoices/{{invoice_id}}"): Rule("invoices:read", "INVOICE", "invoice_id"),
     ("POST", f"{A}/invoices/{{invoice_id}}/finalize"): Rule("invoices:write", "GLOBAL"),
     ("POST", f"{A}/invoices/{{invoice_id}}/void"): Rule("invoices:write", "GLOBAL"),
+    ("POST", f"{A}/invoice-runs"): Rule("invoices:write", "GLOBAL"),
     ("GET", f"{A}/audit-events"): Rule("audit:read", "LIST"),
 }
 

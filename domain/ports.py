@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
 from uuid import UUID
@@ -117,3 +117,27 @@ class MeterLookup(Protocol):
     """Meter rules by code, from a per-process cache of the meters projection."""
 
     async def rules(self, codes: set[str]) -> dict[str, MeterRule]: ...
+
+
+@dataclass
+class Blocked:
+    """An organisation the invoice run left alone: its usage has dead-lettered entries."""
+
+    organisation_id: UUID
+    name: str
+    missing_positions: list[int]
+
+
+@dataclass
+class RunResult:
+    period: str
+    created: int = 0
+    existing: int = 0
+    skipped: int = 0
+    not_due: int = 0
+    failed: int = 0
+    blocked: list[Blocked] = field(default_factory=list)
+
+
+class InvoiceRunner(Protocol):
+    def run(self, period: str) -> RunResult: ...

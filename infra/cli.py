@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     kc.add_argument("--name", default="created with the CLI")
     kr = keys.add_parser("revoke", help="revoke an API key")
     kr.add_argument("key_id")
+    inv = sub.add_parser("invoices", help="invoices").add_subparsers(dest="action", required=True)
+    ir = inv.add_parser("run", help="draft every subscribed organisation's invoice for a period")
+    ir.add_argument("--period", required=True, help="YYYY-MM")
     dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="action", required=True)
     for action in ("list", "redrive"):
         a = dlq.add_parser(action)
@@ -90,6 +93,8 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.command in ("admin", "orgs", "keys"):
         return _tenant_command(rt, args)
+    if args.command == "invoices":
+        return _invoice_run(rt, args.period)
     if args.command == "projections" and args.action == "status":
         snap = rt.ops_snapshot()
         for name, pos in sorted(snap.projections.items()):
@@ -125,6 +130,29 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
             out.write(f"  position {position}: {error}\n")
         failed += len(result.still_failing)
     return 1 if failed else 0
+
+
+def _invoice_run(rt: Runtime, period: str) -> int:
+    CURRENT_ACTOR.set(Actor(uuid5(CLI_NAMESPACE, getpass.getuser()), "owner", None, "cli",
+                            f"cli-{uuid4().hex}"))
+    with tqdm(unit="org", desc=f"invoice run {period}", file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            result = rt.invoice_run().run(period, progress)
+        except DomainError as e:
+            sys.stderr.write(f"billing: {e}\n")
+            return 2
+    sys.stdout.write(f"{period}: created {result.created}, existing {result.existing}, skipped "
+                     f"{result.skipped}, not due {result.not_due}, failed {result.failed}, "
+                     f"blocked {len(result.blocked)}\n")
+    for b in result.blocked:
+        sys.stdout.write(f"  blocked: {b.name} ({b.organisation_id}): dead-lettered usage at "
+                         f"ledger positions {b.missing_positions}; run `billing dlq redrive`\n")
+    return 1 if result.blocked or result.failed else 0
 
 
 def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from adapters.projector import Projector
 from adapters.relay import Relay
 from api.app import create_app
+from infra.scheduler import start as start_scheduler
 from infra.wiring import READ_MODELS, Runtime
 
 log = logging.getLogger("billing.roles")
@@ -55,9 +56,7 @@ async def run_roles(
             rt.extras[f"projector:{model.name}"] = projector
             jobs.append(projector.run(stop))
     if "scheduler" in roles:
-        # The monthly invoice run is registered here once invoicing exists (issue 5).
-        scheduler = AsyncIOScheduler(timezone="UTC")
-        scheduler.start()
+        scheduler = start_scheduler(rt)
     if "api" in roles:
         _, asgi = create_app(rt.api_deps())
         assert rt.key_cache and rt.meter_cache and rt.token_cache and rt.rate_limiter

@@ -30,6 +30,9 @@ class Settings:
     supplier_gstin: str | None
     log_level: str = "INFO"
     trusted_proxies: tuple[str, ...] = ()
+    grace_hours: int = 24
+    auto_finalize_hours: int = 24  # 0: drafts wait for POST .../finalize
+    supplier_name: str = "Billing Platform"
     # Isolation knobs: tests give every test its own schema and stream names.
     pg_schema: str = "public"
     stream_prefix: str = ""
@@ -66,6 +69,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         supplier_gstin=opt("SUPPLIER_GSTIN"),
         log_level=(opt("LOG_LEVEL") or "INFO").upper(),
         pg_schema=opt("BILLING_PG_SCHEMA") or "public",
+        grace_hours=int(opt("BILLING_GRACE_HOURS") or "24"),
+        auto_finalize_hours=int(opt("BILLING_AUTO_FINALIZE_HOURS") or "24"),
+        supplier_name=opt("SUPPLIER_NAME") or "Billing Platform",
         stream_prefix=opt("BILLING_STREAM_PREFIX") or "",
         trusted_proxies=tuple(p.strip() for p in (opt("BILLING_TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 import psycopg
@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 from adapters import bookkeeping, bus, rate_limit
 from adapters.caches import KeyCache, MeterCache, TokenCache
 from adapters.gate import PgProjectionGate
+from adapters.invoice_run import InvoiceRun
 from adapters.ledger import LedgerStore
 from adapters.maintenance import ensure_tables
 from adapters.pg import open_pool
@@ -160,6 +161,14 @@ class Runtime:
                 dead_letters=bookkeeping.dead_letter_counts(conn),
             )
 
+    def invoicing(self) -> InvoicingService:
+        return InvoicingService(self.ledger, lambda: datetime.now(UTC), pause=_jittered_pause)
+
+    def invoice_run(self) -> InvoiceRun:
+        return InvoiceRun(self.pool, self.ledger, self.invoicing(), self.settings.supplier_state_code,
+                          lambda: datetime.now(UTC), timedelta(hours=self.settings.grace_hours),
+                          self.settings.pg_schema)
+
     def api_deps(self) -> ApiDeps:
         async def postgres_ok() -> bool:
             def check() -> bool:
@@ -190,7 +199,8 @@ class Runtime:
             organisations=OrganisationService(self.ledger, clock, uuid4),
             catalogue=CatalogueService(self.ledger, clock, uuid4, new_key_secret),
             plans=PlansService(self.ledger, clock),
-            invoicing=InvoicingService(self.ledger, clock, pause=_jittered_pause),
+            invoicing=self.invoicing(),
+            invoice_runner=self.invoice_run(),
             access=access_service,
             tokens=self.token_cache,
             resolver=PgResolver(self.pool),

@@ -247,3 +247,30 @@ def quantities(conn: Connection[Any], q: UsageQuery, aggregation: str) -> list[d
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(sql.encode(), params)  # type: ignore[call-overload]
         return cur.fetchall()
+
+
+def period_quantities(conn: Connection[Any], month_start: date) -> dict[UUID, dict[str, Decimal]]:
+    """Every organisation's quantity per meter for the month starting `month_start` (local
+    dates), all projects together: what an invoice run prices. One pass over the month."""
+    out: dict[UUID, dict[str, Decimal]] = {}
+    rows = conn.execute(
+        """SELECT t.organisation_id, t.metric, CASE m.aggregation
+                WHEN 'count' THEN sum(t.count)::numeric
+                WHEN 'sum' THEN sum(t.sum)
+                WHEN 'max' THEN max(t.max)
+                WHEN 'latest' THEN (array_agg(t.latest_value
+                                    ORDER BY t.latest_at DESC, t.latest_position DESC))[1]
+                END
+           FROM usage_totals t JOIN usage_meters m ON m.code = t.metric
+           WHERE t.granularity = 'month' AND t.period_start = %s AND m.aggregation <> 'unique_count'
+           GROUP BY t.organisation_id, t.metric, m.aggregation""",
+        (month_start,),
+    ).fetchall()
+    rows += conn.execute(
+        """SELECT organisation_id, metric, count(DISTINCT value)::numeric FROM usage_unique
+           WHERE granularity = 'month' AND period_start = %s GROUP BY organisation_id, metric""",
+        (month_start,),
+    ).fetchall()
+    for org, metric, quantity in rows:
+        out.setdefault(org, {})[metric] = Decimal(quantity)
+    return out

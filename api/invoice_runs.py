@@ -1,0 +1,43 @@
+"""POST /admin/v1/invoice-runs: draft a period's invoices now (the scheduler does it too)."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import anyio
+import msgspec
+from litestar import Request, post
+from litestar.params import JSONBody
+
+from api.deps import ApiDeps
+
+
+class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
+    period: str
+
+
+class BlockedOut(msgspec.Struct):
+    organisation_id: UUID
+    name: str
+    missing_positions: list[int]
+
+
+class RunOut(msgspec.Struct):
+    period: str
+    created: int
+    existing: int
+    skipped: int
+    not_due: int
+    failed: int
+    blocked: list[BlockedOut]
+
+
+@post("/admin/v1/invoice-runs", status_code=200, tags=["invoices"],
+      summary="Draft every subscribed organisation's invoice for a period (idempotent)")
+async def invoice_run(data: JSONBody[RunRequest], request: Request[Any, Any, Any]) -> RunOut:
+    deps: ApiDeps = request.app.state.deps
+    result = await anyio.to_thread.run_sync(deps.invoice_runner.run, data.period)
+    return RunOut(result.period, result.created, result.existing, result.skipped, result.not_due,
+                  result.failed, [BlockedOut(b.organisation_id, b.name, b.missing_positions)
+                                  for b in result.blocked])

@@ -1,0 +1,83 @@
+"""Scheduled work (APScheduler): the monthly invoice run, automatic finalization of drafts,
+and invoice emails. Every job is safe to run in several processes: the invoice run takes a
+Postgres advisory lock, finalization and emails are idempotent by construction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from adapters.invoice_run import due_periods
+from domain.errors import Conflict, DomainError
+from infra.wiring import Runtime
+from projections import invoices
+
+log = logging.getLogger("billing.scheduler")
+
+INVOICE_RUN_EVERY_MIN = 15
+FINALIZE_EVERY_MIN = 15
+CATCH_UP_PERIODS = 2  # after downtime, the last two ended periods are run again (idempotent)
+FINALIZE_BATCH_MAX = 1000
+
+
+async def invoice_job(rt: Runtime) -> None:
+    now = datetime.now(UTC)
+    run = rt.invoice_run()
+    for period in due_periods(now, timedelta(hours=rt.settings.grace_hours), CATCH_UP_PERIODS):
+        try:
+            result = await asyncio.to_thread(run.run, period)
+        except Conflict as e:
+            log.info("invoice run %s skipped: %s", period, e)
+            continue
+        except DomainError as e:
+            log.error("invoice run %s failed: %s", period, e)
+            continue
+        log.info("invoice run", extra={"period": period, "created": result.created,
+                                       "existing": result.existing, "skipped": result.skipped,
+                                       "not_due": result.not_due, "failed": result.failed,
+                                       "blocked": [str(b.organisation_id) for b in result.blocked]})
+        for b in result.blocked:
+            log.error("invoice run %s: %s (%s) not invoiced, dead-lettered usage at positions %s",
+                      period, b.name, b.organisation_id, b.missing_positions)
+
+
+def finalize_due(rt: Runtime, now: datetime) -> int:
+    """Finalize drafts older than the configured delay; returns how many were finalized."""
+    hours = rt.settings.auto_finalize_hours
+    if hours <= 0:
+        return 0
+    with rt.pool.connection() as conn:
+        drafts = invoices.page(conn, FINALIZE_BATCH_MAX, None, status="draft")
+    service = rt.invoicing()
+    done = 0
+    for row in drafts:
+        if row["created_at"] > now - timedelta(hours=hours):
+            continue
+        try:
+            service.finalize(row["id"])
+            done += 1
+        except DomainError as e:
+            log.warning("auto-finalize %s: %s", row["id"], e)
+    return done
+
+
+def start(rt: Runtime) -> AsyncIOScheduler:
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    now = datetime.now(UTC)
+    # next_run_time=now: a restarted scheduler catches up at once on runs it missed.
+    scheduler.add_job(invoice_job, "interval", args=[rt], minutes=INVOICE_RUN_EVERY_MIN,
+                      next_run_time=now, max_instances=1, coalesce=True, id="invoice-run")
+
+    async def finalize_job() -> None:
+        count = await asyncio.to_thread(finalize_due, rt, datetime.now(UTC))
+        if count:
+            log.info("auto-finalized %d draft invoices", count)
+
+    scheduler.add_job(finalize_job, "interval", minutes=FINALIZE_EVERY_MIN,
+                      next_run_time=now + timedelta(seconds=30), max_instances=1, coalesce=True,
+                      id="finalize")
+    scheduler.start()
+    return scheduler

@@ -1,0 +1,102 @@
+"""End to end over HTTP: meters + plan + subscriptions + usage across two periods -> invoice
+run -> drafts with hand-computed totals -> finalize -> gapless numbers; re-runs change nothing."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from tests.e2e.conftest import AUTH, Api
+
+pytestmark = pytest.mark.anyio
+IST = ZoneInfo("Asia/Kolkata")
+
+
+def last_period() -> tuple[str, datetime]:
+    """The month before this one (IST) and a moment late in it (within the 35-day window)."""
+    first_of_month = datetime.now(IST).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    late_in_last = first_of_month - timedelta(hours=6)
+    return late_in_last.strftime("%Y-%m"), late_in_last
+
+
+async def post(api: Api, path: str, body: dict[str, Any], status: int = 201, **kw: Any) -> Any:
+    r = await api.http.post(path, headers=AUTH | kw.pop("headers", {}), json=body)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+async def tenant(api: Api, name: str, state: str) -> tuple[str, str]:
+    org = (await post(api, "/admin/v1/organisations",
+                      {"name": name, "billing_email": f"ap@{name}.in", "state_code": state}))["id"]
+    project = (await post(api, f"/admin/v1/organisations/{org}/projects", {"name": "p"}))["id"]
+    key = (await post(api, f"/admin/v1/projects/{project}/api-keys", {"name": "k"}))["key"]
+    r = await api.http.put(f"/admin/v1/organisations/{org}/subscription", headers=AUTH,
+                           json={"plan_code": "standard",
+                                 "starts_at": (datetime.now(UTC) - timedelta(days=70)).isoformat()})
+    assert r.status_code == 201, r.text
+    return org, key
+
+
+async def test_invoice_run_drafts_exact_gst_invoices_and_numbers_them_without_gaps(api: Api) -> None:
+    for meter in ({"code": "inv_api", "name": "API", "aggregation": "count"},
+                  {"code": "inv_gb", "name": "GB", "aggregation": "sum"}):
+        r = await api.http.post("/admin/v1/meters", headers=AUTH, json=meter)
+        assert r.status_code in (200, 201)
+    await post(api, "/admin/v1/plans", {
+        "code": "standard", "name": "Standard", "base_fee": "500", "minimum": "0", "charges": [
+            {"metric": "inv_api", "model": "per_unit", "unit_price": "0.0035"},
+            {"metric": "inv_gb", "model": "graduated", "tiers": [
+                {"up_to": "10", "unit_price": "0"}, {"up_to": None, "unit_price": "2.5"}]}]})
+    period, late = last_period()
+    karnataka, key_a = await tenant(api, "karnataka", "29")  # same state as the supplier
+    maharashtra, key_b = await tenant(api, "maharashtra", "27")
+    for key in (key_a, key_b):
+        events = [{"event_id": f"a{i}", "metric": "inv_api", "timestamp": late.isoformat()} for i in range(3)]
+        events += [{"event_id": "g1", "metric": "inv_gb", "value": "12.5", "timestamp": late.isoformat()},
+                   # this period's usage belongs to the next invoice, not this one
+                   {"event_id": "now", "metric": "inv_gb", "value": "99"}]
+        r = await api.http.post("/api/v1/events", json={"events": events},
+                                headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 202 and r.json()["accepted"] == 5
+
+    # Run at once: the run waits for the usage projection, so the totals are complete.
+    first = await post(api, "/admin/v1/invoice-runs", {"period": period}, 200)
+    assert (first["created"], first["blocked"], first["failed"]) == (2, [], 0)
+    again = await post(api, "/admin/v1/invoice-runs", {"period": period}, 200)
+    assert (again["created"], again["existing"]) == (0, 2)
+
+    listed = (await api.http.get("/admin/v1/invoices", headers=AUTH | {"X-Ledger-Position": "0"},
+                                 params={"period": period})).json()["items"]
+    by_org = {i["organisation_id"]: i for i in listed}
+    a, b = by_org[karnataka], by_org[maharashtra]
+    # base 500.00 + 3 x 0.0035 = 0.0105 -> 0.01 + (12.5 - 10) x 2.5 = 6.25  => 50626 paise
+    assert [line["amount"] for line in a["lines"]] == [50000, 1, 625]
+    assert a["subtotal"] == b["subtotal"] == 50626
+    # 9 % of 50626 = 4556.34 -> 4556 each; 18 % = 9112.68 -> 9113
+    assert [(t["name"], t["amount"]) for t in a["taxes"]] == [("CGST", 4556), ("SGST", 4556)]
+    assert [(t["name"], t["amount"]) for t in b["taxes"]] == [("IGST", 9113)]
+    assert (a["total"], b["total"]) == (59738, 59739)
+    assert a["status"] == "draft" and a["number"] is None
+
+    numbers = []
+    for invoice in (a, b):
+        r = await api.http.post(f"/admin/v1/invoices/{invoice['id']}/finalize", headers=AUTH)
+        assert r.status_code == 200, r.text
+        numbers.append(r.json()["number"])
+    fy = datetime.now(IST).year if datetime.now(IST).month >= 4 else datetime.now(IST).year - 1
+    prefix = f"INV/{fy % 100:02d}{(fy + 1) % 100:02d}/"
+    assert sorted(numbers) == [f"{prefix}000001", f"{prefix}000002"]
+    r = await api.http.post(f"/admin/v1/invoices/{a['id']}/void", headers=AUTH, json={"reason": "x"})
+    assert r.status_code == 200 and r.json()["number"] == numbers[0]  # a void keeps its number
+    assert (await post(api, "/admin/v1/invoice-runs", {"period": "2026-13"}, 422))["errors"]
+
+
+async def test_runs_refuse_bad_periods_and_unknown_invoices_are_404(api: Api) -> None:
+    for bad in ("2026-1", "26-10", "2026-00", ""):
+        await post(api, "/admin/v1/invoice-runs", {"period": bad}, 422)
+    r = await api.http.post(f"/admin/v1/invoices/{uuid.uuid4()}/finalize", headers=AUTH)
+    assert r.status_code == 404
