@@ -21,6 +21,7 @@ INVOICE_RUN_EVERY_MIN = 15
 FINALIZE_EVERY_MIN = 15
 CATCH_UP_PERIODS = 2  # after downtime, the last two ended periods are run again (idempotent)
 FINALIZE_BATCH_MAX = 1000
+EMAIL_EVERY_MIN = 1
 
 
 async def invoice_job(rt: Runtime) -> None:
@@ -79,5 +80,15 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler.add_job(finalize_job, "interval", minutes=FINALIZE_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=30), max_instances=1, coalesce=True,
                       id="finalize")
+    notifier = rt.notifier()
+
+    async def email_job() -> None:
+        sent, failed = await asyncio.to_thread(notifier.send_due)
+        if sent or failed:
+            log.info("invoice emails", extra={"sent": sent, "failed": failed})
+
+    scheduler.add_job(email_job, "interval", minutes=EMAIL_EVERY_MIN,
+                      next_run_time=now + timedelta(seconds=10), max_instances=1, coalesce=True,
+                      id="email")
     scheduler.start()
     return scheduler

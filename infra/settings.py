@@ -33,6 +33,7 @@ class Settings:
     grace_hours: int = 24
     auto_finalize_hours: int = 24  # 0: drafts wait for POST .../finalize
     supplier_name: str = "Billing Platform"
+    mail_from: str = "billing@localhost"
     # Isolation knobs: tests give every test its own schema and stream names.
     pg_schema: str = "public"
     stream_prefix: str = ""
@@ -72,6 +73,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         grace_hours=int(opt("BILLING_GRACE_HOURS") or "24"),
         auto_finalize_hours=int(opt("BILLING_AUTO_FINALIZE_HOURS") or "24"),
         supplier_name=opt("SUPPLIER_NAME") or "Billing Platform",
+        mail_from=opt("BILLING_MAIL_FROM") or "billing@localhost",
         stream_prefix=opt("BILLING_STREAM_PREFIX") or "",
         trusted_proxies=tuple(p.strip() for p in (opt("BILLING_TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),

@@ -27,7 +27,9 @@ from adapters.caches import KeyCache, MeterCache, TokenCache
 from adapters.gate import PgProjectionGate
 from adapters.invoice_run import InvoiceRun
 from adapters.ledger import LedgerStore
+from adapters.mail import OutboxMailer, SmtpMailer
 from adapters.maintenance import ensure_tables
+from adapters.notifier import InvoiceNotifier, Supplier
 from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.resolver import PgResolver
@@ -35,6 +37,7 @@ from adapters.usage_writer import UsageWriter
 from api.deps import ApiDeps, OpsSnapshot
 from api.permissions import ROLE_PERMISSIONS
 from domain.api_key import PREFIX_CHARS
+from domain.documents import Mailer
 from domain.invoicing import InvoicingService
 from domain.plans_service import PlansService
 from domain.services import AccessService, CatalogueService, OrganisationService
@@ -168,6 +171,12 @@ class Runtime:
         return InvoiceRun(self.pool, self.ledger, self.invoicing(), self.settings.supplier_state_code,
                           lambda: datetime.now(UTC), timedelta(hours=self.settings.grace_hours),
                           self.settings.pg_schema)
+
+    def notifier(self) -> InvoiceNotifier:
+        s = self.settings
+        mailer: Mailer = SmtpMailer(s.smtp_url) if s.smtp_url else OutboxMailer(s.data_dir / "outbox")
+        supplier = Supplier(s.supplier_name, s.supplier_gstin, s.supplier_state_code, s.mail_from)
+        return InvoiceNotifier(self.pool, self.ledger, mailer, supplier)
 
     def api_deps(self) -> ApiDeps:
         async def postgres_ok() -> bool:

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from domain.invoice import FINALIZED, Invoice
+from domain.mail_record import InvoiceMail
 from projections.base import ReadModel
 
 NAME = "invoices"
@@ -54,6 +55,7 @@ DDL = (
     # Numbers are unique by construction (domain.numbering); a duplicate here is a bug that
     # must stop this view loudly (dead letter) rather than show two invoices with one number.
     "CREATE UNIQUE INDEX IF NOT EXISTS invoices_by_number ON invoices (number) WHERE number IS NOT NULL",
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS emailed_at timestamptz",
 )
 
 
@@ -90,6 +92,11 @@ def _voided(cur: Cursor[Any], e: Invoice.Voided, position: int) -> None:
             (e.reason, e.timestamp))
 
 
+def _emailed(cur: Cursor[Any], e: InvoiceMail.Sent, position: int) -> None:
+    if e.kind == "invoice":
+        cur.execute("UPDATE invoices SET emailed_at = %s WHERE id = %s", (e.timestamp, e.invoice_id))
+
+
 READ_MODEL = ReadModel(
     name=NAME,
     ddl=DDL,
@@ -98,6 +105,7 @@ READ_MODEL = ReadModel(
         Invoice.Drafted: _drafted,
         Invoice.Finalized: _finalized,
         Invoice.Voided: _voided,
+        InvoiceMail.Sent: _emailed,
     },
 )
 
@@ -164,3 +172,13 @@ def existing_for_period(conn: Connection[Any], period: str) -> dict[UUID, str]:
             (period,),
         )
         return {row[0]: str(row[1]) for row in cur.fetchall()}
+
+
+def not_emailed(conn: Connection[Any], limit: int) -> list[dict[str, Any]]:
+    """Finalized (or paid) invoices whose email has not been recorded as sent, oldest first."""
+    assert 0 < limit <= LIST_MAX_ROWS
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"SELECT {_COLUMNS} FROM invoices WHERE emailed_at IS NULL"
+            " AND status IN ('finalized', 'paid') ORDER BY finalized_at LIMIT %s", (limit,))
+        return cur.fetchall()

@@ -23,6 +23,13 @@ class Api:
     http: httpx.AsyncClient
     rt: Runtime
 
+    def count_where(self, table: str, condition: str) -> int:
+        with self.rt.pool.connection() as conn:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                sql.Identifier(table), sql.SQL(condition))).fetchone()  # type: ignore[arg-type]
+            assert row is not None
+            return int(row[0])
+
     def count(self, table: str) -> int:
         with self.rt.pool.connection() as conn:
             row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()

@@ -3,13 +3,19 @@ run -> drafts with hand-computed totals -> finalize -> gapless numbers; re-runs 
 
 from __future__ import annotations
 
+import asyncio
+import email
+import email.policy
+import io
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from pypdf import PdfReader
 
+from tests.conftest import wait_until
 from tests.e2e.conftest import AUTH, Api
 
 pytestmark = pytest.mark.anyio
@@ -90,6 +96,25 @@ async def test_invoice_run_drafts_exact_gst_invoices_and_numbers_them_without_ga
     fy = datetime.now(IST).year if datetime.now(IST).month >= 4 else datetime.now(IST).year - 1
     prefix = f"INV/{fy % 100:02d}{(fy + 1) % 100:02d}/"
     assert sorted(numbers) == [f"{prefix}000001", f"{prefix}000002"]
+
+    # The invoice emails: sent once each, HTML + PDF, to the outbox folder (no SMTP_URL).
+    notifier = api.rt.notifier()
+    head = api.rt.ledger.head()
+    await wait_until(lambda: api.count_where("invoices", "status = 'finalized'") == 2, "finalized")
+    assert await asyncio.to_thread(notifier.send_due) == (2, 0)
+    assert await asyncio.to_thread(notifier.send_due) == (0, 0)  # once
+    assert api.rt.ledger.head() > head  # the sending is recorded in the ledger
+    outbox = api.rt.settings.data_dir / "outbox"
+    mails = [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+             for p in sorted(outbox.glob("*.eml"))]
+    by_to = {m["To"]: m for m in mails}
+    mail = by_to["ap@karnataka.in"]
+    assert numbers[0] in mail["Subject"] or numbers[1] in mail["Subject"]
+    (pdf,) = [part for part in mail.iter_attachments() if part.get_content_type() == "application/pdf"]
+    text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.get_content())).pages)
+    number = next(n for n in numbers if n in mail["Subject"])
+    assert number in text and "597.38" in text  # the total, 59738 paise
+
     r = await api.http.post(f"/admin/v1/invoices/{a['id']}/void", headers=AUTH, json={"reason": "x"})
     assert r.status_code == 200 and r.json()["number"] == numbers[0]  # a void keeps its number
     assert (await post(api, "/admin/v1/invoice-runs", {"period": "2026-13"}, 422))["errors"]

@@ -1,0 +1,103 @@
+"""Invoice emails: each finalized invoice goes to its organisation's billing email once, with
+the HTML body and the PDF attached; the sending is recorded in the ledger (InvoiceMail.Sent).
+A failed send is retried with backoff now and again on the next pass of the scheduler.
+
+"Once": the record is written after the server accepted the message; a crash between the two
+sends it again with the same Message-ID, which receiving systems recognise as the same mail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+from adapters.documents import render_html, render_pdf
+from adapters.ledger import LedgerStore
+from adapters.mail import build_invoice_email, send_with_retries
+from domain.documents import DocumentLine, InvoiceDocument, Mailer
+from domain.errors import Conflict, DomainError, NotFound
+from domain.mail_record import InvoiceMail, mail_id
+from domain.tax import TaxLine
+from projections import invoices, organisations
+
+log = logging.getLogger("billing.notifier")
+
+PAYMENT_TERMS = timedelta(days=15)
+SEND_ATTEMPTS = 3
+SEND_BACKOFF_S = 0.5
+PASS_MAX_INVOICES = 50
+
+
+@dataclass(frozen=True)
+class Supplier:
+    name: str
+    gstin: str | None
+    state_code: str
+    sender: str
+
+
+def document(invoice: dict[str, Any], org: dict[str, Any], supplier: Supplier) -> InvoiceDocument:
+    issued = (invoice["finalized_at"] or datetime.now(UTC)).date()
+    return InvoiceDocument(
+        invoice_id=invoice["id"], number=invoice["number"], invoice_date=issued,
+        period=invoice["period"], due_date=issued + PAYMENT_TERMS, currency=invoice["currency"],
+        supplier_name=supplier.name, supplier_gstin=supplier.gstin,
+        supplier_state_code=supplier.state_code, customer_name=org["name"],
+        customer_gstin=org["gstin"], customer_state_code=org["state_code"],
+        customer_country=org["country"], billing_email=org["billing_email"],
+        lines=tuple(DocumentLine(line["description"], Decimal(str(line["quantity"])), line["amount"])
+                    for line in invoice["lines"]),
+        subtotal=invoice["subtotal"],
+        taxes=tuple(TaxLine(t["name"], Decimal(str(t["rate"])), t["amount"]) for t in invoice["taxes"]),
+        total=invoice["total"], amount_due=invoice["amount_due"],
+    )
+
+
+class InvoiceNotifier:
+    def __init__(self, pool: ConnectionPool, ledger: LedgerStore, mailer: Mailer,
+                 supplier: Supplier) -> None:
+        self._pool = pool
+        self._ledger = ledger
+        self._mailer = mailer
+        self._supplier = supplier
+
+    def send_due(self) -> tuple[int, int]:
+        """One pass: email finalized invoices not emailed yet. Returns (sent, failed)."""
+        with self._pool.connection() as conn:
+            due = invoices.not_emailed(conn, PASS_MAX_INVOICES)
+            orgs = {row["organisation_id"]: organisations.get(conn, row["organisation_id"])
+                    for row in due}
+        sent = failed = 0
+        for row in due:
+            org = orgs[row["organisation_id"]]
+            if org is None:
+                continue
+            try:
+                sent += self._send(row, org)
+            except DomainError as e:
+                failed += 1
+                log.warning("invoice %s email not sent (will retry): %s", row["number"], e)
+        return sent, failed
+
+    def _send(self, row: dict[str, Any], org: dict[str, Any]) -> bool:
+        try:  # the ledger, not the (possibly lagging) read model, says whether it was sent
+            self._ledger.get(mail_id(row["id"], "invoice"), InvoiceMail)
+            return False
+        except NotFound:
+            pass
+        doc = document(row, org, self._supplier)
+        msg = build_invoice_email(doc, render_html(doc), render_pdf(doc), org["billing_email"],
+                                  self._supplier.sender)
+        attempts = send_with_retries(self._mailer, msg, SEND_ATTEMPTS, SEND_BACKOFF_S)
+        record = InvoiceMail.record(row["id"], "invoice", str(msg["Message-ID"]),
+                                    org["billing_email"], attempts, datetime.now(UTC))
+        # Conflict: another process sent and recorded it too (with the same Message-ID).
+        with contextlib.suppress(Conflict):
+            self._ledger.save(record)
+        return True
