@@ -25,6 +25,8 @@ CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 5.0
 RECONNECT_WAIT_S = 0.5
 MAX_PENDING_BYTES = 8 * 1024 * 1024
+PREV_HEADER = "Ledger-Prev"  # position before the message's first entry
+TOPIC_HEADER = "Ledger-Topic"  # the one topic of every entry in the message
 
 
 class Entry(msgspec.Struct, array_like=True, frozen=True):
@@ -38,14 +40,18 @@ class Entry(msgspec.Struct, array_like=True, frozen=True):
 class RelayedBatch(msgspec.Struct, array_like=True, frozen=True):
     prev: int
     entries: list[Entry]
+    # Set only when the entries were not decoded (a topic the reader ignores): then the
+    # positions come from the message headers.
+    first_: int = 0
+    last_: int = 0
 
     @property
     def first(self) -> int:
-        return self.entries[0].position
+        return self.entries[0].position if self.entries else self.first_
 
     @property
     def last(self) -> int:
-        return self.entries[-1].position
+        return self.entries[-1].position if self.entries else self.last_
 
 
 class DeadLetter(msgspec.Struct, frozen=True):

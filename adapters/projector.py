@@ -31,7 +31,15 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from adapters.bus import DeadLetter, RelayedBatch, Streams, decode_batch, encode
+from adapters.bus import (
+    PREV_HEADER,
+    TOPIC_HEADER,
+    DeadLetter,
+    RelayedBatch,
+    Streams,
+    decode_batch,
+    encode,
+)
 from adapters.ledger import LedgerStore
 from projections.base import ReadModel
 
@@ -109,8 +117,8 @@ class Projector:
                 if sub is None:
                     sub = await self.subscribe()
                 msgs = await sub.fetch(FETCH_BATCH_MSGS, timeout=FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                continue
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue  # an idle fetch; nats-py raises either kind
             except Exception as e:  # broker away: keep trying, ledger keeps everything
                 log.warning("projector %s cannot fetch: %s: %s", self.model.name, type(e).__name__, e)
                 sub = None
@@ -118,9 +126,19 @@ class Projector:
                 continue
             await self.handle(msgs)
 
+    def _decode(self, msg: Msg) -> RelayedBatch:
+        """The message's entries, or, for a topic this model ignores, only its positions (from
+        headers, without decoding the body)."""
+        headers = msg.headers or {}
+        topic = headers.get(TOPIC_HEADER)
+        if topic is not None and topic not in self._topics and PREV_HEADER in headers:
+            first, _, last = headers["Nats-Msg-Id"].partition("-")
+            return RelayedBatch(int(headers[PREV_HEADER]), [], first_=int(first), last_=int(last))
+        return decode_batch(msg.data)
+
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply a fetched batch, then ack it. Safe to call with any order or repeats."""
-        batches = [decode_batch(m.data) for m in msgs]
+        batches = [self._decode(m) for m in msgs]
         try:
             try:
                 await asyncio.to_thread(self._apply_together, batches)
@@ -158,6 +176,8 @@ class Projector:
                     if unit.position > tracked:
                         units.append(unit)
                         tracked = unit.position
+                if not batch.entries:  # a topic this model ignores: nothing to apply up to last
+                    tracked = max(tracked, batch.last)
             self._apply_units(cur, units)
             if tracked != start:
                 self._set_tracking(cur, tracked)
@@ -208,6 +228,13 @@ class Projector:
         units += _units(batch)
         for unit in units:
             await self._apply_with_retries(msg, unit)
+        if not batch.entries:
+            await asyncio.to_thread(self._advance, batch.last)
+
+    def _advance(self, position: int) -> None:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            if self._lock_tracking(cur) < position:
+                self._set_tracking(cur, position)
 
     def _tracked(self) -> int:
         with self._pool.connection() as conn, conn.cursor() as cur:

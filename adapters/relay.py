@@ -19,7 +19,15 @@ from eventsourcing.persistence import Notification
 from nats.js import JetStreamContext
 
 from adapters.bookkeeping import lock_key, relay_position
-from adapters.bus import MAX_MESSAGE_BYTES, Entry, RelayedBatch, Streams, encode
+from adapters.bus import (
+    MAX_MESSAGE_BYTES,
+    PREV_HEADER,
+    TOPIC_HEADER,
+    Entry,
+    RelayedBatch,
+    Streams,
+    encode,
+)
 from adapters.ledger import LedgerStore
 
 log = logging.getLogger("billing.relay")
@@ -147,7 +155,8 @@ class Relay:
                 encode(b),
                 timeout=PUBLISH_TIMEOUT_S,
                 stream=self._streams.ledger,
-                headers={"Nats-Msg-Id": f"{b.first}-{b.last}"},
+                headers={"Nats-Msg-Id": f"{b.first}-{b.last}", PREV_HEADER: str(b.prev),
+                         TOPIC_HEADER: b.entries[0].topic},
             )
             for b in batches
         ))

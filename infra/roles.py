@@ -65,7 +65,8 @@ async def run_roles(
         config = uvicorn.Config(
             asgi, host=rt.settings.host, port=rt.settings.port, log_config=None,
             lifespan="off", access_log=False, timeout_graceful_shutdown=5,
-            proxy_headers=False,  # api/client_ip.py decides whom to believe (trusted proxies)
+            # api/client_ip.py decides whom to believe (trusted proxies), not uvicorn.
+            proxy_headers=False, http="httptools",
         )
         server = _Server(config)
         jobs.append(server.serve())
