@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import getpass
+import logging
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,11 +27,14 @@ from domain.audit import CURRENT_ACTOR, Actor
 from domain.errors import DomainError
 from domain.services import AccessService, CatalogueService, OrganisationService
 from infra import logs
-from infra.roles import ROLES, run_roles
+from infra.roles import run_roles
 from infra.settings import Settings, from_env
 from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+WORKER_POLL_S = 1.0
+WORKER_STOP_TIMEOUT_S = 20.0
+log = logging.getLogger("billing.cli")
 CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 
 
@@ -36,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("api", help="run the HTTP API only")
     sub.add_parser("relay", help="run the ledger relay only (one active, others standby)")
     sub.add_parser("project", help="run the projectors only")
+    sub.add_parser("worker", help="run the relay and the projectors (what `serve` starts beside the API)")
     proj = sub.add_parser("projections", help="read models").add_subparsers(dest="action", required=True)
     proj.add_parser("status", help="position, lag and dead letters of every read model")
     rb = proj.add_parser("rebuild", help="drop one read model and replay it from position 0")
@@ -67,20 +77,63 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_roles(settings: Settings, roles: set[str]) -> int:
+def _run_roles(settings: Settings, roles: set[str], *, with_worker: bool = False) -> int:
     with servers(settings) as (db, nats):
         rt = Runtime.open(settings, db, nats)
+        worker = _start_worker(db, nats) if with_worker else None
+        stop = asyncio.Event()
+
+        async def watch_worker() -> None:
+            assert worker is not None
+            while worker.poll() is None and not stop.is_set():
+                await asyncio.sleep(WORKER_POLL_S)
+            if not stop.is_set():
+                log.error("the worker process (relay + projectors) exited with %s; stopping",
+                          worker.returncode)
+                stop.set()
 
         async def main() -> None:
+            watcher = asyncio.create_task(watch_worker()) if worker else None
             try:
-                await run_roles(rt, roles)
+                await run_roles(rt, roles, stop)
             finally:
+                stop.set()
+                if watcher:
+                    await watcher
                 await rt.close()
 
-        # uvloop: a faster event loop for the HTTP server, NATS and psycopg's async connections.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
+        try:
+            # uvloop: a faster event loop for the HTTP server, NATS and psycopg's async connections.
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main())
+        finally:
+            if worker is not None:
+                _stop_worker(worker)
     return 0
+
+
+def _start_worker(database_url: str, nats_url: str) -> subprocess.Popen[bytes]:
+    """The relay and projectors in a second process: the API gets this one's core to itself."""
+    env = dict(os.environ) | {"DATABASE_URL": database_url, "NATS_URL": nats_url}
+    return subprocess.Popen([sys.executable, "-m", "infra.cli", "worker"], env=env,
+                            preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM when `serve` dies, even by SIGKILL (no orphans)."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(WORKER_STOP_TIMEOUT_S)
 
 
 def _operator(settings: Settings, args: argparse.Namespace) -> int:
@@ -198,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = from_env()
     logs.configure(settings.log_level)
     if args.command == "serve":
-        return _run_roles(settings, set(ROLES))
+        return _run_roles(settings, {"api", "scheduler"}, with_worker=True)
+    if args.command == "worker":
+        return _run_roles(settings, {"relay", "project"})
     if args.command in ("api", "relay", "project"):
         return _run_roles(settings, {args.command})
     return _operator(settings, args)
