@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from datetime import timedelta
 
 import psycopg
@@ -16,6 +17,9 @@ log = logging.getLogger("billing.ratelimit")
 POOL_MAX_SIZE = 8
 POOL_TIMEOUT_S = 2.0
 STATEMENT_TIMEOUT_MS = 1000
+CHUNK_DIVISOR = 10  # a process takes at most a tenth of the burst or rate per round trip
+RESERVE_TTL_S = 0.5
+RESERVED_MAX_KEYS = 100_000
 DDL = (
     """CREATE TABLE IF NOT EXISTS rate_limits (
         key text PRIMARY KEY,
@@ -42,6 +46,7 @@ class PgRateLimiter:
                     f" -c statement_timeout={STATEMENT_TIMEOUT_MS}"},
         )
         self.store_errors = 0
+        self._reserved: dict[str, tuple[int, float]] = {}  # key -> (tokens in hand, until)
 
     async def open(self) -> None:
         await self._pool.open(wait=False)
@@ -50,9 +55,29 @@ class PgRateLimiter:
         await self._pool.close()
 
     async def take(self, key: str, per_second: int, burst: int) -> tuple[bool, int, float]:
+        tokens, until = self._reserved.get(key, (0, 0.0))
+        if tokens > 0 and time.monotonic() < until:
+            self._reserved[key] = (tokens - 1, until)
+            return True, tokens - 1, 0.0
+        # Take a chunk of the shared bucket at once when the limit is high, so a busy key costs
+        # one round trip per chunk; unused tokens lapse after RESERVE_TTL_S (never over-admit).
+        chunk = max(1, min(burst // CHUNK_DIVISOR, per_second // CHUNK_DIVISOR))
+        allowed, remaining, retry_s = await self._take(key, per_second, burst, chunk)
+        if not allowed and chunk > 1:
+            chunk = 1
+            allowed, remaining, retry_s = await self._take(key, per_second, burst, 1)
+        if allowed:
+            self._reserved[key] = (chunk - 1, time.monotonic() + RESERVE_TTL_S)
+            if len(self._reserved) > RESERVED_MAX_KEYS:
+                self._reserved.clear()
+        return allowed, remaining, retry_s
+
+    async def _take(self, key: str, per_second: int, burst: int,
+                    count: int) -> tuple[bool, int, float]:
         step_s = 1.0 / per_second
         window_s = burst * step_s
-        params = {"key": key, "step": timedelta(seconds=step_s), "window": timedelta(seconds=window_s)}
+        params = {"key": key, "step": timedelta(seconds=step_s * count),
+                  "window": timedelta(seconds=window_s)}
         try:
             async with self._pool.connection() as conn:
                 row = await (await conn.execute(_TAKE, params, prepare=True)).fetchone()
