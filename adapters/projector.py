@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ MAX_DELIVER = 20  # JetStream's bound; handler retries below are bounded on thei
 MAX_ACK_PENDING = 4 * FETCH_BATCH_MSGS
 HANDLER_RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 INFRA_RETRY_DELAY_S = 1.0
+SKIP_FLUSH_INTERVAL_S = 0.05
 GAP_READ_PAGE_ROWS = 5000
 PUBLISH_TIMEOUT_S = 5.0
 
@@ -93,6 +95,11 @@ class Projector:
         self.dead_lettered = 0
         # Entries of other topics are skipped without decoding them.
         self._topics = frozenset(get_topic(cls) for cls in model.handlers)
+        # Positions up to which the chain of messages is known (_contiguous) and written to the
+        # tracking row (_persisted); 0 until this projector's first transaction says otherwise.
+        self._contiguous = 0
+        self._persisted = 0
+        self._flushed_at = 0.0
 
     # ---- the consumer loop -------------------------------------------------------------
 
@@ -118,6 +125,8 @@ class Projector:
                     sub = await self.subscribe()
                 msgs = await sub.fetch(FETCH_BATCH_MSGS, timeout=FETCH_TIMEOUT_S)
             except (nats.errors.TimeoutError, TimeoutError):
+                with contextlib.suppress(*TRANSIENT):
+                    await self._flush(idle=True)
                 continue  # an idle fetch; nats-py raises either kind
             except Exception as e:  # broker away: keep trying, ledger keeps everything
                 log.warning("projector %s cannot fetch: %s: %s", self.model.name, type(e).__name__, e)
@@ -125,6 +134,32 @@ class Projector:
                 await _wait(stop, INFRA_RETRY_DELAY_S)
                 continue
             await self.handle(msgs)
+
+    def _skip_only(self, batches: Sequence[RelayedBatch]) -> bool:
+        """Messages of ignored topics that continue the chain we know: advance in memory only
+        (written by _flush), instead of a transaction per message for nothing."""
+        if not batches or any(b.entries for b in batches):
+            return False
+        chain = self._contiguous
+        for batch in sorted(batches, key=lambda b: b.last):
+            if batch.prev > chain:
+                return False  # a gap: let the normal path fill it from the ledger
+            chain = max(chain, batch.last)
+        self._contiguous = chain
+        return True
+
+    async def _flush(self, idle: bool) -> None:
+        """Persist the in-memory position of skipped messages: when idle, or every
+        SKIP_FLUSH_INTERVAL_S, so readers waiting for this model are not held up for long."""
+        now = time.monotonic()
+        if self._contiguous <= self._persisted:
+            return
+        if not idle and now - self._flushed_at < SKIP_FLUSH_INTERVAL_S:
+            return
+        self._flushed_at = now
+        target = self._contiguous
+        await asyncio.to_thread(self._advance, target)
+        self._persisted = max(self._persisted, target)
 
     def _decode(self, msg: Msg) -> RelayedBatch:
         """The message's entries, or, for a topic this model ignores, only its positions (from
@@ -139,6 +174,12 @@ class Projector:
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply a fetched batch, then ack it. Safe to call with any order or repeats."""
         batches = [self._decode(m) for m in msgs]
+        if self._skip_only(batches):
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+            await self._flush(idle=False)
+            return
         try:
             try:
                 await asyncio.to_thread(self._apply_together, batches)
@@ -182,6 +223,7 @@ class Projector:
             if tracked != start:
                 self._set_tracking(cur, tracked)
         self.applied_entries += len(units)
+        self._committed(tracked)
 
     def _apply_units(self, cur: psycopg.Cursor[Any], units: Sequence[Unit]) -> None:
         decode, topics = self._ledger.decode, self._topics
@@ -199,6 +241,10 @@ class Projector:
             tracked = page[-1].id
 
     def _lock_tracking(self, cur: psycopg.Cursor[Any]) -> int:
+        # A read model is disposable and its tracking row commits with its rows: a crash can
+        # lose only whole recent transactions, which are then re-applied (redelivery or the
+        # ledger gap fill). So no need to wait for the WAL flush here; the ledger itself does.
+        cur.execute("SET LOCAL synchronous_commit = off")
         cur.execute(
             "INSERT INTO projection_tracking (name, position) VALUES (%s, 0)"
             " ON CONFLICT (name) DO NOTHING",
@@ -235,6 +281,12 @@ class Projector:
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             if self._lock_tracking(cur) < position:
                 self._set_tracking(cur, position)
+        self._committed(position)
+
+    def _committed(self, position: int) -> None:
+        """A transaction made `position` durable-enough: the chain is known up to there."""
+        self._persisted = max(self._persisted, position)
+        self._contiguous = max(self._contiguous, position)
 
     def _tracked(self) -> int:
         with self._pool.connection() as conn, conn.cursor() as cur:
@@ -258,6 +310,7 @@ class Projector:
                     (self.model.name, unit.position, unit.stored.topic, error, attempts),
                 )
             self._set_tracking(cur, unit.position)
+        self._committed(unit.position)
 
     async def _apply_with_retries(self, msg: Msg, unit: Unit) -> None:
         error = ""

@@ -241,9 +241,12 @@ def test_rate_limit_holds_across_both_api_processes(cluster: Cluster) -> None:
     for i in (0, 1):
         wait_sync(lambda i=i: _ingest(cluster, t.key, i).headers.get("ratelimit-limit") == str(burst),
                   "new limit seen", 5)
-    time.sleep(burst / per_second)  # let the bucket refill completely before measuring
+    # A fresh key (a full bucket) under the organisation's new limit.
+    with cluster.admin() as admin:
+        fresh = admin.post(f"/admin/v1/projects/{t.project}/api-keys", json={"name": "fresh"}).json()["key"]
+    SECRETS.append(fresh)
     started = time.monotonic()
-    results = [_ingest(cluster, t.key, n % 2) for n in range(30)]
+    results = [_ingest(cluster, fresh, n % 2) for n in range(30)]
     elapsed = time.monotonic() - started
     accepted = [r for r in results if r.status_code == 202]
     refused = [r for r in results if r.status_code == 429]

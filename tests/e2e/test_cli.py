@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from infra.embedded import free_port
-from tests.conftest import http_status
+from tests.conftest import http_status, wait_sync
 
 READY_DEADLINE_S = 60.0
 BILLING = [sys.executable, "-m", "infra.cli"]
@@ -28,13 +27,12 @@ def _env(data: Path, port: int) -> dict[str, str]:
     return env
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> float:
-    started = time.monotonic()
-    while http_status(url) != 200:
+def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    def ready() -> bool:
         assert proc.poll() is None, "billing serve exited early"
-        assert time.monotonic() - started < READY_DEADLINE_S, "not ready in 60 s"
-        time.sleep(0.1)
-    return time.monotonic() - started
+        return http_status(url) == 200
+
+    wait_sync(ready, "billing serve ready", READY_DEADLINE_S)
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import UTC, datetime
+from uuid import uuid4
 
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -108,4 +110,25 @@ async def test_redelivered_and_reordered_messages_skip_nothing(runtime: Runtime)
     live = org_rows(runtime)
     assert len(live) == 40
     assert sum(1 for r in live if r[1].endswith("renamed")) == 20
+    assert live == rebuilt_rows(runtime)
+
+
+async def test_messages_of_ignored_topics_advance_tracking_without_being_applied(
+    runtime: Runtime,
+) -> None:
+    """Interleaved meters (ignored by the organisations model) and organisations: the model
+    reaches the ledger head, equal to a rebuild, whatever was skipped in memory."""
+    from domain.services import CatalogueService
+
+    catalogue = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4, lambda: ("p", "s"))
+    async with running(runtime, {"relay", "project"}):
+        for i in range(6):
+            await asyncio.to_thread(write_orgs, runtime, 2, f"mixed{i}")
+            for j in range(3):
+                await asyncio.to_thread(catalogue.define_meter, f"m{i}x{j}", "m", "count", None, [],
+                                        False, lambda _: False)
+        head = runtime.ledger.head()  # the newest entries are meters: ignored by this model
+        await wait_until(lambda: tracked(runtime, "organisations") >= head, "skips persisted")
+    live = org_rows(runtime)
+    assert len(live) == 12
     assert live == rebuilt_rows(runtime)
