@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
+from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from domain.ports import KeyRecord, TokenRecord
@@ -38,14 +40,29 @@ def _key(row: dict[str, Any]) -> KeyRecord:
     )
 
 
-class KeyCache:
-    def __init__(self, pool: ConnectionPool) -> None:
+Row = dict[str, Any]
+R = TypeVar("R")
+
+
+class PrefixCache(Generic[R]):
+    """Records by visible prefix, loaded on a miss and refreshed from rows changed after the
+    newest ledger position seen (`position_column`)."""
+
+    def __init__(self, pool: ConnectionPool, what: str,
+                 by_prefix: Callable[[Connection[Any], str], Row | None],
+                 changed_since: Callable[[Connection[Any], int], list[Row]],
+                 build: Callable[[Row], R], position_column: str) -> None:
         self._pool = pool
-        self._by_prefix: dict[str, KeyRecord] = {}
+        self._what = what
+        self._by_prefix_query = by_prefix
+        self._changed_since = changed_since
+        self._build = build
+        self._position_column = position_column
+        self._by_prefix: dict[str, R] = {}
         self._unknown: dict[str, float] = {}
         self._watermark = 0
 
-    async def find(self, prefix: str) -> KeyRecord | None:
+    async def find(self, prefix: str) -> R | None:
         record = self._by_prefix.get(prefix)
         if record is not None:
             return record
@@ -53,29 +70,39 @@ class KeyCache:
             return None
         return await asyncio.to_thread(self._load_one, prefix)
 
-    def _load_one(self, prefix: str) -> KeyRecord | None:
+    def _load_one(self, prefix: str) -> R | None:
         with self._pool.connection() as conn:
-            row = catalogue.key_by_prefix(conn, prefix)
+            row = self._by_prefix_query(conn, prefix)
         if row is None:
             if len(self._unknown) >= NEGATIVE_MAX_ENTRIES:
                 self._unknown.clear()
             self._unknown[prefix] = time.monotonic() + NEGATIVE_TTL_S
             return None
-        record = _key(row)
+        record = self._build(row)
         self._by_prefix[prefix] = record
         return record
 
     def refresh(self) -> int:
         with self._pool.connection() as conn:
-            rows = catalogue.keys_changed_since(conn, self._watermark)
+            rows = self._changed_since(conn, self._watermark)
         for row in rows:
-            self._by_prefix[row["prefix"]] = _key(row)
+            self._by_prefix[row["prefix"]] = self._build(row)
             self._unknown.pop(row["prefix"], None)
-            self._watermark = max(self._watermark, int(row["position"]))
+            self._watermark = max(self._watermark, int(row[self._position_column]))
         return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await _follow(self.refresh, stop, "key cache")
+        await _follow(self.refresh, stop, self._what)
+
+
+def KeyCache(pool: ConnectionPool) -> PrefixCache[KeyRecord]:
+    return PrefixCache(pool, "key cache", catalogue.key_by_prefix, catalogue.keys_changed_since,
+                       _key, "position")
+
+
+def TokenCache(pool: ConnectionPool) -> PrefixCache[TokenRecord]:
+    return PrefixCache(pool, "token cache", access.token_by_prefix, access.tokens_changed_since,
+                       _token, "ledger_position")
 
 
 class MeterCache:
@@ -110,48 +137,6 @@ async def _follow(refresh: Any, stop: asyncio.Event, what: str) -> None:
             log.warning("%s refresh failed: %s", what, e)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), REFRESH_INTERVAL_S)
-
-
-class TokenCache:
-    """Admin tokens by prefix, following the access projection like KeyCache."""
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self._pool = pool
-        self._by_prefix: dict[str, TokenRecord] = {}
-        self._unknown: dict[str, float] = {}
-        self._watermark = 0
-
-    async def find(self, prefix: str) -> TokenRecord | None:
-        record = self._by_prefix.get(prefix)
-        if record is not None:
-            return record
-        if self._unknown.get(prefix, 0.0) > time.monotonic():
-            return None
-        return await asyncio.to_thread(self._load_one, prefix)
-
-    def _load_one(self, prefix: str) -> TokenRecord | None:
-        with self._pool.connection() as conn:
-            row = access.token_by_prefix(conn, prefix)
-        if row is None:
-            if len(self._unknown) >= NEGATIVE_MAX_ENTRIES:
-                self._unknown.clear()
-            self._unknown[prefix] = time.monotonic() + NEGATIVE_TTL_S
-            return None
-        record = _token(row)
-        self._by_prefix[prefix] = record
-        return record
-
-    def refresh(self) -> int:
-        with self._pool.connection() as conn:
-            rows = access.tokens_changed_since(conn, self._watermark)
-        for row in rows:
-            self._by_prefix[row["prefix"]] = _token(row)
-            self._unknown.pop(row["prefix"], None)
-            self._watermark = max(self._watermark, int(row["ledger_position"]))
-        return len(rows)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await _follow(self.refresh, stop, "token cache")
 
 
 def _token(row: dict[str, Any]) -> TokenRecord:

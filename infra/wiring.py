@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from adapters import bookkeeping, bus, rate_limit
-from adapters.caches import KeyCache, MeterCache, TokenCache
+from adapters.caches import KeyCache, MeterCache, PrefixCache, TokenCache
 from adapters.gate import PgProjectionGate
 from adapters.invoice_run import InvoiceRun
 from adapters.ledger import LedgerStore
@@ -40,6 +40,7 @@ from domain.api_key import PREFIX_CHARS
 from domain.documents import Mailer
 from domain.invoicing import InvoicingService
 from domain.plans_service import PlansService
+from domain.ports import KeyRecord, TokenRecord
 from domain.services import AccessService, CatalogueService, OrganisationService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
@@ -115,8 +116,8 @@ class Runtime:
     nc: NatsClient | None = None
     js: JetStreamContext | None = None
     writer: UsageWriter | None = None
-    key_cache: KeyCache | None = None
-    token_cache: TokenCache | None = None
+    key_cache: PrefixCache[KeyRecord] | None = None
+    token_cache: PrefixCache[TokenRecord] | None = None
     rate_limiter: PgRateLimiter | None = None
     meter_cache: MeterCache | None = None
     extras: dict[str, object] = field(default_factory=dict)
