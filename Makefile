@@ -31,6 +31,8 @@ test: lint types layers pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.auth
+	$(BIN)/python -m bench.invoice_run
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
