@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from psycopg_pool import ConnectionPool
 
@@ -32,6 +33,7 @@ PAYMENT_TERMS = timedelta(days=15)
 SEND_ATTEMPTS = 3
 SEND_BACKOFF_S = 0.5
 PASS_MAX_INVOICES = 50
+DRAFT_NUMBER = "DRAFT"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,20 @@ def document(invoice: dict[str, Any], org: dict[str, Any], supplier: Supplier) -
         taxes=tuple(TaxLine(t["name"], Decimal(str(t["rate"])), t["amount"]) for t in invoice["taxes"]),
         total=invoice["total"], amount_due=invoice["amount_due"],
     )
+
+
+def render(pool: ConnectionPool, supplier: Supplier, invoice_id: UUID,
+           fmt: str) -> tuple[bytes, str] | None:
+    """An invoice as HTML or PDF (a draft is shown with the number DRAFT); None if unknown."""
+    with pool.connection() as conn:
+        row = invoices.get(conn, invoice_id)
+        org = organisations.get(conn, row["organisation_id"]) if row else None
+    if row is None or org is None:
+        return None
+    doc = document(row | {"number": row["number"] or DRAFT_NUMBER}, org, supplier)
+    if fmt == "pdf":
+        return render_pdf(doc), "application/pdf"
+    return render_html(doc).encode(), "text/html; charset=utf-8"
 
 
 class InvoiceNotifier:

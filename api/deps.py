@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from uuid import UUID
 
 from psycopg_pool import ConnectionPool
 
@@ -45,6 +46,7 @@ class ApiDeps:
     invoicing: InvoicingService
     access: AccessService
     invoice_runner: InvoiceRunner
+    render_invoice: Callable[[UUID, str], tuple[bytes, str] | None]
     tokens: TokenLookup
     resolver: Resolver
     rate_limiter: RateLimiter

@@ -153,6 +153,21 @@ class InvoiceController(Controller):
         )
         return InvoicePage(items, next_cursor)
 
+    @get("/{invoice_id:str}/document", summary="The invoice as a GST tax invoice: ?format=html|pdf",
+         media_type="text/html")
+    async def document(self, invoice_id: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
+        deps: ApiDeps = request.app.state.deps
+        ident = parse_id(invoice_id, "invoice")
+        fmt = request.query_params.get("format", "html")
+        if fmt not in ("html", "pdf"):
+            raise ValidationFailed([FieldError("format", "must be html or pdf")])
+        await wait_caught_up(deps, request, view.NAME)
+        rendered = await anyio.to_thread.run_sync(deps.render_invoice, ident, fmt)
+        if rendered is None:
+            raise NotFound("invoice", ident)
+        body, media_type = rendered
+        return Response(body, media_type=media_type)
+
     @get("/{invoice_id:str}", summary="Read an invoice: lines, taxes and amounts in paise")
     async def read(self, invoice_id: FromPath[str], request: Request[Any, Any, Any]) -> InvoiceOut:
         deps: ApiDeps = request.app.state.deps

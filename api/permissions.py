@@ -46,6 +46,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/plans/{{code}}"): Rule("catalogue:read", "ANY"),
     ("GET", f"{A}/invoices"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/invoices/{{invoice_id}}"): Rule("invoices:read", "INVOICE", "invoice_id"),
+    ("GET", f"{A}/invoices/{{invoice_id}}/document"): Rule("invoices:read", "INVOICE", "invoice_id"),
     ("POST", f"{A}/invoices/{{invoice_id}}/finalize"): Rule("invoices:write", "GLOBAL"),
     ("POST", f"{A}/invoices/{{invoice_id}}/void"): Rule("invoices:write", "GLOBAL"),
     ("POST", f"{A}/invoice-runs"): Rule("invoices:write", "GLOBAL"),

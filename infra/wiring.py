@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from uuid import uuid4
 
 import psycopg
@@ -30,6 +31,7 @@ from adapters.ledger import LedgerStore
 from adapters.mail import OutboxMailer, SmtpMailer
 from adapters.maintenance import ensure_tables
 from adapters.notifier import InvoiceNotifier, Supplier
+from adapters.notifier import render as render_invoice
 from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.resolver import PgResolver
@@ -176,8 +178,11 @@ class Runtime:
     def notifier(self) -> InvoiceNotifier:
         s = self.settings
         mailer: Mailer = SmtpMailer(s.smtp_url) if s.smtp_url else OutboxMailer(s.data_dir / "outbox")
-        supplier = Supplier(s.supplier_name, s.supplier_gstin, s.supplier_state_code, s.mail_from)
-        return InvoiceNotifier(self.pool, self.ledger, mailer, supplier)
+        return InvoiceNotifier(self.pool, self.ledger, mailer, self.supplier())
+
+    def supplier(self) -> Supplier:
+        s = self.settings
+        return Supplier(s.supplier_name, s.supplier_gstin, s.supplier_state_code, s.mail_from)
 
     def api_deps(self) -> ApiDeps:
         async def postgres_ok() -> bool:
@@ -211,6 +216,7 @@ class Runtime:
             plans=PlansService(self.ledger, clock),
             invoicing=self.invoicing(),
             invoice_runner=self.invoice_run(),
+            render_invoice=partial(render_invoice, self.pool, self.supplier()),
             access=access_service,
             tokens=self.token_cache,
             resolver=PgResolver(self.pool),

@@ -115,6 +115,13 @@ async def test_invoice_run_drafts_exact_gst_invoices_and_numbers_them_without_ga
     number = next(n for n in numbers if n in mail["Subject"])
     assert number in text and "597.38" in text  # the total, 59738 paise
 
+    html = await api.http.get(f"/admin/v1/invoices/{a['id']}/document", headers=AUTH)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert number in html.text and "998315" in html.text  # the number and the SAC code
+    pdf_doc = await api.http.get(f"/admin/v1/invoices/{a['id']}/document", headers=AUTH,
+                                 params={"format": "pdf"})
+    assert pdf_doc.content.startswith(b"%PDF")
+
     r = await api.http.post(f"/admin/v1/invoices/{a['id']}/void", headers=AUTH, json={"reason": "x"})
     assert r.status_code == 200 and r.json()["number"] == numbers[0]  # a void keeps its number
     assert (await post(api, "/admin/v1/invoice-runs", {"period": "2026-13"}, 422))["errors"]
@@ -125,3 +132,27 @@ async def test_runs_refuse_bad_periods_and_unknown_invoices_are_404(api: Api) ->
         await post(api, "/admin/v1/invoice-runs", {"period": bad}, 422)
     r = await api.http.post(f"/admin/v1/invoices/{uuid.uuid4()}/finalize", headers=AUTH)
     assert r.status_code == 404
+
+
+async def test_dead_lettered_usage_blocks_an_organisation_until_it_is_redriven(api: Api) -> None:
+    period, late = last_period()
+    for meter in ({"code": "inv_api", "name": "API", "aggregation": "count"},):
+        await api.http.post("/admin/v1/meters", headers=AUTH, json=meter)
+    plan = {"code": "standard", "name": "Standard", "base_fee": "500", "minimum": "0",
+            "charges": [{"metric": "inv_api", "model": "per_unit", "unit_price": "1"}]}
+    await api.http.post("/admin/v1/plans", headers=AUTH, json=plan)
+    org, key = await tenant(api, "blocked", "29")
+    r = await api.http.post("/api/v1/events", headers={"Authorization": f"Bearer {key}"},
+                            json={"event_id": "d1", "metric": "inv_api", "timestamp": late.isoformat()})
+    position = int(r.headers["x-ledger-position"])
+    # As if the usage projector had dead-lettered that event (the DLQ path has its own tests).
+    with api.rt.pool.connection() as conn:
+        conn.execute("INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"
+                     " VALUES ('usage_totals', %s, 'usage', 'test', 6)", (position,))
+    run = await post(api, "/admin/v1/invoice-runs", {"period": period}, 200)
+    assert [(b["organisation_id"], b["name"], b["missing_positions"]) for b in run["blocked"]] == [
+        (org, "blocked", [position])]
+    with api.rt.pool.connection() as conn:  # re-driven
+        conn.execute("DELETE FROM projection_dead_letters WHERE position = %s", (position,))
+    run = await post(api, "/admin/v1/invoice-runs", {"period": period}, 200)
+    assert run["blocked"] == [] and run["created"] == 1
