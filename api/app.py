@@ -14,7 +14,7 @@ from api.catalogue import MeterController, ProjectController
 from api.deps import ApiDeps
 from api.ingest import ingest
 from api.invoice_runs import invoice_run
-from api.invoices import InvoiceController
+from api.invoices import InvoiceController, organisation_balance
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController
 from api.permissions import rule_for
@@ -42,7 +42,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         path="/",
         route_handlers=[OrganisationController, MeterController, ProjectController,
                         organisation_usage, PlanController, SubscriptionController,
-                        InvoiceController, AccessController, invoice_run],
+                        InvoiceController, AccessController, invoice_run, organisation_balance],
         guards=[admin_guard],
     )
     app = Litestar(

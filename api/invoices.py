@@ -25,6 +25,7 @@ from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.invoice import STATUSES, Invoice
 from domain.subscription import parse_period
 from projections import invoices as view
+from projections import organisations
 
 
 class VoidInvoice(msgspec.Struct, forbid_unknown_fields=True):
@@ -203,3 +204,26 @@ class InvoiceController(Controller):
         written = await anyio.to_thread.run_sync(deps.invoicing.void, ident, reason)
         return Response(from_invoice(written.aggregate),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+
+class BalanceOut(msgspec.Struct):
+    organisation_id: UUID
+    currency: str
+    outstanding: int  # paise: amount due of finalized invoices
+
+
+@get("/admin/v1/organisations/{org_id:str}/balance", tags=["invoices"],
+     summary="What the organisation owes: the amount due of its finalized invoices (paise)")
+async def organisation_balance(org_id: FromPath[str], request: Request[Any, Any, Any]) -> BalanceOut:
+    deps: ApiDeps = request.app.state.deps
+    ident = parse_id(org_id, "organisation")
+    await wait_caught_up(deps, request, view.NAME)
+
+    def fetch() -> tuple[dict[str, Any] | None, int]:
+        with deps.read_pool.connection() as conn:
+            return organisations.get(conn, ident), view.outstanding(conn, ident)
+
+    org, owed = await anyio.to_thread.run_sync(fetch)
+    if org is None:
+        raise NotFound("organisation", ident)
+    return BalanceOut(ident, org["currency"], owed)

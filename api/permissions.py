@@ -35,6 +35,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/organisations/{{org_id}}/usage"): Rule("usage:read", "ORG", "org_id"),
     ("PUT", f"{A}/organisations/{{org_id}}/subscription"): Rule("billing:write", "GLOBAL"),
     ("GET", f"{A}/organisations/{{org_id}}/subscription"): Rule("billing:read", "ORG", "org_id"),
+    ("GET", f"{A}/organisations/{{org_id}}/balance"): Rule("invoices:read", "ORG", "org_id"),
     ("GET", f"{A}/projects/{{project_id}}"): Rule("projects:read", "PROJECT", "project_id"),
     ("POST", f"{A}/projects/{{project_id}}/api-keys"): Rule("keys:write", "PROJECT", "project_id"),
     ("GET", f"{A}/projects/{{project_id}}/api-keys"): Rule("keys:read", "PROJECT", "project_id"),

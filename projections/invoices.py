@@ -182,3 +182,17 @@ def not_emailed(conn: Connection[Any], limit: int) -> list[dict[str, Any]]:
             f"SELECT {_COLUMNS} FROM invoices WHERE emailed_at IS NULL"
             " AND status IN ('finalized', 'paid') ORDER BY finalized_at LIMIT %s", (limit,))
         return cur.fetchall()
+
+
+def billed_invoices(conn: Connection[Any], periods: list[str]) -> dict[tuple[UUID, str], UUID]:
+    """(organisation, period) -> id of its newest finalized or paid invoice, for `periods`:
+    where late usage is compared with what was billed."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT DISTINCT ON (organisation_id, period) organisation_id, period, id, status"
+            " FROM invoices WHERE period = ANY(%s)"
+            " ORDER BY organisation_id, period, revision DESC",
+            (periods,),
+        )
+        return {(row[0], str(row[1])): row[2] for row in cur.fetchall()
+                if row[3] in ("finalized", "paid")}

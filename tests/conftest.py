@@ -78,7 +78,7 @@ async def _delete_streams(url: str, rt: Runtime) -> None:
         for name in (rt.streams.ledger, rt.streams.dlq):
             with contextlib.suppress(Exception):
                 await js.delete_stream(name)
-        await nc.close()
+        await asyncio.wait_for(nc.close(), NATS_CLOSE_TIMEOUT_S)
 
 
 async def wait_until(
@@ -106,9 +106,19 @@ async def running(rt: Runtime, roles: set[str]) -> AsyncIterator[asyncio.Event]:
         stop.set()
         await asyncio.wait_for(task, 30)
         await rt.close_api()
-        if rt.nc is not None:
-            await rt.nc.close()
-            rt.nc = None
+        await close_nats(rt)
+
+
+NATS_CLOSE_TIMEOUT_S = 5.0
+
+
+async def close_nats(rt: Runtime) -> None:
+    """Close the runtime's NATS connection, bounded: nats-py's close can wait on fetches that a
+    cancelled projector left behind."""
+    if rt.nc is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(rt.nc.close(), NATS_CLOSE_TIMEOUT_S)
+        rt.nc = None
 
 
 def tracked(rt: Runtime, name: str) -> int:
@@ -149,9 +159,7 @@ def background_roles(rt: Runtime, roles: set[str]) -> Iterator[None]:
         ready.set()
         await run_roles(rt, roles, stop, signals=False)
         await rt.close_api()
-        if rt.nc is not None:
-            await rt.nc.close()
-            rt.nc = None
+        await close_nats(rt)
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
     thread.start()

@@ -122,6 +122,9 @@ async def test_invoice_run_drafts_exact_gst_invoices_and_numbers_them_without_ga
                                  params={"format": "pdf"})
     assert pdf_doc.content.startswith(b"%PDF")
 
+    balance = (await api.http.get(f"/admin/v1/organisations/{karnataka}/balance", headers=AUTH)).json()
+    assert (balance["currency"], balance["outstanding"]) == ("INR", 59738)
+
     r = await api.http.post(f"/admin/v1/invoices/{a['id']}/void", headers=AUTH, json={"reason": "x"})
     assert r.status_code == 200 and r.json()["number"] == numbers[0]  # a void keeps its number
     assert (await post(api, "/admin/v1/invoice-runs", {"period": "2026-13"}, 422))["errors"]

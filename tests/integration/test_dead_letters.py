@@ -16,7 +16,7 @@ from domain.organisation import Organisation
 from infra.wiring import Runtime
 from projections import organisations
 from projections.base import ReadModel
-from tests.conftest import tracked, wait_until
+from tests.conftest import close_nats, tracked, wait_until
 from tests.integration.helpers import org_rows, service
 
 pytestmark = pytest.mark.anyio
@@ -63,8 +63,7 @@ async def test_failing_handler_dead_letters_after_bounded_retries_and_carries_on
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-        assert runtime.nc is not None
-        await runtime.nc.close()
+        await close_nats(runtime)
 
     assert letter.position == poison.position
     assert letter.attempts == len(RETRIES) + 1

@@ -14,7 +14,7 @@ from adapters.projector import Projector
 from adapters.relay import Relay
 from infra.wiring import Runtime
 from projections import organisations
-from tests.conftest import running, tracked, wait_until
+from tests.conftest import close_nats, running, tracked, wait_until
 from tests.integration.helpers import org_rows, rebuilt_rows, write_orgs
 
 pytestmark = pytest.mark.anyio
@@ -59,8 +59,7 @@ async def test_killed_projector_resumes_and_equals_a_fresh_rebuild(runtime: Runt
     finally:
         relay_stop.set()
         await relay_task
-        assert runtime.nc is not None
-        await runtime.nc.close()
+        await close_nats(runtime)
     live = org_rows(runtime)
     assert len(live) == 120
     assert live == rebuilt_rows(runtime)
@@ -105,8 +104,7 @@ async def test_redelivered_and_reordered_messages_skip_nothing(runtime: Runtime)
     finally:
         relay_stop.set()
         await relay_task
-        assert runtime.nc is not None
-        await runtime.nc.close()
+        await close_nats(runtime)
     live = org_rows(runtime)
     assert len(live) == 40
     assert sum(1 for r in live if r[1].endswith("renamed")) == 20

@@ -8,7 +8,7 @@ import pytest
 
 from adapters.relay import Relay
 from infra.wiring import Runtime
-from tests.conftest import wait_until
+from tests.conftest import close_nats, wait_until
 from tests.integration.helpers import write_orgs
 
 pytestmark = pytest.mark.anyio
@@ -46,7 +46,6 @@ async def test_second_relay_waits_as_standby_and_takes_over(runtime: Runtime) ->
         stop_first.set()
         stop_second.set()
         await asyncio.gather(t1, t2)
-        assert runtime.nc is not None
-        await runtime.nc.close()
+        await close_nats(runtime)
     # Each entry published once by exactly one of them.
     assert first.published_entries + second.published_entries == head
