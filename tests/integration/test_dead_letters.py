@@ -62,7 +62,7 @@ async def test_failing_handler_dead_letters_after_bounded_retries_and_carries_on
         letter = decode_dead_letter(msg.data)
     finally:
         stop.set()
-        await asyncio.gather(*tasks)
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
         await close_nats(runtime)
 
     assert letter.position == poison.position

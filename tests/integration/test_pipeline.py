@@ -18,6 +18,7 @@ from tests.conftest import close_nats, running, tracked, wait_until
 from tests.integration.helpers import org_rows, rebuilt_rows, write_orgs
 
 pytestmark = pytest.mark.anyio
+KILL_WAIT_S = 15.0
 
 
 async def test_a_write_travels_to_the_read_model(runtime: Runtime) -> None:
@@ -45,8 +46,11 @@ async def test_killed_projector_resumes_and_equals_a_fresh_rebuild(runtime: Runt
             task = asyncio.create_task(projector.run(stop))
             before = tracked(runtime, "organisations")
             await wait_until(lambda b=before: tracked(runtime, "organisations") > b, "progress")
-            task.cancel()  # no graceful stop: whatever was in flight is redelivered
-            await asyncio.gather(task, return_exceptions=True)
+            # No graceful stop: whatever was in flight is redelivered. (stop too: nats-py's fetch
+            # can absorb a cancellation, and the loop must end all the same.)
+            task.cancel()
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), KILL_WAIT_S)
         await writer
         head = runtime.ledger.head()
         stop = asyncio.Event()
@@ -55,10 +59,10 @@ async def test_killed_projector_resumes_and_equals_a_fresh_rebuild(runtime: Runt
         task = asyncio.create_task(projector.run(stop))
         await wait_until(lambda: tracked(runtime, "organisations") >= head, "catch-up")
         stop.set()
-        await task
+        await asyncio.wait_for(task, KILL_WAIT_S)
     finally:
         relay_stop.set()
-        await relay_task
+        await asyncio.wait_for(relay_task, KILL_WAIT_S)
         await close_nats(runtime)
     live = org_rows(runtime)
     assert len(live) == 120
@@ -103,7 +107,7 @@ async def test_redelivered_and_reordered_messages_skip_nothing(runtime: Runtime)
         assert projector.dead_lettered == 0
     finally:
         relay_stop.set()
-        await relay_task
+        await asyncio.wait_for(relay_task, KILL_WAIT_S)
         await close_nats(runtime)
     live = org_rows(runtime)
     assert len(live) == 40

@@ -33,7 +33,7 @@ async def test_second_relay_waits_as_standby_and_takes_over(runtime: Runtime) ->
         assert not second.is_leader and second.published_entries == 0
 
         stop_first.set()
-        await t1
+        await asyncio.wait_for(t1, 30)
         await asyncio.to_thread(write_orgs, runtime, 2, "later")
         head = runtime.ledger.head()
         await wait_until(lambda: second.is_leader, "standby takes over")
@@ -45,7 +45,7 @@ async def test_second_relay_waits_as_standby_and_takes_over(runtime: Runtime) ->
     finally:
         stop_first.set()
         stop_second.set()
-        await asyncio.gather(t1, t2)
+        await asyncio.wait_for(asyncio.gather(t1, t2), 30)
         await close_nats(runtime)
     # Each entry published once by exactly one of them.
     assert first.published_entries + second.published_entries == head
