@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import LateUsage, price
 from domain.subscription import SubscriptionEntry
 from domain.tax import TaxFacts
+from tests.unit.memory import Clock, MemoryLedger
 
 IST = ZoneInfo("Asia/Kolkata")
 METERS = frozenset({"api_calls", "storage_gb"})
@@ -48,50 +48,6 @@ USAGE = {"api_calls": Decimal(123_457), "storage_gb": Decimal("150.5"), "unbille
 
 def ist(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
     return datetime(year, month, day, hour, minute, second, tzinfo=IST)
-
-
-class MemoryLedger:
-    """domain.ports.Ledger in memory: an atomic save with the version-conflict rule."""
-
-    def __init__(self) -> None:
-        self.events: dict[UUID, list[Any]] = {}
-        self.position = 0
-        self.before_save: Callable[[], None] | None = None
-        self.always_conflict = False
-
-    def get(self, aggregate_id: UUID, kind: type[A]) -> A:
-        aggregate: Any = None
-        for event in self.events.get(aggregate_id, []):
-            aggregate = event.mutate(aggregate)
-        if not isinstance(aggregate, kind):
-            raise NotFound(kind.__name__, aggregate_id)
-        return aggregate
-
-    def save(self, *aggregates: Aggregate) -> int:
-        if self.before_save is not None:
-            hook, self.before_save = self.before_save, None
-            hook()
-        pending = [e for a in aggregates for e in a.collect_events()]
-        if self.always_conflict:
-            raise Conflict("already recorded in the ledger")
-        lengths = {k: len(v) for k, v in self.events.items()}
-        for event in pending:  # check everything first: all or nothing
-            expected = lengths.get(event.originator_id, 0) + 1
-            if event.originator_version != expected:
-                raise Conflict("already recorded in the ledger")
-            lengths[event.originator_id] = expected
-        for event in pending:
-            self.events.setdefault(event.originator_id, []).append(event)
-            self.position += 1
-        return self.position
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def org(state_code: str | None = "29", country: str = "IN", timezone: str = "Asia/Kolkata") -> Organisation:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
 import pytest
-from eventsourcing.domain import Aggregate
 
 from adapters.codec import MsgspecMapper
-from domain.errors import Conflict, NotFound, ValidationFailed
+from domain.errors import NotFound, ValidationFailed
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, plan_id, to_version
 from domain.plans_service import SAVE_ATTEMPTS, PlansService
@@ -30,13 +28,12 @@ from domain.subscription import (
     subscription_id,
 )
 from domain.tax import TaxFacts
+from tests.unit.memory import Clock, MemoryLedger
 
 IST = ZoneInfo("Asia/Kolkata")
 KOLKATA = "Asia/Kolkata"
 METERS = frozenset({"api_calls", "storage_gb", "seats"})
 AT = datetime(2026, 9, 10, 9, 0, tzinfo=UTC)
-
-A = TypeVar("A", bound=Aggregate)
 
 PER_UNIT = ChargeSpec("api_calls", "per_unit", unit_price=Decimal("0.0035"))
 GRADUATED = ChargeSpec("storage_gb", "graduated", tiers=(
@@ -306,44 +303,6 @@ def test_plan_at_takes_the_last_recorded_entry_in_force() -> None:
 
 
 # ---- the service, on an in-memory ledger ------------------------------------------------------
-
-class MemoryLedger:
-    """Implements domain.ports.Ledger in memory, with the same version-conflict rule."""
-
-    def __init__(self) -> None:
-        self.events: dict[UUID, list[Any]] = {}
-        self.position = 0
-        self.before_save: Callable[[], None] | None = None
-
-    def get(self, aggregate_id: UUID, kind: type[A]) -> A:
-        aggregate: Any = None
-        for event in self.events.get(aggregate_id, []):
-            aggregate = event.mutate(aggregate)
-        if not isinstance(aggregate, kind):
-            raise NotFound(kind.__name__, aggregate_id)
-        return aggregate
-
-    def save(self, *aggregates: Aggregate) -> int:
-        if self.before_save is not None:
-            hook, self.before_save = self.before_save, None
-            hook()
-        pending = [e for a in aggregates for e in a.collect_events()]
-        for event in pending:
-            stored = self.events.setdefault(event.originator_id, [])
-            if len(stored) + 1 != event.originator_version:
-                raise Conflict("already recorded in the ledger")
-            stored.append(event)
-            self.position += 1
-        return self.position
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
 
 def service(now: datetime = AT) -> tuple[PlansService, MemoryLedger, Clock]:
     ledger, clock = MemoryLedger(), Clock(now)
