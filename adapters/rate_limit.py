@@ -4,6 +4,7 @@ through (the ledger on the same Postgres then answers 503 anyway) and the miss i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -46,7 +47,10 @@ class PgRateLimiter:
                     f" -c statement_timeout={STATEMENT_TIMEOUT_MS}"},
         )
         self.store_errors = 0
+        self.round_trips = 0
         self._reserved: dict[str, tuple[int, float]] = {}  # key -> (tokens in hand, until)
+        self._refused: dict[str, float] = {}  # key -> refused until (monotonic)
+        self._refills: dict[str, asyncio.Lock] = {}
 
     async def open(self) -> None:
         await self._pool.open(wait=False)
@@ -55,10 +59,36 @@ class PgRateLimiter:
         await self._pool.close()
 
     async def take(self, key: str, per_second: int, burst: int) -> tuple[bool, int, float]:
+        local = self._local(key)
+        if local is not None:
+            return local
+        # One refill per key at a time: concurrent requests wait for it instead of each asking
+        # Postgres (a herd would take many chunks and spend a round trip each).
+        lock = self._refills.get(key)
+        if lock is None:
+            if len(self._refills) > RESERVED_MAX_KEYS:
+                self._refills = {k: v for k, v in self._refills.items() if v.locked()}
+            lock = self._refills[key] = asyncio.Lock()
+        async with lock:
+            local = self._local(key)
+            if local is not None:
+                return local
+            return await self._refill(key, per_second, burst)
+
+    def _local(self, key: str) -> tuple[bool, int, float] | None:
+        """Answer from this process's share, or from a refusal still in force."""
+        now = time.monotonic()
         tokens, until = self._reserved.get(key, (0, 0.0))
-        if tokens > 0 and time.monotonic() < until:
+        if tokens > 0 and now < until:
             self._reserved[key] = (tokens - 1, until)
             return True, tokens - 1, 0.0
+        refused_until = self._refused.get(key, 0.0)
+        if now < refused_until:
+            # Nothing can free a token before then: other processes only take more.
+            return False, 0, refused_until - now
+        return None
+
+    async def _refill(self, key: str, per_second: int, burst: int) -> tuple[bool, int, float]:
         # Take a chunk of the shared bucket at once when the limit is high, so a busy key costs
         # one round trip per chunk; unused tokens lapse after RESERVE_TTL_S (never over-admit).
         chunk = max(1, min(burst // CHUNK_DIVISOR, per_second // CHUNK_DIVISOR))
@@ -66,10 +96,13 @@ class PgRateLimiter:
         if not allowed and chunk > 1:
             chunk = 1
             allowed, remaining, retry_s = await self._take(key, per_second, burst, 1)
+        if len(self._reserved) > RESERVED_MAX_KEYS or len(self._refused) > RESERVED_MAX_KEYS:
+            self._reserved.clear()
+            self._refused.clear()
         if allowed:
             self._reserved[key] = (chunk - 1, time.monotonic() + RESERVE_TTL_S)
-            if len(self._reserved) > RESERVED_MAX_KEYS:
-                self._reserved.clear()
+        else:
+            self._refused[key] = time.monotonic() + retry_s
         return allowed, remaining, retry_s
 
     async def _take(self, key: str, per_second: int, burst: int,
@@ -78,6 +111,7 @@ class PgRateLimiter:
         window_s = burst * step_s
         params = {"key": key, "step": timedelta(seconds=step_s * count),
                   "window": timedelta(seconds=window_s)}
+        self.round_trips += 1
         try:
             async with self._pool.connection() as conn:
                 row = await (await conn.execute(_TAKE, params, prepare=True)).fetchone()

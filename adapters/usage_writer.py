@@ -1,23 +1,27 @@
 """Group commit for usage: concurrent requests are appended to the ledger together.
 
-Requests queue up (bounded in events); a writer thread takes what is queued (bounded batch,
-after a short bounded wait for company), and in ONE transaction, under the library's own
-`LOCK TABLE ... IN EXCLUSIVE MODE`, drops ids already in the ledger (primary-key lookup), writes
-the rest with binary COPY into the library's events table, NOTIFYs, and commits. Each request is
-answered only after its own events committed. Same table, same total order, same reading path
-as the library (TECH-NOTES: ~4x the recorder's insert_events).
+Requests queue up (bounded in events) on the API's event loop. One writer task takes whatever
+is queued (bounded batch) and appends it in ONE round trip: a call of `billing_append_usage`,
+a SQL function that, in one transaction, takes the library's own `LOCK TABLE ... IN EXCLUSIVE
+MODE` (so positions commit in order, as the library's recorder does), inserts the rows into the
+library's events table with `ON CONFLICT DO NOTHING` (a resend is a duplicate, by primary key),
+NOTIFYs the relay, and returns the new position and, only when some rows were duplicates, the
+ids it did insert. Each request is answered only after its own events committed.
+
+Batching is natural: while one append is in flight, requests queue for the next, so a lone
+request is not delayed and a busy service commits many requests per round trip. There is no
+thread: the writer is a task on the API's event loop over psycopg's async connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -34,24 +38,51 @@ from domain.usage import Usage, UsageFact, usage_id
 log = logging.getLogger("billing.ingest")
 
 BATCH_MAX_EVENTS = 20_000
-GROUP_WAIT_S = 0.002
 QUEUE_MAX_EVENTS = 100_000
 REQUEST_DEADLINE_S = 5.0  # a request not written by then is answered 503
 LOCK_TIMEOUT_S = 5
+STATEMENT_TIMEOUT_S = 10
 CONNECT_TIMEOUT_S = 2
+STOP_TIMEOUT_S = STATEMENT_TIMEOUT_S + CONNECT_TIMEOUT_S
 UNHEALTHY_HOLD_S = 1.0  # after a failed commit, refuse at once for this long
 RETRY_AFTER_S = 1
 USAGE_TOPIC = get_topic(Usage.Recorded)
 USAGE_AGGREGATE_TOPIC = get_topic(Usage)
+APPEND_FUNCTION = "billing_append_usage"
+
+
+def append_function_ddl(schema: str, events_table: str, channel: str) -> sql.Composed:
+    """The append as one SQL function (created at setup): one round trip per group commit."""
+    body = sql.SQL("""
+BEGIN
+  LOCK TABLE {table} IN EXCLUSIVE MODE;
+  WITH ins AS (
+    INSERT INTO {table} (originator_id, originator_version, topic, state)
+    SELECT r.id, 1, {topic}, r.st FROM unnest(ids, states) AS r(id, st)
+    ON CONFLICT DO NOTHING
+    RETURNING {table}.originator_id, {table}.notification_id)
+  SELECT max(ins.notification_id), count(*),
+         CASE WHEN count(*) < cardinality(ids) THEN array_agg(ins.originator_id) END
+    INTO head, inserted, inserted_ids FROM ins;
+  IF inserted > 0 THEN
+    PERFORM pg_notify({channel}, '');
+  ELSE
+    head := (SELECT max(notification_id) FROM {table});
+  END IF;
+END""").format(table=sql.Identifier(schema, events_table), topic=sql.Literal(USAGE_TOPIC),
+               channel=sql.Literal(channel))
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {name}(ids uuid[], states bytea[], OUT head bigint,"
+        " OUT inserted bigint, OUT inserted_ids uuid[]) LANGUAGE plpgsql AS {body}"
+    ).format(name=sql.Identifier(schema, APPEND_FUNCTION),
+             body=sql.Literal(body.as_string(None)))
 
 
 @dataclass
 class _Request:
     rows: list[tuple[UUID, bytes]]
-    future: concurrent.futures.Future[Appended]
+    future: asyncio.Future[Appended]
     deadline: float
-    duplicates: int = 0
-    accepted: list[UUID] = field(default_factory=list)
 
 
 def encode_usage(key: KeyRecord, fact: UsageFact, received_at: datetime) -> tuple[UUID, bytes]:
@@ -72,153 +103,149 @@ def encode_usage(key: KeyRecord, fact: UsageFact, received_at: datetime) -> tupl
 
 
 class UsageWriter:
-    """Implements domain.ports.UsageRecorder."""
+    """Implements domain.ports.UsageRecorder. Lives on one event loop: the writer task starts
+    with the first append."""
 
     def __init__(
-        self, database_url: str, schema: str, events_table: str, channel: str,
+        self, database_url: str, schema: str,
         *, queue_max_events: int = QUEUE_MAX_EVENTS, batch_max_events: int = BATCH_MAX_EVENTS,
     ) -> None:
         assert 0 < batch_max_events <= queue_max_events
         self._queue_max = queue_max_events
         self._batch_max = batch_max_events
         self._url = database_url
-        self._schema = schema
-        self._table = sql.Identifier(schema, events_table)
-        self._channel = sql.Identifier(channel)
+        self._call = sql.SQL("SELECT * FROM {}(%b, %b)").format(
+            sql.Identifier(schema, APPEND_FUNCTION))
         self._queue: deque[_Request] = deque()
         self._queued_events = 0
-        self._cond = threading.Condition()
+        self._wake = asyncio.Event()
         self._stopping = False
         self._unhealthy_until = 0.0
-        self._conn: psycopg.Connection[Any] | None = None
-        self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
         self.appended_events = 0
         self.commits = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(REQUEST_DEADLINE_S + LOCK_TIMEOUT_S)
-        if self._conn is not None:
-            self._conn.close()
 
     async def record(
         self, key: KeyRecord, facts: Sequence[UsageFact], received_at: datetime
     ) -> Appended:
-        rows = [encode_usage(key, f, received_at) for f in facts]
-        return await asyncio.wrap_future(self.submit(rows))
+        return await self.append([encode_usage(key, f, received_at) for f in facts])
 
-    def submit(self, rows: list[tuple[UUID, bytes]]) -> concurrent.futures.Future[Appended]:
-        future: concurrent.futures.Future[Appended] = concurrent.futures.Future()
-        with self._cond:
-            if self._stopping:
-                raise Unavailable("shutting down", RETRY_AFTER_S)
-            if time.monotonic() < self._unhealthy_until:
-                raise Unavailable("the ledger cannot commit right now", RETRY_AFTER_S)
-            if self._queued_events + len(rows) > self._queue_max:
-                raise Unavailable("ingestion is at capacity; retry shortly", RETRY_AFTER_S)
-            self._queue.append(_Request(rows, future, time.monotonic() + REQUEST_DEADLINE_S))
-            self._queued_events += len(rows)
-            self._cond.notify()
-        return future
+    async def append(self, rows: list[tuple[UUID, bytes]]) -> Appended:
+        """Queue rows for the next group commit and wait for it. Raises Unavailable at once
+        when shutting down, unhealthy or full."""
+        if self._stopping:
+            raise Unavailable("shutting down", RETRY_AFTER_S)
+        if time.monotonic() < self._unhealthy_until:
+            raise Unavailable("the ledger cannot commit right now", RETRY_AFTER_S)
+        if self._queued_events + len(rows) > self._queue_max:
+            raise Unavailable("ingestion is at capacity; retry shortly", RETRY_AFTER_S)
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._task = loop.create_task(self._run(), name="usage-writer")
+        future: asyncio.Future[Appended] = loop.create_future()
+        self._queue.append(_Request(rows, future, time.monotonic() + REQUEST_DEADLINE_S))
+        self._queued_events += len(rows)
+        self._wake.set()
+        return await future
 
-    # ---- the writer thread ----------------------------------------------------------------
+    async def stop(self) -> None:
+        """Finish what is queued (bounded), then close; later appends get 503."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, STOP_TIMEOUT_S)
+            self._task = None
+        for r in self._queue:
+            if not r.future.done():
+                r.future.set_exception(Unavailable("shutting down", RETRY_AFTER_S))
+        self._queue.clear()
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    # ---- the writer task -------------------------------------------------------------------
 
     def _take(self) -> list[_Request]:
-        with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
-            if not self._queue:
-                return []
-            if self._queued_events < self._batch_max:
-                # Wait briefly for company: more requests per transaction, same latency bound.
-                self._cond.wait(GROUP_WAIT_S)
-            taken: list[_Request] = []
-            count = 0
-            while self._queue and (not taken or count + len(self._queue[0].rows) <= self._batch_max):
-                request = self._queue.popleft()
-                taken.append(request)
-                count += len(request.rows)
-            self._queued_events -= count
-            return taken
+        taken: list[_Request] = []
+        count = 0
+        while self._queue and (not taken or count + len(self._queue[0].rows) <= self._batch_max):
+            request = self._queue.popleft()
+            taken.append(request)
+            count += len(request.rows)
+        self._queued_events -= count
+        return taken
 
-    def _run(self) -> None:
+    async def _run(self) -> None:
         while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             batch = self._take()
-            if not batch:
-                return
             now = time.monotonic()
             live = []
             for r in batch:
+                if r.future.done():  # the client went away (cancelled)
+                    continue
                 if r.deadline < now:
                     r.future.set_exception(Unavailable("timed out waiting for the ledger", RETRY_AFTER_S))
                 else:
                     live.append(r)
             if live:
-                self._write(live)
+                await self._write(live)
 
-    def _connection(self) -> psycopg.Connection[Any]:
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._url, connect_timeout=CONNECT_TIMEOUT_S)
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                options=f"-c lock_timeout={LOCK_TIMEOUT_S}s"
+                        f" -c statement_timeout={STATEMENT_TIMEOUT_S}s")
         return self._conn
 
-    def _write(self, batch: list[_Request]) -> None:
+    async def _write(self, batch: list[_Request]) -> None:
         try:
-            position = self._commit(batch)
-        except psycopg.Error as e:
+            results = await self._commit(batch)
+        except (psycopg.Error, OSError) as e:
             log.warning("usage append failed: %s: %s", type(e).__name__, e)
             if self._conn is not None:
-                self._conn.close()
+                with contextlib.suppress(Exception):
+                    await self._conn.close()
             self._conn = None
-            with self._cond:
-                self._unhealthy_until = time.monotonic() + UNHEALTHY_HOLD_S
+            self._unhealthy_until = time.monotonic() + UNHEALTHY_HOLD_S
             for r in batch:
-                r.future.set_exception(Unavailable("the ledger cannot commit right now", RETRY_AFTER_S))
+                if not r.future.done():
+                    r.future.set_exception(
+                        Unavailable("the ledger cannot commit right now", RETRY_AFTER_S))
             return
-        for r in batch:
-            r.future.set_result(Appended(len(r.accepted), r.duplicates, position))
+        for r, appended in zip(batch, results, strict=True):
+            if not r.future.done():
+                r.future.set_result(appended)
 
-    def _commit(self, batch: list[_Request]) -> int:
+    async def _commit(self, batch: list[_Request]) -> list[Appended]:
         # Within the batch the first occurrence of an id wins; later ones are duplicates.
-        seen: set[UUID] = set()
-        wanted: list[tuple[_Request, UUID, bytes]] = []
+        firsts: dict[UUID, bytes] = {}
         for r in batch:
-            r.accepted, r.duplicates = [], 0
             for ident, state in r.rows:
-                if ident in seen:
-                    r.duplicates += 1
-                else:
-                    seen.add(ident)
-                    wanted.append((r, ident, state))
-        conn = self._connection()
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute(sql.SQL("SET LOCAL lock_timeout = '{}s'").format(LOCK_TIMEOUT_S))
-            cur.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(self._table))
-            cur.execute(
-                sql.SQL("SELECT originator_id FROM {} WHERE originator_id = ANY(%s)").format(self._table),
-                (list(seen),),
-            )
-            known = {row[0] for row in cur.fetchall()}
-            fresh = 0
-            with cur.copy(sql.SQL(
-                "COPY {} (originator_id, originator_version, topic, state) FROM STDIN (FORMAT BINARY)"
-            ).format(self._table)) as copy:
-                copy.set_types(["uuid", "int8", "text", "bytea"])
-                for r, ident, state in wanted:
-                    if ident in known:
-                        r.duplicates += 1
-                        continue
-                    copy.write_row((ident, 1, USAGE_TOPIC, state))
-                    r.accepted.append(ident)
-                    fresh += 1
-            if fresh:
-                cur.execute(sql.SQL("NOTIFY {}").format(self._channel))
-            cur.execute(sql.SQL("SELECT max(notification_id) FROM {}").format(self._table))
-            row = cur.fetchone()
-        self.appended_events += fresh
+                firsts.setdefault(ident, state)
+        conn = await self._connection()
+        cur = await conn.execute(self._call, (list(firsts), list(firsts.values())), prepare=True)
+        row = await cur.fetchone()
+        assert row is not None
+        position, inserted, inserted_ids = int(row[0] or 0), int(row[1]), row[2]
+        # The function names the inserted ids only when some were not (duplicates).
+        fresh = set(firsts) if inserted == len(firsts) else set(inserted_ids or ())
+        results = []
+        for r in batch:
+            accepted = 0
+            for ident, _ in r.rows:
+                if ident in fresh:
+                    fresh.discard(ident)  # a later copy in the batch is a duplicate
+                    accepted += 1
+            results.append(Appended(accepted, len(r.rows) - accepted, position))
+        self.appended_events += inserted
         self.commits += 1
-        return int(row[0]) if row and row[0] is not None else 0
+        return results

@@ -522,7 +522,7 @@ def profiled(pid: int, out_dir: Path | None, phase: str, *, gil: bool = False) -
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE_HZ), "--threads",
-         "--nonblocking", "--format", "raw", "-o", str(out_dir / f"{phase}.txt"),
+         "--nonblocking", "--subprocesses", "--format", "raw", "-o", str(out_dir / f"{phase}.txt"),
          *(["--gil"] if gil else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

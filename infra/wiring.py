@@ -35,7 +35,7 @@ from adapters.notifier import render as render_invoice
 from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.resolver import PgResolver
-from adapters.usage_writer import UsageWriter
+from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
 from api.permissions import ROLE_PERMISSIONS
 from domain.api_key import PREFIX_CHARS
@@ -100,7 +100,9 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
             for model in READ_MODELS:
                 for statement in model.ddl:
                     conn.execute(statement)  # type: ignore[arg-type]
-            return LedgerStore(database_url, schema)
+            ledger = LedgerStore(database_url, schema)
+            conn.execute(append_function_ddl(schema, ledger.events_table, ledger.channel))
+            return ledger
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (bookkeeping.lock_key(schema, "schema"),))
 
@@ -145,7 +147,7 @@ class Runtime:
             await self.rate_limiter.close()
             self.rate_limiter = None
         if self.writer is not None:
-            await asyncio.to_thread(self.writer.stop)
+            await self.writer.stop()
             self.writer = None
 
     async def close(self) -> None:
@@ -199,9 +201,7 @@ class Runtime:
             await self.nc.flush(timeout=1)
             return True
 
-        self.writer = UsageWriter(self.database_url, self.settings.pg_schema,
-                                  self.ledger.events_table, self.ledger.channel)
-        self.writer.start()
+        self.writer = UsageWriter(self.database_url, self.settings.pg_schema)
         self.key_cache = KeyCache(self.pool)
         self.meter_cache = MeterCache(self.pool)
         self.token_cache = TokenCache(self.pool)

@@ -4,6 +4,7 @@ when given), and for every test its own Postgres schema and JetStream stream nam
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import time
@@ -17,6 +18,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from adapters.usage_writer import UsageWriter
+from domain.ports import Appended
 from infra.embedded import embedded_servers
 from infra.roles import run_roles
 from infra.settings import Settings, from_env
@@ -181,3 +184,36 @@ def wait_sync(condition: Callable[[], Any], what: str, deadline_s: float = WAIT_
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
         time.sleep(POLL_S)
+
+
+class ThreadedWriter:
+    """A UsageWriter on its own event loop in a thread, for sync tests (e.g. hypothesis):
+    `submit(rows)` returns a concurrent future of the Appended."""
+
+    STOP_TIMEOUT_S = 30.0
+
+    def __init__(self, writer: UsageWriter) -> None:
+        import threading
+
+        self.writer = writer
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: list[tuple[uuid.UUID, bytes]]) -> concurrent.futures.Future[Appended]:
+        return asyncio.run_coroutine_threadsafe(self.writer.append(rows), self.loop)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.writer.stop(), self.loop).result(self.STOP_TIMEOUT_S)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(self.STOP_TIMEOUT_S)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def threaded_writer(rt: Runtime) -> Iterator[ThreadedWriter]:
+    writer = ThreadedWriter(UsageWriter(rt.database_url, rt.settings.pg_schema))
+    try:
+        yield writer
+    finally:
+        writer.close()

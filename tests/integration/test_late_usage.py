@@ -11,7 +11,7 @@ from uuid import uuid4
 import pytest
 
 from adapters.invoice_run import InvoiceRun
-from adapters.usage_writer import UsageWriter, encode_usage
+from adapters.usage_writer import encode_usage
 from domain.invoice import Invoice
 from domain.invoicing import InvoicingService
 from domain.plan import ChargeSpec
@@ -21,23 +21,19 @@ from domain.services import CatalogueService, OrganisationService
 from domain.usage import UsageFact
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoices
-from tests.conftest import background_roles, tracked, wait_sync
+from tests.conftest import ThreadedWriter, background_roles, threaded_writer, tracked, wait_sync
 
 OCTOBER = datetime(2026, 10, 20, 12, tzinfo=UTC)
 NOVEMBER = datetime(2026, 11, 10, 12, tzinfo=UTC)
 
 
 @pytest.fixture
-def live(runtime: Runtime) -> Iterator[tuple[Runtime, UsageWriter]]:
-    writer = UsageWriter(runtime.database_url, runtime.settings.pg_schema,
-                         runtime.ledger.events_table, runtime.ledger.channel)
-    writer.start()
-    with background_roles(runtime, {"relay", "project"}):
+def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
+    with threaded_writer(runtime) as writer, background_roles(runtime, {"relay", "project"}):
         yield runtime, writer
-    writer.stop()
 
 
-def test_late_usage_is_billed_on_the_next_invoice_once(live: tuple[Runtime, UsageWriter]) -> None:
+def test_late_usage_is_billed_on_the_next_invoice_once(live: tuple[Runtime, ThreadedWriter]) -> None:
     rt, writer = live
     now = lambda: datetime.now(UTC)  # noqa: E731
     CatalogueService(rt.ledger, now, uuid4, lambda: ("p", "s")).define_meter(
@@ -90,7 +86,7 @@ def test_late_usage_is_billed_on_the_next_invoice_once(live: tuple[Runtime, Usag
 
 
 def test_drafts_are_finalized_automatically_after_the_configured_delay(
-    live: tuple[Runtime, UsageWriter],
+    live: tuple[Runtime, ThreadedWriter],
 ) -> None:
     from infra.scheduler import finalize_due
 

@@ -17,13 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.maintenance import rebuild
-from adapters.usage_writer import UsageWriter, encode_usage
+from adapters.usage_writer import encode_usage
 from domain.ports import KeyRecord
 from domain.services import CatalogueService
 from domain.usage import UsageFact, fold, local_day
 from infra.wiring import Runtime
 from projections import usage_totals
-from tests.conftest import background_roles, table_rows, tracked, wait_sync
+from tests.conftest import (
+    ThreadedWriter,
+    background_roles,
+    table_rows,
+    threaded_writer,
+    tracked,
+    wait_sync,
+)
 
 TZ = "Asia/Kolkata"
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -55,16 +62,12 @@ batches = st.lists(st.lists(events, min_size=1, max_size=8), min_size=1, max_siz
 
 
 @pytest.fixture
-def live(runtime: Runtime) -> Iterator[tuple[Runtime, UsageWriter]]:
+def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
     svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4, lambda: ("p", "s"))
     for code, (aggregation, field) in METERS.items():
         svc.define_meter(code, code, aggregation, field, [], False, lambda _: False)
-    writer = UsageWriter(runtime.database_url, runtime.settings.pg_schema,
-                         runtime.ledger.events_table, runtime.ledger.channel)
-    writer.start()
-    with background_roles(runtime, {"relay", "project"}):
+    with threaded_writer(runtime) as writer, background_roles(runtime, {"relay", "project"}):
         yield runtime, writer
-    writer.stop()
 
 
 @dataclass
@@ -112,7 +115,7 @@ def _actual(rt: Runtime, org: UUID, projects: list[UUID]) -> dict[Any, Decimal]:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sent=batches)
 def test_usage_totals_equal_the_fold_over_distinct_events(
-    live: tuple[Runtime, UsageWriter], sent: list[list[Sent]]
+    live: tuple[Runtime, ThreadedWriter], sent: list[list[Sent]]
 ) -> None:
     rt, writer = live
     org, projects = uuid4(), [uuid4() for _ in range(3)]
@@ -129,7 +132,7 @@ def test_usage_totals_equal_the_fold_over_distinct_events(
     assert _actual(rt, org, projects) == expected
 
 
-def test_a_rebuilt_usage_projection_equals_the_live_one(live: tuple[Runtime, UsageWriter]) -> None:
+def test_a_rebuilt_usage_projection_equals_the_live_one(live: tuple[Runtime, ThreadedWriter]) -> None:
     rt, writer = live
     org = uuid4()
     keys = [KeyRecord(uuid4(), "p", "h", uuid4(), org, TZ, None, False) for _ in range(2)]

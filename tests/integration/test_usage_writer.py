@@ -1,4 +1,5 @@
-"""Group commit under pressure: a full queue or an unreachable ledger answers 503 quickly."""
+"""Group commit: duplicates by primary key, and under pressure a full queue or an unreachable
+ledger answers 503 quickly."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from uuid import UUID, uuid4
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from adapters.usage_writer import UNHEALTHY_HOLD_S, UsageWriter, encode_usage
 from domain.errors import Unavailable
@@ -15,9 +18,11 @@ from domain.ports import KeyRecord
 from domain.usage import UsageFact
 from infra.embedded import free_port
 from infra.wiring import Runtime
+from tests.conftest import ThreadedWriter, threaded_writer, wait_sync
 
 KEY = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
 NOW = datetime.now(UTC)
+RESULT_TIMEOUT_S = 10
 
 
 def rows(n: int) -> list[tuple[UUID, bytes]]:
@@ -26,44 +31,80 @@ def rows(n: int) -> list[tuple[UUID, bytes]]:
 
 
 def test_a_full_queue_refuses_at_once_instead_of_piling_up(runtime: Runtime) -> None:
-    writer = UsageWriter(runtime.database_url, runtime.settings.pg_schema,
-                         runtime.ledger.events_table, runtime.ledger.channel,
-                         queue_max_events=10, batch_max_events=5)
-    # Not started: nothing drains the queue.
-    writer.submit(rows(6))
-    started = time.monotonic()
-    with pytest.raises(Unavailable) as info:
-        writer.submit(rows(5))
-    assert time.monotonic() - started < 0.1
-    assert info.value.retry_after_s >= 1
+    writer = ThreadedWriter(UsageWriter(runtime.database_url, runtime.settings.pg_schema,
+                                        queue_max_events=10, batch_max_events=5))
+    table = sql.Identifier(runtime.settings.pg_schema, runtime.ledger.events_table)
+    try:
+        with psycopg.connect(runtime.database_url) as blocker:
+            # Another transaction holds the ledger's lock: the writer's first commit waits.
+            blocker.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
+            first = writer.submit(rows(5))
+            wait_sync(lambda: writer.writer.commits == 0 and _waiting_for_lock(runtime),
+                      "the writer waiting for the ledger lock")
+            queued = writer.submit(rows(5))
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as info:
+                writer.submit(rows(6)).result(RESULT_TIMEOUT_S)  # 5 queued + 6 > 10
+            assert time.monotonic() - started < 0.5
+            assert info.value.retry_after_s >= 1
+        # The lock is gone: what was queued commits, nothing refused was written.
+        assert first.result(RESULT_TIMEOUT_S).accepted == 5
+        assert queued.result(RESULT_TIMEOUT_S).accepted == 5
+        assert ledger_rows(runtime) == 10
+    finally:
+        writer.close()
+
+
+def ledger_rows(rt: Runtime) -> int:
+    table = sql.Identifier(rt.settings.pg_schema, rt.ledger.events_table)
+    with rt.pool.connection() as conn:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _waiting_for_lock(rt: Runtime) -> bool:
+    with rt.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE %s", ("%billing_append_usage%",)).fetchone()
+    return bool(row and row[0])
 
 
 def test_an_unreachable_ledger_answers_503_quickly_and_then_at_once() -> None:
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens there
-    writer = UsageWriter(url, "public", "billing_events", "billing_events")
-    writer.start()
+    writer = ThreadedWriter(UsageWriter(url, "public"))
     try:
         started = time.monotonic()
         with pytest.raises(Unavailable):
-            writer.submit(rows(3)).result(10)
+            writer.submit(rows(3)).result(RESULT_TIMEOUT_S)
         assert time.monotonic() - started < 3
         fast = time.monotonic()
         with pytest.raises(Unavailable):
-            writer.submit(rows(1))
+            writer.submit(rows(1)).result(RESULT_TIMEOUT_S)
         assert time.monotonic() - fast < UNHEALTHY_HOLD_S
     finally:
-        writer.stop()
+        writer.close()
 
 
 def test_resends_in_one_group_commit_keep_the_first(runtime: Runtime) -> None:
-    writer = UsageWriter(runtime.database_url, runtime.settings.pg_schema,
-                         runtime.ledger.events_table, runtime.ledger.channel)
-    writer.start()
-    try:
+    with threaded_writer(runtime) as writer:
         same = rows(3)
         futures = [writer.submit(same) for _ in range(4)]
-        results = [f.result(10) for f in futures]
-    finally:
-        writer.stop()
+        results = [f.result(RESULT_TIMEOUT_S) for f in futures]
     assert sum(r.accepted for r in results) == 3
     assert sum(r.duplicates for r in results) == 9
+    assert ledger_rows(runtime) == 3
+
+
+def test_a_resend_later_is_a_duplicate_that_changes_nothing(runtime: Runtime) -> None:
+    with threaded_writer(runtime) as writer:
+        sent = rows(4)
+        first = writer.submit(sent).result(RESULT_TIMEOUT_S)
+        mixed = writer.submit(sent[:2] + rows(1)).result(RESULT_TIMEOUT_S)
+        again = writer.submit(sent).result(RESULT_TIMEOUT_S)
+    assert (first.accepted, first.duplicates) == (4, 0)
+    assert (mixed.accepted, mixed.duplicates) == (1, 2)
+    assert (again.accepted, again.duplicates) == (0, 4)
+    assert ledger_rows(runtime) == 5
+    # An all-duplicate request still gets a position that covers the originals.
+    assert again.position >= mixed.position > first.position

@@ -1,0 +1,43 @@
+"""The shared rate limit under concurrency: one refill per key at a time, and a refusal is
+remembered until a token can exist again, so a burst of requests is not a burst of queries."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapters.rate_limit import CHUNK_DIVISOR, PgRateLimiter
+from infra.wiring import Runtime
+
+pytestmark = pytest.mark.anyio
+CONCURRENT_REQUESTS = 200
+
+
+async def test_a_herd_of_requests_shares_one_refill(runtime: Runtime) -> None:
+    limiter = PgRateLimiter(runtime.database_url, runtime.settings.pg_schema)
+    await limiter.open()
+    try:
+        results = await asyncio.gather(*(
+            limiter.take("key:herd", 10_000, 10_000) for _ in range(CONCURRENT_REQUESTS)))
+    finally:
+        await limiter.close()
+    assert all(ok for ok, _, _ in results)
+    # Each refill takes a tenth of the bucket (1000 tokens): 200 requests need one round trip.
+    assert limiter.round_trips == CONCURRENT_REQUESTS // (10_000 // CHUNK_DIVISOR) + 1
+
+
+async def test_a_refused_key_is_not_asked_again_until_a_token_can_exist(runtime: Runtime) -> None:
+    limiter = PgRateLimiter(runtime.database_url, runtime.settings.pg_schema)
+    await limiter.open()
+    try:
+        results = await asyncio.gather(*(
+            limiter.take("key:tight", 1, 5) for _ in range(CONCURRENT_REQUESTS)))
+    finally:
+        await limiter.close()
+    allowed = [r for r in results if r[0]]
+    refused = [r for r in results if not r[0]]
+    assert len(allowed) == 5  # the burst, and not one more
+    assert all(retry_s > 0 for _, _, retry_s in refused)
+    # The burst's takes, one refused take, and nothing for the other 194 refusals.
+    assert limiter.round_trips <= 5 + 1 + 1
