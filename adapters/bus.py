@@ -3,6 +3,12 @@
 A relayed message carries one or more consecutive ledger entries of one topic, and `prev`, the
 position of the ledger entry just before its first one. A projector uses `prev` to know whether
 it has everything before the message (see adapters/projector.py).
+
+Entries travel in two lanes, by subject: usage (the bulk) and domain (everything else). A
+message also names its lane's `prev` (the last position of the lane's previous message), so a
+projector that needs one lane only consumes that lane's subjects and still sees every gap. A
+watermark (headers only) tells a lane that nothing of it happened up to a position, so that its
+projectors' tracking reaches the ledger head while the other lane is busy.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from uuid import UUID
 
 import msgspec
 import nats
+from eventsourcing.utils import get_topic
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
+
+from domain.usage import Usage
 
 LEDGER_RETENTION_S = 7 * 24 * 3600
 DLQ_RETENTION_S = 90 * 24 * 3600
@@ -27,6 +36,18 @@ RECONNECT_WAIT_S = 0.5
 MAX_PENDING_BYTES = 8 * 1024 * 1024
 PREV_HEADER = "Ledger-Prev"  # position before the message's first entry
 TOPIC_HEADER = "Ledger-Topic"  # the one topic of every entry in the message
+LANE_PREV_HEADER = "Ledger-Lane-Prev"  # last position of the lane's previous message
+LANE_HEADER = "Ledger-Lane"  # on a watermark: the lane it speaks for
+LAST_HEADER = "Ledger-Last"  # on a watermark: the lane has nothing more up to this position
+WATERMARK = "ledger:Watermark"  # the topic header of a watermark (no entries, headers only)
+USAGE_LANE = "usage"
+DOMAIN_LANE = "domain"
+LANES = (USAGE_LANE, DOMAIN_LANE)
+_USAGE_TOPICS = frozenset({get_topic(Usage.Recorded)})
+
+
+def lane_of(topic: str) -> str:
+    return USAGE_LANE if topic in _USAGE_TOPICS else DOMAIN_LANE
 
 
 class Entry(msgspec.Struct, array_like=True, frozen=True):
@@ -44,6 +65,7 @@ class RelayedBatch(msgspec.Struct, array_like=True, frozen=True):
     # positions come from the message headers.
     first_: int = 0
     last_: int = 0
+    lane_prev: int = 0
 
     @property
     def first(self) -> int:
@@ -94,8 +116,17 @@ class Streams:
         return f"{self.prefix}DLQ"
 
     def ledger_subject(self, topic: str) -> str:
-        # "domain.organisation:Organisation.Created" -> "ledger.domain.organisation.Organisation.Created"
-        return f"{self.prefix.lower()}ledger.{topic.replace(':', '.')}"
+        # "domain.organisation:Organisation.Created"
+        #   -> "ledger.domain.domain.organisation.Organisation.Created" (lane, then topic)
+        return f"{self.prefix.lower()}ledger.{lane_of(topic)}.{topic.replace(':', '.')}"
+
+    def watermark_subject(self, lane: str) -> str:
+        assert lane in LANES
+        return f"{self.prefix.lower()}ledger.{lane}.watermark"
+
+    def lane_wildcard(self, lane: str) -> str:
+        assert lane in LANES
+        return f"{self.prefix.lower()}ledger.{lane}.>"
 
     @property
     def ledger_wildcard(self) -> str:

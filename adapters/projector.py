@@ -5,6 +5,8 @@ transaction; entries at or below the tracked position are skipped. Delivery orde
 matter: every relayed message names `prev`, the ledger position just before it, and when that is
 ahead of the tracked position the missing entries are read from the ledger itself (the source of
 truth), so redelivered or reordered messages can never make the tracking check skip an event.
+A model whose topics all lie in one lane (adapters/bus.py) consumes only that lane's subjects
+and chains by the lane's `prev`; the lane's watermarks bring its tracking up to the head.
 
 A handler that fails is retried in place with exponential backoff (the message is kept in
 progress, so nothing after it overtakes it); after the last retry the entry is dead-lettered:
@@ -23,7 +25,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import nats.errors
+import nats.js.errors
 import psycopg
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
@@ -33,13 +37,19 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from adapters.bus import (
+    LANE_HEADER,
+    LANE_PREV_HEADER,
+    LAST_HEADER,
     PREV_HEADER,
     TOPIC_HEADER,
+    USAGE_LANE,
+    WATERMARK,
     DeadLetter,
     RelayedBatch,
     Streams,
     decode_batch,
     encode,
+    lane_of,
 )
 from adapters.ledger import LedgerStore
 from projections.base import ReadModel
@@ -47,6 +57,9 @@ from projections.base import ReadModel
 log = logging.getLogger("billing.projector")
 
 FETCH_BATCH_MSGS = 64
+# Usage messages hold up to a thousand entries each: fewer per fetch bounds the memory a
+# projector of usage holds at once (decoded, ~8000 entries per transaction).
+FETCH_BATCH_MSGS_WITH_USAGE = 8
 FETCH_TIMEOUT_S = 1.0
 ACK_WAIT_S = 30.0
 MAX_DELIVER = 20  # JetStream's bound; handler retries below are bounded on their own
@@ -95,6 +108,10 @@ class Projector:
         self.dead_lettered = 0
         # Entries of other topics are skipped without decoding them.
         self._topics = frozenset(get_topic(cls) for cls in model.handlers)
+        # A model that needs one lane only consumes that lane, chained by the lane's prev.
+        lanes = {lane_of(t) for t in self._topics}
+        self._fetch_batch = FETCH_BATCH_MSGS_WITH_USAGE if USAGE_LANE in lanes else FETCH_BATCH_MSGS
+        self._lane = lanes.pop() if len(lanes) == 1 else None
         # Positions up to which the chain of messages is known (_contiguous) and written to the
         # tracking row (_persisted); 0 until this projector's first transaction says otherwise.
         self._contiguous = 0
@@ -104,9 +121,18 @@ class Projector:
     # ---- the consumer loop -------------------------------------------------------------
 
     async def subscribe(self) -> JetStreamContext.PullSubscription:
+        subject = (self._streams.ledger_wildcard if self._lane is None
+                   else self._streams.lane_wildcard(self._lane))
+        durable = self._streams.consumer(self.model.name)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await self._js.consumer_info(self._streams.ledger, durable)
+            if info.config.filter_subject != subject:
+                # Made for other subjects (an older version): start afresh. The tracking
+                # position in Postgres, not the consumer, says what is applied.
+                await self._js.delete_consumer(self._streams.ledger, durable)
         return await self._js.pull_subscribe(
-            self._streams.ledger_wildcard,
-            durable=self._streams.consumer(self.model.name),
+            subject,
+            durable=durable,
             stream=self._streams.ledger,
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
@@ -123,7 +149,7 @@ class Projector:
             try:
                 if sub is None:
                     sub = await self.subscribe()
-                msgs = await sub.fetch(FETCH_BATCH_MSGS, timeout=FETCH_TIMEOUT_S)
+                msgs = await sub.fetch(self._fetch_batch, timeout=FETCH_TIMEOUT_S)
             except (nats.errors.TimeoutError, TimeoutError):
                 with contextlib.suppress(*TRANSIENT):
                     await self._flush(idle=True)
@@ -166,10 +192,24 @@ class Projector:
         headers, without decoding the body)."""
         headers = msg.headers or {}
         topic = headers.get(TOPIC_HEADER)
-        if topic is not None and topic not in self._topics and PREV_HEADER in headers:
+        if topic == WATERMARK:
+            if self._lane is None or headers.get(LANE_HEADER) != self._lane:
+                return RelayedBatch(0, [])  # not for this model: changes nothing
+            last = int(headers[LAST_HEADER])
+            return RelayedBatch(int(headers[LANE_PREV_HEADER]), [], first_=last, last_=last)
+        prev = headers.get(PREV_HEADER)
+        if self._lane is not None and topic is not None and lane_of(topic) == self._lane:
+            # Chained within the lane. Without the header (an older relay), or for a message of
+            # another lane, the global prev: it can only make the projector fill from the
+            # ledger, never skip.
+            prev = headers.get(LANE_PREV_HEADER, prev)
+        if topic is not None and topic not in self._topics and prev is not None:
             first, _, last = headers["Nats-Msg-Id"].partition("-")
-            return RelayedBatch(int(headers[PREV_HEADER]), [], first_=int(first), last_=int(last))
-        return decode_batch(msg.data)
+            return RelayedBatch(int(prev), [], first_=int(first), last_=int(last))
+        batch = decode_batch(msg.data)
+        if prev is not None and int(prev) != batch.prev:
+            batch = msgspec.structs.replace(batch, prev=int(prev))
+        return batch
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply a fetched batch, then ack it. Safe to call with any order or repeats."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from uuid import UUID
 
@@ -20,13 +21,19 @@ from nats.js import JetStreamContext
 
 from adapters.bookkeeping import lock_key, relay_position
 from adapters.bus import (
+    LANE_HEADER,
+    LANE_PREV_HEADER,
+    LANES,
+    LAST_HEADER,
     MAX_MESSAGE_BYTES,
     PREV_HEADER,
     TOPIC_HEADER,
+    WATERMARK,
     Entry,
     RelayedBatch,
     Streams,
     encode,
+    lane_of,
 )
 from adapters.ledger import LedgerStore
 
@@ -35,6 +42,8 @@ log = logging.getLogger("billing.relay")
 READ_BATCH_ROWS = 5000
 ENTRIES_PER_MESSAGE_MAX = 1000
 POLL_INTERVAL_S = 0.5
+READ_INTERVAL_S = 0.01
+MARK_INTERVAL_S = 0.05  # under load, a quiet lane hears of the head this often
 STANDBY_POLL_S = 1.0
 PUBLISH_TIMEOUT_S = 5.0
 RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -42,11 +51,22 @@ DB_CONNECT_TIMEOUT_S = 5
 RELAY_NAME = "relay"
 
 
-def group_messages(entries: Sequence[Notification], prev: int) -> list[RelayedBatch]:
-    """Consecutive entries of one topic share a message, bounded in count and bytes."""
+def group_messages(
+    entries: Sequence[Notification], prev: int, lane_last: dict[str, int]
+) -> tuple[list[RelayedBatch], dict[str, int]]:
+    """Consecutive entries of one topic share a message, bounded in count and bytes. Each
+    message names `prev` and its lane's prev; returns the lanes' last positions after them."""
     batches: list[RelayedBatch] = []
+    lanes = dict(lane_last)
     current: list[Entry] = []
     size = 0
+
+    def close() -> None:
+        lane = lane_of(current[0].topic)
+        batches.append(RelayedBatch(prev=batches[-1].last if batches else prev, entries=current,
+                                    lane_prev=lanes.get(lane, 0)))
+        lanes[lane] = current[-1].position
+
     for n in entries:
         entry = Entry(
             position=n.id,
@@ -63,14 +83,13 @@ def group_messages(entries: Sequence[Notification], prev: int) -> list[RelayedBa
             or len(current) >= ENTRIES_PER_MESSAGE_MAX
             or size + entry_size > MAX_MESSAGE_BYTES
         ):
-            batches.append(RelayedBatch(prev=prev, entries=current))
-            prev = current[-1].position
+            close()
             current, size = [], 0
         current.append(entry)
         size += entry_size
     if current:
-        batches.append(RelayedBatch(prev=prev, entries=current))
-    return batches
+        close()
+    return batches, lanes
 
 
 class Relay:
@@ -98,7 +117,7 @@ class Relay:
             try:
                 async with await psycopg.AsyncConnection.connect(
                     self._url, autocommit=True, connect_timeout=DB_CONNECT_TIMEOUT_S,
-                    options=f"-c search_path={self._schema}",
+                    options=f"-c search_path={self._schema} -c synchronous_commit=off",
                 ) as conn:
                     row = await (await conn.execute(
                         "SELECT pg_try_advisory_lock(%s)", (self._lock_key,)
@@ -119,34 +138,68 @@ class Relay:
                 self.is_leader = False
 
     async def _pump(self, conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio.Event) -> None:
-        position = await asyncio.to_thread(self._read_position)
+        position, lanes = await asyncio.to_thread(self._read_positions)
+        marks = _Marks(lanes)
         failures = 0
+        read_at = 0.0
         while not stop.is_set():
+            # At most one read per READ_INTERVAL_S: under load, fewer and fuller messages (each
+            # message costs the relay, JetStream and every projector), for a few ms of latency.
+            await asyncio.sleep(max(0.0, read_at + READ_INTERVAL_S - time.monotonic()))
+            read_at = time.monotonic()
             entries = await asyncio.to_thread(self._ledger.read_after, position, READ_BATCH_ROWS)
             if not entries:
+                await self._mark(marks, position, lanes, idle=True)
                 await self._wait_for_notify(conn, stop)
                 continue
+            batches, next_lanes = group_messages(entries, position, lanes)
             try:
-                await self._publish(group_messages(entries, prev=position))
+                await self._publish(batches)
             except Exception as e:  # any broker failure: keep the position, retry later
                 log.warning("relay cannot publish (will retry): %s: %s", type(e).__name__, e)
                 await _wait(stop, RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)])
                 failures += 1
                 continue
             failures = 0
-            position = entries[-1].id
+            position, lanes = entries[-1].id, next_lanes
+            # Not waiting for the WAL flush: a position lost in a crash only re-publishes
+            # messages that JetStream (Nats-Msg-Id) and the projectors' tracking drop again.
             await conn.execute(
-                "INSERT INTO relay_positions (name, position) VALUES (%s, %s)"
+                "INSERT INTO relay_positions (name, position) VALUES (%s, %s), (%s, %s), (%s, %s)"
                 " ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()",
-                (RELAY_NAME, position),
+                (RELAY_NAME, position, *(x for lane in LANES
+                                         for x in (_lane_row(lane), lanes.get(lane, position)))),
             )
+            await self._mark(marks, position, lanes, idle=False)
 
-    def _read_position(self) -> int:
+    async def _mark(self, marks: _Marks, position: int, lanes: dict[str, int], idle: bool) -> None:
+        """Tell a lane that saw nothing new up to `position` so (a watermark): its projectors
+        then reach the ledger head too. Every MARK_INTERVAL_S under load, and when idle. Only
+        a hint, outside the chain: a lost watermark delays tracking, never skips an entry."""
+        for lane in marks.due(position, lanes, idle, time.monotonic()):
+            try:
+                await self._js.publish(
+                    self._streams.watermark_subject(lane), b"", timeout=PUBLISH_TIMEOUT_S,
+                    stream=self._streams.ledger,
+                    headers={"Nats-Msg-Id": f"mark-{lane}-{position}", TOPIC_HEADER: WATERMARK,
+                             LANE_HEADER: lane, LANE_PREV_HEADER: str(lanes.get(lane, 0)),
+                             LAST_HEADER: str(position)},
+                )
+            except Exception as e:  # a hint; the next one will do
+                log.warning("relay cannot publish a watermark: %s: %s", type(e).__name__, e)
+                continue
+            marks.sent(lane, position, time.monotonic())
+
+    def _read_positions(self) -> tuple[int, dict[str, int]]:
+        """The relay's position and each lane's last one. A lane never saved (an older relay)
+        counts as the position: projectors then fill from the ledger, never skip."""
         with psycopg.connect(
             self._url, connect_timeout=DB_CONNECT_TIMEOUT_S,
             options=f"-c search_path={self._schema}",
         ) as c:
-            return relay_position(c, RELAY_NAME)
+            position = relay_position(c, RELAY_NAME)
+            return position, {lane: relay_position(c, _lane_row(lane)) or position
+                              for lane in LANES}
 
     async def _publish(self, batches: list[RelayedBatch]) -> None:
         acks = await asyncio.gather(*(
@@ -156,7 +209,7 @@ class Relay:
                 timeout=PUBLISH_TIMEOUT_S,
                 stream=self._streams.ledger,
                 headers={"Nats-Msg-Id": f"{b.first}-{b.last}", PREV_HEADER: str(b.prev),
-                         TOPIC_HEADER: b.entries[0].topic},
+                         LANE_PREV_HEADER: str(b.lane_prev), TOPIC_HEADER: b.entries[0].topic},
             )
             for b in batches
         ))
@@ -172,6 +225,27 @@ class Relay:
         async for _ in gen:
             break
         del stop
+
+
+class _Marks:
+    """Per lane: the position its last watermark (or entry) covered, and when it was sent."""
+
+    def __init__(self, lanes: dict[str, int]) -> None:
+        self._covered = {lane: lanes.get(lane, 0) for lane in LANES}
+        self._sent_at = dict.fromkeys(LANES, 0.0)
+
+    def due(self, position: int, lanes: dict[str, int], idle: bool, now: float) -> list[str]:
+        return [lane for lane in LANES
+                if lanes.get(lane, 0) < position and self._covered[lane] < position
+                and (idle or now - self._sent_at[lane] >= MARK_INTERVAL_S)]
+
+    def sent(self, lane: str, position: int, now: float) -> None:
+        self._covered[lane] = position
+        self._sent_at[lane] = now
+
+
+def _lane_row(lane: str) -> str:
+    return f"{RELAY_NAME}:{lane}"
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

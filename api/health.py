@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from litestar import Request, Response, get
@@ -13,8 +14,9 @@ READY_CHECK_TIMEOUT_S = 2.0
 
 
 @get("/health/live", summary="The process is up", include_in_schema=True)
-async def live() -> dict[str, str]:
-    return {"status": "ok"}
+async def live() -> dict[str, str | int]:
+    # The process id tells which of `serve`'s API processes answered (they share the port).
+    return {"status": "ok", "process": os.getpid()}
 
 
 @get("/health/ready", summary="Postgres and NATS are reachable")

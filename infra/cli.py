@@ -10,6 +10,7 @@ import getpass
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -27,13 +28,13 @@ from domain.audit import CURRENT_ACTOR, Actor
 from domain.errors import DomainError
 from domain.services import AccessService, CatalogueService, OrganisationService
 from infra import logs
-from infra.roles import run_roles
+from infra.roles import listen_socket, run_roles
 from infra.settings import Settings, from_env
 from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
 
 GIL_SWITCH_INTERVAL_S = 0.0005
-WORKER_POLL_S = 1.0
-WORKER_STOP_TIMEOUT_S = 20.0
+CHILD_POLL_S = 1.0
+CHILD_STOP_TIMEOUT_S = 20.0
 log = logging.getLogger("billing.cli")
 CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 
@@ -41,8 +42,10 @@ CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="billing", description="Usage-billing ledger")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run every role in one process (API, relay, projectors, scheduler)")
-    sub.add_parser("api", help="run the HTTP API only")
+    sub.add_parser("serve", help="run every role: the API and the scheduler here, the relay and "
+                   "projectors in a worker process, and BILLING_API_PROCESSES - 1 more API processes")
+    api = sub.add_parser("api", help="run the HTTP API only")
+    api.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # given by `serve`
     sub.add_parser("relay", help="run the ledger relay only (one active, others standby)")
     sub.add_parser("project", help="run the projectors only")
     sub.add_parser("worker", help="run the relay and the projectors (what `serve` starts beside the API)")
@@ -77,25 +80,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_roles(settings: Settings, roles: set[str], *, with_worker: bool = False) -> int:
+def _run_roles(settings: Settings, roles: set[str], *, with_children: bool = False,
+               listen_fd: int | None = None) -> int:
     with servers(settings) as (db, nats):
         rt = Runtime.open(settings, db, nats)
-        worker = _start_worker(db, nats) if with_worker else None
+        sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
+        children: list[subprocess.Popen[bytes]] = []
+        if with_children:
+            sock = listen_socket(settings.host, settings.port)
+            children.append(_start_child(db, nats, ["worker"]))
+            children += [_start_child(db, nats, ["api", "--listen-fd", str(sock.fileno())],
+                                      pass_fds=(sock.fileno(),))
+                         for _ in range(settings.api_processes - 1)]
         stop = asyncio.Event()
+        child_died = False
 
-        async def watch_worker() -> None:
-            assert worker is not None
-            while worker.poll() is None and not stop.is_set():
-                await asyncio.sleep(WORKER_POLL_S)
+        async def watch_children() -> None:
+            nonlocal child_died
+            while all(c.poll() is None for c in children) and not stop.is_set():
+                await asyncio.sleep(CHILD_POLL_S)
             if not stop.is_set():
-                log.error("the worker process (relay + projectors) exited with %s; stopping",
-                          worker.returncode)
+                dead = [c for c in children if c.poll() is not None]
+                log.error("a child process (%s) exited with %s; stopping",
+                          " ".join(str(a) for a in dead[0].args[3:]), dead[0].returncode)
+                child_died = True
                 stop.set()
 
         async def main() -> None:
-            watcher = asyncio.create_task(watch_worker()) if worker else None
+            watcher = asyncio.create_task(watch_children()) if children else None
             try:
-                await run_roles(rt, roles, stop)
+                await run_roles(rt, roles, stop, sock=sock)
             finally:
                 stop.set()
                 if watcher:
@@ -107,33 +121,35 @@ def _run_roles(settings: Settings, roles: set[str], *, with_worker: bool = False
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 runner.run(main())
         finally:
-            if worker is not None:
-                _stop_worker(worker)
-    return 0
+            for child in children:
+                _stop_child(child)
+    return 1 if child_died else 0
 
 
-def _start_worker(database_url: str, nats_url: str) -> subprocess.Popen[bytes]:
-    """The relay and projectors in a second process: the API gets this one's core to itself."""
+def _start_child(database_url: str, nats_url: str, command: list[str],
+                 pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """A child of `serve`: the worker (relay and projectors, so the API keeps its core) or
+    another API process accepting from the same socket."""
     env = dict(os.environ) | {"DATABASE_URL": database_url, "NATS_URL": nats_url}
-    return subprocess.Popen([sys.executable, "-m", "infra.cli", "worker"], env=env,
-                            preexec_fn=_die_with_parent)
+    return subprocess.Popen([sys.executable, "-m", "infra.cli", *command], env=env,
+                            pass_fds=pass_fds, preexec_fn=_die_with_parent)
 
 
 def _die_with_parent() -> None:
-    """Linux: the worker gets SIGTERM when `serve` dies, even by SIGKILL (no orphans)."""
+    """Linux: a child gets SIGTERM when `serve` dies, even by SIGKILL (no orphans)."""
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
         try:
-            worker.wait(WORKER_STOP_TIMEOUT_S)
+            child.wait(CHILD_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(WORKER_STOP_TIMEOUT_S)
+            child.kill()
+            child.wait(CHILD_STOP_TIMEOUT_S)
 
 
 def _operator(settings: Settings, args: argparse.Namespace) -> int:
@@ -251,10 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = from_env()
     logs.configure(settings.log_level)
     if args.command == "serve":
-        return _run_roles(settings, {"api", "scheduler"}, with_worker=True)
+        return _run_roles(settings, {"api", "scheduler"}, with_children=True)
     if args.command == "worker":
         return _run_roles(settings, {"relay", "project"})
-    if args.command in ("api", "relay", "project"):
+    if args.command == "api":
+        return _run_roles(settings, {"api"}, listen_fd=args.listen_fd)
+    if args.command in ("relay", "project"):
         return _run_roles(settings, {args.command})
     return _operator(settings, args)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ log = logging.getLogger("billing.roles")
 
 ROLES = ("api", "relay", "project", "scheduler")
 SHUTDOWN_TIMEOUT_S = 15.0
+LISTEN_BACKLOG = 2048
 
 
 class _Server(uvicorn.Server):
@@ -32,8 +34,24 @@ class _Server(uvicorn.Server):
         yield
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The API's listening socket. `serve` hands it to its extra API processes (inherited fd):
+    they all accept from it, and a second service on the same port fails to bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def run_roles(
-    rt: Runtime, roles: set[str], stop: asyncio.Event | None = None, *, signals: bool = True
+    rt: Runtime, roles: set[str], stop: asyncio.Event | None = None, *, signals: bool = True,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run the given roles until SIGINT/SIGTERM (or `stop`), then shut down in order."""
     stop = stop or asyncio.Event()
@@ -69,7 +87,8 @@ async def run_roles(
             proxy_headers=False, http="httptools",
         )
         server = _Server(config)
-        jobs.append(server.serve())
+        sock = sock or listen_socket(rt.settings.host, rt.settings.port)
+        jobs.append(server.serve(sockets=[sock]))
     tasks = [asyncio.create_task(job) for job in jobs]
     log.info("started", extra={"roles": sorted(roles), "host": rt.settings.host,
                                "port": rt.settings.port})

@@ -11,6 +11,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_DATA_DIR = "./.data"
 DEFAULT_SUPPLIER_STATE_CODE = "29"
+DEFAULT_API_PROCESSES = 2
+API_PROCESSES_MAX = 16
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Settings:
     auto_finalize_hours: int = 24  # 0: drafts wait for POST .../finalize
     supplier_name: str = "Billing Platform"
     mail_from: str = "billing@localhost"
+    api_processes: int = 1  # `serve`: HTTP processes sharing the port (SO_REUSEPORT)
     # Isolation knobs: tests give every test its own schema and stream names.
     pg_schema: str = "public"
     stream_prefix: str = ""
@@ -44,6 +47,13 @@ def _port(value: str) -> int:
     if not 0 < port < 65536:
         raise ValueError(f"PORT must be 1..65535, got {value}")
     return port
+
+
+def _api_processes(value: str) -> int:
+    count = int(value)
+    if not 1 <= count <= API_PROCESSES_MAX:
+        raise ValueError(f"BILLING_API_PROCESSES must be 1..{API_PROCESSES_MAX}, got {value}")
+    return count
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -75,6 +85,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         supplier_name=opt("SUPPLIER_NAME") or "Billing Platform",
         mail_from=opt("BILLING_MAIL_FROM") or "billing@localhost",
         stream_prefix=opt("BILLING_STREAM_PREFIX") or "",
+        api_processes=_api_processes(opt("BILLING_API_PROCESSES") or str(DEFAULT_API_PROCESSES)),
         trusted_proxies=tuple(p.strip() for p in (opt("BILLING_TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),
     )

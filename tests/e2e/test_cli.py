@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from infra.embedded import free_port
@@ -42,8 +43,8 @@ def serve(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     subprocess.run(["pkill", "-f", str(tmp_path)], check=False)
 
 
-def _start(data: Path, port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([*BILLING, "serve"], env=_env(data, port), cwd=Path.cwd(),
+def _start(data: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*BILLING, "serve"], env=_env(data, port) | env, cwd=Path.cwd(),
                             stdout=subprocess.DEVNULL, stderr=(data.parent / "serve.log").open("ab"))
 
 
@@ -90,3 +91,45 @@ def test_serve_starts_embedded_servers_serves_and_keeps_data(serve: tuple[Path, 
                          timeout=60, check=True)
     assert dlq.stdout == ""
     assert not pg_pid.exists()
+
+
+def test_serve_runs_several_api_processes_on_one_port_and_stops_them_all(
+    serve: tuple[Path, int],
+) -> None:
+    data, port = serve
+    base = f"http://127.0.0.1:{port}"
+    proc = _start(data, port, BILLING_API_PROCESSES="3")
+    try:
+        _wait_ready(f"{base}/health/ready", proc)
+        children = [c for c in psutil.Process(proc.pid).children() if "infra.cli" in c.cmdline()]
+        apis = {proc.pid} | {c.pid for c in children if "--listen-fd" in c.cmdline()}
+        assert len(apis) == 3 and len(children) == 3  # two more API processes and the worker
+
+        def answered_by_all(seen: set[int] = set()) -> bool:  # noqa: B006 (kept across calls)
+            with httpx.Client(timeout=5) as client:  # a new connection each time
+                seen.add(client.get(f"{base}/health/live").json()["process"])
+            return seen == apis
+
+        wait_sync(answered_by_all, "every API process answering on the shared port")
+        # A second service on the same port refuses to start instead of sharing it.
+        other = subprocess.run([*BILLING, "api"], env=_env(data.parent / "other", port),
+                               capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0
+    finally:
+        _stop(proc)
+    assert not any(psutil.pid_exists(c.pid) and c.status() != psutil.STATUS_ZOMBIE
+                   for c in children)
+
+
+def test_serve_stops_when_one_of_its_api_processes_dies(serve: tuple[Path, int]) -> None:
+    data, port = serve
+    proc = _start(data, port, BILLING_API_PROCESSES="2")
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/health/ready", proc)
+        (api,) = [c for c in psutil.Process(proc.pid).children() if "--listen-fd" in c.cmdline()]
+        api.kill()
+        assert proc.wait(60) != 0  # not half a service: all of it stops, and says so
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    assert "a child process" in (data.parent / "serve.log").read_text()

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import UTC, datetime
+from decimal import Decimal
 from uuid import uuid4
 
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from adapters.bus import DOMAIN_LANE
 from adapters.projector import Projector
 from adapters.relay import Relay
+from adapters.usage_writer import UsageWriter, encode_usage
+from domain.ports import KeyRecord
+from domain.usage import UsageFact
 from infra.wiring import Runtime
 from projections import organisations
 from tests.conftest import close_nats, running, tracked, wait_until
@@ -134,3 +139,29 @@ async def test_messages_of_ignored_topics_advance_tracking_without_being_applied
     live = org_rows(runtime)
     assert len(live) == 12
     assert live == rebuilt_rows(runtime)
+
+
+async def test_a_domain_model_consumes_no_usage_yet_its_tracking_reaches_the_head(
+    runtime: Runtime,
+) -> None:
+    """Usage travels in its own lane; models that ignore usage do not receive it, and the
+    relay's watermarks still bring them to the ledger head when the newest entries are usage."""
+    key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
+    now = datetime.now(UTC)
+    async with running(runtime, {"relay", "project"}):
+        await asyncio.to_thread(write_orgs, runtime, 2)
+        writer = UsageWriter(runtime.database_url, runtime.settings.pg_schema)
+        try:
+            for i in range(5):
+                await writer.append([encode_usage(
+                    key, UsageFact(f"e{i}", "calls", Decimal(1), now, {}), now)])
+        finally:
+            await writer.stop()
+        head = runtime.ledger.head()
+        await wait_until(lambda: tracked(runtime, "organisations") >= head, "watermark")
+        await wait_until(lambda: tracked(runtime, "usage_totals") >= head, "usage applied")
+        assert runtime.js is not None
+        info = await runtime.js.consumer_info(
+            runtime.streams.ledger, runtime.streams.consumer("organisations"))
+    assert info.config.filter_subject == runtime.streams.lane_wildcard(DOMAIN_LANE)
+    assert len(org_rows(runtime)) == 2

@@ -9,12 +9,14 @@ from uuid import UUID, uuid4
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import Notification
+from eventsourcing.utils import get_topic
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.bus import RelayedBatch, decode_batch, encode
+from adapters.bus import DOMAIN_LANE, USAGE_LANE, RelayedBatch, decode_batch, encode, lane_of
 from adapters.codec import MsgspecMapper
 from adapters.relay import ENTRIES_PER_MESSAGE_MAX, group_messages
+from domain.usage import Usage
 
 
 class Sample(Aggregate):
@@ -86,7 +88,7 @@ def _notes(topics: list[str]) -> list[Notification]:
 
 def test_relay_groups_runs_of_one_topic_and_chains_prev_positions() -> None:
     notes = _notes(["a", "a", "b", "a"])
-    batches = group_messages(notes, prev=7)
+    batches, _ = group_messages(notes, 7, {})
     assert [[e.position for e in b.entries] for b in batches] == [[10, 11], [12], [13]]
     assert [b.prev for b in batches] == [7, 11, 12]
     decoded = decode_batch(encode(batches[0]))
@@ -95,6 +97,17 @@ def test_relay_groups_runs_of_one_topic_and_chains_prev_positions() -> None:
 
 def test_relay_messages_are_bounded_in_entries() -> None:
     notes = _notes(["a"] * (ENTRIES_PER_MESSAGE_MAX + 5))
-    batches = group_messages(notes, prev=0)
+    batches, _ = group_messages(notes, 0, {})
     assert [len(b.entries) for b in batches] == [ENTRIES_PER_MESSAGE_MAX, 5]
     assert batches[1].prev == batches[0].last
+
+
+def test_each_relay_message_names_the_last_position_of_its_lane_before_it() -> None:
+    usage, other = get_topic(Usage.Recorded), "domain.meter:Meter.Defined"
+    notes = _notes([usage, usage, other, usage, other])  # positions 10..14
+    batches, lanes = group_messages(notes, 9, {USAGE_LANE: 5, DOMAIN_LANE: 8})
+    assert [(b.first, b.last) for b in batches] == [(10, 11), (12, 12), (13, 13), (14, 14)]
+    assert [b.prev for b in batches] == [9, 11, 12, 13]
+    assert [b.lane_prev for b in batches] == [5, 8, 11, 12]
+    assert lanes == {USAGE_LANE: 13, DOMAIN_LANE: 14}
+    assert {lane_of(usage), lane_of(other)} == {USAGE_LANE, DOMAIN_LANE}
