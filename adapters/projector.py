@@ -45,6 +45,7 @@ from adapters.bus import (
     USAGE_LANE,
     WATERMARK,
     DeadLetter,
+    Entry,
     RelayedBatch,
     Streams,
     decode_batch,
@@ -75,17 +76,15 @@ TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 @dataclass(frozen=True)
 class Unit:
-    """One ledger entry to apply."""
+    """One ledger entry to apply: a relayed Entry or, filled from the ledger, a StoredEvent
+    (both have what the mapper reads: originator_id, originator_version, topic, state)."""
 
     position: int
-    stored: StoredEvent
+    stored: StoredEvent | Entry
 
 
 def _units(batch: RelayedBatch) -> list[Unit]:
-    return [
-        Unit(e.position, StoredEvent(e.originator_id, e.originator_version, e.topic, e.state))
-        for e in batch.entries
-    ]
+    return [Unit(e.position, e) for e in batch.entries]
 
 
 class Projector:

@@ -13,11 +13,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from uuid import UUID
+from typing import Any
 
 import psycopg
-from eventsourcing.persistence import Notification
 from nats.js import JetStreamContext
+from psycopg import sql
 
 from adapters.bookkeeping import lock_key, relay_position
 from adapters.bus import (
@@ -52,7 +52,7 @@ RELAY_NAME = "relay"
 
 
 def group_messages(
-    entries: Sequence[Notification], prev: int, lane_last: dict[str, int]
+    entries: Sequence[Entry], prev: int, lane_last: dict[str, int]
 ) -> tuple[list[RelayedBatch], dict[str, int]]:
     """Consecutive entries of one topic share a message, bounded in count and bytes. Each
     message names `prev` and its lane's prev; returns the lanes' last positions after them."""
@@ -67,19 +67,10 @@ def group_messages(
                                     lane_prev=lanes.get(lane, 0)))
         lanes[lane] = current[-1].position
 
-    for n in entries:
-        entry = Entry(
-            position=n.id,
-            originator_id=n.originator_id
-            if isinstance(n.originator_id, UUID)
-            else UUID(str(n.originator_id)),
-            originator_version=n.originator_version,
-            topic=n.topic,
-            state=n.state,
-        )
-        entry_size = len(n.state) + len(n.topic) + 48
+    for entry in entries:
+        entry_size = len(entry.state) + len(entry.topic) + 48
         if current and (
-            current[0].topic != n.topic
+            current[0].topic != entry.topic
             or len(current) >= ENTRIES_PER_MESSAGE_MAX
             or size + entry_size > MAX_MESSAGE_BYTES
         ):
@@ -107,6 +98,10 @@ class Relay:
         self._js = js
         self._streams = streams
         self._lock_key = lock_key(schema, RELAY_NAME)
+        self._select = sql.SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state FROM {}"
+            " WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
+        ).format(sql.Identifier(schema, ledger.events_table))
         self.is_leader = False
         self.published_entries = 0
         self.published_messages = 0
@@ -147,7 +142,7 @@ class Relay:
             # message costs the relay, JetStream and every projector), for a few ms of latency.
             await asyncio.sleep(max(0.0, read_at + READ_INTERVAL_S - time.monotonic()))
             read_at = time.monotonic()
-            entries = await asyncio.to_thread(self._ledger.read_after, position, READ_BATCH_ROWS)
+            entries = await self._read(conn, position)
             if not entries:
                 await self._mark(marks, position, lanes, idle=True)
                 await self._wait_for_notify(conn, stop)
@@ -161,7 +156,7 @@ class Relay:
                 failures += 1
                 continue
             failures = 0
-            position, lanes = entries[-1].id, next_lanes
+            position, lanes = entries[-1].position, next_lanes
             # Not waiting for the WAL flush: a position lost in a crash only re-publishes
             # messages that JetStream (Nats-Msg-Id) and the projectors' tracking drop again.
             await conn.execute(
@@ -171,6 +166,13 @@ class Relay:
                                          for x in (_lane_row(lane), lanes.get(lane, position)))),
             )
             await self._mark(marks, position, lanes, idle=False)
+
+    async def _read(self, conn: psycopg.AsyncConnection[Any], position: int) -> list[Entry]:
+        """The next page of the ledger after `position`, in order: the library's own query
+        (its notification log), read as binary tuples straight into relay entries."""
+        cur = conn.cursor(binary=True)
+        await cur.execute(self._select, (position, READ_BATCH_ROWS), prepare=True)
+        return [Entry(*row) for row in await cur.fetchall()]
 
     async def _mark(self, marks: _Marks, position: int, lanes: dict[str, int], idle: bool) -> None:
         """Tell a lane that saw nothing new up to `position` so (a watermark): its projectors

@@ -33,7 +33,7 @@ from psycopg import sql
 from adapters.codec import encode_state
 from domain.errors import Unavailable
 from domain.ports import Appended, KeyRecord
-from domain.usage import Usage, UsageFact, usage_id
+from domain.usage import Usage, UsageFact, usage_ids
 
 log = logging.getLogger("billing.ingest")
 
@@ -86,20 +86,31 @@ class _Request:
 
 
 def encode_usage(key: KeyRecord, fact: UsageFact, received_at: datetime) -> tuple[UUID, bytes]:
-    ident = usage_id(key.project_id, fact.event_id)
-    state = {
+    return encode_usages(key, [fact], received_at)[0]
+
+
+def encode_usages(
+    key: KeyRecord, facts: Sequence[UsageFact], received_at: datetime
+) -> list[tuple[UUID, bytes]]:
+    """Ledger rows (identity, encoded Usage.Recorded) for one key's validated usage."""
+    ids = usage_ids(key.project_id, [f.event_id for f in facts])
+    common = {
         "timestamp": received_at,
         "originator_topic": USAGE_AGGREGATE_TOPIC,
         "organisation_id": key.organisation_id,
         "project_id": key.project_id,
-        "event_id": fact.event_id,
-        "metric": fact.metric,
-        "value": fact.value,
-        "occurred_at": fact.occurred_at,
         "timezone": key.timezone,
-        "properties": fact.properties,
     }
-    return ident, encode_state(Usage.Recorded, state)
+    return [
+        (ident, encode_state(Usage.Recorded, common | {
+            "event_id": fact.event_id,
+            "metric": fact.metric,
+            "value": fact.value,
+            "occurred_at": fact.occurred_at,
+            "properties": fact.properties,
+        }))
+        for ident, fact in zip(ids, facts, strict=True)
+    ]
 
 
 class UsageWriter:
@@ -129,7 +140,7 @@ class UsageWriter:
     async def record(
         self, key: KeyRecord, facts: Sequence[UsageFact], received_at: datetime
     ) -> Appended:
-        return await self.append([encode_usage(key, f, received_at) for f in facts])
+        return await self.append(encode_usages(key, facts, received_at))
 
     async def append(self, rows: list[tuple[UUID, bytes]]) -> Appended:
         """Queue rows for the next group commit and wait for it. Raises Unavailable at once

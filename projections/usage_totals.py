@@ -97,6 +97,9 @@ def _apply_batch(cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
     rules: dict[str, MeterRule] = {}
     totals: dict[Bucket, _Totals] = {}
     uniques: set[tuple[UUID, UUID, str, str, date, str, str]] = set()
+    # Within a batch many events share a moment and group values: compute each once.
+    days: dict[tuple[datetime, str], date] = {}
+    keys: dict[tuple[str, ...], tuple[dict[str, str], str]] = {}
     for event, position in items:
         if isinstance(event, (Meter.Defined, Meter.Redefined)):
             _flush(cur, totals, uniques)
@@ -107,9 +110,16 @@ def _apply_batch(cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
         rule = rules.get(e.metric) or _load_rule(cur, e.metric, rules)
         if rule is None:
             raise LookupError(f"usage for unknown meter {e.metric!r}")
-        groups = {k: e.properties.get(k, "") for k in rule.group_by}
-        key = group_key(groups)
-        day = local_day(e.occurred_at, e.timezone)
+        values = (e.metric, *(e.properties.get(k, "") for k in rule.group_by))
+        known = keys.get(values)
+        if known is None:
+            groups = {k: e.properties.get(k, "") for k in rule.group_by}
+            known = keys[values] = (groups, group_key(groups))
+        groups, key = known
+        moment = (e.occurred_at, e.timezone)
+        day = days.get(moment)
+        if day is None:
+            day = days[moment] = local_day(e.occurred_at, e.timezone)
         for granularity, start in (("day", day), ("month", day.replace(day=1))):
             bucket = (e.organisation_id, e.project_id, e.metric, granularity, start, key)
             t = totals.get(bucket)

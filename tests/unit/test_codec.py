@@ -8,12 +8,11 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import Notification
 from eventsourcing.utils import get_topic
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.bus import DOMAIN_LANE, USAGE_LANE, RelayedBatch, decode_batch, encode, lane_of
+from adapters.bus import DOMAIN_LANE, USAGE_LANE, Entry, RelayedBatch, decode_batch, encode, lane_of
 from adapters.codec import MsgspecMapper
 from adapters.relay import ENTRIES_PER_MESSAGE_MAX, group_messages
 from domain.usage import Usage
@@ -81,9 +80,9 @@ def test_old_class_versions_are_upcast() -> None:
     assert back.currency == "INR" and back.amount == Decimal("2.5")
 
 
-def _notes(topics: list[str]) -> list[Notification]:
-    return [Notification(id=i + 10, originator_id=uuid4(), originator_version=1, topic=t,
-                         state=b"x") for i, t in enumerate(topics)]
+def _notes(topics: list[str]) -> list[Entry]:
+    return [Entry(position=i + 10, originator_id=uuid4(), originator_version=1, topic=t,
+                  state=b"x") for i, t in enumerate(topics)]
 
 
 def test_relay_groups_runs_of_one_topic_and_chains_prev_positions() -> None:
