@@ -34,6 +34,7 @@ from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, serve
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 CHILD_POLL_S = 1.0
+BACKGROUND_NICENESS = 5  # relay and projectors: a second of visibility budget, not 50 ms
 CHILD_STOP_TIMEOUT_S = 20.0
 log = logging.getLogger("billing.cli")
 CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
@@ -46,9 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                    "projectors in a worker process, and BILLING_API_PROCESSES - 1 more API processes")
     api = sub.add_parser("api", help="run the HTTP API only")
     api.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # given by `serve`
-    sub.add_parser("relay", help="run the ledger relay only (one active, others standby)")
-    sub.add_parser("project", help="run the projectors only")
-    sub.add_parser("worker", help="run the relay and the projectors (what `serve` starts beside the API)")
+    for role, text in (("relay", "run the ledger relay only (one active, others standby)"),
+                       ("project", "run the projectors only")):
+        # `serve` lowers its background roles' priority: under CPU pressure the API answers first.
+        sub.add_parser(role, help=text).add_argument("--niceness", type=int, default=0,
+                                                     help=argparse.SUPPRESS)
+    sub.add_parser("worker", help="run the relay and the projectors in one process")
     proj = sub.add_parser("projections", help="read models").add_subparsers(dest="action", required=True)
     proj.add_parser("status", help="position, lag and dead letters of every read model")
     rb = proj.add_parser("rebuild", help="drop one read model and replay it from position 0")
@@ -88,7 +92,10 @@ def _run_roles(settings: Settings, roles: set[str], *, with_children: bool = Fal
         children: list[subprocess.Popen[bytes]] = []
         if with_children:
             sock = listen_socket(settings.host, settings.port)
-            children.append(_start_child(db, nats, ["worker"]))
+            # The relay and the projectors each in a process of their own: after a burst they
+            # catch up on both cores, and the API's interpreter is theirs to share with nobody.
+            children += [_start_child(db, nats, [role, "--niceness", str(BACKGROUND_NICENESS)])
+                         for role in ("relay", "project")]
             children += [_start_child(db, nats, ["api", "--listen-fd", str(sock.fileno())],
                                       pass_fds=(sock.fileno(),))
                          for _ in range(settings.api_processes - 1)]
@@ -273,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "api":
         return _run_roles(settings, {"api"}, listen_fd=args.listen_fd)
     if args.command in ("relay", "project"):
+        if args.niceness:
+            os.nice(args.niceness)
         return _run_roles(settings, {args.command})
     return _operator(settings, args)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -24,6 +25,7 @@ log = logging.getLogger("billing.roles")
 ROLES = ("api", "relay", "project", "scheduler")
 SHUTDOWN_TIMEOUT_S = 15.0
 LISTEN_BACKLOG = 2048
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 
 
 class _Server(uvicorn.Server):
@@ -89,6 +91,10 @@ async def run_roles(
         server = _Server(config)
         sock = sock or listen_socket(rt.settings.host, rt.settings.port)
         jobs.append(server.serve(sockets=[sock]))
+    # Everything built so far lives as long as the process: keep it out of the collector's
+    # full passes (shorter pauses, a steadier p99), and collect the young less often.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     tasks = [asyncio.create_task(job) for job in jobs]
     log.info("started", extra={"roles": sorted(roles), "host": rt.settings.host,
                                "port": rt.settings.port})
