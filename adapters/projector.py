@@ -52,6 +52,7 @@ from adapters.bus import (
     encode,
     lane_of,
 )
+from adapters.codec import decode_view
 from adapters.ledger import LedgerStore
 from projections.base import ReadModel
 
@@ -107,6 +108,7 @@ class Projector:
         self.dead_lettered = 0
         # Entries of other topics are skipped without decoding them.
         self._topics = frozenset(get_topic(cls) for cls in model.handlers)
+        self._views = {get_topic(cls): (cls, view) for cls, view in model.views.items()}
         # A model that needs one lane only consumes that lane, chained by the lane's prev.
         lanes = {lane_of(t) for t in self._topics}
         self._fetch_batch = FETCH_BATCH_MSGS_WITH_USAGE if USAGE_LANE in lanes else FETCH_BATCH_MSGS
@@ -265,8 +267,15 @@ class Projector:
         self._committed(tracked)
 
     def _apply_units(self, cur: psycopg.Cursor[Any], units: Sequence[Unit]) -> None:
-        decode, topics = self._ledger.decode, self._topics
-        items = [(decode(u.stored), u.position) for u in units if u.stored.topic in topics]
+        decode, topics, views = self._ledger.decode, self._topics, self._views
+        items = []
+        for u in units:
+            topic = u.stored.topic
+            if topic in views:
+                event_cls, view_cls = views[topic]
+                items.append((decode_view(event_cls, view_cls, u.stored.state), u.position))
+            elif topic in topics:
+                items.append((decode(u.stored), u.position))
         self.model.apply_all(cur, items)
 
     def _missing_before(self, tracked: int, batch: RelayedBatch) -> Iterator[Unit]:

@@ -24,15 +24,26 @@ class ReadModel:
     # A model that folds many events into few rows applies a whole batch at once (same result
     # as applying them one by one, in order); it receives only the events it handles.
     batch: BatchHandler | None = None
+    # Events the model reads only a few fields of: event class -> a msgspec Struct naming those
+    # fields (a subset of the event's). The projector may hand the model such a view instead of
+    # the whole event (much cheaper to decode); a rebuild may hand it the event. Both must work.
+    views: dict[type[Any], type[Any]] = field(default_factory=dict)
+    accepted: frozenset[type[Any]] = field(init=False)  # handled events and their views
+
+    def __post_init__(self) -> None:
+        assert self.views.keys() <= self.handlers.keys(), "a view stands in for a handled event"
+        assert not self.views or self.batch is not None, "views are applied in batches"
+        object.__setattr__(self, "accepted", frozenset(self.handlers) | frozenset(self.views.values()))
 
     def handles(self, event: Any) -> bool:
-        return type(event) in self.handlers
+        return type(event) in self.accepted
 
     def apply(self, cur: Cursor[Any], event: Any, position: int) -> None:
         self.apply_all(cur, [(event, position)])
 
     def apply_all(self, cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
-        mine = [(e, p) for e, p in items if type(e) in self.handlers]
+        accepted = self.accepted
+        mine = [(e, p) for e, p in items if type(e) in accepted]
         if not mine:
             return
         if self.batch is not None:

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from psycopg import Connection, Cursor
 from psycopg.rows import dict_row
 
@@ -62,6 +63,9 @@ DDL = (
 )
 
 Bucket = tuple[UUID, UUID, str, str, date, str]
+# While folding a batch: (organisation, project as ints — UUID hashing is slow Python —, metric,
+# group key, local day). Months are merged from days when the batch is written.
+DayKey = tuple[int, int, str, str, date]
 
 
 @dataclass
@@ -79,6 +83,14 @@ class _Totals:
         if self.latest is None or (at, position) > self.latest[:2]:
             self.latest = (at, position, value)
 
+    def merge(self, other: _Totals) -> None:
+        self.count += other.count
+        self.sum += other.sum
+        if other.max is not None:
+            self.max = other.max if self.max is None else max(self.max, other.max)
+        if other.latest is not None and (self.latest is None or other.latest[:2] > self.latest[:2]):
+            self.latest = other.latest
+
 
 def group_key(values: dict[str, str]) -> str:
     return json.dumps(values, sort_keys=True, separators=(",", ":")) if values else ""
@@ -93,42 +105,87 @@ def _noop(cur: Cursor[Any], event: Any, position: int) -> None:
     raise AssertionError("usage totals apply in batches")
 
 
+class UsageView(msgspec.Struct, frozen=True):
+    """What this model reads of a Usage.Recorded (the projector decodes only this)."""
+
+    organisation_id: UUID
+    project_id: UUID
+    metric: str
+    value: Decimal
+    occurred_at: datetime
+    timezone: str
+    properties: dict[str, str]
+
+
+class _Fold:
+    """One batch's usage, folded per day bucket before anything is written."""
+
+    def __init__(self) -> None:
+        self.days: dict[DayKey, _Totals] = {}
+        self.uniques: set[tuple[DayKey, str]] = set()
+        self.ids: dict[int, UUID] = {}
+        # Many events share a moment and group values: compute each once.
+        self._local_days: dict[tuple[datetime, str], date] = {}
+        self._groups: dict[tuple[str, ...], tuple[dict[str, str], str]] = {}
+
+    def add(self, e: UsageView | Usage.Recorded, rule: MeterRule, position: int) -> None:
+        props = e.properties
+        values = (e.metric, *(props.get(k, "") for k in rule.group_by))
+        known = self._groups.get(values)
+        if known is None:
+            groups = {k: props.get(k, "") for k in rule.group_by}
+            known = self._groups[values] = (groups, group_key(groups))
+        moment = (e.occurred_at, e.timezone)
+        day = self._local_days.get(moment)
+        if day is None:
+            day = self._local_days[moment] = local_day(e.occurred_at, e.timezone)
+        org, project = e.organisation_id.int, e.project_id.int
+        if org not in self.ids:
+            self.ids[org] = e.organisation_id
+        if project not in self.ids:
+            self.ids[project] = e.project_id
+        key = (org, project, e.metric, known[1], day)
+        t = self.days.get(key)
+        if t is None:
+            t = self.days[key] = _Totals(known[0])
+        t.add(e.value, e.occurred_at, position)
+        if rule.aggregation == "unique_count" and rule.field is not None:
+            self.uniques.add((key, props[rule.field]))
+
+    def flush(self, cur: Cursor[Any]) -> None:
+        totals: dict[Bucket, _Totals] = {}
+        for (org, project, metric, key, day), t in self.days.items():
+            ids = (self.ids[org], self.ids[project], metric)
+            totals[(*ids, "day", day, key)] = t
+            month = (*ids, "month", day.replace(day=1), key)
+            merged = totals.get(month)
+            if merged is None:
+                merged = totals[month] = _Totals(t.group_values)
+            merged.merge(t)
+        uniques = {
+            (self.ids[org], self.ids[project], metric, granularity, start, key, value)
+            for (org, project, metric, key, day), value in self.uniques
+            for granularity, start in (("day", day), ("month", day.replace(day=1)))
+        }
+        _flush(cur, totals, uniques)
+        self.days.clear()
+        self.uniques.clear()
+
+
 def _apply_batch(cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
     rules: dict[str, MeterRule] = {}
-    totals: dict[Bucket, _Totals] = {}
-    uniques: set[tuple[UUID, UUID, str, str, date, str, str]] = set()
-    # Within a batch many events share a moment and group values: compute each once.
-    days: dict[tuple[datetime, str], date] = {}
-    keys: dict[tuple[str, ...], tuple[dict[str, str], str]] = {}
+    fold = _Fold()
     for event, position in items:
         if isinstance(event, (Meter.Defined, Meter.Redefined)):
-            _flush(cur, totals, uniques)
+            fold.flush(cur)
             _upsert_meter(cur, event)
             rules.clear()
             continue
-        e: Usage.Recorded = event
-        rule = rules.get(e.metric) or _load_rule(cur, e.metric, rules)
+        rule = rules.get(event.metric) or _load_rule(cur, event.metric, rules)
         if rule is None:
-            raise LookupError(f"usage for unknown meter {e.metric!r}")
-        values = (e.metric, *(e.properties.get(k, "") for k in rule.group_by))
-        known = keys.get(values)
-        if known is None:
-            groups = {k: e.properties.get(k, "") for k in rule.group_by}
-            known = keys[values] = (groups, group_key(groups))
-        groups, key = known
-        moment = (e.occurred_at, e.timezone)
-        day = days.get(moment)
-        if day is None:
-            day = days[moment] = local_day(e.occurred_at, e.timezone)
-        for granularity, start in (("day", day), ("month", day.replace(day=1))):
-            bucket = (e.organisation_id, e.project_id, e.metric, granularity, start, key)
-            t = totals.get(bucket)
-            if t is None:
-                t = totals[bucket] = _Totals(groups)
-            t.add(e.value, e.occurred_at, position)
-            if rule.aggregation == "unique_count" and rule.field is not None:
-                uniques.add((*bucket, e.properties[rule.field]))
-    _flush(cur, totals, uniques)
+            raise LookupError(f"usage for unknown meter {event.metric!r}")
+        fold.add(event, rule, position)
+    fold.flush(cur)
 
 
 def _upsert_meter(cur: Cursor[Any], e: Any) -> None:
@@ -197,6 +254,7 @@ READ_MODEL = ReadModel(
     tables=("usage_meters", "usage_totals", "usage_unique"),
     handlers={Meter.Defined: _noop, Meter.Redefined: _noop, Usage.Recorded: _noop},
     batch=_apply_batch,
+    views={Usage.Recorded: UsageView},
 )
 
 
