@@ -15,16 +15,17 @@ One run, everything on 127.0.0.1, every loop bounded in count and time:
    a few are also read back through `GET /api/v1/usage` with that header (the client's view);
 5. baselines on the same Postgres with the service stopped: binary COPY of the same rows, and
    one-row-per-transaction INSERT over ROW_INSERT_CONNECTIONS connections;
-6. peak RSS of the service process (and of Postgres and NATS), sampled throughout; CPU seconds
-   per phase of the service, Postgres, NATS, the load processes and this process.
+6. peak RSS of the service process, of it with its children (relay, projectors) and of Postgres
+   and NATS, sampled throughout; CPU seconds per phase of the service with its children (and of
+   its main process alone), Postgres, NATS, the load processes and this process.
 
 "Visible" is read from the `projection_tracking` row of `usage_totals`, which the projector
 commits in the same transaction as the usage rows (what `X-Ledger-Position` reads wait on):
 polled straight from Postgres, so that measuring costs the service nothing.
 
 Prints a table, then as the LAST line one JSON object with every figure. `--scale F` shrinks
-every bound (a smoke run); `--profile DIR` records py-spy profiles of the service per phase
-(`python -m bench.profile_summary DIR/batch.txt` summarises one).
+every bound (a smoke run); `--profile DIR` records py-spy profiles of the service and its
+children per phase (`python -m bench.profile_summary DIR/batch.txt` summarises one).
 """
 
 from __future__ import annotations
