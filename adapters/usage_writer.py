@@ -152,7 +152,7 @@ class UsageWriter:
         if self._queued_events + len(rows) > self._queue_max:
             raise Unavailable("ingestion is at capacity; retry shortly", RETRY_AFTER_S)
         loop = asyncio.get_running_loop()
-        if self._task is None:
+        if self._task is None or self._task.done():  # first use, or it died: (re)start it
             self._task = loop.create_task(self._run(), name="usage-writer")
         future: asyncio.Future[Appended] = loop.create_future()
         self._queue.append(_Request(rows, future, time.monotonic() + REQUEST_DEADLINE_S))
@@ -168,9 +168,7 @@ class UsageWriter:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._task, STOP_TIMEOUT_S)
             self._task = None
-        for r in self._queue:
-            if not r.future.done():
-                r.future.set_exception(Unavailable("shutting down", RETRY_AFTER_S))
+        _fail(list(self._queue), Unavailable("shutting down", RETRY_AFTER_S))
         self._queue.clear()
         if self._conn is not None:
             await self._conn.close()
@@ -220,17 +218,20 @@ class UsageWriter:
     async def _write(self, batch: list[_Request]) -> None:
         try:
             results = await self._commit(batch)
-        except (psycopg.Error, OSError) as e:
-            log.warning("usage append failed: %s: %s", type(e).__name__, e)
+        except asyncio.CancelledError:  # stop() gave up waiting: answer, then stop
+            _fail(batch, Unavailable("shutting down", RETRY_AFTER_S))
+            raise
+        except Exception as e:  # whatever it was, every waiting request gets its answer
+            if isinstance(e, (psycopg.Error, OSError)):
+                log.warning("usage append failed: %s: %s", type(e).__name__, e)
+            else:
+                log.exception("usage append failed unexpectedly")
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     await self._conn.close()
             self._conn = None
             self._unhealthy_until = time.monotonic() + UNHEALTHY_HOLD_S
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_exception(
-                        Unavailable("the ledger cannot commit right now", RETRY_AFTER_S))
+            _fail(batch, Unavailable("the ledger cannot commit right now", RETRY_AFTER_S))
             return
         for r, appended in zip(batch, results, strict=True):
             if not r.future.done():
@@ -260,3 +261,9 @@ class UsageWriter:
         self.appended_events += inserted
         self.commits += 1
         return results
+
+
+def _fail(requests: list[_Request], error: Unavailable) -> None:
+    for r in requests:
+        if not r.future.done():
+            r.future.set_exception(error)

@@ -116,7 +116,7 @@ def _run_roles(settings: Settings, roles: set[str], *, with_children: bool = Fal
         async def main() -> None:
             watcher = asyncio.create_task(watch_children()) if children else None
             try:
-                await run_roles(rt, roles, stop, sock=sock)
+                await run_roles(rt, roles, stop, sock=sock, tune_gc=True)
             finally:
                 stop.set()
                 if watcher:

@@ -53,7 +53,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 async def run_roles(
     rt: Runtime, roles: set[str], stop: asyncio.Event | None = None, *, signals: bool = True,
-    sock: socket.socket | None = None,
+    sock: socket.socket | None = None, tune_gc: bool = False,
 ) -> None:
     """Run the given roles until SIGINT/SIGTERM (or `stop`), then shut down in order."""
     stop = stop or asyncio.Event()
@@ -91,10 +91,13 @@ async def run_roles(
         server = _Server(config)
         sock = sock or listen_socket(rt.settings.host, rt.settings.port)
         jobs.append(server.serve(sockets=[sock]))
-    # Everything built so far lives as long as the process: keep it out of the collector's
-    # full passes (shorter pauses, a steadier p99), and collect the young less often.
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    if tune_gc:
+        # Everything built so far lives as long as the process: keep it out of the collector's
+        # full passes (shorter pauses, a steadier p99), and collect the young less often.
+        # Only for a process that runs its roles once (the CLI), not for tests that start many.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     tasks = [asyncio.create_task(job) for job in jobs]
     log.info("started", extra={"roles": sorted(roles), "host": rt.settings.host,
                                "port": rt.settings.port})

@@ -108,3 +108,19 @@ def test_a_resend_later_is_a_duplicate_that_changes_nothing(runtime: Runtime) ->
     assert ledger_rows(runtime) == 5
     # An all-duplicate request still gets a position that covers the originals.
     assert again.position >= mixed.position > first.position
+
+
+def test_a_failed_commit_answers_its_requests_and_the_writer_carries_on(runtime: Runtime) -> None:
+    with threaded_writer(runtime) as writer:
+        broken = [(12345, b"not a usage row")]  # an id Postgres refuses: the commit fails
+        with pytest.raises(Unavailable):
+            writer.submit(broken).result(RESULT_TIMEOUT_S)  # type: ignore[arg-type]
+
+        def accepted_after_the_hold() -> int:
+            try:
+                return writer.submit(rows(2)).result(RESULT_TIMEOUT_S).accepted
+            except Unavailable:
+                return 0  # still within UNHEALTHY_HOLD_S of the failure
+
+        assert wait_sync(accepted_after_the_hold, "the writer accepting again") == 2
+    assert ledger_rows(runtime) == 2
