@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
@@ -10,7 +9,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
-from domain.usage import MeterRule, UsageFact
+from domain.usage import MeterRule, UsageBatch
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -103,7 +102,7 @@ class UsageRecorder(Protocol):
     """Appends validated usage to the ledger with group commit; one duplicate never rejects
     its neighbours. Raises Unavailable (503) when the ledger cannot take it now."""
 
-    async def record(self, key: KeyRecord, facts: Sequence[UsageFact], received_at: datetime) -> Appended:
+    async def record(self, key: KeyRecord, batch: UsageBatch, received_at: datetime) -> Appended:
         ...
 
 

@@ -3,10 +3,10 @@ and the ledger event it becomes, and the reference fold of events into a period 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, Subnormal
 from hashlib import sha1
 from typing import Any
 from uuid import UUID, uuid5
@@ -38,14 +38,18 @@ def usage_id(project_id: UUID, event_id: str) -> UUID:
 
 
 def usage_ids(project_id: UUID, event_ids: Iterable[str]) -> list[UUID]:
-    """`usage_id` for many events of one project, at a third of the cost (the hot path of
-    ingestion): the project's part of the name is encoded once. Equal to uuid5, bit for bit."""
+    """`usage_id` for many events of one project, at a third of the cost: the project's part of
+    the name is encoded once. Equal to uuid5, bit for bit."""
+    return [UUID(bytes=b) for b in usage_id_bytes(project_id, event_ids)]
+
+
+def usage_id_bytes(project_id: UUID, event_ids: Iterable[str]) -> list[bytes]:
+    """The 16 bytes of each `usage_id`, without making UUID objects (the hot path of ingestion:
+    the ledger takes the bytes as they are)."""
     prefix = _USAGE_NAMESPACE.bytes + f"{project_id}/".encode()
-    return [
-        UUID(int=(int.from_bytes(sha1(prefix + e.encode()).digest()[:16]) & _VERSION_VARIANT_CLEAR)
-            | _VERSION_5_VARIANT_RFC)
-        for e in event_ids
-    ]
+    digests = [sha1(prefix + e.encode()).digest() for e in event_ids]
+    return [((int.from_bytes(d[:16]) & _VERSION_VARIANT_CLEAR) | _VERSION_5_VARIANT_RFC).to_bytes(16)
+            for d in digests]
 
 
 class Usage(Aggregate):
@@ -82,6 +86,30 @@ class UsageFact:
     value: Decimal
     occurred_at: datetime
     properties: dict[str, str]
+
+
+@dataclass(frozen=True)
+class UsageBatch:
+    """One request's validated usage, by column: the hot path makes no object per event.
+    Equal columns hold the same events as the UsageFacts they could be made of."""
+
+    event_ids: Sequence[str]
+    metrics: Sequence[str]
+    values: Sequence[Decimal]
+    occurred_at: Sequence[datetime]
+    properties: Sequence[dict[str, str]]
+
+    def __post_init__(self) -> None:
+        n = len(self.event_ids)
+        assert all(len(c) == n for c in (self.metrics, self.values, self.occurred_at, self.properties))
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+    @classmethod
+    def of(cls, facts: Sequence[UsageFact]) -> UsageBatch:
+        return cls([f.event_id for f in facts], [f.metric for f in facts], [f.value for f in facts],
+                   [f.occurred_at for f in facts], [f.properties for f in facts])
 
 
 def canonical(value: Any) -> str | None:
@@ -162,6 +190,47 @@ def check_usage(
     if len(problems.errors) > before:
         return None
     return UsageFact(event_id, metric, amount, occurred, props)
+
+
+# Checks a value against every value rule at once: rounding to VALUE_MAX_DIGITS significant
+# digits must be exact (Inexact), and the exponent must lie in [-18, 18) (Subnormal, Overflow).
+_VALUE_RULES = Context(prec=VALUE_MAX_DIGITS, Emax=VALUE_MAX_DIGITS - 1, Emin=-VALUE_MAX_DIGITS,
+                       traps=[InvalidOperation, Inexact, Overflow, Subnormal])
+_ONE = Decimal(1)
+
+
+def accept_plain_batch(
+    metrics: Sequence[str],
+    timestamps: Sequence[datetime | None],
+    values: Sequence[Decimal | None],
+    properties: Sequence[dict[str, str]],
+    meters: Mapping[str, MeterRule],
+    now: datetime,
+) -> tuple[list[datetime], list[Decimal]] | None:
+    """The bulk check of the hot path, for events whose shape the caller already checked (event
+    ids 1-128 characters, aware timestamps, properties within their limits and made canonical):
+    their times and amounts when every event plainly meets every other rule, else None — then
+    `check_usage` must look at each event and name what is wrong. It may say None for a valid
+    batch (a negative correction, say); it never accepts what `check_usage` would refuse."""
+    if not meters.keys() >= set(metrics):
+        return None
+    occurred = [now if t is None else t for t in timestamps]
+    if occurred and (min(occurred) < now - LATE_WINDOW or max(occurred) > now + FUTURE_WINDOW):
+        return None
+    given = [v for v in values if v is not None]
+    try:
+        if given and not (all(map(Decimal.is_finite, given)) and min(given) >= 0):
+            return None
+        for _ in map(_VALUE_RULES.plus, given):
+            pass
+    except ArithmeticError:  # a rule's signal (decimal's errors are ArithmeticErrors)
+        return None
+    for code in {m for m in metrics if meters[m].aggregation == "unique_count"}:
+        field = meters[code].field
+        if any(field not in p for m, p in zip(metrics, properties, strict=True) if m == code):
+            return None
+    amounts = [_ONE if v is None else v for v in values]
+    return occurred, amounts
 
 
 # ---- the reference fold: what a period's quantity is, straight from the events ----------

@@ -3,6 +3,7 @@ ledger answers 503 quickly."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from adapters.usage_writer import UNHEALTHY_HOLD_S, UsageWriter, encode_usage
+from adapters.usage_writer import UNHEALTHY_HOLD_S, WRITER_CONNECTIONS, UsageWriter, encode_usage
 from domain.errors import Unavailable
 from domain.ports import KeyRecord
 from domain.usage import UsageFact
@@ -36,21 +37,24 @@ def test_a_full_queue_refuses_at_once_instead_of_piling_up(runtime: Runtime) -> 
     table = sql.Identifier(runtime.settings.pg_schema, runtime.ledger.events_table)
     try:
         with psycopg.connect(runtime.database_url) as blocker:
-            # Another transaction holds the ledger's lock: the writer's first commit waits.
+            # Another transaction holds the ledger's lock: each of the writer's connections
+            # takes a batch and waits for it.
             blocker.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
-            first = writer.submit(rows(5))
-            wait_sync(lambda: writer.writer.commits == 0 and _waiting_for_lock(runtime),
-                      "the writer waiting for the ledger lock")
+            in_flight = [writer.submit(rows(5)) for _ in range(WRITER_CONNECTIONS)]
+            wait_sync(lambda: writer.writer.commits == 0
+                      and _waiting_for_lock(runtime) == WRITER_CONNECTIONS,
+                      "every writer connection waiting for the ledger lock")
             queued = writer.submit(rows(5))
+            wait_sync(lambda: writer.writer.queued_events == 5, "the third batch queued")
             started = time.monotonic()
             with pytest.raises(Unavailable) as info:
                 writer.submit(rows(6)).result(RESULT_TIMEOUT_S)  # 5 queued + 6 > 10
             assert time.monotonic() - started < 0.5
             assert info.value.retry_after_s >= 1
         # The lock is gone: what was queued commits, nothing refused was written.
-        assert first.result(RESULT_TIMEOUT_S).accepted == 5
+        assert [f.result(RESULT_TIMEOUT_S).accepted for f in in_flight] == [5] * WRITER_CONNECTIONS
         assert queued.result(RESULT_TIMEOUT_S).accepted == 5
-        assert ledger_rows(runtime) == 10
+        assert ledger_rows(runtime) == 5 * (WRITER_CONNECTIONS + 1)
     finally:
         writer.close()
 
@@ -62,12 +66,13 @@ def ledger_rows(rt: Runtime) -> int:
     return int(row[0]) if row else 0
 
 
-def _waiting_for_lock(rt: Runtime) -> bool:
+def _waiting_for_lock(rt: Runtime) -> int:
+    """How many appends wait for the ledger's table lock."""
     with rt.pool.connection() as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
             " AND query LIKE %s", ("%billing_append_usage%",)).fetchone()
-    return bool(row and row[0])
+    return int(row[0]) if row else 0
 
 
 def test_an_unreachable_ledger_answers_503_quickly_and_then_at_once() -> None:
@@ -112,9 +117,10 @@ def test_a_resend_later_is_a_duplicate_that_changes_nothing(runtime: Runtime) ->
 
 def test_a_failed_commit_answers_its_requests_and_the_writer_carries_on(runtime: Runtime) -> None:
     with threaded_writer(runtime) as writer:
-        broken = [(12345, b"not a usage row")]  # an id Postgres refuses: the commit fails
+        # An identity of 15 bytes, which the append function refuses: the commit fails.
+        broken = writer.writer.append_rows([b"\0" * 15], [b"not a usage row"])
         with pytest.raises(Unavailable):
-            writer.submit(broken).result(RESULT_TIMEOUT_S)  # type: ignore[arg-type]
+            asyncio.run_coroutine_threadsafe(broken, writer.loop).result(RESULT_TIMEOUT_S)
 
         def accepted_after_the_hold() -> int:
             try:
