@@ -4,6 +4,13 @@ A relayed message carries one or more consecutive ledger entries of one topic, a
 position of the ledger entry just before its first one. A projector uses `prev` to know whether
 it has everything before the message (see adapters/projector.py).
 
+The body (format `entries-v2`, header `Ledger-Format`) is a msgpack array of entries, each
+`[position, originator_id (16 bytes), originator_version, state]`, where `state` is the stored
+state itself (msgpack already), not wrapped in bytes: a reader decodes a whole message, the
+fields it needs of every state included, in one call. Postgres writes each entry's bytes as it
+reads the row (`ENTRY_SQL`), so the relay never handles an entry one by one. The topic, `prev`
+and the positions travel in headers. (Format 1, a msgpack `RelayedBatch`, is still read.)
+
 Entries travel in two lanes, by subject: usage (the bulk) and domain (everything else). A
 message also names its lane's `prev` (the last position of the lane's previous message), so a
 projector that needs one lane only consumes that lane's subjects and still sees every gap. A
@@ -14,6 +21,8 @@ projectors' tracking reaches the ledger head while the other lane is busy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -23,6 +32,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
+from psycopg import sql
 
 from domain.usage import Usage
 
@@ -40,6 +50,8 @@ LANE_PREV_HEADER = "Ledger-Lane-Prev"  # last position of the lane's previous me
 LANE_HEADER = "Ledger-Lane"  # on a watermark: the lane it speaks for
 LAST_HEADER = "Ledger-Last"  # on a watermark: the lane has nothing more up to this position
 WATERMARK = "ledger:Watermark"  # the topic header of a watermark (no entries, headers only)
+FORMAT_HEADER = "Ledger-Format"
+ENTRIES_FORMAT = "entries-v2"
 USAGE_LANE = "usage"
 DOMAIN_LANE = "domain"
 LANES = (USAGE_LANE, DOMAIN_LANE)
@@ -74,6 +86,49 @@ class RelayedBatch(msgspec.Struct, array_like=True, frozen=True):
     @property
     def last(self) -> int:
         return self.entries[-1].position if self.entries else self.last_
+
+
+class WireEntry(msgspec.Struct, array_like=True, frozen=True):
+    """One entry of an `entries-v2` body, its state left undecoded."""
+
+    position: int
+    originator_id: UUID
+    originator_version: int
+    state: msgspec.Raw
+
+    def stored(self, topic: str) -> Entry:
+        """As the mapper reads it."""
+        return Entry(self.position, self.originator_id, self.originator_version, topic,
+                     bytes(self.state))
+
+
+# The msgpack bytes of one `entries-v2` entry, computed by Postgres from a row of the library's
+# events table: a 4-array of int 64 (0xd3), bin 8 of 16 bytes (0xc4 0x10), int 64, the state as is.
+ENTRY_SQL = sql.SQL(
+    "'\\x94d3'::bytea || int8send(notification_id) || '\\xc410'::bytea"
+    " || uuid_send(originator_id) || '\\xd3'::bytea || int8send(originator_version::int8)"
+    " || state")
+
+
+def entries_body(entries: list[bytes]) -> bytes:
+    """An `entries-v2` body from entries as `ENTRY_SQL` made them (array 32: 0xdd, count)."""
+    return b"\xdd" + len(entries).to_bytes(4, "big") + b"".join(entries)
+
+
+_raw_entries = msgspec.msgpack.Decoder(list[WireEntry])
+
+
+@lru_cache(maxsize=64)
+def entries_decoder(view: type[Any] | None) -> msgspec.msgpack.Decoder[Any]:
+    """Decodes an `entries-v2` body: states left raw (`WireEntry`), or decoded straight into a
+    view (a msgspec Struct naming some of the event's fields; each entry then has `position`
+    and `state`, the view, and the originator's id as 16 bytes)."""
+    if view is None:
+        return _raw_entries
+    entry = msgspec.defstruct(f"{view.__name__}Entry", [
+        ("position", int), ("originator_id", bytes), ("originator_version", int), ("state", view),
+    ], array_like=True, frozen=True)
+    return msgspec.msgpack.Decoder(list[entry])  # type: ignore[valid-type]
 
 
 class DeadLetter(msgspec.Struct, frozen=True):

@@ -37,6 +37,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from adapters.bus import (
+    ENTRIES_FORMAT,
+    FORMAT_HEADER,
     LANE_HEADER,
     LANE_PREV_HEADER,
     LAST_HEADER,
@@ -46,10 +48,10 @@ from adapters.bus import (
     WATERMARK,
     DeadLetter,
     Entry,
-    RelayedBatch,
     Streams,
     decode_batch,
     encode,
+    entries_decoder,
     lane_of,
 )
 from adapters.codec import decode_view
@@ -76,16 +78,30 @@ TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """What one message brings a projector: `prev`, the chain position everything before it
+    ends at; the range of positions it covers; and its entries, ready to apply. No entries: a
+    topic the model ignores, a watermark, or a body that would not decode (then `prev` is `last`,
+    so the whole range is read from the ledger)."""
+
+    prev: int
+    first: int
+    last: int
+    entries: Sequence[Any] = ()  # each has `position` and `state`
+    topic: str = ""  # of every entry; "" when each entry names its own (format 1)
+    views: bool = False  # each entry's state is already the model's view of it
+
+
+@dataclass(frozen=True)
 class Unit:
-    """One ledger entry to apply: a relayed Entry or, filled from the ledger, a StoredEvent
-    (both have what the mapper reads: originator_id, originator_version, topic, state)."""
+    """One ledger entry for the careful path, decoded there (a decoding error is the entry's,
+    retried and dead-lettered like a handler's): a notification read from the ledger, a relayed
+    entry, or a view already decoded from its message."""
 
     position: int
-    stored: StoredEvent | Entry
-
-
-def _units(batch: RelayedBatch) -> list[Unit]:
-    return [Unit(e.position, e) for e in batch.entries]
+    topic: str
+    stored: StoredEvent | Entry | None = None
+    view: Any = None
 
 
 class Projector:
@@ -109,6 +125,9 @@ class Projector:
         # Entries of other topics are skipped without decoding them.
         self._topics = frozenset(get_topic(cls) for cls in model.handlers)
         self._views = {get_topic(cls): (cls, view) for cls, view in model.views.items()}
+        # A message's entries decode straight into the model's view, unless upcasters must run.
+        self._direct_views = {topic: view for topic, (cls, view) in self._views.items()
+                              if getattr(cls, "class_version", 1) == 1}
         # A model that needs one lane only consumes that lane, chained by the lane's prev.
         lanes = {lane_of(t) for t in self._topics}
         self._fetch_batch = FETCH_BATCH_MSGS_WITH_USAGE if USAGE_LANE in lanes else FETCH_BATCH_MSGS
@@ -162,7 +181,7 @@ class Projector:
                 continue
             await self.handle(msgs)
 
-    def _skip_only(self, batches: Sequence[RelayedBatch]) -> bool:
+    def _skip_only(self, batches: Sequence[Delivery]) -> bool:
         """Messages of ignored topics that continue the chain we know: advance in memory only
         (written by _flush), instead of a transaction per message for nothing."""
         if not batches or any(b.entries for b in batches):
@@ -188,29 +207,38 @@ class Projector:
         await asyncio.to_thread(self._advance, target)
         self._persisted = max(self._persisted, target)
 
-    def _decode(self, msg: Msg) -> RelayedBatch:
+    def _decode(self, msg: Msg) -> Delivery:
         """The message's entries, or, for a topic this model ignores, only its positions (from
         headers, without decoding the body)."""
         headers = msg.headers or {}
         topic = headers.get(TOPIC_HEADER)
         if topic == WATERMARK:
             if self._lane is None or headers.get(LANE_HEADER) != self._lane:
-                return RelayedBatch(0, [])  # not for this model: changes nothing
+                return Delivery(0, 0, 0)  # not for this model: changes nothing
             last = int(headers[LAST_HEADER])
-            return RelayedBatch(int(headers[LANE_PREV_HEADER]), [], first_=last, last_=last)
+            return Delivery(int(headers[LANE_PREV_HEADER]), last, last)
         prev = headers.get(PREV_HEADER)
         if self._lane is not None and topic is not None and lane_of(topic) == self._lane:
             # Chained within the lane. Without the header (an older relay), or for a message of
             # another lane, the global prev: it can only make the projector fill from the
             # ledger, never skip.
             prev = headers.get(LANE_PREV_HEADER, prev)
-        if topic is not None and topic not in self._topics and prev is not None:
+        if topic is not None and prev is not None:
             first, _, last = headers["Nats-Msg-Id"].partition("-")
-            return RelayedBatch(int(prev), [], first_=int(first), last_=int(last))
-        batch = decode_batch(msg.data)
-        if prev is not None and int(prev) != batch.prev:
-            batch = msgspec.structs.replace(batch, prev=int(prev))
-        return batch
+            if topic not in self._topics:
+                return Delivery(int(prev), int(first), int(last))
+            if headers.get(FORMAT_HEADER) == ENTRIES_FORMAT:
+                view = self._direct_views.get(topic)
+                try:
+                    entries = entries_decoder(view).decode(msg.data)
+                except msgspec.DecodeError as e:
+                    log.error("projector %s cannot decode message %s-%s (%s): reading it from the"
+                              " ledger", self.model.name, first, last, e)
+                    return Delivery(int(last), int(first), int(last))
+                return Delivery(int(prev), int(first), int(last), entries, topic, view is not None)
+        batch = decode_batch(msg.data)  # format 1
+        return Delivery(batch.prev if prev is None else int(prev), batch.first, batch.last,
+                        batch.entries)
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply a fetched batch, then ack it. Safe to call with any order or repeats."""
@@ -242,67 +270,78 @@ class Projector:
 
     # ---- applying, all in one transaction (the fast path) -------------------------------
 
-    def _apply_together(self, batches: Sequence[RelayedBatch]) -> None:
+    def _apply_together(self, batches: Sequence[Delivery]) -> None:
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             tracked = self._lock_tracking(cur)
             start = tracked
-            units: list[Unit] = []
+            items: list[tuple[Any, int]] = []
             for batch in sorted(batches, key=lambda b: b.last):
                 if batch.last <= tracked:
                     continue
-                for unit in self._missing_before(tracked, batch):
-                    units.append(unit)
-                    tracked = unit.position
-                tracked = max(tracked, batch.prev)
-                for unit in _units(batch):
-                    if unit.position > tracked:
-                        units.append(unit)
-                        tracked = unit.position
-                if not batch.entries:  # a topic this model ignores: nothing to apply up to last
-                    tracked = max(tracked, batch.last)
-            self._apply_units(cur, units)
+                if batch.prev > tracked:  # what this message assumes we have: from the ledger
+                    items += [(self._load(u), u.position)
+                              for u in self._missing_before(tracked, batch) if u.topic in self._topics]
+                    tracked = batch.prev
+                items += self._items(batch, tracked)
+                tracked = max(tracked, batch.last)
+            self.model.apply_all(cur, items)
             if tracked != start:
                 self._set_tracking(cur, tracked)
-        self.applied_entries += len(units)
+        self.applied_entries += len(items)
         self._committed(tracked)
 
-    def _apply_units(self, cur: psycopg.Cursor[Any], units: Sequence[Unit]) -> None:
-        decode, topics, views = self._ledger.decode, self._topics, self._views
-        items = []
-        for u in units:
-            topic = u.stored.topic
-            if topic in views:
-                event_cls, view_cls = views[topic]
-                items.append((decode_view(event_cls, view_cls, u.stored.state), u.position))
-            elif topic in topics:
-                items.append((decode(u.stored), u.position))
-        self.model.apply_all(cur, items)
+    def _items(self, batch: Delivery, tracked: int) -> list[tuple[Any, int]]:
+        """The (event or view, position) pairs of a message's entries after `tracked`."""
+        entries = batch.entries
+        if batch.first <= tracked:
+            entries = [e for e in entries if e.position > tracked]
+        if batch.views:
+            return [(e.state, e.position) for e in entries]
+        return [(self._load(u), u.position) for u in map(self._unit_of(batch), entries)
+                if u.topic in self._topics]
 
-    def _missing_before(self, tracked: int, batch: RelayedBatch) -> Iterator[Unit]:
+    def _unit_of(self, batch: Delivery) -> Any:
+        if batch.views:
+            return lambda e: Unit(e.position, batch.topic, view=e.state)
+        if batch.topic:
+            return lambda e: Unit(e.position, batch.topic, e.stored(batch.topic))
+        return lambda e: Unit(e.position, e.topic, e)  # format 1: a whole Entry
+
+    def _load(self, unit: Unit) -> Any:
+        """The unit's event, or the model's view of it."""
+        if unit.view is not None:
+            return unit.view
+        assert unit.stored is not None
+        view = self._views.get(unit.topic)
+        if view is not None:
+            return decode_view(view[0], view[1], unit.stored.state)
+        return self._ledger.decode(unit.stored)  # type: ignore[arg-type]
+
+    def _missing_before(self, tracked: int, batch: Delivery) -> Iterator[Unit]:
         """Ledger entries in (tracked, batch.prev]: what this message assumes we already have."""
         while tracked < batch.prev:
             page = self._ledger.read_after(tracked, GAP_READ_PAGE_ROWS, stop=batch.prev)
             if not page:
                 return
             for n in page:
-                yield Unit(n.id, n)
+                yield Unit(n.id, n.topic, n)
             tracked = page[-1].id
 
     def _lock_tracking(self, cur: psycopg.Cursor[Any]) -> int:
-        # A read model is disposable and its tracking row commits with its rows: a crash can
-        # lose only whole recent transactions, which are then re-applied (redelivery or the
-        # ledger gap fill). So no need to wait for the WAL flush here; the ledger itself does.
-        cur.execute("SET LOCAL synchronous_commit = off")
-        cur.execute(
-            "INSERT INTO projection_tracking (name, position) VALUES (%s, 0)"
-            " ON CONFLICT (name) DO NOTHING",
-            (self.model.name,),
-        )
-        cur.execute(
-            "SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE",
-            (self.model.name,),
-        )
-        row = cur.fetchone()
+        """Lock this model's tracking row for the transaction and read it: one round trip
+        (the row is made once, the first time). A read model is disposable and its tracking
+        row commits with its rows, so the projector's pool need not wait for the WAL flush
+        (`projection_pool`): a crash loses only whole recent transactions, applied again
+        after it (redelivery or the ledger gap fill). The ledger itself does wait."""
+        name = self.model.name
+        row = cur.execute(
+            "SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE", (name,)
+        ).fetchone()
+        if row is None:
+            cur.execute("INSERT INTO projection_tracking (name, position) VALUES (%s, 0)"
+                        " ON CONFLICT (name) DO NOTHING", (name,))
+            row = cur.execute("SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE",
+                              (name,)).fetchone()
         assert row is not None
         return int(row[0])
 
@@ -314,21 +353,25 @@ class Projector:
 
     # ---- applying entry by entry, with retries and dead letters (the careful path) ------
 
-    async def _apply_carefully(self, msg: Msg, batch: RelayedBatch) -> None:
+    async def _apply_carefully(self, msg: Msg, batch: Delivery) -> None:
         tracked = await asyncio.to_thread(self._tracked)
         if batch.last <= tracked:
             return
         units = list(await asyncio.to_thread(lambda: list(self._missing_before(tracked, batch))))
-        units += _units(batch)
+        units += map(self._unit_of(batch), batch.entries)
         for unit in units:
-            await self._apply_with_retries(msg, unit)
-        if not batch.entries:
-            await asyncio.to_thread(self._advance, batch.last)
+            if unit.position > tracked:
+                await self._apply_with_retries(msg, unit)
+        await asyncio.to_thread(self._advance, batch.last)
 
     def _advance(self, position: int) -> None:
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            if self._lock_tracking(cur) < position:
-                self._set_tracking(cur, position)
+        """Tracking up to `position`, where nothing is to be applied: one statement (one round
+        trip on the projectors' autocommit pool), which never moves it back."""
+        with self._pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO projection_tracking AS t (name, position) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()"
+                " WHERE t.position < excluded.position", (self.model.name, position))
         self._committed(position)
 
     def _committed(self, position: int) -> None:
@@ -350,12 +393,13 @@ class Projector:
             if self._lock_tracking(cur) >= unit.position:
                 return
             if error is None:
-                self._apply_units(cur, [unit])
+                if unit.topic in self._topics:
+                    self.model.apply_all(cur, [(self._load(unit), unit.position)])
             else:
                 cur.execute(
                     "INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"
                     " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name, position) DO NOTHING",
-                    (self.model.name, unit.position, unit.stored.topic, error, attempts),
+                    (self.model.name, unit.position, unit.topic, error, attempts),
                 )
             self._set_tracking(cur, unit.position)
         self._committed(unit.position)
@@ -378,7 +422,7 @@ class Projector:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
         attempts = len(self._backoff) + 1
-        letter = DeadLetter(self.model.name, unit.position, unit.stored.topic, error, attempts)
+        letter = DeadLetter(self.model.name, unit.position, unit.topic, error, attempts)
         await self._js.publish(
             self._streams.dlq_subject(self.model.name),
             encode(letter),

@@ -12,7 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from bisect import bisect_right
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate, groupby
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -21,6 +25,9 @@ from psycopg import sql
 
 from adapters.bookkeeping import lock_key, relay_position
 from adapters.bus import (
+    ENTRIES_FORMAT,
+    ENTRY_SQL,
+    FORMAT_HEADER,
     LANE_HEADER,
     LANE_PREV_HEADER,
     LANES,
@@ -29,10 +36,8 @@ from adapters.bus import (
     PREV_HEADER,
     TOPIC_HEADER,
     WATERMARK,
-    Entry,
-    RelayedBatch,
     Streams,
-    encode,
+    entries_body,
     lane_of,
 )
 from adapters.ledger import LedgerStore
@@ -51,36 +56,52 @@ DB_CONNECT_TIMEOUT_S = 5
 RELAY_NAME = "relay"
 
 
+Row = tuple[int, str, bytes]  # (position, topic, the entry's bytes: bus.ENTRY_SQL)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One relayed message: consecutive ledger entries of one topic."""
+
+    topic: str
+    first: int
+    last: int
+    prev: int  # the ledger position before `first`
+    lane_prev: int  # the last position of the lane's previous message
+    entries: list[bytes]
+
+    @property
+    def body(self) -> bytes:
+        return entries_body(self.entries)
+
+
+_position, _topic, _entry = itemgetter(0), itemgetter(1), itemgetter(2)
+
+
 def group_messages(
-    entries: Sequence[Entry], prev: int, lane_last: dict[str, int]
-) -> tuple[list[RelayedBatch], dict[str, int]]:
+    rows: Sequence[Row], prev: int, lane_last: dict[str, int]
+) -> tuple[list[Message], dict[str, int]]:
     """Consecutive entries of one topic share a message, bounded in count and bytes. Each
-    message names `prev` and its lane's prev; returns the lanes' last positions after them."""
-    batches: list[RelayedBatch] = []
+    message names `prev` and its lane's prev; returns the lanes' last positions after them.
+    Work per message, not per entry: the page comes from Postgres with each entry's bytes."""
+    messages: list[Message] = []
     lanes = dict(lane_last)
-    current: list[Entry] = []
-    size = 0
-
-    def close() -> None:
-        lane = lane_of(current[0].topic)
-        batches.append(RelayedBatch(prev=batches[-1].last if batches else prev, entries=current,
-                                    lane_prev=lanes.get(lane, 0)))
-        lanes[lane] = current[-1].position
-
-    for entry in entries:
-        entry_size = len(entry.state) + len(entry.topic) + 48
-        if current and (
-            current[0].topic != entry.topic
-            or len(current) >= ENTRIES_PER_MESSAGE_MAX
-            or size + entry_size > MAX_MESSAGE_BYTES
-        ):
-            close()
-            current, size = [], 0
-        current.append(entry)
-        size += entry_size
-    if current:
-        close()
-    return batches, lanes
+    for topic, run_rows in groupby(rows, key=_topic):
+        run = list(run_rows)
+        entries = list(map(_entry, run))
+        ends = list(accumulate(map(len, entries)))  # bytes up to and including each entry
+        lane = lane_of(topic)
+        start = 0
+        while start < len(run):
+            before = ends[start - 1] if start else 0
+            fits = bisect_right(ends, before + MAX_MESSAGE_BYTES, lo=start)
+            stop = min(start + ENTRIES_PER_MESSAGE_MAX, max(fits, start + 1))
+            messages.append(Message(topic, _position(run[start]), _position(run[stop - 1]),
+                                    messages[-1].last if messages else prev, lanes.get(lane, 0),
+                                    entries[start:stop]))
+            lanes[lane] = messages[-1].last
+            start = stop
+    return messages, lanes
 
 
 class Relay:
@@ -99,9 +120,9 @@ class Relay:
         self._streams = streams
         self._lock_key = lock_key(schema, RELAY_NAME)
         self._select = sql.SQL(
-            "SELECT notification_id, originator_id, originator_version, topic, state FROM {}"
+            "SELECT notification_id, topic, {} FROM {}"
             " WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
-        ).format(sql.Identifier(schema, ledger.events_table))
+        ).format(ENTRY_SQL, sql.Identifier(schema, ledger.events_table))
         self.is_leader = False
         self.published_entries = 0
         self.published_messages = 0
@@ -142,21 +163,21 @@ class Relay:
             # message costs the relay, JetStream and every projector), for a few ms of latency.
             await asyncio.sleep(max(0.0, read_at + READ_INTERVAL_S - time.monotonic()))
             read_at = time.monotonic()
-            entries = await self._read(conn, position)
-            if not entries:
+            rows = await self.read_page(conn, position)
+            if not rows:
                 await self._mark(marks, position, lanes, idle=True)
                 await self._wait_for_notify(conn, stop)
                 continue
-            batches, next_lanes = group_messages(entries, position, lanes)
+            messages, next_lanes = group_messages(rows, position, lanes)
             try:
-                await self._publish(batches)
+                await self._publish(messages)
             except Exception as e:  # any broker failure: keep the position, retry later
                 log.warning("relay cannot publish (will retry): %s: %s", type(e).__name__, e)
                 await _wait(stop, RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)])
                 failures += 1
                 continue
             failures = 0
-            position, lanes = entries[-1].position, next_lanes
+            position, lanes = rows[-1][0], next_lanes
             # Not waiting for the WAL flush: a position lost in a crash only re-publishes
             # messages that JetStream (Nats-Msg-Id) and the projectors' tracking drop again.
             await conn.execute(
@@ -167,12 +188,12 @@ class Relay:
             )
             await self._mark(marks, position, lanes, idle=False)
 
-    async def _read(self, conn: psycopg.AsyncConnection[Any], position: int) -> list[Entry]:
-        """The next page of the ledger after `position`, in order: the library's own query
-        (its notification log), read as binary tuples straight into relay entries."""
+    async def read_page(self, conn: psycopg.AsyncConnection[Any], position: int) -> list[Row]:
+        """The next page of the ledger after `position`, in order (the library's notification
+        log), each entry already encoded for the wire by Postgres."""
         cur = conn.cursor(binary=True)
         await cur.execute(self._select, (position, READ_BATCH_ROWS), prepare=True)
-        return [Entry(*row) for row in await cur.fetchall()]
+        return await cur.fetchall()  # type: ignore[return-value]
 
     async def _mark(self, marks: _Marks, position: int, lanes: dict[str, int], idle: bool) -> None:
         """Tell a lane that saw nothing new up to `position` so (a watermark): its projectors
@@ -203,21 +224,22 @@ class Relay:
             return position, {lane: relay_position(c, _lane_row(lane)) or position
                               for lane in LANES}
 
-    async def _publish(self, batches: list[RelayedBatch]) -> None:
+    async def _publish(self, messages: list[Message]) -> None:
         acks = await asyncio.gather(*(
             self._js.publish(
-                self._streams.ledger_subject(b.entries[0].topic),
-                encode(b),
+                self._streams.ledger_subject(m.topic),
+                m.body,
                 timeout=PUBLISH_TIMEOUT_S,
                 stream=self._streams.ledger,
-                headers={"Nats-Msg-Id": f"{b.first}-{b.last}", PREV_HEADER: str(b.prev),
-                         LANE_PREV_HEADER: str(b.lane_prev), TOPIC_HEADER: b.entries[0].topic},
+                headers={"Nats-Msg-Id": f"{m.first}-{m.last}", PREV_HEADER: str(m.prev),
+                         LANE_PREV_HEADER: str(m.lane_prev), TOPIC_HEADER: m.topic,
+                         FORMAT_HEADER: ENTRIES_FORMAT},
             )
-            for b in batches
+            for m in messages
         ))
-        assert len(acks) == len(batches)
-        self.published_messages += len(batches)
-        self.published_entries += sum(len(b.entries) for b in batches)
+        assert len(acks) == len(messages)
+        self.published_messages += len(messages)
+        self.published_entries += sum(len(m.entries) for m in messages)
 
     async def _wait_for_notify(
         self, conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio.Event

@@ -72,7 +72,7 @@ async def run_roles(
         jobs.append(relay.run(stop))
     if "project" in roles:
         for model in READ_MODELS:
-            projector = Projector(model, rt.ledger, rt.pool, js, rt.streams)
+            projector = Projector(model, rt.ledger, rt.projection_pool(), js, rt.streams)
             rt.extras[f"projector:{model.name}"] = projector
             jobs.append(projector.run(stop))
     if "scheduler" in roles:

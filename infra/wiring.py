@@ -124,6 +124,7 @@ class Runtime:
     token_cache: PrefixCache[TokenRecord] | None = None
     rate_limiter: PgRateLimiter | None = None
     meter_cache: MeterCache | None = None
+    projection_pool_: ConnectionPool | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -134,6 +135,13 @@ class Runtime:
             ensure_tables(pool, model)
         return cls(settings, database_url, nats_url, ledger, pool,
                    bus.Streams(settings.stream_prefix))
+
+    def projection_pool(self) -> ConnectionPool:
+        """The projectors' own pool (adapters.pg.open_pool(for_projectors=True)), made once."""
+        if self.projection_pool_ is None:
+            self.projection_pool_ = open_pool(self.database_url, self.settings.pg_schema,
+                                              for_projectors=True)
+        return self.projection_pool_
 
     async def connect_nats(self, name: str) -> JetStreamContext:
         self.nc = await bus.connect(self.nats_url, name)
@@ -156,6 +164,8 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), NATS_CLOSE_TIMEOUT_S)
         self.pool.close()
+        if self.projection_pool_ is not None:
+            self.projection_pool_.close()
         self.ledger.close()
 
     def ops_snapshot(self) -> OpsSnapshot:

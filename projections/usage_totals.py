@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
@@ -63,9 +64,9 @@ DDL = (
 )
 
 Bucket = tuple[UUID, UUID, str, str, date, str]
-# While folding a batch: (organisation, project as ints — UUID hashing is slow Python —, metric,
-# group key, local day). Months are merged from days when the batch is written.
-DayKey = tuple[int, int, str, str, date]
+# While folding a batch: (organisation, project, metric, group key, local day). Months are
+# merged from days when the batch is written.
+DayKey = tuple[UUID, UUID, str, str, date]
 
 
 @dataclass
@@ -76,10 +77,12 @@ class _Totals:
     max: Decimal | None = None
     latest: tuple[datetime, int, Decimal] | None = None
 
-    def add(self, value: Decimal, at: datetime, position: int) -> None:
-        self.count += 1
-        self.sum += value
-        self.max = value if self.max is None else max(self.max, value)
+    def add(self, values: Sequence[Decimal], at: datetime, position: int, value: Decimal) -> None:
+        """Events at one moment `at`: their values, and the position and value of the last."""
+        self.count += len(values)
+        self.sum += sum(values, Decimal(0))
+        top = max(values)
+        self.max = top if self.max is None else max(self.max, top)
         if self.latest is None or (at, position) > self.latest[:2]:
             self.latest = (at, position, value)
 
@@ -106,64 +109,113 @@ def _noop(cur: Cursor[Any], event: Any, position: int) -> None:
 
 
 class UsageView(msgspec.Struct, frozen=True):
-    """What this model reads of a Usage.Recorded (the projector decodes only this)."""
+    """What this model reads of a Usage.Recorded (the projector decodes only this). The ids stay
+    16 bytes and the properties undecoded until a meter needs them: the cheapest to decode. The
+    model takes whole events as well (a rebuild may hand it those)."""
 
-    organisation_id: UUID
-    project_id: UUID
+    organisation_id: bytes
+    project_id: bytes
     metric: str
     value: Decimal
     occurred_at: datetime
     timezone: str
-    properties: dict[str, str]
+    properties: msgspec.Raw
+
+
+_METER_EVENTS = frozenset({Meter.Defined, Meter.Redefined})
+_properties = msgspec.msgpack.Decoder(dict[str, str])
+_last_position = itemgetter(1)
+Run = list[tuple[Any, int]]  # (UsageView or Usage.Recorded, position), all at one moment
+
+
+def _uuid(value: bytes | UUID) -> UUID:
+    return value if isinstance(value, UUID) else UUID(bytes=value)
+
+
+def _props(event: UsageView | Usage.Recorded) -> dict[str, str]:
+    props = event.properties
+    return props if isinstance(props, dict) else _properties.decode(props)
 
 
 class _Fold:
-    """One batch's usage, folded per day bucket before anything is written."""
+    """One batch's usage, folded before anything is written. Events are first put in runs that
+    share organisation, project, meter, moment and timezone — usually few, as a request's events
+    tend to share their moment — with no more per event than a dict lookup; the day, the group
+    and the totals are then worked out once per run."""
 
     def __init__(self) -> None:
+        self.runs: dict[tuple[Any, ...], Run] = {}
         self.days: dict[DayKey, _Totals] = {}
         self.uniques: set[tuple[DayKey, str]] = set()
-        self.ids: dict[int, UUID] = {}
-        # Many events share a moment and group values: compute each once.
         self._local_days: dict[tuple[datetime, str], date] = {}
-        self._groups: dict[tuple[str, ...], tuple[dict[str, str], str]] = {}
+        self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[dict[str, str], str]] = {}
+        self._ids: dict[bytes | UUID, UUID] = {}
 
-    def add(self, e: UsageView | Usage.Recorded, rule: MeterRule, position: int) -> None:
-        props = e.properties
-        values = (e.metric, *(props.get(k, "") for k in rule.group_by))
-        known = self._groups.get(values)
+    def add_all(self, items: Sequence[tuple[Any, int]]) -> None:
+        runs = self.runs
+        for item in items:
+            e = item[0]
+            key = (e.organisation_id, e.project_id, e.metric, e.occurred_at, e.timezone)
+            run = runs.get(key)
+            if run is None:
+                runs[key] = [item]
+            else:
+                run.append(item)
+
+    def fold_runs(self, rules: dict[str, MeterRule], load_rule: Any) -> None:
+        for (org, project, metric, at, timezone), run in self.runs.items():
+            rule = rules.get(metric) or load_rule(metric)
+            if rule is None:
+                raise LookupError(f"usage for unknown meter {metric!r}")
+            moment = (at, timezone)
+            day = self._local_days.get(moment)
+            if day is None:
+                day = self._local_days[moment] = local_day(at, timezone)
+            ids = self._ids
+            org_id = ids.get(org) or ids.setdefault(org, _uuid(org))
+            project_id = ids.get(project) or ids.setdefault(project, _uuid(project))
+            needs_props = bool(rule.group_by) or rule.aggregation == "unique_count"
+            for group_values, events in (self._by_group(run, rule) if needs_props
+                                         else (((), run),)):
+                known = self._group(group_values, rule)
+                key = (org_id, project_id, metric, known[1], day)
+                t = self.days.get(key)
+                if t is None:
+                    t = self.days[key] = _Totals(known[0])
+                last = max(events, key=_last_position)
+                t.add([e.value for e, _ in events], at, last[1], last[0].value)
+                if rule.aggregation == "unique_count" and rule.field is not None:
+                    self.uniques.update((key, _props(e)[rule.field]) for e, _ in events)
+        self.runs.clear()
+
+    @staticmethod
+    def _by_group(run: Run, rule: MeterRule) -> list[tuple[tuple[str, ...], Run]]:
+        groups: dict[tuple[str, ...], Run] = {}
+        for item in run:
+            props = _props(item[0])
+            groups.setdefault(tuple(props.get(k, "") for k in rule.group_by), []).append(item)
+        return list(groups.items())
+
+    def _group(self, values: tuple[str, ...], rule: MeterRule) -> tuple[dict[str, str], str]:
+        cache_key = (rule.group_by, values)
+        known = self._groups.get(cache_key)
         if known is None:
-            groups = {k: props.get(k, "") for k in rule.group_by}
-            known = self._groups[values] = (groups, group_key(groups))
-        moment = (e.occurred_at, e.timezone)
-        day = self._local_days.get(moment)
-        if day is None:
-            day = self._local_days[moment] = local_day(e.occurred_at, e.timezone)
-        org, project = e.organisation_id.int, e.project_id.int
-        if org not in self.ids:
-            self.ids[org] = e.organisation_id
-        if project not in self.ids:
-            self.ids[project] = e.project_id
-        key = (org, project, e.metric, known[1], day)
-        t = self.days.get(key)
-        if t is None:
-            t = self.days[key] = _Totals(known[0])
-        t.add(e.value, e.occurred_at, position)
-        if rule.aggregation == "unique_count" and rule.field is not None:
-            self.uniques.add((key, props[rule.field]))
+            groups = dict(zip(rule.group_by, values, strict=True))
+            known = self._groups[cache_key] = (groups, group_key(groups))
+        return known
 
-    def flush(self, cur: Cursor[Any]) -> None:
+    def flush(self, cur: Cursor[Any], rules: dict[str, MeterRule]) -> None:
+        self.fold_runs(rules, lambda code: _load_rule(cur, code, rules))
         totals: dict[Bucket, _Totals] = {}
         for (org, project, metric, key, day), t in self.days.items():
-            ids = (self.ids[org], self.ids[project], metric)
-            totals[(*ids, "day", day, key)] = t
-            month = (*ids, "month", day.replace(day=1), key)
+            totals[(org, project, metric, "day", day, key)] = t
+            month = (org, project, metric, "month", day.replace(day=1), key)
             merged = totals.get(month)
             if merged is None:
                 merged = totals[month] = _Totals(t.group_values)
             merged.merge(t)
         uniques = {
-            (self.ids[org], self.ids[project], metric, granularity, start, key, value)
+            (org, project, metric, granularity, start, key, value)
             for (org, project, metric, key, day), value in self.uniques
             for granularity, start in (("day", day), ("month", day.replace(day=1)))
         }
@@ -175,17 +227,16 @@ class _Fold:
 def _apply_batch(cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
     rules: dict[str, MeterRule] = {}
     fold = _Fold()
-    for event, position in items:
-        if isinstance(event, (Meter.Defined, Meter.Redefined)):
-            fold.flush(cur)
-            _upsert_meter(cur, event)
-            rules.clear()
-            continue
-        rule = rules.get(event.metric) or _load_rule(cur, event.metric, rules)
-        if rule is None:
-            raise LookupError(f"usage for unknown meter {event.metric!r}")
-        fold.add(event, rule, position)
-    fold.flush(cur)
+    meters = [i for i, (e, _) in enumerate(items) if type(e) in _METER_EVENTS]
+    start = 0
+    for i in meters:  # a meter's definition applies to the usage after it: fold up to there
+        fold.add_all(items[start:i])
+        fold.flush(cur, rules)
+        _upsert_meter(cur, items[i][0])
+        rules.clear()
+        start = i + 1
+    fold.add_all(items[start:])
+    fold.flush(cur, rules)
 
 
 def _upsert_meter(cur: Cursor[Any], e: Any) -> None:

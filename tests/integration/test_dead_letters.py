@@ -44,7 +44,7 @@ async def test_failing_handler_dead_letters_after_bounded_retries_and_carries_on
     stop = asyncio.Event()
     relay = Relay(runtime.ledger, runtime.database_url, runtime.settings.pg_schema, js,
                   runtime.streams)
-    projector = Projector(_poisoned(broken=True), runtime.ledger, runtime.pool, js,
+    projector = Projector(_poisoned(broken=True), runtime.ledger, runtime.projection_pool(), js,
                           runtime.streams, retry_backoff_s=RETRIES)
     tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(projector.run(stop))]
     try:

@@ -8,15 +8,28 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from uuid import uuid4
 
+import psycopg
 import pytest
+from eventsourcing.utils import get_topic
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from adapters.bus import DOMAIN_LANE
+from adapters.bus import (
+    DOMAIN_LANE,
+    ENTRIES_FORMAT,
+    FORMAT_HEADER,
+    LANE_PREV_HEADER,
+    PREV_HEADER,
+    TOPIC_HEADER,
+    Entry,
+    RelayedBatch,
+    encode,
+    entries_decoder,
+)
 from adapters.projector import Projector
-from adapters.relay import Relay
+from adapters.relay import Relay, group_messages
 from adapters.usage_writer import UsageWriter, encode_usage
 from domain.ports import KeyRecord
-from domain.usage import UsageFact
+from domain.usage import Usage, UsageFact
 from infra.wiring import Runtime
 from projections import organisations
 from tests.conftest import close_nats, running, tracked, wait_until
@@ -46,7 +59,7 @@ async def test_killed_projector_resumes_and_equals_a_fresh_rebuild(runtime: Runt
     try:
         for _ in range(3):  # kill the projector mid-stream, three times
             stop = asyncio.Event()
-            projector = Projector(organisations.READ_MODEL, runtime.ledger, runtime.pool, js,
+            projector = Projector(organisations.READ_MODEL, runtime.ledger, runtime.projection_pool(), js,
                                   runtime.streams)
             task = asyncio.create_task(projector.run(stop))
             before = tracked(runtime, "organisations")
@@ -59,7 +72,7 @@ async def test_killed_projector_resumes_and_equals_a_fresh_rebuild(runtime: Runt
         await writer
         head = runtime.ledger.head()
         stop = asyncio.Event()
-        projector = Projector(organisations.READ_MODEL, runtime.ledger, runtime.pool, js,
+        projector = Projector(organisations.READ_MODEL, runtime.ledger, runtime.projection_pool(), js,
                               runtime.streams)
         task = asyncio.create_task(projector.run(stop))
         await wait_until(lambda: tracked(runtime, "organisations") >= head, "catch-up")
@@ -93,7 +106,7 @@ async def test_redelivered_and_reordered_messages_skip_nothing(runtime: Runtime)
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=50,
                                   max_ack_pending=1000),
         )
-        projector = Projector(organisations.READ_MODEL, runtime.ledger, runtime.pool, js,
+        projector = Projector(organisations.READ_MODEL, runtime.ledger, runtime.projection_pool(), js,
                               runtime.streams)
         rng = random.Random(7)
         handled_out_of_order = False
@@ -165,3 +178,72 @@ async def test_a_domain_model_consumes_no_usage_yet_its_tracking_reaches_the_hea
             runtime.streams.ledger, runtime.streams.consumer("organisations"))
     assert info.config.filter_subject == runtime.streams.lane_wildcard(DOMAIN_LANE)
     assert len(org_rows(runtime)) == 2
+
+
+async def test_the_relay_sends_every_entry_as_the_ledger_holds_it(runtime: Runtime) -> None:
+    """Postgres encodes each entry for the wire (bus.ENTRY_SQL); decoded, the messages hold the
+    ledger's rows exactly: in order, one topic per message, each state byte for byte."""
+    key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
+    now = datetime.now(UTC)
+    await asyncio.to_thread(write_orgs, runtime, 2)
+    writer = UsageWriter(runtime.database_url, runtime.settings.pg_schema)
+    try:
+        await writer.append([encode_usage(key, UsageFact(f"e{i}", "calls", Decimal(i), now,
+                                                         {"k": "v"}), now) for i in range(5)])
+    finally:
+        await writer.stop()
+    await asyncio.to_thread(write_orgs, runtime, 1, "later")
+    relay = Relay(runtime.ledger, runtime.database_url, runtime.settings.pg_schema,
+                  None, runtime.streams)  # type: ignore[arg-type]  # reads only
+    async with await psycopg.AsyncConnection.connect(
+            runtime.database_url, options=f"-c search_path={runtime.settings.pg_schema}") as conn:
+        messages, _ = group_messages(await relay.read_page(conn, 0), 0, {})
+    relayed = [(m.topic, e.position, e.originator_id, e.originator_version, bytes(e.state))
+               for m in messages for e in entries_decoder(None).decode(m.body)]
+    stored = [(n.topic, n.id, n.originator_id, n.originator_version, n.state)
+              for n in runtime.ledger.read_after(0, 1000)]
+    assert relayed == stored
+    assert [m.topic for m in messages].count(get_topic(Usage.Recorded)) == 1
+
+
+async def _project_crafted(runtime: Runtime, body: bytes, headers: dict[str, str]) -> Projector:
+    """Publish one hand-made message to the ledger stream and let a projector take it."""
+    js = await runtime.connect_nats("test")
+    await js.publish(runtime.streams.ledger_subject(headers[TOPIC_HEADER]), body,
+                     stream=runtime.streams.ledger, headers=headers)
+    projector = Projector(organisations.READ_MODEL, runtime.ledger, runtime.projection_pool(), js,
+                          runtime.streams)
+    stop = asyncio.Event()
+    task = asyncio.create_task(projector.run(stop))
+    try:
+        head = runtime.ledger.head()
+        await wait_until(lambda: tracked(runtime, "organisations") >= head, "the crafted message")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, KILL_WAIT_S)
+        await close_nats(runtime)
+    return projector
+
+
+async def test_a_message_whose_body_will_not_decode_is_read_from_the_ledger(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture,
+) -> None:
+    (org,) = await asyncio.to_thread(write_orgs, runtime, 1)
+    head = runtime.ledger.head()
+    (note,) = runtime.ledger.read_after(head - 1, 1)
+    projector = await _project_crafted(runtime, b"\xc1 not msgpack", {
+        "Nats-Msg-Id": f"{head}-{head}", PREV_HEADER: str(head - 1), LANE_PREV_HEADER: "0",
+        TOPIC_HEADER: note.topic, FORMAT_HEADER: ENTRIES_FORMAT})
+    assert [r[0] for r in org_rows(runtime)] == [org]
+    assert "cannot decode message" in caplog.text and projector.dead_lettered == 0
+    assert org_rows(runtime) == rebuilt_rows(runtime)
+
+
+async def test_a_message_of_the_first_wire_format_is_still_applied(runtime: Runtime) -> None:
+    (org,) = await asyncio.to_thread(write_orgs, runtime, 1)
+    head = runtime.ledger.head()
+    (note,) = runtime.ledger.read_after(head - 1, 1)
+    entry = Entry(note.id, note.originator_id, note.originator_version, note.topic, note.state)
+    await _project_crafted(runtime, encode(RelayedBatch(head - 1, [entry])), {
+        "Nats-Msg-Id": f"{head}-{head}", PREV_HEADER: str(head - 1), TOPIC_HEADER: note.topic})
+    assert [r[0] for r in org_rows(runtime)] == [org]

@@ -35,7 +35,8 @@ from tests.conftest import (
 TZ = "Asia/Kolkata"
 NOW = datetime.now(UTC).replace(microsecond=0)
 METERS = {"n": ("count", None), "s": ("sum", None), "m": ("max", None), "l": ("latest", None),
-          "u": ("unique_count", "user")}
+          "u": ("unique_count", "user"), "g": ("sum", None)}
+GROUP_BY = {"g": ("user",)}  # totals per user
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ batches = st.lists(st.lists(events, min_size=1, max_size=8), min_size=1, max_siz
 def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
     svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4, lambda: ("p", "s"))
     for code, (aggregation, field) in METERS.items():
-        svc.define_meter(code, code, aggregation, field, [], False, lambda _: False)
+        svc.define_meter(code, code, aggregation, field, list(GROUP_BY.get(code, ())), False,
+                         lambda _: False)
     with threaded_writer(runtime) as writer, background_roles(runtime, {"relay", "project"}):
         yield runtime, writer
 
@@ -89,10 +91,11 @@ def _expected(org_projects: list[UUID], sent: list[list[Sent]]) -> dict[Any, Dec
             at = NOW - timedelta(minutes=e.minutes_ago)
             rec = Recorded(e.value, at, {"user": e.user})
             month = local_day(at, TZ).replace(day=1)
+            group = (e.user,) if e.metric in GROUP_BY else ()
             order += 1
             for scope in (org_projects[e.project], None):
-                by_bucket[(scope, e.metric, "month", month)].append((order, rec))
-                by_bucket[(scope, e.metric, "day", local_day(at, TZ))].append((order, rec))
+                by_bucket[(scope, e.metric, "month", month, *group)].append((order, rec))
+                by_bucket[(scope, e.metric, "day", local_day(at, TZ), *group)].append((order, rec))
     return {
         key: fold(METERS[key[1]][0], METERS[key[1]][1], items)  # type: ignore[arg-type]
         for key, items in by_bucket.items()
@@ -105,10 +108,13 @@ def _actual(rt: Runtime, org: UUID, projects: list[UUID]) -> dict[Any, Decimal]:
         for metric, (aggregation, _) in METERS.items():
             for granularity in ("month", "day"):
                 for scope in [*projects, None]:
+                    group_by = GROUP_BY.get(metric, ())
                     q = usage_totals.UsageQuery(org, metric, granularity, date(2000, 1, 1),
-                                                date(2100, 1, 1), scope)
+                                                date(2100, 1, 1), scope, group_by)
                     for row in usage_totals.quantities(conn, q, aggregation):
-                        out[(scope, metric, granularity, row["period_start"])] = Decimal(row["quantity"])
+                        groups = tuple(row[f"g{i}"] for i in range(len(group_by)))
+                        out[(scope, metric, granularity, row["period_start"], *groups)] = Decimal(
+                            row["quantity"])
     return out
 
 
@@ -138,7 +144,7 @@ def test_a_rebuilt_usage_projection_equals_the_live_one(live: tuple[Runtime, Thr
     keys = [KeyRecord(uuid4(), "p", "h", uuid4(), org, TZ, None, False) for _ in range(2)]
     position = 0
     for i in range(40):
-        fact = UsageFact(f"e{i % 30}", "smnlu"[i % 5], Decimal(i) / 4,
+        fact = UsageFact(f"e{i % 30}", "smnlug"[i % 6], Decimal(i) / 4,
                          NOW - timedelta(hours=7 * i), {"user": f"u{i % 4}"})
         position = writer.submit([encode_usage(keys[i % 2], fact, NOW)]).result(10).position
     wait_sync(lambda: tracked(rt, usage_totals.NAME) >= position, "usage totals")

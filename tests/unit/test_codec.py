@@ -13,7 +13,17 @@ from eventsourcing.utils import get_topic
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.bus import DOMAIN_LANE, USAGE_LANE, Entry, RelayedBatch, decode_batch, encode, lane_of
+from adapters.bus import (
+    DOMAIN_LANE,
+    MAX_MESSAGE_BYTES,
+    USAGE_LANE,
+    Entry,
+    RelayedBatch,
+    decode_batch,
+    encode,
+    entries_decoder,
+    lane_of,
+)
 from adapters.codec import MsgspecMapper, decode_view
 from adapters.relay import ENTRIES_PER_MESSAGE_MAX, group_messages
 from domain.usage import Usage
@@ -110,33 +120,70 @@ def test_a_view_decodes_the_same_values_as_the_whole_event(
     assert str(view.amount) == str(amount)
 
 
-def _notes(topics: list[str]) -> list[Entry]:
-    return [Entry(position=i + 10, originator_id=uuid4(), originator_version=1, topic=t,
-                  state=b"x") for i, t in enumerate(topics)]
+def entry_bytes(position: int, ident: UUID, version: int, state: bytes) -> bytes:
+    """What bus.ENTRY_SQL makes Postgres write for a row (the pipeline tests run the real one)."""
+    return (b"\x94\xd3" + position.to_bytes(8, "big") + b"\xc4\x10" + ident.bytes + b"\xd3"
+            + version.to_bytes(8, "big") + state)
+
+
+def _rows(topics: list[str], state: bytes = b"\xc0") -> list[tuple[int, str, bytes]]:
+    return [(i + 10, t, entry_bytes(i + 10, uuid4(), 1, state)) for i, t in enumerate(topics)]
 
 
 def test_relay_groups_runs_of_one_topic_and_chains_prev_positions() -> None:
-    notes = _notes(["a", "a", "b", "a"])
-    batches, _ = group_messages(notes, 7, {})
-    assert [[e.position for e in b.entries] for b in batches] == [[10, 11], [12], [13]]
-    assert [b.prev for b in batches] == [7, 11, 12]
-    decoded = decode_batch(encode(batches[0]))
-    assert isinstance(decoded, RelayedBatch) and decoded == batches[0]
+    rows = _rows(["a", "a", "b", "a"])
+    messages, _ = group_messages(rows, 7, {})
+    assert [(m.topic, m.first, m.last) for m in messages] == [("a", 10, 11), ("b", 12, 12), ("a", 13, 13)]
+    assert [m.prev for m in messages] == [7, 11, 12]
+    assert [len(m.entries) for m in messages] == [2, 1, 1]
+
+
+def test_a_relayed_body_decodes_to_its_entries_with_their_states_as_stored() -> None:
+    mapper = MsgspecMapper()
+    agg = Sample._create(Sample.Created, id=uuid4(), amount=Decimal("1.5"), ref=uuid4(),
+                         at=datetime(2026, 10, 1, tzinfo=UTC), tags={"a": "b"}, note=None)
+    (event,) = agg.collect_events()
+    stored = mapper.to_stored_event(event)
+    rows = [(p, stored.topic, entry_bytes(p, stored.originator_id, 1, stored.state)) for p in (3, 9)]
+    (message,), _ = group_messages(rows, 2, {})
+    entries = entries_decoder(None).decode(message.body)
+    assert [(e.position, e.originator_id, e.originator_version, bytes(e.state)) for e in entries] == [
+        (3, stored.originator_id, 1, stored.state), (9, stored.originator_id, 1, stored.state)]
+    assert mapper.to_domain_event(entries[0].stored(stored.topic)) == event
+    viewed = entries_decoder(SampleView).decode(message.body)
+    assert [(e.position, e.state) for e in viewed] == [
+        (p, SampleView(Decimal("1.5"), datetime(2026, 10, 1, tzinfo=UTC), {"a": "b"})) for p in (3, 9)]
+
+
+def test_a_format_1_message_still_decodes() -> None:
+    entries = [Entry(position=5, originator_id=uuid4(), originator_version=1, topic="t", state=b"x")]
+    batch = RelayedBatch(prev=4, entries=entries)
+    assert decode_batch(encode(batch)) == batch
 
 
 def test_relay_messages_are_bounded_in_entries() -> None:
-    notes = _notes(["a"] * (ENTRIES_PER_MESSAGE_MAX + 5))
-    batches, _ = group_messages(notes, 0, {})
-    assert [len(b.entries) for b in batches] == [ENTRIES_PER_MESSAGE_MAX, 5]
-    assert batches[1].prev == batches[0].last
+    rows = _rows(["a"] * (ENTRIES_PER_MESSAGE_MAX + 5))
+    messages, _ = group_messages(rows, 0, {})
+    assert [len(m.entries) for m in messages] == [ENTRIES_PER_MESSAGE_MAX, 5]
+    assert messages[1].prev == messages[0].last
+
+
+def test_relay_messages_are_bounded_in_bytes_and_a_huge_entry_goes_alone() -> None:
+    third = msgspec.msgpack.encode(b"x" * (MAX_MESSAGE_BYTES // 3))
+    huge = msgspec.msgpack.encode(b"y" * MAX_MESSAGE_BYTES)
+    rows = [(p, "a", entry_bytes(p, uuid4(), 1, huge if p == 14 else third)) for p in range(10, 15)]
+    messages, _ = group_messages(rows, 0, {})
+    assert [[e.position for e in entries_decoder(None).decode(m.body)] for m in messages] == [
+        [10, 11], [12, 13], [14]]
+    assert all(len(m.body) <= MAX_MESSAGE_BYTES for m in messages[:2])
 
 
 def test_each_relay_message_names_the_last_position_of_its_lane_before_it() -> None:
     usage, other = get_topic(Usage.Recorded), "domain.meter:Meter.Defined"
-    notes = _notes([usage, usage, other, usage, other])  # positions 10..14
-    batches, lanes = group_messages(notes, 9, {USAGE_LANE: 5, DOMAIN_LANE: 8})
-    assert [(b.first, b.last) for b in batches] == [(10, 11), (12, 12), (13, 13), (14, 14)]
-    assert [b.prev for b in batches] == [9, 11, 12, 13]
-    assert [b.lane_prev for b in batches] == [5, 8, 11, 12]
+    rows = _rows([usage, usage, other, usage, other])  # positions 10..14
+    messages, lanes = group_messages(rows, 9, {USAGE_LANE: 5, DOMAIN_LANE: 8})
+    assert [(m.first, m.last) for m in messages] == [(10, 11), (12, 12), (13, 13), (14, 14)]
+    assert [m.prev for m in messages] == [9, 11, 12, 13]
+    assert [m.lane_prev for m in messages] == [5, 8, 11, 12]
     assert lanes == {USAGE_LANE: 13, DOMAIN_LANE: 14}
     assert {lane_of(usage), lane_of(other)} == {USAGE_LANE, DOMAIN_LANE}
