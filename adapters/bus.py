@@ -88,7 +88,7 @@ class RelayedBatch(msgspec.Struct, array_like=True, frozen=True):
         return self.entries[-1].position if self.entries else self.last_
 
 
-class WireEntry(msgspec.Struct, array_like=True, frozen=True):
+class WireEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """One entry of an `entries-v2` body, its state left undecoded."""
 
     position: int
@@ -127,7 +127,7 @@ def entries_decoder(view: type[Any] | None) -> msgspec.msgpack.Decoder[Any]:
         return _raw_entries
     entry = msgspec.defstruct(f"{view.__name__}Entry", [
         ("position", int), ("originator_id", bytes), ("originator_version", int), ("state", view),
-    ], array_like=True, frozen=True)
+    ], array_like=True, frozen=True, gc=False)  # no cycles; untracked: decoded by the thousand
     return msgspec.msgpack.Decoder(list[entry])  # type: ignore[valid-type]
 
 

@@ -23,6 +23,8 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 def client_ip(connection: ASGIConnection[Any, Any, Any, Any], trusted: Sequence[Network]) -> str:
     peer = connection.client.host if connection.client else ""
+    if not trusted:
+        return peer
     peer_ip = _ip(peer)
     if peer_ip is None or not any(peer_ip in net for net in trusted):
         return peer  # X-Forwarded-For from anyone but a trusted proxy is ignored

@@ -105,7 +105,7 @@ async def authorise_key(
     if not (allowed(ip, record.organisation_allowed_ips) and allowed(ip, record.allowed_ips)):
         raise Forbidden(f"requests from {ip} are not allowed for this key")
     ok, remaining, retry_s = await deps.rate_limiter.take(
-        f"key:{record.key_id}", record.rate_per_s, record.rate_burst)
+        record.rate_key, record.rate_per_s, record.rate_burst)
     headers = {
         "RateLimit-Limit": str(record.rate_burst),
         "RateLimit-Remaining": str(remaining),

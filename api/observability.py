@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +18,7 @@ from api.deps import OpsSnapshot
 log = logging.getLogger("billing.access")
 
 REQUEST_ID_MAX_CHARS = 128
+SERIES_MAX = 1000  # labelled series remembered by the middleware (routes x methods x statuses)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -82,6 +83,24 @@ class RequestIdMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # The labelled series, looked up once each (prometheus' labels() is ~5 us a call).
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._timers: dict[tuple[str, str], Any] = {}
+
+    def _observe(self, method: str, route: str, status: int, elapsed: float) -> None:
+        counter = self._counters.get((method, route, status))
+        if counter is None:
+            if len(self._counters) >= SERIES_MAX:
+                self._counters.clear()
+            counter = self._counters[(method, route, status)] = self.metrics.requests.labels(
+                method, route, str(status))
+        timer = self._timers.get((method, route))
+        if timer is None:
+            if len(self._timers) >= SERIES_MAX:
+                self._timers.clear()
+            timer = self._timers[(method, route)] = self.metrics.latency.labels(method, route)
+        counter.inc()
+        timer.observe(elapsed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,7 +109,7 @@ class RequestIdMiddleware:
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
             "latin-1"
         )
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.match(given) else os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
@@ -109,8 +128,7 @@ class RequestIdMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("path_template") or _route_of(scope)
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(elapsed)
+            self._observe(scope["method"], route, status, elapsed)
             log.info("request", extra={"request_id": request_id, "method": scope["method"],
                                        "path": scope["path"], "status": status,
                                        "duration_ms": round(elapsed * 1000, 2)})

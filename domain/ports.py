@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Protocol, TypeVar
 from uuid import UUID
 
@@ -68,6 +69,11 @@ class KeyRecord:
     suspended: bool = False
     rate_per_s: int = 100
     rate_burst: int = 200
+
+    @cached_property
+    def rate_key(self) -> str:
+        """The rate limiter's bucket: one per key (made once per cached record)."""
+        return f"key:{self.key_id}"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, Subnormal
+from functools import lru_cache
 from hashlib import sha1
 from typing import Any
 from uuid import UUID, uuid5
@@ -43,10 +44,15 @@ def usage_ids(project_id: UUID, event_ids: Iterable[str]) -> list[UUID]:
     return [UUID(bytes=b) for b in usage_id_bytes(project_id, event_ids)]
 
 
+@lru_cache(maxsize=4096)
+def _name_prefix(project_id: UUID) -> bytes:
+    return _USAGE_NAMESPACE.bytes + f"{project_id}/".encode()
+
+
 def usage_id_bytes(project_id: UUID, event_ids: Iterable[str]) -> list[bytes]:
     """The 16 bytes of each `usage_id`, without making UUID objects (the hot path of ingestion:
     the ledger takes the bytes as they are)."""
-    prefix = _USAGE_NAMESPACE.bytes + f"{project_id}/".encode()
+    prefix = _name_prefix(project_id)
     digests = [sha1(prefix + e.encode()).digest() for e in event_ids]
     return [((int.from_bytes(d[:16]) & _VERSION_VARIANT_CLEAR) | _VERSION_5_VARIANT_RFC).to_bytes(16)
             for d in digests]

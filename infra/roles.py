@@ -87,6 +87,7 @@ async def run_roles(
             lifespan="off", access_log=False, timeout_graceful_shutdown=5,
             # api/client_ip.py decides whom to believe (trusted proxies), not uvicorn.
             proxy_headers=False, http="httptools",
+            server_header=False,  # names the software to anyone who asks; one header less
         )
         server = _Server(config)
         sock = sock or listen_socket(rt.settings.host, rt.settings.port)

@@ -108,10 +108,11 @@ def _noop(cur: Cursor[Any], event: Any, position: int) -> None:
     raise AssertionError("usage totals apply in batches")
 
 
-class UsageView(msgspec.Struct, frozen=True):
+class UsageView(msgspec.Struct, frozen=True, gc=False):
     """What this model reads of a Usage.Recorded (the projector decodes only this). The ids stay
     16 bytes and the properties undecoded until a meter needs them: the cheapest to decode. The
-    model takes whole events as well (a rebuild may hand it those)."""
+    model takes whole events as well (a rebuild may hand it those). Untracked by the garbage
+    collector (it holds no containers): thousands are decoded at a time."""
 
     organisation_id: bytes
     project_id: bytes
