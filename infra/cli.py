@@ -48,11 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the HTTP API only")
     api.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # given by `serve`
     for role, text in (("relay", "run the ledger relay only (one active, others standby)"),
-                       ("project", "run the projectors only")):
+                       ("project", "run the projectors only"),
+                       ("worker", "run the relay and the projectors in one process")):
         # `serve` lowers its background roles' priority: under CPU pressure the API answers first.
         sub.add_parser(role, help=text).add_argument("--niceness", type=int, default=0,
                                                      help=argparse.SUPPRESS)
-    sub.add_parser("worker", help="run the relay and the projectors in one process")
     proj = sub.add_parser("projections", help="read models").add_subparsers(dest="action", required=True)
     proj.add_parser("status", help="position, lag and dead letters of every read model")
     rb = proj.add_parser("rebuild", help="drop one read model and replay it from position 0")
@@ -92,10 +92,11 @@ def _run_roles(settings: Settings, roles: set[str], *, with_children: bool = Fal
         children: list[subprocess.Popen[bytes]] = []
         if with_children:
             sock = listen_socket(settings.host, settings.port)
-            # The relay and the projectors each in a process of their own: after a burst they
-            # catch up on both cores, and the API's interpreter is theirs to share with nobody.
-            children += [_start_child(db, nats, [role, "--niceness", str(BACKGROUND_NICENESS)])
-                         for role in ("relay", "project")]
+            # The relay and the projectors in a worker process of their own, at a lower priority:
+            # the API's interpreters are theirs to share with nobody. (One worker, not one per
+            # role: that memory is better spent on a second API process.)
+            children.append(_start_child(db, nats, ["worker", "--niceness",
+                                                    str(BACKGROUND_NICENESS)]))
             children += [_start_child(db, nats, ["api", "--listen-fd", str(sock.fileno())],
                                       pass_fds=(sock.fileno(),))
                          for _ in range(settings.api_processes - 1)]
@@ -275,14 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level)
     if args.command == "serve":
         return _run_roles(settings, {"api", "scheduler"}, with_children=True)
-    if args.command == "worker":
-        return _run_roles(settings, {"relay", "project"})
     if args.command == "api":
         return _run_roles(settings, {"api"}, listen_fd=args.listen_fd)
-    if args.command in ("relay", "project"):
+    if args.command in ("relay", "project", "worker"):
         if args.niceness:
             os.nice(args.niceness)
-        return _run_roles(settings, {args.command})
+        return _run_roles(settings, {"relay", "project"} if args.command == "worker"
+                          else {args.command})
     return _operator(settings, args)
 
 

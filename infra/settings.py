@@ -36,7 +36,7 @@ class Settings:
     auto_finalize_hours: int = 24  # 0: drafts wait for POST .../finalize
     supplier_name: str = "Billing Platform"
     mail_from: str = "billing@localhost"
-    api_processes: int = 1  # `serve`: HTTP processes sharing the port (SO_REUSEPORT)
+    api_processes: int = DEFAULT_API_PROCESSES  # `serve`: HTTP processes sharing the port
     # Isolation knobs: tests give every test its own schema and stream names.
     pg_schema: str = "public"
     stream_prefix: str = ""

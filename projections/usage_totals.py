@@ -163,9 +163,9 @@ class _Fold:
             else:
                 run.append(item)
 
-    def fold_runs(self, rules: dict[str, MeterRule], load_rule: Any) -> None:
+    def fold_runs(self, rules: dict[str, MeterRule]) -> None:
         for (org, project, metric, at, timezone), run in self.runs.items():
-            rule = rules.get(metric) or load_rule(metric)
+            rule = rules.get(metric)
             if rule is None:
                 raise LookupError(f"usage for unknown meter {metric!r}")
             moment = (at, timezone)
@@ -206,7 +206,8 @@ class _Fold:
         return known
 
     def flush(self, cur: Cursor[Any], rules: dict[str, MeterRule]) -> None:
-        self.fold_runs(rules, lambda code: _load_rule(cur, code, rules))
+        _load_rules(cur, {key[2] for key in self.runs} - rules.keys(), rules)
+        self.fold_runs(rules)
         totals: dict[Bucket, _Totals] = {}
         for (org, project, metric, key, day), t in self.days.items():
             totals[(org, project, metric, "day", day, key)] = t
@@ -255,49 +256,55 @@ def _upsert_meter(cur: Cursor[Any], e: Any) -> None:
     )
 
 
-def _load_rule(cur: Cursor[Any], code: str, rules: dict[str, MeterRule]) -> MeterRule | None:
+def _load_rules(cur: Cursor[Any], codes: set[str], rules: dict[str, MeterRule]) -> None:
+    """The rules of these meters, in one query."""
+    if not codes:
+        return
     cur.execute("SELECT code, aggregation, field, group_by, allow_negative FROM usage_meters"
-                " WHERE code = %s", (code,))
-    row = cur.fetchone()
-    if row is None:
-        return None
-    rules[code] = _rule(row)
-    return rules[code]
+                " WHERE code = ANY(%s)", (sorted(codes),))
+    for row in cur.fetchall():
+        rules[row[0]] = _rule(row)
+
+
+# One statement per batch, its rows in key order (concurrent projector workers take the row
+# locks in the same order, so they cannot deadlock).
+_UPSERT_TOTALS = """
+INSERT INTO usage_totals AS t (organisation_id, project_id, metric, granularity, period_start,
+    group_key, group_values, count, sum, max, latest_value, latest_at, latest_position)
+SELECT o, p, m, g, d, k, v::jsonb, n, s, x, lv, la, lp FROM unnest(
+    %s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::date[], %s::text[], %s::text[],
+    %s::int8[], %s::numeric[], %s::numeric[], %s::numeric[], %s::timestamptz[], %s::int8[])
+    AS r(o, p, m, g, d, k, v, n, s, x, lv, la, lp)
+ON CONFLICT (organisation_id, metric, granularity, period_start, project_id, group_key)
+DO UPDATE SET count = t.count + excluded.count, sum = t.sum + excluded.sum,
+    max = GREATEST(t.max, excluded.max),
+    latest_value = CASE WHEN (excluded.latest_at, excluded.latest_position)
+        > (t.latest_at, t.latest_position) THEN excluded.latest_value ELSE t.latest_value END,
+    latest_at = GREATEST(t.latest_at, excluded.latest_at),
+    latest_position = CASE WHEN (excluded.latest_at, excluded.latest_position)
+        > (t.latest_at, t.latest_position) THEN excluded.latest_position ELSE t.latest_position END
+"""
+_INSERT_UNIQUES = """
+INSERT INTO usage_unique (organisation_id, project_id, metric, granularity, period_start,
+    group_key, value)
+SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::date[], %s::text[],
+    %s::text[])
+ON CONFLICT DO NOTHING
+"""
 
 
 def _flush(cur: Cursor[Any], totals: dict[Bucket, _Totals], uniques: set[Any]) -> None:
-    if totals:
-        cur.executemany(
-            """INSERT INTO usage_totals AS t (organisation_id, project_id, metric, granularity,
-                   period_start, group_key, group_values, count, sum, max, latest_value,
-                   latest_at, latest_position)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-               ON CONFLICT (organisation_id, metric, granularity, period_start, project_id, group_key)
-               DO UPDATE SET count = t.count + excluded.count, sum = t.sum + excluded.sum,
-                   max = GREATEST(t.max, excluded.max),
-                   latest_value = CASE WHEN (excluded.latest_at, excluded.latest_position)
-                       > (t.latest_at, t.latest_position) THEN excluded.latest_value
-                       ELSE t.latest_value END,
-                   latest_at = GREATEST(t.latest_at, excluded.latest_at),
-                   latest_position = CASE WHEN (excluded.latest_at, excluded.latest_position)
-                       > (t.latest_at, t.latest_position) THEN excluded.latest_position
-                       ELSE t.latest_position END""",
-            [
-                (*bucket, json.dumps(t.group_values), t.count, t.sum, t.max, t.latest[2],
-                 t.latest[0], t.latest[1])
-                for bucket, t in totals.items()
-                if t.latest is not None
-            ],
-        )
-        totals.clear()
+    rows = [(*bucket, json.dumps(t.group_values), t.count, t.sum, t.max, t.latest[2],
+             t.latest[0], t.latest[1])
+            for bucket, t in sorted(totals.items(), key=lambda kv: str(kv[0]))
+            if t.latest is not None]
+    if rows:
+        cur.execute(_UPSERT_TOTALS, [list(column) for column in zip(*rows, strict=True)])
+    totals.clear()
     if uniques:
-        cur.executemany(
-            "INSERT INTO usage_unique (organisation_id, project_id, metric, granularity,"
-            " period_start, group_key, value) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT DO NOTHING",
-            sorted(uniques, key=str),
-        )
-        uniques.clear()
+        columns = zip(*sorted(uniques, key=str), strict=True)
+        cur.execute(_INSERT_UNIQUES, [list(column) for column in columns])
+    uniques.clear()
 
 
 READ_MODEL = ReadModel(
