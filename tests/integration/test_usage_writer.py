@@ -13,7 +13,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from adapters.usage_writer import UNHEALTHY_HOLD_S, WRITER_CONNECTIONS, UsageWriter, encode_usage
+from adapters.usage_writer import (
+    PARALLEL_APPEND_MIN_EVENTS,
+    UNHEALTHY_HOLD_S,
+    WRITER_CONNECTIONS,
+    UsageWriter,
+    encode_usage,
+)
 from domain.errors import Unavailable
 from domain.ports import KeyRecord
 from domain.usage import UsageFact
@@ -37,13 +43,12 @@ def test_a_full_queue_refuses_at_once_instead_of_piling_up(runtime: Runtime) -> 
     table = sql.Identifier(runtime.settings.pg_schema, runtime.ledger.events_table)
     try:
         with psycopg.connect(runtime.database_url) as blocker:
-            # Another transaction holds the ledger's lock: each of the writer's connections
-            # takes a batch and waits for it.
+            # Another transaction holds the ledger's lock: the writer's first commit waits (the
+            # second connection joins only for PARALLEL_APPEND_MIN_EVENTS, more than fit here).
             blocker.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
-            in_flight = [writer.submit(rows(5)) for _ in range(WRITER_CONNECTIONS)]
-            wait_sync(lambda: writer.writer.commits == 0
-                      and _waiting_for_lock(runtime) == WRITER_CONNECTIONS,
-                      "every writer connection waiting for the ledger lock")
+            in_flight = [writer.submit(rows(5))]
+            wait_sync(lambda: writer.writer.commits == 0 and _waiting_for_lock(runtime) == 1,
+                      "the writer waiting for the ledger lock")
             queued = writer.submit(rows(5))
             wait_sync(lambda: writer.writer.queued_events == 5, "the third batch queued")
             started = time.monotonic()
@@ -52,9 +57,33 @@ def test_a_full_queue_refuses_at_once_instead_of_piling_up(runtime: Runtime) -> 
             assert time.monotonic() - started < 0.5
             assert info.value.retry_after_s >= 1
         # The lock is gone: what was queued commits, nothing refused was written.
-        assert [f.result(RESULT_TIMEOUT_S).accepted for f in in_flight] == [5] * WRITER_CONNECTIONS
+        assert [f.result(RESULT_TIMEOUT_S).accepted for f in in_flight] == [5]
         assert queued.result(RESULT_TIMEOUT_S).accepted == 5
-        assert ledger_rows(runtime) == 5 * (WRITER_CONNECTIONS + 1)
+        assert ledger_rows(runtime) == 10
+    finally:
+        writer.close()
+
+
+def test_under_batch_load_a_second_connection_waits_for_the_lock_with_the_next_batch(
+    runtime: Runtime,
+) -> None:
+    batch = PARALLEL_APPEND_MIN_EVENTS // 2 + 1
+    writer = ThreadedWriter(UsageWriter(runtime.database_url, runtime.settings.pg_schema,
+                                        batch_max_events=batch))
+    table = sql.Identifier(runtime.settings.pg_schema, runtime.ledger.events_table)
+    try:
+        with psycopg.connect(runtime.database_url) as blocker:
+            blocker.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
+            first = writer.submit(rows(batch))
+            wait_sync(lambda: _waiting_for_lock(runtime) == 1, "the first append waiting")
+            rest = [writer.submit(rows(batch)) for _ in range(2)]  # enough queued: both join
+            wait_sync(lambda: _waiting_for_lock(runtime) == WRITER_CONNECTIONS,
+                      "the second connection waiting with the next batch")
+        results = [f.result(RESULT_TIMEOUT_S) for f in (first, *rest)]
+        assert [r.accepted for r in results] == [batch] * 3
+        # Taken in order, committed in order: a later batch answers a later position.
+        assert results[0].position < min(r.position for r in results[1:])
+        assert ledger_rows(runtime) == 3 * batch
     finally:
         writer.close()
 
