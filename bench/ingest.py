@@ -13,8 +13,9 @@ One run, everything on 127.0.0.1, every loop bounded in count and time:
 4. send-to-visible lag at half that rate (open loop): every event's send time is matched with
    the moment the usage read model's tracked position reached its 202's `X-Ledger-Position`;
    a few are also read back through `GET /api/v1/usage` with that header (the client's view);
-5. baselines on the same Postgres with the service stopped: binary COPY of the same rows, and
-   one-row-per-transaction INSERT over ROW_INSERT_CONNECTIONS connections;
+5. baselines on the same Postgres with the service stopped: binary COPY of the same rows (the
+   median of COPY_RUNS, each into a fresh table), and one-row-per-transaction INSERT over
+   ROW_INSERT_CONNECTIONS connections;
 6. peak RSS of the service process, of it with its children (relay, projectors) and of Postgres
    and NATS, sampled throughout; CPU seconds per phase of the service with its children (and of
    its main process alone), Postgres, NATS, the load processes and this process.
@@ -40,6 +41,7 @@ import os
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +81,7 @@ LAG_DURATION_S = 15.0
 LAG_API_SAMPLES_PER_S = 2  # events also read back through GET /api/v1/usage + X-Ledger-Position
 # 5. baselines
 COPY_ROWS_MAX = BATCH_EVENTS_MAX
+COPY_RUNS = 3  # a single COPY varies by +-20 % from run to run here: the median of three
 ROW_INSERT_CONNECTIONS = 8
 ROW_INSERT_DURATION_S = 10.0
 ROW_INSERT_ROWS_MAX = 200_000
@@ -684,9 +687,12 @@ class Bench:
 
 def baselines(database_url: str, copy_rows: int, scale: float) -> dict[str, Any]:
     states = baseline.sample_states()
-    log(f"baseline: COPY of {copy_rows} rows (plain, then ledger-shaped)")
-    copy_plain = baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=False)
-    copy_shape = baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=True)
+    log(f"baseline: COPY of {copy_rows} rows (plain, then ledger-shaped), {COPY_RUNS} runs each")
+    plain_runs, shape_runs = [], []
+    for _ in range(COPY_RUNS):  # interleaved, each into a fresh table; the median is reported
+        plain_runs.append(baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=False))
+        shape_runs.append(baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=True))
+    copy_plain, copy_shape = statistics.median(plain_runs), statistics.median(shape_runs)
     duration = ROW_INSERT_DURATION_S * scale
     log(f"baseline: row INSERT over {ROW_INSERT_CONNECTIONS} connections for {duration:.0f} s")
     insert_rate, inserted = baseline.row_insert_rows_per_s(
@@ -694,7 +700,9 @@ def baselines(database_url: str, copy_rows: int, scale: float) -> dict[str, Any]
     return {
         "copy_rows": copy_rows,
         "copy_rows_per_s": round(copy_plain, 1),
+        "copy_rows_per_s_runs": [round(r) for r in plain_runs],
         "copy_ledger_shape_rows_per_s": round(copy_shape, 1),
+        "copy_ledger_shape_rows_per_s_runs": [round(r) for r in shape_runs],
         "row_insert_rows": inserted,
         "row_insert_rows_per_s": round(insert_rate, 1),
     }
@@ -718,8 +726,8 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("lag", "visible_api_p50_ms", "ms send -> X-Ledger-Position read, p50"),
     ("lag", "visible_api_p99_ms", "ms send -> X-Ledger-Position read, p99"),
     ("lag", "lag_ack_p99_ms", "ms send -> 202 at that pace, p99"),
-    ("baseline", "copy_rows_per_s", "rows/s, binary COPY, plain table"),
-    ("baseline", "copy_ledger_shape_rows_per_s", "rows/s, binary COPY, ledger's indexes"),
+    ("baseline", "copy_rows_per_s", "rows/s, binary COPY, plain table (median of 3)"),
+    ("baseline", "copy_ledger_shape_rows_per_s", "rows/s, binary COPY, ledger's indexes (median)"),
     ("baseline", "row_insert_rows_per_s", "rows/s, 1 row/txn INSERT, 8 connections"),
     ("ratio", "batch_vs_copy", "batch events/s / COPY rows/s"),
     ("ratio", "batch_vs_copy_ledger_shape", "batch events/s / ledger-shaped COPY rows/s"),
