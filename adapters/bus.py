@@ -110,9 +110,14 @@ ENTRY_SQL = sql.SQL(
     " || state")
 
 
+def entries_header(count: int) -> bytes:
+    """What precedes `count` entries in an `entries-v2` body (msgpack array 32: 0xdd, count)."""
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
 def entries_body(entries: list[bytes]) -> bytes:
-    """An `entries-v2` body from entries as `ENTRY_SQL` made them (array 32: 0xdd, count)."""
-    return b"\xdd" + len(entries).to_bytes(4, "big") + b"".join(entries)
+    """An `entries-v2` body from entries as `ENTRY_SQL` made them."""
+    return entries_header(len(entries)) + b"".join(entries)
 
 
 _raw_entries = msgspec.msgpack.Decoder(list[WireEntry])

@@ -26,7 +26,7 @@ from adapters.bus import (
     entries_decoder,
 )
 from adapters.projector import Projector
-from adapters.relay import Relay, group_messages
+from adapters.relay import Message, Relay
 from adapters.usage_writer import UsageWriter, encode_usage
 from domain.ports import KeyRecord
 from domain.usage import Usage, UsageFact
@@ -192,18 +192,25 @@ async def test_the_relay_sends_every_entry_as_the_ledger_holds_it(runtime: Runti
                                                          {"k": "v"}), now) for i in range(5)])
     finally:
         await writer.stop()
-    await asyncio.to_thread(write_orgs, runtime, 1, "later")
+    last_org = runtime.ledger.head() - 5
     relay = Relay(runtime.ledger, runtime.database_url, runtime.settings.pg_schema,
                   None, runtime.streams)  # type: ignore[arg-type]  # reads only
     async with await psycopg.AsyncConnection.connect(
             runtime.database_url, options=f"-c search_path={runtime.settings.pg_schema}") as conn:
-        messages, _ = group_messages(await relay.read_page(conn, 0), 0, {})
-    relayed = [(m.topic, e.position, e.originator_id, e.originator_version, bytes(e.state))
-               for m in messages for e in entries_decoder(None).decode(m.body)]
+        mixed, _ = await relay.read_messages(conn, 0, {})  # read entry by entry, grouped here
+        (usage,), _ = await relay.read_messages(conn, last_org, {})  # aggregated by Postgres
+    assert usage.count == 5 and usage.topic == get_topic(Usage.Recorded)
+
+    def relayed(messages: list[Message]) -> list[tuple[object, ...]]:
+        return [(m.topic, e.position, e.originator_id, e.originator_version, bytes(e.state))
+                for m in messages for e in entries_decoder(None).decode(m.body)]
+
     stored = [(n.topic, n.id, n.originator_id, n.originator_version, n.state)
               for n in runtime.ledger.read_after(0, 1000)]
-    assert relayed == stored
-    assert [m.topic for m in messages].count(get_topic(Usage.Recorded)) == 1
+    assert relayed(mixed) == stored
+    assert relayed([usage]) == stored[-5:]
+    assert [m.topic for m in mixed].count(get_topic(Usage.Recorded)) == 1
+    assert [(m.first, m.last, m.prev) for m in mixed][-1] == (last_org + 1, last_org + 5, last_org)
 
 
 async def _project_crafted(runtime: Runtime, body: bytes, headers: dict[str, str]) -> Projector:

@@ -135,7 +135,7 @@ def test_relay_groups_runs_of_one_topic_and_chains_prev_positions() -> None:
     messages, _ = group_messages(rows, 7, {})
     assert [(m.topic, m.first, m.last) for m in messages] == [("a", 10, 11), ("b", 12, 12), ("a", 13, 13)]
     assert [m.prev for m in messages] == [7, 11, 12]
-    assert [len(m.entries) for m in messages] == [2, 1, 1]
+    assert [m.count for m in messages] == [2, 1, 1]
 
 
 def test_a_relayed_body_decodes_to_its_entries_with_their_states_as_stored() -> None:
@@ -164,7 +164,7 @@ def test_a_format_1_message_still_decodes() -> None:
 def test_relay_messages_are_bounded_in_entries() -> None:
     rows = _rows(["a"] * (ENTRIES_PER_MESSAGE_MAX + 5))
     messages, _ = group_messages(rows, 0, {})
-    assert [len(m.entries) for m in messages] == [ENTRIES_PER_MESSAGE_MAX, 5]
+    assert [m.count for m in messages] == [ENTRIES_PER_MESSAGE_MAX, 5]
     assert messages[1].prev == messages[0].last
 
 
