@@ -27,17 +27,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from eventsourcing.utils import get_topic
 from psycopg import sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from adapters.codec import encode_states
 from domain.errors import Unavailable
@@ -60,23 +64,23 @@ RETRY_AFTER_S = 1
 USAGE_TOPIC = get_topic(Usage.Recorded)
 USAGE_AGGREGATE_TOPIC = get_topic(Usage)
 APPEND_FUNCTION = "billing_append_usage"
+UUID_BYTES = 16
+UUID_OID, UUID_ARRAY_OID = 2950, 2951  # built-in types: the same oids on every server
+_ARRAY_HEADER = struct.Struct(">iiiii")  # dimensions, has nulls, element type, size, lower bound
+_UUID_LENGTH = UUID_BYTES.to_bytes(4, "big")
 
 
 def append_function_ddl(schema: str, events_table: str, channel: str) -> sql.Composed:
     """The append as one SQL function (created at setup): one round trip per group commit.
 
-    `ids` holds the batch's identities, 16 bytes each, in the order of `states` (made into uuids
-    before the lock: the locked part is the serial part of ingestion). Resends are rare, so the
+    `idents` holds the batch's identities in the order of `states`. Resends are rare, so the
     rows go in with a plain INSERT, whose unique index checks each row anyway; only when that
     finds one (a subtransaction rolls it back) are they inserted again with ON CONFLICT DO
     NOTHING, which is a third slower per row."""
     body = sql.SQL("""
-DECLARE
-  idents uuid[] := ARRAY(SELECT encode(substring(ids FROM i * 16 + 1 FOR 16), 'hex')::uuid
-                         FROM generate_series(0, cardinality(states) - 1) AS i);
 BEGIN
-  IF length(ids) <> 16 * cardinality(states) THEN
-    RAISE EXCEPTION 'billing_append_usage: % bytes of ids for % states', length(ids), cardinality(states);
+  IF cardinality(idents) <> cardinality(states) THEN
+    RAISE EXCEPTION 'billing_append_usage: % ids for % states', cardinality(idents), cardinality(states);
   END IF;
   LOCK TABLE {table} IN EXCLUSIVE MODE;
   BEGIN
@@ -102,8 +106,8 @@ END""").format(table=sql.Identifier(schema, events_table), topic=sql.Literal(USA
                table_name=sql.Literal(sql.Identifier(schema, events_table).as_string(None)),
                channel=sql.Literal(channel))
     return sql.SQL(
-        "DROP FUNCTION IF EXISTS {name}(uuid[], bytea[]);"  # the signature before ids were bytes
-        " CREATE OR REPLACE FUNCTION {name}(ids bytea, states bytea[], OUT head bigint,"
+        "DROP FUNCTION IF EXISTS {name}(bytea, bytea[]);"  # an earlier signature
+        " CREATE OR REPLACE FUNCTION {name}(idents uuid[], states bytea[], OUT head bigint,"
         " OUT inserted bigint, OUT inserted_ids uuid[]) LANGUAGE plpgsql AS {body}"
     ).format(name=sql.Identifier(schema, APPEND_FUNCTION),
              body=sql.Literal(body.as_string(None)))
@@ -115,6 +119,26 @@ class _Request:
     states: list[bytes]
     future: asyncio.Future[Appended]
     deadline: float
+
+
+class PackedIds:
+    """Identities (16 bytes each) as the binary form of a uuid[] parameter (Postgres'
+    array_recv: a header, then each element with its length), made without a UUID object per
+    event and sent as is by `_PackedIdsDumper`."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, ids: list[bytes]) -> None:
+        self.wire = (_ARRAY_HEADER.pack(1, 0, UUID_OID, len(ids), 1)
+                     + b"".join(chain.from_iterable(zip(repeat(_UUID_LENGTH), ids))))
+
+
+class _PackedIdsDumper(Dumper):
+    format = Format.BINARY
+    oid = UUID_ARRAY_OID
+
+    def dump(self, obj: PackedIds) -> Buffer:
+        return obj.wire
 
 
 def encode_usage(key: KeyRecord, fact: UsageFact, received_at: datetime) -> tuple[UUID, bytes]:
@@ -186,7 +210,7 @@ class UsageWriter:
     async def append_rows(self, ids: list[bytes], states: list[bytes]) -> Appended:
         """Queue rows (16-byte identities and their states) for the next group commit and wait
         for it. Raises Unavailable at once when shutting down, unhealthy or full."""
-        assert len(ids) == len(states)  # and 16 bytes each: the SQL function checks the total
+        assert len(ids) == len(states)
         if self._stopping:
             raise Unavailable("shutting down", RETRY_AFTER_S)
         if time.monotonic() < self._unhealthy_until:
@@ -265,6 +289,7 @@ class UsageWriter:
                 self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                 options=f"-c lock_timeout={LOCK_TIMEOUT_S}s"
                         f" -c statement_timeout={STATEMENT_TIMEOUT_S}s")
+            conn.adapters.register_dumper(PackedIds, _PackedIdsDumper)
         return conn
 
     async def _write(self, lane: int, batch: list[_Request]) -> None:
@@ -301,7 +326,7 @@ class UsageWriter:
                 firsts.setdefault(ident, state)
             ids, states = list(firsts), list(firsts.values())
         conn = await self._connection(lane)
-        cur = await conn.execute(self._call, (b"".join(ids), states), prepare=True)
+        cur = await conn.execute(self._call, (PackedIds(ids), states), prepare=True)
         row = await cur.fetchone()
         assert row is not None
         position, inserted, inserted_ids = int(row[0] or 0), int(row[1]), row[2]

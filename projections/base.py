@@ -43,7 +43,7 @@ class ReadModel:
 
     def apply_all(self, cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
         accepted = self.accepted
-        mine = [(e, p) for e, p in items if type(e) in accepted]
+        mine = [item for item in items if type(item[0]) in accepted]
         if not mine:
             return
         if self.batch is not None:

@@ -229,7 +229,7 @@ class _Fold:
 def _apply_batch(cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
     rules: dict[str, MeterRule] = {}
     fold = _Fold()
-    meters = [i for i, (e, _) in enumerate(items) if type(e) in _METER_EVENTS]
+    meters = [i for i, item in enumerate(items) if type(item[0]) in _METER_EVENTS]
     start = 0
     for i in meters:  # a meter's definition applies to the usage after it: fold up to there
         fold.add_all(items[start:i])

@@ -146,7 +146,7 @@ def test_a_resend_later_is_a_duplicate_that_changes_nothing(runtime: Runtime) ->
 
 def test_a_failed_commit_answers_its_requests_and_the_writer_carries_on(runtime: Runtime) -> None:
     with threaded_writer(runtime) as writer:
-        # An identity of 15 bytes, which the append function refuses: the commit fails.
+        # An identity of 15 bytes, which Postgres refuses (a uuid is 16): the commit fails.
         broken = writer.writer.append_rows([b"\0" * 15], [b"not a usage row"])
         with pytest.raises(Unavailable):
             asyncio.run_coroutine_threadsafe(broken, writer.loop).result(RESULT_TIMEOUT_S)
