@@ -16,7 +16,7 @@ One run, everything on 127.0.0.1, every loop bounded in count and time:
 5. baselines on the same Postgres with the service stopped: binary COPY of the same rows (the
    median of COPY_RUNS, each into a fresh table), and one-row-per-transaction INSERT over
    ROW_INSERT_CONNECTIONS connections;
-6. peak RSS of the service process, of it with its children (relay, projectors) and of Postgres
+6. peak RSS of the service process, of it with its children (the worker: relay and projectors) and of Postgres
    and NATS, sampled throughout; CPU seconds per phase of the service with its children (and of
    its main process alone), Postgres, NATS, the load processes and this process.
 
