@@ -179,7 +179,12 @@ class Projector:
                 sub = None
                 await _wait(stop, INFRA_RETRY_DELAY_S)
                 continue
-            await self.handle(msgs)
+            try:
+                await self.handle(msgs)
+            except Exception:  # never the end of the projector: unacked, they come back
+                log.exception("projector %s could not handle %d messages; they will be"
+                              " redelivered", self.model.name, len(msgs))
+                await _wait(stop, INFRA_RETRY_DELAY_S)
 
     def _skip_only(self, batches: Sequence[Delivery]) -> bool:
         """Messages of ignored topics that continue the chain we know: advance in memory only
@@ -209,7 +214,20 @@ class Projector:
 
     def _decode(self, msg: Msg) -> Delivery:
         """The message's entries, or, for a topic this model ignores, only its positions (from
-        headers, without decoding the body)."""
+        headers, without decoding the body). A message that cannot be read at all changes
+        nothing: the chain of `prev` positions makes the next one fill the range from the
+        ledger."""
+        try:
+            return self._read(msg)
+        except (ValueError, KeyError) as e:  # msgspec.DecodeError is a ValueError
+            log.error("projector %s cannot read a message (%s: %s): its range will be read from"
+                      " the ledger", self.model.name, type(e).__name__, e)
+        with contextlib.suppress(ValueError, KeyError, AttributeError):
+            first, _, last = (msg.headers or {})["Nats-Msg-Id"].partition("-")
+            return Delivery(int(last), int(first), int(last))  # prev = last: all from the ledger
+        return Delivery(0, 0, 0)
+
+    def _read(self, msg: Msg) -> Delivery:
         headers = msg.headers or {}
         topic = headers.get(TOPIC_HEADER)
         if topic == WATERMARK:
@@ -247,7 +265,8 @@ class Projector:
             for msg in msgs:
                 with contextlib.suppress(Exception):
                     await msg.ack()
-            await self._flush(idle=False)
+            with contextlib.suppress(*TRANSIENT):  # kept in memory; the next flush writes it
+                await self._flush(idle=False)
             return
         try:
             try:

@@ -195,6 +195,9 @@ class Relay:
                 await self._save(conn, position, lanes)
                 saved, saved_at = position, time.monotonic()
             await self._mark(marks, position, lanes, idle=False)
+        if saved != position:  # stopping: the next relay starts where this one ended
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self._save(conn, position, lanes)
 
     async def _save(self, conn: psycopg.AsyncConnection[Any], position: int,
                     lanes: dict[str, int]) -> None:

@@ -73,26 +73,26 @@ _UUID_LENGTH = UUID_BYTES.to_bytes(4, "big")
 def append_function_ddl(schema: str, events_table: str, channel: str) -> sql.Composed:
     """The append as one SQL function (created at setup): one round trip per group commit.
 
-    `idents` holds the batch's identities in the order of `states`. Resends are rare, so the
+    `ids` holds the batch's identities in the order of `states`. Resends are rare, so the
     rows go in with a plain INSERT, whose unique index checks each row anyway; only when that
     finds one (a subtransaction rolls it back) are they inserted again with ON CONFLICT DO
     NOTHING, which is a third slower per row."""
     body = sql.SQL("""
 BEGIN
-  IF cardinality(idents) <> cardinality(states) THEN
-    RAISE EXCEPTION 'billing_append_usage: % ids for % states', cardinality(idents), cardinality(states);
+  IF cardinality(ids) <> cardinality(states) THEN
+    RAISE EXCEPTION 'billing_append_usage: % ids for % states', cardinality(ids), cardinality(states);
   END IF;
   LOCK TABLE {table} IN EXCLUSIVE MODE;
   BEGIN
     INSERT INTO {table} (originator_id, originator_version, topic, state)
-      SELECT r.id, 1, {topic}, r.st FROM unnest(idents, states) AS r(id, st);
+      SELECT r.id, 1, {topic}, r.st FROM unnest(ids, states) AS r(id, st);
     GET DIAGNOSTICS inserted = ROW_COUNT;
     head := currval(pg_get_serial_sequence({table_name}, 'notification_id'));
   EXCEPTION WHEN unique_violation THEN
     WITH ins AS (
       INSERT INTO {table} (originator_id, originator_version, topic, state)
-      SELECT r.id, 1, {topic}, r.st FROM unnest(idents, states) AS r(id, st)
-      ON CONFLICT DO NOTHING
+      SELECT r.id, 1, {topic}, r.st FROM unnest(ids, states) AS r(id, st)
+      ON CONFLICT (originator_id, originator_version) DO NOTHING
       RETURNING {table}.originator_id, {table}.notification_id)
     SELECT max(ins.notification_id), count(*), coalesce(array_agg(ins.originator_id), '{{}}')
       INTO head, inserted, inserted_ids FROM ins;
@@ -106,8 +106,10 @@ END""").format(table=sql.Identifier(schema, events_table), topic=sql.Literal(USA
                table_name=sql.Literal(sql.Identifier(schema, events_table).as_string(None)),
                channel=sql.Literal(channel))
     return sql.SQL(
-        "DROP FUNCTION IF EXISTS {name}(bytea, bytea[]);"  # an earlier signature
-        " CREATE OR REPLACE FUNCTION {name}(idents uuid[], states bytea[], OUT head bigint,"
+        # The same signature (names too) as before, so that an existing function is replaced
+        # in place (never dropped under a live writer); an interim one with bytea ids goes.
+        "DROP FUNCTION IF EXISTS {name}(bytea, bytea[]);"
+        " CREATE OR REPLACE FUNCTION {name}(ids uuid[], states bytea[], OUT head bigint,"
         " OUT inserted bigint, OUT inserted_ids uuid[]) LANGUAGE plpgsql AS {body}"
     ).format(name=sql.Identifier(schema, APPEND_FUNCTION),
              body=sql.Literal(body.as_string(None)))
@@ -211,6 +213,8 @@ class UsageWriter:
         """Queue rows (16-byte identities and their states) for the next group commit and wait
         for it. Raises Unavailable at once when shutting down, unhealthy or full."""
         assert len(ids) == len(states)
+        if not ids:
+            return Appended(0, 0, 0)  # nothing to commit (tools; ingestion never sends none)
         if self._stopping:
             raise Unavailable("shutting down", RETRY_AFTER_S)
         if time.monotonic() < self._unhealthy_until:

@@ -6,7 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, Subnormal
+from decimal import (
+    Clamped,
+    Context,
+    Decimal,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    Subnormal,
+    localcontext,
+)
 from functools import lru_cache
 from hashlib import sha1
 from typing import Any
@@ -129,13 +138,24 @@ def canonical(value: Any) -> str | None:
     return None
 
 
+def significant_digits(value: Decimal) -> int:
+    """Digits of a finite value without its trailing zeros, counted exactly (normalize() would
+    round to the context's 28 digits first, and overflow on a huge exponent)."""
+    return len("".join(map(str, value.as_tuple().digits)).rstrip("0"))
+
+
 def _check_value(value: Decimal, meter: MeterRule | None, problems: Problems, index: int) -> None:
     if not value.is_finite():
         problems.add("value", "must be a finite number", index)
         return
-    digits = value.normalize().as_tuple()
-    if value != 0 and (len(digits.digits) > VALUE_MAX_DIGITS or not -VALUE_MAX_DIGITS
-                       <= value.adjusted() < VALUE_MAX_DIGITS):
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)  # a finite value's
+    if value == 0:
+        # A zero's exponent is still a scale Postgres must hold ("0E+9999999999" is not).
+        if not -2 * VALUE_MAX_DIGITS <= exponent <= VALUE_MAX_DIGITS:
+            problems.add("value", "a zero's exponent must lie within -36..18", index)
+    elif (significant_digits(value) > VALUE_MAX_DIGITS
+          or not -VALUE_MAX_DIGITS <= value.adjusted() < VALUE_MAX_DIGITS):
         problems.add("value", f"at most {VALUE_MAX_DIGITS} significant digits, below 1e18", index)
     if value < 0 and not (meter and meter.allow_negative):
         problems.add("value", "must not be negative for this meter", index)
@@ -199,10 +219,15 @@ def check_usage(
 
 
 # Checks a value against every value rule at once: rounding to VALUE_MAX_DIGITS significant
-# digits must be exact (Inexact), and the exponent must lie in [-18, 18) (Subnormal, Overflow).
+# digits must be exact (Inexact), and the exponent must lie in [-18, 18) (Subnormal, Overflow);
+# a zero whose exponent does not fit is Clamped (then check_usage decides).
 _VALUE_RULES = Context(prec=VALUE_MAX_DIGITS, Emax=VALUE_MAX_DIGITS - 1, Emin=-VALUE_MAX_DIGITS,
-                       traps=[InvalidOperation, Inexact, Overflow, Subnormal])
+                       traps=[InvalidOperation, Inexact, Overflow, Subnormal, Clamped])
 _ONE = Decimal(1)
+# Sums of usage values are exact: valid values span 36 digits (18 significant, exponents -36..17)
+# and the default context keeps 28. Enough for sums of billions of them; a sum that would not
+# fit raises (Inexact) instead of rounding.
+EXACT = Context(prec=80, traps=[InvalidOperation, Inexact, Overflow])
 
 
 def accept_plain_batch(
@@ -255,7 +280,8 @@ def fold(aggregation: str, field: str | None, events: Iterable[tuple[int, Usage.
     if aggregation == "count":
         return Decimal(len(items))
     if aggregation == "sum":
-        return sum((e.value for _, e in items), Decimal(0))
+        with localcontext(EXACT):
+            return sum((e.value for _, e in items), Decimal(0))
     if aggregation == "max":
         return max((e.value for _, e in items), default=Decimal(0))
     if aggregation == "unique_count":

@@ -9,7 +9,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from operator import itemgetter
 from typing import Any
 from uuid import UUID
@@ -19,7 +19,7 @@ from psycopg import Connection, Cursor
 from psycopg.rows import dict_row
 
 from domain.meter import Meter
-from domain.usage import MeterRule, Usage, local_day
+from domain.usage import EXACT, MeterRule, Usage, local_day
 from projections.base import ReadModel
 
 NAME = "usage_totals"
@@ -80,7 +80,8 @@ class _Totals:
     def add(self, values: Sequence[Decimal], at: datetime, position: int, value: Decimal) -> None:
         """Events at one moment `at`: their values, and the position and value of the last."""
         self.count += len(values)
-        self.sum += sum(values, Decimal(0))
+        with localcontext(EXACT):
+            self.sum += sum(values, Decimal(0))
         top = max(values)
         self.max = top if self.max is None else max(self.max, top)
         if self.latest is None or (at, position) > self.latest[:2]:
@@ -88,7 +89,8 @@ class _Totals:
 
     def merge(self, other: _Totals) -> None:
         self.count += other.count
-        self.sum += other.sum
+        with localcontext(EXACT):
+            self.sum += other.sum
         if other.max is not None:
             self.max = other.max if self.max is None else max(self.max, other.max)
         if other.latest is not None and (self.latest is None or other.latest[:2] > self.latest[:2]):

@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adapters.maintenance import rebuild
@@ -55,7 +55,9 @@ events = st.builds(
     event_id=st.sampled_from([f"e{i}" for i in range(12)]),
     metric=st.sampled_from(sorted(METERS)),
     value=st.sampled_from([Decimal("0"), Decimal("1"), Decimal("2.5"), Decimal("0.001"),
-                           Decimal("7"), Decimal("1000000.25")]),
+                           Decimal("7"), Decimal("1000000.25"),
+                           # 36 digits apart: a sum of both needs more than decimal's default 28
+                           Decimal("1E+17"), Decimal("1E-18")]),
     minutes_ago=st.integers(0, 60 * 24 * 34),  # across up to two local months, out of order
     user=st.sampled_from(["u1", "u2", "u3"]),
 )
@@ -120,6 +122,8 @@ def _actual(rt: Runtime, org: UUID, projects: list[UUID]) -> dict[Any, Decimal]:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sent=batches)
+@example(sent=[[Sent(0, "big", "s", Decimal("1E+17"), 5, "u1"),
+                Sent(0, "tiny", "s", Decimal("1E-18"), 5, "u1")]])  # exact, not 28 digits
 def test_usage_totals_equal_the_fold_over_distinct_events(
     live: tuple[Runtime, ThreadedWriter], sent: list[list[Sent]]
 ) -> None:

@@ -24,7 +24,7 @@ from domain.errors import Unavailable
 from domain.ports import KeyRecord
 from domain.usage import UsageFact
 from infra.embedded import free_port
-from infra.wiring import Runtime
+from infra.wiring import Runtime, setup_schema
 from tests.conftest import ThreadedWriter, threaded_writer, wait_sync
 
 KEY = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
@@ -159,3 +159,30 @@ def test_a_failed_commit_answers_its_requests_and_the_writer_carries_on(runtime:
 
         assert wait_sync(accepted_after_the_hold, "the writer accepting again") == 2
     assert ledger_rows(runtime) == 2
+
+
+def test_setup_replaces_an_append_function_of_an_earlier_version_in_place(runtime: Runtime) -> None:
+    """A ledger made by an earlier version keeps working: its append function (same signature,
+    older body) is replaced, an interim one taking ids as bytea is dropped."""
+    schema = runtime.settings.pg_schema
+    name = sql.Identifier(schema, "billing_append_usage")
+    with psycopg.connect(runtime.database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL(
+            "CREATE OR REPLACE FUNCTION {}(ids uuid[], states bytea[], OUT head bigint,"
+            " OUT inserted bigint, OUT inserted_ids uuid[]) LANGUAGE plpgsql AS"
+            " $$ BEGIN head := -1; inserted := 0; END $$").format(name))
+        conn.execute(sql.SQL(
+            "CREATE OR REPLACE FUNCTION {}(ids bytea, states bytea[], OUT head bigint,"
+            " OUT inserted bigint, OUT inserted_ids uuid[]) LANGUAGE plpgsql AS"
+            " $$ BEGIN head := -1; inserted := 0; END $$").format(name))
+    setup_schema(runtime.database_url, schema).close()
+    with psycopg.connect(runtime.database_url, autocommit=True) as conn:
+        signatures = conn.execute(
+            "SELECT oidvectortypes(p.proargtypes) FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE p.proname = 'billing_append_usage' AND n.nspname = %s", (schema,)).fetchall()
+    assert signatures == [("uuid[], bytea[]",)]
+    with threaded_writer(runtime) as writer:
+        appended = writer.submit(rows(3)).result(RESULT_TIMEOUT_S)
+    assert appended.accepted == 3 and appended.position > 0  # the new body, not the old
+    assert ledger_rows(runtime) == 3

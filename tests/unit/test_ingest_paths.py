@@ -58,7 +58,9 @@ values = mostly(
         st.decimals(allow_nan=True, allow_infinity=True, places=None).map(str),
         st.sampled_from(["1e17", "1e18", "9.99999999999999999e17", "1e-18", "1e-19", "0E-40", "-0",
                          "0.000000000000000001", "123456789012345678", "1234567890123456789",
-                         "1.00000000000000000000", "12.5", "abc", "NaN", "-Infinity", ""]),
+                         "1.00000000000000000000", "12.5", "abc", "NaN", "-Infinity", "",
+                         "0E+9999999999", "0E+18", "0E-36", "0E-37", "1e999999999999",
+                         "1.00000000000000000000000000001"]),
         st.floats(allow_nan=False, allow_infinity=False, width=32), st.none(), st.booleans()),
 )
 property_values = mostly(
