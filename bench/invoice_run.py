@@ -8,13 +8,14 @@ query), and as its last line one JSON object. Run: `python -m bench.invoice_run 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
 from adapters.maintenance import rebuild
@@ -31,6 +32,7 @@ from infra.wiring import READ_MODELS, Runtime
 
 ORGS_DEFAULT = 10_000
 SAVE_BATCH_AGGREGATES = 500
+WRITE_CHUNK_ORGS = 500  # organisations whose usage is appended concurrently (group commits)
 EVENTS_PER_ORG_PER_METER = 2
 METERS = (("calls", "count"), ("gb", "sum"), ("seats", "max"))
 IST = ZoneInfo("Asia/Kolkata")
@@ -62,21 +64,27 @@ def setup(rt: Runtime, orgs: int, at: datetime, inside: datetime) -> float:
             batch += [org, Subscription.start(org.id, "bench", at, now)]
             org_ids.append(org.id)
         rt.ledger.save(*batch)
-    writer = UsageWriter(rt.database_url, rt.settings.pg_schema, rt.ledger.events_table,
-                         rt.ledger.channel)
-    writer.start()
-    try:
-        for org_id in org_ids:
-            key = KeyRecord(uuid4(), "p", "h", uuid4(), org_id, "Asia/Kolkata", None, False)
-            rows = [encode_usage(key, UsageFact(f"{code}{n}", code, Decimal(n + 7), inside, {}), now)
-                    for code, _ in METERS for n in range(EVENTS_PER_ORG_PER_METER)]
-            writer.submit(rows)
-        writer.submit([]).result(120)
-    finally:
-        writer.stop()
+    asyncio.run(write_usage(rt, org_ids, inside, now))
     for model in READ_MODELS:
         rebuild(rt.pool, rt.ledger, model)
     return time.perf_counter() - started
+
+
+async def write_usage(rt: Runtime, org_ids: list[UUID], inside: datetime, now: datetime) -> None:
+    """Every organisation's usage through the group-commit writer, WRITE_CHUNK_ORGS at a time."""
+    writer = UsageWriter(rt.database_url, rt.settings.pg_schema)
+
+    def rows(org_id: UUID) -> list[tuple[UUID, bytes]]:
+        key = KeyRecord(uuid4(), "p", "h", uuid4(), org_id, "Asia/Kolkata", None, False)
+        return [encode_usage(key, UsageFact(f"{code}{n}", code, Decimal(n + 7), inside, {}), now)
+                for code, _ in METERS for n in range(EVENTS_PER_ORG_PER_METER)]
+
+    try:
+        for start in range(0, len(org_ids), WRITE_CHUNK_ORGS):
+            await asyncio.gather(*(writer.append(rows(o))
+                                   for o in org_ids[start:start + WRITE_CHUNK_ORGS]))
+    finally:
+        await writer.stop()
 
 
 def main() -> None:
