@@ -25,7 +25,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 import psycopg
@@ -36,25 +35,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from adapters.bus import (
-    ENTRIES_FORMAT,
-    FORMAT_HEADER,
-    LANE_HEADER,
-    LANE_PREV_HEADER,
-    LAST_HEADER,
-    PREV_HEADER,
-    TOPIC_HEADER,
-    USAGE_LANE,
-    WATERMARK,
-    DeadLetter,
-    Entry,
-    Streams,
-    decode_batch,
-    encode,
-    entries_decoder,
-    lane_of,
-)
+from adapters.bus import USAGE_LANE, DeadLetter, Entry, Streams, encode, lane_of
 from adapters.codec import decode_view
+from adapters.deliveries import Delivery, MessageReader
 from adapters.ledger import LedgerStore
 from projections.base import ReadModel
 
@@ -75,21 +58,7 @@ GAP_READ_PAGE_ROWS = 5000
 PUBLISH_TIMEOUT_S = 5.0
 
 TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What one message brings a projector: `prev`, the chain position everything before it
-    ends at; the range of positions it covers; and its entries, ready to apply. No entries: a
-    topic the model ignores, a watermark, or a body that would not decode (then `prev` is `last`,
-    so the whole range is read from the ledger)."""
-
-    prev: int
-    first: int
-    last: int
-    entries: Sequence[Any] = ()  # each has `position` and `state`
-    topic: str = ""  # of every entry; "" when each entry names its own (format 1)
-    views: bool = False  # each entry's state is already the model's view of it
+_LOCK_TRACKING = "SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE"
 
 
 @dataclass(frozen=True)
@@ -125,13 +94,14 @@ class Projector:
         # Entries of other topics are skipped without decoding them.
         self._topics = frozenset(get_topic(cls) for cls in model.handlers)
         self._views = {get_topic(cls): (cls, view) for cls, view in model.views.items()}
-        # A message's entries decode straight into the model's view, unless upcasters must run.
-        self._direct_views = {topic: view for topic, (cls, view) in self._views.items()
-                              if getattr(cls, "class_version", 1) == 1}
         # A model that needs one lane only consumes that lane, chained by the lane's prev.
         lanes = {lane_of(t) for t in self._topics}
         self._fetch_batch = FETCH_BATCH_MSGS_WITH_USAGE if USAGE_LANE in lanes else FETCH_BATCH_MSGS
         self._lane = lanes.pop() if len(lanes) == 1 else None
+        # A message's entries decode straight into the model's view, unless upcasters must run.
+        self._reader = MessageReader(model.name, self._topics, self._lane, {
+            topic: view for topic, (cls, view) in self._views.items()
+            if getattr(cls, "class_version", 1) == 1})
         # Positions up to which the chain of messages is known (_contiguous) and written to the
         # tracking row (_persisted); 0 until this projector's first transaction says otherwise.
         self._contiguous = 0
@@ -212,55 +182,9 @@ class Projector:
         await asyncio.to_thread(self._advance, target)
         self._persisted = max(self._persisted, target)
 
-    def _decode(self, msg: Msg) -> Delivery:
-        """The message's entries, or, for a topic this model ignores, only its positions (from
-        headers, without decoding the body). A message that cannot be read at all changes
-        nothing: the chain of `prev` positions makes the next one fill the range from the
-        ledger."""
-        try:
-            return self._read(msg)
-        except (ValueError, KeyError) as e:  # msgspec.DecodeError is a ValueError
-            log.error("projector %s cannot read a message (%s: %s): its range will be read from"
-                      " the ledger", self.model.name, type(e).__name__, e)
-        with contextlib.suppress(ValueError, KeyError, AttributeError):
-            first, _, last = (msg.headers or {})["Nats-Msg-Id"].partition("-")
-            return Delivery(int(last), int(first), int(last))  # prev = last: all from the ledger
-        return Delivery(0, 0, 0)
-
-    def _read(self, msg: Msg) -> Delivery:
-        headers = msg.headers or {}
-        topic = headers.get(TOPIC_HEADER)
-        if topic == WATERMARK:
-            if self._lane is None or headers.get(LANE_HEADER) != self._lane:
-                return Delivery(0, 0, 0)  # not for this model: changes nothing
-            last = int(headers[LAST_HEADER])
-            return Delivery(int(headers[LANE_PREV_HEADER]), last, last)
-        prev = headers.get(PREV_HEADER)
-        if self._lane is not None and topic is not None and lane_of(topic) == self._lane:
-            # Chained within the lane. Without the header (an older relay), or for a message of
-            # another lane, the global prev: it can only make the projector fill from the
-            # ledger, never skip.
-            prev = headers.get(LANE_PREV_HEADER, prev)
-        if topic is not None and prev is not None:
-            first, _, last = headers["Nats-Msg-Id"].partition("-")
-            if topic not in self._topics:
-                return Delivery(int(prev), int(first), int(last))
-            if headers.get(FORMAT_HEADER) == ENTRIES_FORMAT:
-                view = self._direct_views.get(topic)
-                try:
-                    entries = entries_decoder(view).decode(msg.data)
-                except msgspec.DecodeError as e:
-                    log.error("projector %s cannot decode message %s-%s (%s): reading it from the"
-                              " ledger", self.model.name, first, last, e)
-                    return Delivery(int(last), int(first), int(last))
-                return Delivery(int(prev), int(first), int(last), entries, topic, view is not None)
-        batch = decode_batch(msg.data)  # format 1
-        return Delivery(batch.prev if prev is None else int(prev), batch.first, batch.last,
-                        batch.entries)
-
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply a fetched batch, then ack it. Safe to call with any order or repeats."""
-        batches = [self._decode(m) for m in msgs]
+        batches = [self._reader.read(m) for m in msgs]
         if self._skip_only(batches):
             for msg in msgs:
                 with contextlib.suppress(Exception):
@@ -353,14 +277,11 @@ class Projector:
         (`projection_pool`): a crash loses only whole recent transactions, applied again
         after it (redelivery or the ledger gap fill). The ledger itself does wait."""
         name = self.model.name
-        row = cur.execute(
-            "SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE", (name,)
-        ).fetchone()
+        row = cur.execute(_LOCK_TRACKING, (name,)).fetchone()
         if row is None:
             cur.execute("INSERT INTO projection_tracking (name, position) VALUES (%s, 0)"
                         " ON CONFLICT (name) DO NOTHING", (name,))
-            row = cur.execute("SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE",
-                              (name,)).fetchone()
+            row = cur.execute(_LOCK_TRACKING, (name,)).fetchone()
         assert row is not None
         return int(row[0])
 

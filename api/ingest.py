@@ -39,6 +39,7 @@ from domain.usage import (
     UsageBatch,
     UsageFact,
     accept_plain_batch,
+    canonical,
     check_usage,
 )
 
@@ -204,11 +205,10 @@ def plain_properties(events: list[PlainEvent]) -> list[dict[str, str]] | None:
         return None
     out = []
     for props in decoded:
-        canonical = {k: v if type(v) is str else ("true" if v else "false") if type(v) is bool else str(v)
-                     for k, v in props.items()}
-        if any(len(v) > PROPERTY_VALUE_MAX_CHARS for v in canonical.values()):
+        texts = {k: canonical(v) or "" for k, v in props.items()}  # str, int or bool: never None
+        if any(len(v) > PROPERTY_VALUE_MAX_CHARS for v in texts.values()):
             return None  # a very long integer
-        out.append(canonical)
+        out.append(texts)
     return out
 
 

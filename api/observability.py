@@ -84,23 +84,19 @@ class RequestIdMiddleware:
         self.app = app
         self.metrics = metrics
         # The labelled series, looked up once each (prometheus' labels() is ~5 us a call).
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._timers: dict[tuple[str, str], Any] = {}
+        self._series: dict[tuple[Any, ...], Any] = {}
+
+    def _labelled(self, metric: Any, *labels: str) -> Any:
+        series = self._series.get((metric, *labels))
+        if series is None:
+            if len(self._series) >= SERIES_MAX:
+                self._series.clear()
+            series = self._series[(metric, *labels)] = metric.labels(*labels)
+        return series
 
     def _observe(self, method: str, route: str, status: int, elapsed: float) -> None:
-        counter = self._counters.get((method, route, status))
-        if counter is None:
-            if len(self._counters) >= SERIES_MAX:
-                self._counters.clear()
-            counter = self._counters[(method, route, status)] = self.metrics.requests.labels(
-                method, route, str(status))
-        timer = self._timers.get((method, route))
-        if timer is None:
-            if len(self._timers) >= SERIES_MAX:
-                self._timers.clear()
-            timer = self._timers[(method, route)] = self.metrics.latency.labels(method, route)
-        counter.inc()
-        timer.observe(elapsed)
+        self._labelled(self.metrics.requests, method, route, str(status)).inc()
+        self._labelled(self.metrics.latency, method, route).observe(elapsed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -1,26 +1,26 @@
 """The usage totals read model: per organisation, project, meter, day and month (in the
 organisation's timezone) and group_by values — count, sum, max, latest, and the distinct values
 behind unique_count (kept exactly, not estimated). Its own copy of meter definitions keeps a
-rebuild a pure function of the ledger."""
+rebuild a pure function of the ledger. The fold itself, in memory, is projections/usage_fold.py;
+this module owns the tables, what is written to them, and the queries."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
-from decimal import Decimal, localcontext
-from operator import itemgetter
+from datetime import date
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-import msgspec
 from psycopg import Connection, Cursor
 from psycopg.rows import dict_row
 
 from domain.meter import Meter
-from domain.usage import EXACT, MeterRule, Usage, local_day
+from domain.usage import MeterRule, Usage
 from projections.base import ReadModel
+from projections.usage_fold import Bucket, Fold, Totals, Unique, UsageView
 
 NAME = "usage_totals"
 GRANULARITIES = ("day", "month")
@@ -63,44 +63,6 @@ DDL = (
     )""",
 )
 
-Bucket = tuple[UUID, UUID, str, str, date, str]
-# While folding a batch: (organisation, project, metric, group key, local day). Months are
-# merged from days when the batch is written.
-DayKey = tuple[UUID, UUID, str, str, date]
-
-
-@dataclass
-class _Totals:
-    group_values: dict[str, str]
-    count: int = 0
-    sum: Decimal = Decimal(0)
-    max: Decimal | None = None
-    latest: tuple[datetime, int, Decimal] | None = None
-
-    def add(self, values: Sequence[Decimal], at: datetime, position: int, value: Decimal) -> None:
-        """Events at one moment `at`: their values, and the position and value of the last."""
-        self.count += len(values)
-        with localcontext(EXACT):
-            self.sum += sum(values, Decimal(0))
-        top = max(values)
-        self.max = top if self.max is None else max(self.max, top)
-        if self.latest is None or (at, position) > self.latest[:2]:
-            self.latest = (at, position, value)
-
-    def merge(self, other: _Totals) -> None:
-        self.count += other.count
-        with localcontext(EXACT):
-            self.sum += other.sum
-        if other.max is not None:
-            self.max = other.max if self.max is None else max(self.max, other.max)
-        if other.latest is not None and (self.latest is None or other.latest[:2] > self.latest[:2]):
-            self.latest = other.latest
-
-
-def group_key(values: dict[str, str]) -> str:
-    return json.dumps(values, sort_keys=True, separators=(",", ":")) if values else ""
-
-
 def _rule(row: Sequence[Any]) -> MeterRule:
     return MeterRule(row[0], row[1], row[2], tuple(row[3]), row[4])
 
@@ -110,137 +72,27 @@ def _noop(cur: Cursor[Any], event: Any, position: int) -> None:
     raise AssertionError("usage totals apply in batches")
 
 
-class UsageView(msgspec.Struct, frozen=True, gc=False):
-    """What this model reads of a Usage.Recorded (the projector decodes only this). The ids stay
-    16 bytes and the properties undecoded until a meter needs them: the cheapest to decode. The
-    model takes whole events as well (a rebuild may hand it those). Untracked by the garbage
-    collector (it holds no containers): thousands are decoded at a time."""
-
-    organisation_id: bytes
-    project_id: bytes
-    metric: str
-    value: Decimal
-    occurred_at: datetime
-    timezone: str
-    properties: msgspec.Raw
-
-
 _METER_EVENTS = frozenset({Meter.Defined, Meter.Redefined})
-_properties = msgspec.msgpack.Decoder(dict[str, str])
-_last_position = itemgetter(1)
-Run = list[tuple[Any, int]]  # (UsageView or Usage.Recorded, position), all at one moment
-
-
-def _uuid(value: bytes | UUID) -> UUID:
-    return value if isinstance(value, UUID) else UUID(bytes=value)
-
-
-def _props(event: UsageView | Usage.Recorded) -> dict[str, str]:
-    props = event.properties
-    return props if isinstance(props, dict) else _properties.decode(props)
-
-
-class _Fold:
-    """One batch's usage, folded before anything is written. Events are first put in runs that
-    share organisation, project, meter, moment and timezone — usually few, as a request's events
-    tend to share their moment — with no more per event than a dict lookup; the day, the group
-    and the totals are then worked out once per run."""
-
-    def __init__(self) -> None:
-        self.runs: dict[tuple[Any, ...], Run] = {}
-        self.days: dict[DayKey, _Totals] = {}
-        self.uniques: set[tuple[DayKey, str]] = set()
-        self._local_days: dict[tuple[datetime, str], date] = {}
-        self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[dict[str, str], str]] = {}
-        self._ids: dict[bytes | UUID, UUID] = {}
-
-    def add_all(self, items: Sequence[tuple[Any, int]]) -> None:
-        runs = self.runs
-        for item in items:
-            e = item[0]
-            key = (e.organisation_id, e.project_id, e.metric, e.occurred_at, e.timezone)
-            run = runs.get(key)
-            if run is None:
-                runs[key] = [item]
-            else:
-                run.append(item)
-
-    def fold_runs(self, rules: dict[str, MeterRule]) -> None:
-        for (org, project, metric, at, timezone), run in self.runs.items():
-            rule = rules.get(metric)
-            if rule is None:
-                raise LookupError(f"usage for unknown meter {metric!r}")
-            moment = (at, timezone)
-            day = self._local_days.get(moment)
-            if day is None:
-                day = self._local_days[moment] = local_day(at, timezone)
-            ids = self._ids
-            org_id = ids.get(org) or ids.setdefault(org, _uuid(org))
-            project_id = ids.get(project) or ids.setdefault(project, _uuid(project))
-            needs_props = bool(rule.group_by) or rule.aggregation == "unique_count"
-            for group_values, events in (self._by_group(run, rule) if needs_props
-                                         else (((), run),)):
-                known = self._group(group_values, rule)
-                key = (org_id, project_id, metric, known[1], day)
-                t = self.days.get(key)
-                if t is None:
-                    t = self.days[key] = _Totals(known[0])
-                last = max(events, key=_last_position)
-                t.add([e.value for e, _ in events], at, last[1], last[0].value)
-                if rule.aggregation == "unique_count" and rule.field is not None:
-                    self.uniques.update((key, _props(e)[rule.field]) for e, _ in events)
-        self.runs.clear()
-
-    @staticmethod
-    def _by_group(run: Run, rule: MeterRule) -> list[tuple[tuple[str, ...], Run]]:
-        groups: dict[tuple[str, ...], Run] = {}
-        for item in run:
-            props = _props(item[0])
-            groups.setdefault(tuple(props.get(k, "") for k in rule.group_by), []).append(item)
-        return list(groups.items())
-
-    def _group(self, values: tuple[str, ...], rule: MeterRule) -> tuple[dict[str, str], str]:
-        cache_key = (rule.group_by, values)
-        known = self._groups.get(cache_key)
-        if known is None:
-            groups = dict(zip(rule.group_by, values, strict=True))
-            known = self._groups[cache_key] = (groups, group_key(groups))
-        return known
-
-    def flush(self, cur: Cursor[Any], rules: dict[str, MeterRule]) -> None:
-        _load_rules(cur, {key[2] for key in self.runs} - rules.keys(), rules)
-        self.fold_runs(rules)
-        totals: dict[Bucket, _Totals] = {}
-        for (org, project, metric, key, day), t in self.days.items():
-            totals[(org, project, metric, "day", day, key)] = t
-            month = (org, project, metric, "month", day.replace(day=1), key)
-            merged = totals.get(month)
-            if merged is None:
-                merged = totals[month] = _Totals(t.group_values)
-            merged.merge(t)
-        uniques = {
-            (org, project, metric, granularity, start, key, value)
-            for (org, project, metric, key, day), value in self.uniques
-            for granularity, start in (("day", day), ("month", day.replace(day=1)))
-        }
-        _flush(cur, totals, uniques)
-        self.days.clear()
-        self.uniques.clear()
 
 
 def _apply_batch(cur: Cursor[Any], items: list[tuple[Any, int]]) -> None:
     rules: dict[str, MeterRule] = {}
-    fold = _Fold()
+    fold = Fold()
+
+    def write() -> None:
+        _load_rules(cur, fold.pending_meters() - rules.keys(), rules)
+        _flush(cur, *fold.take(rules))
+
     meters = [i for i, item in enumerate(items) if type(item[0]) in _METER_EVENTS]
     start = 0
     for i in meters:  # a meter's definition applies to the usage after it: fold up to there
         fold.add_all(items[start:i])
-        fold.flush(cur, rules)
+        write()
         _upsert_meter(cur, items[i][0])
         rules.clear()
         start = i + 1
     fold.add_all(items[start:])
-    fold.flush(cur, rules)
+    write()
 
 
 def _upsert_meter(cur: Cursor[Any], e: Any) -> None:
@@ -295,7 +147,7 @@ ON CONFLICT DO NOTHING
 """
 
 
-def _flush(cur: Cursor[Any], totals: dict[Bucket, _Totals], uniques: set[Any]) -> None:
+def _flush(cur: Cursor[Any], totals: dict[Bucket, Totals], uniques: set[Unique]) -> None:
     rows = [(*bucket, json.dumps(t.group_values), t.count, t.sum, t.max, t.latest[2],
              t.latest[0], t.latest[1])
             for bucket, t in sorted(totals.items(), key=lambda kv: str(kv[0]))

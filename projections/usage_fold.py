@@ -1,0 +1,178 @@
+"""The usage totals' fold, in memory: a batch of usage events (views or whole events) into
+count, sum, max, latest and distinct values per organisation, project, meter, group and local
+day and month. projections/usage_totals.py writes what it gives and keeps the meters' rules."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal, localcontext
+from operator import itemgetter
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from domain.usage import EXACT, MeterRule, Usage, local_day
+
+Bucket = tuple[UUID, UUID, str, str, date, str]
+# While folding a batch: (organisation, project, metric, group key, local day). Months are
+# merged from days when the batch is written.
+DayKey = tuple[UUID, UUID, str, str, date]
+Unique = tuple[UUID, UUID, str, str, date, str, str]  # a bucket and one distinct value
+
+
+@dataclass
+class Totals:
+    group_values: dict[str, str]
+    count: int = 0
+    sum: Decimal = Decimal(0)
+    max: Decimal | None = None
+    latest: tuple[datetime, int, Decimal] | None = None
+
+    def add(self, values: Sequence[Decimal], at: datetime, position: int, value: Decimal) -> None:
+        """Events at one moment `at`: their values, and the position and value of the last."""
+        self.count += len(values)
+        with localcontext(EXACT):
+            self.sum += sum(values, Decimal(0))
+        top = max(values)
+        self.max = top if self.max is None else max(self.max, top)
+        if self.latest is None or (at, position) > self.latest[:2]:
+            self.latest = (at, position, value)
+
+    def merge(self, other: Totals) -> None:
+        self.count += other.count
+        with localcontext(EXACT):
+            self.sum += other.sum
+        if other.max is not None:
+            self.max = other.max if self.max is None else max(self.max, other.max)
+        if other.latest is not None and (self.latest is None or other.latest[:2] > self.latest[:2]):
+            self.latest = other.latest
+
+
+def group_key(values: dict[str, str]) -> str:
+    return json.dumps(values, sort_keys=True, separators=(",", ":")) if values else ""
+
+
+class UsageView(msgspec.Struct, frozen=True, gc=False):
+    """What this model reads of a Usage.Recorded (the projector decodes only this). The ids stay
+    16 bytes and the properties undecoded until a meter needs them: the cheapest to decode. The
+    model takes whole events as well (a rebuild may hand it those). Untracked by the garbage
+    collector (it holds no containers): thousands are decoded at a time."""
+
+    organisation_id: bytes
+    project_id: bytes
+    metric: str
+    value: Decimal
+    occurred_at: datetime
+    timezone: str
+    properties: msgspec.Raw
+
+
+_properties = msgspec.msgpack.Decoder(dict[str, str])
+_last_position = itemgetter(1)
+Run = list[tuple[Any, int]]  # (UsageView or Usage.Recorded, position), all at one moment
+
+
+def _uuid(value: bytes | UUID) -> UUID:
+    return value if isinstance(value, UUID) else UUID(bytes=value)
+
+
+def _props(event: UsageView | Usage.Recorded) -> dict[str, str]:
+    props = event.properties
+    return props if isinstance(props, dict) else _properties.decode(props)
+
+
+class Fold:
+    """One batch's usage, folded before anything is written. Events are first put in runs that
+    share organisation, project, meter, moment and timezone — usually few, as a request's events
+    tend to share their moment — with no more per event than a dict lookup; the day, the group
+    and the totals are then worked out once per run."""
+
+    def __init__(self) -> None:
+        self.runs: dict[tuple[Any, ...], Run] = {}
+        self.days: dict[DayKey, Totals] = {}
+        self.uniques: set[tuple[DayKey, str]] = set()
+        self._local_days: dict[tuple[datetime, str], date] = {}
+        self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[dict[str, str], str]] = {}
+        self._ids: dict[bytes | UUID, UUID] = {}
+
+    def add_all(self, items: Sequence[tuple[Any, int]]) -> None:
+        runs = self.runs
+        for item in items:
+            e = item[0]
+            key = (e.organisation_id, e.project_id, e.metric, e.occurred_at, e.timezone)
+            run = runs.get(key)
+            if run is None:
+                runs[key] = [item]
+            else:
+                run.append(item)
+
+    def fold_runs(self, rules: dict[str, MeterRule]) -> None:
+        for (org, project, metric, at, timezone), run in self.runs.items():
+            rule = rules.get(metric)
+            if rule is None:
+                raise LookupError(f"usage for unknown meter {metric!r}")
+            moment = (at, timezone)
+            day = self._local_days.get(moment)
+            if day is None:
+                day = self._local_days[moment] = local_day(at, timezone)
+            ids = self._ids
+            org_id = ids.get(org) or ids.setdefault(org, _uuid(org))
+            project_id = ids.get(project) or ids.setdefault(project, _uuid(project))
+            needs_props = bool(rule.group_by) or rule.aggregation == "unique_count"
+            for group_values, events in (self._by_group(run, rule) if needs_props
+                                         else (((), run),)):
+                known = self._group(group_values, rule)
+                key = (org_id, project_id, metric, known[1], day)
+                t = self.days.get(key)
+                if t is None:
+                    t = self.days[key] = Totals(known[0])
+                last = max(events, key=_last_position)
+                t.add([e.value for e, _ in events], at, last[1], last[0].value)
+                if rule.aggregation == "unique_count" and rule.field is not None:
+                    self.uniques.update((key, _props(e)[rule.field]) for e, _ in events)
+        self.runs.clear()
+
+    @staticmethod
+    def _by_group(run: Run, rule: MeterRule) -> list[tuple[tuple[str, ...], Run]]:
+        groups: dict[tuple[str, ...], Run] = {}
+        for item in run:
+            props = _props(item[0])
+            groups.setdefault(tuple(props.get(k, "") for k in rule.group_by), []).append(item)
+        return list(groups.items())
+
+    def _group(self, values: tuple[str, ...], rule: MeterRule) -> tuple[dict[str, str], str]:
+        cache_key = (rule.group_by, values)
+        known = self._groups.get(cache_key)
+        if known is None:
+            groups = dict(zip(rule.group_by, values, strict=True))
+            known = self._groups[cache_key] = (groups, group_key(groups))
+        return known
+
+    def pending_meters(self) -> set[str]:
+        """The meters of the usage added and not yet folded."""
+        return {key[2] for key in self.runs}
+
+    def take(self, rules: dict[str, MeterRule]) -> tuple[dict[Bucket, Totals], set[Unique]]:
+        """Everything added so far, folded with these meters' rules into day and month totals
+        and distinct values; the fold is empty again afterwards."""
+        self.fold_runs(rules)
+        totals: dict[Bucket, Totals] = {}
+        for (org, project, metric, key, day), t in self.days.items():
+            totals[(org, project, metric, "day", day, key)] = t
+            month = (org, project, metric, "month", day.replace(day=1), key)
+            merged = totals.get(month)
+            if merged is None:
+                merged = totals[month] = Totals(t.group_values)
+            merged.merge(t)
+        uniques = {
+            (org, project, metric, granularity, start, key, value)
+            for (org, project, metric, key, day), value in self.uniques
+            for granularity, start in (("day", day), ("month", day.replace(day=1)))
+        }
+        self.days.clear()
+        self.uniques.clear()
+        return totals, uniques
