@@ -286,7 +286,8 @@ def fold(aggregation: str, field: str | None, events: Iterable[tuple[int, Usage.
         return max((e.value for _, e in items), default=Decimal(0))
     if aggregation == "unique_count":
         assert field is not None
-        return Decimal(len({e.properties[field] for _, e in items}))
+        # An event without the field (ordered after its meter became unique_count) adds none.
+        return Decimal(len({e.properties[field] for _, e in items if field in e.properties}))
     if aggregation == "latest":
         if not items:
             return Decimal(0)

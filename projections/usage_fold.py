@@ -5,7 +5,7 @@ day and month. projections/usage_totals.py writes what it gives and keeps the me
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal, localcontext
@@ -85,6 +85,17 @@ def _props(event: UsageView | Usage.Recorded) -> dict[str, str]:
     return props if isinstance(props, dict) else _properties.decode(props)
 
 
+def _distinct(key: DayKey, events: Run, field: str) -> Iterator[tuple[DayKey, str]]:
+    """The distinct values of `field` in these events. Ingestion refuses a unique_count event
+    without it, but a meter may have become unique_count (no usage yet) after the API checked an
+    event that is ordered after the change: such an event adds no value (domain.usage.fold
+    agrees), where a KeyError would dead-letter it and leave its counts out."""
+    for e, _ in events:
+        value = _props(e).get(field)
+        if value is not None:
+            yield key, value
+
+
 class Fold:
     """One batch's usage, folded before anything is written. Events are first put in runs that
     share organisation, project, meter, moment and timezone — usually few, as a request's events
@@ -133,7 +144,7 @@ class Fold:
                 last = max(events, key=_last_position)
                 t.add([e.value for e, _ in events], at, last[1], last[0].value)
                 if rule.aggregation == "unique_count" and rule.field is not None:
-                    self.uniques.update((key, _props(e)[rule.field]) for e, _ in events)
+                    self.uniques.update(_distinct(key, events, rule.field))
         self.runs.clear()
 
     @staticmethod

@@ -160,3 +160,29 @@ def test_a_rebuilt_usage_projection_equals_the_live_one(live: tuple[Runtime, Thr
     assert live_rows["usage_totals"]
     rebuild(rt.pool, rt.ledger, usage_totals.READ_MODEL)
     assert {t: table_rows(rt, t, orders[t]) for t in tables} == live_rows
+
+
+def test_unique_count_usage_without_its_field_is_folded_not_dead_lettered(
+    live: tuple[Runtime, ThreadedWriter],
+) -> None:
+    """The API refuses such an event, but one checked before its meter became unique_count can
+    be ordered after the change: it adds no distinct value, and everything else still counts."""
+    rt, writer = live
+    org = uuid4()
+    key = KeyRecord(uuid4(), "p", "h", uuid4(), org, TZ, None, False)
+    sent = [("a", "u", {"user": "u1"}), ("b", "u", {}), ("c", "u", {"user": "u2"}),
+            ("d", "u", {"other": "x"}), ("e", "n", {})]
+    rows = [encode_usage(key, UsageFact(event_id, metric, Decimal(1), NOW, props), NOW)
+            for event_id, metric, props in sent]
+    position = writer.submit(rows).result(10).position
+    wait_sync(lambda: tracked(rt, usage_totals.NAME) >= position, "usage totals")
+    with rt.pool.connection() as conn:
+        dead = conn.execute("SELECT count(*) FROM projection_dead_letters WHERE name = %s",
+                            (usage_totals.NAME,)).fetchone()
+    assert dead == (0,)
+    month = local_day(NOW, TZ).replace(day=1)
+    actual = _actual(rt, org, [key.project_id])
+    assert actual[(None, "u", "month", month)] == Decimal(2)  # u1 and u2
+    assert actual[(None, "n", "month", month)] == Decimal(1)
+    recorded = [(i, Recorded(Decimal(1), NOW, props)) for i, (_, m, props) in enumerate(sent) if m == "u"]
+    assert fold("unique_count", "user", recorded) == Decimal(2)  # type: ignore[arg-type]
