@@ -10,7 +10,6 @@ import anyio
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
-from psycopg_pool import ConnectionPool
 
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, settle, wait_caught_up
@@ -85,9 +84,13 @@ class KeyList(msgspec.Struct):
     next_cursor: str | None = None
 
 
-def _has_usage(pool: ConnectionPool) -> Any:
+def _has_usage(deps: ApiDeps) -> Any:
     def check(code: str) -> bool:
-        with pool.connection() as conn:
+        # Judge on every usage event committed before this request: one still on its way to
+        # the read model counts too (else a meter could change under usage it already has).
+        # Unavailable (503, retry) if the read model cannot catch up in time.
+        deps.gate.wait_until_current(usage_totals.NAME, 0, deps.read_wait_s)
+        with deps.read_pool.connection() as conn:
             return usage_totals.has_usage(conn, code)
 
     return check
@@ -104,7 +107,7 @@ class MeterController(Controller):
         deps: ApiDeps = request.app.state.deps
         written, created = await anyio.to_thread.run_sync(
             deps.catalogue.define_meter, data.code, data.name, data.aggregation, data.field,
-            data.group_by, data.allow_negative, _has_usage(deps.read_pool),
+            data.group_by, data.allow_negative, _has_usage(deps),
         )
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         m = written.aggregate

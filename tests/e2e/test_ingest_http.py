@@ -283,3 +283,23 @@ async def test_usage_of_unknown_organisation_is_404(api: Api) -> None:
     r = await api.http.get("/admin/v1/organisations/nope/usage", headers=AUTH, params={"metric": "gb"})
     assert r.status_code == 422
     assert isinstance(r, httpx.Response)
+
+
+async def test_a_meter_with_usage_keeps_its_aggregation_and_says_why(
+    api: Api, tenant: Tenant
+) -> None:
+    code = f"frozen-{uuid.uuid4().hex[:8]}"
+    meter = {"code": code, "name": "Frozen", "aggregation": "count"}
+    assert (await api.http.post("/admin/v1/meters", headers=AUTH, json=meter)).status_code == 201
+    meter["aggregation"] = "sum"  # no usage yet: still free to change
+    assert (await api.http.post("/admin/v1/meters", headers=AUTH, json=meter)).status_code == 200
+    r = await api.http.post(EVENTS, headers=tenant.auth, json=ev(metric=code, value=3))
+    assert r.status_code == 202, r.text
+    head = api.rt.ledger.head()
+    for change in ({"aggregation": "max"}, {"group_by": ["region"]}, {"field": "user"}):
+        refused = await api.http.post("/admin/v1/meters", headers=AUTH, json=meter | change)
+        assert refused.status_code == 409, (change, refused.text)
+        assert "already has usage" in refused.json()["detail"]
+    assert api.rt.ledger.head() == head  # nothing was recorded
+    renamed = await api.http.post("/admin/v1/meters", headers=AUTH, json=meter | {"name": "F2"})
+    assert renamed.status_code == 200 and renamed.json()["aggregation"] == "sum"
