@@ -17,6 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from adapters.projector import Projector
 from adapters.relay import Relay
 from api.app import create_app
+from infra.http_protocol import CoalescingHttpToolsProtocol
 from infra.scheduler import start as start_scheduler
 from infra.wiring import READ_MODELS, Runtime
 
@@ -86,7 +87,7 @@ async def run_roles(
             asgi, host=rt.settings.host, port=rt.settings.port, log_config=None,
             lifespan="off", access_log=False, timeout_graceful_shutdown=5,
             # api/client_ip.py decides whom to believe (trusted proxies), not uvicorn.
-            proxy_headers=False, http="httptools",
+            proxy_headers=False, http=CoalescingHttpToolsProtocol,  # one send per response
             server_header=False,  # names the software to anyone who asks; one header less
         )
         server = _Server(config)

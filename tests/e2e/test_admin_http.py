@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -137,3 +138,33 @@ async def test_missing_or_invalid_token_is_401_and_changes_nothing(
     assert r.headers["www-authenticate"] == "Bearer"
     _problem(await api.http.get(ORGS, headers=headers), 401)
     assert api.rt.ledger.head() == head
+
+
+async def _raw_exchange(api: Api, request: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; everything the server sends until it closes."""
+    host, port = str(api.http.base_url.host), int(api.http.base_url.port or 80)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), RAW_READ_TIMEOUT_S)  # until EOF
+    finally:
+        writer.close()
+
+
+RAW_READ_TIMEOUT_S = 10.0
+
+
+async def test_pipelined_and_closing_requests_get_whole_responses(api: Api) -> None:
+    """Responses leave in one write per loop step (infra/http_protocol.py): pipelined requests
+    each get their whole answer, and Connection: close sends the answer before closing."""
+    get = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    close = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    data = await _raw_exchange(api, get + get + close)
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 3, data
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"200 "), answer
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        assert len(body) == length, answer
