@@ -51,7 +51,13 @@ async def api(
             await wait_until(lambda: http_status(f"{base}/health/ready") == 200, "up")
             yield Api(http, rt)
     finally:
+        close_and_drop(server_urls[0], settings.pg_schema, rt)
+
+
+def close_and_drop(database_url: str, schema: str, *runtimes: Runtime) -> None:
+    """Close the runtimes' pools and ledgers, then drop the schema they shared."""
+    for rt in runtimes:
         rt.pool.close()
         rt.ledger.close()
-        with psycopg.connect(server_urls[0], autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(settings.pg_schema)))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))

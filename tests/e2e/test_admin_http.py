@@ -13,6 +13,7 @@ from tests.e2e.conftest import AUTH, Api
 
 pytestmark = pytest.mark.anyio
 ORGS = "/admin/v1/organisations"
+RAW_READ_TIMEOUT_S = 10.0
 
 
 def _problem(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -150,8 +151,6 @@ async def _raw_exchange(api: Api, request: bytes) -> bytes:
     finally:
         writer.close()
 
-
-RAW_READ_TIMEOUT_S = 10.0
 
 
 async def test_pipelined_and_closing_requests_get_whole_responses(api: Api) -> None:

@@ -9,14 +9,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
-from psycopg import sql
 
 from infra.embedded import free_port
 from infra.wiring import Runtime
 from tests.conftest import http_status, make_settings, running, wait_until
-from tests.e2e.conftest import AUTH
+from tests.e2e.conftest import AUTH, close_and_drop
 
 pytestmark = pytest.mark.anyio
 
@@ -40,11 +38,7 @@ async def split(tmp_path: Path, server_urls: tuple[str, str]) -> AsyncIterator[S
             await wait_until(lambda: http_status(f"{base}/health/live") == 200, "up")
             yield Split(http, api, worker)
     finally:
-        for rt in (api, worker):
-            rt.pool.close()
-            rt.ledger.close()
-        with psycopg.connect(server_urls[0], autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(settings.pg_schema)))
+        close_and_drop(server_urls[0], settings.pg_schema, api, worker)
 
 
 async def test_usage_not_yet_projected_still_freezes_the_meter(split: Split) -> None:
