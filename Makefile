@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 types: $(STAMP)
-	$(BIN)/mypy domain
+	$(BIN)/mypy domain projections adapters api infra bench
 
 layers: $(STAMP)
 	$(BIN)/lint-imports

@@ -124,7 +124,7 @@ _raw_entries = msgspec.msgpack.Decoder(list[WireEntry])
 
 
 @lru_cache(maxsize=64)
-def entries_decoder(view: type[Any] | None) -> msgspec.msgpack.Decoder[Any]:
+def entries_decoder(view: type | None) -> msgspec.msgpack.Decoder[Any]:
     """Decodes an `entries-v2` body: states left raw (`WireEntry`), or decoded straight into a
     view (a msgspec Struct naming some of the event's fields; each entry then has `position`
     and `state`, the view, and the originator's id as 16 bytes)."""

@@ -22,11 +22,11 @@ from eventsourcing.utils import get_topic, resolve_topic
 
 _HEADER_FIELDS = frozenset({"originator_id", "originator_version"})
 _ENCODER = msgspec.msgpack.Encoder(uuid_format="bytes")
-V = TypeVar("V")
+V = TypeVar("V", bound=msgspec.Struct)
 
 
 @lru_cache(maxsize=512)
-def _codec_for(event_cls: type[Any]) -> tuple[type[msgspec.Struct], msgspec.msgpack.Decoder[Any]]:
+def _codec_for(event_cls: type) -> tuple[type[msgspec.Struct], msgspec.msgpack.Decoder[Any]]:
     hints = typing.get_type_hints(event_cls)
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for f in dataclasses.fields(event_cls):
@@ -49,13 +49,13 @@ def _codec_for(event_cls: type[Any]) -> tuple[type[msgspec.Struct], msgspec.msgp
     return struct, msgspec.msgpack.Decoder(struct)
 
 
-def encode_state(event_cls: type[Any], state: dict[str, Any]) -> bytes:
+def encode_state(event_cls: type, state: dict[str, Any]) -> bytes:
     struct, _ = _codec_for(event_cls)
     return _ENCODER.encode(struct(**state))
 
 
 def encode_states(
-    event_cls: type[Any], common: Mapping[str, Any], columns: Mapping[str, Sequence[Any]]
+    event_cls: type, common: Mapping[str, Any], columns: Mapping[str, Sequence[Any]]
 ) -> list[bytes]:
     """Many events of one class, each equal to `encode_state` of it: `common` holds the fields
     every event shares, `columns` one value per event of the others. No Python frame runs per
@@ -75,28 +75,30 @@ def encode_states(
     return list(map(_ENCODER.encode, map(struct, *args)))
 
 
-def decode_state(event_cls: type[Any], data: bytes) -> dict[str, Any]:
+def decode_state(event_cls: type, data: bytes) -> dict[str, Any]:
     _, decoder = _codec_for(event_cls)
     return msgspec.structs.asdict(decoder.decode(data))
 
 
 @lru_cache(maxsize=64)
-def _view_decoder(view_cls: type[Any]) -> msgspec.msgpack.Decoder[Any]:
+def _view_decoder(view_cls: type) -> msgspec.msgpack.Decoder[Any]:
     return msgspec.msgpack.Decoder(view_cls)
 
 
-def decode_view(event_cls: type[Any], view_cls: type[V], data: bytes) -> V:
+def decode_view(event_cls: type, view_cls: type[V], data: bytes) -> V:
     """Only the fields a reader needs (a msgspec Struct naming a subset of the event's fields),
     decoded straight from the stored state: a third of the cost of the whole event. An event
     class with upcasters is decoded whole, upcast, narrowed, and decoded again as the view, so
     that its fields have the view's own types either way (16 bytes for a UUID, say)."""
     if getattr(event_cls, "class_version", 1) == 1:
-        return _view_decoder(view_cls).decode(data)
+        view: V = _view_decoder(view_cls).decode(data)
+        return view
     state = decode_state(event_cls, data)
     from_version = state.pop("class_version", 1)
     _upcast(event_cls, state, from_version)
     narrowed = {name: state[name] for name in view_cls.__struct_fields__}
-    return _view_decoder(view_cls).decode(_ENCODER.encode(narrowed))
+    upcast: V = _view_decoder(view_cls).decode(_ENCODER.encode(narrowed))
+    return upcast
 
 
 def _upcast(event_cls: type[Any], state: dict[str, Any], from_version: int) -> None:

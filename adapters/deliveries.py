@@ -58,7 +58,7 @@ class MessageReader:
     model: str
     topics: frozenset[str]
     lane: str | None
-    direct_views: dict[str, type[Any]]
+    direct_views: dict[str, type]
 
     def read(self, msg: Msg) -> Delivery:
         try:
@@ -77,8 +77,8 @@ class MessageReader:
         if topic == WATERMARK:
             if self.lane is None or headers.get(LANE_HEADER) != self.lane:
                 return Delivery(0, 0, 0)  # not for this model: changes nothing
-            last = int(headers[LAST_HEADER])
-            return Delivery(int(headers[LANE_PREV_HEADER]), last, last)
+            head = int(headers[LAST_HEADER])
+            return Delivery(int(headers[LANE_PREV_HEADER]), head, head)
         prev = headers.get(PREV_HEADER)
         if self.lane is not None and topic is not None and lane_of(topic) == self.lane:
             # Chained within the lane. Without the header (an older relay), or for a message of

@@ -18,7 +18,6 @@ import typst
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from domain.documents import (
-    INDIA,
     SAC_DESCRIPTION,
     InvoiceDocument,
     indian_rupees,
@@ -27,6 +26,7 @@ from domain.documents import (
     rupees_in_words,
     state_label,
 )
+from domain.tax import INDIA
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 HTML_TEMPLATE = "invoice.html.j2"

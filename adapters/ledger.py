@@ -73,7 +73,7 @@ class _LedgerApp(Application[UUID]):
         # Settings come from infra only; never from os.environ behind our back.
         return Environment(name, dict(env or {}))
 
-    def construct_mapper(self) -> MsgspecMapper:  # type: ignore[override]
+    def construct_mapper(self) -> MsgspecMapper:
         return MsgspecMapper()
 
 
@@ -96,7 +96,7 @@ class LedgerStore:
 
     def get(self, aggregate_id: UUID, kind: type[A]) -> A:
         try:
-            aggregate = self._app.repository.get(aggregate_id)
+            aggregate: Aggregate = self._app.repository.get(aggregate_id)
         except AggregateNotFoundError:
             raise NotFound(kind.__name__, aggregate_id) from None
         except (LibOperationalError, psycopg.OperationalError) as e:
@@ -134,9 +134,10 @@ class LedgerStore:
     ) -> Sequence[Notification]:
         """Entries with position > `position` (and <= `stop`), in ledger order."""
         assert 0 < limit <= READ_PAGE_MAX_ROWS
-        return self.recorder.select_notifications(
+        notifications: Sequence[Notification] = self.recorder.select_notifications(
             start=position, limit=limit, stop=stop, inclusive_of_start=False
         )
+        return notifications
 
     def decode(self, stored: StoredEvent) -> Any:
         return self.mapper.to_domain_event(stored)

@@ -26,7 +26,7 @@ def model_topics(model: ReadModel) -> frozenset[str]:
 def ensure_tables(pool: ConnectionPool, model: ReadModel) -> None:
     with pool.connection() as conn, conn.transaction():
         for statement in model.ddl:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
 
 
 def rebuild(

@@ -248,7 +248,7 @@ class Relay:
         log), each entry already encoded for the wire by Postgres."""
         cur = conn.cursor(binary=True)
         await cur.execute(self._select, (position, ENTRIES_PER_MESSAGE_MAX), prepare=True)
-        return await cur.fetchall()  # type: ignore[return-value]
+        return await cur.fetchall()
 
     async def _mark(self, marks: _Marks, position: int, lanes: dict[str, int], idle: bool) -> None:
         """Tell a lane that saw nothing new up to `position` so (a watermark): its projectors

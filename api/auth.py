@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 import anyio
@@ -22,6 +22,9 @@ from api.problems import Forbidden, Unauthenticated
 from domain.access import TOKEN_PREFIX, TOKEN_PREFIX_CHARS, Principal, bootstrap_token_id, token_hash
 from domain.audit import CURRENT_ACTOR, Actor
 from domain.errors import NotFound
+
+if TYPE_CHECKING:
+    from litestar.types import HTTPScope
 
 BEARER_PREFIX = "bearer "
 TOKEN_MAX_CHARS = 512
@@ -85,7 +88,9 @@ async def _confine(rule: Rule, principal: Principal, connection: ASGIConnection[
 async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     deps: ApiDeps = connection.app.state.deps
     principal = await authenticate_admin(connection, deps)
-    rule = rule_for(connection.scope["method"], connection.scope.get("path_template", ""))
+    # Guards run on HTTP routes only: the scope is an HTTP one.
+    scope = cast("HTTPScope", connection.scope)
+    rule = rule_for(scope["method"], scope.get("path_template", ""))
     if rule is None:  # create_app refuses such routes; this is the belt to those braces
         raise Forbidden("this route has no permission rule")
     if rule.permission not in deps.role_permissions.get(principal.role, frozenset()):

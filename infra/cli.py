@@ -109,8 +109,9 @@ def _run_roles(settings: Settings, roles: set[str], *, with_children: bool = Fal
                 await asyncio.sleep(CHILD_POLL_S)
             if not stop.is_set():
                 dead = [c for c in children if c.poll() is not None]
-                log.error("a child process (%s) exited with %s; stopping",
-                          " ".join(str(a) for a in dead[0].args[3:]), dead[0].returncode)
+                args = dead[0].args  # as _start_child gave them: [python, -m, module, role...]
+                role = " ".join(map(str, args[3:])) if isinstance(args, list) else str(args)
+                log.error("a child process (%s) exited with %s; stopping", role, dead[0].returncode)
                 child_died = True
                 stop.set()
 

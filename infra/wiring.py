@@ -96,10 +96,10 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
             for statement in (*bookkeeping.DDL, *rate_limit.DDL):
-                conn.execute(statement)  # type: ignore[arg-type]
+                conn.execute(statement)
             for model in READ_MODELS:
                 for statement in model.ddl:
-                    conn.execute(statement)  # type: ignore[arg-type]
+                    conn.execute(statement)
             ledger = LedgerStore(database_url, schema)
             conn.execute(append_function_ddl(schema, ledger.events_table, ledger.channel))
             return ledger

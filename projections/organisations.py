@@ -49,7 +49,7 @@ def _created(cur: Cursor[Any], e: Organisation.Created, position: int) -> None:
 
 def _settings_updated(cur: Cursor[Any], e: Organisation.SettingsUpdated, position: int) -> None:
     changes: dict[str, Any] = {k: v for k, v in e.after.items() if k in SETTING_NAMES}
-    changes |= {k: int(v) if k.startswith("rate_") else v
+    changes |= {k: int(v) if k.startswith("rate_") and v is not None else v
                 for k, v in e.after.items() if k in ACCESS_SETTING_NAMES}
     changes |= {"updated_at": e.timestamp, "version": e.originator_version,
                 "ledger_position": position}

@@ -226,7 +226,7 @@ def quantities(conn: Connection[Any], q: UsageQuery, aggregation: str) -> list[d
         f") s GROUP BY {group_cols} ORDER BY {group_cols} LIMIT %(limit)s"
     )
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql.encode(), params)  # type: ignore[call-overload]
+        cur.execute(sql.encode(), params)
         return cur.fetchall()
 
 
