@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 types: $(STAMP)
-	$(BIN)/mypy domain projections adapters api infra bench
+	$(BIN)/mypy domain projections adapters api infra bench tests
 
 layers: $(STAMP)
 	$(BIN)/lint-imports

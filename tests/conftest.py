@@ -131,6 +131,11 @@ def tracked(rt: Runtime, name: str) -> int:
         return tracked_position(conn, name)
 
 
+def reached(rt: Runtime, name: str, position: int) -> bool:
+    """Whether read model `name` has tracked `position` (a condition for wait_sync)."""
+    return tracked(rt, name) >= position
+
+
 def table_rows(rt: Runtime, table: str, order_by: str = "id") -> list[tuple[Any, ...]]:
     with rt.pool.connection() as conn:
         return conn.execute(
@@ -147,6 +152,10 @@ def http_status(url: str) -> int:
         return httpx.get(url, timeout=3).status_code
     except httpx.HTTPError:
         return 0
+
+
+def http_status_is(url: str, status: int) -> bool:
+    return http_status(url) == status
 
 
 @contextlib.contextmanager

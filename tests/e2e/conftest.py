@@ -26,7 +26,7 @@ class Api:
     def count_where(self, table: str, condition: str) -> int:
         with self.rt.pool.connection() as conn:
             row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-                sql.Identifier(table), sql.SQL(condition))).fetchone()  # type: ignore[arg-type]
+                sql.Identifier(table), sql.SQL(condition))).fetchone()
             assert row is not None
             return int(row[0])
 

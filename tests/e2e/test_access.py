@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,7 @@ from api.app import check_rules
 from api.permissions import ROLE_PERMISSIONS, RULES
 from domain.access import ORG_ROLES, ROLES
 from infra.embedded import free_port
-from tests.conftest import http_status, wait_sync
+from tests.conftest import http_status_is, wait_sync
 
 BOOT = "access-bootstrap-token-7f3e9a"
 SECRETS: list[str] = [BOOT]
@@ -80,7 +81,7 @@ def cluster(server_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFacto
     apis = [f"http://127.0.0.1:{p}" for p in ports]
     try:
         for api in apis:
-            wait_sync(lambda a=api: http_status(f"{a}/health/ready") == 200, f"{api} ready", 60)
+            wait_sync(partial(http_status_is, f"{api}/health/ready", 200), f"{api} ready", 60)
         yield Cluster(apis, logs, schema)
     finally:
         for p in procs:
@@ -133,7 +134,7 @@ def test_every_route_enforces_the_permission_table_for_every_role(
             scoped_global = role in ORG_ROLES and rule.scope == "GLOBAL"
             allowed = rule.permission in ROLE_PERMISSIONS[role] and not scoped_global
             with cluster.admin(a.tokens[role]) as client:
-                body = {} if method in ("POST", "PUT", "PATCH") else None
+                body: dict[str, object] | None = {} if method in ("POST", "PUT", "PATCH") else None
                 r = client.request(method, _url(template, a), json=body,
                                    params={"metric": "req"} if template.endswith("usage") else None)
             if allowed:
@@ -184,6 +185,15 @@ def test_no_scoped_token_reaches_another_organisation(
     assert all(i.get("project_id") == me.project for i in r.json()["items"])
 
 
+def _ingest_status_is(c: Cluster, key: str, i: int, status: int) -> bool:
+    return _ingest(c, key, i).status_code == status
+
+
+def _limit_is(c: Cluster, key: str, i: int, burst: int) -> bool:
+    limit: str | None = _ingest(c, key, i).headers.get("ratelimit-limit")
+    return limit == str(burst)
+
+
 def _ingest(c: Cluster, key: str, i: int, **headers: str) -> httpx.Response:
     return httpx.post(f"{c.apis[i]}/api/v1/events", timeout=10,
                       json={"event_id": uuid.uuid4().hex, "metric": "req"},
@@ -193,7 +203,7 @@ def _ingest(c: Cluster, key: str, i: int, **headers: str) -> httpx.Response:
 def _on_both_within_5s(c: Cluster, key: str, status: int, what: str) -> None:
     started = time.monotonic()
     for i in (0, 1):
-        wait_sync(lambda i=i: _ingest(c, key, i).status_code == status, f"{what} on api {i}", 5)
+        wait_sync(partial(_ingest_status_is, c, key, i, status), f"{what} on api {i}", 5)
     assert time.monotonic() - started < 5
 
 
@@ -239,8 +249,7 @@ def test_rate_limit_holds_across_both_api_processes(cluster: Cluster) -> None:
                         json={"rate_limit": {"per_second": per_second, "burst": burst}})
         assert r.status_code == 200
     for i in (0, 1):
-        wait_sync(lambda i=i: _ingest(cluster, t.key, i).headers.get("ratelimit-limit") == str(burst),
-                  "new limit seen", 5)
+        wait_sync(partial(_limit_is, cluster, t.key, i, burst), "new limit seen", 5)
     # A fresh key (a full bucket) under the organisation's new limit.
     with cluster.admin() as admin:
         fresh = admin.post(f"/admin/v1/projects/{t.project}/api-keys", json={"name": "fresh"}).json()["key"]

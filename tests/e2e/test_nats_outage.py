@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from infra.embedded import EmbeddedNats, free_port
+from infra.settings import Settings
 from infra.wiring import Runtime
 from tests.conftest import TEST_ADMIN_TOKEN, http_status, running, tracked, wait_until
 from tests.integration.helpers import org_rows, rebuilt_rows
@@ -17,12 +18,12 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_writes_survive_a_nats_outage_and_the_read_model_gets_every_one(
-    tmp_path: Path, settings: object, server_urls: tuple[str, str]
+    tmp_path: Path, settings: Settings, server_urls: tuple[str, str]
 ) -> None:
     nats_server = EmbeddedNats(tmp_path / "own-nats")
     nats_server.start()
     port = free_port()
-    cfg = dataclasses.replace(settings, port=port)  # type: ignore[type-var]
+    cfg = dataclasses.replace(settings, port=port)
     rt = Runtime.open(cfg, server_urls[0], nats_server.url)
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}

@@ -90,7 +90,12 @@ def test_concurrent_finalizations_get_gapless_unique_numbers(runtime: Runtime) -
 
     def finalize_share(share: list[UUID]) -> list[str]:
         start.wait()
-        return [finalizing.finalize(ident).aggregate.number for ident in share]
+        numbers = []
+        for ident in share:
+            number = finalizing.finalize(ident).aggregate.number
+            assert number is not None, "a finalized invoice has its number"
+            numbers.append(number)
+        return numbers
 
     with ThreadPoolExecutor(THREADS) as pool:
         shares = [ids[i::THREADS] for i in range(THREADS)]

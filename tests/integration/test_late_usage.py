@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from uuid import uuid4
 
 import pytest
@@ -21,7 +22,14 @@ from domain.services import CatalogueService, OrganisationService
 from domain.usage import UsageFact
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoices
-from tests.conftest import ThreadedWriter, background_roles, threaded_writer, tracked, wait_sync
+from tests.conftest import (
+    ThreadedWriter,
+    background_roles,
+    reached,
+    threaded_writer,
+    tracked,
+    wait_sync,
+)
 
 OCTOBER = datetime(2026, 10, 20, 12, tzinfo=UTC)
 NOVEMBER = datetime(2026, 11, 10, 12, tzinfo=UTC)
@@ -35,7 +43,9 @@ def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
 
 def test_late_usage_is_billed_on_the_next_invoice_once(live: tuple[Runtime, ThreadedWriter]) -> None:
     rt, writer = live
-    now = lambda: datetime.now(UTC)  # noqa: E731
+    def now() -> datetime:
+        return datetime.now(UTC)
+
     CatalogueService(rt.ledger, now, uuid4, lambda: ("p", "s")).define_meter(
         "calls", "Calls", "count", None, [], False, lambda _: False)
     org = OrganisationService(rt.ledger, now, uuid4).create(
@@ -51,7 +61,7 @@ def test_late_usage_is_billed_on_the_next_invoice_once(live: tuple[Runtime, Thre
                 for at in moments]
         position = writer.submit(rows).result(10).position
         for model in READ_MODELS:
-            wait_sync(lambda m=model.name: tracked(rt, m) >= position, f"{model.name} caught up")
+            wait_sync(partial(reached, rt, model.name, position), f"{model.name} caught up")
 
     def run(period: str, at: datetime) -> Invoice:
         clock = lambda: at  # noqa: E731
@@ -91,7 +101,9 @@ def test_drafts_are_finalized_automatically_after_the_configured_delay(
     from infra.scheduler import finalize_due
 
     rt, _ = live
-    now = lambda: datetime.now(UTC)  # noqa: E731
+    def now() -> datetime:
+        return datetime.now(UTC)
+
     org = OrganisationService(rt.ledger, now, uuid4).create(
         {"name": "Auto Ltd", "billing_email": "a@b.in"}).aggregate
     plans = PlansService(rt.ledger, now)
@@ -101,7 +113,7 @@ def test_drafts_are_finalized_automatically_after_the_configured_delay(
     invoicing = InvoicingService(rt.ledger, lambda: at)
     head = rt.ledger.head()
     for model in READ_MODELS:
-        wait_sync(lambda m=model.name: tracked(rt, m) >= head, f"{model.name} caught up")
+        wait_sync(partial(reached, rt, model.name, head), f"{model.name} caught up")
     result = InvoiceRun(rt.pool, rt.ledger, invoicing, "29", lambda: at, timedelta(hours=24),
                         rt.settings.pg_schema).run("2026-10")
     assert result.created == 1

@@ -6,7 +6,8 @@ import asyncio
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
-from uuid import uuid4
+from functools import partial
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
@@ -39,6 +40,9 @@ pytestmark = pytest.mark.anyio
 KILL_WAIT_S = 15.0
 
 
+def _tracked_beyond(runtime: Runtime, name: str, position: int) -> bool:
+    return tracked(runtime, name) > position
+
 async def test_a_write_travels_to_the_read_model(runtime: Runtime) -> None:
     async with running(runtime, {"relay", "project"}):
         ids = await asyncio.to_thread(write_orgs, runtime, 3)
@@ -63,7 +67,7 @@ async def test_killed_projector_resumes_and_equals_a_fresh_rebuild(runtime: Runt
                                   runtime.streams)
             task = asyncio.create_task(projector.run(stop))
             before = tracked(runtime, "organisations")
-            await wait_until(lambda b=before: tracked(runtime, "organisations") > b, "progress")
+            await wait_until(partial(_tracked_beyond, runtime, "organisations", before), "progress")
             # No graceful stop: whatever was in flight is redelivered. (stop too: nats-py's fetch
             # can absorb a cancellation, and the loop must end all the same.)
             task.cancel()
@@ -250,6 +254,7 @@ async def test_a_message_of_the_first_wire_format_is_still_applied(runtime: Runt
     (org,) = await asyncio.to_thread(write_orgs, runtime, 1)
     head = runtime.ledger.head()
     (note,) = runtime.ledger.read_after(head - 1, 1)
+    assert isinstance(note.originator_id, UUID)
     entry = Entry(note.id, note.originator_id, note.originator_version, note.topic, note.state)
     await _project_crafted(runtime, encode(RelayedBatch(head - 1, [entry])), {
         "Nats-Msg-Id": f"{head}-{head}", PREV_HEADER: str(head - 1), TOPIC_HEADER: note.topic})

@@ -21,7 +21,7 @@ class MemoryLedger:
     def __init__(self) -> None:
         self.events: dict[UUID, list[Any]] = {}
         self.position = 0
-        self.before_save: Callable[[], None] | None = None
+        self.before_save: Callable[[], object] | None = None
         self.always_conflict = False
 
     def get(self, aggregate_id: UUID, kind: type[A]) -> A:

@@ -114,6 +114,7 @@ def test_a_view_decodes_the_same_values_as_the_whole_event(
     agg = Sample._create(Sample.Created, id=uuid4(), amount=amount, ref=uuid4(), at=at,
                          tags=tags, note="n")
     (event,) = agg.collect_events()
+    assert isinstance(event, Sample.Created)
     stored = mapper.to_stored_event(event)
     view = decode_view(Sample.Created, SampleView, stored.state)
     assert (view.amount, view.at, view.tags) == (event.amount, event.at, event.tags)
@@ -144,6 +145,7 @@ def test_a_relayed_body_decodes_to_its_entries_with_their_states_as_stored() -> 
                          at=datetime(2026, 10, 1, tzinfo=UTC), tags={"a": "b"}, note=None)
     (event,) = agg.collect_events()
     stored = mapper.to_stored_event(event)
+    assert isinstance(stored.originator_id, UUID)
     rows = [(p, stored.topic, entry_bytes(p, stored.originator_id, 1, stored.state)) for p in (3, 9)]
     (message,), _ = group_messages(rows, 2, {})
     entries = entries_decoder(None).decode(message.body)

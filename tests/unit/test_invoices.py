@@ -309,7 +309,7 @@ def test_losing_the_race_for_a_number_takes_the_next_one() -> None:
 
 
 def test_numbering_that_stays_contended_gives_up_with_unavailable() -> None:
-    ledger, waits = MemoryLedger(), []
+    ledger, waits = MemoryLedger(), list[int]()
     svc = InvoicingService(ledger, Clock(AFTER_OCTOBER), pause=waits.append)
     ident, = drafted(svc)
     ledger.always_conflict = True
