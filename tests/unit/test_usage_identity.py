@@ -26,3 +26,9 @@ def test_the_same_event_id_in_another_project_is_another_event(
 ) -> None:
     if project != other:
         assert usage_ids(project, [event_id]) != usage_ids(other, [event_id])
+
+
+def test_a_full_batch_of_identities_equals_uuid5_bit_for_bit() -> None:
+    project = UUID("6f1c3c4e-8a41-4c3f-9d37-0c2b9a7e5d10")
+    ids = [f"evt-{i}" for i in range(1000)]  # the version bits are set in all of them at once
+    assert usage_ids(project, ids) == [uuid5(_USAGE_NAMESPACE, f"{project}/{e}") for e in ids]
