@@ -66,8 +66,10 @@ USAGE_AGGREGATE_TOPIC = get_topic(Usage)
 APPEND_FUNCTION = "billing_append_usage"
 UUID_BYTES = 16
 UUID_OID, UUID_ARRAY_OID = 2950, 2951  # built-in types: the same oids on every server
+BYTEA_OID, BYTEA_ARRAY_OID = 17, 1001
 _ARRAY_HEADER = struct.Struct(">iiiii")  # dimensions, has nulls, element type, size, lower bound
 _UUID_LENGTH = UUID_BYTES.to_bytes(4, "big")
+_LENGTH = struct.Struct(">i").pack
 
 
 def append_function_ddl(schema: str, events_table: str, channel: str) -> sql.Composed:
@@ -140,6 +142,27 @@ class _PackedIdsDumper(Dumper):
     oid = UUID_ARRAY_OID
 
     def dump(self, obj: PackedIds) -> Buffer:
+        return obj.wire
+
+
+class PackedStates:
+    """States as the binary form of a bytea[] parameter, made in one join. psycopg's own list
+    dumper runs Python per element, and slows as the list grows: measured 0.37 (1,000 states)
+    to 0.77-0.86 us a state (20,000, a busy group commit) against 0.25-0.33 here."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, states: list[bytes]) -> None:
+        lengths = map(_LENGTH, map(len, states))
+        self.wire = (_ARRAY_HEADER.pack(1, 0, BYTEA_OID, len(states), 1)
+                     + b"".join(chain.from_iterable(zip(lengths, states, strict=True))))
+
+
+class _PackedStatesDumper(Dumper):
+    format = Format.BINARY
+    oid = BYTEA_ARRAY_OID
+
+    def dump(self, obj: PackedStates) -> Buffer:
         return obj.wire
 
 
@@ -294,6 +317,7 @@ class UsageWriter:
                 options=f"-c lock_timeout={LOCK_TIMEOUT_S}s"
                         f" -c statement_timeout={STATEMENT_TIMEOUT_S}s")
             conn.adapters.register_dumper(PackedIds, _PackedIdsDumper)
+            conn.adapters.register_dumper(PackedStates, _PackedStatesDumper)
         return conn
 
     async def _write(self, lane: int, batch: list[_Request]) -> None:
@@ -330,7 +354,7 @@ class UsageWriter:
                 firsts.setdefault(ident, state)
             ids, states = list(firsts), list(firsts.values())
         conn = await self._connection(lane)
-        cur = await conn.execute(self._call, (PackedIds(ids), states), prepare=True)
+        cur = await conn.execute(self._call, (PackedIds(ids), PackedStates(states)), prepare=True)
         row = await cur.fetchone()
         assert row is not None
         position, inserted, inserted_ids = int(row[0] or 0), int(row[1]), row[2]

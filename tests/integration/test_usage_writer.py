@@ -120,6 +120,21 @@ def test_an_unreachable_ledger_answers_503_quickly_and_then_at_once() -> None:
         writer.close()
 
 
+def test_every_row_is_stored_as_sent_identity_and_state_byte_for_byte(runtime: Runtime) -> None:
+    sent = rows(1500)  # more than one request's worth, in one parameter of each kind
+    sent[7] = (sent[7][0], b"")  # no state at all: length 0, not NULL
+    sent[8] = (sent[8][0], bytes(range(256)) * 300)  # every byte value, over 64 KiB
+    with threaded_writer(runtime) as writer:
+        appended = writer.submit(sent).result(RESULT_TIMEOUT_S)
+    assert (appended.accepted, appended.duplicates) == (1500, 0)
+    table = sql.Identifier(runtime.settings.pg_schema, runtime.ledger.events_table)
+    with psycopg.connect(runtime.database_url) as conn:
+        stored: dict[UUID, bytes] = dict(conn.execute(sql.SQL(
+            "SELECT originator_id, state FROM {} WHERE originator_id = ANY(%s)").format(table),
+            ([ident for ident, _ in sent],)).fetchall())
+    assert stored == dict(sent)
+
+
 def test_resends_in_one_group_commit_keep_the_first(runtime: Runtime) -> None:
     with threaded_writer(runtime) as writer:
         same = rows(3)
