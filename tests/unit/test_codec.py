@@ -24,7 +24,7 @@ from adapters.bus import (
     entries_decoder,
     lane_of,
 )
-from adapters.codec import MsgspecMapper, decode_view
+from adapters.codec import MsgspecMapper, decode_view, encode_state, encode_states
 from adapters.relay import ENTRIES_PER_MESSAGE_MAX, group_messages
 from domain.usage import Usage
 
@@ -189,3 +189,20 @@ def test_each_relay_message_names_the_last_position_of_its_lane_before_it() -> N
     assert [m.lane_prev for m in messages] == [5, 8, 11, 12]
     assert lanes == {USAGE_LANE: 13, DOMAIN_LANE: 14}
     assert {lane_of(usage), lane_of(other)} == {USAGE_LANE, DOMAIN_LANE}
+
+
+@given(st.lists(st.tuples(st.text(max_size=20), st.decimals(allow_nan=False, allow_infinity=False),
+                          st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)),
+                min_size=1, max_size=20))
+def test_states_encoded_together_equal_each_encoded_alone(
+    rows: list[tuple[str, Decimal, dict[str, str]]]
+) -> None:
+    common = {"timestamp": datetime(2026, 12, 1, tzinfo=UTC), "originator_topic": "t",
+              "organisation_id": uuid4(), "project_id": uuid4(), "timezone": "Asia/Kolkata"}
+    columns: dict[str, list[Any]] = {"event_id": [r[0] for r in rows], "metric": ["m"] * len(rows),
+               "value": [r[1] for r in rows], "occurred_at": [common["timestamp"]] * len(rows),
+               "properties": [r[2] for r in rows]}
+    together = encode_states(Usage.Recorded, common, columns)
+    alone = [encode_state(Usage.Recorded, common | {k: v[i] for k, v in columns.items()})
+             for i in range(len(rows))]
+    assert together == alone
