@@ -59,6 +59,10 @@ LOCK_TIMEOUT_S = 5
 STATEMENT_TIMEOUT_S = 10
 CONNECT_TIMEOUT_S = 2
 STOP_TIMEOUT_S = STATEMENT_TIMEOUT_S + CONNECT_TIMEOUT_S
+# After STOP_TIMEOUT_S an append still running is cancelled and its requests answered 503;
+# psycopg then cancels the statement in the server, which takes up to 10 s more if the server
+# does not answer: stop() waits this long for it, then closes the connection under it.
+CANCEL_WAIT_S = 0.5
 UNHEALTHY_HOLD_S = 1.0  # after a failed commit, refuse at once for this long
 RETRY_AFTER_S = 1
 USAGE_TOPIC = get_topic(Usage.Recorded)
@@ -202,9 +206,10 @@ class UsageWriter:
     def __init__(
         self, database_url: str, schema: str,
         *, queue_max_events: int = QUEUE_MAX_EVENTS, batch_max_events: int = BATCH_MAX_EVENTS,
-        connections: int = WRITER_CONNECTIONS,
+        connections: int = WRITER_CONNECTIONS, stop_timeout_s: float = STOP_TIMEOUT_S,
     ) -> None:
         assert 0 < batch_max_events <= queue_max_events and connections >= 1
+        self._stop_timeout_s = stop_timeout_s
         self._queue_max = queue_max_events
         self._batch_max = batch_max_events
         self._url = database_url
@@ -217,6 +222,7 @@ class UsageWriter:
         self._unhealthy_until = 0.0
         self._conns: list[psycopg.AsyncConnection[Any] | None] = [None] * connections
         self._tasks: list[asyncio.Task[None] | None] = [None] * connections
+        self._in_flight: list[list[_Request]] = [[] for _ in range(connections)]
         self.appended_events = 0
         self.commits = 0
 
@@ -224,6 +230,11 @@ class UsageWriter:
     def queued_events(self) -> int:
         """Events waiting for a connection (not yet in an append)."""
         return self._queued_events
+
+    @property
+    def in_flight_events(self) -> int:
+        """Events in an append now (sent, not yet answered)."""
+        return sum(len(r.ids) for batch in self._in_flight for r in batch)
 
     async def record(self, key: KeyRecord, batch: UsageBatch, received_at: datetime) -> Appended:
         return await self.append_rows(*encode_batch(key, batch, received_at))
@@ -258,20 +269,26 @@ class UsageWriter:
         return await future
 
     async def stop(self) -> None:
-        """Finish what is queued (bounded), then close; later appends get 503."""
+        """Finish what is queued, then close; later appends get 503. Bounded: after
+        stop_timeout_s (+ CANCEL_WAIT_S) every request not yet answered gets 503 (a resend is
+        harmless: a commit that lands after all is then a duplicate) and the connections close."""
         self._stopping = True
         for wake in self._wakes:
             wake.set()
         tasks = [t for t in self._tasks if t is not None]
         if tasks:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.gather(*tasks), STOP_TIMEOUT_S)
+            _, pending = await asyncio.wait(tasks, timeout=self._stop_timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:  # not psycopg's whole cancellation (up to 10 s with a silent server)
+                await asyncio.wait(pending, timeout=CANCEL_WAIT_S)
             self._tasks = [None] * len(self._tasks)
-        _fail(list(self._queue), Unavailable("shutting down", RETRY_AFTER_S))
+        error = Unavailable("shutting down", RETRY_AFTER_S)
+        _fail([r for batch in self._in_flight for r in batch] + list(self._queue), error)
         self._queue.clear()
         for lane, conn in enumerate(self._conns):
             if conn is not None:
-                await conn.close()
+                await conn.close()  # at once, even under a statement still being cancelled
                 self._conns[lane] = None
 
     # ---- the writer task -------------------------------------------------------------------
@@ -321,6 +338,7 @@ class UsageWriter:
         return conn
 
     async def _write(self, lane: int, batch: list[_Request]) -> None:
+        self._in_flight[lane] = batch  # what stop() answers if this append does not end in time
         try:
             results = await self._commit(lane, batch)
         except asyncio.CancelledError:  # stop() gave up waiting: answer, then stop
@@ -339,6 +357,8 @@ class UsageWriter:
             self._unhealthy_until = time.monotonic() + UNHEALTHY_HOLD_S
             _fail(batch, Unavailable("the ledger cannot commit right now", RETRY_AFTER_S))
             return
+        finally:
+            self._in_flight[lane] = []
         for r, appended in zip(batch, results, strict=True):
             if not r.future.done():
                 r.future.set_result(appended)

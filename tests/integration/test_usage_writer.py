@@ -4,6 +4,8 @@ ledger answers 503 quickly."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -14,6 +16,7 @@ import pytest
 from psycopg import sql
 
 from adapters.usage_writer import (
+    CANCEL_WAIT_S,
     PARALLEL_APPEND_MIN_EVENTS,
     UNHEALTHY_HOLD_S,
     WRITER_CONNECTIONS,
@@ -118,6 +121,40 @@ def test_an_unreachable_ledger_answers_503_quickly_and_then_at_once() -> None:
         assert time.monotonic() - fast < UNHEALTHY_HOLD_S
     finally:
         writer.close()
+
+
+def _writer_backend(rt: Runtime) -> int:
+    """The backend of this schema's idle usage writer connection (its last query: the append)."""
+    with rt.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE state = 'idle' AND query LIKE %s"
+            " AND query LIKE %s", ("%billing_append_usage%", f"%{rt.settings.pg_schema}%")).fetchone()
+    assert row is not None, "the writer's connection"
+    return int(row[0])
+
+
+def test_stop_is_bounded_when_postgres_stops_answering_mid_append(runtime: Runtime) -> None:
+    stop_s = 0.5
+    writer = ThreadedWriter(UsageWriter(runtime.database_url, runtime.settings.pg_schema,
+                                        stop_timeout_s=stop_s))
+    backend = 0
+    try:
+        writer.submit(rows(1)).result(RESULT_TIMEOUT_S)  # connected
+        backend = _writer_backend(runtime)
+        os.kill(backend, signal.SIGSTOP)  # alive, silent: not even a cancel gets an answer
+        hung = writer.submit(rows(2))
+        wait_sync(lambda: writer.writer.in_flight_events == 2, "the append sent")
+        started = time.monotonic()
+        writer.close()
+        # psycopg alone would wait 5 s more for the server to confirm the cancellation.
+        assert time.monotonic() - started < stop_s + CANCEL_WAIT_S + 1.0
+        with pytest.raises(Unavailable):
+            hung.result(0)  # answered (503: retry), not left hanging
+    finally:
+        if backend:
+            os.kill(backend, signal.SIGCONT)
+            with runtime.pool.connection() as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
 
 
 def test_every_row_is_stored_as_sent_identity_and_state_byte_for_byte(runtime: Runtime) -> None:
