@@ -46,7 +46,7 @@ from psycopg.pq import Format
 from adapters.codec import encode_states
 from domain.errors import Unavailable
 from domain.ports import Appended, KeyRecord
-from domain.usage import Usage, UsageBatch, UsageFact, usage_id_bytes
+from domain.usage import UUID_BYTES, Usage, UsageBatch, UsageFact, usage_id_bytes
 
 log = logging.getLogger("billing.ingest")
 
@@ -68,7 +68,6 @@ RETRY_AFTER_S = 1
 USAGE_TOPIC = get_topic(Usage.Recorded)
 USAGE_AGGREGATE_TOPIC = get_topic(Usage)
 APPEND_FUNCTION = "billing_append_usage"
-UUID_BYTES = 16
 UUID_OID, UUID_ARRAY_OID = 2950, 2951  # built-in types: the same oids on every server
 BYTEA_OID, BYTEA_ARRAY_OID = 17, 1001
 _ARRAY_HEADER = struct.Struct(">iiiii")  # dimensions, has nulls, element type, size, lower bound
