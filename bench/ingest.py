@@ -13,9 +13,11 @@ One run, everything on 127.0.0.1, every loop bounded in count and time:
 4. send-to-visible lag at half that rate (open loop): every event's send time is matched with
    the moment the usage read model's tracked position reached its 202's `X-Ledger-Position`;
    a few are also read back through `GET /api/v1/usage` with that header (the client's view);
-5. baselines on the same Postgres with the service stopped: binary COPY of the same rows (the
-   median of COPY_RUNS, each into a fresh table), and one-row-per-transaction INSERT over
-   ROW_INSERT_CONNECTIONS connections;
+5. baselines on the same Postgres without the service: binary COPY of the same rows (the
+   median of COPY_RUNS before the service starts and COPY_RUNS after it stops, each into a
+   fresh table: the phases lie between them, so a drift of the machine's speed during the run
+   moves the baseline too), and one-row-per-transaction INSERT over ROW_INSERT_CONNECTIONS
+   connections;
 6. peak RSS of the service process, of it with its children (the worker: relay and projectors) and of Postgres
    and NATS, sampled throughout; CPU seconds per phase of the service with its children (and of
    its main process alone), Postgres, NATS, the load processes and this process.
@@ -81,7 +83,7 @@ LAG_DURATION_S = 15.0
 LAG_API_SAMPLES_PER_S = 2  # events also read back through GET /api/v1/usage + X-Ledger-Position
 # 5. baselines
 COPY_ROWS_MAX = BATCH_EVENTS_MAX
-COPY_RUNS = 3  # a single COPY varies by +-20 % from run to run here: the median of three
+COPY_RUNS = 3  # before and 3 after: one COPY varies by +-20 % here, the machine by more
 ROW_INSERT_CONNECTIONS = 8
 ROW_INSERT_DURATION_S = 10.0
 ROW_INSERT_ROWS_MAX = 200_000
@@ -706,13 +708,25 @@ class Bench:
         return out
 
 
-def baselines(database_url: str, copy_rows: int, scale: float) -> dict[str, Any]:
+CopyRuns = tuple[list[float], list[float]]  # rows/s: plain, ledger-shaped
+
+
+def copy_runs(database_url: str, copy_rows: int, when: str) -> CopyRuns:
+    """COPY_RUNS of each, interleaved, each into a fresh table."""
     states = baseline.sample_states()
-    log(f"baseline: COPY of {copy_rows} rows (plain, then ledger-shaped), {COPY_RUNS} runs each")
-    plain_runs, shape_runs = [], []
-    for _ in range(COPY_RUNS):  # interleaved, each into a fresh table; the median is reported
-        plain_runs.append(baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=False))
-        shape_runs.append(baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=True))
+    log(f"baseline ({when}): COPY of {copy_rows} rows (plain, then ledger-shaped), {COPY_RUNS} runs each")
+    plain, shape = [], []
+    for _ in range(COPY_RUNS):
+        plain.append(baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=False))
+        shape.append(baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=True))
+    return plain, shape
+
+
+def baselines(database_url: str, copy_rows: int, scale: float, before: CopyRuns) -> dict[str, Any]:
+    """The COPY runs `before` the service and as many now, after it; the row INSERT baseline."""
+    after = copy_runs(database_url, copy_rows, "after the service")
+    states = baseline.sample_states()
+    plain_runs, shape_runs = before[0] + after[0], before[1] + after[1]
     copy_plain, copy_shape = statistics.median(plain_runs), statistics.median(shape_runs)
     duration = ROW_INSERT_DURATION_S * scale
     log(f"baseline: row INSERT over {ROW_INSERT_CONNECTIONS} connections for {duration:.0f} s")
@@ -747,7 +761,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("lag", "visible_api_p50_ms", "ms send -> X-Ledger-Position read, p50"),
     ("lag", "visible_api_p99_ms", "ms send -> X-Ledger-Position read, p99"),
     ("lag", "lag_ack_p99_ms", "ms send -> 202 at that pace, p99"),
-    ("baseline", "copy_rows_per_s", "rows/s, binary COPY, plain table (median of 3)"),
+    ("baseline", "copy_rows_per_s", "rows/s, binary COPY, plain table (median of 6)"),
     ("baseline", "copy_ledger_shape_rows_per_s", "rows/s, binary COPY, ledger's indexes (median)"),
     ("baseline", "row_insert_rows_per_s", "rows/s, 1 row/txn INSERT, 8 connections"),
     ("ratio", "batch_vs_copy", "batch events/s / COPY rows/s"),
@@ -840,6 +854,8 @@ def run(scale: float, profile_dir: Path | None, profile_gil: bool = False) -> di
         log(f"starting embedded Postgres (fsync on) and NATS under {tmp}")
         with embedded_servers(tmp / "servers", need_pg=True, need_nats=True, fsync=True) as (pg, nats):
             assert pg is not None and nats is not None
+            copy_rows = min(COPY_ROWS_MAX, max(int(BATCH_EVENTS_MAX * scale), 10_000))
+            before = copy_runs(pg.url, copy_rows, "before the service")
             try:
                 service = start_service(pg.url, nats.url, tmp / "service")
                 log(f"billing serve (pid {service.proc.pid}) ready at {service.base_url}")
@@ -877,8 +893,7 @@ def run(scale: float, profile_dir: Path | None, profile_gil: bool = False) -> di
                 if sampler is not None:
                     sampler.stop()
                     figures |= sampler.peaks_mb
-            copy_rows = min(COPY_ROWS_MAX, max(int(figures.get("batch_events", 0)), 10_000))
-            figures |= baselines(pg.url, copy_rows, scale)
+            figures |= baselines(pg.url, copy_rows, scale, before)
     finally:
         if service is not None and service.proc.poll() is None:
             service.proc.kill()
