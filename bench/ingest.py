@@ -711,9 +711,8 @@ class Bench:
 CopyRuns = tuple[list[float], list[float]]  # rows/s: plain, ledger-shaped
 
 
-def copy_runs(database_url: str, copy_rows: int, when: str) -> CopyRuns:
+def copy_runs(database_url: str, copy_rows: int, states: list[bytes], when: str) -> CopyRuns:
     """COPY_RUNS of each, interleaved, each into a fresh table."""
-    states = baseline.sample_states()
     log(f"baseline ({when}): COPY of {copy_rows} rows (plain, then ledger-shaped), {COPY_RUNS} runs each")
     plain, shape = [], []
     for _ in range(COPY_RUNS):
@@ -722,10 +721,10 @@ def copy_runs(database_url: str, copy_rows: int, when: str) -> CopyRuns:
     return plain, shape
 
 
-def baselines(database_url: str, copy_rows: int, scale: float, before: CopyRuns) -> dict[str, Any]:
+def baselines(database_url: str, copy_rows: int, states: list[bytes], scale: float,
+              before: CopyRuns) -> dict[str, Any]:
     """The COPY runs `before` the service and as many now, after it; the row INSERT baseline."""
-    after = copy_runs(database_url, copy_rows, "after the service")
-    states = baseline.sample_states()
+    after = copy_runs(database_url, copy_rows, states, "after the service")
     plain_runs, shape_runs = before[0] + after[0], before[1] + after[1]
     copy_plain, copy_shape = statistics.median(plain_runs), statistics.median(shape_runs)
     duration = ROW_INSERT_DURATION_S * scale
@@ -859,7 +858,8 @@ def run(scale: float, profile_dir: Path | None, profile_gil: bool = False) -> di
         with embedded_servers(tmp / "servers", need_pg=True, need_nats=True, fsync=True) as (pg, nats):
             assert pg is not None and nats is not None
             copy_rows = min(COPY_ROWS_MAX, max(int(BATCH_EVENTS_MAX * scale), 10_000))
-            before = copy_runs(pg.url, copy_rows, "before the service")
+            states = baseline.sample_states()
+            before = copy_runs(pg.url, copy_rows, states, "before the service")
             try:
                 service = start_service(pg.url, nats.url, tmp / "service")
                 log(f"billing serve (pid {service.proc.pid}) ready at {service.base_url}")
@@ -897,7 +897,7 @@ def run(scale: float, profile_dir: Path | None, profile_gil: bool = False) -> di
                 if sampler is not None:
                     sampler.stop()
                     figures |= sampler.peaks_mb
-            figures |= baselines(pg.url, copy_rows, scale, before)
+            figures |= baselines(pg.url, copy_rows, states, scale, before)
     finally:
         if service is not None and service.proc.poll() is None:
             service.proc.kill()

@@ -135,14 +135,20 @@ class Fold:
     moment. Equal fields give the same run either way: == is what a dict key compares too."""
 
     def __init__(self) -> None:
-        self.runs: dict[tuple[Any, ...], Run] = {}
+        # The runs of one (organisation, project, moment, timezone), by meter.
+        self._moments: dict[tuple[Any, ...], dict[str, Run]] = {}
         self.days: dict[DayKey, Totals] = {}
         self.uniques: set[tuple[DayKey, str]] = set()
         self._local_days: dict[tuple[datetime, str], date] = {}
         self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[dict[str, str], str]] = {}
         self._ids: dict[bytes | UUID, UUID] = {}
-        # The runs of one (organisation, project, moment, timezone), by meter.
-        self._moments: dict[tuple[Any, ...], dict[str, Run]] = {}
+
+    @property
+    def runs(self) -> dict[tuple[Any, ...], Run]:
+        """The runs added and not yet folded, by (organisation, project, meter, moment, timezone)."""
+        return {(org, project, metric, at, timezone): run
+                for (org, project, at, timezone), by_metric in self._moments.items()
+                for metric, run in by_metric.items()}
 
     def add_all(self, items: Sequence[tuple[Any, int]]) -> None:
         prev: Any = None
@@ -157,7 +163,7 @@ class Fold:
             prev = e
             run = by_metric.get(e.metric)
             if run is None:
-                run = by_metric[e.metric] = self._run_of(e)
+                run = by_metric[e.metric] = []
             run.append(item)
 
     def _moment_of(self, e: Any) -> dict[str, Run]:
@@ -166,13 +172,6 @@ class Fold:
         if by_metric is None:
             by_metric = self._moments[moment] = {}
         return by_metric
-
-    def _run_of(self, e: Any) -> Run:
-        key = (e.organisation_id, e.project_id, e.metric, e.occurred_at, e.timezone)
-        run = self.runs.get(key)
-        if run is None:
-            run = self.runs[key] = []
-        return run
 
     def fold_runs(self, rules: dict[str, MeterRule]) -> None:
         for (org, project, metric, at, timezone), run in self.runs.items():
@@ -198,7 +197,6 @@ class Fold:
                 t.add([e.value for e, _ in events], at, last[1], last[0].value)
                 if rule.aggregation == "unique_count" and rule.field is not None:
                     self.uniques.update(_distinct(key, events, rule.field))
-        self.runs.clear()
         self._moments.clear()
 
     @staticmethod
@@ -219,7 +217,7 @@ class Fold:
 
     def pending_meters(self) -> set[str]:
         """The meters of the usage added and not yet folded."""
-        return {key[2] for key in self.runs}
+        return {metric for by_metric in self._moments.values() for metric in by_metric}
 
     def take(self, rules: dict[str, MeterRule]) -> tuple[dict[Bucket, Totals], set[Unique]]:
         """Everything added so far, folded with these meters' rules into day and month totals
