@@ -62,6 +62,25 @@ def _fresh_table(conn: psycopg.Connection[tuple[object, ...]], name: str, *,
     return table
 
 
+def checkpoint(url: str) -> int:
+    """Run a CHECKPOINT and return how many checkpoints the server has started so far.
+
+    A checkpoint in progress halves this machine's COPY rate (measured: 540-620k rows/s before
+    the first one, 310-360k while it runs), and the default max_wal_size starts one after about
+    540 MB of WAL, i.e. somewhere inside any run of this bench. So every measured phase, the
+    pipeline's and the baselines' alike, starts right after one, with the same WAL headroom.
+    """
+    with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn.execute("CHECKPOINT")
+        return checkpoints_started(conn)
+
+
+def checkpoints_started(conn: psycopg.Connection[tuple[object, ...]]) -> int:
+    row = conn.execute("SELECT num_timed + num_requested FROM pg_stat_checkpointer").fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
 def copy_rows_per_s(url: str, rows: int, states: list[bytes], *, ledger_shape: bool) -> float:
     """Rows/s of one binary COPY of `rows` rows, timed from COPY start to COMMIT done."""
     ids: list[UUID] = [uuid4() for _ in range(rows)]

@@ -22,6 +22,11 @@ One run, everything on 127.0.0.1, every loop bounded in count and time:
    and NATS, sampled throughout; CPU seconds per phase of the service with its children (and of
    its main process alone), Postgres, NATS, the load processes and this process.
 
+Every measured phase, the service's and the baselines' alike, starts right after a CHECKPOINT
+(`baseline.checkpoint`): a checkpoint in progress halves this machine's COPY rate, and with the
+default max_wal_size one starts after ~540 MB of WAL, which used to fall inside the run at a
+different place each time. Each phase reports the checkpoints that started during it (0 here).
+
 "Visible" is read from the `projection_tracking` row of `usage_totals`, which the projector
 commits in the same transaction as the usage rows (what `X-Ledger-Position` reads wait on):
 polled straight from Postgres, so that measuring costs the service nothing.
@@ -581,6 +586,7 @@ class Bench:
     profile_dir: Path | None
     profile_gil: bool
     cpu: CpuMeter
+    database_url: str
 
     @contextlib.contextmanager
     def observe(self, phase: str) -> Iterator[PhaseCpu]:
@@ -590,6 +596,13 @@ class Bench:
         with profiled(self.service.proc.pid, self.profile_dir, phase, gil=self.profile_gil):
             yield usage
             usage.stop()
+
+    def _checkpoints_since(self, started: int) -> int:
+        """Checkpoints the server started after `started` (baseline.checkpoint's count): 0 unless
+        a phase wrote more WAL than a checkpoint's trigger, or ran past checkpoint_timeout."""
+        with psycopg.connect(self.database_url, autocommit=True,
+                             connect_timeout=baseline.CONNECT_TIMEOUT_S) as conn:
+            return baseline.checkpoints_started(conn) - started
 
     def _base(self) -> dict[str, Any]:
         port = int(self.service.base_url.rsplit(":", 1)[1])
@@ -604,6 +617,7 @@ class Bench:
                   for w in range(BATCH_CONNECTIONS)]
         log(f"batch: up to {requests} x {BATCH_EVENTS} events over {BATCH_CONNECTIONS} connections"
             f", at most {duration:.0f} s")
+        checkpoints = baseline.checkpoint(self.database_url)
         with self.observe("batch") as cpu:
             with self.tracking.polling_every(TRACKING_POLL_UNDER_LOAD_S):
                 results = run_workers("batch", params, duration + WORKER_SLACK_S, cpu.start)
@@ -626,6 +640,7 @@ class Bench:
             "batch_visible_after_last_ack_ms": round((end - last_ack) * 1000, 1),
             "batch_all_visible": visible is not None,
             "batch_totals_match": totals_ok,
+            "batch_checkpoints_during": self._checkpoints_since(checkpoints),
         } | cpu.figures("batch", results)
         log(f"batch: {out}")
         return out
@@ -639,6 +654,7 @@ class Bench:
                   for w in range(SINGLE_PROCESSES)]
         log(f"single: concurrency {SINGLE_CONCURRENCY} over {SINGLE_PROCESSES} processes, "
             f"at most {duration:.0f} s or {requests_max * SINGLE_PROCESSES} requests")
+        checkpoints = baseline.checkpoint(self.database_url)
         with self.observe("single") as cpu, self.tracking.polling_every(TRACKING_POLL_UNDER_LOAD_S):
             results = run_workers("single", params, duration + WORKER_SLACK_S, cpu.start)
         first = min(r["first_send"] for r in results)
@@ -660,6 +676,7 @@ class Bench:
                 p for r in results for p in r["positions"]})), 2),
             "single_visible_after_last_ack_ms": round((visible - last) * 1000, 1) if visible else None,
             "single_totals_match": self.usage.wait_for(count0 + ok, total0),
+            "single_checkpoints_during": self._checkpoints_since(checkpoints),
         } | cpu.figures("single", results)
         log(f"single: {out}")
         return out
@@ -673,6 +690,7 @@ class Bench:
                                   "duration_s": duration}]
         log(f"lag: {rate}/s for {duration:.0f} s; every event matched against the tracked "
             f"position, every {sample_every}th also read back through the API")
+        checkpoints = baseline.checkpoint(self.database_url)
         with self.observe("lag") as cpu:
             (r,) = run_workers("paced", params, duration + WORKER_SLACK_S, cpu.start)
             self.tracking.wait_visible(r["max_position"])
@@ -703,6 +721,7 @@ class Bench:
             "lag_visible_statuses": r["visible_statuses"],
             "lag_failures": r["failures"],
             "lag_totals_match": self.usage.wait_for(count0 + r["ok"], total0),
+            "lag_checkpoints_during": self._checkpoints_since(checkpoints),
         } | cpu.figures("lag", [r])
         log(f"lag: { {k: v for k, v in out.items() if k != 'lag_cpu'} }")
         return out
@@ -716,7 +735,9 @@ def copy_runs(database_url: str, copy_rows: int, states: list[bytes], when: str)
     log(f"baseline ({when}): COPY of {copy_rows} rows (plain, then ledger-shaped), {COPY_RUNS} runs each")
     plain, shape = [], []
     for _ in range(COPY_RUNS):
+        baseline.checkpoint(database_url)
         plain.append(baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=False))
+        baseline.checkpoint(database_url)
         shape.append(baseline.copy_rows_per_s(database_url, copy_rows, states, ledger_shape=True))
     return plain, shape
 
@@ -728,6 +749,7 @@ def baselines(database_url: str, copy_rows: int, states: list[bytes], scale: flo
     plain_runs, shape_runs = before[0] + after[0], before[1] + after[1]
     copy_plain, copy_shape = statistics.median(plain_runs), statistics.median(shape_runs)
     duration = ROW_INSERT_DURATION_S * scale
+    baseline.checkpoint(database_url)
     log(f"baseline: row INSERT over {ROW_INSERT_CONNECTIONS} connections for {duration:.0f} s")
     insert_rate, inserted = baseline.row_insert_rows_per_s(
         database_url, states, ROW_INSERT_CONNECTIONS, duration, ROW_INSERT_ROWS_MAX)
@@ -874,7 +896,7 @@ def run(scale: float, profile_dir: Path | None, profile_gil: bool = False) -> di
                 tracking.start()
                 cpu = CpuMeter(service.proc.pid, postmaster_pid(pg), nats_pid(nats))
                 bench = Bench(service, tenant, usage, tracking, run_id, scale, profile_dir,
-                              profile_gil, cpu)
+                              profile_gil, cpu, pg.url)
                 figures |= bench.batch()
                 figures |= bench.single()
                 figures |= bench.lag(figures["single_requests_per_s"])
