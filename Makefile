@@ -31,6 +31,7 @@ test: lint types layers pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.floor
 	$(BIN)/python -m bench.auth
 	$(BIN)/python -m bench.invoice_run
 
