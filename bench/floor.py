@@ -34,6 +34,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import statistics
 import tempfile
@@ -237,10 +238,15 @@ def start_server(database_url: str, pipeline: str) -> Server:
     proc = ctx.Process(target=serve, args=(database_url, pipeline, port, ready),
                        name=f"floor-{pipeline}", daemon=True)
     proc.start()
-    if ready.get(timeout=SERVER_READY_TIMEOUT_S) < 0:
-        proc.terminate()
-        raise RuntimeError(f"the {pipeline} floor server did not start")
-    return Server(proc, port)
+    server = Server(proc, port)
+    try:
+        started = ready.get(timeout=SERVER_READY_TIMEOUT_S) > 0
+    except queue.Empty:
+        started = False
+    if not started:
+        stop_server(server)
+        raise RuntimeError(f"the {pipeline} floor server did not start in {SERVER_READY_TIMEOUT_S} s")
+    return server
 
 
 def stop_server(server: Server) -> None:
