@@ -111,7 +111,13 @@ class Relay:
         schema: str,
         js: JetStreamContext,
         streams: Streams,
+        *,
+        read_interval_s: float = READ_INTERVAL_S,
+        read_batch_rows: int = READ_BATCH_ROWS,
     ) -> None:
+        assert read_interval_s >= 0 and read_batch_rows >= ENTRIES_PER_MESSAGE_MAX
+        self._read_interval_s = read_interval_s
+        self._read_batch_rows = read_batch_rows
         self._ledger = ledger
         self._url = database_url
         self._schema = schema
@@ -168,13 +174,21 @@ class Relay:
         failures = 0
         read_at = saved_at = 0.0
         saved = position
+        backlog = False
         while not stop.is_set():
-            # At most one read per READ_INTERVAL_S: under load, fewer and fuller messages (each
-            # message costs the relay, JetStream and every projector a few system calls), for
-            # a few ms of latency.
-            await asyncio.sleep(max(0.0, read_at + READ_INTERVAL_S - time.monotonic()))
+            # At most one read per READ_INTERVAL_S while the relay keeps up: under load, fewer
+            # and fuller messages (each message costs the relay, JetStream and every projector
+            # a few system calls), for a few ms of latency. A full read means a backlog (a
+            # restart, NATS back after an outage): the next read goes at once, or catching up
+            # would be capped at READ_BATCH_ROWS per interval (200,000 entries/s).
+            pause = 0.0 if backlog else read_at + self._read_interval_s - time.monotonic()
+            if pause > 0:
+                await _wait(stop, pause)  # a stop ends the pause
+                if stop.is_set():
+                    break
             read_at = time.monotonic()
             messages, next_lanes = await self.read_messages(conn, position, lanes)
+            backlog = sum(m.count for m in messages) >= self._read_batch_rows
             if not messages:
                 if saved != position:
                     await self._save(conn, position, lanes)
@@ -214,7 +228,7 @@ class Relay:
     async def read_messages(
         self, conn: psycopg.AsyncConnection[Any], position: int, lanes: dict[str, int]
     ) -> tuple[list[Message], dict[str, int]]:
-        """The next messages after `position` (up to READ_BATCH_ROWS entries), in order, and the
+        """The next messages after `position` (up to read_batch_rows entries), in order, and the
         lanes' last positions after them. A page of one topic that fits in a message comes
         aggregated by Postgres, costing this process nothing per entry; any other page is read
         entry by entry and grouped here."""
@@ -222,7 +236,7 @@ class Relay:
         lanes = dict(lanes)
         cur = conn.cursor(binary=True)
         read = 0
-        while read < READ_BATCH_ROWS:
+        while read < self._read_batch_rows:
             after = messages[-1].last if messages else position
             await cur.execute(self._select_page, (after, ENTRIES_PER_MESSAGE_MAX), prepare=True)
             row = await cur.fetchone()

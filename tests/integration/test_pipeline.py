@@ -27,7 +27,7 @@ from adapters.bus import (
     entries_decoder,
 )
 from adapters.projector import Projector
-from adapters.relay import Message, Relay
+from adapters.relay import ENTRIES_PER_MESSAGE_MAX, Message, Relay
 from adapters.usage_writer import UsageWriter, encode_usage
 from domain.ports import KeyRecord
 from domain.usage import Usage, UsageFact
@@ -38,6 +38,7 @@ from tests.integration.helpers import org_rows, rebuilt_rows, write_orgs
 
 pytestmark = pytest.mark.anyio
 KILL_WAIT_S = 15.0
+BACKLOG_READ_INTERVAL_S = 600.0  # far beyond any wait in these tests
 
 
 def _tracked_beyond(runtime: Runtime, name: str, position: int) -> bool:
@@ -215,6 +216,37 @@ async def test_the_relay_sends_every_entry_as_the_ledger_holds_it(runtime: Runti
     assert relayed([usage]) == stored[-5:]
     assert [m.topic for m in mixed].count(get_topic(Usage.Recorded)) == 1
     assert [(m.first, m.last, m.prev) for m in mixed][-1] == (last_org + 1, last_org + 5, last_org)
+
+
+async def test_a_backlog_is_relayed_read_after_read_without_the_read_interval(
+    runtime: Runtime,
+) -> None:
+    """Reads under load are spaced by the read interval; a read that comes back full means a
+    backlog, and the next one goes at once. Here the interval is longer than the test's
+    deadline: relaying four reads' worth of entries in time proves the reads did not wait."""
+    key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
+    now = datetime.now(UTC)
+    writer = UsageWriter(runtime.database_url, runtime.settings.pg_schema)
+    try:
+        await writer.append([encode_usage(key, UsageFact(f"e{i}", "calls", Decimal(1), now, {}),
+                                          now) for i in range(3500)])
+    finally:
+        await writer.stop()
+    head = runtime.ledger.head()
+    js = await runtime.connect_nats("test")
+    relay = Relay(runtime.ledger, runtime.database_url, runtime.settings.pg_schema, js,
+                  runtime.streams, read_interval_s=BACKLOG_READ_INTERVAL_S,
+                  read_batch_rows=ENTRIES_PER_MESSAGE_MAX)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await wait_until(lambda: relay.published_entries >= head, "the backlog relayed")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, KILL_WAIT_S)
+        await close_nats(runtime)
+    assert relay.published_entries == head
+    assert relay.published_messages == -(-head // ENTRIES_PER_MESSAGE_MAX)  # full messages
 
 
 async def _project_crafted(runtime: Runtime, body: bytes, headers: dict[str, str]) -> Projector:
