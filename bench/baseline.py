@@ -51,7 +51,7 @@ def sample_states(count: int = DISTINCT_STATES) -> list[bytes]:
     ]
 
 
-def _fresh_table(conn: psycopg.Connection[tuple[object, ...]], name: str, *,
+def fresh_table(conn: psycopg.Connection[tuple[object, ...]], name: str, *,
                  ledger_shape: bool) -> sql.Identifier:
     table = sql.Identifier(SCHEMA, name)
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
@@ -86,7 +86,7 @@ def copy_rows_per_s(url: str, rows: int, states: list[bytes], *, ledger_shape: b
     ids: list[UUID] = [uuid4() for _ in range(rows)]
     name = "copy_ledger_shape" if ledger_shape else "copy_plain"
     with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        table = _fresh_table(conn, name, ledger_shape=ledger_shape)
+        table = fresh_table(conn, name, ledger_shape=ledger_shape)
         statement = sql.SQL(
             "COPY {} (originator_id, originator_version, topic, state) FROM STDIN (FORMAT BINARY)"
         ).format(table)
@@ -103,7 +103,7 @@ def row_insert_rows_per_s(url: str, states: list[bytes], connections: int, durat
                           rows_max: int) -> tuple[float, int]:
     """(rows/s, rows) of autocommit one-row INSERTs over `connections` threads."""
     with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        table = _fresh_table(conn, "row_insert", ledger_shape=False)
+        table = fresh_table(conn, "row_insert", ledger_shape=False)
     statement = sql.SQL(
         "INSERT INTO {} (originator_id, originator_version, topic, state) VALUES (%s, 1, %s, %s)"
     ).format(table)

@@ -46,12 +46,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import psutil
 import psycopg
 from psycopg import sql
 
 from bench import baseline
-from bench.ingest import HOST, copy_runs, log, machine, postmaster_pid
+from bench.ingest import HOST, CpuMeter, copy_runs, log, machine, postmaster_pid
 from bench.load import run_workers
 from infra.embedded import embedded_servers, free_port
 
@@ -111,7 +110,7 @@ class FloorApp:
         from psycopg_pool import AsyncConnectionPool  # imported in the server process only
 
         self.pipeline = pipeline
-        self.table = sql.Identifier("floor_" + pipeline)
+        self.table = table_of(pipeline)
         self.pool = AsyncConnectionPool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE,
                                         open=False, kwargs={"autocommit": True})
         self.decode = msgspec.json.Decoder(FloorBody).decode
@@ -257,44 +256,21 @@ def stop_server(server: Server) -> None:
         server.proc.join(SERVER_STOP_TIMEOUT_S)
 
 
-def fresh_table(database_url: str, pipeline: str) -> None:
-    table = sql.Identifier("floor_" + pipeline)
-    with psycopg.connect(database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-        ddl = baseline.LEDGER_SHAPE_DDL if pipeline == "ledger" else baseline.PLAIN_DDL
-        conn.execute(sql.SQL(ddl).format(table))
-        if pipeline == "ledger":
-            conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (notification_id)").format(table))
+def table_of(pipeline: str) -> sql.Identifier:
+    return sql.Identifier(baseline.SCHEMA, "floor_" + pipeline)
 
 
 def stored(database_url: str, pipeline: str) -> int:
     with psycopg.connect(database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-            sql.Identifier("floor_" + pipeline))).fetchone()
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_of(pipeline))).fetchone()
     assert row is not None
     return int(row[0])
 
 
-def cpu_s(pid: int | None, *, with_children: bool) -> float:
-    if pid is None:
-        return 0.0
-    process = psutil.Process(pid)
-    times = process.cpu_times()
-    total = times.user + times.system
-    if with_children:
-        total += times.children_user + times.children_system  # exited backends, reaped
-        for child in process.children(recursive=True):
-            try:
-                t = child.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                continue
-    return float(total)
-
-
 def pipeline_phase(database_url: str, postgres_pid: int | None, pipeline: str, run: str,
                    events_max: int) -> dict[str, Any]:
-    fresh_table(database_url, pipeline)
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        baseline.fresh_table(conn, "floor_" + pipeline, ledger_shape=pipeline == "ledger")
     server = start_server(database_url, pipeline)
     try:
         base = {"host": HOST, "port": server.port, "key": "unused", "run": f"{run}-{pipeline}",
@@ -305,11 +281,12 @@ def pipeline_phase(database_url: str, postgres_pid: int | None, pipeline: str, r
         params = [base | {"requests": list(range(w, requests, LOAD_CONNECTIONS))}
                   for w in range(LOAD_CONNECTIONS)]
         log(f"{pipeline}: {requests} x {EVENTS_PER_REQUEST} events over {LOAD_CONNECTIONS} connections")
-        server_pid = server.proc.pid
+        assert server.proc.pid is not None
+        meter = CpuMeter(server.proc.pid, postgres_pid, None)
         baseline.checkpoint(database_url)  # as bench.ingest: no checkpoint inside a phase
-        cpu0 = (cpu_s(server_pid, with_children=False), cpu_s(postgres_pid, with_children=True))
+        cpu0 = meter.snapshot()
         results = run_workers("batch", params, LOAD_TIMEOUT_S)
-        cpu1 = (cpu_s(server_pid, with_children=False), cpu_s(postgres_pid, with_children=True))
+        cpu1 = meter.snapshot()
     finally:
         stop_server(server)
     accepted = sum(r["accepted"] for r in results)
@@ -319,12 +296,13 @@ def pipeline_phase(database_url: str, postgres_pid: int | None, pipeline: str, r
     if failed or in_table != accepted:
         raise RuntimeError(f"{pipeline}: {failed} requests failed; {accepted} accepted, {in_table} stored")
     latencies = sorted(x for r in results for x in r["latencies_s"])
+    used = {k: cpu1[k] - cpu0[k] for k in ("service_s", "postgres_s")}
     return {
         f"{pipeline}_events": accepted,
         f"{pipeline}_events_per_s": round(accepted / wall, 1),
         f"{pipeline}_request_p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
-        f"{pipeline}_server_cpu_us_per_event": round(1e6 * (cpu1[0] - cpu0[0]) / accepted, 2),
-        f"{pipeline}_postgres_cpu_us_per_event": round(1e6 * (cpu1[1] - cpu0[1]) / accepted, 2),
+        f"{pipeline}_server_cpu_us_per_event": round(1e6 * used["service_s"] / accepted, 2),
+        f"{pipeline}_postgres_cpu_us_per_event": round(1e6 * used["postgres_s"] / accepted, 2),
         f"{pipeline}_load_cpu_s": round(sum(r["cpu_s"] for r in results), 2),
         f"{pipeline}_wall_s": round(wall, 2),
     }

@@ -530,6 +530,7 @@ class PhaseCpu:
     after: dict[str, float] = field(default_factory=dict)
     started: float = 0.0
     wall_s: float = 0.0
+    checkpoints_during: int = 0  # checkpoints Postgres started in the phase (Bench.observe)
 
     def start(self) -> None:
         self.before, self.started = self.meter.snapshot(), time.monotonic()
@@ -540,7 +541,8 @@ class PhaseCpu:
     def figures(self, phase: str, results: list[dict[str, Any]]) -> dict[str, Any]:
         used = {k: round(self.after[k] - self.before[k], 2) for k in self.after}
         used["load_s"] = round(sum(r["cpu_s"] for r in results), 2)
-        return {f"{phase}_cpu": {"wall_s": round(self.wall_s, 2)} | used}
+        return {f"{phase}_cpu": {"wall_s": round(self.wall_s, 2)} | used,
+                f"{phase}_checkpoints_during": self.checkpoints_during}
 
 
 # ---- profiling ----------------------------------------------------------------------------------
@@ -593,16 +595,13 @@ class Bench:
         """Profile the phase (with --profile) and account its CPU seconds per process group,
         from the load's release (`PhaseCpu.start`) to the end of the block."""
         usage = PhaseCpu(self.cpu)
+        started = baseline.checkpoint(self.database_url)  # each phase right after a checkpoint
         with profiled(self.service.proc.pid, self.profile_dir, phase, gil=self.profile_gil):
             yield usage
             usage.stop()
-
-    def _checkpoints_since(self, started: int) -> int:
-        """Checkpoints the server started after `started` (baseline.checkpoint's count): 0 unless
-        a phase wrote more WAL than a checkpoint's trigger, or ran past checkpoint_timeout."""
         with psycopg.connect(self.database_url, autocommit=True,
                              connect_timeout=baseline.CONNECT_TIMEOUT_S) as conn:
-            return baseline.checkpoints_started(conn) - started
+            usage.checkpoints_during = baseline.checkpoints_started(conn) - started
 
     def _base(self) -> dict[str, Any]:
         port = int(self.service.base_url.rsplit(":", 1)[1])
@@ -617,7 +616,6 @@ class Bench:
                   for w in range(BATCH_CONNECTIONS)]
         log(f"batch: up to {requests} x {BATCH_EVENTS} events over {BATCH_CONNECTIONS} connections"
             f", at most {duration:.0f} s")
-        checkpoints = baseline.checkpoint(self.database_url)
         with self.observe("batch") as cpu:
             with self.tracking.polling_every(TRACKING_POLL_UNDER_LOAD_S):
                 results = run_workers("batch", params, duration + WORKER_SLACK_S, cpu.start)
@@ -640,7 +638,6 @@ class Bench:
             "batch_visible_after_last_ack_ms": round((end - last_ack) * 1000, 1),
             "batch_all_visible": visible is not None,
             "batch_totals_match": totals_ok,
-            "batch_checkpoints_during": self._checkpoints_since(checkpoints),
         } | cpu.figures("batch", results)
         log(f"batch: {out}")
         return out
@@ -654,7 +651,6 @@ class Bench:
                   for w in range(SINGLE_PROCESSES)]
         log(f"single: concurrency {SINGLE_CONCURRENCY} over {SINGLE_PROCESSES} processes, "
             f"at most {duration:.0f} s or {requests_max * SINGLE_PROCESSES} requests")
-        checkpoints = baseline.checkpoint(self.database_url)
         with self.observe("single") as cpu, self.tracking.polling_every(TRACKING_POLL_UNDER_LOAD_S):
             results = run_workers("single", params, duration + WORKER_SLACK_S, cpu.start)
         first = min(r["first_send"] for r in results)
@@ -676,7 +672,6 @@ class Bench:
                 p for r in results for p in r["positions"]})), 2),
             "single_visible_after_last_ack_ms": round((visible - last) * 1000, 1) if visible else None,
             "single_totals_match": self.usage.wait_for(count0 + ok, total0),
-            "single_checkpoints_during": self._checkpoints_since(checkpoints),
         } | cpu.figures("single", results)
         log(f"single: {out}")
         return out
@@ -690,7 +685,6 @@ class Bench:
                                   "duration_s": duration}]
         log(f"lag: {rate}/s for {duration:.0f} s; every event matched against the tracked "
             f"position, every {sample_every}th also read back through the API")
-        checkpoints = baseline.checkpoint(self.database_url)
         with self.observe("lag") as cpu:
             (r,) = run_workers("paced", params, duration + WORKER_SLACK_S, cpu.start)
             self.tracking.wait_visible(r["max_position"])
@@ -721,7 +715,6 @@ class Bench:
             "lag_visible_statuses": r["visible_statuses"],
             "lag_failures": r["failures"],
             "lag_totals_match": self.usage.wait_for(count0 + r["ok"], total0),
-            "lag_checkpoints_during": self._checkpoints_since(checkpoints),
         } | cpu.figures("lag", [r])
         log(f"lag: { {k: v for k, v in out.items() if k != 'lag_cpu'} }")
         return out
