@@ -140,12 +140,18 @@ class PackedIds:
                      + b"".join(chain.from_iterable(zip(repeat(_UUID_LENGTH), ids))))
 
 
-class _PackedIdsDumper(Dumper):
-    format = Format.BINARY
-    oid = UUID_ARRAY_OID
+class _PackedDumper(Dumper):
+    """Sends a packed array (PackedIds, PackedStates) as the bytes it already is; each subclass
+    names the array's type."""
 
-    def dump(self, obj: PackedIds) -> Buffer:
+    format = Format.BINARY
+
+    def dump(self, obj: PackedIds | PackedStates) -> Buffer:
         return obj.wire
+
+
+class _PackedIdsDumper(_PackedDumper):
+    oid = UUID_ARRAY_OID
 
 
 class PackedStates:
@@ -161,12 +167,8 @@ class PackedStates:
                      + b"".join(chain.from_iterable(zip(lengths, states, strict=True))))
 
 
-class _PackedStatesDumper(Dumper):
-    format = Format.BINARY
+class _PackedStatesDumper(_PackedDumper):
     oid = BYTEA_ARRAY_OID
-
-    def dump(self, obj: PackedStates) -> Buffer:
-        return obj.wire
 
 
 def encode_usage(key: KeyRecord, fact: UsageFact, received_at: datetime) -> tuple[UUID, bytes]:
