@@ -25,6 +25,8 @@ EMAIL_EVERY_MIN = 1
 
 
 async def invoice_job(rt: Runtime) -> None:
+    """Run every catch-up period. A period that fails, for any reason, is logged and the next
+    one still runs: one bad period must never stop the others, nor the scheduler."""
     now = datetime.now(UTC)
     run = rt.invoice_run()
     for period in due_periods(now, timedelta(hours=rt.settings.grace_hours), CATCH_UP_PERIODS):
@@ -36,10 +38,15 @@ async def invoice_job(rt: Runtime) -> None:
         except DomainError as e:
             log.error("invoice run %s failed: %s", period, e)
             continue
-        log.info("invoice run", extra={"period": period, "created": result.created,
-                                       "existing": result.existing, "skipped": result.skipped,
-                                       "not_due": result.not_due, "failed": result.failed,
-                                       "blocked": [str(b.organisation_id) for b in result.blocked]})
+        except Exception:
+            log.exception("invoice run %s failed", period)
+            continue
+        # Under one key of our own: LogRecord refuses extras named like its attributes
+        # ("created" is one), and raised KeyError here on every run.
+        log.info("invoice run", extra={"invoice_run": {
+            "period": period, "created": result.created, "existing": result.existing,
+            "skipped": result.skipped, "not_due": result.not_due, "failed": result.failed,
+            "blocked": [str(b.organisation_id) for b in result.blocked]}})
         for b in result.blocked:
             log.error("invoice run %s: %s (%s) not invoiced, dead-lettered usage at positions %s",
                       period, b.name, b.organisation_id, b.missing_positions)
@@ -85,7 +92,7 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     async def email_job() -> None:
         sent, failed = await asyncio.to_thread(notifier.send_due)
         if sent or failed:
-            log.info("invoice emails", extra={"sent": sent, "failed": failed})
+            log.info("invoice emails", extra={"invoice_emails": {"sent": sent, "failed": failed}})
 
     scheduler.add_job(email_job, "interval", minutes=EMAIL_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=10), max_instances=1, coalesce=True,
