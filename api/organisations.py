@@ -1,4 +1,13 @@
-"""Admin routes for organisations: create, read, list, update settings."""
+"""Admin routes for organisations: create, read, list, update settings.
+
+**Decision:** an organisation's tax facts (`TAX_FACTS`: country, state_code, gstin, currency,
+timezone) decide what its invoices charge, so only the platform's billing roles
+(`TAX_FACT_ROLES`: owner, billing_admin) may change them. Any other caller naming one of them
+in a PATCH gets a 403 naming those fields, and nothing of that request is stored (not even
+the settings it may change). A change applies from the next invoice drafted: each invoice
+records the facts it was drafted with (domain.invoice.Invoice.Drafted), and a period already
+drafted is never re-priced (docs/INVOICES.md).
+"""
 
 from __future__ import annotations
 
@@ -17,9 +26,13 @@ from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
 from api.problems import Forbidden
+from domain.access import Principal
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import SETTING_NAMES, Organisation, Settings, canonical_cidrs
 from projections import organisations as view
+
+TAX_FACTS = ("country", "state_code", "gstin", "currency", "timezone")
+TAX_FACT_ROLES = frozenset({"owner", "billing_admin"})
 
 
 class CreateOrganisation(msgspec.Struct, forbid_unknown_fields=True):
@@ -109,6 +122,17 @@ def _changes(data: UpdateOrganisation) -> Settings:
     return changes
 
 
+def _check_may_change_tax_facts(principal: Principal, data: UpdateOrganisation) -> None:
+    """403 naming the tax facts a caller outside TAX_FACT_ROLES asked to change (an explicit
+    null, e.g. clearing the GSTIN, is a change too)."""
+    named = [name for name in TAX_FACTS if getattr(data, name) is not msgspec.UNSET]
+    if named and principal.role not in TAX_FACT_ROLES:
+        raise Forbidden(
+            f"the {principal.role} role may not change {', '.join(named)}: these tax facts decide "
+            f"what invoices charge; only {' or '.join(sorted(TAX_FACT_ROLES))} may change them "
+            "(from the next invoice on). Nothing was changed.")
+
+
 def _read(pool: ConnectionPool, org_id: UUID) -> OrganisationOut:
     with pool.connection() as conn:
         row = view.get(conn, org_id)
@@ -169,6 +193,7 @@ class OrganisationController(Controller):
     ) -> Response[OrganisationOut]:
         deps: ApiDeps = request.app.state.deps
         ident = parse_id(org_id, "organisation")
+        _check_may_change_tax_facts(request.state.principal, data)
         changes = _changes(data)
         suspended = None if data.suspended is msgspec.UNSET else data.suspended
         if scope_of(request) is not None and (suspended is not None or "rate_limit_per_s" in changes):

@@ -305,3 +305,47 @@ def test_secrets_never_reach_logs_errors_audit_or_lists(
         for text in views + logs:
             assert secret_part not in text
     assert len(SECRETS) > 10
+
+
+TAX_FACT_CHANGES: dict[str, object] = {
+    "country": "US", "state_code": "27", "gstin": "27AAAPL1234C1ZV", "currency": "USD",
+    "timezone": "America/New_York"}
+
+
+def _settled_organisation(client: httpx.Client, org: str, barrier: httpx.Response) -> dict[str, object]:
+    """The organisation as the read model has it once it includes `barrier`'s write (a later
+    write by the same caller), so a refused write that had been stored anyway would show."""
+    assert barrier.status_code == 200, barrier.text
+    r = client.get(f"/admin/v1/organisations/{org}",
+                   headers={"X-Ledger-Position": barrier.headers["x-ledger-position"]})
+    assert r.status_code == 200, r.text
+    body: dict[str, object] = r.json()
+    return body
+
+
+def test_an_org_admin_cannot_change_tax_facts_and_nothing_is_stored(cluster: Cluster) -> None:
+    t = make_tenant(cluster, "taxes")
+    with cluster.admin() as owner:
+        before = owner.get(f"/admin/v1/organisations/{t.org}").json()
+    with cluster.admin(t.tokens["org_admin"]) as client:
+        for name, value in TAX_FACT_CHANGES.items():
+            # Alone, and beside a setting the org_admin may change: the whole request is refused.
+            for body in ({name: value}, {name: value, "name": "sneaky"}):
+                r = client.patch(f"/admin/v1/organisations/{t.org}", json=body)
+                assert r.status_code == 403, (body, r.status_code, r.text)
+                assert r.headers["content-type"].startswith("application/problem+json")
+                assert name in r.json()["detail"] and "billing_admin" in r.json()["detail"]
+        r = client.patch(f"/admin/v1/organisations/{t.org}", json={"gstin": None, "country": "US"})
+        assert r.status_code == 403 and "gstin" in r.json()["detail"] and "country" in r.json()["detail"]
+        # What an org_admin may change, it still may; and that write is the read barrier.
+        allowed = {"name": "taxes-renamed", "billing_email": "ap@taxes.in",
+                   "allowed_ips": ["10.0.0.0/8"]}
+        after = _settled_organisation(client, t.org, client.patch(f"/admin/v1/organisations/{t.org}",
+                                                                  json=allowed))
+    assert after == before | allowed | {"updated_at": after["updated_at"]}
+    # The platform's billing roles may change them.
+    for role, country in (("billing_admin", "US"), ("owner", "IN")):
+        with cluster.admin(t.tokens[role]) as client:
+            got = _settled_organisation(client, t.org, client.patch(
+                f"/admin/v1/organisations/{t.org}", json={"country": country}))
+        assert got["country"] == country, role
