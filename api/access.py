@@ -13,8 +13,8 @@ from litestar.params import FromPath, JSONBody
 
 from api.auth import scope_of
 from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, settle, wait_caught_up
-from api.pagination import parse_limit
+from api.ids import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS, parse_id, settle, wait_caught_up
+from api.pagination import ascii_digits, parse_limit
 from domain.errors import FieldError, ValidationFailed
 from projections import access, catalogue
 
@@ -112,7 +112,7 @@ class AccessController(Controller):
         q = request.query_params
         limit = parse_limit(q.get("limit"))
         cursor = q.get("cursor")
-        if cursor is not None and (not cursor.isdigit() or len(cursor) > 19):
+        if cursor is not None and not ascii_digits(cursor, POSITION_MAX_DIGITS):
             raise ValidationFailed([FieldError("cursor", "is not a cursor this API returned")])
         organisation = scope_of(request) or (
             parse_id(q["organisation_id"], "organisation") if q.get("organisation_id") else None)

@@ -10,6 +10,7 @@ import anyio
 from litestar import Request
 
 from api.deps import ApiDeps
+from api.pagination import ascii_digits
 from domain.errors import FieldError, Unavailable, ValidationFailed
 
 LEDGER_POSITION_HEADER = "X-Ledger-Position"
@@ -27,7 +28,7 @@ def min_position(request: Request[Any, Any, Any]) -> int:
     raw = request.headers.get(LEDGER_POSITION_HEADER.lower())
     if raw is None:
         return 0
-    if not raw.isdigit() or len(raw) > POSITION_MAX_DIGITS:
+    if not ascii_digits(raw, POSITION_MAX_DIGITS):
         raise ValidationFailed([FieldError(LEDGER_POSITION_HEADER, "must be a ledger position")])
     return int(raw)
 

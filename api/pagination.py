@@ -14,6 +14,7 @@ from domain.errors import FieldError, ValidationFailed
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 CURSOR_MAX_CHARS = 256
+LIMIT_MAX_CHARS = 4
 
 
 class _Cursor(msgspec.Struct, array_like=True):
@@ -21,10 +22,16 @@ class _Cursor(msgspec.Struct, array_like=True):
     id: UUID
 
 
+def ascii_digits(raw: str, max_chars: int) -> bool:
+    """Whether `raw` is 1..max_chars of 0-9 and nothing else. str.isdigit() also says yes to
+    superscripts, Arabic-Indic and fullwidth digits, which int() then refuses or reads."""
+    return 0 < len(raw) <= max_chars and raw.isascii() and raw.isdigit()
+
+
 def parse_limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not ascii_digits(raw, LIMIT_MAX_CHARS) or not 1 <= int(raw) <= MAX_LIMIT:
         raise ValidationFailed([FieldError("limit", f"must be an integer from 1 to {MAX_LIMIT}")])
     return int(raw)
 

@@ -16,12 +16,13 @@ from litestar.params import FromPath
 from api.deps import ApiDeps
 from api.ids import min_position, parse_id
 from api.ingest import authorise_key
-from api.pagination import parse_limit
+from api.pagination import ascii_digits, parse_limit
 from domain.errors import FieldError, NotFound, ValidationFailed
 from projections import organisations, usage_totals
 
 MAX_DAYS_BY_DAY = 400
 MAX_MONTHS = 120
+OFFSET_CURSOR_MAX_DIGITS = 6
 
 
 class UsageItem(msgspec.Struct, omit_defaults=True):
@@ -131,7 +132,7 @@ async def answer(deps: ApiDeps, request: Request[Any, Any, Any], org_id: UUID,
 def _offset(cursor: str | None) -> int:
     if cursor is None:
         return 0
-    if not cursor.isdigit() or len(cursor) > 6:
+    if not ascii_digits(cursor, OFFSET_CURSOR_MAX_DIGITS):
         raise ValidationFailed([FieldError("cursor", "is not a cursor this API returned")])
     return int(cursor)
 

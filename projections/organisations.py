@@ -101,7 +101,7 @@ def page(
     conn: Connection[Any], limit: int, after: tuple[datetime, UUID] | None
 ) -> list[dict[str, Any]]:
     """Organisations oldest first, `limit` at most, after the (created_at, id) cursor."""
-    assert 0 < limit <= LIST_MAX_ROWS
+    assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
     with conn.cursor(row_factory=dict_row) as cur:
         if after is None:
             cur.execute(
