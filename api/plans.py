@@ -1,9 +1,14 @@
 """Admin routes for plans (versioned price lists) and organisations' subscriptions.
 
-Plan prices travel as decimal strings both ways (API.md: "unit prices in plans are decimal
-strings"); they are parsed to Decimal here, in code, so a bad one is a 422 naming its field
-(msgspec.Meta constraints on Decimal fail at request time, see TECH-NOTES). The rules a plan
-must obey are the domain's (domain.plan / domain.pricing.validate_plan).
+Every decimal of a plan (prices, tier bounds `up_to`, `package_size`) is taken as a plain
+decimal string or a JSON integer, and parsed to Decimal here, in code, so a bad one is a 422
+naming its field (msgspec.Meta constraints on Decimal fail at request time, see TECH-NOTES);
+answers give them back as plain decimal strings. **Decision** (docs/PLANS.md): a JSON number
+with a fraction or an exponent (`0.5`, `1e3`) is refused, naming its field. msgspec could
+decode it exactly into Decimal, but many JSON producers hold numbers as binary floats, so
+`0.5` may be what is left of a price after a float round trip; a JSON integer within
+±(2^53 - 1) survives every JSON client unchanged, which is why integers are welcome. The rules
+a plan must obey are the domain's (domain.plan / domain.pricing.validate_plan).
 """
 
 from __future__ import annotations
@@ -28,33 +33,39 @@ from projections import catalogue
 from projections import plans as view
 
 DECIMAL_MAX_CHARS = 40  # digits, sign and point of one price or bound
+# The largest integer every JSON client (JavaScript's doubles among them) keeps exact.
+JSON_SAFE_INTEGER_MAX = 2**53 - 1
 _DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
 ZERO_TEXT = "0"
 
 
 # ---- request bodies ---------------------------------------------------------------------------
 
+# A decimal as a client sends it: a plain decimal string ("12.50") or a JSON integer (12).
+DecimalIn = str | int
+
+
 class TierIn(msgspec.Struct, forbid_unknown_fields=True):
-    unit_price: str
-    up_to: str | None = None  # null (or absent) only on the last, open-ended tier
-    flat_fee: str | None = None
+    unit_price: DecimalIn
+    up_to: DecimalIn | None = None  # null (or absent) only on the last, open-ended tier
+    flat_fee: DecimalIn | None = None
 
 
 class ChargeIn(msgspec.Struct, forbid_unknown_fields=True):
     metric: str
     model: str  # per_unit | graduated | volume | package (checked by the domain, with the rest)
-    unit_price: str | None = None
+    unit_price: DecimalIn | None = None
     tiers: list[TierIn] | None = None
-    package_size: str | None = None
-    package_price: str | None = None
+    package_size: DecimalIn | None = None
+    package_price: DecimalIn | None = None
 
 
 class PublishPlan(msgspec.Struct, forbid_unknown_fields=True):
     code: str
     name: str
     currency: str = "INR"
-    base_fee: str = ZERO_TEXT
-    minimum: str = ZERO_TEXT
+    base_fee: DecimalIn = ZERO_TEXT
+    minimum: DecimalIn = ZERO_TEXT
     charges: list[ChargeIn] = []
 
 
@@ -121,8 +132,15 @@ class SubscriptionOut(msgspec.Struct):
 
 # ---- parsing and formatting -------------------------------------------------------------------
 
-def parse_decimal(raw: str, where: str, problems: Problems) -> Decimal:
-    """A plain decimal string ("12", "0.0035", "-1") to an exact Decimal; a problem otherwise."""
+def parse_decimal(raw: DecimalIn, where: str, problems: Problems) -> Decimal:
+    """A plain decimal string ("12", "0.0035", "-1") or a JSON integer to an exact Decimal; a
+    problem otherwise. (bool is an int in Python, but msgspec never decodes JSON true into int.)"""
+    if isinstance(raw, int):
+        if abs(raw) > JSON_SAFE_INTEGER_MAX:
+            problems.add(where, f"a JSON integer must be within ±{JSON_SAFE_INTEGER_MAX}; send a "
+                                "larger one as a decimal string")
+            return Decimal(0)
+        return Decimal(raw)
     if len(raw) > DECIMAL_MAX_CHARS or not _DECIMAL.match(raw):
         problems.add(where, "must be a decimal string such as \"12.50\" or \"0.0035\"")
         return Decimal(0)
@@ -133,7 +151,7 @@ def parse_decimal(raw: str, where: str, problems: Problems) -> Decimal:
         return Decimal(0)
 
 
-def _optional(raw: str | None, where: str, problems: Problems) -> Decimal | None:
+def _optional(raw: DecimalIn | None, where: str, problems: Problems) -> Decimal | None:
     return None if raw is None else parse_decimal(raw, where, problems)
 
 
@@ -160,18 +178,34 @@ def parse_charges(charges: list[ChargeIn], problems: Problems) -> tuple[ChargeSp
     return tuple(specs)
 
 
+def parse_plan(data: PublishPlan) -> tuple[Decimal, Decimal, tuple[ChargeSpec, ...]]:
+    """The body's base fee, minimum and charges as exact Decimals; ValidationFailed naming
+    every decimal that is not one, at once."""
+    problems = Problems()
+    base_fee = parse_decimal(data.base_fee, "base_fee", problems)
+    minimum = parse_decimal(data.minimum, "minimum", problems)
+    charges = parse_charges(data.charges, problems)
+    problems.raise_if_any()
+    return base_fee, minimum, charges
+
+
+def plain(value: Decimal) -> str:
+    """A decimal in plain notation, as it was sent: "0.0000001", never str()'s "1E-7"."""
+    return format(value, "f")
+
+
 def _text(value: Decimal | None) -> str | None:
-    return None if value is None else str(value)
+    return None if value is None else plain(value)
 
 
 def charge_out(spec: ChargeSpec) -> ChargeOut:
-    tiers = [TierOut(_text(t.up_to), str(t.unit_price), str(t.flat_fee)) for t in spec.tiers]
+    tiers = [TierOut(_text(t.up_to), plain(t.unit_price), plain(t.flat_fee)) for t in spec.tiers]
     return ChargeOut(spec.metric, spec.model, _text(spec.unit_price), tiers or None,
                      _text(spec.package_size), _text(spec.package_price))
 
 
 def version_out(v: StoredVersion) -> PlanVersionOut:
-    return PlanVersionOut(v.code, v.version, v.name, v.currency, str(v.base_fee), str(v.minimum),
+    return PlanVersionOut(v.code, v.version, v.name, v.currency, plain(v.base_fee), plain(v.minimum),
                           [charge_out(c) for c in v.charges], v.published_at)
 
 
@@ -202,11 +236,7 @@ class PlanController(Controller):
     async def publish(self, data: JSONBody[PublishPlan],
                       request: Request[Any, Any, Any]) -> Response[PlanVersionOut]:
         deps: ApiDeps = request.app.state.deps
-        problems = Problems()
-        base_fee = parse_decimal(data.base_fee, "base_fee", problems)
-        minimum = parse_decimal(data.minimum, "minimum", problems)
-        charges = parse_charges(data.charges, problems)
-        problems.raise_if_any()
+        base_fee, minimum, charges = parse_plan(data)
         # A meter defined just before this request must count as known.
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 

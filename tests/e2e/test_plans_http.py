@@ -61,3 +61,32 @@ async def test_subscribing_to_unknowns_is_404(api: Api) -> None:
                            json={"plan_code": "growth"})
     assert r.status_code == 404
     assert (await api.http.get("/admin/v1/plans/nope", headers=AUTH)).status_code == 404
+
+
+async def test_quantities_typed_as_json_integers_are_accepted_and_answered_as_decimal_strings(
+    api: Api,
+) -> None:
+    await _meter(api)
+    plan = {"code": "typed", "name": "Typed", "base_fee": 500, "charges": [
+        {"metric": "req", "model": "graduated", "tiers": [
+            {"up_to": 100, "unit_price": "0"}, {"up_to": None, "unit_price": "0.0035"}]}]}
+    r = await api.http.post("/admin/v1/plans", headers=AUTH, json=plan)
+    assert r.status_code == 201, r.text
+    assert r.json()["base_fee"] == "500"
+    assert [t["up_to"] for t in r.json()["charges"][0]["tiers"]] == ["100", None]
+    package = {"code": "packed", "name": "Packed", "charges": [
+        {"metric": "req", "model": "package", "package_size": 1000, "package_price": "9.99"}]}
+    r = await api.http.post("/admin/v1/plans", headers=AUTH, json=package)
+    assert r.status_code == 201, r.text
+    assert r.json()["charges"][0]["package_size"] == "1000"
+
+
+async def test_a_price_sent_as_a_json_fraction_is_refused_naming_it_and_records_nothing(api: Api) -> None:
+    await _meter(api)
+    head = api.rt.ledger.head()
+    r = await api.http.post("/admin/v1/plans", headers=AUTH, json={
+        "code": "floaty", "name": "F", "charges": [
+            {"metric": "req", "model": "per_unit", "unit_price": 0.5}]})
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["charges[0].unit_price"]
+    assert api.rt.ledger.head() == head

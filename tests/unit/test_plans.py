@@ -8,9 +8,11 @@ from typing import Any
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
+import msgspec
 import pytest
 
 from adapters.codec import MsgspecMapper
+from api.plans import JSON_SAFE_INTEGER_MAX, PublishPlan, charge_out, parse_plan
 from domain.errors import NotFound, ValidationFailed
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, plan_id, to_version
@@ -387,3 +389,65 @@ def test_subscribe_uses_the_organisations_own_timezone() -> None:
     svc.subscribe(org, "basic", starts_at=datetime(2026, 10, 1, tzinfo=UTC))
     changed = svc.subscribe(org, "pro")  # still October in UTC, already November in Kolkata
     assert changed.aggregate.history[-1].effective_from == datetime(2026, 11, 1, tzinfo=UTC)
+
+
+# ---- the API's numbers (issue 14: numbers where people type numbers) --------------------------
+
+def _body(**over: Any) -> bytes:
+    plan: dict[str, Any] = {"code": "pro", "name": "Pro", "charges": [
+        {"metric": "storage_gb", "model": "graduated", "tiers": [
+            {"up_to": 100, "unit_price": "2.50"}, {"up_to": None, "unit_price": "1.75"}]},
+        {"metric": "seats", "model": "package", "package_size": 5, "package_price": "999"}]}
+    return msgspec.json.encode(plan | over)
+
+
+def _parse(raw: bytes) -> tuple[Decimal, Decimal, tuple[ChargeSpec, ...]]:
+    return parse_plan(msgspec.json.decode(raw, type=PublishPlan))
+
+
+def test_up_to_and_package_size_accept_json_integers_exactly_like_decimal_strings() -> None:
+    as_integers = _parse(_body())
+    as_strings = _parse(_body(charges=[
+        {"metric": "storage_gb", "model": "graduated", "tiers": [
+            {"up_to": "100", "unit_price": "2.50"}, {"up_to": None, "unit_price": "1.75"}]},
+        {"metric": "seats", "model": "package", "package_size": "5", "package_price": "999"}]))
+    assert as_integers == as_strings
+    graduated, package = as_integers[2]
+    assert [t.up_to for t in graduated.tiers] == [Decimal(100), None]
+    assert package.package_size == Decimal(5)
+
+
+def test_prices_accept_json_integers_too() -> None:
+    base_fee, minimum, _ = _parse(_body(base_fee=500, minimum=0))
+    assert (base_fee, minimum) == (Decimal(500), Decimal(0))
+
+
+def test_a_json_number_with_a_fraction_is_refused_naming_its_field() -> None:
+    # It may have passed through a binary float on its way here: the author must quote it.
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.charges\[0\]\.tiers\[0\]\.unit_price"):
+        _parse(_body(charges=[{"metric": "storage_gb", "model": "graduated", "tiers": [
+            {"up_to": 100, "unit_price": 0.5}, {"up_to": None, "unit_price": "1"}]}]))
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.base_fee"):
+        _parse(_body(base_fee=499.5))
+
+
+def test_integers_beyond_what_every_json_client_keeps_exact_are_refused() -> None:
+    with pytest.raises(ValidationFailed) as info:
+        _parse(_body(base_fee=JSON_SAFE_INTEGER_MAX + 1, charges=[
+            {"metric": "seats", "model": "package", "package_size": -(JSON_SAFE_INTEGER_MAX + 1),
+             "package_price": "1"}]))
+    assert fields(info) == {"base_fee", "charges[0].package_size"}
+    assert _parse(_body(base_fee=str(JSON_SAFE_INTEGER_MAX + 1)))[0] == JSON_SAFE_INTEGER_MAX + 1
+
+
+def test_decimal_strings_stay_plain_and_every_bad_one_is_reported_at_once() -> None:
+    with pytest.raises(ValidationFailed) as info:
+        _parse(_body(base_fee="1e3", minimum=" 1", charges=[
+            {"metric": "seats", "model": "package", "package_size": "5.", "package_price": "NaN"}]))
+    assert fields(info) == {"base_fee", "minimum", "charges[0].package_size",
+                            "charges[0].package_price"}
+
+
+def test_decimals_are_answered_in_plain_notation() -> None:
+    out = charge_out(ChargeSpec("api_calls", "per_unit", unit_price=Decimal("0.0000001")))
+    assert out.unit_price == "0.0000001"
