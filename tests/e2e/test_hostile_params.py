@@ -50,5 +50,6 @@ async def test_a_ledger_position_header_that_is_not_ascii_digits_is_refused(
     # Headers travel as bytes; servers read them as latin-1, where b"\xb2" is "²".
     latin = position.isascii() or position == SUPERSCRIPT_TWO
     raw = position.encode("latin-1") if latin else position.encode()
-    r = await api.http.get("/admin/v1/organisations", headers={**AUTH, "X-Ledger-Position": raw})
+    r = await api.http.get("/admin/v1/organisations", headers={
+        **{k.encode(): v.encode() for k, v in AUTH.items()}, b"X-Ledger-Position": raw})
     _problem(r, 422, "X-Ledger-Position")
