@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import anyio
@@ -17,12 +17,17 @@ from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import canonical_cidrs
 from projections import catalogue, usage_totals
 
+FIELD_DESCRIPTION = (
+    "The property an event's value is read from: for sum, max and latest, properties[field] (a"
+    " number or decimal string) instead of value; for unique_count, the property whose distinct"
+    " values are counted (required). An event without it is refused. A count meter takes none.")
+
 
 class DefineMeter(msgspec.Struct, forbid_unknown_fields=True):
     code: str
     name: str
     aggregation: Literal["count", "sum", "max", "unique_count", "latest"]
-    field: str | None = None
+    field: Annotated[str | None, msgspec.Meta(description=FIELD_DESCRIPTION)] = None
     group_by: list[str] = []
     allow_negative: bool = False
 

@@ -7,6 +7,8 @@ types), then checks the remaining rules for the batch at once (`accept_plain_bat
 runs per event but a few list comprehensions. Anything it is unsure of — an error, a float or a
 negative value, a null — goes down the careful path, which checks event by event and names every
 broken rule; so the fast path only ever accepts what the careful path would accept, the same way.
+Both take a sum, max or latest event's value from `properties[field]` when its meter has a field
+(docs/METERING.md).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ INGEST_DESCRIPTION = (
     "The body is one event or {\"events\": [...]} with 1 to 1000 of them; each event has"
     " event_id (1-128 characters, unique per project), metric (a meter's code), and optionally"
     " timestamp (RFC 3339 with offset), value (a number or decimal string; default 1) and"
-    " properties (an object of string, number or boolean values, at most 4 KiB). A resent"
+    " properties (an object of string, number or boolean values, at most 4 KiB). For a sum,"
+    " max or latest meter with a field, the value is properties[field] instead (a number or"
+    " decimal string, required, and value must not be sent). A resent"
     " event_id is a duplicate and changes nothing. 422 lists every invalid event by index;"
     " 413 over 1 MiB; 429 when rate limited; 503 when the ledger cannot commit.")
 

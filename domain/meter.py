@@ -28,8 +28,10 @@ def meter_id(code: str) -> UUID:
 
 def check_definition(
     code: str, name: str, aggregation: str, field: str | None, group_by: list[str],
-    allow_negative: bool,
+    allow_negative: bool, kept_count_field: bool = False,
 ) -> None:
+    """Every rule of a meter's definition (docs/METERING.md). `kept_count_field`: the meter is
+    a count meter that already has this field, defined before a count meter was refused one."""
     problems = Problems()
     if not _CODE.match(code):
         problems.add("code", "1-64 characters: lower-case letters, digits, _ . - ; starting with a letter")
@@ -39,6 +41,11 @@ def check_definition(
         problems.add("aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
     if aggregation == "unique_count" and not field:
         problems.add("field", "unique_count needs the property whose distinct values it counts")
+    if aggregation == "count" and field is not None and not kept_count_field:
+        # A count meter counts events: a field it would never read is a mistake (say, a max or
+        # sum meter was meant), refused rather than silently ignored.
+        problems.add("field", "a count meter counts events and reads no property; with a field,"
+                     " use sum, max or latest (the property is the value) or unique_count")
     if field is not None and not _PROPERTY.match(field):
         problems.add("field", "a property name: 1-64 letters, digits, _ . -")
     if len(group_by) > GROUP_BY_MAX_KEYS:
@@ -93,7 +100,8 @@ class Meter(Aggregate):
     def redefine(self, name: str, aggregation: str, field: str | None, group_by: list[str],
                  allow_negative: bool, has_usage: bool, at: datetime) -> bool:
         """Change the definition; how usage is aggregated is frozen once usage exists."""
-        check_definition(self.code, name, aggregation, field, group_by, allow_negative)
+        kept = aggregation == self.aggregation == "count" and field == self.field
+        check_definition(self.code, name, aggregation, field, group_by, allow_negative, kept)
         new = (name, aggregation, field, list(group_by), allow_negative)
         if new == (self.name, self.aggregation, self.field, self.group_by, self.allow_negative):
             return False

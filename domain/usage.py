@@ -32,9 +32,13 @@ PROPERTY_KEY_MAX_CHARS = 64
 PROPERTY_VALUE_MAX_CHARS = 256
 PROPERTIES_MAX_KEYS = 64
 VALUE_MAX_DIGITS = 18
+# The aggregations whose quantity is made of the events' values. A meter of one of these with a
+# `field` takes each event's value from that property instead of `value` (docs/METERING.md).
+VALUED_AGGREGATIONS = frozenset({"sum", "max", "latest"})
 LATE_WINDOW = timedelta(days=35)
 FUTURE_WINDOW = timedelta(minutes=5)
 _USAGE_NAMESPACE = UUID("0b6f8d8e-6a49-4e7e-9a8e-27c0c55d1c11")
+_ONE = Decimal(1)
 
 
 # RFC 4122 version 5: the version nibble and the variant bits of a SHA-1 based UUID, as the
@@ -102,6 +106,11 @@ class MeterRule:
     group_by: tuple[str, ...]
     allow_negative: bool
 
+    @property
+    def value_field(self) -> str | None:
+        """The property each event's value is read from, or None: the value is `value`."""
+        return self.field if self.aggregation in VALUED_AGGREGATIONS else None
+
 
 @dataclass(frozen=True)
 class UsageFact:
@@ -155,21 +164,56 @@ def significant_digits(value: Decimal) -> int:
     return len("".join(map(str, value.as_tuple().digits)).rstrip("0"))
 
 
-def _check_value(value: Decimal, meter: MeterRule | None, problems: Problems, index: int) -> None:
+def _check_value(value: Decimal, meter: MeterRule | None, problems: Problems, index: int,
+                 name: str = "value") -> None:
+    """The value rules, for `value` or the property `name` a meter reads its value from."""
     if not value.is_finite():
-        problems.add("value", "must be a finite number", index)
+        problems.add(name, "must be a finite number", index)
         return
     exponent = value.as_tuple().exponent
     assert isinstance(exponent, int)  # a finite value's
     if value == 0:
         # A zero's exponent is still a scale Postgres must hold ("0E+9999999999" is not).
         if not -2 * VALUE_MAX_DIGITS <= exponent <= VALUE_MAX_DIGITS:
-            problems.add("value", "a zero's exponent must lie within -36..18", index)
+            problems.add(name, "a zero's exponent must lie within -36..18", index)
     elif (significant_digits(value) > VALUE_MAX_DIGITS
           or not -VALUE_MAX_DIGITS <= value.adjusted() < VALUE_MAX_DIGITS):
-        problems.add("value", f"at most {VALUE_MAX_DIGITS} significant digits, below 1e18", index)
+        problems.add(name, f"at most {VALUE_MAX_DIGITS} significant digits, below 1e18", index)
     if value < 0 and not (meter and meter.allow_negative):
-        problems.add("value", "must not be negative for this meter", index)
+        problems.add(name, "must not be negative for this meter", index)
+
+
+# A decimal string is read as `value`'s are (msgspec calls Decimal(text) with the default
+# context): exactly, whatever its length, and a text that is not a number raises. This context's
+# only part in that is the trap, whatever the calling thread's context says.
+_PARSE = Context(traps=[InvalidOperation])
+
+
+def parse_value(text: str) -> Decimal:
+    """A property's canonical text as a value, exactly as `value` would be decoded from it;
+    raises ArithmeticError (InvalidOperation) when it is not a number."""
+    return Decimal(text, _PARSE)
+
+
+def _field_value(
+    meter: MeterRule, field: str, sent: Mapping[str, Any], props: Mapping[str, str],
+    problems: Problems, index: int,
+) -> Decimal:
+    """The value of an event of a meter with a value field: the property, checked like `value`.
+    What it returns for an event with a problem is never recorded (the event is refused)."""
+    name = f"properties.{field}"
+    text = props.get(field)
+    if text is None:
+        if field not in sent:  # else the property broke a rule of its own, already named
+            problems.add(name, f"is required: this {meter.aggregation} meter's value", index)
+        return _ONE
+    try:
+        amount = parse_value(text)
+    except ArithmeticError:
+        problems.add(name, "must be a number or decimal string (the meter's value)", index)
+        return _ONE
+    _check_value(amount, meter, problems, index, name)
+    return amount
 
 
 def _check_properties(
@@ -219,9 +263,18 @@ def check_usage(
         problems.add("timestamp", "is more than 35 days in the past; too late to bill", index)
     elif occurred > now + FUTURE_WINDOW:
         problems.add("timestamp", "is more than 5 minutes in the future", index)
-    amount = Decimal(1) if value is None else value
-    _check_value(amount, meter, problems, index)
-    props = _check_properties(properties or {}, properties_size, problems, index)
+    sent = properties or {}
+    props = _check_properties(sent, properties_size, problems, index)
+    field = None if meter is None else meter.value_field
+    if field is None:
+        amount = Decimal(1) if value is None else value
+        _check_value(amount, meter, problems, index)
+    else:
+        assert meter is not None
+        if value is not None:  # two values, one of them ignored: refused, not guessed at
+            problems.add("value", f"this meter takes its value from properties.{field}; "
+                         "send it there only", index)
+        amount = _field_value(meter, field, sent, props, problems, index)
     if meter is not None and meter.aggregation == "unique_count" and meter.field not in props:
         problems.add(f"properties.{meter.field}", "is required by this unique_count meter", index)
     if len(problems.errors) > before:
@@ -234,7 +287,6 @@ def check_usage(
 # a zero whose exponent does not fit is Clamped (then check_usage decides).
 _VALUE_RULES = Context(prec=VALUE_MAX_DIGITS, Emax=VALUE_MAX_DIGITS - 1, Emin=-VALUE_MAX_DIGITS,
                        traps=[InvalidOperation, Inexact, Overflow, Subnormal, Clamped])
-_ONE = Decimal(1)
 # Sums of usage values are exact: valid values span 36 digits (18 significant, exponents -36..17)
 # and the default context keeps 28. Enough for sums of billions of them; a sum that would not
 # fit raises (Inexact) instead of rounding.
@@ -253,26 +305,55 @@ def accept_plain_batch(
     ids 1-128 characters, aware timestamps, properties within their limits and made canonical):
     their times and amounts when every event plainly meets every other rule, else None — then
     `check_usage` must look at each event and name what is wrong. It may say None for a valid
-    batch (a negative correction, say); it never accepts what `check_usage` would refuse."""
-    if not meters.keys() >= set(metrics):
+    batch (a negative correction, say); it never accepts what `check_usage` would refuse.
+
+    Events of a meter with a value field take their amounts from that property; only they make
+    a Decimal each (a meter without one costs a check per meter, not per event)."""
+    codes = set(metrics)
+    if not meters.keys() >= codes:
         return None
     occurred = [now if t is None else t for t in timestamps]
     if occurred and (min(occurred) < now - LATE_WINDOW or max(occurred) > now + FUTURE_WINDOW):
         return None
-    given = [v for v in values if v is not None]
+    if not _plainly_valid([v for v in values if v is not None]):
+        return None
+    amounts = [_ONE if v is None else v for v in values]
+    for code in codes:
+        rule = meters[code]
+        if rule.field is None:
+            continue
+        if rule.aggregation == "unique_count":
+            if any(rule.field not in p for m, p in zip(metrics, properties, strict=True) if m == code):
+                return None
+            continue
+        field = rule.value_field
+        if field is None:
+            continue  # a count meter defined with a field before that was refused: not read
+        at = [i for i, m in enumerate(metrics) if m == code]
+        if any(values[i] is not None for i in at):
+            return None  # `value` beside the field: refused
+        try:
+            taken = [parse_value(properties[i][field]) for i in at]
+        except (KeyError, ArithmeticError):  # without the property, or not a number
+            return None
+        if not _plainly_valid(taken):
+            return None
+        for i, amount in zip(at, taken, strict=True):
+            amounts[i] = amount
+    return occurred, amounts
+
+
+def _plainly_valid(given: Sequence[Decimal]) -> bool:
+    """Every value meets every value rule and is not negative (a negative one may be valid, for
+    a meter that allows corrections: check_usage decides)."""
     try:
         if given and not (all(map(Decimal.is_finite, given)) and min(given) >= 0):
-            return None
+            return False
         for _ in map(_VALUE_RULES.plus, given):
             pass
     except ArithmeticError:  # a rule's signal (decimal's errors are ArithmeticErrors)
-        return None
-    for code in {m for m in metrics if meters[m].aggregation == "unique_count"}:
-        field = meters[code].field
-        if any(field not in p for m, p in zip(metrics, properties, strict=True) if m == code):
-            return None
-    amounts = [_ONE if v is None else v for v in values]
-    return occurred, amounts
+        return False
+    return True
 
 
 # ---- the reference fold: what a period's quantity is, straight from the events ----------

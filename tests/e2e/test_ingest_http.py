@@ -23,6 +23,7 @@ METERS = [
     {"code": "peak", "name": "Peak", "aggregation": "max"},
     {"code": "seats", "name": "Seats", "aggregation": "latest"},
     {"code": "mau", "name": "MAU", "aggregation": "unique_count", "field": "user"},
+    {"code": "storage", "name": "Storage", "aggregation": "max", "field": "gb"},
 ]
 
 
@@ -100,6 +101,13 @@ BAD_EVENTS: list[tuple[str, Any, str]] = [
     ("properties over 4 KiB", ev(properties={"p": "x" * 250, **{f"k{i}": "y" * 200 for i in range(20)}}),
      "properties"),
     ("unique_count without its field", ev(metric="mau", properties={"other": "1"}), "properties.user"),
+    ("max meter without its field", ev(metric="storage", properties={"other": "1"}), "properties.gb"),
+    ("max meter without properties", ev(metric="storage"), "properties.gb"),
+    ("field not a number", ev(metric="storage", properties={"gb": "abc"}), "properties.gb"),
+    ("field too large", ev(metric="storage", properties={"gb": "1e30"}), "properties.gb"),
+    ("field negative", ev(metric="storage", properties={"gb": "-1"}), "properties.gb"),
+    ("field a boolean", ev(metric="storage", properties={"gb": True}), "properties.gb"),
+    ("value beside a field", ev(metric="storage", value="3", properties={"gb": "42.5"}), "value"),
     ("unknown field", ev(colour="red"), "colour"),
 ]
 
@@ -258,6 +266,30 @@ async def test_aggregations_groups_and_granularities(api: Api, tenant: Tenant) -
     admin = await api.http.get(f"/admin/v1/organisations/{t.org}/usage", headers=AUTH,
                                params={"metric": "gb", "project_id": t.project})
     assert quantity(admin.json()["items"]) == "10"
+
+
+async def test_a_max_meter_with_a_field_bills_the_property_value(api: Api, tenant: Tenant) -> None:
+    t = await make_tenant(api, "field")
+    r = await api.http.post(EVENTS, headers=t.auth, json={"events": [
+        ev(metric="storage", properties={"gb": "42.5"}), ev(metric="storage", properties={"gb": 7})]})
+    assert r.status_code == 202 and r.json() == {"accepted": 2, "duplicates": 0}, r.text
+    assert quantity(await usage(api, t, "storage", r.headers["x-ledger-position"])) == "42.5"
+    # A JSON fraction goes the careful way, exactly; the largest value still wins.
+    r = await api.http.post(EVENTS, headers=t.auth, content=b'{"event_id": "f", "metric": "storage",'
+                            b' "properties": {"gb": 99.25, "region": "in"}}')
+    assert r.status_code == 202, r.text
+    assert quantity(await usage(api, t, "storage", r.headers["x-ledger-position"])) == "99.25"
+
+
+async def test_a_count_meter_with_a_field_is_refused(api: Api) -> None:
+    head = api.rt.ledger.head()
+    r = await api.http.post("/admin/v1/meters", headers=AUTH, json={
+        "code": "counted", "name": "Counted", "aggregation": "count", "field": "gb"})
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["field"]
+    assert api.rt.ledger.head() == head
+    schema = (await api.http.get("/schema/openapi.json")).text
+    assert "properties[field]" in schema  # the meter's field is explained where clients look
 
 
 @pytest.mark.parametrize(("params", "field"), [

@@ -1,6 +1,7 @@
 """The two ways of validating ingestion agree: whatever body the fast path accepts, the careful
 path accepts too, as the same events encoded to the same ledger bytes; whatever the careful path
-refuses, the fast path hands over to it instead of accepting."""
+refuses, the fast path hands over to it instead of accepting. That holds for meters with a
+`field` too, whose events' values are the property's (docs/METERING.md)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,13 @@ RULES = {
     "total": MeterRule("total", "sum", None, (), True),
     "peak": MeterRule("peak", "max", None, ("region",), False),
     "users": MeterRule("users", "unique_count", "user", (), False),
+    # Meters whose value is a property's (issue 14, defect 6).
+    "disk": MeterRule("disk", "max", "gb", ("region",), False),
+    "credit": MeterRule("credit", "sum", "amount", (), True),
+    "level": MeterRule("level", "latest", "gb", (), False),
 }
+FIELD_METERS = sorted(code for code, rule in RULES.items()
+                      if rule.field is not None and rule.aggregation != "unique_count")
 KEY = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
 MISSING = object()
 
@@ -70,8 +77,23 @@ property_values = mostly(
               st.floats(allow_nan=False, allow_infinity=False), st.none(),
               st.lists(st.integers(), max_size=1)),
 )
+# What a field meter's property may hold: valid numbers mostly, else the value rules' edges.
+field_values = mostly(
+    st.one_of(st.integers(0, 10**6), st.decimals(0, 10**6, places=3).map(str)),
+    st.one_of(st.sampled_from(["1e17", "1e18", "9.99999999999999999e17", "1e-19", "0E-40", "-0",
+                               "-2.5", "1234567890123456789", "1e30", "abc", "NaN", "-Infinity",
+                               "", " 42 ", "1_000", "0E+9999999999", "1e999999999999999999999"]),
+              st.integers(-5, 10**19), st.floats(allow_nan=False, allow_infinity=False, width=32),
+              st.booleans(), st.none()),
+)
+field_properties = mostly(  # both meters' fields, so that most field events are plain
+    st.fixed_dictionaries({"gb": field_values, "amount": field_values},
+                          optional={"region": st.sampled_from(["in", "us"])}),
+    st.one_of(st.dictionaries(st.sampled_from(["gb", "amount", "user"]), property_values, max_size=3),
+              st.none()),
+)
 properties = mostly(
-    st.dictionaries(st.sampled_from(["user", "region", "path"]), property_values, max_size=3),
+    st.dictionaries(st.sampled_from(["user", "region", "path", "gb"]), property_values, max_size=3),
     st.one_of(
         st.dictionaries(st.one_of(st.sampled_from(["user", ""]), texts,
                                   st.text(min_size=63, max_size=66)), property_values, max_size=4),
@@ -83,12 +105,19 @@ plain_events_ = st.fixed_dictionaries(
     {"event_id": st.text(min_size=1, max_size=8), "metric": st.sampled_from(sorted(RULES))},
     optional={"timestamp": moments, "value": values, "properties": properties},
 )
+_field_event = {"event_id": st.text(min_size=1, max_size=8), "metric": st.sampled_from(FIELD_METERS),
+                "properties": field_properties}
+# Deferred: its repr (which hypothesis builds for every strategy made of it) stays short.
+field_events = st.deferred(lambda: mostly(  # a `value` beside the field is refused: now and then
+    st.fixed_dictionaries(_field_event, optional={"timestamp": moments}),
+    st.fixed_dictionaries(_field_event, optional={"timestamp": moments, "value": values}),
+))
 wild_events = st.fixed_dictionaries(
     {"event_id": event_ids, "metric": mostly(st.sampled_from(sorted(RULES)), st.just("unknown"))},
     optional={"timestamp": moments, "value": values, "properties": properties,
               "extra": st.integers()},
 )
-events = st.one_of(plain_events_, plain_events_, plain_events_, wild_events)
+events = st.one_of(plain_events_, plain_events_, field_events, field_events, wild_events)
 bodies = st.one_of(
     events,
     st.fixed_dictionaries({"events": st.lists(events, min_size=1, max_size=4)}),
@@ -125,16 +154,36 @@ def _as_tuples(batch: UsageBatch) -> list[tuple[Any, ...]]:
 @example(body={"events": [{"event_id": "a", "metric": "calls"}]})
 @example(body={"event_id": "a", "metric": "total", "value": -3})
 @example(body={"event_id": "a", "metric": "users", "properties": {"region": "x"}})
+@example(body={"event_id": "a", "metric": "disk", "properties": {"gb": "42.5"}})
+@example(body={"event_id": "a", "metric": "disk", "value": "3", "properties": {"gb": "42.5"}})
+@example(body={"event_id": "a", "metric": "credit", "properties": {"gb": "42.5"}})
+@example(body={"event_id": "a", "metric": "level", "properties": {"gb": "abc"}})
+@example(body={"events": [{"event_id": "a", "metric": "credit", "properties": {"amount": "-1"}},
+                          {"event_id": "b", "metric": "disk", "properties": {"gb": 7}}]})
 def test_what_the_fast_path_accepts_the_careful_path_accepts_the_same_way(body: Any) -> None:
     raw = json.dumps(body).encode()
     accepted = fast(raw)
     event("fast path" if accepted is not None else "careful path")
     if accepted is None:
+        expected_ = careful(raw)
+        if expected_ is not None:  # the careful path accepted what the fast path handed over
+            _values_come_from_fields(expected_)
         return
     expected = careful(raw)
     assert expected is not None, f"the fast path accepted what the careful path refuses: {raw!r}"
     assert _as_tuples(accepted) == _as_tuples(expected)
     assert encode_batch(KEY, accepted, NOW) == encode_batch(KEY, expected, NOW)
+    _values_come_from_fields(accepted)
+
+
+def _values_come_from_fields(batch: UsageBatch) -> None:
+    """A field meter's event holds its property's value, never `value` (nor the default 1)."""
+    for metric, value, props in zip(batch.metrics, batch.values, batch.properties, strict=True):
+        if metric in FIELD_METERS:
+            field = RULES[metric].field
+            assert field is not None
+            event("a field meter's event accepted")
+            assert str(value) == str(Decimal(props[field])), (metric, value, props)
 
 
 def test_an_ordinary_batch_takes_the_fast_path() -> None:

@@ -1,15 +1,22 @@
-"""The in-memory usage fold's shortcuts give exactly what the plain Decimal fold gives."""
+"""The in-memory usage fold's shortcuts give exactly what the plain Decimal fold gives; a
+meter with a value field folds the property values that ingestion records."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
+from uuid import uuid4
 
 import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.usage import EXACT, MeterRule
+from adapters.usage_writer import encode_batch
+from domain.errors import Problems
+from domain.ports import KeyRecord
+from domain.usage import EXACT, MeterRule, UsageBatch, check_usage
+from domain.usage import fold as fold_events
 from projections.usage_fold import Fold, Totals, UsageView
 
 # Whole numbers (the ints shortcut) and everything else a ledger value can be.
@@ -66,3 +73,52 @@ def test_events_go_to_the_run_of_their_organisation_meter_and_moment_in_any_orde
     rules = {m: MeterRule(m, "count", None, (), False) for m in ("m", "n")}
     totals, _ = fold.take(rules)
     assert sum(t.count for (*_, g, _d, _k), t in totals.items() if g == "day") == len(items)
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    value: Decimal
+    occurred_at: datetime
+    properties: dict[str, str]
+
+
+MID_MONTH = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)  # its events' minutes share a local month
+FIELD_RULES = {a: MeterRule(a, a, "gb", (), a == "sum") for a in ("sum", "max", "latest")}
+_property_numbers = st.one_of(st.integers(0, 10**6),
+                              st.decimals(0, 10**6, places=3).map(str),
+                              st.sampled_from(["42.5", "1E+17", "0.000", "1e-18", " 7 "]))
+
+
+@given(st.sampled_from(sorted(FIELD_RULES)),
+       st.lists(st.tuples(_property_numbers, st.integers(0, 3)), min_size=1, max_size=20))
+def test_a_field_meters_totals_fold_the_property_values_as_ingestion_records_them(
+    aggregation: str, sent: list[tuple[int | str, int]]
+) -> None:
+    """Ingestion records the property as the event's value (issue 14, defect 6): the usage
+    totals' fold and the reference fold then give the quantity of the property values, with no
+    change of their own (a rebuild folds the same recorded values)."""
+    rule = FIELD_RULES[aggregation]
+    key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
+    problems = Problems()
+    facts = [check_usage(i, f"e{i}", rule.code, MID_MONTH - timedelta(minutes=m), None, {"gb": gb}, 16,
+                         FIELD_RULES, MID_MONTH, problems) for i, (gb, m) in enumerate(sent)]
+    assert not problems.errors, problems.errors
+    batch = UsageBatch.of([f for f in facts if f is not None])
+    _, states = encode_batch(key, batch, MID_MONTH)
+    views = [(msgspec.msgpack.decode(s, type=UsageView), position)
+             for position, s in enumerate(states, 1)]
+    fold = Fold()
+    fold.add_all(views)
+    totals, _ = fold.take(FIELD_RULES)
+    (month,) = [t for (*_, g, _d, _k), t in totals.items() if g == "month"]
+    quantity = {"sum": month.sum, "max": month.max,
+                "latest": month.latest[2] if month.latest else None}[aggregation]
+    values = [Decimal(str(gb)) for gb, _ in sent]
+    recorded = [(p, _Recorded(v, MID_MONTH - timedelta(minutes=m), {"gb": str(gb)}))
+                for p, (v, (gb, m)) in enumerate(zip(values, sent, strict=True), 1)]
+    expected = fold_events(aggregation, "gb", recorded)  # type: ignore[arg-type]
+    assert quantity == expected
+    with localcontext(EXACT):
+        direct = {"sum": sum(values, Decimal(0)), "max": max(values),
+                  "latest": max(recorded, key=lambda pr: (pr[1].occurred_at, pr[0]))[1].value}
+    assert str(quantity) == str(direct[aggregation])
