@@ -28,7 +28,14 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import Environment
 
 from adapters.codec import MsgspecMapper
-from domain.audit import CURRENT_ACTOR, describe
+from domain.audit import (
+    CURRENT_ACTOR,
+    CURRENT_IDEMPOTENCY,
+    AlreadyRecorded,
+    AuditEntry,
+    Recorded,
+    describe,
+)
 from domain.errors import Conflict, NotFound, Unavailable
 
 LEDGER_NAME = "billing"  # the events table is "billing_events"; its NOTIFY channel too
@@ -107,20 +114,40 @@ class LedgerStore:
 
     def save(self, *aggregates: Aggregate) -> int:
         actor = CURRENT_ACTOR.get()
+        idempotent = CURRENT_IDEMPOTENCY.get() if actor is not None else None
+        entry: AuditEntry | None = None
         if actor is not None:
-            entry = describe(actor, aggregates, uuid4(), datetime.now(UTC))
+            # Under an Idempotency-Key the entry id is derived (domain/audit.py): a second
+            # execution of the same command collides here and saves nothing.
+            entry_id = idempotent.entry_id() if idempotent is not None else uuid4()
+            entry = describe(actor, aggregates, entry_id, datetime.now(UTC))
             if entry is not None:
                 aggregates = (*aggregates, entry)
         try:
             recordings = self._app.save(*aggregates)
         except IntegrityError as e:
+            if idempotent is not None and entry is not None:
+                earlier = self.recorded(entry.id)
+                if earlier is not None:
+                    idempotent.recorded = earlier
+                    raise AlreadyRecorded(earlier) from e
             raise Conflict("already recorded in the ledger") from e
         except (PersistenceError, psycopg.Error) as e:
             raise Unavailable(f"ledger cannot commit: {type(e).__name__}") from e
+        if idempotent is not None and entry is not None:
+            idempotent.saved()
         if not recordings:
             return self.head()
         self.appended_events += len(recordings)
         return int(recordings[-1].notification.id)
+
+    def recorded(self, entry_id: UUID) -> Recorded | None:
+        """The audit entry `entry_id` as committed (None when there is none)."""
+        try:
+            entry = self.get(entry_id, AuditEntry)
+        except NotFound:
+            return None
+        return Recorded(entry.id, list(entry.targets))
 
     def head(self) -> int:
         """The position of the newest ledger entry (0 when empty)."""

@@ -12,6 +12,7 @@ from api.access import AccessController
 from api.auth import admin_guard
 from api.catalogue import MeterController, ProjectController
 from api.deps import ApiDeps
+from api.idempotency import IdempotencyMiddleware
 from api.ingest import ingest
 from api.invoice_runs import invoice_run
 from api.invoices import InvoiceController, organisation_balance
@@ -44,6 +45,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
                         organisation_usage, PlanController, SubscriptionController,
                         InvoiceController, AccessController, invoice_run, organisation_balance],
         guards=[admin_guard],
+        middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )
     app = Litestar(
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage],

@@ -13,6 +13,7 @@ from psycopg_pool import ConnectionPool
 from domain.invoicing import InvoicingService
 from domain.plans_service import PlansService
 from domain.ports import (
+    IdempotencyStore,
     InvoiceRunner,
     KeyLookup,
     MeterLookup,
@@ -62,4 +63,5 @@ class ApiDeps:
     readiness: dict[str, Callable[[], Awaitable[bool]]]
     ops_snapshot: Callable[[], OpsSnapshot]
     read_wait_s: float = READ_WAIT_S
+    idempotency: IdempotencyStore | None = None  # None: the Idempotency-Key header is ignored
     extra: dict[str, object] = field(default_factory=dict)

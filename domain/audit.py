@@ -3,19 +3,27 @@ together with one AuditEntry (in the same ledger transaction), so the trail cann
 
 The acting principal travels with the request in a context variable set by the API's guard;
 the ledger adapter reads it when it saves.
+
+A request with an Idempotency-Key (docs/IDEMPOTENCY.md) also carries an `IdempotentRequest` in a
+context variable: the audit entry of its n-th save gets the id `uuid5(seed, n)`, derived from the
+principal and the key. A second execution of the same command therefore collides with the first
+in the ledger, atomically with the command itself, and records nothing.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
+
+from domain.errors import Conflict
 
 # Never copied into the trail: hashes of secrets are still secrets' fingerprints.
 SECRET_FIELDS = frozenset({"token_sha256", "secret_sha256"})
@@ -35,6 +43,65 @@ class Actor:
 
 CURRENT_ACTOR: ContextVar[Actor | None] = ContextVar("billing_actor", default=None)
 
+# Fixed forever: changing it would make every stored key's audit ids differ from a retry's.
+IDEMPOTENCY_NAMESPACE = UUID("6d0c2a51-3f0e-4b8e-9a57-1c8f0e2b7d44")
+
+
+def idempotency_seed(principal_id: UUID, key: str, claimed_at: datetime) -> UUID:
+    """The seed of one use of a (principal, Idempotency-Key): another principal's key is another
+    seed, and so is the same key claimed afresh after it expired (a new `claimed_at`)."""
+    return uuid5(IDEMPOTENCY_NAMESPACE, f"{principal_id}\n{key}\n{claimed_at.isoformat()}")
+
+
+@dataclass
+class IdempotentRequest:
+    """One request under an Idempotency-Key, as the ledger sees it while saving.
+
+    `saves` counts the saves of this request that committed an audit entry; a failed save
+    does not count, so a re-execution of the same command derives the same ids in the same
+    order. `recorded` is set by the ledger when a save collided with an entry an earlier
+    execution of this key committed: the command had already been carried out."""
+
+    seed: UUID
+    saves: int = 0
+    recorded: Recorded | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def entry_id(self) -> UUID:
+        """The audit entry id of the next save (saves within one request are sequential)."""
+        with self._lock:
+            return uuid5(self.seed, str(self.saves))
+
+    def first_entry_id(self) -> UUID:
+        """The audit entry id of the request's first save: present once the command committed."""
+        return uuid5(self.seed, "0")
+
+    def saved(self) -> None:
+        with self._lock:
+            self.saves += 1
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What an earlier execution of the same idempotent request committed (from its entry)."""
+
+    entry_id: UUID
+    targets: list[dict[str, str]]
+
+
+CURRENT_IDEMPOTENCY: ContextVar[IdempotentRequest | None] = ContextVar(
+    "billing_idempotency", default=None)
+
+
+class AlreadyRecorded(Conflict):
+    """A save of an idempotent request collided with the audit entry of an earlier execution of
+    the same (principal, key): the command was carried out before, and nothing more is saved."""
+
+    def __init__(self, recorded: Recorded) -> None:
+        self.recorded = recorded
+        super().__init__(f"this Idempotency-Key's request was already carried out "
+                         f"(audit entry {recorded.entry_id})")
+
 
 class AuditEntry(Aggregate):
     class Recorded(Aggregate.Created):
@@ -52,6 +119,7 @@ class AuditEntry(Aggregate):
                  changes: list[dict[str, dict[str, str | None]]]) -> None:
         self.actor_id = actor_id
         self.action = action
+        self.targets = targets  # read back when an idempotent retry collides with this entry
 
 
 def _text(value: Any) -> str | None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
+from domain.audit import Recorded
 from domain.usage import MeterRule, UsageBatch
 
 A = TypeVar("A", bound=Aggregate)
@@ -146,3 +147,49 @@ class RunResult:
 
 class InvoiceRunner(Protocol):
     def run(self, period: str) -> RunResult: ...
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """An idempotent request's first answer, as kept for its retries (secrets left out)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+ClaimOutcome = Literal["claimed", "replay", "busy", "mismatch"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What claiming an Idempotency-Key found: ours to run (`token` proves it, `taken_over`
+    when a crashed holder's lease had run out), a finished answer to replay, a holder still
+    running, or the key used for another request. `claimed_at` is when this use of the key
+    began: kept by a takeover, new after the key expired (it seeds the audit entry ids)."""
+
+    outcome: ClaimOutcome
+    token: UUID | None = None
+    taken_over: bool = False
+    claimed_at: datetime | None = None
+    response: StoredResponse | None = None
+
+
+class IdempotencyStore(Protocol):
+    """Admin Idempotency-Keys per principal, kept durably for the retention (docs/IDEMPOTENCY.md)."""
+
+    def claim(self, principal_id: UUID, key: str, fingerprint: bytes) -> Claim: ...
+
+    def complete(self, principal_id: UUID, key: str, token: UUID, response: StoredResponse) -> bool:
+        """Keep the answer; False when the claim was lost (its lease ran out and was taken)."""
+        ...
+
+    def release(self, principal_id: UUID, key: str, token: UUID) -> None:
+        """Forget a claim whose request changed nothing, so that a retry runs afresh."""
+        ...
+
+    def recorded(self, entry_id: UUID) -> Recorded | None:
+        """The ledger's audit entry `entry_id` (an idempotent request's first save), or None."""
+        ...
+
+    def purge_expired(self) -> int: ...

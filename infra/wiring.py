@@ -23,9 +23,10 @@ from nats.js import JetStreamContext
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from adapters import bookkeeping, bus, rate_limit
+from adapters import bookkeeping, bus, idempotency, rate_limit
 from adapters.caches import KeyCache, MeterCache, PrefixCache, TokenCache
 from adapters.gate import PgProjectionGate
+from adapters.idempotency import PgIdempotencyStore
 from adapters.invoice_run import InvoiceRun
 from adapters.ledger import LedgerStore
 from adapters.mail import OutboxMailer, SmtpMailer
@@ -95,7 +96,7 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
         try:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
-            for statement in (*bookkeeping.DDL, *rate_limit.DDL):
+            for statement in (*bookkeeping.DDL, *rate_limit.DDL, *idempotency.DDL):
                 conn.execute(statement)
             for model in READ_MODELS:
                 for statement in model.ddl:
@@ -220,6 +221,8 @@ class Runtime:
         access_service = AccessService(self.ledger, clock, uuid4, new_key_secret)
         bootstrap = admin_token(self.settings)
         access_service.ensure_bootstrap_owner(bootstrap)
+        keys = PgIdempotencyStore(self.pool, self.ledger)
+        self.extras["idempotency"] = keys
         return ApiDeps(
             organisations=OrganisationService(self.ledger, clock, uuid4),
             catalogue=CatalogueService(self.ledger, clock, uuid4, new_key_secret),
@@ -243,6 +246,7 @@ class Runtime:
             admin_token_sha256=hashlib.sha256(bootstrap.encode()).digest(),
             readiness={"postgres": postgres_ok, "nats": nats_ok},
             ops_snapshot=self.ops_snapshot,
+            idempotency=keys,
         )
 
 
