@@ -7,6 +7,7 @@ taken over, and the ledger tells whether the command had committed."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,15 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from domain.audit import (
+    CURRENT_ACTOR,
+    CURRENT_IDEMPOTENCY,
+    Actor,
+    AlreadyRecorded,
+    IdempotentRequest,
+    idempotency_seed,
+)
+from domain.services import OrganisationService
 from tests.conftest import wait_until
 from tests.e2e.conftest import AUTH, Api
 
@@ -330,3 +340,34 @@ async def test_an_expired_key_is_a_new_key_and_runs_again(api: Api) -> None:
     assert again.json()["id"] != first.json()["id"]
     assert ledger_count(api, "domain.organisation:Organisation.Created", name) == 2
     same_answer(again, await used.resend(api))
+
+
+async def test_a_refused_request_frees_its_key_for_the_corrected_request(api: Api) -> None:
+    name = f"idem-fix-{uuid.uuid4().hex[:8]}"
+    k = key()
+    refused = await send(api, "POST", "/admin/v1/organisations", {"name": name}, k)
+    assert refused.status_code == 422, refused.text
+    fixed = await send(api, "POST", "/admin/v1/organisations",
+                       {"name": name, "billing_email": "ap@fix.in"}, k)
+    assert fixed.status_code == 201, fixed.text
+    assert ledger_count(api, "domain.organisation:Organisation.Created", name) == 1
+
+
+def test_a_second_execution_under_the_same_claim_collides_in_the_ledger_and_saves_nothing(
+        api: Api) -> None:
+    """The guard that holds even when the table does not (a lease that ran out while its
+    holder still ran): the derived audit entry id makes the second save fail as a whole."""
+    name = f"idem-twice-{uuid.uuid4().hex[:8]}"
+    seed = idempotency_seed(uuid.uuid4(), "k", datetime.now(UTC))
+    service = OrganisationService(api.rt.ledger, lambda: datetime.now(UTC), uuid.uuid4)
+
+    def execute() -> Any:
+        CURRENT_ACTOR.set(Actor(uuid.uuid4(), "owner", None, "127.0.0.1", "test"))
+        CURRENT_IDEMPOTENCY.set(IdempotentRequest(seed))
+        return service.create({"name": name, "billing_email": "ap@twice.in"})
+
+    first = contextvars.copy_context().run(execute)
+    with pytest.raises(AlreadyRecorded) as collided:
+        contextvars.copy_context().run(execute)
+    assert collided.value.recorded.targets == [{"type": "Organisation", "id": str(first.aggregate.id)}]
+    assert ledger_count(api, "domain.organisation:Organisation.Created", name) == 1
