@@ -1,9 +1,10 @@
 """Per-process caches of small read models, so the ingestion hot path asks Postgres nothing.
 
-Each follows its projection by ledger position (rows changed after the last one seen), twice a
-second, so a revoked key stops working on every replica within about a second — a change feed,
-not a TTL guess. A miss asks Postgres once (a key created a moment ago works at once); unknown
-prefixes are remembered briefly so that garbage keys cannot turn into a query per request.
+The key and token caches follow their read models' tracking positions, twice a second, so a
+revoked key stops working on every API process within about a second of its read model
+committing it: a change feed, not a TTL guess. A miss asks Postgres once (a key created a moment
+ago works at once); unknown prefixes are remembered briefly so that garbage keys cannot turn into
+a query per request. Why tracking positions and not the rows' own: docs/ACCESS.md.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from psycopg import Connection
@@ -20,7 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from domain.ports import KeyRecord, TokenRecord
 from domain.usage import MeterRule
-from projections import access, catalogue
+from projections import access, catalogue, organisations
 
 log = logging.getLogger("billing.cache")
 
@@ -40,27 +43,80 @@ def _key(row: dict[str, Any]) -> KeyRecord:
     )
 
 
+def _token(row: dict[str, Any]) -> TokenRecord:
+    return TokenRecord(
+        token_id=row["id"], token_sha256=row["token_sha256"], role=row["role"],
+        organisation_id=row["organisation_id"], expires_at=row["expires_at"],
+        revoked=row["revoked_at"] is not None,
+    )
+
+
 Row = dict[str, Any]
 R = TypeVar("R")
+Positions = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Source(Generic[R]):
+    """Where a PrefixCache's records come from. `models` are the read models the records are
+    made of; `changed_since` takes one position per model, in that order, and returns every row
+    that any of them changed after its position."""
+
+    what: str
+    models: tuple[str, ...]
+    by_prefix: Callable[[Connection[Any], str], Row | None]
+    changed_since: Callable[[Connection[Any], Positions], list[Row]]
+    build: Callable[[Row], R]
+
+
+KEYS: Source[KeyRecord] = Source(
+    "key cache", (catalogue.READ_MODEL.name, organisations.NAME), catalogue.key_by_prefix,
+    lambda conn, since: catalogue.keys_changed_since(conn, since[0], since[1]), _key)
+TOKENS: Source[TokenRecord] = Source(
+    "token cache", (access.NAME,), access.token_by_prefix,
+    lambda conn, since: access.tokens_changed_since(conn, since[0]), _token)
+
+# One round trip: per followed read model, its tracking position, and how many of its dead
+# letters lie at or below the position this cache has followed it to (`w`), and in all.
+_FOLLOWED = (
+    "SELECT coalesce(t.position, 0),"
+    " (SELECT count(*) FROM projection_dead_letters d WHERE d.name = m.name AND d.position <= m.w),"
+    " (SELECT count(*) FROM projection_dead_letters d WHERE d.name = m.name)"
+    " FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS m(name, w, i)"
+    " LEFT JOIN projection_tracking t ON t.name = m.name ORDER BY m.i"
+)
+_TRACKING = (
+    "SELECT coalesce(t.position, 0) FROM unnest(%s::text[]) WITH ORDINALITY AS m(name, i)"
+    " LEFT JOIN projection_tracking t ON t.name = m.name ORDER BY m.i"
+)
 
 
 class PrefixCache(Generic[R]):
-    """Records by visible prefix, loaded on a miss and refreshed from rows changed after the
-    newest ledger position seen (`position_column`)."""
+    """Records by visible prefix, loaded on a miss and refreshed from the rows changed after the
+    tracking positions of its read models seen at the last refresh.
 
-    def __init__(self, pool: ConnectionPool, what: str,
-                 by_prefix: Callable[[Connection[Any], str], Row | None],
-                 changed_since: Callable[[Connection[Any], int], list[Row]],
-                 build: Callable[[Row], R], position_column: str) -> None:
+    Every read (a refresh or a miss) is one REPEATABLE READ snapshot that reads the models'
+    tracking positions and the rows together, so "everything up to these positions, nothing
+    after" is exactly what it saw (a projector commits its rows and its tracking together, in
+    ledger order). Each record keeps the positions it was read at; a record read earlier never
+    replaces one read later (a miss that overlaps a refresh), under `_lock`.
+
+    Two things move a read model's rows without moving its tracking forward: a dead letter
+    applied afterwards (redrive, rebuild) and tracking going back (a Postgres crash losing
+    commits made without waiting for the WAL flush, or an operator). Either makes the next
+    refresh start over: it reloads every row, in a new epoch that outranks every earlier read."""
+
+    def __init__(self, pool: ConnectionPool, source: Source[R]) -> None:
         self._pool = pool
-        self._what = what
-        self._by_prefix_query = by_prefix
-        self._changed_since = changed_since
-        self._build = build
-        self._position_column = position_column
+        self._source = source
         self._by_prefix: dict[str, R] = {}
+        self._read_at: dict[str, tuple[int, Positions]] = {}  # prefix -> (epoch, positions)
         self._unknown: dict[str, float] = {}
-        self._watermark = 0
+        self._lock = threading.Lock()  # the compare-and-set of records, and the epoch
+        self._refreshing = threading.Lock()  # one refresh at a time: watermarks move in order
+        self._epoch = 0
+        self._watermarks: Positions = (0,) * len(source.models)
+        self._dead_letters: Positions = (0,) * len(source.models)
 
     async def find(self, prefix: str) -> R | None:
         record = self._by_prefix.get(prefix)
@@ -70,39 +126,73 @@ class PrefixCache(Generic[R]):
             return None
         return await asyncio.to_thread(self._load_one, prefix)
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[Connection[Any]]:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield conn
+
     def _load_one(self, prefix: str) -> R | None:
-        with self._pool.connection() as conn:
-            row = self._by_prefix_query(conn, prefix)
-        if row is None:
-            if len(self._unknown) >= NEGATIVE_MAX_ENTRIES:
-                self._unknown.clear()
-            self._unknown[prefix] = time.monotonic() + NEGATIVE_TTL_S
-            return None
-        record = self._build(row)
+        epoch = self._epoch  # a refresh that starts over after this outranks what we read
+        with self._snapshot() as conn:
+            row = conn.execute(_TRACKING, (list(self._source.models),)).fetchall()
+            positions = tuple(int(r[0]) for r in row)
+            found = self._source.by_prefix(conn, prefix)
+        if found is None:
+            with self._lock:
+                if len(self._unknown) >= NEGATIVE_MAX_ENTRIES:
+                    self._unknown.clear()
+                self._unknown[prefix] = time.monotonic() + NEGATIVE_TTL_S
+                return self._by_prefix.get(prefix)
+        record = self._source.build(found)
+        with self._lock:
+            if epoch == self._epoch:
+                self._put(prefix, record, positions)
+            return self._by_prefix.get(prefix, record)
+
+    def _put(self, prefix: str, record: R, positions: Positions) -> None:
+        """Keep `record` unless the cached one was read at a later snapshot (under _lock)."""
+        held = self._read_at.get(prefix)
+        if held is not None and held[0] == self._epoch and any(
+                new < old for new, old in zip(positions, held[1], strict=True)):
+            return
         self._by_prefix[prefix] = record
-        return record
+        self._read_at[prefix] = (self._epoch, positions)
+        self._unknown.pop(prefix, None)
 
     def refresh(self) -> int:
-        with self._pool.connection() as conn:
-            rows = self._changed_since(conn, self._watermark)
-        for row in rows:
-            self._by_prefix[row["prefix"]] = self._build(row)
-            self._unknown.pop(row["prefix"], None)
-            self._watermark = max(self._watermark, int(row[self._position_column]))
-        return len(rows)
+        with self._refreshing:
+            models = list(self._source.models)
+            with self._snapshot() as conn:
+                followed = conn.execute(_FOLLOWED, (models, list(self._watermarks))).fetchall()
+                positions = tuple(int(r[0]) for r in followed)
+                kept = tuple(int(r[1]) for r in followed)
+                dead_letters = tuple(int(r[2]) for r in followed)
+                start_over = any(now < before for now, before in zip(
+                    (*positions, *kept), (*self._watermarks, *self._dead_letters), strict=True))
+                since = (0,) * len(models) if start_over else self._watermarks
+                rows = (self._source.changed_since(conn, since)
+                        if start_over or positions != self._watermarks else [])
+            with self._lock:
+                if start_over:
+                    self._epoch += 1
+                    log.warning("%s starts over: tracking went back or a dead letter was applied",
+                                self._source.what)
+                for row in rows:
+                    self._put(row["prefix"], self._source.build(row), positions)
+            self._watermarks, self._dead_letters = positions, dead_letters
+            return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await _follow(self.refresh, stop, self._what)
+        await _follow(self.refresh, stop, self._source.what)
 
 
 def KeyCache(pool: ConnectionPool) -> PrefixCache[KeyRecord]:
-    return PrefixCache(pool, "key cache", catalogue.key_by_prefix, catalogue.keys_changed_since,
-                       _key, "position")
+    return PrefixCache(pool, KEYS)
 
 
 def TokenCache(pool: ConnectionPool) -> PrefixCache[TokenRecord]:
-    return PrefixCache(pool, "token cache", access.token_by_prefix, access.tokens_changed_since,
-                       _token, "ledger_position")
+    return PrefixCache(pool, TOKENS)
 
 
 class MeterCache:
@@ -138,10 +228,3 @@ async def _follow(refresh: Any, stop: asyncio.Event, what: str) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), REFRESH_INTERVAL_S)
 
-
-def _token(row: dict[str, Any]) -> TokenRecord:
-    return TokenRecord(
-        token_id=row["id"], token_sha256=row["token_sha256"], role=row["role"],
-        organisation_id=row["organisation_id"], expires_at=row["expires_at"],
-        revoked=row["revoked_at"] is not None,
-    )

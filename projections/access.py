@@ -81,7 +81,7 @@ READ_MODEL = ReadModel(
               AuditEntry.Recorded: _audited},
 )
 
-_TOKEN_COLUMNS = "id, prefix, token_sha256, role, organisation_id, expires_at, revoked_at, ledger_position"
+_TOKEN_COLUMNS = "id, prefix, token_sha256, role, organisation_id, expires_at, revoked_at"
 
 
 def token_by_prefix(conn: Connection[Any], prefix: str) -> dict[str, Any] | None:
@@ -91,6 +91,8 @@ def token_by_prefix(conn: Connection[Any], prefix: str) -> dict[str, Any] | None
 
 
 def tokens_changed_since(conn: Connection[Any], position: int) -> list[dict[str, Any]]:
+    """Tokens changed after `position`: what each API process's token cache reloads. The caller
+    passes this read model's tracking position, read in the same snapshot (adapters/caches.py)."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens WHERE ledger_position > %s",
                     (position,))

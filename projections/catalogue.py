@@ -148,29 +148,29 @@ def api_keys(conn: Connection[Any], project_id: UUID) -> list[dict[str, Any]]:
 _KEY_COLUMNS = (
     "k.id, k.prefix, k.secret_sha256, k.project_id, k.organisation_id, k.expires_at, k.revoked_at,"
     " k.allowed_ips, o.timezone, o.suspended, o.allowed_ips AS organisation_allowed_ips,"
-    " o.rate_limit_per_s, o.rate_limit_burst,"
-    " GREATEST(k.ledger_position, o.ledger_position) AS position"
+    " o.rate_limit_per_s, o.rate_limit_burst"
 )
+_KEYS = " FROM api_keys k JOIN organisations o ON o.id = k.organisation_id"
 
 
-def keys_changed_since(conn: Connection[Any], position: int) -> list[dict[str, Any]]:
-    """Keys (with their organisation's timezone) whose key or organisation changed after
-    `position`: what each API process's key cache reloads."""
+def keys_changed_since(
+    conn: Connection[Any], key_position: int, organisation_position: int
+) -> list[dict[str, Any]]:
+    """Keys (with their organisation's settings) whose key changed after `key_position` or whose
+    organisation changed after `organisation_position`: what each API process's key cache
+    reloads. Two positions because keys and organisations are two read models, whose projectors
+    commit independently: the caller passes each model's tracking position, read in the same
+    snapshot as these rows (adapters/caches.py), never one position for both."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            f"SELECT {_KEY_COLUMNS}"
-            " FROM api_keys k JOIN organisations o ON o.id = k.organisation_id"
-            " WHERE k.ledger_position > %(p)s OR o.ledger_position > %(p)s",
-            {"p": position},
+            f"SELECT {_KEY_COLUMNS}{_KEYS} WHERE k.ledger_position > %(k)s"
+            f" UNION SELECT {_KEY_COLUMNS}{_KEYS} WHERE o.ledger_position > %(o)s",
+            {"k": key_position, "o": organisation_position},
         )
         return cur.fetchall()
 
 
 def key_by_prefix(conn: Connection[Any], prefix: str) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            f"SELECT {_KEY_COLUMNS}"
-            " FROM api_keys k JOIN organisations o ON o.id = k.organisation_id WHERE k.prefix = %s",
-            (prefix,),
-        )
+        cur.execute(f"SELECT {_KEY_COLUMNS}{_KEYS} WHERE k.prefix = %s", (prefix,))
         return cur.fetchone()

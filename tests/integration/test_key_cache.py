@@ -1,0 +1,316 @@
+"""The API processes' key and token caches follow their read models, even when those read
+models' projectors commit at different times (issue 14, defect 1).
+
+Each test runs the relay and one projector per read model itself, so that it can hold one
+projector back while the other carries on: what happens in production when one projector is
+slow, restarting or retrying. Two caches stand for two API processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from nats.js import JetStreamContext
+from psycopg import Connection
+
+from adapters import caches
+from adapters.caches import KeyCache, PrefixCache
+from adapters.projector import Projector
+from adapters.relay import Relay
+from domain.ports import KeyRecord, TokenRecord
+from domain.services import AccessService, CatalogueService, OrganisationService
+from infra.wiring import Runtime, new_key_secret, read_model
+from tests.conftest import close_nats, reached, wait_until
+
+pytestmark = pytest.mark.anyio
+
+REVOCATION_BOUND_S = 5.0  # API.md: a revoked key stops working on every replica within 5 s
+STOP_WAIT_S = 15.0
+RACE_WAIT_S = 10.0  # how long a test waits for a thread it holds back to reach its hold point
+API_PROCESSES = 2
+FOLLOWED = ("organisations", "catalogue", "access")
+ROTATION_OVERLAP = timedelta(hours=1)  # the old key's life after a rotation
+ALLOW_LIST = "10.0.0.0/8"
+
+
+class Pipeline:
+    """The relay and one projector per read model, each started and stopped on its own."""
+
+    def __init__(self, rt: Runtime, js: JetStreamContext) -> None:
+        self._rt = rt
+        self._js = js
+        self._running: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+
+    def start(self, name: str) -> None:
+        rt = self._rt
+        job: Relay | Projector
+        if name == "relay":
+            job = Relay(rt.ledger, rt.database_url, rt.settings.pg_schema, self._js, rt.streams)
+        else:
+            job = Projector(read_model(name), rt.ledger, rt.projection_pool(), self._js, rt.streams)
+        stop = asyncio.Event()
+        self._running[name] = (stop, asyncio.create_task(job.run(stop)))
+
+    async def stop(self, name: str) -> None:
+        stop, task = self._running.pop(name)
+        stop.set()
+        await asyncio.wait_for(task, STOP_WAIT_S)
+
+    async def close(self) -> None:
+        for name in list(self._running):
+            await self.stop(name)
+
+
+@contextlib.asynccontextmanager
+async def pipeline(rt: Runtime) -> AsyncIterator[Pipeline]:
+    js = await rt.connect_nats("test-key-cache")
+    pipe = Pipeline(rt, js)
+    try:
+        pipe.start("relay")
+        for name in FOLLOWED:
+            pipe.start(name)
+        yield pipe
+    finally:
+        await pipe.close()
+        await close_nats(rt)
+
+
+@contextlib.asynccontextmanager
+async def following(*cache_list: Any) -> AsyncIterator[None]:
+    """The caches' own refresh loops, as each API process runs them."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(c.run(stop)) for c in cache_list]
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), STOP_WAIT_S)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    organisation_id: UUID
+    key_id: UUID
+    prefix: str
+    position: int
+
+
+def _clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def orgs(rt: Runtime) -> OrganisationService:
+    return OrganisationService(rt.ledger, _clock, uuid4)
+
+
+def catalogue(rt: Runtime) -> CatalogueService:
+    return CatalogueService(rt.ledger, _clock, uuid4, new_key_secret)
+
+
+def tenant(rt: Runtime, name: str) -> Tenant:
+    """An organisation with a project and one API key."""
+    org = orgs(rt).create({"name": name, "billing_email": f"ap@{name}.example.in"})
+    project = catalogue(rt).create_project(org.aggregate.id, f"{name}-project")
+    key, _ = catalogue(rt).issue_key(project.aggregate.id, f"{name}-key", None)
+    return Tenant(org.aggregate.id, key.aggregate.id, key.aggregate.prefix, key.position)
+
+
+async def projected(rt: Runtime, name: str, position: int) -> None:
+    await wait_until(partial(reached, rt, name, position), f"{name} at {position}")
+
+
+def seen(loop: asyncio.AbstractEventLoop, cache: PrefixCache[Any], prefix: str) -> Any:
+    """What an API process's cache answers for `prefix` (called from wait_until's thread)."""
+    record = asyncio.run_coroutine_threadsafe(cache.find(prefix), loop).result(STOP_WAIT_S)
+    assert record is not None, f"{prefix} is unknown to the cache"
+    return record
+
+
+async def found(cache: PrefixCache[Any], prefix: str) -> Any:
+    record = await cache.find(prefix)
+    assert record is not None, f"{prefix} is unknown to the cache"
+    return record
+
+
+def everywhere(loop: asyncio.AbstractEventLoop, cache_list: list[PrefixCache[KeyRecord]],
+               prefix: str, holds: Callable[[KeyRecord], bool]) -> bool:
+    return all(holds(seen(loop, c, prefix)) for c in cache_list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Overtaken:
+    """A change to tenant a that the `lagging` projector applies, and a later change to tenant b
+    in the other read model, which its projector commits first."""
+
+    lagging: str
+    held_back: Callable[[Runtime, Tenant], int]
+    applied: Callable[[KeyRecord], bool]
+    overtaking: Callable[[Runtime, Tenant], int]
+    overtaking_applied: Callable[[KeyRecord], bool]
+
+
+def _revoke(rt: Runtime, t: Tenant) -> int:
+    return catalogue(rt).revoke_key(t.key_id).position
+
+
+def _rotate(rt: Runtime, t: Tenant) -> int:
+    return catalogue(rt).rotate_key(t.key_id, ROTATION_OVERLAP)[0].position
+
+
+def _suspend(rt: Runtime, t: Tenant) -> int:
+    return orgs(rt).update_settings(t.organisation_id, {}, True, "unpaid").position
+
+
+def _allow_list(rt: Runtime, t: Tenant) -> int:
+    return orgs(rt).update_settings(t.organisation_id, {"allowed_ips": ALLOW_LIST}).position
+
+
+def _revoked(k: KeyRecord) -> bool:
+    return k.revoked
+
+
+def _listed(k: KeyRecord) -> bool:
+    return k.organisation_allowed_ips == ALLOW_LIST
+
+
+OVERTAKEN = {
+    "revocation-behind-an-organisation-change": Overtaken(
+        "catalogue", _revoke, _revoked, _allow_list, _listed),
+    "rotation-expiry-behind-an-organisation-change": Overtaken(
+        "catalogue", _rotate, lambda k: k.expires_at is not None, _allow_list, _listed),
+    "suspension-behind-a-key-revocation": Overtaken(
+        "organisations", _suspend, lambda k: k.suspended, _revoke, _revoked),
+    "allow-list-behind-a-key-revocation": Overtaken(
+        "organisations", _allow_list, _listed, _revoke, _revoked),
+}
+
+
+@pytest.mark.parametrize("case", OVERTAKEN.values(), ids=OVERTAKEN.keys())
+async def test_a_change_held_back_by_a_lagging_projector_reaches_every_api_process_within_5s(
+    runtime: Runtime, case: Overtaken,
+) -> None:
+    """Tenant a changes at p, tenant b at q > p in the other read model, and b's projector
+    commits q while a's (the lagging one) is stopped. Every cache sees q first; the change at p
+    must still reach every API process within 5 s of the lagging projector resuming."""
+    loop = asyncio.get_running_loop()
+    async with pipeline(runtime) as pipe:
+        a = await asyncio.to_thread(tenant, runtime, "a")
+        b = await asyncio.to_thread(tenant, runtime, "b")
+        await projected(runtime, "catalogue", b.position)
+        processes = [KeyCache(runtime.pool) for _ in range(API_PROCESSES)]
+        async with following(*processes):
+            await wait_until(partial(everywhere, loop, processes, a.prefix,
+                                     lambda k: not case.applied(k)), "tenant a in every cache")
+            await wait_until(partial(everywhere, loop, processes, b.prefix,
+                                     lambda k: not case.overtaking_applied(k)),
+                             "tenant b in every cache")
+            await pipe.stop(case.lagging)
+            held_back = await asyncio.to_thread(case.held_back, runtime, a)
+            later = await asyncio.to_thread(case.overtaking, runtime, b)
+            assert later > held_back
+            ahead = "organisations" if case.lagging == "catalogue" else "catalogue"
+            await projected(runtime, ahead, later)
+            # b's record was cached before, so only a refresh past q changes it.
+            await wait_until(partial(everywhere, loop, processes, b.prefix, case.overtaking_applied),
+                             "the later change in every cache")
+            assert not any([case.applied(await found(c, a.prefix)) for c in processes])
+
+            pipe.start(case.lagging)
+            await wait_until(partial(everywhere, loop, processes, a.prefix, case.applied),
+                             "the held-back change in every API process", REVOCATION_BOUND_S)
+
+
+async def test_an_organisation_allow_list_reaches_the_caches_while_the_catalogue_projector_lags(
+    runtime: Runtime,
+) -> None:
+    """A stopped catalogue projector holds back only the catalogue's changes: an organisation's
+    allow-list and suspension still reach every API process, and the revocation it holds back
+    follows within 5 s of it resuming."""
+    loop = asyncio.get_running_loop()
+    async with pipeline(runtime) as pipe:
+        a = await asyncio.to_thread(tenant, runtime, "a")
+        await projected(runtime, "catalogue", a.position)
+        processes = [KeyCache(runtime.pool) for _ in range(API_PROCESSES)]
+        async with following(*processes):
+            await wait_until(partial(everywhere, loop, processes, a.prefix, lambda k: True),
+                             "the key in every cache")
+            await pipe.stop("catalogue")
+            await asyncio.to_thread(catalogue(runtime).revoke_key, a.key_id)  # held back
+            await asyncio.to_thread(orgs(runtime).update_settings, a.organisation_id,
+                                    {"allowed_ips": "192.0.2.0/24"}, True, "audit")
+            await wait_until(
+                partial(everywhere, loop, processes, a.prefix,
+                        lambda k: k.organisation_allowed_ips == "192.0.2.0/24" and k.suspended),
+                "the allow-list and suspension in every API process", REVOCATION_BOUND_S)
+            assert not any([(await found(c, a.prefix)).revoked for c in processes])
+            pipe.start("catalogue")
+            await wait_until(partial(everywhere, loop, processes, a.prefix, lambda k: k.revoked),
+                             "the revocation in every API process", REVOCATION_BOUND_S)
+
+
+class HeldRead:
+    """Wraps a real by-prefix query: the read happens, then its answer is held back until the
+    test releases it, so that a refresh can overtake it."""
+
+    def __init__(self, query: Callable[[Connection[Any], str], Any]) -> None:
+        self._query = query
+        self.read = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, conn: Connection[Any], prefix: str) -> Any:
+        row = self._query(conn, prefix)
+        self.read.set()
+        assert self.release.wait(RACE_WAIT_S), "the test never released the held read"
+        return row
+
+
+async def test_a_cache_miss_read_before_a_revocation_never_overwrites_the_refreshed_record(
+    runtime: Runtime,
+) -> None:
+    async with pipeline(runtime):
+        a = await asyncio.to_thread(tenant, runtime, "a")
+        await projected(runtime, "catalogue", a.position)
+        held = HeldRead(caches.KEYS.by_prefix)
+        cache: PrefixCache[KeyRecord] = PrefixCache(runtime.pool,
+                                                    dataclasses.replace(caches.KEYS, by_prefix=held))
+        miss = asyncio.create_task(cache.find(a.prefix))  # reads the key as valid, then waits
+        assert await asyncio.to_thread(held.read.wait, RACE_WAIT_S)
+        revoked = await asyncio.to_thread(catalogue(runtime).revoke_key, a.key_id)
+        await projected(runtime, "catalogue", revoked.position)
+        await asyncio.to_thread(cache.refresh)  # sees the revocation, passes its position
+        held.release.set()
+        await asyncio.wait_for(miss, RACE_WAIT_S)  # the older read finishes last
+        await asyncio.to_thread(cache.refresh)
+        record = await cache.find(a.prefix)
+        assert record is not None and record.revoked
+
+
+async def test_a_token_cache_miss_read_before_a_revocation_never_overwrites_the_refreshed_record(
+    runtime: Runtime,
+) -> None:
+    async with pipeline(runtime):
+        access = AccessService(runtime.ledger, _clock, uuid4, new_key_secret)
+        issued, _ = await asyncio.to_thread(access.issue_token, "auditor", None, "ops", None)
+        await projected(runtime, "access", issued.position)
+        held = HeldRead(caches.TOKENS.by_prefix)
+        cache: PrefixCache[TokenRecord] = PrefixCache(
+            runtime.pool, dataclasses.replace(caches.TOKENS, by_prefix=held))
+        prefix = issued.aggregate.prefix
+        miss = asyncio.create_task(cache.find(prefix))
+        assert await asyncio.to_thread(held.read.wait, RACE_WAIT_S)
+        revoked = await asyncio.to_thread(access.revoke_token, issued.aggregate.id)
+        await projected(runtime, "access", revoked.position)
+        await asyncio.to_thread(cache.refresh)
+        held.release.set()
+        await asyncio.wait_for(miss, RACE_WAIT_S)
+        await asyncio.to_thread(cache.refresh)
+        record = await cache.find(prefix)
+        assert record is not None and record.revoked
