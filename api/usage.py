@@ -18,11 +18,17 @@ from api.ids import min_position, parse_id
 from api.ingest import authorise_key
 from api.pagination import ascii_digits, parse_limit
 from domain.errors import FieldError, NotFound, ValidationFailed
+from domain.meter import GROUP_BY_MAX_KEYS
 from projections import organisations, usage_totals
 
 MAX_DAYS_BY_DAY = 400
 MAX_MONTHS = 120
 OFFSET_CURSOR_MAX_DIGITS = 6
+# Dates a usage query may name: far enough for any billing history, near enough that moving a
+# bound to the organisation's timezone or to the next month cannot leave the calendar.
+QUERY_DATE_MIN = date(1970, 1, 1)
+QUERY_DATE_MAX = date(9998, 12, 31)
+GROUP_BY_PARAM_MAX_CHARS = 4 * 65  # GROUP_BY_MAX_KEYS property names of up to 64 characters
 
 
 class UsageItem(msgspec.Struct, omit_defaults=True):
@@ -51,13 +57,18 @@ def _local_date(raw: str | None, name: str, tz: ZoneInfo, default: date) -> date
         return default
     try:
         if len(raw) == 10:
-            return date.fromisoformat(raw)
-        at = datetime.fromisoformat(raw)
-    except ValueError:
+            day = date.fromisoformat(raw)
+        else:
+            at = datetime.fromisoformat(raw)
+            if at.tzinfo is None:
+                raise ValidationFailed([FieldError(name, "must include an offset")])
+            day = at.astimezone(tz).date()
+    except (ValueError, OverflowError):  # OverflowError: an offset that leaves the calendar
         raise ValidationFailed([FieldError(name, "must be a date or RFC 3339 time")]) from None
-    if at.tzinfo is None:
-        raise ValidationFailed([FieldError(name, "must include an offset")])
-    return at.astimezone(tz).date()
+    if not QUERY_DATE_MIN <= day <= QUERY_DATE_MAX:
+        raise ValidationFailed([FieldError(
+            name, f"must lie between {QUERY_DATE_MIN.isoformat()} and {QUERY_DATE_MAX.isoformat()}")])
+    return day
 
 
 def _next_month(d: date) -> date:
@@ -88,7 +99,11 @@ def build_query(
     limit_days = MAX_DAYS_BY_DAY if granularity == "day" else MAX_MONTHS * 31
     if (end - start).days > limit_days:
         problems.append(FieldError("to", f"at most {limit_days} days after from"))
-    group_by = tuple(g for g in (params.get("group_by") or "").split(",") if g)
+    raw_group_by = params.get("group_by") or ""
+    # Each name once, in the order given; a long list would become as many SQL columns.
+    group_by = tuple(dict.fromkeys(g for g in raw_group_by.split(",") if g))
+    if len(raw_group_by) > GROUP_BY_PARAM_MAX_CHARS or len(group_by) > GROUP_BY_MAX_KEYS:
+        problems.append(FieldError("group_by", f"at most {GROUP_BY_MAX_KEYS} property names"))
     if problems:
         raise ValidationFailed(problems)
     assert metric is not None

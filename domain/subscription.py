@@ -23,7 +23,11 @@ from domain.errors import FieldError, ValidationFailed
 from domain.plan import pinned_version
 
 MONTHS_PER_YEAR = 12
-_PERIOD = re.compile(r"^(\d{4})-(\d{2})$")
+# Billing periods since the Unix epoch, and far enough ahead that the month after a period and
+# any timezone's view of its bounds stay inside the calendar.
+PERIOD_YEAR_MIN = 1970
+PERIOD_YEAR_MAX = 9998
+_PERIOD = re.compile(r"^([0-9]{4})-([0-9]{2})$")  # ASCII digits only: \d takes any script's
 _SUBSCRIPTION_NAMESPACE = UUID("3e8b1f6a-7c2d-4a59-8e0f-6b1d2c3a4f22")
 
 # (version, published_at) of each version of one plan code
@@ -42,8 +46,11 @@ def subscription_id(organisation_id: UUID) -> UUID:
 def parse_period(period: str) -> tuple[int, int]:
     """'YYYY-MM' -> (year, month); ValidationFailed (field `period`) for anything else."""
     match = _PERIOD.match(period)
-    if not match or not 1 <= int(match.group(2)) <= MONTHS_PER_YEAR or int(match.group(1)) < 1:
+    if not match or not 1 <= int(match.group(2)) <= MONTHS_PER_YEAR:
         raise ValidationFailed([FieldError("period", "must be a month written YYYY-MM, e.g. 2026-10")])
+    if not PERIOD_YEAR_MIN <= int(match.group(1)) <= PERIOD_YEAR_MAX:
+        raise ValidationFailed([FieldError(
+            "period", f"must be a month of the years {PERIOD_YEAR_MIN} to {PERIOD_YEAR_MAX}")])
     return int(match.group(1)), int(match.group(2))
 
 
