@@ -11,16 +11,20 @@ Rows live for the retention and are purged lazily, a bounded batch at a time, by
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
+import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from adapters.ledger import LedgerStore
 from domain.audit import Recorded
+from domain.errors import Unavailable
 from domain.ports import Claim, StoredResponse
 
 TABLE = "idempotency_keys"
@@ -71,7 +75,10 @@ DELETE FROM {TABLE} WHERE ctid IN (
 
 
 class PgIdempotencyStore:
-    """domain.ports.IdempotencyStore on the read pool's Postgres, with the ledger for recovery."""
+    """domain.ports.IdempotencyStore on the read pool's Postgres, with the ledger for recovery.
+
+    Postgres errors become Unavailable (503 with Retry-After): a keyed request is never run
+    without its claim."""
 
     def __init__(self, pool: ConnectionPool, ledger: LedgerStore) -> None:
         self._pool = pool
@@ -79,10 +86,18 @@ class PgIdempotencyStore:
         self._next_purge = 0.0
         self._purge_lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as e:
+            raise Unavailable(f"idempotency keys unavailable: {type(e).__name__}") from e
+
     def claim(self, principal_id: UUID, key: str, fingerprint: bytes) -> Claim:
         self._maybe_purge()
         token = uuid4()
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             row = conn.execute(_CLAIM, {"p": principal_id, "k": key, "f": fingerprint, "c": token,
                                         "lease": IDEMPOTENCY_LEASE_S,
                                         "keep": IDEMPOTENCY_RETENTION_S}).fetchone()
@@ -101,13 +116,13 @@ class PgIdempotencyStore:
 
     def complete(self, principal_id: UUID, key: str, token: UUID, response: StoredResponse) -> bool:
         headers: Any = Jsonb([list(h) for h in response.headers])
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             done = conn.execute(_COMPLETE, (response.status, headers, response.body, principal_id,
                                             key, token))
             return done.rowcount == 1
 
     def release(self, principal_id: UUID, key: str, token: UUID) -> None:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             conn.execute(_RELEASE, (principal_id, key, token))
 
     def recorded(self, entry_id: UUID) -> Recorded | None:
@@ -115,7 +130,7 @@ class PgIdempotencyStore:
 
     def purge_expired(self) -> int:
         """Delete up to PURGE_BATCH_ROWS expired keys; return how many went."""
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             return conn.execute(_PURGE).rowcount
 
     def _maybe_purge(self) -> None:
@@ -124,6 +139,7 @@ class PgIdempotencyStore:
             return
         try:
             self._next_purge = now + PURGE_INTERVAL_S
-            self.purge_expired()
+            with contextlib.suppress(Unavailable):  # the claim that follows will say so
+                self.purge_expired()
         finally:
             self._purge_lock.release()

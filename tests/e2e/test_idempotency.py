@@ -17,6 +17,8 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from adapters.idempotency import PgIdempotencyStore
+from adapters.pg import open_pool
 from domain.audit import (
     CURRENT_ACTOR,
     CURRENT_IDEMPOTENCY,
@@ -25,6 +27,7 @@ from domain.audit import (
     IdempotentRequest,
     idempotency_seed,
 )
+from domain.errors import Unavailable
 from domain.services import OrganisationService
 from tests.conftest import wait_until
 from tests.e2e.conftest import AUTH, Api
@@ -371,3 +374,22 @@ def test_a_second_execution_under_the_same_claim_collides_in_the_ledger_and_save
         contextvars.copy_context().run(execute)
     assert collided.value.recorded.targets == [{"type": "Organisation", "id": str(first.aggregate.id)}]
     assert ledger_count(api, "domain.organisation:Organisation.Created", name) == 1
+
+
+async def test_a_store_that_cannot_reach_postgres_answers_503_and_runs_nothing(api: Api) -> None:
+    """The middleware never runs a keyed request without its claim: 503 + Retry-After instead."""
+    pool = open_pool(api.rt.database_url, api.rt.settings.pg_schema)
+    pool.close()
+    with pytest.raises(Unavailable):
+        PgIdempotencyStore(pool, api.rt.ledger).claim(uuid.uuid4(), "k", b"fingerprint")
+    store = api.rt.extras["idempotency"]
+    assert isinstance(store, PgIdempotencyStore)
+    working, store._pool = store._pool, pool  # the running API's store loses its database
+    name = f"idem-down-{uuid.uuid4().hex[:8]}"
+    try:
+        r = await send(api, "POST", "/admin/v1/organisations",
+                       {"name": name, "billing_email": "ap@d.in"}, key())
+    finally:
+        store._pool = working
+    assert r.status_code == 503 and "retry-after" in r.headers, r.text
+    assert ledger_count(api, "domain.organisation:Organisation.Created", name) == 0
