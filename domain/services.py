@@ -109,10 +109,14 @@ class CatalogueService:
 
     def rotate_key(self, key_id: UUID, overlap: timedelta) -> tuple[Written[ApiKey], str]:
         """A new key for the same project; the old one keeps working for `overlap`, then expires.
-        Both changes are saved in one ledger transaction."""
+        Both changes are saved in one ledger transaction. The new key expires when the old one
+        would have (a rotation renews the secret, not the lifetime); an expired key is not
+        rotated (Conflict): it would otherwise turn into a key that never expires."""
         old = self._ledger.get(key_id, ApiKey)
+        if old.expires_at is not None and old.expires_at <= self._clock():
+            raise Conflict("the key has expired; issue a new key instead of rotating it")
         project = self._ledger.get(old.project_id, Project)
-        new, full = self._new_key(project, old.name, None, old.allowed_ips)
+        new, full = self._new_key(project, old.name, old.expires_at, old.allowed_ips)
         old.expire_by(self._clock() + overlap, self._clock())
         return Written(new, self._ledger.save(new, old)), full
 
