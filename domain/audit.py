@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid5
@@ -49,8 +49,10 @@ IDEMPOTENCY_NAMESPACE = UUID("6d0c2a51-3f0e-4b8e-9a57-1c8f0e2b7d44")
 
 def idempotency_seed(principal_id: UUID, key: str, claimed_at: datetime) -> UUID:
     """The seed of one use of a (principal, Idempotency-Key): another principal's key is another
-    seed, and so is the same key claimed afresh after it expired (a new `claimed_at`)."""
-    return uuid5(IDEMPOTENCY_NAMESPACE, f"{principal_id}\n{key}\n{claimed_at.isoformat()}")
+    seed, and so is the same key claimed afresh after it expired (a new `claimed_at`). In UTC:
+    a process whose Postgres session has another TimeZone must derive the same seed."""
+    at = claimed_at.astimezone(UTC).isoformat()
+    return uuid5(IDEMPOTENCY_NAMESPACE, f"{principal_id}\n{key}\n{at}")
 
 
 @dataclass

@@ -393,3 +393,12 @@ async def test_a_store_that_cannot_reach_postgres_answers_503_and_runs_nothing(a
         store._pool = working
     assert r.status_code == 503 and "retry-after" in r.headers, r.text
     assert ledger_count(api, "domain.organisation:Organisation.Created", name) == 0
+
+
+def test_the_seed_of_a_claim_is_the_same_in_every_time_zone() -> None:
+    """A takeover on a replica whose session reads created_at in another zone derives the
+    same audit ids, so it finds the dead holder's commit."""
+    principal, at = uuid.uuid4(), datetime(2026, 12, 6, 3, 4, 5, 678901, tzinfo=UTC)
+    assert idempotency_seed(principal, "k", at) == idempotency_seed(principal, "k", at.astimezone(IST))
+    assert idempotency_seed(principal, "k", at) != idempotency_seed(uuid.uuid4(), "k", at)
+    assert idempotency_seed(principal, "k", at) != idempotency_seed(principal, "k2", at)
