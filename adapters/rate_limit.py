@@ -48,7 +48,8 @@ class PgRateLimiter:
         )
         self.store_errors = 0
         self.round_trips = 0
-        self._reserved: dict[str, tuple[int, float]] = {}  # key -> (tokens in hand, until)
+        # key -> (tokens in hand, until, tokens the shared bucket had left when they were taken)
+        self._reserved: dict[str, tuple[int, float, int]] = {}
         self._refused: dict[str, float] = {}  # key -> refused until (monotonic)
         self._refills: dict[str, asyncio.Lock] = {}
 
@@ -78,10 +79,11 @@ class PgRateLimiter:
     def _local(self, key: str) -> tuple[bool, int, float] | None:
         """Answer from this process's share, or from a refusal still in force."""
         now = time.monotonic()
-        tokens, until = self._reserved.get(key, (0, 0.0))
+        tokens, until, shared = self._reserved.get(key, (0, 0.0, 0))
         if tokens > 0 and now < until:
-            self._reserved[key] = (tokens - 1, until)
-            return True, tokens - 1, 0.0
+            self._reserved[key] = (tokens - 1, until, shared)
+            # What the client may still send: the bucket's rest plus the share still in hand.
+            return True, shared + tokens - 1, 0.0
         refused_until = self._refused.get(key, 0.0)
         if now < refused_until:
             # Nothing can free a token before then: other processes only take more.
@@ -100,7 +102,8 @@ class PgRateLimiter:
             self._reserved.clear()
             self._refused.clear()
         if allowed:
-            self._reserved[key] = (chunk - 1, time.monotonic() + RESERVE_TTL_S)
+            self._reserved[key] = (chunk - 1, time.monotonic() + RESERVE_TTL_S, remaining)
+            remaining += chunk - 1  # the share just taken is this process's to spend
         else:
             self._refused[key] = time.monotonic() + retry_s
         return allowed, remaining, retry_s

@@ -17,6 +17,10 @@ from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import canonical_cidrs
 from projections import catalogue, usage_totals
 
+# Keys that still authenticate, per project: enough for every environment and a rotation's
+# overlap. More is refused (422), so that keys cannot be minted without bound.
+KEYS_PER_PROJECT_MAX = 25
+
 FIELD_DESCRIPTION = (
     "The property an event's value is read from: for sum, max and latest, properties[field] (a"
     " number or decimal string) instead of value; for unique_count, the property whose distinct"
@@ -172,9 +176,19 @@ class ProjectController(Controller):
             cidrs = canonical_cidrs(data.allowed_ips)
         except ValueError as e:
             raise ValidationFailed([FieldError("allowed_ips", f"invalid: {e}")]) from None
+        project = parse_id(project_id, "project")
+        await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
+
+        def live_keys() -> int:
+            with deps.read_pool.connection() as conn:
+                return catalogue.live_key_count(conn, project, deps.clock())
+
+        if await anyio.to_thread.run_sync(live_keys) >= KEYS_PER_PROJECT_MAX:
+            raise ValidationFailed([FieldError(
+                "project_id", f"the project has {KEYS_PER_PROJECT_MAX} live API keys, the most it"
+                " may have; revoke one it no longer uses first")])
         written, full = await anyio.to_thread.run_sync(
-            deps.catalogue.issue_key, parse_id(project_id, "project"), data.name, data.expires_at,
-            cidrs)
+            deps.catalogue.issue_key, project, data.name, data.expires_at, cidrs)
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)

@@ -73,8 +73,9 @@ class KeyRecord:
 
     @cached_property
     def rate_key(self) -> str:
-        """The rate limiter's bucket: one per key (made once per cached record)."""
-        return f"key:{self.key_id}"
+        """The rate limiter's bucket: one per organisation, shared by all its projects' keys (a
+        bucket per key let a tenant multiply its limit by making keys). Made once per record."""
+        return f"org:{self.organisation_id}"
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ plain text, which is never recorded anywhere)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -143,6 +144,14 @@ def api_keys(conn: Connection[Any], project_id: UUID) -> list[dict[str, Any]]:
             (project_id, LIST_MAX_ROWS),
         )
         return cur.fetchall()
+
+
+def live_key_count(conn: Connection[Any], project_id: UUID, now: datetime) -> int:
+    """Keys of the project that still authenticate: not revoked, not expired at `now`."""
+    row = conn.execute(
+        "SELECT count(*) FROM api_keys WHERE project_id = %s AND revoked_at IS NULL"
+        " AND (expires_at IS NULL OR expires_at > %s)", (project_id, now)).fetchone()
+    return int(row[0]) if row else 0
 
 
 _KEY_COLUMNS = (

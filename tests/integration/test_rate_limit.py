@@ -4,6 +4,9 @@ remembered until a token can exist again, so a burst of requests is not a burst 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
+import time
 
 import pytest
 
@@ -41,3 +44,24 @@ async def test_a_refused_key_is_not_asked_again_until_a_token_can_exist(runtime:
     assert all(retry_s > 0 for _, _, retry_s in refused)
     # The burst's takes, one refused take, and nothing for the other 194 refusals.
     assert limiter.round_trips <= 5 + 1 + 1
+
+
+async def test_remaining_counts_down_across_refills_and_never_jumps_back_up(runtime: Runtime) -> None:
+    """Issue 20, item 6: RateLimit-Remaining read 190, then 8..0, then 190 again, every request
+    accepted: a process's reserved share was reported as if it were the whole bucket."""
+    per_second, burst = 20, 200  # a chunk of 2 per round trip
+    limiter = PgRateLimiter(runtime.database_url, runtime.settings.pg_schema)
+    await limiter.open()
+    try:
+        seen: list[tuple[float, int]] = []
+        for _ in range(60):
+            ok, remaining, _ = await limiter.take("org:countdown", per_second, burst)
+            assert ok
+            seen.append((time.monotonic(), remaining))
+    finally:
+        await limiter.close()
+    assert limiter.round_trips > 1  # several refills were crossed
+    assert seen[0][1] == burst - 1
+    for (t0, before), (t1, after) in itertools.pairwise(seen):
+        refilled = math.ceil((t1 - t0) * per_second)  # tokens that time can have given back
+        assert after <= before - 1 + refilled + 1, seen  # + 1: the chunk's rounding
