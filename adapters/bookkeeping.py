@@ -4,6 +4,7 @@ letters. Also the queries operators and /metrics use to see lag and missing posi
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from psycopg import Connection
@@ -32,6 +33,7 @@ DDL = (
 )
 
 DLQ_LIST_MAX_ROWS = 1000
+DLQ_PAGE_ROWS = 1000  # rows per read when every dead letter must be seen (dead_letter_pages)
 
 
 def lock_key(*parts: str) -> int:
@@ -63,6 +65,35 @@ def dead_letters(conn: Connection[Any], name: str | None = None) -> list[dict[st
             {"name": name, "n": DLQ_LIST_MAX_ROWS},
         )
         return cur.fetchall()
+
+
+def dead_letters_page(conn: Connection[Any], names: Sequence[str], after: tuple[str, int] | None,
+                      limit: int = DLQ_PAGE_ROWS) -> list[dict[str, Any]]:
+    """Up to `limit` dead letters of the read models `names`, in (name, position) order, after
+    the key `after` (None: from the first)."""
+    assert 0 < limit <= DLQ_PAGE_ROWS
+    name, position = after if after is not None else ("", -1)
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT name, position, topic, error, attempts, failed_at FROM projection_dead_letters"
+            " WHERE name = ANY(%(names)s) AND (name, position) > (%(name)s, %(position)s)"
+            " ORDER BY name, position LIMIT %(n)s",
+            {"names": list(names), "name": name, "position": position, "n": limit},
+        )
+        return cur.fetchall()
+
+
+def dead_letter_pages(conn: Connection[Any], names: Sequence[str]) -> Iterator[list[dict[str, Any]]]:
+    """Every dead letter of the read models `names`, however many, a page at a time (keyed by
+    the primary key, so a row a re-drive deletes meanwhile only shortens the walk)."""
+    after: tuple[str, int] | None = None
+    while True:
+        page = dead_letters_page(conn, names, after)
+        if page:
+            yield page
+        if len(page) < DLQ_PAGE_ROWS:
+            return
+        after = (str(page[-1]["name"]), int(page[-1]["position"]))
 
 
 def dead_letter_counts(conn: Connection[Any]) -> dict[str, int]:

@@ -5,8 +5,13 @@ totals that are caught up with the ledger.
 - It first waits until every read model it reads has applied everything committed before the
   run started, so running while a period's events are still being projected gives the same
   totals as running after.
-- An organisation with dead-lettered usage events in the period is not invoiced: the run names
-  it with the missing ledger positions; after `billing dlq redrive`, a new run invoices it.
+- An organisation that a dead-lettered ledger entry can affect is not invoiced: a usage event
+  of the period or of the late-usage lookback, or any entry missing from a read model that
+  pricing depends on (plans, catalogue, invoices, organisations) that names it, or that is
+  platform-wide (a meter: everyone; a plan version: its subscribers). The run names it with
+  each read model's missing ledger positions; after `billing dlq redrive`, a new run invoices it.
+- Late usage: the invoices of the two periods before, drafts included, are what has been
+  billed for them so far (docs/INVOICES.md, Late usage).
 - An organisation whose period (in its timezone) has not ended plus the grace period is left
   for a later run ("not_due"). Runs are idempotent: drafted periods are "existing".
 """
@@ -14,27 +19,34 @@ totals that are caught up with the ledger.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.domain import Aggregate
 from psycopg_pool import ConnectionPool
 
-from adapters.bookkeeping import dead_letters, lock_key, tracked_position
+from adapters.bookkeeping import dead_letter_pages, lock_key, tracked_position
 from adapters.gate import PgProjectionGate
 from adapters.ledger import LedgerStore
-from domain.errors import Conflict, DomainError, ValidationFailed
-from domain.invoice import Invoice
+from domain.errors import Conflict, DomainError, NotFound, ValidationFailed
+from domain.invoice import VOID, Invoice
 from domain.invoicing import InvoicingService
+from domain.mail_record import InvoiceMail
+from domain.meter import Meter
+from domain.money import EXACT
 from domain.organisation import Organisation
-from domain.plan import to_version
+from domain.plan import Plan, to_version
 from domain.ports import Blocked, RunResult
-from domain.pricing import LateUsage
-from domain.subscription import parse_period, period_bounds
+from domain.pricing import LateUsage, PlanVersion, late_usage_lines
+from domain.subscription import parse_period, period_bounds, period_of
 from domain.usage import Usage
-from projections import invoices, organisations, plans, usage_totals
+from projections import catalogue, invoices, organisations, plans, usage_totals
 
 log = logging.getLogger("billing.invoice_run")
 
@@ -44,6 +56,47 @@ CATCH_UP_WAIT_S = 60.0
 LATE_LOOKBACK_PERIODS = 2
 READ_MODELS_USED = (usage_totals.NAME, plans.READ_MODEL.name, invoices.READ_MODEL.name,
                     organisations.NAME)
+# Read models whose dead letters block the organisations they can affect: those the run reads,
+# and the catalogue (meters, projects, keys) that pricing's inputs come from.
+DEAD_LETTER_MODELS = (*READ_MODELS_USED, catalogue.READ_MODEL.name)
+ZERO = Decimal(0)
+ENTRIES_PER_READ = 1000  # dead-lettered ledger entries decoded per read
+
+
+class _Everyone:
+    """Scope of an entry that can affect every organisation (a meter, an unreadable entry)."""
+
+
+EVERYONE = _Everyone()
+_LATE_ITEM = re.compile(r"^late\[(\d+)\]")
+
+
+@dataclass
+class BlockedBy(Blocked):
+    """A blocked organisation with, per read model, the dead-lettered positions that block it
+    (`missing_positions` is all of them, sorted)."""
+
+    read_models: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class DeadLettered:
+    """What dead letters block, by scope: read model -> positions, for one organisation, for
+    the subscribers of one plan code, or for every organisation."""
+
+    by_organisation: dict[UUID, dict[str, list[int]]] = field(default_factory=dict)
+    by_plan_code: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    everyone: dict[str, list[int]] = field(default_factory=dict)
+
+    def for_organisation(self, org_id: UUID, plan_codes: Iterable[str]) -> dict[str, list[int]]:
+        """Read model -> sorted positions that block `org_id` (empty: nothing does)."""
+        out: dict[str, set[int]] = {}
+        scopes = [self.everyone, self.by_organisation.get(org_id, {}),
+                  *(self.by_plan_code.get(code, {}) for code in set(plan_codes))]
+        for scope in scopes:
+            for name, positions in scope.items():
+                out.setdefault(name, set()).update(positions)
+        return {name: sorted(positions) for name, positions in sorted(out.items())}
 
 
 class InvoiceRun:
@@ -72,19 +125,28 @@ class InvoiceRun:
 
     def _run(self, period: str, progress: Callable[[int, int], None] | None) -> RunResult:
         head = self._ledger.head()
-        for name in READ_MODELS_USED:
+        # Every model whose dead letters are checked, too: caught up to the head, each entry
+        # before it is applied or recorded as a dead letter, so the check misses none.
+        for name in DEAD_LETTER_MODELS:
             self._gate.wait_for(name, head, CATCH_UP_WAIT_S)
         result = RunResult(period)
         now = self._clock()
-        blocked = self._dead_lettered(period)
+        earlier = [shift_period(period, -back) for back in range(LATE_LOOKBACK_PERIODS, 0, -1)]
+        blocked = self._dead_lettered([*earlier, period])
         with self._pool.connection() as conn:
             usage_position = tracked_position(conn, usage_totals.NAME)
-            subscribed = plans.subscribed_organisations(conn)
+            # An organisation whose subscription itself is dead-lettered is missing from the
+            # plans model: it is still reported (blocked), never silently left out.
+            subscribed = sorted(set(plans.subscribed_organisations(conn)) | {
+                org_id for org_id, models in blocked.by_organisation.items()
+                if plans.READ_MODEL.name in models})
             drafted = invoices.existing_for_period(conn, period)
             month_start = date(*parse_period(period), 1)
             quantities = usage_totals.period_quantities(conn, month_start)
-            earlier = [shift_period(period, -back) for back in range(LATE_LOOKBACK_PERIODS, 0, -1)]
-            billed = invoices.billed_invoices(conn, earlier)
+            # Late items for a period go on invoices of the LATE_LOOKBACK_PERIODS after it, and
+            # runs can happen out of order: read every invoice from P-2 to P+1.
+            billing = invoices.billing_invoices(conn, [
+                shift_period(period, k) for k in range(-LATE_LOOKBACK_PERIODS, LATE_LOOKBACK_PERIODS)])
             earlier_totals = {q: usage_totals.period_quantities(conn, date(*parse_period(q), 1))
                               for q in earlier}
             versions: dict[str, list[Any]] = {}
@@ -98,22 +160,33 @@ class InvoiceRun:
                 if now < period_bounds(period, org.timezone)[1] + self._grace:
                     result.not_due += 1
                     continue
-                if org_id in blocked:
-                    result.blocked.append(Blocked(org_id, org.name, blocked[org_id]))
-                    continue
                 history = plans.history_entries(plans.subscription_history(conn, org_id))
+                missing = blocked.for_organisation(org_id, (entry.plan_code for entry in history))
+                if missing:
+                    positions = sorted({p for ps in missing.values() for p in ps})
+                    result.blocked.append(BlockedBy(org_id, org.name, positions, missing))
+                    log.error("invoice run %s: %s (%s) not invoiced: dead-lettered entries %s",
+                              period, org.name, org_id, missing)
+                    continue
                 for entry in history:
                     if entry.plan_code not in versions:
                         versions[entry.plan_code] = [
                             plans.stored_version(r) for r in plans.plan_versions(conn, entry.plan_code)]
-                late = self._late_usage(org_id, earlier, billed, earlier_totals, versions, conn)
+                billed_by = [self._ledger.get(ident, Invoice) for ident in billing.get(org_id, [])]
                 try:
+                    late = late_usage(
+                        org_id, earlier, billed_by,
+                        {q: earlier_totals[q].get(org_id, {}) for q in earlier},
+                        partial(self._plan_version, versions, conn))
                     status = self._draft(org, period, history, versions,
                                          quantities.get(org_id, {}), usage_position, late)
                 except DomainError as e:  # one organisation's problem never stops the run
                     log.error("invoice run %s: %s not drafted: %s", period, org_id, e)
                     result.failed += 1
                     continue
+                if status == "skipped" and late:  # no plan covers the period, or all lines are 0
+                    log.error("invoice run %s: %s: nothing drafted, so late usage for %s is not "
+                              "billed on it", period, org_id, [item.period for item in late])
                 setattr(result, status, getattr(result, status) + 1)
         return result
 
@@ -124,58 +197,154 @@ class InvoiceRun:
             _, status = self._invoicing.draft(org, period, history, versions, quantities,
                                               usage_position, self._supplier, late)
         except ValidationFailed as e:
-            if not late or not any(err.field.startswith("late") for err in e.errors):
+            refused = {int(m.group(1)) for err in e.errors if (m := _LATE_ITEM.match(err.field))}
+            if not refused or any(not _LATE_ITEM.match(err.field) for err in e.errors):
                 raise
-            # Less usage than was billed: that needs a credit note, not a negative line.
-            log.error("invoice run %s: %s has late usage below what was billed (%s); drafting "
-                      "without it — issue a credit note", period, org.id, e)
+            # Pricing refused some late items (e.g. another currency): leave out those alone;
+            # the rest of the late usage is still billed. What was left out stays unbilled
+            # (the chain did not move), so a later run sees it again.
+            log.error("invoice run %s: %s: late usage left out, needs a credit note or a manual "
+                      "correction: %s", period, org.id, e)
+            kept = [item for index, item in enumerate(late) if index not in refused]
             _, status = self._invoicing.draft(org, period, history, versions, quantities,
-                                              usage_position, self._supplier)
+                                              usage_position, self._supplier, kept)
         return status
 
-    def _late_usage(self, org_id: UUID, earlier: list[str],
-                    billed: dict[tuple[UUID, str], UUID],
-                    totals: dict[str, dict[UUID, dict[str, Decimal]]],
-                    versions: dict[str, list[Any]], conn: Any) -> list[LateUsage]:
-        """Usage that reached already-invoiced earlier periods since they were billed: what
-        their invoice (and any later invoice's late lines) billed, against the totals now."""
-        late: list[LateUsage] = []
-        for q in earlier:
-            invoice_id = billed.get((org_id, q))
-            if invoice_id is None:
-                continue
-            invoice = self._ledger.get(invoice_id, Invoice)
-            so_far = dict(invoice.quantities)
-            for later in earlier[earlier.index(q) + 1:]:
-                later_id = billed.get((org_id, later))
-                if later_id is not None:
-                    for item in self._ledger.get(later_id, Invoice).late_usage:
-                        if item.period == q:
-                            so_far = dict(item.corrected)
-            now = {m: totals[q].get(org_id, {}).get(m, Decimal(0)) for m in so_far}
-            if now == so_far:
-                continue
-            if invoice.plan_code not in versions:
-                versions[invoice.plan_code] = [
-                    plans.stored_version(r) for r in plans.plan_versions(conn, invoice.plan_code)]
-            stored = next(v for v in versions[invoice.plan_code] if v.version == invoice.plan_version)
-            late.append(LateUsage(q, to_version(stored), so_far, now))
-        return late
+    @staticmethod
+    def _plan_version(versions: dict[str, list[Any]], conn: Any, code: str, version: int) -> PlanVersion:
+        if code not in versions:
+            versions[code] = [plans.stored_version(r) for r in plans.plan_versions(conn, code)]
+        for stored in versions[code]:
+            if stored.version == version:
+                return to_version(stored)
+        raise NotFound("plan version", f"{code} v{version}")
 
-    def _dead_lettered(self, period: str) -> dict[UUID, list[int]]:
-        """Organisations whose usage in `period` has dead-lettered ledger entries."""
+    def _dead_lettered(self, usage_periods: list[str]) -> DeadLettered:
+        """What every dead letter of DEAD_LETTER_MODELS blocks (all of them, page by page).
+        A usage event blocks its organisation if it falls in one of `usage_periods` (the run's
+        period and the late-usage lookback); any other entry blocks the organisation it names,
+        the subscribers of a plan version's code, or everyone (a meter; an entry that cannot
+        be read or attributed)."""
+        out = DeadLettered()
         with self._pool.connection() as conn:
-            letters = dead_letters(conn, usage_totals.NAME)
-        out: dict[UUID, list[int]] = {}
-        for letter in letters:
-            position = int(letter["position"])
-            for n in self._ledger.read_after(position - 1, 1, stop=position):
-                event = self._ledger.decode(n)
-                if isinstance(event, Usage.Recorded):
-                    start, end = period_bounds(period, event.timezone)
-                    if start <= event.occurred_at < end:
-                        out.setdefault(event.organisation_id, []).append(position)
+            for page in dead_letter_pages(conn, DEAD_LETTER_MODELS):
+                events = self._entries(sorted({int(row["position"]) for row in page}))
+                for row in page:
+                    name, position = str(row["name"]), int(row["position"])
+                    event = events.get(position)
+                    scope = EVERYONE if event is None else self._scope(event, usage_periods)
+                    if scope is None:
+                        continue
+                    if isinstance(scope, UUID):
+                        target = out.by_organisation.setdefault(scope, {})
+                    elif isinstance(scope, str):
+                        target = out.by_plan_code.setdefault(scope, {})
+                    else:
+                        target = out.everyone
+                    target.setdefault(name, []).append(position)
         return out
+
+    def _entries(self, positions: list[int]) -> dict[int, Any]:
+        """The decoded ledger entries at `positions` (sorted): one read per run of consecutive
+        positions. A position that cannot be read or decoded is absent."""
+        out: dict[int, Any] = {}
+        index = 0
+        while index < len(positions):
+            first = last = positions[index]
+            while (index + 1 < len(positions) and positions[index + 1] == last + 1
+                   and last - first + 1 < ENTRIES_PER_READ):
+                index += 1
+                last = positions[index]
+            index += 1
+            for n in self._ledger.read_after(first - 1, last - first + 1, stop=last):
+                try:
+                    out[int(n.id)] = self._ledger.decode(n)
+                except Exception:  # an entry that will not decode is attributed to everyone
+                    log.exception("dead letter at %s cannot be decoded", n.id)
+        return out
+
+    def _scope(self, event: Any, usage_periods: list[str]) -> UUID | str | _Everyone | None:
+        """Whom a dead-lettered entry can affect: an organisation id, a plan code (its
+        subscribers), EVERYONE, or None (a usage event outside the periods this run bills)."""
+        if isinstance(event, Usage.Recorded):
+            inside = period_of(event.occurred_at, event.timezone) in usage_periods
+            return event.organisation_id if inside else None
+        organisation_id = getattr(event, "organisation_id", None)
+        if isinstance(organisation_id, UUID):
+            return organisation_id
+        if isinstance(event, (Plan.Published, Plan.VersionPublished)):
+            return str(event.code)
+        if isinstance(event, (Meter.Defined, Meter.Redefined)):
+            return EVERYONE
+        try:
+            if isinstance(event, InvoiceMail.Sent):
+                return self._ledger.get(event.invoice_id, Invoice).organisation_id
+            aggregate = self._ledger.get(event.originator_id, Aggregate)
+        except DomainError:
+            return EVERYONE
+        if isinstance(aggregate, Organisation):
+            return aggregate.id
+        organisation_id = getattr(aggregate, "organisation_id", None)
+        return organisation_id if isinstance(organisation_id, UUID) else EVERYONE
+
+
+def own_invoice(period: str, billed_by: Sequence[Invoice]) -> Invoice | None:
+    """The non-void invoice of `period` among `billed_by`, or None (never drafted, or void)."""
+    own = [invoice for invoice in billed_by if invoice.period == period and invoice.status != VOID]
+    if len(own) > 1:  # revision n + 1 exists only once revision n is void: never expected
+        log.error("late usage: %d non-void invoices for %s; the newest counts", len(own), period)
+    return max(own, key=lambda invoice: invoice.revision, default=None)
+
+
+def billed_quantities(period: str, own: Invoice, billed_by: Sequence[Invoice]) -> dict[str, Decimal]:
+    """What the non-void invoices among `billed_by` (drafts too) have billed for `period` so
+    far, per metric: its own invoice's quantities plus every late item's increment (corrected
+    - billed). Without voids this is the latest cumulative correction; with one, the void's
+    increments drop out, so the next late item bills them again."""
+    billed = dict(own.quantities)
+    for invoice in billed_by:
+        if invoice.status == VOID:
+            continue
+        for item in invoice.late_usage:
+            if item.period != period:
+                continue
+            for metric in item.corrected.keys() | item.billed.keys():
+                increment = EXACT.subtract(item.corrected.get(metric, ZERO), item.billed.get(metric, ZERO))
+                billed[metric] = EXACT.add(billed.get(metric, ZERO), increment)
+    return billed
+
+
+def late_usage(organisation_id: UUID, earlier: Sequence[str], billed_by: Sequence[Invoice],
+               totals: Mapping[str, Mapping[str, Decimal]],
+               plan_version: Callable[[str, int], PlanVersion]) -> list[LateUsage]:
+    """The late items of the next invoice: for each earlier period that has a non-void
+    invoice, its usage `totals` now (period -> metric -> quantity) against billed_quantities.
+    A metric whose usage went below what was billed needs a credit note: it is left out (and
+    logged), while the period's other metrics and the other periods are still billed. An item
+    whose amount would be negative (more usage can cost less on volume tiers) is left out too."""
+    late: list[LateUsage] = []
+    for q in earlier:
+        own = own_invoice(q, billed_by)
+        if own is None:  # nothing drafted yet (a rerun of q bills it all), or voided on purpose
+            continue
+        billed = billed_quantities(q, own, billed_by)
+        corrected = dict(billed)
+        for metric, so_far in billed.items():
+            now = totals.get(q, {}).get(metric, ZERO)
+            if now < so_far:
+                log.error("late usage: %s %s %s went down from %s billed to %s: needs a credit "
+                          "note; left out", organisation_id, q, metric, so_far, now)
+            else:
+                corrected[metric] = now
+        if corrected == billed:
+            continue
+        item = LateUsage(q, plan_version(own.plan_code, own.plan_version), billed, corrected)
+        if sum(line.amount for line in late_usage_lines(item)) < 0:
+            log.error("late usage: %s %s prices below what was billed (%s -> %s): needs a credit "
+                      "note; left out", organisation_id, q, billed, corrected)
+            continue
+        late.append(item)
+    return late
 
 
 def shift_period(period: str, months: int) -> str:

@@ -184,15 +184,17 @@ def not_emailed(conn: Connection[Any], limit: int) -> list[dict[str, Any]]:
         return cur.fetchall()
 
 
-def billed_invoices(conn: Connection[Any], periods: list[str]) -> dict[tuple[UUID, str], UUID]:
-    """(organisation, period) -> id of its newest finalized or paid invoice, for `periods`:
-    where late usage is compared with what was billed."""
+def billing_invoices(conn: Connection[Any], periods: list[str]) -> dict[UUID, list[UUID]]:
+    """organisation -> ids of its invoices for `periods` that bill something: every status but
+    void (a draft bills what it was drafted with; drafts are never re-priced). Where late usage
+    is compared with what was billed (adapters.invoice_run)."""
+    out: dict[UUID, list[UUID]] = {}
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT DISTINCT ON (organisation_id, period) organisation_id, period, id, status"
-            " FROM invoices WHERE period = ANY(%s)"
-            " ORDER BY organisation_id, period, revision DESC",
+            "SELECT organisation_id, id FROM invoices WHERE period = ANY(%s) AND status <> 'void'"
+            " ORDER BY organisation_id, period, revision",
             (periods,),
         )
-        return {(row[0], str(row[1])): row[2] for row in cur.fetchall()
-                if row[3] in ("finalized", "paid")}
+        for organisation_id, ident in cur.fetchall():
+            out.setdefault(organisation_id, []).append(ident)
+    return out
