@@ -208,14 +208,15 @@ class IdempotencyMiddleware:
 
     async def _claim(self, store: IdempotencyStore, principal_id: Any, key: str,
                      printed: bytes) -> Claim:
-        """Claim the key; while its holder still runs, look again until the wait is over."""
-        with anyio.move_on_after(IDEMPOTENCY_BUSY_WAIT_S):
-            while True:
-                claim = await anyio.to_thread.run_sync(store.claim, principal_id, key, printed)
-                if claim.outcome != "busy":
-                    return claim
-                await anyio.sleep(BUSY_POLL_S)
-        return Claim("busy")
+        """Claim the key; while its holder still runs, look again until the wait is over.
+
+        A deadline, not a cancel scope: a cancelled claim could be made and then lost."""
+        deadline = anyio.current_time() + IDEMPOTENCY_BUSY_WAIT_S
+        while True:
+            claim = await anyio.to_thread.run_sync(store.claim, principal_id, key, printed)
+            if claim.outcome != "busy" or anyio.current_time() + BUSY_POLL_S > deadline:
+                return claim
+            await anyio.sleep(BUSY_POLL_S)
 
     async def _run(self, store: IdempotencyStore, principal_id: Any, key: str, claim: Claim,
                    scope: Scope, receive: Receive, send: Send) -> None:
