@@ -23,11 +23,15 @@ from psycopg import Connection
 
 from adapters import caches
 from adapters.caches import KeyCache, PrefixCache
+from adapters.maintenance import redrive
 from adapters.projector import Projector
 from adapters.relay import Relay
+from domain.api_key import ApiKey
 from domain.ports import KeyRecord, TokenRecord
 from domain.services import AccessService, CatalogueService, OrganisationService
 from infra.wiring import Runtime, new_key_secret, read_model
+from projections import catalogue as catalogue_model
+from projections.base import ReadModel
 from tests.conftest import close_nats, reached, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -39,6 +43,7 @@ API_PROCESSES = 2
 FOLLOWED = ("organisations", "catalogue", "access")
 ROTATION_OVERLAP = timedelta(hours=1)  # the old key's life after a rotation
 ALLOW_LIST = "10.0.0.0/8"
+HANDLER_RETRIES_S = (0.01, 0.02, 0.04)  # a failing handler is dead-lettered quickly
 
 
 class Pipeline:
@@ -49,13 +54,14 @@ class Pipeline:
         self._js = js
         self._running: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, model: ReadModel | None = None) -> None:
         rt = self._rt
         job: Relay | Projector
         if name == "relay":
             job = Relay(rt.ledger, rt.database_url, rt.settings.pg_schema, self._js, rt.streams)
         else:
-            job = Projector(read_model(name), rt.ledger, rt.projection_pool(), self._js, rt.streams)
+            job = Projector(model or read_model(name), rt.ledger, rt.projection_pool(), self._js,
+                            rt.streams, retry_backoff_s=HANDLER_RETRIES_S)
         stop = asyncio.Event()
         self._running[name] = (stop, asyncio.create_task(job.run(stop)))
 
@@ -254,6 +260,94 @@ async def test_an_organisation_allow_list_reaches_the_caches_while_the_catalogue
             pipe.start("catalogue")
             await wait_until(partial(everywhere, loop, processes, a.prefix, lambda k: k.revoked),
                              "the revocation in every API process", REVOCATION_BOUND_S)
+
+
+def _failing_revocation_of(key_id: UUID) -> ReadModel:
+    """The catalogue, except that revoking `key_id` fails: a bug fixed later, by a re-drive."""
+    revoked = catalogue_model.READ_MODEL.handlers[ApiKey.Revoked]
+
+    def maybe_fail(cur: Any, event: Any, position: int) -> None:
+        if event.originator_id == key_id:
+            raise ValueError("cannot project this revocation")
+        revoked(cur, event, position)
+
+    healthy = catalogue_model.READ_MODEL
+    return ReadModel(name=healthy.name, ddl=healthy.ddl, tables=healthy.tables,
+                     handlers={**healthy.handlers, ApiKey.Revoked: maybe_fail})
+
+
+async def test_a_revocation_applied_by_a_redrive_reaches_every_api_process_within_5s(
+    runtime: Runtime,
+) -> None:
+    """A re-drive applies a dead-lettered revocation below the catalogue's tracking position,
+    which the caches have already passed: they must notice and reload."""
+    loop = asyncio.get_running_loop()
+    async with pipeline(runtime) as pipe:
+        a = await asyncio.to_thread(tenant, runtime, "a")
+        b = await asyncio.to_thread(tenant, runtime, "b")
+        await projected(runtime, "catalogue", b.position)
+        await pipe.stop("catalogue")
+        pipe.start("catalogue", _failing_revocation_of(a.key_id))
+        processes = [KeyCache(runtime.pool) for _ in range(API_PROCESSES)]
+        async with following(*processes):
+            await wait_until(partial(everywhere, loop, processes, a.prefix, lambda k: True),
+                             "the key in every cache")
+            await asyncio.to_thread(_revoke, runtime, a)  # dead-lettered
+            later = await asyncio.to_thread(_revoke, runtime, b)
+            await projected(runtime, "catalogue", later)
+            await wait_until(partial(everywhere, loop, processes, b.prefix, _revoked),
+                             "the later revocation in every cache")
+            assert not any([(await found(c, a.prefix)).revoked for c in processes])
+
+            result = await asyncio.to_thread(redrive, runtime.pool, runtime.ledger,
+                                             catalogue_model.READ_MODEL)
+            assert len(result.applied) == 1
+            await wait_until(partial(everywhere, loop, processes, a.prefix, _revoked),
+                             "the re-driven revocation in every API process", REVOCATION_BOUND_S)
+
+
+def _lose_catalogue_commits(rt: Runtime, after: int, tenants: list[Tenant]) -> None:
+    """What a Postgres crash does to commits made without waiting for the WAL flush (the
+    projectors' pool): the catalogue's changes after `after` (here: the tenants' revocations)
+    and its tracking go back, together."""
+    with rt.pool.connection() as conn, conn.transaction():
+        for t in tenants:
+            conn.execute("UPDATE api_keys SET revoked_at = NULL, ledger_position = %s WHERE id = %s",
+                         (t.position, t.key_id))
+        conn.execute("UPDATE projection_tracking SET position = %s WHERE name = 'catalogue'",
+                     (after,))
+
+
+async def test_the_caches_follow_a_read_model_whose_tracking_went_back(runtime: Runtime) -> None:
+    """The catalogue loses its last commits while the organisations carry on: an organisation
+    change must still reach every cache, and the lost revocations must come back to all of them
+    once the catalogue projector applies them again."""
+    loop = asyncio.get_running_loop()
+    async with pipeline(runtime) as pipe:
+        a = await asyncio.to_thread(tenant, runtime, "a")
+        b = await asyncio.to_thread(tenant, runtime, "b")
+        await projected(runtime, "catalogue", b.position)
+        processes = [KeyCache(runtime.pool) for _ in range(API_PROCESSES)]
+        async with following(*processes):
+            first = await asyncio.to_thread(_revoke, runtime, a)
+            await asyncio.to_thread(_revoke, runtime, b)
+            for t in (a, b):
+                await wait_until(partial(everywhere, loop, processes, t.prefix, _revoked),
+                                 "the revocations in every cache")
+            await pipe.stop("catalogue")
+            await asyncio.to_thread(_lose_catalogue_commits, runtime, first - 1, [a, b])
+            await asyncio.to_thread(_suspend, runtime, b)
+            await wait_until(partial(everywhere, loop, processes, b.prefix,
+                                     lambda k: k.suspended),
+                             "the suspension in every API process", REVOCATION_BOUND_S)
+
+            pipe.start("catalogue")
+            c = await asyncio.to_thread(tenant, runtime, "c")  # its messages fill the gap
+            await projected(runtime, "catalogue", c.position)
+            for t in (a, b):
+                await wait_until(partial(everywhere, loop, processes, t.prefix, _revoked),
+                                 "the revocations again in every API process",
+                                 REVOCATION_BOUND_S)
 
 
 class HeldRead:
