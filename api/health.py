@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import ipaddress
 import os
 from typing import Any
 
 from litestar import Request, Response, get
 
+from api.auth import bearer_token
+from api.client_ip import client_ip
 from api.deps import ApiDeps
+from api.problems import Forbidden, Unauthenticated
 
 READY_CHECK_TIMEOUT_S = 2.0
 
@@ -36,8 +42,28 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     )
 
 
-@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+def _may_scrape(request: Request[Any, Any, Any], deps: ApiDeps) -> None:
+    """The bearer token when one is configured; else only a client on this host (through a
+    trusted proxy, the client it speaks for: a proxy on this host is not the scraper)."""
+    if deps.metrics_token_sha256 is not None:
+        given = hashlib.sha256(bearer_token(request).encode()).digest()
+        if not hmac.compare_digest(given, deps.metrics_token_sha256):
+            raise Unauthenticated("/metrics needs the scraper's bearer token")
+        return
+    address = client_ip(request, deps.trusted_proxies)
+    try:
+        local = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise Forbidden("/metrics answers this host only; set BILLING_METRICS_TOKEN to scrape it "
+                        "from elsewhere")
+
+
+@get("/metrics", summary="Prometheus metrics (BILLING_METRICS_TOKEN, or this host only)",
+     media_type="text/plain; version=0.0.4")
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    _may_scrape(request, request.app.state.deps)
     registry = request.app.state.metrics
     body = await asyncio.to_thread(registry.render)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -37,6 +37,8 @@ class Settings:
     supplier_name: str = "Billing Platform"
     mail_from: str = "billing@localhost"
     api_processes: int = DEFAULT_API_PROCESSES  # `serve`: HTTP processes sharing the port
+    # /metrics: a bearer token for the scraper; None = answer clients on this host only.
+    metrics_token: str | None = None
     # Isolation knobs: tests give every test its own schema and stream names.
     pg_schema: str = "public"
     stream_prefix: str = ""
@@ -85,6 +87,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         supplier_name=opt("SUPPLIER_NAME") or "Billing Platform",
         mail_from=opt("BILLING_MAIL_FROM") or "billing@localhost",
         stream_prefix=opt("BILLING_STREAM_PREFIX") or "",
+        metrics_token=opt("BILLING_METRICS_TOKEN"),
         api_processes=_api_processes(opt("BILLING_API_PROCESSES") or str(DEFAULT_API_PROCESSES)),
         trusted_proxies=tuple(p.strip() for p in (opt("BILLING_TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),

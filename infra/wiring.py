@@ -247,6 +247,8 @@ class Runtime:
             readiness={"postgres": postgres_ok, "nats": nats_ok},
             ops_snapshot=self.ops_snapshot,
             idempotency=keys,
+            metrics_token_sha256=(hashlib.sha256(self.settings.metrics_token.encode()).digest()
+                                  if self.settings.metrics_token else None),
         )
 
 
