@@ -21,6 +21,7 @@ from domain.ports import (
     RateLimiter,
     Resolver,
     TokenLookup,
+    TrackingWaiter,
     UsageRecorder,
 )
 from domain.services import AccessService, CatalogueService, OrganisationService
@@ -58,7 +59,8 @@ class ApiDeps:
     meters: MeterLookup
     clock: Callable[[], datetime]
     read_pool: ConnectionPool
-    gate: ProjectionGate
+    gate: ProjectionGate  # for waits inside a worker thread
+    tracking: TrackingWaiter  # for waits on the event loop: no thread per waiting request
     admin_token_sha256: bytes | None
     readiness: dict[str, Callable[[], Awaitable[bool]]]
     ops_snapshot: Callable[[], OpsSnapshot]

@@ -6,7 +6,6 @@ import contextlib
 from typing import Any
 from uuid import UUID
 
-import anyio
 from litestar import Request
 
 from api.deps import ApiDeps
@@ -35,9 +34,28 @@ def min_position(request: Request[Any, Any, Any]) -> int:
 
 async def wait_caught_up(deps: ApiDeps, request: Request[Any, Any, Any], projection: str) -> None:
     """Reads see every write committed before them (or up to X-Ledger-Position)."""
+    head = await deps.tracking.head()
+    position = reachable(min_position(request), head)
+    await deps.tracking.wait_for(projection, max(position, head), deps.read_wait_s)
+
+
+async def wait_for_position(deps: ApiDeps, request: Request[Any, Any, Any], projection: str) -> None:
+    """Wait only for X-Ledger-Position, if sent (reads that would chase a moving head)."""
     position = min_position(request)
-    await anyio.to_thread.run_sync(deps.gate.wait_until_current, projection, position,
-                                   deps.read_wait_s)
+    if position:
+        reachable(position, await deps.tracking.head())
+        await deps.tracking.wait_for(projection, position, deps.read_wait_s)
+
+
+def reachable(position: int, head: int) -> int:
+    """A position the ledger has reached; one beyond its head is refused at once (422), not
+    waited for: nothing says it will ever exist, and a wait would hold the request for
+    nothing."""
+    if position > head:
+        raise ValidationFailed([FieldError(
+            LEDGER_POSITION_HEADER, f"{position} is beyond the ledger's head ({head}); send a "
+                                    "position a write of this API returned")])
+    return position
 
 
 async def settle(deps: ApiDeps, projection: str, position: int) -> None:
@@ -46,4 +64,4 @@ async def settle(deps: ApiDeps, projection: str, position: int) -> None:
     if not position:
         return
     with contextlib.suppress(Unavailable):
-        await anyio.to_thread.run_sync(deps.gate.wait_for, projection, position, deps.read_wait_s)
+        await deps.tracking.wait_for(projection, position, deps.read_wait_s)

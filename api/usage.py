@@ -14,7 +14,7 @@ from litestar import Request, get
 from litestar.params import FromPath
 
 from api.deps import ApiDeps
-from api.ids import min_position, parse_id
+from api.ids import parse_id, wait_for_position
 from api.ingest import authorise_key
 from api.pagination import ascii_digits, parse_limit
 from domain.errors import FieldError, NotFound, ValidationFailed
@@ -112,10 +112,7 @@ def build_query(
 
 async def answer(deps: ApiDeps, request: Request[Any, Any, Any], org_id: UUID,
                  project_id: UUID | None) -> UsagePage:
-    position = min_position(request)
-    if position:
-        await anyio.to_thread.run_sync(deps.gate.wait_for, usage_totals.NAME, position,
-                                       deps.read_wait_s)
+    await wait_for_position(deps, request, usage_totals.NAME)
     params = {k: request.query_params.get(k) for k in ("metric", "granularity", "from", "to",
                                                       "group_by", "limit", "cursor")}
     limit = parse_limit(params["limit"])

@@ -32,6 +32,19 @@ class Ledger(Protocol):
         ...
 
 
+class TrackingWaiter(Protocol):
+    """Lets many readers wait on the event loop until read models include ledger positions,
+    without a thread each."""
+
+    async def head(self) -> int:
+        """The ledger's newest position now."""
+        ...
+
+    async def wait_for(self, projection: str, position: int, timeout_s: float) -> None:
+        """Return once `projection` has applied `position`; raise Unavailable at the deadline."""
+        ...
+
+
 class ProjectionGate(Protocol):
     """Lets a reader wait until a read model includes a ledger position."""
 

@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 
 from adapters import bookkeeping, bus, idempotency, rate_limit
 from adapters.caches import KeyCache, MeterCache, PrefixCache, TokenCache
-from adapters.gate import PgProjectionGate
+from adapters.gate import PgProjectionGate, TrackingWatch
 from adapters.idempotency import PgIdempotencyStore
 from adapters.invoice_run import InvoiceRun
 from adapters.ledger import LedgerStore
@@ -122,6 +122,7 @@ class Runtime:
     js: JetStreamContext | None = None
     writer: UsageWriter | None = None
     key_cache: PrefixCache[KeyRecord] | None = None
+    tracking_watch: TrackingWatch | None = None
     token_cache: PrefixCache[TokenRecord] | None = None
     rate_limiter: PgRateLimiter | None = None
     meter_cache: MeterCache | None = None
@@ -213,6 +214,7 @@ class Runtime:
             return True
 
         self.writer = UsageWriter(self.database_url, self.settings.pg_schema)
+        self.tracking_watch = tracking = TrackingWatch(self.pool, self.ledger)
         self.key_cache = KeyCache(self.pool)
         self.meter_cache = MeterCache(self.pool)
         self.token_cache = TokenCache(self.pool)
@@ -243,6 +245,7 @@ class Runtime:
             clock=clock,
             read_pool=self.pool,
             gate=PgProjectionGate(self.pool, self.ledger),
+            tracking=tracking,
             admin_token_sha256=hashlib.sha256(bootstrap.encode()).digest(),
             readiness={"postgres": postgres_ok, "nats": nats_ok},
             ops_snapshot=self.ops_snapshot,
