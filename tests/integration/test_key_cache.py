@@ -129,6 +129,19 @@ def tenant(rt: Runtime, name: str) -> Tenant:
     return Tenant(org.aggregate.id, key.aggregate.id, key.aggregate.prefix, key.position)
 
 
+async def two_tenants(rt: Runtime) -> tuple[Tenant, Tenant]:
+    """Tenants a and b, projected."""
+    a = await asyncio.to_thread(tenant, rt, "a")
+    b = await asyncio.to_thread(tenant, rt, "b")
+    await projected(rt, "catalogue", b.position)
+    return a, b
+
+
+def api_processes(rt: Runtime) -> list[PrefixCache[KeyRecord]]:
+    """The key caches of API_PROCESSES separate API processes (each has its own)."""
+    return [KeyCache(rt.pool) for _ in range(API_PROCESSES)]
+
+
 async def projected(rt: Runtime, name: str, position: int) -> None:
     await wait_until(partial(reached, rt, name, position), f"{name} at {position}")
 
@@ -208,10 +221,8 @@ async def test_a_change_held_back_by_a_lagging_projector_reaches_every_api_proce
     must still reach every API process within 5 s of the lagging projector resuming."""
     loop = asyncio.get_running_loop()
     async with pipeline(runtime) as pipe:
-        a = await asyncio.to_thread(tenant, runtime, "a")
-        b = await asyncio.to_thread(tenant, runtime, "b")
-        await projected(runtime, "catalogue", b.position)
-        processes = [KeyCache(runtime.pool) for _ in range(API_PROCESSES)]
+        a, b = await two_tenants(runtime)
+        processes = api_processes(runtime)
         async with following(*processes):
             await wait_until(partial(everywhere, loop, processes, a.prefix,
                                      lambda k: not case.applied(k)), "tenant a in every cache")
@@ -244,7 +255,7 @@ async def test_an_organisation_allow_list_reaches_the_caches_while_the_catalogue
     async with pipeline(runtime) as pipe:
         a = await asyncio.to_thread(tenant, runtime, "a")
         await projected(runtime, "catalogue", a.position)
-        processes = [KeyCache(runtime.pool) for _ in range(API_PROCESSES)]
+        processes = api_processes(runtime)
         async with following(*processes):
             await wait_until(partial(everywhere, loop, processes, a.prefix, lambda k: True),
                              "the key in every cache")
@@ -283,12 +294,10 @@ async def test_a_revocation_applied_by_a_redrive_reaches_every_api_process_withi
     which the caches have already passed: they must notice and reload."""
     loop = asyncio.get_running_loop()
     async with pipeline(runtime) as pipe:
-        a = await asyncio.to_thread(tenant, runtime, "a")
-        b = await asyncio.to_thread(tenant, runtime, "b")
-        await projected(runtime, "catalogue", b.position)
+        a, b = await two_tenants(runtime)
         await pipe.stop("catalogue")
         pipe.start("catalogue", _failing_revocation_of(a.key_id))
-        processes = [KeyCache(runtime.pool) for _ in range(API_PROCESSES)]
+        processes = api_processes(runtime)
         async with following(*processes):
             await wait_until(partial(everywhere, loop, processes, a.prefix, lambda k: True),
                              "the key in every cache")
@@ -324,10 +333,8 @@ async def test_the_caches_follow_a_read_model_whose_tracking_went_back(runtime: 
     once the catalogue projector applies them again."""
     loop = asyncio.get_running_loop()
     async with pipeline(runtime) as pipe:
-        a = await asyncio.to_thread(tenant, runtime, "a")
-        b = await asyncio.to_thread(tenant, runtime, "b")
-        await projected(runtime, "catalogue", b.position)
-        processes = [KeyCache(runtime.pool) for _ in range(API_PROCESSES)]
+        a, b = await two_tenants(runtime)
+        processes = api_processes(runtime)
         async with following(*processes):
             first = await asyncio.to_thread(_revoke, runtime, a)
             await asyncio.to_thread(_revoke, runtime, b)
