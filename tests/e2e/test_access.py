@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -24,11 +24,14 @@ from hypothesis import strategies as st
 from litestar import Litestar, Router, get
 from psycopg import sql
 
+from adapters.invoice_run import shift_period
 from api.app import check_rules
-from api.permissions import ROLE_PERMISSIONS, RULES
+from api.permissions import ROLE_PERMISSIONS, RULES, A
 from domain.access import ORG_ROLES, ROLES
+from domain.invoice import invoice_id
 from infra.embedded import free_port
 from tests.conftest import http_status_is, wait_sync
+from tests.e2e.test_invoicing_http import last_period
 
 BOOT = "access-bootstrap-token-7f3e9a"
 SECRETS: list[str] = [BOOT]
@@ -52,6 +55,7 @@ class Tenant:
     key: str
     key_id: str
     tokens: dict[str, str]
+    token_ids: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +106,15 @@ def make_tenant(c: Cluster, name: str) -> Tenant:
         org = _id(admin.post("/admin/v1/organisations", json={"name": name, "billing_email": "a@b.in"}))
         project = _id(admin.post(f"/admin/v1/organisations/{org}/projects", json={"name": "p"}))
         key = admin.post(f"/admin/v1/projects/{project}/api-keys", json={"name": "k"}).json()
-        tokens = {}
+        tokens, token_ids = {}, {}
         for role in ROLES:
             body = {"role": role, "name": role} | ({"organisation_id": org} if role in ORG_ROLES else {})
             r = admin.post("/admin/v1/tokens", json=body)
             assert r.status_code == 201, r.text
-            tokens[role] = r.json()["token"]
+            tokens[role], token_ids[role] = r.json()["token"], r.json()["id"]
         admin.post("/admin/v1/meters", json={"code": "req", "name": "Requests", "aggregation": "count"})
     SECRETS.extend([key["key"], *tokens.values()])
-    return Tenant(org, project, key["key"], key["id"], tokens)
+    return Tenant(org, project, key["key"], key["id"], tokens, token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +353,147 @@ def test_an_org_admin_cannot_change_tax_facts_and_nothing_is_stored(cluster: Clu
             got = _settled_organisation(client, t.org, client.patch(
                 f"/admin/v1/organisations/{t.org}", json={"country": country}))
         assert got["country"] == country, role
+
+
+# ---- another organisation's real resources (issue 14: tests that would have caught these) -----
+
+RESOURCE_PARAMS = ("org_id", "project_id", "key_id", "invoice_id")
+CROSS_TENANT_ROUTES = sorted((m, t) for (m, t) in RULES if any(f"{{{p}}}" in t for p in RESOURCE_PARAMS))
+TENANCY_PLAN = "tenancy"
+SUBSCRIBED_DAYS_AGO = 130  # covers the period three months back, which has ended, grace included
+# A body each write would accept if the caller were allowed: a refusal must come from the
+# organisation check, never from a 422 that would hide a broken one.
+VALID_BODIES: dict[tuple[str, str], dict[str, object]] = {
+    ("PATCH", "/admin/v1/organisations/{org_id}"): {"name": "hijacked"},
+    ("POST", "/admin/v1/organisations/{org_id}/projects"): {"name": "hijacked"},
+    ("PUT", "/admin/v1/organisations/{org_id}/subscription"): {"plan_code": TENANCY_PLAN},
+    ("POST", "/admin/v1/projects/{project_id}/api-keys"): {"name": "hijacked"},
+    ("POST", "/admin/v1/api-keys/{key_id}/rotate"): {"overlap_s": 0},
+    ("POST", "/admin/v1/invoices/{invoice_id}/void"): {"reason": "hijacked"},
+}
+
+
+@dataclasses.dataclass
+class Invoiced:
+    tenant: Tenant
+    invoice: str
+
+
+def _real_url(template: str, t: Invoiced) -> str:
+    return template.format(org_id=t.tenant.org, project_id=t.tenant.project, key_id=t.tenant.key_id,
+                           invoice_id=t.invoice)
+
+
+def _invoiced_pair(c: Cluster) -> tuple[Invoiced, Invoiced]:
+    """Two fresh organisations, each with a project, an API key, usage and a draft invoice,
+    every one of them visible to the read models the resolver reads."""
+    a, b = make_tenant(c, "tenancy-a"), make_tenant(c, "tenancy-b")
+    drafted = shift_period(last_period()[0], -2)
+    starts = (datetime.now(UTC) - timedelta(days=SUBSCRIBED_DAYS_AGO)).isoformat()
+    with c.admin() as owner:
+        plan = {"code": TENANCY_PLAN, "name": "Tenancy", "base_fee": 500}
+        r = _answered(partial(owner.post, "/admin/v1/plans", json=plan))
+        assert r.status_code == 201, r.text
+        for t in (a, b):
+            r = owner.put(f"/admin/v1/organisations/{t.org}/subscription",
+                          json={"plan_code": TENANCY_PLAN, "starts_at": starts})
+            assert r.status_code == 201, r.text
+            assert _ingest(c, t.key, 0).status_code == 202
+        r = owner.post("/admin/v1/invoice-runs", json={"period": drafted})
+        assert r.status_code == 200 and r.json()["created"] >= 2, r.text
+    pair = tuple(Invoiced(t, str(invoice_id(uuid.UUID(t.org), drafted))) for t in (a, b))
+    for each in pair:  # its own viewer sees each resource: the resolver knows them all
+        with c.admin(each.tenant.tokens["org_viewer"]) as own:
+            for path in (f"/admin/v1/invoices/{each.invoice}",
+                         f"/admin/v1/projects/{each.tenant.project}/api-keys",
+                         f"/admin/v1/organisations/{each.tenant.org}/usage?metric=req"):
+                wait_sync(partial(_ok_with_items, own, path), f"{path} readable by its owner", 30)
+    return pair[0], pair[1]
+
+
+def _ok_with_items(client: httpx.Client, path: str) -> bool:
+    r = client.get(path)
+    return r.status_code == 200 and r.json().get("items", True) not in ([], None)
+
+
+def _answered(request: Callable[[], httpx.Response]) -> httpx.Response:
+    """The answer once it is not a 503: a read model that had not caught up within the API's
+    read wait (a loaded machine) is asked again; a 503 records nothing, so retrying is safe."""
+    answers: list[httpx.Response] = []
+
+    def not_unavailable() -> bool:
+        answers.append(request())
+        return answers[-1].status_code != 503
+
+    wait_sync(not_unavailable, "an answer other than 503", 60)
+    return answers[-1]
+
+
+def _snapshot(c: Cluster, t: Invoiced, barrier: str) -> dict[str, object]:
+    """What another organisation's caller could have changed, read after `barrier`."""
+    at = {"X-Ledger-Position": barrier}
+    with c.admin() as owner:
+        reads = {path: _answered(partial(owner.get, path, headers=at)) for path in (
+            f"/admin/v1/organisations/{t.tenant.org}", f"/admin/v1/invoices/{t.invoice}",
+            f"/admin/v1/projects/{t.tenant.project}", f"/admin/v1/projects/{t.tenant.project}/api-keys",
+            f"/admin/v1/organisations/{t.tenant.org}/subscription")}
+        audit = _answered(partial(owner.get, "/admin/v1/audit-events", headers=at,
+                                  params={"organisation_id": t.tenant.org, "limit": "1000"}))
+    assert all(r.status_code == 200 for r in [*reads.values(), audit]), reads
+    return {path: r.json() for path, r in reads.items()} | {"audit": audit.json()["items"]}
+
+
+def _barrier(c: Cluster, t: Tenant) -> str:
+    """A write after everything before it: reads made with its position see all of those."""
+    with c.admin() as owner:
+        r = owner.patch(f"/admin/v1/organisations/{t.org}",
+                        json={"billing_email": f"{uuid.uuid4().hex}@a.in"})
+    assert r.status_code == 200, r.text
+    return str(r.headers["x-ledger-position"])
+
+
+def test_scoped_tokens_get_404_for_another_organisations_real_invoices_keys_and_projects(
+    cluster: Cluster,
+) -> None:
+    me, other = _invoiced_pair(cluster)
+    before = _snapshot(cluster, other, _barrier(cluster, me.tenant))
+    covered = set()
+    for role in ORG_ROLES:
+        with cluster.admin(me.tenant.tokens[role]) as client:
+            for method, template in CROSS_TENANT_ROUTES:
+                rule = RULES[(method, template)]
+                r = client.request(method, _real_url(template, other),
+                                   json=VALID_BODIES.get((method, template), {}) if method != "GET" and
+                                   method != "DELETE" else None,
+                                   params={"metric": "req"} if template.endswith("/usage") else None)
+                refused = rule.scope == "GLOBAL" or rule.permission not in ROLE_PERMISSIONS[role]
+                assert r.status_code == (403 if refused else 404), (role, method, template, r.text)
+                covered.add((method, template))
+                # The same route on the caller's own resource is allowed: the 404 above is not
+                # the resolver failing to find anything.
+                if method == "GET" and not refused:
+                    own = client.get(_real_url(template, me),
+                                     params={"metric": "req"} if template.endswith("/usage") else None)
+                    assert own.status_code == 200, (role, template, own.text)
+            # Lists: only one's own, even when asked for the other's.
+            r = client.get("/admin/v1/invoices", params={"organisation_id": other.tenant.org})
+            assert r.status_code == 200 and r.json()["items"] == []
+            r = client.get("/admin/v1/invoices")
+            assert [i["id"] for i in r.json()["items"]] == [me.invoice]
+            assert [o["id"] for o in client.get("/admin/v1/organisations").json()["items"]] == [me.tenant.org]
+    invoice, key, project, org = (f"{A}/invoices/{{invoice_id}}", f"{A}/api-keys/{{key_id}}",
+                                  f"{A}/projects/{{project_id}}", f"{A}/organisations/{{org_id}}")
+    assert {("GET", invoice), ("GET", f"{invoice}/document"), ("POST", f"{invoice}/finalize"),
+            ("POST", f"{invoice}/void"), ("DELETE", key), ("POST", f"{key}/rotate"), ("GET", project),
+            ("GET", f"{project}/api-keys"), ("POST", f"{project}/api-keys"), ("GET", org),
+            ("PATCH", org), ("GET", f"{org}/usage")} <= covered
+    # Nothing of the other organisation changed, and the scoped tokens recorded no command.
+    barrier = _barrier(cluster, me.tenant)
+    assert _snapshot(cluster, other, barrier) == before
+    assert _ingest(cluster, other.tenant.key, 1).status_code == 202  # its key still works
+    with cluster.admin() as owner:
+        for role in ORG_ROLES:
+            audit = _answered(partial(owner.get, "/admin/v1/audit-events",
+                                      headers={"X-Ledger-Position": barrier},
+                                      params={"actor_id": me.tenant.token_ids[role]})).json()["items"]
+            assert audit == [], (role, audit)
