@@ -15,6 +15,7 @@ from api.auth import scope_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS, parse_id, settle, wait_caught_up
 from api.pagination import ascii_digits, parse_limit
+from domain.access import ORG_ROLES
 from domain.errors import FieldError, ValidationFailed
 from projections import access, catalogue
 
@@ -51,10 +52,13 @@ class RotatedKey(msgspec.Struct):
     old_key_expires_at: datetime
 
 
+PLATFORM_ACTOR = "platform"  # how an organisation-scoped caller sees the platform's operators
+
+
 class AuditEvent(msgspec.Struct):
     id: UUID
     at: datetime
-    actor_id: UUID
+    actor_id: UUID | None  # None: a platform operator, as an organisation-scoped caller sees it
     role: str
     source_ip: str
     request_id: str
@@ -128,8 +132,18 @@ class AccessController(Controller):
 
         rows = await anyio.to_thread.run_sync(fetch)
         items = [msgspec.convert(r, AuditEvent) for r in rows[:limit]]
+        if scope_of(request) is not None:
+            items = [_as_tenant_sees_it(e) for e in items]
         more = len(rows) > limit
         return AuditPage(items, str(items[-1].ledger_position) if more else None)
+
+
+def _as_tenant_sees_it(event: AuditEvent) -> AuditEvent:
+    """An organisation sees what was done to it, and who of its own did it; the platform's
+    operators are "platform", without their ids or addresses (they are not the tenant's to know)."""
+    if event.role in ORG_ROLES:
+        return event
+    return msgspec.structs.replace(event, actor_id=None, role=PLATFORM_ACTOR, source_ip="")
 
 
 def _time(raw: str | None, name: str) -> datetime | None:
