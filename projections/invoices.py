@@ -135,7 +135,7 @@ def page(
 ) -> list[dict[str, Any]]:
     """Invoices oldest first (created_at, id), `limit` at most, after the cursor; each filter
     given narrows the list."""
-    assert 0 < limit <= LIST_MAX_ROWS
+    assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
     where = ["TRUE"]
     params: dict[str, Any] = {"limit": limit}
     if after_cursor is not None:
