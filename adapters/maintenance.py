@@ -1,4 +1,7 @@
-"""Operator work on read models: rebuild from position 0, and re-drive dead letters."""
+"""Operator work on read models: rebuild from position 0, and re-drive dead letters.
+
+Both take the model's tracking row lock, as a projector's transaction does, so neither
+interleaves with a projector's commit; the rules are in docs/PROJECTIONS.md."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from eventsourcing.utils import get_topic
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from adapters.bookkeeping import dead_letters
 from adapters.ledger import LedgerStore
 from projections.base import ReadModel
 
@@ -34,8 +36,10 @@ def rebuild(
 ) -> int:
     """Empty one read model and replay the whole ledger into it, in one transaction: readers see
     the old model until the new one commits; the live projector waits on the tracking row and
-    then carries on after the rebuilt position. Returns the position reached."""
-    head = ledger.head()
+    then carries on after the rebuilt position. Returns the position reached.
+
+    The ledger head is read once the lock is held: a projector commit that came before the lock
+    is then within the replay, never dropped by the DELETE and left out above the head."""
     topics = model_topics(model)
     with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
         cur.execute(sql.SQL("SET LOCAL lock_timeout = '{}s'").format(REBUILD_LOCK_TIMEOUT_S))
@@ -44,6 +48,7 @@ def rebuild(
             " ON CONFLICT (name) DO NOTHING", (model.name,),
         )
         cur.execute("SELECT 1 FROM projection_tracking WHERE name = %s FOR UPDATE", (model.name,))
+        head = ledger.head()
         cur.execute("SET LOCAL statement_timeout = 0")
         for table in model.tables:
             cur.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
@@ -73,23 +78,39 @@ class RedriveResult:
     still_failing: dict[int, str]
 
 
+# Claims the next dead letter after a position: deleted here, applied in the same transaction,
+# so a concurrent re-drive (or one working after a rebuild cleared the list) never gets it too.
+_CLAIM_NEXT = (
+    "DELETE FROM projection_dead_letters WHERE name = %(name)s AND position = ("
+    " SELECT position FROM projection_dead_letters WHERE name = %(name)s AND position > %(after)s"
+    " ORDER BY position LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING position")
+
+
 def redrive(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> RedriveResult:
-    """Apply each dead-lettered entry again, from the ledger, in ledger order. One that applies
-    leaves the dead-letter list in the same transaction; one that fails again stays on it."""
-    with pool.connection() as conn:
-        positions = [int(r["position"]) for r in dead_letters(conn, model.name)]
+    """Apply each dead-lettered entry again, from the ledger, in ledger order, each in its own
+    transaction: under the model's tracking lock, the dead-letter row is deleted (`DELETE ...
+    RETURNING`) and only an entry that delete returned is applied. One that fails again rolls
+    back, so it stays on the list. Any number of re-drives may run at once: each entry is
+    applied by one of them."""
     applied: list[int] = []
     failing: dict[int, str] = {}
-    for position in positions:
-        page = ledger.read_after(position - 1, 1, stop=position)
+    after = 0
+    while True:
+        claimed: int | None = None
         try:
             with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM projection_tracking WHERE name = %s FOR UPDATE",
+                            (model.name,))
+                row = cur.execute(_CLAIM_NEXT, {"name": model.name, "after": after}).fetchone()
+                if row is None:
+                    break
+                claimed = int(row[0])
+                page = ledger.read_after(claimed - 1, 1, stop=claimed)
                 model.apply_all(cur, [(ledger.decode(n), n.id) for n in page])
-                cur.execute(
-                    "DELETE FROM projection_dead_letters WHERE name = %s AND position = %s",
-                    (model.name, position),
-                )
-            applied.append(position)
+            applied.append(claimed)
         except Exception as e:
-            failing[position] = f"{type(e).__name__}: {e}"
+            if claimed is None:
+                raise  # not an entry's failure: the claim itself
+            failing[claimed] = f"{type(e).__name__}: {e}"
+        after = claimed
     return RedriveResult(applied, failing)
