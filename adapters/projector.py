@@ -13,6 +13,12 @@ progress, so nothing after it overtakes it); after the last retry the entry is d
 copied to the DLQ stream with its error, recorded as a position the read model is missing,
 counted, and the projector carries on. Infrastructure errors (Postgres or NATS away) never
 dead-letter anything: the batch is nak'd with a delay and retried.
+
+Tracking never moves past a position unless everything up to it is applied (docs/PROJECTIONS.md).
+Skip-only messages (watermarks, ignored topics) advance a position in memory; the flush that
+writes it advances the stored row only if that row still holds what this projector last wrote,
+and otherwise (commits lost in a crash, a rebuild) fills the gap from the ledger first. A gap is
+filled GAP_FILL_CHUNK_ROWS ledger rows per transaction, each committed with its tracking.
 """
 
 from __future__ import annotations
@@ -55,10 +61,23 @@ HANDLER_RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 INFRA_RETRY_DELAY_S = 1.0
 SKIP_FLUSH_INTERVAL_S = 0.05
 GAP_READ_PAGE_ROWS = 5000
+# Ledger rows of a gap applied per transaction: bounds the memory and the lock time of a fill
+# after a long stream gap, and commits progress as it goes.
+GAP_FILL_CHUNK_ROWS = 10_000
 PUBLISH_TIMEOUT_S = 5.0
 
 TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 _LOCK_TRACKING = "SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE"
+# Forward only, and only from a row that holds at least `base` (the row lock makes the check and
+# the write one step): a row below it has lost applied entries, which the ledger must fill first.
+_ADVANCE_FROM = (
+    "UPDATE projection_tracking SET position = %(target)s, updated_at = now()"
+    " WHERE name = %(name)s AND position >= %(base)s AND position < %(target)s")
+
+
+class TrackingBehind(Exception):
+    """The stored tracking is below what this projector applied and wrote (its commits were lost,
+    or a rebuild set it back): nothing may be applied on top; the work is retried from the row."""
 
 
 @dataclass(frozen=True)
@@ -141,8 +160,11 @@ class Projector:
                     sub = await self.subscribe()
                 msgs = await sub.fetch(self._fetch_batch, timeout=FETCH_TIMEOUT_S)
             except (nats.errors.TimeoutError, TimeoutError):
-                with contextlib.suppress(*TRANSIENT):
+                try:
                     await self._flush(idle=True)
+                except Exception as e:  # kept in memory: the next flush tries again
+                    log.warning("projector %s cannot flush: %s: %s", self.model.name,
+                                type(e).__name__, e)
                 continue  # an idle fetch; nats-py raises either kind
             except Exception as e:  # broker away: keep trying, ledger keeps everything
                 log.warning("projector %s cannot fetch: %s: %s", self.model.name, type(e).__name__, e)
@@ -171,16 +193,38 @@ class Projector:
 
     async def _flush(self, idle: bool) -> None:
         """Persist the in-memory position of skipped messages: when idle, or every
-        SKIP_FLUSH_INTERVAL_S, so readers waiting for this model are not held up for long."""
+        SKIP_FLUSH_INTERVAL_S, so readers waiting for this model are not held up for long.
+
+        The skip chain says nothing in (_persisted, _contiguous] is for this model; the row says
+        what is applied. So tracking moves to _contiguous only from a row at _persisted or
+        above (one statement, as before). A row below it lost entries this projector applied:
+        they are filled from the ledger, in the transactions that then move the row."""
         now = time.monotonic()
         if self._contiguous <= self._persisted:
+            if idle and self._persisted:
+                await self._check_behind()
             return
         if not idle and now - self._flushed_at < SKIP_FLUSH_INTERVAL_S:
             return
         self._flushed_at = now
-        target = self._contiguous
-        await asyncio.to_thread(self._advance, target)
-        self._persisted = max(self._persisted, target)
+        base, target = self._persisted, self._contiguous
+        if await asyncio.to_thread(self._advance, base, target):
+            return
+        log.warning("projector %s: tracking is below %d, which it applied (lost commits or a"
+                    " rebuild): filling from the ledger", self.model.name, base)
+        # `prev` = base: the ledger fills up to there, the chain covers the rest up to target.
+        await self._apply([None], [Delivery(base, base + 1, target)])
+
+    async def _check_behind(self) -> None:
+        """Idle (once a fetch timeout, not per message): a row below what this projector wrote
+        lost commits in a crash that no message will bring back (JetStream dropped the relay's
+        resends as duplicates), so they are filled from the ledger now, not at the next message."""
+        persisted = self._persisted
+        if await asyncio.to_thread(self._tracked) >= persisted:
+            return
+        log.warning("projector %s: tracking is below %d, which it applied (lost commits or a"
+                    " rebuild): filling from the ledger", self.model.name, persisted)
+        await self._apply([None], [Delivery(persisted, persisted, persisted)])
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply a fetched batch, then ack it. Safe to call with any order or repeats."""
@@ -189,19 +233,12 @@ class Projector:
             for msg in msgs:
                 with contextlib.suppress(Exception):
                     await msg.ack()
-            with contextlib.suppress(*TRANSIENT):  # kept in memory; the next flush writes it
+            with contextlib.suppress(*TRANSIENT, TrackingBehind):  # kept; the next flush writes it
                 await self._flush(idle=False)
             return
         try:
-            try:
-                await asyncio.to_thread(self._apply_together, batches)
-            except TRANSIENT:
-                raise
-            except Exception:
-                # Somebody's handler failed: find which entry, retry it, dead-letter it.
-                for msg, batch in zip(msgs, batches, strict=True):
-                    await self._apply_carefully(msg, batch)
-        except (*TRANSIENT, nats.errors.Error, TimeoutError) as e:
+            await self._apply(msgs, batches)
+        except (*TRANSIENT, nats.errors.Error, TimeoutError, TrackingBehind) as e:
             log.warning("projector %s will retry: %s: %s", self.model.name, type(e).__name__, e)
             for msg in msgs:
                 with contextlib.suppress(Exception):
@@ -211,20 +248,43 @@ class Projector:
             with contextlib.suppress(Exception):  # an ack lost is a harmless redelivery
                 await msg.ack()
 
+    async def _apply(self, msgs: Sequence[Msg | None], batches: Sequence[Delivery]) -> None:
+        """All together, or (a handler failed) entry by entry with retries and dead letters."""
+        try:
+            await asyncio.to_thread(self._apply_together, batches)
+        except (*TRANSIENT, TrackingBehind):
+            raise
+        except Exception:
+            # Somebody's handler failed: find which entry, retry it, dead-letter it.
+            for msg, batch in zip(msgs, batches, strict=True):
+                await self._apply_carefully(msg, batch)
+
     # ---- applying, all in one transaction (the fast path) -------------------------------
 
     def _apply_together(self, batches: Sequence[Delivery]) -> None:
+        """The batches, and the ledger entries they assume: one transaction, or one for every
+        GAP_FILL_CHUNK_ROWS rows of a long gap (each commits its rows and tracking)."""
+        ordered = sorted(batches, key=lambda b: b.last)
+        while not self._apply_chunk(ordered):
+            pass
+
+    def _apply_chunk(self, ordered: Sequence[Delivery]) -> bool:
+        """One transaction from the tracked position on. False when a gap's chunk ended it (its
+        progress committed; call again), True when the batches are applied."""
+        done = True
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             tracked = self._lock_tracking(cur)
             start = tracked
             items: list[tuple[Any, int]] = []
-            for batch in sorted(batches, key=lambda b: b.last):
+            budget = GAP_FILL_CHUNK_ROWS
+            for batch in ordered:
                 if batch.last <= tracked:
                     continue
                 if batch.prev > tracked:  # what this message assumes we have: from the ledger
-                    items += [(self._load(u), u.position)
-                              for u in self._missing_before(tracked, batch) if u.topic in self._topics]
-                    tracked = batch.prev
+                    tracked, budget = self._fill(items, tracked, batch.prev, budget)
+                    if tracked < batch.prev:
+                        done = False  # the chunk is full: commit it, go on in the next
+                        break
                 items += self._items(batch, tracked)
                 tracked = max(tracked, batch.last)
             self.model.apply_all(cur, items)
@@ -232,6 +292,24 @@ class Projector:
                 self._set_tracking(cur, tracked)
         self.applied_entries += len(items)
         self._committed(tracked)
+        return done
+
+    def _fill(self, items: list[tuple[Any, int]], tracked: int, upto: int, budget: int
+              ) -> tuple[int, int]:
+        """Add the model's ledger entries in (tracked, upto] to `items`, reading at most `budget`
+        rows. Returns the position reached (upto when the range is read whole) and the budget
+        left."""
+        while tracked < upto:
+            if budget <= 0:
+                return tracked, 0
+            page = self._ledger.read_after(tracked, min(GAP_READ_PAGE_ROWS, budget), stop=upto)
+            if not page:
+                break
+            budget -= len(page)
+            items += [(self._load(Unit(n.id, n.topic, n)), n.id)
+                      for n in page if n.topic in self._topics]
+            tracked = page[-1].id
+        return upto, budget
 
     def _items(self, batch: Delivery, tracked: int) -> list[tuple[Any, int]]:
         """The (event or view, position) pairs of a message's entries after `tracked`."""
@@ -260,14 +338,14 @@ class Projector:
             return decode_view(view[0], view[1], unit.stored.state)
         return self._ledger.decode(unit.stored)  # type: ignore[arg-type]
 
-    def _missing_before(self, tracked: int, batch: Delivery) -> Iterator[Unit]:
-        """Ledger entries in (tracked, batch.prev]: what this message assumes we already have."""
+    def _missing_before(self, tracked: int, batch: Delivery) -> Iterator[list[Unit]]:
+        """Ledger entries of the model's topics in (tracked, batch.prev], a page at a time: what
+        this message assumes we already have."""
         while tracked < batch.prev:
             page = self._ledger.read_after(tracked, GAP_READ_PAGE_ROWS, stop=batch.prev)
             if not page:
                 return
-            for n in page:
-                yield Unit(n.id, n.topic, n)
+            yield [Unit(n.id, n.topic, n) for n in page if n.topic in self._topics]
             tracked = page[-1].id
 
     def _lock_tracking(self, cur: psycopg.Cursor[Any]) -> int:
@@ -293,26 +371,45 @@ class Projector:
 
     # ---- applying entry by entry, with retries and dead letters (the careful path) ------
 
-    async def _apply_carefully(self, msg: Msg, batch: Delivery) -> None:
+    async def _apply_carefully(self, msg: Msg | None, batch: Delivery) -> None:
+        """Entry by entry, each with its tracking; `after` is where the chain must be before the
+        next one (a row found below it raises TrackingBehind: the work is retried from the row)."""
         tracked = await asyncio.to_thread(self._tracked)
         if batch.last <= tracked:
             return
-        units = list(await asyncio.to_thread(lambda: list(self._missing_before(tracked, batch))))
-        units += map(self._unit_of(batch), batch.entries)
-        for unit in units:
-            if unit.position > tracked:
-                await self._apply_with_retries(msg, unit)
-        await asyncio.to_thread(self._advance, batch.last)
+        after = tracked
+        pages = self._missing_before(tracked, batch)
+        while (page := await asyncio.to_thread(next, pages, None)) is not None:
+            for unit in page:  # a page at a time: a long gap is never held whole
+                await self._apply_with_retries(msg, unit, after)
+                after = unit.position
+        for unit in map(self._unit_of(batch), batch.entries):
+            if unit.position > after and unit.topic in self._topics:
+                await self._apply_with_retries(msg, unit, after)
+                after = unit.position
+        if not await asyncio.to_thread(self._advance, after, batch.last):
+            raise TrackingBehind(f"{self.model.name}: tracking below {after}")
 
-    def _advance(self, position: int) -> None:
-        """Tracking up to `position`, where nothing is to be applied: one statement (one round
-        trip on the projectors' autocommit pool), which never moves it back."""
+    def _advance(self, base: int, target: int) -> bool:
+        """Tracking up to `target`, where nothing in (base, target] is to be applied, if the row
+        holds `base` or more: one statement (one round trip on the projectors' autocommit pool),
+        which never moves it back. False when the row is below `base`."""
+        params = {"name": self.model.name, "base": base, "target": target}
         with self._pool.connection() as conn:
-            conn.execute(
-                "INSERT INTO projection_tracking AS t (name, position) VALUES (%s, %s)"
-                " ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()"
-                " WHERE t.position < excluded.position", (self.model.name, position))
-        self._committed(position)
+            if conn.execute(_ADVANCE_FROM, params).rowcount:
+                self._committed(target)
+                return True
+            row = conn.execute("SELECT position FROM projection_tracking WHERE name = %s",
+                               (self.model.name,)).fetchone()
+            if row is None and base == 0:  # no row yet, and nothing before target is ours
+                conn.execute("INSERT INTO projection_tracking (name, position) VALUES (%s, %s)"
+                             " ON CONFLICT (name) DO NOTHING", (self.model.name, 0))
+                return self._advance(base, target)
+        stored = int(row[0]) if row else 0
+        if stored >= target:  # a rebuild, or another transaction, went further
+            self._committed(target)
+            return True
+        return False
 
     def _committed(self, position: int) -> None:
         """A transaction made `position` durable-enough: the chain is known up to there."""
@@ -327,11 +424,16 @@ class Projector:
             row = cur.fetchone()
             return int(row[0]) if row else 0
 
-    def _apply_alone(self, unit: Unit, error: str | None = None, attempts: int = 0) -> None:
-        """Apply one entry (or, with `error`, record it as dead) with its tracking row."""
+    def _apply_alone(self, unit: Unit, after: int, error: str | None = None, attempts: int = 0
+                     ) -> None:
+        """Apply one entry (or, with `error`, record it as dead) with its tracking row, on a row
+        at `after` or above (nothing between is the model's)."""
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            if self._lock_tracking(cur) >= unit.position:
+            stored = self._lock_tracking(cur)
+            if stored >= unit.position:
                 return
+            if stored < after:
+                raise TrackingBehind(f"{self.model.name}: tracking {stored} below {after}")
             if error is None:
                 if unit.topic in self._topics:
                     self.model.apply_all(cur, [(self._load(unit), unit.position)])
@@ -344,14 +446,14 @@ class Projector:
             self._set_tracking(cur, unit.position)
         self._committed(unit.position)
 
-    async def _apply_with_retries(self, msg: Msg, unit: Unit) -> None:
+    async def _apply_with_retries(self, msg: Msg | None, unit: Unit, after: int) -> None:
         error = ""
         for attempt in range(len(self._backoff) + 1):
             try:
-                await asyncio.to_thread(self._apply_alone, unit)
+                await asyncio.to_thread(self._apply_alone, unit, after)
                 self.applied_entries += 1
                 return
-            except TRANSIENT:
+            except (*TRANSIENT, TrackingBehind):
                 raise
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"[:2000]
@@ -359,8 +461,9 @@ class Projector:
                             self.model.name, unit.position, attempt + 1, error)
                 if attempt < len(self._backoff):
                     await asyncio.sleep(self._backoff[attempt])
-                    with contextlib.suppress(Exception):
-                        await msg.in_progress()
+                    if msg is not None:  # None: a flush's fill, whose messages are acked
+                        with contextlib.suppress(Exception):
+                            await msg.in_progress()
         attempts = len(self._backoff) + 1
         letter = DeadLetter(self.model.name, unit.position, unit.topic, error, attempts)
         await self._js.publish(
@@ -370,7 +473,7 @@ class Projector:
             stream=self._streams.dlq,
             headers={"Nats-Msg-Id": f"{self.model.name}:{unit.position}"},
         )
-        await asyncio.to_thread(self._apply_alone, unit, error, attempts)
+        await asyncio.to_thread(self._apply_alone, unit, after, error, attempts)
         self.dead_lettered += 1
         log.error("projector %s dead-lettered position %d: %s", self.model.name, unit.position, error)
 
