@@ -1,5 +1,6 @@
 """Tables the runners keep beside the read models: relay position, projection tracking, dead
-letters. Also the queries operators and /metrics use to see lag and missing positions."""
+letters, and the organisations the last invoice run of each period could not invoice. Also the
+queries operators and /metrics use to see lag, missing positions and blocked organisations."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 
 from psycopg import Connection
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from domain.ports import Blocked
 
 DDL = (
     """CREATE TABLE IF NOT EXISTS relay_positions (
@@ -29,6 +33,14 @@ DDL = (
         attempts int NOT NULL,
         failed_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (name, position)
+    )""",
+    """CREATE TABLE IF NOT EXISTS invoice_run_blocked (
+        period text NOT NULL,
+        organisation_id uuid NOT NULL,
+        name text NOT NULL,
+        read_models jsonb NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (period, organisation_id)
     )""",
 )
 
@@ -101,3 +113,28 @@ def dead_letter_counts(conn: Connection[Any]) -> dict[str, int]:
         "SELECT name, count(*) FROM projection_dead_letters GROUP BY name"
     ).fetchall()
     return {str(name): int(n) for name, n in rows}
+
+
+def record_blocked(conn: Connection[Any], period: str, blocked: Sequence[Blocked]) -> None:
+    """The organisations the latest run of `period` could not invoice, replacing the last run's
+    list: what /metrics and `billing status` show until a run invoices them."""
+    conn.execute("DELETE FROM invoice_run_blocked WHERE period = %s", (period,))
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO invoice_run_blocked (period, organisation_id, name, read_models)"
+            " VALUES (%s, %s, %s, %s)",
+            [(period, b.organisation_id, b.name, Jsonb(b.read_models)) for b in blocked])
+
+
+def blocked_organisations(conn: Connection[Any]) -> list[dict[str, Any]]:
+    """Every organisation a run left blocked, by period then name (bounded by the organisations
+    that exist: one row per organisation and period)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT period, organisation_id, name, read_models, recorded_at"
+                    " FROM invoice_run_blocked ORDER BY period, name, organisation_id")
+        return cur.fetchall()
+
+
+def blocked_counts(conn: Connection[Any]) -> dict[str, int]:
+    rows = conn.execute("SELECT period, count(*) FROM invoice_run_blocked GROUP BY period").fetchall()
+    return {str(period): int(n) for period, n in rows}

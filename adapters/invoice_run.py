@@ -28,13 +28,14 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from eventsourcing.domain import Aggregate
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from adapters.bookkeeping import dead_letter_pages, lock_key, tracked_position
+from adapters.bookkeeping import dead_letter_pages, lock_key, record_blocked, tracked_position
 from adapters.gate import PgProjectionGate
 from adapters.ledger import LedgerStore
-from domain.errors import Conflict, DomainError, NotFound, ValidationFailed
+from domain.errors import Conflict, DomainError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import VOID, Invoice
 from domain.invoicing import InvoicingService
 from domain.mail_record import InvoiceMail
@@ -44,7 +45,12 @@ from domain.organisation import Organisation
 from domain.plan import Plan, to_version
 from domain.ports import Blocked, RunResult
 from domain.pricing import LateUsage, PlanVersion, late_usage_lines
-from domain.subscription import parse_period, period_bounds, period_of
+from domain.subscription import (
+    check_period_has_ended_somewhere,
+    parse_period,
+    period_bounds,
+    period_of,
+)
 from domain.usage import Usage
 from projections import catalogue, invoices, organisations, plans, usage_totals
 
@@ -60,6 +66,9 @@ READ_MODELS_USED = (usage_totals.NAME, plans.READ_MODEL.name, invoices.READ_MODE
 # and the catalogue (meters, projects, keys) that pricing's inputs come from.
 DEAD_LETTER_MODELS = (*READ_MODELS_USED, catalogue.READ_MODEL.name)
 ZERO = Decimal(0)
+# Errors that are the infrastructure's, not one organisation's: they stop the run (a later run,
+# or the scheduler's next one, does the rest; drafting is idempotent).
+INFRASTRUCTURE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, Unavailable)
 ENTRIES_PER_READ = 1000  # dead-lettered ledger entries decoded per read
 
 
@@ -69,14 +78,6 @@ class _Everyone:
 
 EVERYONE = _Everyone()
 _LATE_ITEM = re.compile(r"^late\[(\d+)\]")
-
-
-@dataclass
-class BlockedBy(Blocked):
-    """A blocked organisation with, per read model, the dead-lettered positions that block it
-    (`missing_positions` is all of them, sorted)."""
-
-    read_models: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class InvoiceRun:
         self._lock_key = lock_key(schema, "invoice-run")
 
     def run(self, period: str, progress: Callable[[int, int], None] | None = None) -> RunResult:
-        parse_period(period)
+        check_period_has_ended_somewhere(period, self._clock())
         with self._pool.connection() as lock_conn:
             got = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (self._lock_key,)).fetchone()
             if not (got and got[0]):
@@ -156,39 +157,62 @@ class InvoiceRun:
                 if org_id in drafted:
                     result.existing += 1
                     continue
-                org = self._ledger.get(org_id, Organisation)
-                if now < period_bounds(period, org.timezone)[1] + self._grace:
-                    result.not_due += 1
-                    continue
-                history = plans.history_entries(plans.subscription_history(conn, org_id))
-                missing = blocked.for_organisation(org_id, (entry.plan_code for entry in history))
-                if missing:
-                    positions = sorted({p for ps in missing.values() for p in ps})
-                    result.blocked.append(BlockedBy(org_id, org.name, positions, missing))
-                    log.error("invoice run %s: %s (%s) not invoiced: dead-lettered entries %s",
-                              period, org.name, org_id, missing)
-                    continue
-                for entry in history:
-                    if entry.plan_code not in versions:
-                        versions[entry.plan_code] = [
-                            plans.stored_version(r) for r in plans.plan_versions(conn, entry.plan_code)]
-                billed_by = [self._ledger.get(ident, Invoice) for ident in billing.get(org_id, [])]
                 try:
-                    late = late_usage(
-                        org_id, earlier, billed_by,
-                        {q: earlier_totals[q].get(org_id, {}) for q in earlier},
-                        partial(self._plan_version, versions, conn))
-                    status = self._draft(org, period, history, versions,
-                                         quantities.get(org_id, {}), usage_position, late)
-                except DomainError as e:  # one organisation's problem never stops the run
-                    log.error("invoice run %s: %s not drafted: %s", period, org_id, e)
+                    # A savepoint: an error in Postgres for one organisation must not abort
+                    # the run's transaction for the others.
+                    with conn.transaction():
+                        status = self._invoice_one(
+                            conn, org_id, period, now, blocked, versions, billing, earlier,
+                            earlier_totals, quantities.get(org_id, {}), usage_position, result)
+                except INFRASTRUCTURE:
+                    raise  # Postgres away: the run stops, and a later run does the rest
+                except Exception as e:  # one organisation's problem, of any kind, is its own
+                    if isinstance(e, DomainError):
+                        log.error("invoice run %s: %s not drafted: %s", period, org_id, e)
+                    else:
+                        log.exception("invoice run %s: %s not drafted: %s", period, org_id,
+                                      type(e).__name__)
                     result.failed += 1
+                    result.failed_organisations.append(org_id)
                     continue
-                if status == "skipped" and late:  # no plan covers the period, or all lines are 0
-                    log.error("invoice run %s: %s: nothing drafted, so late usage for %s is not "
-                              "billed on it", period, org_id, [item.period for item in late])
-                setattr(result, status, getattr(result, status) + 1)
+                if status is not None:
+                    setattr(result, status, getattr(result, status) + 1)
+            record_blocked(conn, period, result.blocked)
         return result
+
+    def _invoice_one(self, conn: Any, org_id: UUID, period: str, now: datetime,
+                     blocked: DeadLettered, versions: dict[str, list[Any]],
+                     billing: Mapping[UUID, Sequence[UUID]], earlier: list[str],
+                     earlier_totals: Mapping[str, Mapping[UUID, dict[str, Decimal]]],
+                     quantities: dict[str, Decimal], usage_position: int,
+                     result: RunResult) -> str | None:
+        """Draft one organisation's invoice; the RunResult counter to raise (None: blocked,
+        recorded on `result`)."""
+        org = self._ledger.get(org_id, Organisation)
+        if now < period_bounds(period, org.timezone)[1] + self._grace:
+            return "not_due"
+        history = plans.history_entries(plans.subscription_history(conn, org_id))
+        missing = blocked.for_organisation(org_id, (entry.plan_code for entry in history))
+        if missing:
+            positions = sorted({p for ps in missing.values() for p in ps})
+            result.blocked.append(Blocked(org_id, org.name, positions, missing))
+            log.error("invoice run %s: %s (%s) not invoiced: dead-lettered entries %s",
+                      period, org.name, org_id, missing)
+            return None
+        for entry in history:
+            if entry.plan_code not in versions:
+                versions[entry.plan_code] = [
+                    plans.stored_version(r) for r in plans.plan_versions(conn, entry.plan_code)]
+        billed_by = [self._ledger.get(ident, Invoice) for ident in billing.get(org_id, [])]
+        late = late_usage(
+            org_id, earlier, billed_by,
+            {q: earlier_totals[q].get(org_id, {}) for q in earlier},
+            partial(self._plan_version, versions, conn))
+        status = self._draft(org, period, history, versions, quantities, usage_position, late)
+        if status == "skipped" and late:  # no plan covers the period, or all lines are 0
+            log.error("invoice run %s: %s: nothing drafted, so late usage for %s is not "
+                      "billed on it", period, org_id, [item.period for item in late])
+        return status
 
     def _draft(self, org: Organisation, period: str, history: list[Any],
                versions: dict[str, list[Any]], quantities: dict[str, Decimal], usage_position: int,

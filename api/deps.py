@@ -38,6 +38,7 @@ class OpsSnapshot:
     relay_position: int
     projections: dict[str, int]
     dead_letters: dict[str, int]
+    blocked: dict[str, int] = field(default_factory=dict)  # period -> organisations not invoiced
 
 
 @dataclass

@@ -21,6 +21,7 @@ class BlockedOut(msgspec.Struct):
     organisation_id: UUID
     name: str
     missing_positions: list[int]
+    read_models: dict[str, list[int]]  # read model -> its dead-lettered positions
 
 
 class RunOut(msgspec.Struct):
@@ -31,6 +32,7 @@ class RunOut(msgspec.Struct):
     not_due: int
     failed: int
     blocked: list[BlockedOut]
+    failed_organisations: list[UUID]  # each one's error is in the service's log
 
 
 @post("/admin/v1/invoice-runs", status_code=200, tags=["invoices"],
@@ -39,5 +41,6 @@ async def invoice_run(data: JSONBody[RunRequest], request: Request[Any, Any, Any
     deps: ApiDeps = request.app.state.deps
     result = await anyio.to_thread.run_sync(deps.invoice_runner.run, data.period)
     return RunOut(result.period, result.created, result.existing, result.skipped, result.not_due,
-                  result.failed, [BlockedOut(b.organisation_id, b.name, b.missing_positions)
-                                  for b in result.blocked])
+                  result.failed, [BlockedOut(b.organisation_id, b.name, b.missing_positions,
+                                             b.read_models) for b in result.blocked],
+                  result.failed_organisations)

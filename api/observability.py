@@ -76,6 +76,13 @@ class OpsCollector(Collector):
             dead.add_metric([name], s.dead_letters.get(name, 0))
         yield lag
         yield dead
+        blocked = GaugeMetricFamily(
+            "billing_invoice_blocked_organisations",
+            "Organisations the last invoice run of a period could not invoice (dead letters)",
+            labels=["period"])
+        for period, count in sorted(s.blocked.items()):
+            blocked.add_metric([period], count)
+        yield blocked
 
 
 class RequestIdMiddleware:

@@ -141,11 +141,14 @@ class MeterLookup(Protocol):
 
 @dataclass
 class Blocked:
-    """An organisation the invoice run left alone: its usage has dead-lettered entries."""
+    """An organisation the invoice run left alone: dead-lettered ledger entries can affect it.
+    `read_models` names, per read model, the positions that block it; `missing_positions` is
+    all of them, sorted."""
 
     organisation_id: UUID
     name: str
     missing_positions: list[int]
+    read_models: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -157,6 +160,7 @@ class RunResult:
     not_due: int = 0
     failed: int = 0
     blocked: list[Blocked] = field(default_factory=list)
+    failed_organisations: list[UUID] = field(default_factory=list)  # each logged with its error
 
 
 class InvoiceRunner(Protocol):

@@ -69,6 +69,20 @@ def period_bounds(period: str, timezone: str) -> tuple[datetime, datetime]:
     return _month_start(year, month, zone), _month_start(*_following(year, month), zone)
 
 
+# The time zone where a month ends first (UTC+14): until then it has ended for nobody.
+EARLIEST_ZONE = "Pacific/Kiritimati"
+
+
+def check_period_has_ended_somewhere(period: str, now: datetime) -> None:
+    """ValidationFailed (field `period`) unless `period` has ended in at least one time zone:
+    an invoice run for a month still under way anywhere-first is a mistake, not "not due"."""
+    end = period_bounds(period, EARLIEST_ZONE)[1]
+    if now < end:
+        raise ValidationFailed([FieldError(
+            "period", f"{period} has not ended yet (the earliest it ends anywhere is "
+                      f"{end.isoformat()}); it can be invoiced after that")])
+
+
 def period_of(instant: datetime, timezone: str) -> str:
     """The 'YYYY-MM' period that contains `instant` in `timezone`."""
     local = instant.astimezone(ZoneInfo(timezone))

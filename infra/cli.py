@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TextIO
 from uuid import UUID, uuid4, uuid5
 
 import msgspec
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                                                      help=argparse.SUPPRESS)
     proj = sub.add_parser("projections", help="read models").add_subparsers(dest="action", required=True)
     proj.add_parser("status", help="position, lag and dead letters of every read model")
+    sub.add_parser("status", help="read models' lag and dead letters, and the organisations the "
+                   "last invoice run of each period could not invoice")
     rb = proj.add_parser("rebuild", help="drop one read model and replay it from position 0")
     rb.add_argument("name", choices=[m.name for m in READ_MODELS])
     admin = sub.add_parser("admin", help="admin principals").add_subparsers(dest="action", required=True)
@@ -177,13 +180,8 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
         return _tenant_command(rt, args)
     if args.command == "invoices":
         return _invoice_run(rt, args.period)
-    if args.command == "projections" and args.action == "status":
-        snap = rt.ops_snapshot()
-        for name, pos in sorted(snap.projections.items()):
-            out.write(f"{name}: position {pos}, lag {snap.ledger_head - pos}, "
-                      f"dead letters {snap.dead_letters.get(name, 0)}\n")
-        out.write(f"relay: position {snap.relay_position}, head {snap.ledger_head}\n")
-        return 0
+    if args.command == "status" or (args.command == "projections" and args.action == "status"):
+        return _status(rt, out)
     if args.command == "projections" and args.action == "rebuild":
         model = read_model(args.name)
         with tqdm(total=max(rt.ledger.head(), 1), unit="pos", desc=f"rebuild {model.name}",
@@ -214,6 +212,23 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _status(rt: Runtime, out: TextIO) -> int:
+    """Read models, relay, and every organisation a run left uninvoiced: exit 1 if there is one,
+    so a cron check or a human sees it."""
+    snap = rt.ops_snapshot()
+    for name, pos in sorted(snap.projections.items()):
+        out.write(f"{name}: position {pos}, lag {snap.ledger_head - pos}, "
+                  f"dead letters {snap.dead_letters.get(name, 0)}\n")
+    out.write(f"relay: position {snap.relay_position}, head {snap.ledger_head}\n")
+    with rt.pool.connection() as conn:
+        blocked = bookkeeping.blocked_organisations(conn)
+    for b in blocked:
+        out.write(f"not invoiced for {b['period']}: {b['name']} ({b['organisation_id']}): "
+                  f"dead-lettered entries {b['read_models']}; fix, `billing dlq redrive`, "
+                  "then run the period again\n")
+    return 1 if blocked else 0
+
+
 def _invoice_run(rt: Runtime, period: str) -> int:
     CURRENT_ACTOR.set(Actor(uuid5(CLI_NAMESPACE, getpass.getuser()), "owner", None, "cli",
                             f"cli-{uuid4().hex}"))
@@ -232,8 +247,10 @@ def _invoice_run(rt: Runtime, period: str) -> int:
                      f"{result.skipped}, not due {result.not_due}, failed {result.failed}, "
                      f"blocked {len(result.blocked)}\n")
     for b in result.blocked:
-        sys.stdout.write(f"  blocked: {b.name} ({b.organisation_id}): dead-lettered usage at "
-                         f"ledger positions {b.missing_positions}; run `billing dlq redrive`\n")
+        sys.stdout.write(f"  blocked: {b.name} ({b.organisation_id}): dead-lettered entries "
+                         f"{b.read_models or b.missing_positions}; run `billing dlq redrive`\n")
+    for org_id in result.failed_organisations:
+        sys.stdout.write(f"  failed: {org_id} (the log says why)\n")
     return 1 if result.blocked or result.failed else 0
 
 

@@ -46,10 +46,11 @@ async def invoice_job(rt: Runtime) -> None:
         log.info("invoice run", extra={"invoice_run": {
             "period": period, "created": result.created, "existing": result.existing,
             "skipped": result.skipped, "not_due": result.not_due, "failed": result.failed,
-            "blocked": [str(b.organisation_id) for b in result.blocked]}})
+            "blocked": [str(b.organisation_id) for b in result.blocked],
+            "failed_organisations": [str(o) for o in result.failed_organisations]}})
         for b in result.blocked:
-            log.error("invoice run %s: %s (%s) not invoiced, dead-lettered usage at positions %s",
-                      period, b.name, b.organisation_id, b.missing_positions)
+            log.error("invoice run %s: %s (%s) not invoiced, dead-lettered entries %s",
+                      period, b.name, b.organisation_id, b.read_models or b.missing_positions)
 
 
 def finalize_due(rt: Runtime, now: datetime) -> int:

@@ -179,6 +179,7 @@ class Runtime:
                 relay_position=bookkeeping.relay_position(conn),
                 projections={m.name: 0 for m in READ_MODELS} | bookkeeping.all_tracking(conn),
                 dead_letters=bookkeeping.dead_letter_counts(conn),
+                blocked=bookkeeping.blocked_counts(conn),
             )
 
     def invoicing(self) -> InvoicingService:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -90,3 +91,11 @@ async def test_an_invoice_run_for_a_period_at_the_edge_of_the_calendar_is_refuse
 ) -> None:
     r = await api.http.post("/admin/v1/invoice-runs", headers=AUTH, json={"period": period})
     _problem(r, 422, "period")
+
+
+async def test_an_invoice_run_for_a_month_that_has_not_ended_is_refused(api: Api) -> None:
+    """docs/INVOICES.md: an unfinished month is refused (422), not reported as 'not due'."""
+    month = datetime.now(UTC).strftime("%Y-%m")
+    r = await api.http.post("/admin/v1/invoice-runs", headers=AUTH, json={"period": month})
+    body = _problem(r, 422, "period")
+    assert "has not ended" in body["errors"][0]["message"]

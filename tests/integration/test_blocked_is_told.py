@@ -1,0 +1,96 @@
+"""An organisation the invoice run cannot invoice is never a silent gap (issue 20, item 3): the
+run records it, /metrics counts it by period, `billing status` names it, and an error log line
+names it. A later run that invoices it clears it. One organisation whose draft fails, with any
+kind of error, is that organisation's failure alone (item 7)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from uuid import uuid4
+
+import pytest
+
+from adapters import bookkeeping
+from domain.plan import ChargeSpec
+from domain.plans_service import PlansService
+from domain.services import OrganisationService
+from infra.cli import _status as status
+from infra.wiring import Runtime
+from tests.conftest import ThreadedWriter
+from tests.integration.invoice_run_steps import caught_up, live_runtime, now, run_invoices
+
+SUBSCRIBED_FROM = datetime(2026, 8, 1, tzinfo=UTC)
+RUN_AT = datetime(2026, 11, 5, tzinfo=UTC)
+PERIOD = "2026-10"
+
+
+@pytest.fixture
+def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
+    with live_runtime(runtime) as both:
+        yield both
+
+
+def test_a_blocked_organisation_is_recorded_counted_and_logged_until_invoiced(
+    live: tuple[Runtime, ThreadedWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    rt, _ = live
+    plans = PlansService(rt.ledger, now)
+    calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
+    plans.publish("basic", "Basic", "INR", Decimal(10), Decimal(0), calls, {"calls"})
+    orgs = OrganisationService(rt.ledger, now, uuid4)
+    stuck = orgs.create({"name": "Stuck Ltd", "billing_email": "a@b.in"}).aggregate.id
+    plans.subscribe(stuck, "basic", SUBSCRIBED_FROM)
+    renamed = orgs.update_settings(stuck, {"name": "Stuck Ltd"}).position
+    caught_up(rt)
+    with rt.pool.connection() as conn:
+        conn.execute("INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"
+                     " VALUES ('organisations', %s, 'test', 'test', 6)", (renamed,))
+
+    caplog.set_level(logging.ERROR, logger="billing.invoice_run")
+    result = run_invoices(rt, PERIOD, RUN_AT)
+    assert [b.organisation_id for b in result.blocked] == [stuck]
+    assert any("Stuck Ltd" in r.getMessage() and str(stuck) in r.getMessage() for r in caplog.records)
+    with rt.pool.connection() as conn:
+        recorded = bookkeeping.blocked_organisations(conn)
+    assert [(b["period"], b["organisation_id"], b["name"]) for b in recorded] == [
+        (PERIOD, stuck, "Stuck Ltd")]
+    assert recorded[0]["read_models"] == {"organisations": [renamed]}
+    assert rt.ops_snapshot().blocked == {PERIOD: 1}
+    told = io.StringIO()
+    assert status(rt, told) == 1  # `billing status`
+    assert f"not invoiced for {PERIOD}: Stuck Ltd ({stuck})" in told.getvalue()
+
+    with rt.pool.connection() as conn:  # re-driven
+        conn.execute("DELETE FROM projection_dead_letters")
+    assert run_invoices(rt, PERIOD, RUN_AT).created == 1
+    with rt.pool.connection() as conn:
+        assert bookkeeping.blocked_organisations(conn) == []
+    assert rt.ops_snapshot().blocked == {}
+    assert status(rt, io.StringIO()) == 0
+
+
+def test_an_unexpected_error_for_one_organisation_fails_only_that_organisation(
+    live: tuple[Runtime, ThreadedWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    rt, _ = live
+    plans = PlansService(rt.ledger, now)
+    calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
+    plans.publish("basic", "Basic", "INR", Decimal(10), Decimal(0), calls, {"calls"})
+    orgs = OrganisationService(rt.ledger, now, uuid4)
+    ids = [orgs.create({"name": f"org {i}", "billing_email": "a@b.in"}).aggregate.id
+           for i in range(3)]
+    for ident in ids:
+        plans.subscribe(ident, "basic", SUBSCRIBED_FROM)
+    caught_up(rt)
+    with rt.pool.connection() as conn:  # a date Python cannot hold: psycopg raises DataError
+        conn.execute("UPDATE subscriptions SET effective_from = 'infinity' WHERE organisation_id = %s",
+                     (ids[1],))
+    caplog.set_level(logging.ERROR, logger="billing.invoice_run")
+    result = run_invoices(rt, PERIOD, RUN_AT)
+    assert (result.created, result.failed) == (2, 1)
+    assert result.failed_organisations == [ids[1]]
+    assert any(str(ids[1]) in r.getMessage() for r in caplog.records)
