@@ -26,6 +26,15 @@ TIERED_MODELS = frozenset({"graduated", "volume"})
 
 PLAN_CODE_MAX_CHARS = 64
 PLAN_NAME_MAX_CHARS = 200
+# Bounds on what a plan may say, so that every amount it can produce is a number the ledger,
+# Postgres (bigint paise) and a human can hold. Generous for any real price list.
+PRICE_MAX_RUPEES = Decimal(10) ** 9  # a unit price, flat fee, base fee or minimum
+PRICE_MAX_DECIMAL_PLACES = 10  # fractions of a paisa: 0.0035 has 4
+QUANTITY_MAX = Decimal(10) ** 18  # a tier bound or package size: usage values stay below 1e18
+QUANTITY_MAX_DECIMAL_PLACES = 18
+# One invoice line, subtotal or total, in paise: ₹10 trillion. Beyond it an invoice would
+# overflow the ledger's integer encoding; pricing refuses it (that organisation's failure).
+INVOICE_AMOUNT_MAX_PAISE = 10**15
 
 BASE_FEE_DESCRIPTION = "base fee"
 MINIMUM_DESCRIPTION = "minimum commitment"  # wording fixed by BILLING.md
@@ -143,6 +152,24 @@ def _check_price(value: object, where: str, problems: Problems) -> None:
         problems.add(where, "must be a decimal number")
     elif isinstance(value, Decimal) and value < 0:
         problems.add(where, "must not be negative")
+    elif isinstance(value, Decimal):
+        _check_bounds(value, PRICE_MAX_RUPEES, PRICE_MAX_DECIMAL_PLACES, where, problems)
+
+
+def _check_bounds(value: Decimal, most: Decimal, places: int, where: str, problems: Problems) -> None:
+    if value > most:
+        problems.add(where, f"at most {most:f}")
+    elif decimal_places(value) > places:
+        problems.add(where, f"at most {places} decimal places")
+
+
+def decimal_places(value: Decimal) -> int:
+    """Digits after the point that matter ("1.50" has 1), counted without arithmetic: no
+    context's precision can round or trap on a long value."""
+    _sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # a finite value's
+    trailing = len(digits) - len("".join(map(str, digits)).rstrip("0")) if any(digits) else 0
+    return max(0, -(exponent + trailing))
 
 
 def _check_charge(charge: Charge, where: str, known_meters: AbstractSet[str], problems: Problems) -> None:
@@ -186,6 +213,9 @@ def _check_package(charge: Charge, where: str, problems: Problems) -> None:
         problems.add(f"{where}.package_size", "must be a decimal number")
     elif isinstance(size, Decimal) and size <= 0:
         problems.add(f"{where}.package_size", "must be greater than 0")
+    elif isinstance(size, Decimal):
+        _check_bounds(size, QUANTITY_MAX, QUANTITY_MAX_DECIMAL_PLACES, f"{where}.package_size",
+                      problems)
     _check_price(charge.package_price, f"{where}.package_price", problems)
 
 
@@ -209,6 +239,9 @@ def _check_tiers(tiers: tuple[Tier, ...], where: str, problems: Problems) -> Non
             problems.add(f"{at}.up_to", "must be a decimal number")
         elif tier.up_to <= 0:
             problems.add(f"{at}.up_to", "must be greater than 0")
+        elif tier.up_to > QUANTITY_MAX or decimal_places(tier.up_to) > QUANTITY_MAX_DECIMAL_PLACES:
+            _check_bounds(tier.up_to, QUANTITY_MAX, QUANTITY_MAX_DECIMAL_PLACES, f"{at}.up_to",
+                          problems)
         elif previous is not None and tier.up_to <= previous:
             problems.add(f"{at}.up_to", f"must be greater than the previous tier's up_to ({previous})")
         else:
@@ -320,6 +353,11 @@ def price(
     subtotal = sum(line.amount for line in lines)
     taxes = gst(subtotal, tax)
     total = subtotal + sum(t.amount for t in taxes)
+    amounts = [*(line.amount for line in lines), subtotal, total]
+    if any(abs(amount) > INVOICE_AMOUNT_MAX_PAISE for amount in amounts):
+        problems.add("quantities", f"this invoice's amounts would exceed {INVOICE_AMOUNT_MAX_PAISE}"
+                                   " paise; at most that much can be billed on one invoice")
+        problems.raise_if_any()
     return Priced(plan.currency, tuple(lines), subtotal, taxes, total)
 
 

@@ -90,3 +90,14 @@ async def test_a_price_sent_as_a_json_fraction_is_refused_naming_it_and_records_
     assert r.status_code == 422, r.text
     assert [e["field"] for e in r.json()["errors"]] == ["charges[0].unit_price"]
     assert api.rt.ledger.head() == head
+
+
+async def test_an_oversized_base_fee_is_refused_and_no_plan_is_published(api: Api) -> None:
+    """Issue 20, item 7: this base fee was accepted, and the invoice run then failed with a 500
+    for every organisation after the one subscribed to it."""
+    await _meter(api)
+    huge = {"code": "huge", "name": "Huge", "base_fee": "9" * 40, "minimum": "0", "charges": []}
+    r = await api.http.post("/admin/v1/plans", headers=AUTH, json=huge)
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["base_fee"]
+    assert (await api.http.get("/admin/v1/plans/huge", headers=AUTH)).status_code == 404
