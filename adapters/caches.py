@@ -48,6 +48,7 @@ def _token(row: dict[str, Any]) -> TokenRecord:
         token_id=row["id"], token_sha256=row["token_sha256"], role=row["role"],
         organisation_id=row["organisation_id"], expires_at=row["expires_at"],
         revoked=row["revoked_at"] is not None,
+        organisation_allowed_ips=row["organisation_allowed_ips"],
     )
 
 
@@ -73,8 +74,8 @@ KEYS: Source[KeyRecord] = Source(
     "key cache", (catalogue.READ_MODEL.name, organisations.NAME), catalogue.key_by_prefix,
     lambda conn, since: catalogue.keys_changed_since(conn, since[0], since[1]), _key)
 TOKENS: Source[TokenRecord] = Source(
-    "token cache", (access.NAME,), access.token_by_prefix,
-    lambda conn, since: access.tokens_changed_since(conn, since[0]), _token)
+    "token cache", (access.NAME, organisations.NAME), access.token_by_prefix,
+    lambda conn, since: access.tokens_changed_since(conn, since[0], since[1]), _token)
 
 # One round trip: per followed read model, its tracking position, and how many of its dead
 # letters lie at or below the position this cache has followed it to (`w`), and in all.

@@ -15,7 +15,7 @@ import anyio
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from api.client_ip import client_ip
+from api.client_ip import allowed, client_ip
 from api.deps import ApiDeps
 from api.permissions import Rule, rule_for
 from api.problems import Forbidden, Unauthenticated
@@ -55,7 +55,8 @@ async def authenticate_admin(connection: ASGIConnection[Any, Any, Any, Any], dep
             raise Unauthenticated("this admin token has been revoked")
         if record.expires_at is not None and record.expires_at <= deps.clock():
             raise Unauthenticated("this admin token has expired")
-        return Principal(record.token_id, record.role, record.organisation_id)
+        return Principal(record.token_id, record.role, record.organisation_id,
+                         record.organisation_allowed_ips if record.organisation_id else "")
     bootstrap = deps.admin_token_sha256
     if record is None and bootstrap is not None and hmac.compare_digest(
         hashlib.sha256(token.encode()).digest(), bootstrap
@@ -96,6 +97,11 @@ async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
     if rule.permission not in deps.role_permissions.get(principal.role, frozenset()):
         raise Forbidden(f"the {principal.role} role may not {rule.permission.replace(':', ' ')}")
     if principal.scoped:
+        # The organisation's allow-list binds its own admins as it binds its keys; the
+        # platform's operators are not the tenant's to fence.
+        ip = client_ip(connection, deps.trusted_proxies)
+        if not allowed(ip, principal.allowed_ips):
+            raise Forbidden(f"requests from {ip} are not allowed by this organisation's allow-list")
         await _confine(rule, principal, connection, deps)
     connection.state.principal = principal
     CURRENT_ACTOR.set(Actor(principal.id, principal.role, principal.organisation_id,

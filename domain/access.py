@@ -38,6 +38,7 @@ class Principal:
     id: UUID
     role: str
     organisation_id: UUID | None  # set for organisation-scoped roles only
+    allowed_ips: str = ""  # its organisation's allow-list ("" = any address), scoped roles only
 
     @property
     def scoped(self) -> bool:

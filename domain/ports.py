@@ -101,6 +101,7 @@ class TokenRecord:
     organisation_id: UUID | None
     expires_at: datetime | None
     revoked: bool
+    organisation_allowed_ips: str = ""  # an organisation-scoped token's organisation's CIDRs
 
 
 class TokenLookup(Protocol):

@@ -81,21 +81,31 @@ READ_MODEL = ReadModel(
               AuditEntry.Recorded: _audited},
 )
 
-_TOKEN_COLUMNS = "id, prefix, token_sha256, role, organisation_id, expires_at, revoked_at"
+_TOKEN_COLUMNS = (
+    "t.id, t.prefix, t.token_sha256, t.role, t.organisation_id, t.expires_at, t.revoked_at,"
+    " COALESCE(o.allowed_ips, '') AS organisation_allowed_ips"
+)
+# An organisation-scoped token carries its organisation's allow-list (the organisations model).
+_TOKENS = " FROM admin_tokens t LEFT JOIN organisations o ON o.id = t.organisation_id"
 
 
 def token_by_prefix(conn: Connection[Any], prefix: str) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens WHERE prefix = %s", (prefix,))
+        cur.execute(f"SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE t.prefix = %s", (prefix,))
         return cur.fetchone()
 
 
-def tokens_changed_since(conn: Connection[Any], position: int) -> list[dict[str, Any]]:
-    """Tokens changed after `position`: what each API process's token cache reloads. The caller
-    passes this read model's tracking position, read in the same snapshot (adapters/caches.py)."""
+def tokens_changed_since(
+    conn: Connection[Any], token_position: int, organisation_position: int
+) -> list[dict[str, Any]]:
+    """Tokens changed after `token_position`, or whose organisation changed after
+    `organisation_position`: what each API process's token cache reloads. The caller passes
+    each read model's tracking position, read in the same snapshot (adapters/caches.py)."""
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM admin_tokens WHERE ledger_position > %s",
-                    (position,))
+        cur.execute(
+            f"SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE t.ledger_position > %(t)s"
+            f" UNION SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE o.ledger_position > %(o)s",
+            {"t": token_position, "o": organisation_position})
         return cur.fetchall()
 
 
