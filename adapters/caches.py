@@ -118,6 +118,7 @@ class PrefixCache(Generic[R]):
         self._epoch = 0
         self._watermarks: Positions = (0,) * len(source.models)
         self._dead_letters: Positions = (0,) * len(source.models)
+        self.lookups = 0  # queries by prefix: what a miss, or a refused attempt, costs
 
     async def find(self, prefix: str) -> R | None:
         record = self._by_prefix.get(prefix)
@@ -127,6 +128,19 @@ class PrefixCache(Generic[R]):
             return None
         return await asyncio.to_thread(self._load_one, prefix)
 
+    async def confirm_refusal(self, prefix: str, attempt: str) -> None:
+        """A wrong secret for a known prefix costs what an unknown prefix costs (one lookup, then
+        remembered for NEGATIVE_TTL_S), so the time to a refusal does not tell whether a prefix
+        exists. `attempt` identifies the secret tried (a digest, never the secret)."""
+        key = f"{prefix}\x00{attempt}"
+        if self._unknown.get(key, 0.0) > time.monotonic():
+            return
+        await asyncio.to_thread(self._load_one, prefix)
+        with self._lock:
+            if len(self._unknown) >= NEGATIVE_MAX_ENTRIES:
+                self._unknown.clear()
+            self._unknown[key] = time.monotonic() + NEGATIVE_TTL_S
+
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[Connection[Any]]:
         with self._pool.connection() as conn, conn.transaction():
@@ -135,6 +149,7 @@ class PrefixCache(Generic[R]):
 
     def _load_one(self, prefix: str) -> R | None:
         epoch = self._epoch  # a refresh that starts over after this outranks what we read
+        self.lookups += 1
         with self._snapshot() as conn:
             row = conn.execute(_TRACKING, (list(self._source.models),)).fetchall()
             positions = tuple(int(r[0]) for r in row)

@@ -57,6 +57,8 @@ async def authenticate_admin(connection: ASGIConnection[Any, Any, Any, Any], dep
             raise Unauthenticated("this admin token has expired")
         return Principal(record.token_id, record.role, record.organisation_id,
                          record.organisation_allowed_ips if record.organisation_id else "")
+    if record is not None:  # a known prefix, a wrong secret: as costly as an unknown prefix
+        await deps.tokens.confirm_refusal(_prefix(token), digest)
     bootstrap = deps.admin_token_sha256
     if record is None and bootstrap is not None and hmac.compare_digest(
         hashlib.sha256(token.encode()).digest(), bootstrap

@@ -107,6 +107,10 @@ class TokenRecord:
 class TokenLookup(Protocol):
     async def find(self, prefix: str) -> TokenRecord | None: ...
 
+    async def confirm_refusal(self, prefix: str, attempt: str) -> None:
+        """Spend on a wrong secret for a known prefix what an unknown prefix costs."""
+        ...
+
 
 class Resolver(Protocol):
     """Which organisation a resource belongs to (None when it does not exist)."""

@@ -1,0 +1,36 @@
+"""A refused admin token costs the same whether its prefix exists or not (issue 20, item 11:
+an unknown prefix took about twice as long, one Postgres lookup more, so timing told an
+attacker which prefixes exist). Counted in lookups, not measured in time."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from tests.e2e.conftest import AUTH, Api
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_wrong_secret_for_a_known_prefix_costs_what_an_unknown_prefix_costs(api: Api) -> None:
+    r = await api.http.post("/admin/v1/tokens", headers=AUTH, json={"role": "support"})
+    assert r.status_code == 201, r.text
+    token = r.json()["token"]
+    assert (await api.http.get("/admin/v1/meters", headers={"Authorization": f"Bearer {token}"})
+            ).status_code == 200  # known, and in this process's cache
+    cache = api.rt.token_cache
+    assert cache is not None
+    prefix = token.split("_")[1]
+
+    async def lookups_for(presented: str) -> int:
+        before = cache.lookups
+        got = await api.http.get("/admin/v1/meters", headers={"Authorization": f"Bearer {presented}"})
+        assert got.status_code == 401
+        return cache.lookups - before
+
+    unknown = f"bt_{secrets.token_hex(len(prefix) // 2)}_{secrets.token_urlsafe(32)}"
+    wrong_secret = f"bt_{prefix}_{secrets.token_urlsafe(32)}"
+    assert await lookups_for(unknown) == await lookups_for(wrong_secret) == 1
+    # Repeated, each is remembered alike: no lookup for either.
+    assert await lookups_for(unknown) == await lookups_for(wrong_secret) == 0
