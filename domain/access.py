@@ -12,6 +12,7 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate
 
 from domain.errors import Conflict, Problems
+from domain.instants import check_instant
 
 GLOBAL_ROLES = ("owner", "billing_admin", "support", "auditor")
 ORG_ROLES = ("org_admin", "org_viewer")
@@ -80,6 +81,7 @@ class AdminToken(Aggregate):
             problems.add("organisation_id", f"{role} is not scoped to an organisation")
         if not name.strip() or len(name) > NAME_MAX_CHARS:
             problems.add("name", f"1-{NAME_MAX_CHARS} characters")
+        check_instant(expires_at, "expires_at")
         if expires_at is not None and (expires_at.tzinfo is None or expires_at <= at):
             problems.add("expires_at", "must be a future time with an offset")
         problems.raise_if_any()

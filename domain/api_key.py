@@ -10,6 +10,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from domain.errors import Conflict, Problems
+from domain.instants import check_instant
 
 NAME_MAX_CHARS = 200
 KEY_PREFIX = "bk_"
@@ -70,6 +71,7 @@ class ApiKey(Aggregate):
         problems = Problems()
         if not name.strip() or len(name) > NAME_MAX_CHARS:
             problems.add("name", f"1-{NAME_MAX_CHARS} characters")
+        check_instant(expires_at, "expires_at")
         if expires_at is not None and (expires_at.tzinfo is None or expires_at <= at):
             problems.add("expires_at", "must be a future time with an offset")
         problems.raise_if_any()

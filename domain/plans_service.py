@@ -14,6 +14,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from domain.errors import Conflict, FieldError, NotFound, ValidationFailed
+from domain.instants import check_instant
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, plan_id
 from domain.ports import Ledger
@@ -72,6 +73,8 @@ class PlansService:
     ) -> Written[Subscription]:
         """Start the organisation's subscription (from `starts_at`, default now), or change its
         plan from the next period. Position 0 when the schedule already says so."""
+
+        check_instant(starts_at, "starts_at")
 
         def attempt() -> Written[Subscription]:
             now = self._clock()

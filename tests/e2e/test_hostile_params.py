@@ -99,3 +99,34 @@ async def test_an_invoice_run_for_a_month_that_has_not_ended_is_refused(api: Api
     r = await api.http.post("/admin/v1/invoice-runs", headers=AUTH, json={"period": month})
     body = _problem(r, 422, "period")
     assert "has not ended" in body["errors"][0]["message"]
+
+
+EDGE_INSTANTS = ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59Z"]
+
+
+@pytest.mark.parametrize("instant", EDGE_INSTANTS)
+async def test_key_and_token_expiries_at_the_edge_of_the_calendar_are_refused(
+    api: Api, instant: str
+) -> None:
+    org = await _org_with_usage_meter(api)
+    project = (await api.http.post(f"/admin/v1/organisations/{org}/projects", headers=AUTH,
+                                   json={"name": "p"})).json()["id"]
+    r = await api.http.post(f"/admin/v1/projects/{project}/api-keys", headers=AUTH,
+                            json={"name": "k", "expires_at": instant})
+    _problem(r, 422, "expires_at")
+    r = await api.http.post("/admin/v1/tokens", headers=AUTH,
+                            json={"role": "support", "expires_at": instant})
+    _problem(r, 422, "expires_at")
+
+
+@pytest.mark.parametrize("instant", EDGE_INSTANTS)
+async def test_a_subscription_start_at_the_edge_of_the_calendar_is_refused(
+    api: Api, instant: str
+) -> None:
+    org = await _org_with_usage_meter(api)
+    r = await api.http.post("/admin/v1/plans", headers=AUTH, json={
+        "code": "edge", "name": "Edge", "base_fee": "1", "minimum": "0", "charges": []})
+    assert r.status_code == 201, r.text
+    r = await api.http.put(f"/admin/v1/organisations/{org}/subscription", headers=AUTH,
+                           json={"plan_code": "edge", "starts_at": instant})
+    _problem(r, 422, "starts_at")
