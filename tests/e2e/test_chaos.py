@@ -1,9 +1,10 @@
 """Chaos: a bounded mixed workload (ingestion with resends, key revocations, organisation updates,
 an invoice run) against two `billing api` processes, a `billing relay` and a `billing project`,
-while the projector process is SIGKILLed at random moments and Postgres is stopped and started
-once. Afterwards every read model equals a rebuild of it from position 0, the usage totals equal
-the fold of every event that got a 202 (each counted once), and every revoked key is refused by
-every API process.
+while the projector process is SIGKILLed at random moments, Postgres is stopped and started
+once, the catalogue projector is held up once (its tracking row locked, as a rebuild does) and an
+operator rebuilds one read model online. Afterwards every read model equals a rebuild of it from
+position 0, the usage totals equal the fold of every event that got a 202 (each counted once),
+and every revoked key is refused by every API process.
 
 The servers are this test's own (under tmp_path), so stopping Postgres disturbs no other test.
 The seed is printed; `CHAOS_SEED=<n>` replays a run's choices (not the OS's interleaving).
@@ -52,7 +53,7 @@ ORGANISATIONS = 3
 QUIET_TENANT = 0  # its organisation is never updated during the workload
 QUIET_TENANT_KEYS = 2  # made in setup, so that one is used on both API processes by the lag
 LAG_HOLD_S = 1.5  # the catalogue projector waits this long once: 3 key-cache refresh intervals
-CATALOGUE = "catalogue"
+CATALOGUE, USAGE_TOTALS = "catalogue", "usage_totals"
 NEW_EVENTS_PER_BATCH = 8
 RESENT_EVENTS_PER_BATCH = 2
 WHOLE_BATCH_RESEND_CHANCE = 0.15
@@ -704,8 +705,13 @@ def test_read_models_equal_a_rebuild_and_revoked_keys_are_refused_after_kills_an
                        for _ in range(rng.randint(PROJECTOR_KILLS_MIN, PROJECTOR_KILLS_MAX)))
         schedule = sorted([(t, "kill") for t in kills]
                           + [(rng.uniform(2, WORKLOAD_S * 0.3 - LAG_HOLD_S), "lag"),
-                             (rng.uniform(WORKLOAD_S * 0.3, WORKLOAD_S * 0.6), "postgres")])
-        print(f"schedule (s after start): {[(round(t, 1), what) for t, what in schedule]}")
+                             (rng.uniform(WORKLOAD_S * 0.3, WORKLOAD_S * 0.6), "postgres"),
+                             (rng.uniform(WORKLOAD_S * 0.6, WORKLOAD_S - 3), "rebuild")])
+        # Rebuilt by an operator while the load goes on: the model the load writes all the time,
+        # so the ledger's head moves while the rebuild waits for the tracking lock (defect 2).
+        online = next(m for m in READ_MODELS if m.name == USAGE_TOTALS)
+        print(f"schedule (s after start): {[(round(t, 1), what) for t, what in schedule]}; "
+              f"online rebuild of {online.name}")
 
         began = time.monotonic()
         for worker in workers:
@@ -718,9 +724,18 @@ def test_read_models_equal_a_rebuild_and_revoked_keys_are_refused_after_kills_an
                 service.start_projector()
             elif what == "lag":
                 admin.lag.set()
+            elif what == "rebuild":
+                try:
+                    rebuild(runtime.pool, runtime.ledger, online)
+                    print(f"{online.name} rebuilt online at {time.monotonic() - began:.1f}s")
+                except psycopg.Error as e:
+                    problems.append(f"the online rebuild of {online.name} failed: {e!r}")
             else:
                 away = restart_postgres(pg)
-                runtime.pool.check()  # this test's own pool: drop the connections the stop cut
+                # This test's own pools: drop the connections the stop cut, at once (the ledger's
+                # would otherwise stall its next use ~10 s, see ADMIN_HTTP_TIMEOUT_S).
+                runtime.pool.check()
+                runtime.ledger.recorder.datastore.pool.check()
                 print(f"postgres restarted at {time.monotonic() - began:.1f}s, away {away:.1f}s")
         stop.wait(max(0.0, began + WORKLOAD_S - time.monotonic()))
         stop.set()
