@@ -57,7 +57,7 @@ CATALOGUE, USAGE_TOTALS = "catalogue", "usage_totals"
 NEW_EVENTS_PER_BATCH = 8
 RESENT_EVENTS_PER_BATCH = 2
 WHOLE_BATCH_RESEND_CHANCE = 0.15
-BATCHES_PER_SENDER_MAX = 600
+BATCHES_PER_SENDER_MAX = 1500  # a bound only: WORKLOAD_S ends the load first
 PROJECTOR_KILLS_MIN, PROJECTOR_KILLS_MAX = 3, 4
 RESTART_DELAY_MAX_S = 1.0
 ADMIN_PACE_S = 0.3
@@ -267,6 +267,7 @@ class Sender(threading.Thread):
         self.pending: list[Batch] = []
         self.acked_batches: list[Batch] = []
         self.sent = 0
+        self.finished_at = 0.0  # seconds after the workload began, when it stopped sending new
         self.http = httpx.Client(timeout=HTTP_TIMEOUT_S)
         self.error: BaseException | None = None
 
@@ -333,6 +334,7 @@ class Sender(threading.Thread):
                 else:
                     self.pending.append(batch)
                     self.stop.wait(RETRY_PACE_S)
+            self.finished_at = time.monotonic() - self.books.began
             self.drain()
         except BaseException as e:  # reported by the test, not lost in a thread
             self.error = e
@@ -713,7 +715,7 @@ def test_read_models_equal_a_rebuild_and_revoked_keys_are_refused_after_kills_an
         print(f"schedule (s after start): {[(round(t, 1), what) for t, what in schedule]}; "
               f"online rebuild of {online.name}")
 
-        began = time.monotonic()
+        began = books.began = time.monotonic()
         for worker in workers:
             worker.start()
         for at, what in schedule:
@@ -745,7 +747,8 @@ def test_read_models_equal_a_rebuild_and_revoked_keys_are_refused_after_kills_an
             assert worker.error is None, f"{worker.name} failed: {worker.error!r}"
         print(f"workload done at {time.monotonic() - began:.1f}s; statuses {dict(books.statuses)}; "
               f"{len(books.acked)} distinct events acked; {len(books.revoked)} keys revoked; "
-              f"invoice runs {books.invoice_runs}")
+              f"invoice runs {books.invoice_runs}; senders stopped at "
+              f"{[round(w.finished_at, 1) for w in workers if isinstance(w, Sender)]}s")
         print("admin calls:\n  " + "\n  ".join(books.admin_log))
         problems += books.violations
         if not books.statuses["catalogue lag: revoked True"]:
