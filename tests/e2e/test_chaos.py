@@ -427,7 +427,8 @@ class Admin(threading.Thread):
         while it runs) for LAG_HOLD_S, and meanwhile revoke a key of QUIET_TENANT and update
         another organisation: the organisations read model commits the later position first,
         and every API process's key cache refreshes in between (issue 14, defect 1). False
-        while no key of QUIET_TENANT has been used on every API process yet."""
+        when it has not happened yet (no key of QUIET_TENANT used on every API process yet, or
+        Postgres away): the admin tries again at its next turn."""
         with self.books.lock:
             if not any(k.tenant == QUIET_TENANT and k.used_on == set(self.ports)
                        for k in self.books.live_keys):
@@ -440,11 +441,11 @@ class Admin(threading.Thread):
                 revoked = self.revoke_used_key(QUIET_TENANT)
                 self.stop.wait(max(0.0, held + LAG_HOLD_S - time.monotonic()))  # the lag's length
             outcome = f"revoked {revoked}"
-        except psycopg.Error as e:  # Postgres restarting: no lag this time
+        except psycopg.Error as e:  # Postgres restarting: the lag is tried again later
             outcome = type(e).__name__
         with self.books.lock:
             self.books.statuses[f"catalogue lag: {outcome}"] += 1
-        return True
+        return outcome == "revoked True"
 
     def finish_revocations(self) -> None:
         for key in list(self.books.revoking):
