@@ -34,6 +34,9 @@ DDL = (
         failed_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (name, position)
     )""",
+    # Bumped by every rebuild and re-drive: rows changed below the tracking position, which
+    # whoever follows the model by position (the API's caches) must reload.
+    "ALTER TABLE projection_tracking ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0",
     """CREATE TABLE IF NOT EXISTS invoice_run_blocked (
         period text NOT NULL,
         organisation_id uuid NOT NULL,

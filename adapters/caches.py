@@ -80,7 +80,7 @@ TOKENS: Source[TokenRecord] = Source(
 # One round trip: per followed read model, its tracking position, and how many of its dead
 # letters lie at or below the position this cache has followed it to (`w`), and in all.
 _FOLLOWED = (
-    "SELECT coalesce(t.position, 0),"
+    "SELECT coalesce(t.position, 0), coalesce(t.generation, 0),"
     " (SELECT count(*) FROM projection_dead_letters d WHERE d.name = m.name AND d.position <= m.w),"
     " (SELECT count(*) FROM projection_dead_letters d WHERE d.name = m.name)"
     " FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS m(name, w, i)"
@@ -118,6 +118,7 @@ class PrefixCache(Generic[R]):
         self._epoch = 0
         self._watermarks: Positions = (0,) * len(source.models)
         self._dead_letters: Positions = (0,) * len(source.models)
+        self._generations: Positions | None = None  # rebuilds and re-drives seen, per model
         self.lookups = 0  # queries by prefix: what a miss, or a refused attempt, costs
 
     async def find(self, prefix: str) -> R | None:
@@ -182,21 +183,26 @@ class PrefixCache(Generic[R]):
             with self._snapshot() as conn:
                 followed = conn.execute(_FOLLOWED, (models, list(self._watermarks))).fetchall()
                 positions = tuple(int(r[0]) for r in followed)
-                kept = tuple(int(r[1]) for r in followed)
-                dead_letters = tuple(int(r[2]) for r in followed)
+                generations = tuple(int(r[1]) for r in followed)
+                kept = tuple(int(r[2]) for r in followed)
+                dead_letters = tuple(int(r[3]) for r in followed)
                 start_over = any(now < before for now, before in zip(
                     (*positions, *kept), (*self._watermarks, *self._dead_letters), strict=True))
+                # A rebuild or re-drive rewrote rows below the positions already followed.
+                start_over |= self._generations is not None and generations != self._generations
                 since = (0,) * len(models) if start_over else self._watermarks
                 rows = (self._source.changed_since(conn, since)
                         if start_over or positions != self._watermarks else [])
             with self._lock:
                 if start_over:
                     self._epoch += 1
-                    log.warning("%s starts over: tracking went back or a dead letter was applied",
+                    log.warning("%s starts over: tracking went back, or a rebuild or re-drive"
+                                " rewrote rows",
                                 self._source.what)
                 for row in rows:
                     self._put(row["prefix"], self._source.build(row), positions)
             self._watermarks, self._dead_letters = positions, dead_letters
+            self._generations = generations
             return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:

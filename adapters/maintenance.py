@@ -64,7 +64,8 @@ def rebuild(
                 progress(position, head)
         position = head
         cur.execute(
-            "UPDATE projection_tracking SET position = %s, updated_at = now() WHERE name = %s",
+            "UPDATE projection_tracking SET position = %s, generation = generation + 1,"
+            " updated_at = now() WHERE name = %s",
             (position, model.name),
         )
     if progress:
@@ -87,11 +88,23 @@ _CLAIM_NEXT = (
 
 
 def redrive(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> RedriveResult:
-    """Apply each dead-lettered entry again, from the ledger, in ledger order, each in its own
-    transaction: under the model's tracking lock, the dead-letter row is deleted (`DELETE ...
-    RETURNING`) and only an entry that delete returned is applied. One that fails again rolls
-    back, so it stays on the list. Any number of re-drives may run at once: each entry is
-    applied by one of them."""
+    """Apply the model's dead-lettered entries again, from the ledger.
+
+    Entries of order-free events only (usage, `ReadModel.order_free`) are applied one by one, in
+    ledger order, each in its own transaction: under the model's tracking lock, the dead-letter
+    row is deleted (`DELETE ... RETURNING`) and only an entry that delete returned is applied.
+    One that fails again rolls back, so it stays on the list. Any number of re-drives may run at
+    once: each entry is applied by one of them.
+
+    Any other dead letter cannot be applied after later entries of the same row (an older
+    reactivation over a newer suspension, an update before its row's creation): the model is
+    rebuilt instead, every entry in ledger order, in one transaction; if an entry still fails,
+    nothing changes and every dead letter stays."""
+    with pool.connection() as conn:
+        topics = {str(r[0]) for r in conn.execute(
+            "SELECT DISTINCT topic FROM projection_dead_letters WHERE name = %s", (model.name,))}
+    if not topics <= {get_topic(cls) for cls in model.order_free}:
+        return _redrive_by_rebuild(pool, ledger, model)
     applied: list[int] = []
     failing: dict[int, str] = {}
     after = 0
@@ -107,6 +120,8 @@ def redrive(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> Redr
                 claimed = int(row[0])
                 page = ledger.read_after(claimed - 1, 1, stop=claimed)
                 model.apply_all(cur, [(ledger.decode(n), n.id) for n in page])
+                cur.execute("UPDATE projection_tracking SET generation = generation + 1"
+                            " WHERE name = %s", (model.name,))
             applied.append(claimed)
         except Exception as e:
             if claimed is None:
@@ -114,3 +129,15 @@ def redrive(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> Redr
             failing[claimed] = f"{type(e).__name__}: {e}"
         after = claimed
     return RedriveResult(applied, failing)
+
+
+def _redrive_by_rebuild(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> RedriveResult:
+    with pool.connection() as conn:
+        positions = [int(r[0]) for r in conn.execute(
+            "SELECT position FROM projection_dead_letters WHERE name = %s ORDER BY position",
+            (model.name,))]
+    try:
+        rebuild(pool, ledger, model)
+    except Exception as e:  # an entry still fails: the rebuild rolled back whole
+        return RedriveResult([], dict.fromkeys(positions, f"{type(e).__name__}: {e}"))
+    return RedriveResult(positions, {})

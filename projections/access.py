@@ -61,6 +61,8 @@ def _issued(cur: Cursor[Any], e: AdminToken.Issued, position: int) -> None:
 def _revoked(cur: Cursor[Any], e: AdminToken.Revoked, position: int) -> None:
     cur.execute("UPDATE admin_tokens SET revoked_at = %s, ledger_position = %s WHERE id = %s",
                 (e.timestamp, position, e.originator_id))
+    if cur.rowcount != 1:  # never a silent no-op: its creation was dead-lettered
+        raise LookupError(f"admin token {e.originator_id} is not in the read model")
 
 
 def _audited(cur: Cursor[Any], e: AuditEntry.Recorded, position: int) -> None:

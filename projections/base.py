@@ -28,6 +28,10 @@ class ReadModel:
     # fields (a subset of the event's). The projector may hand the model such a view instead of
     # the whole event (much cheaper to decode); a rebuild may hand it the event. Both must work.
     views: dict[type[Any], type[Any]] = field(default_factory=dict)
+    # Events whose effect does not depend on the order they are applied in (a fold's counts and
+    # sums): a dead letter of only these may be re-driven on its own, after later entries. Any
+    # other dead letter is re-driven by a rebuild, which applies everything in ledger order.
+    order_free: frozenset[type[Any]] = frozenset()
     accepted: frozenset[type[Any]] = field(init=False)  # handled events and their views
 
     def __post_init__(self) -> None:

@@ -96,6 +96,8 @@ def _key_created(cur: Cursor[Any], e: ApiKey.Created, position: int) -> None:
 def _key_expiry(cur: Cursor[Any], e: ApiKey.ExpiryBrought, position: int) -> None:
     cur.execute("UPDATE api_keys SET expires_at = %s, ledger_position = %s WHERE id = %s",
                 (e.expires_at, position, e.originator_id))
+    if cur.rowcount != 1:  # never a silent no-op: its creation was dead-lettered
+        raise LookupError(f"api key {e.originator_id} is not in the read model")
 
 
 def _key_revoked(cur: Cursor[Any], e: ApiKey.Revoked, position: int) -> None:
@@ -103,6 +105,8 @@ def _key_revoked(cur: Cursor[Any], e: ApiKey.Revoked, position: int) -> None:
         "UPDATE api_keys SET revoked_at = %s, ledger_position = %s WHERE id = %s",
         (e.timestamp, position, e.originator_id),
     )
+    if cur.rowcount != 1:  # never a silent no-op: its creation was dead-lettered
+        raise LookupError(f"api key {e.originator_id} is not in the read model")
 
 
 READ_MODEL = ReadModel(

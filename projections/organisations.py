@@ -71,6 +71,8 @@ def _suspension(cur: Cursor[Any], e: Any, position: int) -> None:
         (isinstance(e, Organisation.Suspended), e.timestamp, e.originator_version, position,
          e.originator_id),
     )
+    if cur.rowcount != 1:  # never a silent no-op: its creation was dead-lettered
+        raise LookupError(f"organisation {e.originator_id} is not in the read model")
 
 
 READ_MODEL = ReadModel(

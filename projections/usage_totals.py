@@ -168,6 +168,8 @@ READ_MODEL = ReadModel(
     handlers={Meter.Defined: _noop, Meter.Redefined: _noop, Usage.Recorded: _noop},
     batch=_apply_batch,
     views={Usage.Recorded: UsageView},
+    # Counts, sums, maxima and distinct values commute; `latest` breaks ties by position.
+    order_free=frozenset({Usage.Recorded}),
 )
 
 
