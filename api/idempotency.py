@@ -15,6 +15,7 @@ that command had committed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -258,6 +259,17 @@ class IdempotencyMiddleware:
             await self._keep(finish, given)
         elif 200 <= given[0] < 300 or request.saves > 0:
             await self._keep(finish, (given[0], *_redacted(given[1], given[2])))
+        elif given[0] >= 500:
+            # The commit may have reached Postgres with its answer lost (a dropped connection):
+            # the ledger tells. Recorded: that is the answer. Not (yet) seen: the claim stays
+            # until its lease runs out, and the retry that takes it over asks the ledger again;
+            # releasing it here would let a retry run the command a second time.
+            earlier = None
+            with contextlib.suppress(Exception):
+                earlier = await anyio.to_thread.run_sync(store.recorded, request.first_entry_id())
+            if earlier is not None:
+                given = recovered_answer(earlier)
+                await self._keep(finish, given)
         else:  # refused, and nothing recorded: a retry (after a fix) may run afresh
             try:
                 await anyio.to_thread.run_sync(store.release, principal_id, key, token)

@@ -15,6 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import psycopg
 import pytest
 
 from adapters.idempotency import PgIdempotencyStore
@@ -402,3 +403,31 @@ def test_the_seed_of_a_claim_is_the_same_in_every_time_zone() -> None:
     assert idempotency_seed(principal, "k", at) == idempotency_seed(principal, "k", at.astimezone(IST))
     assert idempotency_seed(principal, "k", at) != idempotency_seed(uuid.uuid4(), "k", at)
     assert idempotency_seed(principal, "k", at) != idempotency_seed(principal, "k2", at)
+
+
+async def test_a_commit_whose_answer_was_lost_is_not_run_again_by_the_retry(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the ledger commits, the commit's answer is lost (the connection drops
+    after COMMIT reached Postgres), the route answers 503; the key must not be released, or the
+    retry creates the organisation a second time. The fault is injected at our ledger adapter's
+    edge, after the real commit."""
+    app = api.rt.ledger._app
+    original = app.save
+    armed = {"once": True}
+
+    def save_then_lose_the_answer(*aggregates: Any, **kw: Any) -> Any:
+        recordings = original(*aggregates, **kw)
+        if armed["once"]:
+            armed["once"] = False
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return recordings
+
+    monkeypatch.setattr(app, "save", save_then_lose_the_answer)
+    name = f"idem-lost-{uuid.uuid4().hex[:8]}"
+    body = {"name": name, "billing_email": "ap@idem.in"}
+    k = key()
+    first = await send(api, "POST", "/admin/v1/organisations", body, k)
+    again = await send(api, "POST", "/admin/v1/organisations", body, k)
+    assert first.status_code != 201 and again.status_code in (409, 201), (first.text, again.text)
+    assert ledger_count(api, "domain.organisation:Organisation.Created", name) == 1
