@@ -18,9 +18,10 @@ totals that are caught up with the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -45,6 +46,7 @@ from domain.organisation import Organisation
 from domain.plan import Plan, to_version
 from domain.ports import Blocked, RunResult
 from domain.pricing import LateUsage, PlanVersion, late_usage_lines
+from domain.services import Written
 from domain.subscription import (
     check_period_has_ended_somewhere,
     parse_period,
@@ -115,12 +117,24 @@ class InvoiceRun:
 
     def run(self, period: str, progress: Callable[[int, int], None] | None = None) -> RunResult:
         check_period_has_ended_somewhere(period, self._clock())
+        with self._exclusive("an invoice run is already in progress; try again when it ends"):
+            return self._run(period, progress)
+
+    def void(self, ident: UUID, reason: str) -> Written[Invoice]:
+        """Void under the run's lock: a run reads which invoices billed late usage, then drafts;
+        a void in between would leave that usage on a void invoice and on no other."""
+        with self._exclusive("an invoice run is in progress; void the invoice when it ends"):
+            return self._invoicing.void(ident, reason)
+
+    @contextlib.contextmanager
+    def _exclusive(self, busy: str) -> Iterator[None]:
+        """One invoice run, or one void, at a time across processes (Conflict otherwise)."""
         with self._pool.connection() as lock_conn:
             got = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (self._lock_key,)).fetchone()
             if not (got and got[0]):
-                raise Conflict("an invoice run is already in progress; try again when it ends")
+                raise Conflict(busy)
             try:
-                return self._run(period, progress)
+                yield
             finally:
                 lock_conn.execute("SELECT pg_advisory_unlock(%s)", (self._lock_key,))
 

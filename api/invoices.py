@@ -201,7 +201,8 @@ class InvoiceController(Controller):
         deps: ApiDeps = request.app.state.deps
         ident = parse_id(invoice_id, "invoice")
         reason = (data.reason if data is not None else None) or ""
-        written = await anyio.to_thread.run_sync(deps.invoicing.void, ident, reason)
+        # Through the invoice runner: never while a run is drafting (409 then).
+        written = await anyio.to_thread.run_sync(deps.invoice_runner.void, ident, reason)
         return Response(from_invoice(written.aggregate),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 

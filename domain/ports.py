@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
@@ -170,6 +170,11 @@ class RunResult:
 
 class InvoiceRunner(Protocol):
     def run(self, period: str) -> RunResult: ...
+
+    def void(self, ident: UUID, reason: str) -> Any:
+        """Void an invoice, never while a run is deciding what earlier invoices billed (a
+        Conflict then): a void between its reading and its drafting would lose late usage."""
+        ...
 
 
 @dataclass(frozen=True)
