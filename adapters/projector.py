@@ -125,6 +125,7 @@ class Projector:
         # tracking row (_persisted); 0 until this projector's first transaction says otherwise.
         self._contiguous = 0
         self._persisted = 0
+        self._caught_up_at_start = False  # the first idle moment checks the ledger head once
         self._flushed_at = 0.0
 
     # ---- the consumer loop -------------------------------------------------------------
@@ -203,6 +204,8 @@ class Projector:
         if self._contiguous <= self._persisted:
             if idle and self._persisted:
                 await self._check_behind()
+            elif idle and not self._caught_up_at_start:
+                await self._catch_up_at_start()
             return
         if not idle and now - self._flushed_at < SKIP_FLUSH_INTERVAL_S:
             return
@@ -214,6 +217,18 @@ class Projector:
                     " rebuild): filling from the ledger", self.model.name, base)
         # `prev` = base: the ledger fills up to there, the chain covers the rest up to target.
         await self._apply([None], [Delivery(base, base + 1, target)])
+
+    async def _catch_up_at_start(self) -> None:
+        """A fresh process's first idle moment: it remembers nothing it wrote, so commits lost
+        with a crash (acked, never redelivered) would wait for the next write to the ledger.
+        Once, the ledger up to its head is applied from the ledger (the few entries since the
+        last watermark, after a clean stop)."""
+        tracked, head = await asyncio.to_thread(lambda: (self._tracked(), self._ledger.head()))
+        if tracked < head:
+            log.info("projector %s: catching up from the ledger, %d to %d", self.model.name,
+                     tracked, head)
+            await self._apply([None], [Delivery(head, head, head)])
+        self._caught_up_at_start = True
 
     async def _check_behind(self) -> None:
         """Idle (once a fetch timeout, not per message): a row below what this projector wrote
