@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 from eventsourcing.domain import Aggregate
 
+from domain.decimal_text import parse_decimal_text
 from domain.errors import Problems
 
 EVENT_ID_MAX_CHARS = 128
@@ -183,16 +184,12 @@ def _check_value(value: Decimal, meter: MeterRule | None, problems: Problems, in
         problems.add(name, "must not be negative for this meter", index)
 
 
-# A decimal string is read as `value`'s are (msgspec calls Decimal(text) with the default
-# context): exactly, whatever its length, and a text that is not a number raises. This context's
-# only part in that is the trap, whatever the calling thread's context says.
-_PARSE = Context(traps=[InvalidOperation])
-
-
 def parse_value(text: str) -> Decimal:
-    """A property's canonical text as a value, exactly as `value` would be decoded from it;
-    raises ArithmeticError (InvalidOperation) when it is not a number."""
-    return Decimal(text, _PARSE)
+    """A property's canonical text as a value, read as a decimal string in `value` is
+    (domain/decimal_text.py): exactly, in ASCII digits only — "١٢", full-width digits, "1_000", "+5" and
+    " 5" are not numbers here, though Decimal(text) reads them. Raises ArithmeticError
+    (NotDecimalText, an InvalidOperation) when it is not a number."""
+    return parse_decimal_text(text)
 
 
 def _field_value(

@@ -84,9 +84,10 @@ class _Recorded:
 
 MID_MONTH = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)  # its events' minutes share a local month
 FIELD_RULES = {a: MeterRule(a, a, "gb", (), a == "sum") for a in ("sum", "max", "latest")}
+# " 7 " is no number since issue 20 (docs/INPUT.md): "7.0" stands in for it.
 _property_numbers = st.one_of(st.integers(0, 10**6),
                               st.decimals(0, 10**6, places=3).map(str),
-                              st.sampled_from(["42.5", "1E+17", "0.000", "1e-18", " 7 "]))
+                              st.sampled_from(["42.5", "1E+17", "0.000", "1e-18", "7.0"]))
 
 
 @given(st.sampled_from(sorted(FIELD_RULES)),
