@@ -7,7 +7,7 @@ from litestar.config.app import ExperimentalFeatures
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from api import health, problems
+from api import health, input_rules, problems
 from api.access import AccessController
 from api.auth import admin_guard
 from api.catalogue import MeterController, ProjectController
@@ -50,6 +50,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
     app = Litestar(
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage],
         exception_handlers={Exception: problems.handle},
+        before_request=input_rules.check_request,  # docs/INPUT.md: strings, JSON bodies
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(title="Billing ledger API", version="1"),
         debug=False,
