@@ -13,7 +13,6 @@ a plan must obey are the domain's (domain.plan / domain.pricing.validate_plan).
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -26,6 +25,7 @@ from litestar.params import FromPath, JSONBody
 
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from domain.decimal_text import NotDecimalText, parse_decimal_text
 from domain.errors import NotFound, Problems
 from domain.plan import ChargeSpec, StoredVersion, TierSpec
 from domain.subscription import Subscription, SubscriptionEntry, plan_at
@@ -35,7 +35,6 @@ from projections import plans as view
 DECIMAL_MAX_CHARS = 40  # digits, sign and point of one price or bound
 # The largest integer every JSON client (JavaScript's doubles among them) keeps exact.
 JSON_SAFE_INTEGER_MAX = 2**53 - 1
-_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
 ZERO_TEXT = "0"
 
 
@@ -141,13 +140,13 @@ def parse_decimal(raw: DecimalIn, where: str, problems: Problems) -> Decimal:
                                 "larger one as a decimal string")
             return Decimal(0)
         return Decimal(raw)
-    if len(raw) > DECIMAL_MAX_CHARS or not _DECIMAL.match(raw):
-        problems.add(where, "must be a decimal string such as \"12.50\" or \"0.0035\"")
-        return Decimal(0)
     try:
-        return Decimal(raw)
-    except InvalidOperation:  # pragma: no cover - the pattern admits only valid decimals
-        problems.add(where, "must be a decimal string")
+        if len(raw) > DECIMAL_MAX_CHARS:
+            raise NotDecimalText(raw)
+        # The JSON number grammar in ASCII, without an exponent: "12\n", "007" and "١٢" are not.
+        return parse_decimal_text(raw, exponent=False)
+    except InvalidOperation:
+        problems.add(where, "must be a decimal string such as \"12.50\" or \"0.0035\"")
         return Decimal(0)
 
 

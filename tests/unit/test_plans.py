@@ -12,8 +12,8 @@ import msgspec
 import pytest
 
 from adapters.codec import MsgspecMapper
-from api.plans import JSON_SAFE_INTEGER_MAX, PublishPlan, charge_out, parse_plan
-from domain.errors import NotFound, ValidationFailed
+from api.plans import JSON_SAFE_INTEGER_MAX, PublishPlan, charge_out, parse_decimal, parse_plan
+from domain.errors import NotFound, Problems, ValidationFailed
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, plan_id, to_version
 from domain.plans_service import SAVE_ATTEMPTS, PlansService
@@ -451,3 +451,12 @@ def test_decimal_strings_stay_plain_and_every_bad_one_is_reported_at_once() -> N
 def test_decimals_are_answered_in_plain_notation() -> None:
     out = charge_out(ChargeSpec("api_calls", "per_unit", unit_price=Decimal("0.0000001")))
     assert out.unit_price == "0.0000001"
+
+
+@pytest.mark.parametrize("text", ["12\n", "\u0661\u0662", "\uff11\uff12", "+5", " 5", "1_000", "1e3", "NaN"])
+def test_a_plan_price_must_be_a_plain_decimal_in_ascii_digits(text: str) -> None:
+    """Issue 20: numbers people send as strings take ASCII digits only, with no sign but '-',
+    no spaces, separators or exponent (Decimal() itself accepts all of these)."""
+    problems = Problems()
+    parse_decimal(text, "base_fee", problems)
+    assert [e.field for e in problems.errors] == ["base_fee"]
