@@ -187,7 +187,10 @@ async def authenticate_key(request: Request[Any, Any, Any], deps: ApiDeps) -> Ke
     record = await deps.keys.find(parts[0]) if parts else None
     if parts is None or record is None:
         raise Unauthenticated("unknown API key")
-    if not hmac.compare_digest(secret_hash(parts[1]), record.secret_sha256):
+    digest = secret_hash(parts[1])
+    if not hmac.compare_digest(digest, record.secret_sha256):
+        # As costly as an unknown prefix: the time to a 401 must not tell which prefixes exist.
+        await deps.keys.confirm_refusal(parts[0], digest)
         raise Unauthenticated("unknown API key")
     if record.revoked:
         raise Unauthenticated("this API key has been revoked")

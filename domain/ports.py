@@ -137,6 +137,10 @@ class KeyLookup(Protocol):
 
     async def find(self, prefix: str) -> KeyRecord | None: ...
 
+    async def confirm_refusal(self, prefix: str, attempt: str) -> None:
+        """Spend on a wrong secret for a known prefix what an unknown prefix costs."""
+        ...
+
 
 class MeterLookup(Protocol):
     """Meter rules by code, from a per-process cache of the meters projection."""

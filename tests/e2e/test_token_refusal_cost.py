@@ -34,3 +34,32 @@ async def test_a_wrong_secret_for_a_known_prefix_costs_what_an_unknown_prefix_co
     assert await lookups_for(unknown) == await lookups_for(wrong_secret) == 1
     # Repeated, each is remembered alike: no lookup for either.
     assert await lookups_for(unknown) == await lookups_for(wrong_secret) == 0
+
+
+async def test_a_wrong_secret_for_a_known_key_prefix_costs_what_an_unknown_prefix_costs(
+    api: Api,
+) -> None:
+    org = (await api.http.post("/admin/v1/organisations", headers=AUTH,
+                               json={"name": "keys", "billing_email": "a@b.in"})).json()["id"]
+    project = (await api.http.post(f"/admin/v1/organisations/{org}/projects", headers=AUTH,
+                                   json={"name": "p"})).json()["id"]
+    key = (await api.http.post(f"/admin/v1/projects/{project}/api-keys", headers=AUTH,
+                               json={"name": "k"})).json()["key"]
+    body = {"event_id": "e", "metric": "no_such_meter"}
+    assert (await api.http.post("/api/v1/events", json=body,
+                                headers={"Authorization": f"Bearer {key}"})).status_code == 422
+    cache = api.rt.key_cache
+    assert cache is not None
+    prefix = key.split("_")[1]
+
+    async def lookups_for(presented: str) -> int:
+        before = cache.lookups
+        got = await api.http.post("/api/v1/events", json=body,
+                                  headers={"Authorization": f"Bearer {presented}"})
+        assert got.status_code == 401
+        return cache.lookups - before
+
+    unknown = f"bk_{secrets.token_hex(len(prefix) // 2)}_{secrets.token_urlsafe(32)}"
+    wrong_secret = f"bk_{prefix}_{secrets.token_urlsafe(32)}"
+    assert await lookups_for(unknown) == await lookups_for(wrong_secret) == 1
+    assert await lookups_for(unknown) == await lookups_for(wrong_secret) == 0
