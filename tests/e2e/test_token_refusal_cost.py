@@ -5,12 +5,23 @@ attacker which prefixes exist). Counted in lookups, not measured in time."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import httpx
 import pytest
 
 from tests.e2e.conftest import AUTH, Api
 
 pytestmark = pytest.mark.anyio
+
+
+async def _lookups(cache: Any, request: Callable[[], Awaitable[httpx.Response]]) -> int:
+    """The cache's lookups one refused request cost."""
+    before = cache.lookups
+    got = await request()
+    assert got.status_code == 401
+    return int(cache.lookups - before)
 
 
 async def test_a_wrong_secret_for_a_known_prefix_costs_what_an_unknown_prefix_costs(api: Api) -> None:
@@ -24,10 +35,8 @@ async def test_a_wrong_secret_for_a_known_prefix_costs_what_an_unknown_prefix_co
     prefix = token.split("_")[1]
 
     async def lookups_for(presented: str) -> int:
-        before = cache.lookups
-        got = await api.http.get("/admin/v1/meters", headers={"Authorization": f"Bearer {presented}"})
-        assert got.status_code == 401
-        return cache.lookups - before
+        return await _lookups(cache, lambda: api.http.get(
+            "/admin/v1/meters", headers={"Authorization": f"Bearer {presented}"}))
 
     unknown = f"bt_{secrets.token_hex(len(prefix) // 2)}_{secrets.token_urlsafe(32)}"
     wrong_secret = f"bt_{prefix}_{secrets.token_urlsafe(32)}"
@@ -53,11 +62,8 @@ async def test_a_wrong_secret_for_a_known_key_prefix_costs_what_an_unknown_prefi
     prefix = key.split("_")[1]
 
     async def lookups_for(presented: str) -> int:
-        before = cache.lookups
-        got = await api.http.post("/api/v1/events", json=body,
-                                  headers={"Authorization": f"Bearer {presented}"})
-        assert got.status_code == 401
-        return cache.lookups - before
+        return await _lookups(cache, lambda: api.http.post(
+            "/api/v1/events", json=body, headers={"Authorization": f"Bearer {presented}"}))
 
     unknown = f"bk_{secrets.token_hex(len(prefix) // 2)}_{secrets.token_urlsafe(32)}"
     wrong_secret = f"bk_{prefix}_{secrets.token_urlsafe(32)}"

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -34,16 +34,23 @@ def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
         yield both
 
 
-def test_a_blocked_organisation_is_recorded_counted_and_logged_until_invoiced(
-    live: tuple[Runtime, ThreadedWriter], caplog: pytest.LogCaptureFixture
-) -> None:
-    rt, _ = live
+def _subscribed(rt: Runtime, *names: str) -> tuple[OrganisationService, list[UUID]]:
+    """Organisations subscribed to a per-unit plan since SUBSCRIBED_FROM."""
     plans = PlansService(rt.ledger, now)
     calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
     plans.publish("basic", "Basic", "INR", Decimal(10), Decimal(0), calls, {"calls"})
     orgs = OrganisationService(rt.ledger, now, uuid4)
-    stuck = orgs.create({"name": "Stuck Ltd", "billing_email": "a@b.in"}).aggregate.id
-    plans.subscribe(stuck, "basic", SUBSCRIBED_FROM)
+    ids = [orgs.create({"name": name, "billing_email": "a@b.in"}).aggregate.id for name in names]
+    for ident in ids:
+        plans.subscribe(ident, "basic", SUBSCRIBED_FROM)
+    return orgs, ids
+
+
+def test_a_blocked_organisation_is_recorded_counted_and_logged_until_invoiced(
+    live: tuple[Runtime, ThreadedWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    rt, _ = live
+    orgs, (stuck,) = _subscribed(rt, "Stuck Ltd")
     renamed = orgs.update_settings(stuck, {"name": "Stuck Ltd"}).position
     caught_up(rt)
     with rt.pool.connection() as conn:
@@ -77,14 +84,7 @@ def test_an_unexpected_error_for_one_organisation_fails_only_that_organisation(
     live: tuple[Runtime, ThreadedWriter], caplog: pytest.LogCaptureFixture
 ) -> None:
     rt, _ = live
-    plans = PlansService(rt.ledger, now)
-    calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
-    plans.publish("basic", "Basic", "INR", Decimal(10), Decimal(0), calls, {"calls"})
-    orgs = OrganisationService(rt.ledger, now, uuid4)
-    ids = [orgs.create({"name": f"org {i}", "billing_email": "a@b.in"}).aggregate.id
-           for i in range(3)]
-    for ident in ids:
-        plans.subscribe(ident, "basic", SUBSCRIBED_FROM)
+    _, ids = _subscribed(rt, "org 0", "org 1", "org 2")
     caught_up(rt)
     with rt.pool.connection() as conn:  # a date Python cannot hold: psycopg raises DataError
         conn.execute("UPDATE subscriptions SET effective_from = 'infinity' WHERE organisation_id = %s",
