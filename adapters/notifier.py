@@ -51,14 +51,27 @@ def document(invoice: dict[str, Any], org: dict[str, Any], supplier: Supplier) -
         period=invoice["period"], due_date=issued + PAYMENT_TERMS, currency=invoice["currency"],
         supplier_name=supplier.name, supplier_gstin=supplier.gstin,
         supplier_state_code=supplier.state_code, customer_name=org["name"],
-        customer_gstin=org["gstin"], customer_state_code=org["state_code"],
-        customer_country=org["country"], billing_email=org["billing_email"],
+        # The tax facts the invoice was drafted with, never the organisation's current ones
+        # (BILLING.md: a change applies from the next invoice); for invoices drafted before
+        # they were recorded, the organisation's.
+        customer_gstin=_recorded(invoice.get("tax_gstin"), org["gstin"]),
+        customer_state_code=(invoice["tax_state_code"] if invoice.get("tax_country")
+                             else org["state_code"]),
+        customer_country=invoice.get("tax_country") or org["country"],
+        billing_email=org["billing_email"],
         lines=tuple(DocumentLine(line["description"], Decimal(str(line["quantity"])), line["amount"])
                     for line in invoice["lines"]),
         subtotal=invoice["subtotal"],
         taxes=tuple(TaxLine(t["name"], Decimal(str(t["rate"])), t["amount"]) for t in invoice["taxes"]),
         total=invoice["total"], amount_due=invoice["amount_due"],
     )
+
+
+def _recorded(gstin: str | None, current: str | None) -> str | None:
+    """The GSTIN recorded on the invoice ("" = none), else (not recorded) the current one."""
+    if gstin is None:
+        return current
+    return gstin or None
 
 
 def render(pool: ConnectionPool, supplier: Supplier, invoice_id: UUID,

@@ -102,6 +102,9 @@ class Invoice(Aggregate):
         state_code: str | None
         supplier_state_code: str
         late_usage: tuple[LateUsageBilled, ...] = ()
+        # The customer's GSTIN when drafted: "" = it had none; None = not recorded (drafted
+        # before this field existed: the document then shows the organisation's current one).
+        gstin: str | None = None
 
     class Finalized(Aggregate.Event):
         """The invoice got its number and can no longer change (only be paid or voided)."""
@@ -130,6 +133,7 @@ class Invoice(Aggregate):
         amount_due: int, plan_code: str, plan_version: int, usage_position: int,
         quantities: dict[str, Decimal], country: str, state_code: str | None,
         supplier_state_code: str, late_usage: tuple[LateUsageBilled, ...] = (),
+        gstin: str | None = None,
     ) -> None:
         self.organisation_id = organisation_id
         self.period = period
@@ -148,6 +152,7 @@ class Invoice(Aggregate):
         self.state_code = state_code
         self.supplier_state_code = supplier_state_code
         self.late_usage = tuple(late_usage)
+        self.gstin = gstin
         self.status: InvoiceStatus = DRAFT
         self.number: str | None = None
         self.finalized_at: datetime | None = None
@@ -159,6 +164,7 @@ class Invoice(Aggregate):
         cls, organisation_id: UUID, period: str, revision: int, priced: Priced, plan_code: str,
         plan_version: int, quantities: Mapping[str, Decimal], usage_position: int, country: str,
         state_code: str | None, supplier_state_code: str, late: Sequence[LateUsage], at: datetime,
+        gstin: str | None = None,
     ) -> Invoice:
         """Decide: record a draft of `priced` (the output of domain.pricing.price).
         `quantities` are the period quantities of the plan's charged meters, as priced."""
@@ -181,6 +187,7 @@ class Invoice(Aggregate):
                                 dict(item.corrected))
                 for item in late
             ),
+            gstin=gstin,
         )
 
     @property

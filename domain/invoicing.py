@@ -149,7 +149,7 @@ class InvoicingService:
         invoice = Invoice.draft(
             organisation.id, period, revision, priced, plan.code, plan.version, charged,
             usage_position, organisation.country, organisation.state_code, supplier_state_code,
-            late, now,
+            late, now, gstin=getattr(organisation, "gstin", None) or "",
         )
         try:
             return Written(invoice, self._ledger.save(invoice)), CREATED

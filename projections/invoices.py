@@ -56,6 +56,11 @@ DDL = (
     # must stop this view loudly (dead letter) rather than show two invoices with one number.
     "CREATE UNIQUE INDEX IF NOT EXISTS invoices_by_number ON invoices (number) WHERE number IS NOT NULL",
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS emailed_at timestamptz",
+    # The customer's tax facts the invoice was drafted with (its document shows these, never
+    # the organisation's current ones). tax_gstin NULL: not recorded (drafted before it was).
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS tax_country text",
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS tax_state_code text",
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS tax_gstin text",
 )
 
 
@@ -63,12 +68,15 @@ def _drafted(cur: Cursor[Any], e: Invoice.Drafted, position: int) -> None:
     cur.execute(
         """INSERT INTO invoices (id, organisation_id, period, revision, status, number, currency,
                lines, subtotal, taxes, total, amount_due, plan_code, plan_version, usage_position,
-               created_at, updated_at, version, ledger_position)
-           VALUES (%s, %s, %s, %s, 'draft', NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+               created_at, updated_at, version, ledger_position, tax_country, tax_state_code,
+               tax_gstin)
+           VALUES (%s, %s, %s, %s, 'draft', NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+                   %s, %s, %s)""",
         (e.originator_id, e.organisation_id, e.period, e.revision, e.currency,
          Jsonb(msgspec.to_builtins(list(e.lines))), e.subtotal,
          Jsonb(msgspec.to_builtins(list(e.taxes))), e.total, e.amount_due, e.plan_code,
-         e.plan_version, e.usage_position, e.timestamp, e.timestamp, e.originator_version, position),
+         e.plan_version, e.usage_position, e.timestamp, e.timestamp, e.originator_version, position,
+         e.country, e.state_code, getattr(e, "gstin", None)),
     )
 
 
@@ -112,7 +120,7 @@ READ_MODEL = ReadModel(
 _COLUMNS = (
     "id, organisation_id, period, revision, status, number, currency, lines, subtotal, taxes,"
     " total, amount_due, plan_code, plan_version, usage_position, void_reason, created_at,"
-    " finalized_at, voided_at, updated_at, ledger_position"
+    " finalized_at, voided_at, updated_at, ledger_position, tax_country, tax_state_code, tax_gstin"
 )
 
 

@@ -73,3 +73,13 @@ async def test_a_country_change_applies_from_the_next_invoice_never_to_a_drafted
     recorded = [api.rt.ledger.get(invoice_id(UUID(org), period), Invoice)
                 for period in (drafted_period, next_period)]
     assert [(i.country, i.state_code) for i in recorded] == [("IN", "29"), ("US", "29")]
+
+    # And its tax document shows them: the drafted period stays an intra-state supply in
+    # Karnataka with CGST + SGST, never "Outside India" beside Indian taxes.
+    doc = await api.http.get(f"/admin/v1/invoices/{kept['id']}/document", headers=AUTH,
+                             params={"format": "html"})
+    assert doc.status_code == 200, doc.text
+    assert "Outside India" not in doc.text and "Karnataka" in doc.text
+    export = await api.http.get(f"/admin/v1/invoices/{after['id']}/document", headers=AUTH,
+                                params={"format": "html"})
+    assert "Outside India (US)" in export.text
