@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
 
 from adapters.maintenance import rebuild
+from adapters.projector import HANDLER_RETRY_BACKOFF_S, Projector
+from adapters.relay import Relay
 from domain.services import OrganisationService
 from infra.wiring import Runtime
 from projections import organisations
-from tests.conftest import table_rows
+from projections.base import ReadModel
+from tests.conftest import close_nats, table_rows
+
+PIPELINE_STOP_TIMEOUT_S = 30
+
+
+@contextlib.asynccontextmanager
+async def pipeline(runtime: Runtime, model: ReadModel,
+                   retry_backoff_s: Sequence[float] = HANDLER_RETRY_BACKOFF_S
+                   ) -> AsyncIterator[Projector]:
+    """A relay and one read model's projector, running in this event loop for the block."""
+    js = await runtime.connect_nats("test")
+    stop = asyncio.Event()
+    relay = Relay(runtime.ledger, runtime.database_url, runtime.settings.pg_schema, js,
+                  runtime.streams)
+    projector = Projector(model, runtime.ledger, runtime.projection_pool(), js, runtime.streams,
+                          retry_backoff_s=retry_backoff_s)
+    tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(projector.run(stop))]
+    try:
+        yield projector
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), PIPELINE_STOP_TIMEOUT_S)
+        await close_nats(runtime)
 
 
 def service(rt: Runtime) -> OrganisationService:

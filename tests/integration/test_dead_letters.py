@@ -27,7 +27,7 @@ from infra.wiring import Runtime
 from projections import organisations, usage_totals
 from projections.base import ReadModel
 from tests.conftest import close_nats, table_rows, threaded_writer, tracked, wait_until
-from tests.integration.helpers import org_rows, service
+from tests.integration.helpers import org_rows, pipeline, service
 
 pytestmark = pytest.mark.anyio
 RETRIES = (0.01, 0.02, 0.04)
@@ -132,15 +132,8 @@ async def test_concurrent_redrives_apply_each_dead_lettered_usage_entry_exactly_
         svc.define_meter(code, code, aggregation, None, [], False, lambda _: False)
     key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
     now = datetime.now(UTC)
-    js = await runtime.connect_nats("test")
-    stop = asyncio.Event()
-    relay = Relay(runtime.ledger, runtime.database_url, runtime.settings.pg_schema, js,
-                  runtime.streams)
-    projector = Projector(_poisoned_usage(), runtime.ledger, runtime.projection_pool(), js,
-                          runtime.streams, retry_backoff_s=RETRIES)
-    tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(projector.run(stop))]
     poisoned: list[int] = []
-    try:
+    async with pipeline(runtime, _poisoned_usage(), RETRIES) as projector:
         with threaded_writer(runtime) as writer:
             for i in range(24):
                 value = POISON if i % 3 == 0 else str(i + 20)
@@ -151,10 +144,6 @@ async def test_concurrent_redrives_apply_each_dead_lettered_usage_entry_exactly_
                     poisoned += [written.position - 1, written.position]
         head = runtime.ledger.head()
         await wait_until(lambda: tracked(runtime, usage_totals.NAME) >= head, "past the poison")
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
-        await close_nats(runtime)
     assert projector.dead_lettered == len(poisoned) == 16
     with runtime.pool.connection() as conn:
         assert [m["position"] for m in bookkeeping.dead_letters(conn, usage_totals.NAME)] == poisoned

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from uuid import uuid4
@@ -16,14 +15,13 @@ import pytest
 
 from adapters.maintenance import rebuild
 from adapters.projector import Projector
-from adapters.relay import Relay
 from adapters.usage_writer import encode_usage
 from domain.ports import KeyRecord
 from domain.usage import UsageFact
 from infra.wiring import Runtime
 from projections import organisations
-from tests.conftest import close_nats, threaded_writer, tracked, wait_sync, wait_until
-from tests.integration.helpers import org_rows, rebuilt_rows, service, write_orgs
+from tests.conftest import threaded_writer, tracked, wait_sync, wait_until
+from tests.integration.helpers import org_rows, pipeline, rebuilt_rows, service, write_orgs
 
 REBUILD_RESULT_TIMEOUT_S = 30
 
@@ -38,22 +36,9 @@ def _waiting_for_the_tracking_lock(rt: Runtime) -> bool:
         return row is not None and int(row[0]) == 1
 
 
-@contextlib.asynccontextmanager
-async def organisations_pipeline(runtime: Runtime) -> AsyncIterator[Projector]:
+def organisations_pipeline(runtime: Runtime) -> contextlib.AbstractAsyncContextManager[Projector]:
     """A relay and the organisations projector, running for the block."""
-    js = await runtime.connect_nats("test")
-    stop = asyncio.Event()
-    relay = Relay(runtime.ledger, runtime.database_url, runtime.settings.pg_schema, js,
-                  runtime.streams)
-    projector = Projector(organisations.READ_MODEL, runtime.ledger, runtime.projection_pool(), js,
-                          runtime.streams)
-    tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(projector.run(stop))]
-    try:
-        yield projector
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
-        await close_nats(runtime)
+    return pipeline(runtime, organisations.READ_MODEL)
 
 
 @pytest.mark.anyio

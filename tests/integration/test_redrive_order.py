@@ -5,7 +5,6 @@ that rewrites rows below the tracking position reaches the API processes' caches
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -13,14 +12,13 @@ import pytest
 from adapters.caches import KeyCache
 from adapters.maintenance import rebuild, redrive
 from adapters.projector import Projector
-from adapters.relay import Relay
 from domain.organisation import Organisation
 from infra.wiring import Runtime
 from projections import catalogue as catalogue_model
 from projections import organisations
 from projections.base import ReadModel
-from tests.conftest import close_nats, tracked, wait_until
-from tests.integration.helpers import service
+from tests.conftest import tracked, wait_until
+from tests.integration.helpers import pipeline, service
 from tests.integration.test_dead_letters import RETRIES, _poisoned
 from tests.integration.test_key_cache import catalogue
 
@@ -38,20 +36,9 @@ def _poisoned_reactivation() -> ReadModel:
 
 async def _project(runtime: Runtime, model: ReadModel) -> Projector:
     """Relay and project `model` until it has passed the ledger head; returns the projector."""
-    js = await runtime.connect_nats("test")
-    stop = asyncio.Event()
-    relay = Relay(runtime.ledger, runtime.database_url, runtime.settings.pg_schema, js,
-                  runtime.streams)
-    projector = Projector(model, runtime.ledger, runtime.projection_pool(), js, runtime.streams,
-                          retry_backoff_s=RETRIES)
-    tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(projector.run(stop))]
-    try:
+    async with pipeline(runtime, model, RETRIES) as projector:
         head = runtime.ledger.head()
         await wait_until(lambda: tracked(runtime, organisations.NAME) >= head, "projector past it")
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
-        await close_nats(runtime)
     return projector
 
 
