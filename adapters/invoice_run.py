@@ -37,21 +37,22 @@ from adapters.bookkeeping import dead_letter_pages, lock_key, record_blocked, tr
 from adapters.gate import PgProjectionGate
 from adapters.ledger import LedgerStore
 from domain.errors import Conflict, DomainError, NotFound, Unavailable, ValidationFailed
-from domain.invoice import VOID, Invoice
+from domain.invoice import Invoice
 from domain.invoicing import InvoicingService
+from domain.late_usage import late_usage
 from domain.mail_record import InvoiceMail
 from domain.meter import Meter
-from domain.money import EXACT
 from domain.organisation import Organisation
 from domain.plan import Plan, to_version
 from domain.ports import Blocked, RunResult
-from domain.pricing import LateUsage, PlanVersion, late_usage_lines
+from domain.pricing import LateUsage, PlanVersion
 from domain.services import Written
 from domain.subscription import (
     check_period_has_ended_somewhere,
     parse_period,
     period_bounds,
     period_of,
+    shift_period,
 )
 from domain.usage import Usage
 from projections import catalogue, invoices, organisations, plans, usage_totals
@@ -221,7 +222,7 @@ class InvoiceRun:
         late = late_usage(
             org_id, earlier, billed_by,
             {q: earlier_totals[q].get(org_id, {}) for q in earlier},
-            partial(self._plan_version, versions, conn))
+            partial(self._plan_version, versions, conn), note=log.error)
         status = self._draft(org, period, history, versions, quantities, usage_position, late)
         if status == "skipped" and late:  # no plan covers the period, or all lines are 0
             log.error("invoice run %s: %s: nothing drafted, so late usage for %s is not "
@@ -324,84 +325,3 @@ class InvoiceRun:
             return aggregate.id
         organisation_id = getattr(aggregate, "organisation_id", None)
         return organisation_id if isinstance(organisation_id, UUID) else EVERYONE
-
-
-def own_invoice(period: str, billed_by: Sequence[Invoice]) -> Invoice | None:
-    """The non-void invoice of `period` among `billed_by`, or None (never drafted, or void)."""
-    own = [invoice for invoice in billed_by if invoice.period == period and invoice.status != VOID]
-    if len(own) > 1:  # revision n + 1 exists only once revision n is void: never expected
-        log.error("late usage: %d non-void invoices for %s; the newest counts", len(own), period)
-    return max(own, key=lambda invoice: invoice.revision, default=None)
-
-
-def billed_quantities(period: str, own: Invoice, billed_by: Sequence[Invoice]) -> dict[str, Decimal]:
-    """What the non-void invoices among `billed_by` (drafts too) have billed for `period` so
-    far, per metric: its own invoice's quantities plus every late item's increment (corrected
-    - billed). Without voids this is the latest cumulative correction; with one, the void's
-    increments drop out, so the next late item bills them again."""
-    billed = dict(own.quantities)
-    for invoice in billed_by:
-        if invoice.status == VOID:
-            continue
-        for item in invoice.late_usage:
-            if item.period != period:
-                continue
-            for metric in item.corrected.keys() | item.billed.keys():
-                increment = EXACT.subtract(item.corrected.get(metric, ZERO), item.billed.get(metric, ZERO))
-                billed[metric] = EXACT.add(billed.get(metric, ZERO), increment)
-    return billed
-
-
-def late_usage(organisation_id: UUID, earlier: Sequence[str], billed_by: Sequence[Invoice],
-               totals: Mapping[str, Mapping[str, Decimal]],
-               plan_version: Callable[[str, int], PlanVersion]) -> list[LateUsage]:
-    """The late items of the next invoice: for each earlier period that has a non-void
-    invoice, its usage `totals` now (period -> metric -> quantity) against billed_quantities.
-    A metric whose usage went below what was billed needs a credit note: it is left out (and
-    logged), while the period's other metrics and the other periods are still billed. An item
-    whose amount would be negative (more usage can cost less on volume tiers) is left out too."""
-    late: list[LateUsage] = []
-    for q in earlier:
-        own = own_invoice(q, billed_by)
-        if own is None:  # nothing drafted yet (a rerun of q bills it all), or voided on purpose
-            continue
-        billed = billed_quantities(q, own, billed_by)
-        corrected = dict(billed)
-        for metric, so_far in billed.items():
-            now = totals.get(q, {}).get(metric, ZERO)
-            if now < so_far:
-                log.error("late usage: %s %s %s went down from %s billed to %s: needs a credit "
-                          "note; left out", organisation_id, q, metric, so_far, now)
-            else:
-                corrected[metric] = now
-        if corrected == billed:
-            continue
-        item = LateUsage(q, plan_version(own.plan_code, own.plan_version), billed, corrected)
-        if sum(line.amount for line in late_usage_lines(item)) < 0:
-            log.error("late usage: %s %s prices below what was billed (%s -> %s): needs a credit "
-                      "note; left out", organisation_id, q, billed, corrected)
-            continue
-        late.append(item)
-    return late
-
-
-def shift_period(period: str, months: int) -> str:
-    year, month = parse_period(period)
-    index = year * 12 + (month - 1) + months
-    return f"{index // 12:04d}-{index % 12 + 1:02d}"
-
-
-def due_periods(now: datetime, grace: timedelta, count: int) -> list[str]:
-    """The last `count` calendar months that ended at least `grace` ago (UTC calendar; the run
-    checks each organisation's own timezone)."""
-    periods: list[str] = []
-    at = now - grace
-    year, month = at.year, at.month
-    for _ in range(count):
-        month -= 1
-        if month == 0:
-            year, month = year - 1, 12
-        periods.append(f"{year:04d}-{month:02d}")
-    return periods
-
-

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid5
 from zoneinfo import ZoneInfo
@@ -244,3 +244,24 @@ class Subscription(Aggregate):
         self, period: str, timezone: str, versions: Mapping[str, PublishedVersions] | None = None
     ) -> PeriodPlan | None:
         return plan_for_period(self.history, period, timezone, versions)
+
+
+def shift_period(period: str, months: int) -> str:
+    """The period `months` after `period` (before it, when negative)."""
+    year, month = parse_period(period)
+    index = year * 12 + (month - 1) + months
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
+def due_periods(now: datetime, grace: timedelta, count: int) -> list[str]:
+    """The last `count` calendar months that ended at least `grace` ago (UTC calendar; the run
+    checks each organisation's own timezone)."""
+    periods: list[str] = []
+    at = now - grace
+    year, month = at.year, at.month
+    for _ in range(count):
+        month -= 1
+        if month == 0:
+            year, month = year - 1, 12
+        periods.append(f"{year:04d}-{month:02d}")
+    return periods

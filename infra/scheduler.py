@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from adapters.invoice_run import due_periods
 from domain.errors import Conflict, DomainError
+from domain.subscription import due_periods
 from infra.wiring import Runtime
 from projections import invoices
 

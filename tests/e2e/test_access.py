@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from litestar import Litestar, Router, get
 from psycopg import sql
 
-from adapters.invoice_run import shift_period
 from api.app import check_rules
 from api.permissions import ROLE_PERMISSIONS, RULES, A
 from domain.access import ORG_ROLES, ROLES
 from domain.invoice import invoice_id
+from domain.subscription import shift_period
 from infra.embedded import free_port
 from tests.conftest import http_status_is, wait_sync
 from tests.e2e.test_invoicing_http import last_period

@@ -12,8 +12,8 @@ from uuid import UUID
 
 import pytest
 
-from adapters.invoice_run import shift_period
 from domain.invoice import Invoice, invoice_id
+from domain.subscription import shift_period
 from tests.e2e.conftest import AUTH, Api
 from tests.e2e.test_invoicing_http import last_period, post
 

@@ -13,7 +13,7 @@ from uuid import uuid4
 
 import pytest
 
-from adapters.invoice_run import InvoiceRun, shift_period
+from adapters.invoice_run import InvoiceRun
 from adapters.usage_writer import encode_usage
 from domain.invoice import VOID, Invoice
 from domain.invoicing import InvoicingService
@@ -21,7 +21,7 @@ from domain.plan import ChargeSpec
 from domain.plans_service import PlansService
 from domain.ports import KeyRecord, RunResult
 from domain.services import CatalogueService, OrganisationService
-from domain.subscription import period_bounds, period_of
+from domain.subscription import period_bounds, period_of, shift_period
 from domain.usage import UsageFact
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoices

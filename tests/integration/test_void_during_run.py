@@ -13,6 +13,7 @@ import pytest
 import adapters.invoice_run as invoice_run
 from domain.errors import Conflict
 from domain.invoicing import InvoicingService
+from domain.late_usage import late_usage
 from tests.integration.invoice_run_steps import GRACE, SUPPLIER_STATE_CODE, now
 from tests.integration.test_late_usage import NOVEMBER, OCTOBER, calls_tenant, live  # noqa: F401
 
@@ -35,7 +36,7 @@ def test_a_void_while_a_run_drafts_is_refused_and_the_late_usage_stays_billed(
     october = tenant.drafted("2026-10")  # carries "late usage for 2026-09"
     assert tenant.late_amounts(october, "2026-09")
     refused: list[Exception] = []
-    original = invoice_run.late_usage
+    original = late_usage
 
     def operator_voids_meanwhile(*args: Any, **kw: Any) -> Any:
         late = original(*args, **kw)

@@ -1,4 +1,4 @@
-"""A property of the late-usage chain (adapters.invoice_run.late_usage) over random arrival
+"""A property of the late-usage chain (domain.late_usage.late_usage) over random arrival
 orders: whatever order usage arrives in between runs, whichever drafts are finalized when,
 and with adjacent runs swapped (a catch-up), every period ends up billed exactly once across
 its own invoice and the late lines of later ones — in quantity and, per charge, in paise."""
@@ -14,14 +14,15 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.invoice_run import LATE_LOOKBACK_PERIODS, late_usage, shift_period
+from adapters.invoice_run import LATE_LOOKBACK_PERIODS
 from domain.invoice import Invoice
 from domain.invoicing import InvoicingService
+from domain.late_usage import late_usage
 from domain.money import to_paise
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import PlanVersion, charge_amount
-from domain.subscription import SubscriptionEntry
+from domain.subscription import SubscriptionEntry, shift_period
 from tests.unit.memory import Clock, MemoryLedger
 
 IST = ZoneInfo("Asia/Kolkata")
