@@ -88,10 +88,6 @@ class TrackingWatch:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(entry)
 
-    async def wait_until_current(self, projection: str, min_position: int, timeout_s: float) -> None:
-        head = await self.head()
-        await self.wait_for(projection, max(min_position, head), timeout_s)
-
     async def _poll(self) -> None:
         """Read every model's tracking until nobody waits; wake those whose position is in."""
         while self._waiters:

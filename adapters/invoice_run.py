@@ -29,13 +29,13 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
-import psycopg
 from eventsourcing.domain import Aggregate
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from adapters.bookkeeping import dead_letter_pages, lock_key, record_blocked, tracked_position
 from adapters.gate import PgProjectionGate
 from adapters.ledger import LedgerStore
+from adapters.pg import TRANSIENT
 from domain.errors import Conflict, DomainError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import Invoice
 from domain.invoicing import InvoicingService
@@ -71,7 +71,7 @@ DEAD_LETTER_MODELS = (*READ_MODELS_USED, catalogue.READ_MODEL.name)
 ZERO = Decimal(0)
 # Errors that are the infrastructure's, not one organisation's: they stop the run (a later run,
 # or the scheduler's next one, does the rest; drafting is idempotent).
-INFRASTRUCTURE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, Unavailable)
+INFRASTRUCTURE = (*TRANSIENT, Unavailable)
 ENTRIES_PER_READ = 1000  # dead-lettered ledger entries decoded per read
 
 

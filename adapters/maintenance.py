@@ -101,10 +101,11 @@ def redrive(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> Redr
     rebuilt instead, every entry in ledger order, in one transaction; if an entry still fails,
     nothing changes and every dead letter stays."""
     with pool.connection() as conn:
-        topics = {str(r[0]) for r in conn.execute(
-            "SELECT DISTINCT topic FROM projection_dead_letters WHERE name = %s", (model.name,))}
-    if not topics <= {get_topic(cls) for cls in model.order_free}:
-        return _redrive_by_rebuild(pool, ledger, model)
+        letters = conn.execute(
+            "SELECT position, topic FROM projection_dead_letters WHERE name = %s ORDER BY position",
+            (model.name,)).fetchall()
+    if not {str(topic) for _, topic in letters} <= {get_topic(cls) for cls in model.order_free}:
+        return _redrive_by_rebuild(pool, ledger, model, [int(position) for position, _ in letters])
     applied: list[int] = []
     failing: dict[int, str] = {}
     after = 0
@@ -131,11 +132,8 @@ def redrive(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> Redr
     return RedriveResult(applied, failing)
 
 
-def _redrive_by_rebuild(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel) -> RedriveResult:
-    with pool.connection() as conn:
-        positions = [int(r[0]) for r in conn.execute(
-            "SELECT position FROM projection_dead_letters WHERE name = %s ORDER BY position",
-            (model.name,))]
+def _redrive_by_rebuild(pool: ConnectionPool, ledger: LedgerStore, model: ReadModel,
+                        positions: list[int]) -> RedriveResult:
     try:
         rebuild(pool, ledger, model)
     except Exception as e:  # an entry still fails: the rebuild rolled back whole

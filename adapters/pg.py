@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from psycopg_pool import ConnectionPool
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+# Postgres away or a connection lost: the infrastructure's errors, never an entry's or a
+# tenant's. Whoever meets them retries or stops; nothing is dead-lettered or failed for them.
+TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 16
 POOL_TIMEOUT_S = 5.0

@@ -39,12 +39,13 @@ from eventsourcing.utils import get_topic
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from adapters.bus import USAGE_LANE, DeadLetter, Entry, Streams, encode, lane_of
 from adapters.codec import decode_view
 from adapters.deliveries import Delivery, MessageReader
 from adapters.ledger import LedgerStore
+from adapters.pg import TRANSIENT
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.projector")
@@ -66,7 +67,6 @@ GAP_READ_PAGE_ROWS = 5000
 GAP_FILL_CHUNK_ROWS = 10_000
 PUBLISH_TIMEOUT_S = 5.0
 
-TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 _LOCK_TRACKING = "SELECT position FROM projection_tracking WHERE name = %s FOR UPDATE"
 # Forward only, and only from a row that holds at least `base` (the row lock makes the check and
 # the write one step): a row below it has lost applied entries, which the ledger must fill first.

@@ -48,7 +48,7 @@ from api.input_rules import (
 )
 from api.problems import BadRequest, Forbidden, TooManyRequests, Unauthenticated, field_error
 from domain.api_key import secret_hash, split_key
-from domain.decimal_text import NotDecimalText, parse_decimal_text
+from domain.decimal_text import DECIMAL_TEXT, NotDecimalText, parse_decimal_text
 from domain.errors import FieldError, Problems, ValidationFailed
 from domain.ports import KeyRecord
 from domain.usage import (
@@ -125,7 +125,7 @@ _mixed_values = msgspec.json.Decoder(list[Any], float_hook=Decimal)
 # A run of backslashes and the quote after it: the quote is escaped when the run is odd.
 _BACKSLASHES_QUOTE = re.compile(rb'\\+"')
 # The values of a batch when every string among them is a JSON number (then read as numbers).
-_NUMBER = rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_NUMBER = DECIMAL_TEXT.pattern.encode()  # the one grammar (domain/decimal_text.py), as bytes
 _QUOTED_NUMBERS = re.compile(rb"\[(?:(?:%s|\"%s\"|null),)*(?:%s|\"%s\"|null)\]" % ((_NUMBER,) * 4))
 
 

@@ -72,7 +72,7 @@ class ApiKey(Aggregate):
         if not name.strip() or len(name) > NAME_MAX_CHARS:
             problems.add("name", f"1-{NAME_MAX_CHARS} characters")
         check_instant(expires_at, "expires_at")
-        if expires_at is not None and (expires_at.tzinfo is None or expires_at <= at):
+        if expires_at is not None and expires_at <= at:
             problems.add("expires_at", "must be a future time with an offset")
         problems.raise_if_any()
         return cls._create(cls.Created, id=key_id, timestamp=at, project_id=project_id,

@@ -69,6 +69,9 @@ class Billable(Protocol):
     @property
     def state_code(self) -> str | None: ...
 
+    @property
+    def gstin(self) -> str | None: ...
+
 
 def period_has_ended(period: str, timezone: str, now: datetime) -> bool:
     """True once the period ('YYYY-MM' in `timezone`) is over at `now`."""
@@ -149,7 +152,7 @@ class InvoicingService:
         invoice = Invoice.draft(
             organisation.id, period, revision, priced, plan.code, plan.version, charged,
             usage_position, organisation.country, organisation.state_code, supplier_state_code,
-            late, now, gstin=getattr(organisation, "gstin", None) or "",
+            late, now, gstin=organisation.gstin or "",
         )
         try:
             return Written(invoice, self._ledger.save(invoice)), CREATED

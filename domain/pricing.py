@@ -157,10 +157,17 @@ def _check_price(value: object, where: str, problems: Problems) -> None:
 
 
 def _check_bounds(value: Decimal, most: Decimal, places: int, where: str, problems: Problems) -> None:
+    problem = _bounds_problem(value, most, places)
+    if problem:
+        problems.add(where, problem)
+
+
+def _bounds_problem(value: Decimal, most: Decimal, places: int) -> str | None:
     if value > most:
-        problems.add(where, f"at most {most:f}")
-    elif decimal_places(value) > places:
-        problems.add(where, f"at most {places} decimal places")
+        return f"at most {most:f}"
+    if decimal_places(value) > places:
+        return f"at most {places} decimal places"
+    return None
 
 
 def decimal_places(value: Decimal) -> int:
@@ -239,9 +246,8 @@ def _check_tiers(tiers: tuple[Tier, ...], where: str, problems: Problems) -> Non
             problems.add(f"{at}.up_to", "must be a decimal number")
         elif tier.up_to <= 0:
             problems.add(f"{at}.up_to", "must be greater than 0")
-        elif tier.up_to > QUANTITY_MAX or decimal_places(tier.up_to) > QUANTITY_MAX_DECIMAL_PLACES:
-            _check_bounds(tier.up_to, QUANTITY_MAX, QUANTITY_MAX_DECIMAL_PLACES, f"{at}.up_to",
-                          problems)
+        elif problem := _bounds_problem(tier.up_to, QUANTITY_MAX, QUANTITY_MAX_DECIMAL_PLACES):
+            problems.add(f"{at}.up_to", problem)
         elif previous is not None and tier.up_to <= previous:
             problems.add(f"{at}.up_to", f"must be greater than the previous tier's up_to ({previous})")
         else:

@@ -184,14 +184,6 @@ def _check_value(value: Decimal, meter: MeterRule | None, problems: Problems, in
         problems.add(name, "must not be negative for this meter", index)
 
 
-def parse_value(text: str) -> Decimal:
-    """A property's canonical text as a value, read as a decimal string in `value` is
-    (domain/decimal_text.py): exactly, in ASCII digits only — "١٢", full-width digits, "1_000", "+5" and
-    " 5" are not numbers here, though Decimal(text) reads them. Raises ArithmeticError
-    (NotDecimalText, an InvalidOperation) when it is not a number."""
-    return parse_decimal_text(text)
-
-
 def _field_value(
     meter: MeterRule, field: str, sent: Mapping[str, Any], props: Mapping[str, str],
     problems: Problems, index: int,
@@ -205,7 +197,7 @@ def _field_value(
             problems.add(name, f"is required: this {meter.aggregation} meter's value", index)
         return _ONE
     try:
-        amount = parse_value(text)
+        amount = parse_decimal_text(text)
     except ArithmeticError:
         problems.add(name, "must be a number or decimal string (the meter's value)", index)
         return _ONE
@@ -330,7 +322,7 @@ def accept_plain_batch(
         if any(values[i] is not None for i in at):
             return None  # `value` beside the field: refused
         try:
-            taken = [parse_value(properties[i][field]) for i in at]
+            taken = [parse_decimal_text(properties[i][field]) for i in at]
         except (KeyError, ArithmeticError):  # without the property, or not a number
             return None
         if not _plainly_valid(taken):

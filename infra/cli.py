@@ -248,7 +248,7 @@ def _invoice_run(rt: Runtime, period: str) -> int:
                      f"blocked {len(result.blocked)}\n")
     for b in result.blocked:
         sys.stdout.write(f"  blocked: {b.name} ({b.organisation_id}): dead-lettered entries "
-                         f"{b.read_models or b.missing_positions}; run `billing dlq redrive`\n")
+                         f"{b.read_models}; run `billing dlq redrive`\n")
     for org_id in result.failed_organisations:
         sys.stdout.write(f"  failed: {org_id} (the log says why)\n")
     return 1 if result.blocked or result.failed else 0

@@ -50,7 +50,7 @@ async def invoice_job(rt: Runtime) -> None:
             "failed_organisations": [str(o) for o in result.failed_organisations]}})
         for b in result.blocked:
             log.error("invoice run %s: %s (%s) not invoiced, dead-lettered entries %s",
-                      period, b.name, b.organisation_id, b.read_models or b.missing_positions)
+                      period, b.name, b.organisation_id, b.read_models)
 
 
 def finalize_due(rt: Runtime, now: datetime) -> int:

@@ -12,7 +12,7 @@ from psycopg.rows import dict_row
 
 from domain.access import AdminToken
 from domain.audit import AuditEntry
-from projections.base import ReadModel
+from projections.base import ReadModel, require_row
 
 NAME = "access"
 AUDIT_PAGE_MAX_ROWS = 1000
@@ -61,8 +61,7 @@ def _issued(cur: Cursor[Any], e: AdminToken.Issued, position: int) -> None:
 def _revoked(cur: Cursor[Any], e: AdminToken.Revoked, position: int) -> None:
     cur.execute("UPDATE admin_tokens SET revoked_at = %s, ledger_position = %s WHERE id = %s",
                 (e.timestamp, position, e.originator_id))
-    if cur.rowcount != 1:  # never a silent no-op: its creation was dead-lettered
-        raise LookupError(f"admin token {e.originator_id} is not in the read model")
+    require_row(cur, "admin token", e.originator_id)
 
 
 def _audited(cur: Cursor[Any], e: AuditEntry.Recorded, position: int) -> None:

@@ -9,6 +9,13 @@ from typing import Any
 from psycopg import Cursor
 
 Handler = Callable[[Cursor[Any], Any, int], None]
+
+
+def require_row(cur: Cursor[Any], what: str, ident: Any) -> None:
+    """After an UPDATE of one row: it must have found its row. Never a silent no-op: a row that
+    is missing had its creation dead-lettered, and the update is dead-lettered with it."""
+    if cur.rowcount != 1:
+        raise LookupError(f"{what} {ident} is not in the read model")
 BatchHandler = Callable[[Cursor[Any], list[tuple[Any, int]]], None]
 
 

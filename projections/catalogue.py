@@ -13,7 +13,7 @@ from psycopg.rows import dict_row
 from domain.api_key import ApiKey
 from domain.meter import Meter
 from domain.project import Project
-from projections.base import ReadModel
+from projections.base import ReadModel, require_row
 
 LIST_MAX_ROWS = 1000
 
@@ -71,8 +71,7 @@ def _meter_redefined(cur: Cursor[Any], e: Meter.Redefined, position: int) -> Non
         (e.name, e.aggregation, e.field, list(e.group_by), e.allow_negative, position,
          e.originator_id),
     )
-    if cur.rowcount != 1:
-        raise LookupError(f"meter {e.originator_id} is not in the read model")
+    require_row(cur, "meter", e.originator_id)
 
 
 def _project_created(cur: Cursor[Any], e: Project.Created, position: int) -> None:
@@ -96,8 +95,7 @@ def _key_created(cur: Cursor[Any], e: ApiKey.Created, position: int) -> None:
 def _key_expiry(cur: Cursor[Any], e: ApiKey.ExpiryBrought, position: int) -> None:
     cur.execute("UPDATE api_keys SET expires_at = %s, ledger_position = %s WHERE id = %s",
                 (e.expires_at, position, e.originator_id))
-    if cur.rowcount != 1:  # never a silent no-op: its creation was dead-lettered
-        raise LookupError(f"api key {e.originator_id} is not in the read model")
+    require_row(cur, "api key", e.originator_id)
 
 
 def _key_revoked(cur: Cursor[Any], e: ApiKey.Revoked, position: int) -> None:
@@ -105,8 +103,7 @@ def _key_revoked(cur: Cursor[Any], e: ApiKey.Revoked, position: int) -> None:
         "UPDATE api_keys SET revoked_at = %s, ledger_position = %s WHERE id = %s",
         (e.timestamp, position, e.originator_id),
     )
-    if cur.rowcount != 1:  # never a silent no-op: its creation was dead-lettered
-        raise LookupError(f"api key {e.originator_id} is not in the read model")
+    require_row(cur, "api key", e.originator_id)
 
 
 READ_MODEL = ReadModel(

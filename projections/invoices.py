@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from domain.invoice import FINALIZED, Invoice
 from domain.mail_record import InvoiceMail
-from projections.base import ReadModel
+from projections.base import ReadModel, require_row
 
 NAME = "invoices"
 LIST_MAX_ROWS = 1000
@@ -86,8 +86,7 @@ def _update(cur: Cursor[Any], e: Any, position: int, assignments: str, values: t
         " WHERE id = %s",
         (*values, e.timestamp, e.originator_version, position, e.originator_id),
     )
-    if cur.rowcount != 1:
-        raise LookupError(f"invoice {e.originator_id} is not in the read model")
+    require_row(cur, "invoice", e.originator_id)
 
 
 def _finalized(cur: Cursor[Any], e: Invoice.Finalized, position: int) -> None:

@@ -10,7 +10,7 @@ from psycopg import Connection, Cursor, sql
 from psycopg.rows import dict_row
 
 from domain.organisation import ACCESS_SETTING_NAMES, SETTING_NAMES, Organisation
-from projections.base import ReadModel
+from projections.base import ReadModel, require_row
 
 NAME = "organisations"
 LIST_MAX_ROWS = 1000
@@ -60,8 +60,7 @@ def _settings_updated(cur: Cursor[Any], e: Organisation.SettingsUpdated, positio
         sql.SQL("UPDATE organisations SET {} WHERE id = %s").format(assignments),
         (*changes.values(), e.originator_id),
     )
-    if cur.rowcount != 1:
-        raise LookupError(f"organisation {e.originator_id} is not in the read model")
+    require_row(cur, "organisation", e.originator_id)
 
 
 def _suspension(cur: Cursor[Any], e: Any, position: int) -> None:
@@ -71,8 +70,7 @@ def _suspension(cur: Cursor[Any], e: Any, position: int) -> None:
         (isinstance(e, Organisation.Suspended), e.timestamp, e.originator_version, position,
          e.originator_id),
     )
-    if cur.rowcount != 1:  # never a silent no-op: its creation was dead-lettered
-        raise LookupError(f"organisation {e.originator_id} is not in the read model")
+    require_row(cur, "organisation", e.originator_id)
 
 
 READ_MODEL = ReadModel(
