@@ -29,13 +29,14 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import authenticate_admin
 from api.deps import ApiDeps
-from api.problems import PROBLEM_JSON
+from api.problems import PROBLEM_JSON, problem_body
 from domain.audit import (
     CURRENT_IDEMPOTENCY,
     IdempotentRequest,
     Recorded,
     idempotency_seed,
 )
+from domain.errors import FieldError
 from domain.ports import Claim, IdempotencyStore, StoredResponse
 
 log = logging.getLogger("billing.api")
@@ -75,17 +76,16 @@ def key_problem(raw: bytes) -> str | None:
     return None
 
 
-def _problem(status: int, title: str, detail: str, headers: list[tuple[str, str]] | None = None,
-             **extra: Any) -> Answer:
-    body = {"type": f"https://billing.invalid/problems/{status}", "title": title,
-            "status": status, "detail": detail} | extra
+def _problem(status: int, detail: str, headers: list[tuple[str, str]] | None = None,
+             errors: list[FieldError] | None = None, **extra: Any) -> Answer:
+    body = problem_body(status, detail, errors) | extra
     return status, [("content-type", PROBLEM_JSON), *(headers or [])], msgspec.json.encode(body)
 
 
 def recovered_answer(recorded: Recorded) -> Answer:
     """The answer for a request whose command had committed but whose answer was lost."""
     return _problem(
-        409, "Conflict",
+        409,
         "this Idempotency-Key's request was already carried out, but its answer was lost (the "
         "process that ran it stopped before answering); nothing was done again. `targets` "
         "names what it recorded: read them for their current state.",
@@ -177,8 +177,8 @@ class IdempotencyMiddleware:
         problem = key_problem(raw_key)
         if problem is not None:
             await _send_answer(send, _problem(
-                422, "Unprocessable Content", "the request is invalid; nothing was changed",
-                errors=[{"field": "Idempotency-Key", "message": problem}]))
+                422, "the request is invalid; nothing was changed",
+                errors=[FieldError("Idempotency-Key", problem)]))
             return
         key = raw_key.decode("ascii")
         messages, body = await _read_body(receive)
@@ -190,14 +190,13 @@ class IdempotencyMiddleware:
         claim = await self._claim(store, principal.id, key, printed)
         if claim.outcome == "mismatch":
             await _send_answer(send, _problem(
-                422, "Unprocessable Content",
-                "this Idempotency-Key was used for another request (another route or body); "
-                "use a new key for a new request", errors=[{
-                    "field": "Idempotency-Key", "message": "was used for another request"}]))
+                422, "this Idempotency-Key was used for another request (another route or body); "
+                "use a new key for a new request",
+                errors=[FieldError("Idempotency-Key", "was used for another request")]))
             return
         if claim.outcome == "busy":
             await _send_answer(send, _problem(
-                409, "Conflict", "a request with this Idempotency-Key is still running; retry "
+                409, "a request with this Idempotency-Key is still running; retry "
                 "after the Retry-After delay to get its answer",
                 headers=[("retry-after", str(BUSY_RETRY_AFTER_S))]))
             return

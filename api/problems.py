@@ -51,12 +51,8 @@ class BadRequest(Exception):
     """The body is not JSON at all (400)."""
 
 
-def problem(
-    status: int,
-    detail: str,
-    errors: list[FieldError] | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response[bytes]:
+def problem_body(status: int, detail: str, errors: list[FieldError] | None = None) -> dict[str, Any]:
+    """The RFC 9457 document every error answer carries."""
     body: dict[str, Any] = {
         "type": f"https://billing.invalid/problems/{status}",
         "title": _TITLES.get(status, "Error"),
@@ -69,8 +65,17 @@ def problem(
             | ({"index": e.index} if e.index is not None else {})
             for e in errors
         ]
+    return body
+
+
+def problem(
+    status: int,
+    detail: str,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
     return Response(
-        content=msgspec.json.encode(body),
+        content=msgspec.json.encode(problem_body(status, detail, errors)),
         status_code=status,
         media_type=PROBLEM_JSON,
         headers=headers or {},
