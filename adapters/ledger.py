@@ -157,12 +157,13 @@ class LedgerStore:
             raise Unavailable(f"ledger unavailable: {type(e).__name__}") from e
 
     def read_after(
-        self, position: int, limit: int, stop: int | None = None
+        self, position: int, limit: int, stop: int | None = None, topics: Sequence[str] = ()
     ) -> Sequence[Notification]:
-        """Entries with position > `position` (and <= `stop`), in ledger order."""
+        """Entries with position > `position` (and <= `stop`), in ledger order; only those of
+        `topics` when given (filtered by Postgres, not sent and decoded to be skipped)."""
         assert 0 < limit <= READ_PAGE_MAX_ROWS
         notifications: Sequence[Notification] = self.recorder.select_notifications(
-            start=position, limit=limit, stop=stop, inclusive_of_start=False
+            start=position, limit=limit, stop=stop, topics=topics, inclusive_of_start=False
         )
         return notifications
 
