@@ -1,5 +1,5 @@
-"""In-memory stand-ins for unit tests of domain services: a Ledger with the real version-
-conflict rule (an atomic save) and a settable clock. Integration tests use the real ledger."""
+"""In-memory stand-ins for unit tests of domain services: a Ledger held to the same contract as
+LedgerStore (tests/contract/ledger.py) and a settable clock. Integration tests use the real ledger."""
 
 from __future__ import annotations
 
@@ -9,44 +9,61 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import StoredEvent
 
+from adapters.codec import MsgspecMapper
 from domain.errors import Conflict, NotFound
 
 A = TypeVar("A", bound=Aggregate)
 
 
 class MemoryLedger:
-    """domain.ports.Ledger in memory: an atomic save with the version-conflict rule."""
+    """domain.ports.Ledger in memory: an atomic save with the version-conflict rule.
+
+    Events are kept encoded by the ledger's own codec and decoded afresh on every read, as
+    LedgerStore does: what a service gets back has the types the real ledger gives (datetimes
+    in UTC, say), and shares no object with what it saved or with an earlier read.
+    """
 
     def __init__(self) -> None:
-        self.events: dict[UUID, list[Any]] = {}
+        self._mapper = MsgspecMapper()
+        self._stored: dict[UUID, list[StoredEvent]] = {}
         self.position = 0
         self.before_save: Callable[[], object] | None = None
         self.always_conflict = False
 
+    @property
+    def events(self) -> dict[UUID, list[Any]]:
+        """Every aggregate's events, oldest first, as the ledger gives them back."""
+        return {ident: [self._mapper.to_domain_event(s) for s in stored]
+                for ident, stored in self._stored.items()}
+
     def get(self, aggregate_id: UUID, kind: type[A]) -> A:
         aggregate: Any = None
-        for event in self.events.get(aggregate_id, []):
-            aggregate = event.mutate(aggregate)
+        for stored in self._stored.get(aggregate_id, []):
+            aggregate = self._mapper.to_domain_event(stored).mutate(aggregate)
         if not isinstance(aggregate, kind):
             raise NotFound(kind.__name__, aggregate_id)
         return aggregate
 
     def save(self, *aggregates: Aggregate) -> int:
+        """Append every pending event or none; the position of the last one, or the head
+        when nothing is pending (as LedgerStore)."""
         if self.before_save is not None:
             hook, self.before_save = self.before_save, None
             hook()
         pending = [e for a in aggregates for e in a.collect_events()]
         if self.always_conflict:
             raise Conflict("already recorded in the ledger")
-        lengths = {k: len(v) for k, v in self.events.items()}
+        lengths = {k: len(v) for k, v in self._stored.items()}
         for event in pending:  # check everything first: all or nothing
             expected = lengths.get(event.originator_id, 0) + 1
             if event.originator_version != expected:
                 raise Conflict("already recorded in the ledger")
             lengths[event.originator_id] = expected
-        for event in pending:
-            self.events.setdefault(event.originator_id, []).append(event)
+        encoded = [(e.originator_id, self._mapper.to_stored_event(e)) for e in pending]
+        for ident, stored in encoded:
+            self._stored.setdefault(ident, []).append(stored)
             self.position += 1
         return self.position
 
