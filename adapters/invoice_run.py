@@ -38,15 +38,15 @@ from adapters.ledger import LedgerStore
 from adapters.pg import TRANSIENT
 from domain.errors import Conflict, DomainError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import Invoice
-from domain.invoicing import InvoicingService
 from domain.late_usage import late_usage
 from domain.mail_record import InvoiceMail
 from domain.meter import Meter
 from domain.organisation import Organisation
 from domain.plan import Plan, to_version
-from domain.ports import Blocked, RunResult
 from domain.pricing import LateUsage, PlanVersion
-from domain.services import Written
+from domain.records import Blocked, RunResult
+from domain.services.base import Written
+from domain.services.invoicing import InvoicingService
 from domain.subscription import (
     check_period_has_ended_somewhere,
     parse_period,

@@ -45,7 +45,7 @@ from psycopg.pq import Format
 
 from adapters.codec import encode_states
 from domain.errors import Unavailable
-from domain.ports import Appended, KeyRecord
+from domain.records import Appended, KeyRecord
 from domain.usage import UUID_BYTES, Usage, UsageBatch, UsageFact, usage_id_bytes
 
 log = logging.getLogger("billing.ingest")

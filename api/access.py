@@ -103,7 +103,7 @@ class AccessController(Controller):
             raise ValidationFailed([FieldError("overlap_s", f"0 to {ROTATION_OVERLAP_MAX_S} seconds")])
         old_id = parse_id(key_id, "api key")
         written, full = await anyio.to_thread.run_sync(
-            deps.catalogue.rotate_key, old_id, timedelta(seconds=data.overlap_s))
+            deps.access.rotate_key, old_id, timedelta(seconds=data.overlap_s))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         expires = deps.clock() + timedelta(seconds=data.overlap_s)

@@ -188,7 +188,7 @@ class ProjectController(Controller):
                 "project_id", f"the project has {KEYS_PER_PROJECT_MAX} live API keys, the most it"
                 " may have; revoke one it no longer uses first")])
         written, full = await anyio.to_thread.run_sync(
-            deps.catalogue.issue_key, project, data.name, data.expires_at, cidrs)
+            deps.access.issue_key, project, data.name, data.expires_at, cidrs)
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)
@@ -212,4 +212,4 @@ class ProjectController(Controller):
     @delete("/api-keys/{key_id:str}", summary="Revoke an API key", status_code=204)
     async def revoke_key(self, key_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
         deps: ApiDeps = request.app.state.deps
-        await anyio.to_thread.run_sync(deps.catalogue.revoke_key, parse_id(key_id, "api key"))
+        await anyio.to_thread.run_sync(deps.access.revoke_key, parse_id(key_id, "api key"))

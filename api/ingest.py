@@ -50,7 +50,7 @@ from api.problems import BadRequest, Forbidden, TooManyRequests, Unauthenticated
 from domain.api_key import secret_hash, split_key
 from domain.decimal_text import DECIMAL_TEXT, NotDecimalText, parse_decimal_text
 from domain.errors import FieldError, Problems, ValidationFailed
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.usage import (
     EVENT_ID_MAX_CHARS,
     PROPERTIES_MAX_BYTES,

@@ -23,7 +23,7 @@ from adapters.usage_writer import UsageWriter, encode_usage
 from domain.meter import Meter
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, TierSpec
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.subscription import Subscription
 from domain.usage import UsageFact
 from infra.embedded import embedded_servers

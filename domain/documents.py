@@ -1,4 +1,5 @@
-"""Invoice documents as plain data, the Mailer port, and the pure formatting rules they share.
+"""Invoice documents as plain data and the pure formatting rules they share (the Mailer port that
+sends them is in domain/ports.py).
 
 `InvoiceDocument` is everything a GST tax invoice shows (CGST Rules, rule 46): supplier and
 recipient name, address and GSTIN, a serial number of at most 16 characters, the date, the SAC
@@ -15,11 +16,9 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
-from email.message import EmailMessage
-from typing import Literal, Protocol
+from typing import Literal
 from uuid import UUID
 
-from domain.errors import DomainError, Unavailable
 from domain.tax import INDIA, TaxLine
 
 # SAC (Services Accounting Code) for metered cloud/platform usage: heading 9983, group 99831,
@@ -262,22 +261,3 @@ def rupees_in_words(paise: int) -> str:
     if rest:
         words += f" and {number_in_words(rest)} Paise"
     return words + " Only"
-
-
-# ---- mail port ----
-
-
-class MailUnavailable(Unavailable):
-    """The mail transport failed in a way that a later retry may fix (connection refused or
-    dropped, timeout, SMTP 4xx, outbox disk error)."""
-
-
-class MailRejected(DomainError):
-    """The mail transport refused the message for good (SMTP 5xx: bad recipient, auth,
-    policy). Retrying the same message will not help."""
-
-
-class Mailer(Protocol):
-    """Delivers one complete email. Raises MailUnavailable (retry later) or MailRejected."""
-
-    def send(self, msg: EmailMessage) -> None: ...

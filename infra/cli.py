@@ -27,7 +27,8 @@ from adapters.maintenance import rebuild, redrive
 from domain.access import ROLES as ROLES_OF_PRINCIPALS
 from domain.audit import CURRENT_ACTOR, Actor
 from domain.errors import DomainError
-from domain.services import AccessService, CatalogueService, OrganisationService
+from domain.services.access import AccessService
+from domain.services.organisations import OrganisationService
 from infra import logs
 from infra.roles import listen_socket, run_roles
 from infra.settings import Settings, from_env
@@ -272,12 +273,12 @@ def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:
             written = OrganisationService(rt.ledger, clock, uuid4).create(settings)
             out.write(f"{written.aggregate.id}\n")
         else:
-            catalogue = CatalogueService(rt.ledger, clock, uuid4, new_key_secret)
+            keys = AccessService(rt.ledger, clock, uuid4, new_key_secret)
             if args.action == "create":
-                _, key = catalogue.issue_key(UUID(args.project), args.name, None)
+                _, key = keys.issue_key(UUID(args.project), args.name, None)
                 out.write(key + "\n")
             else:
-                catalogue.revoke_key(UUID(args.key_id))
+                keys.revoke_key(UUID(args.key_id))
                 out.write("revoked\n")
     except (DomainError, ValueError) as e:
         sys.stderr.write(f"billing: {e}\n")

@@ -29,7 +29,7 @@ from domain.audit import (
     idempotency_seed,
 )
 from domain.errors import Unavailable
-from domain.services import OrganisationService
+from domain.services.organisations import OrganisationService
 from tests.conftest import wait_until
 from tests.e2e.conftest import AUTH, Api
 

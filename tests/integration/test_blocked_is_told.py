@@ -16,8 +16,8 @@ import pytest
 
 from adapters import bookkeeping
 from domain.plan import ChargeSpec
-from domain.plans_service import PlansService
-from domain.services import OrganisationService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from infra.cli import _status as status
 from infra.wiring import Runtime
 from tests.conftest import ThreadedWriter

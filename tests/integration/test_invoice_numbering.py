@@ -14,12 +14,12 @@ from zoneinfo import ZoneInfo
 from adapters.maintenance import ensure_tables, rebuild
 from domain.errors import Conflict
 from domain.invoice import Invoice, invoice_id
-from domain.invoicing import InvoicingService
 from domain.numbering import InvoiceSequence, format_number, sequence_id
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, plan_id
-from domain.plans_service import PlansService
-from domain.services import OrganisationService
+from domain.services.invoicing import InvoicingService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from domain.subscription import Subscription, subscription_id
 from infra.wiring import Runtime
 from projections import invoices

@@ -16,11 +16,12 @@ import pytest
 from adapters.invoice_run import InvoiceRun
 from adapters.usage_writer import encode_usage
 from domain.invoice import VOID, Invoice
-from domain.invoicing import InvoicingService
 from domain.plan import ChargeSpec
-from domain.plans_service import PlansService
-from domain.ports import KeyRecord, RunResult
-from domain.services import CatalogueService, OrganisationService
+from domain.records import KeyRecord, RunResult
+from domain.services.catalogue import CatalogueService
+from domain.services.invoicing import InvoicingService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from domain.subscription import period_bounds, period_of, shift_period
 from domain.usage import UsageFact
 from infra.wiring import READ_MODELS, Runtime
@@ -113,7 +114,7 @@ class Tenant:
 
 def calls_tenant(live: tuple[Runtime, ThreadedWriter], base_fee: Decimal = Decimal(0)) -> Tenant:
     rt, writer = live
-    CatalogueService(rt.ledger, now, uuid4, lambda: ("p", "s")).define_meter(
+    CatalogueService(rt.ledger, now, uuid4).define_meter(
         "calls", "Calls", "count", None, [], False, lambda _: False)
     return Tenant(rt, writer, [ChargeSpec("calls", "per_unit", unit_price=ONE_RUPEE_PER_CALL)],
                   base_fee)
@@ -180,7 +181,7 @@ def test_a_late_item_that_went_down_is_left_out_alone(live: tuple[Runtime, Threa
     """Usage of one earlier period that went down needs a credit note: only that item is left
     out; the other late usage of the same draft is still billed."""
     rt, writer = live
-    catalogue = CatalogueService(rt.ledger, now, uuid4, lambda: ("p", "s"))
+    catalogue = CatalogueService(rt.ledger, now, uuid4)
     catalogue.define_meter("calls", "Calls", "count", None, [], False, lambda _: False)
     catalogue.define_meter("credits", "Credits", "sum", None, [], True, lambda _: False)
     tenant = Tenant(rt, writer, [ChargeSpec("calls", "per_unit", unit_price=Decimal(1)),

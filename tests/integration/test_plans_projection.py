@@ -13,8 +13,8 @@ import pytest
 from adapters.maintenance import ensure_tables, rebuild
 from domain.errors import NotFound
 from domain.plan import ChargeSpec, Plan, TierSpec, plan_id, to_version
-from domain.plans_service import PlansService
-from domain.services import OrganisationService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from domain.subscription import PeriodPlan, Subscription, plan_for_period, subscription_id
 from infra.wiring import Runtime
 from projections import plans

@@ -14,7 +14,6 @@ from eventsourcing.domain import Aggregate
 from adapters.codec import MsgspecMapper
 from domain.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from domain.invoice import VOID_REASON_MAX_CHARS, Invoice, InvoiceLine, InvoiceTax, invoice_id
-from domain.invoicing import FINALIZE_ATTEMPTS, InvoicingService, period_has_ended
 from domain.numbering import (
     NUMBER_MAX_CHARS,
     SEQUENCE_MAX,
@@ -27,6 +26,7 @@ from domain.numbering import (
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import LateUsage, price
+from domain.services.invoicing import FINALIZE_ATTEMPTS, InvoicingService, period_has_ended
 from domain.subscription import SubscriptionEntry
 from domain.tax import TaxFacts
 from tests.unit.memory import Clock, MemoryLedger

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 
 from adapters.invoice_run import LATE_LOOKBACK_PERIODS
 from domain.invoice import Invoice
-from domain.invoicing import InvoicingService
 from domain.late_usage import late_usage
 from domain.money import to_paise
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import PlanVersion, charge_amount
+from domain.services.invoicing import InvoicingService
 from domain.subscription import SubscriptionEntry, shift_period
 from tests.unit.memory import Clock, MemoryLedger
 

@@ -16,8 +16,9 @@ from api.plans import JSON_SAFE_INTEGER_MAX, PublishPlan, charge_out, parse_deci
 from domain.errors import NotFound, Problems, ValidationFailed
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, plan_id, to_version
-from domain.plans_service import SAVE_ATTEMPTS, PlansService
 from domain.pricing import price
+from domain.services.base import SAVE_ATTEMPTS
+from domain.services.plans import PlansService
 from domain.subscription import (
     PeriodPlan,
     Subscription,

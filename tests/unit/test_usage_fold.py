@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from adapters.usage_writer import encode_batch
 from domain.errors import Problems
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.usage import (
     EXACT,
     VALUE_MAX_DIGITS,

@@ -1,4 +1,4 @@
-"""Application service for invoices: draft a period, finalize (number it), void.
+"""Invoices: draft a period, finalize (number it), void.
 
 get -> decide -> save through the Ledger port, the clock passed in; no other I/O. The caller
 (the invoice run) reads what a draft is computed from — the organisation, its subscription
@@ -15,19 +15,19 @@ The rules are written down in docs/INVOICES.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal, Protocol
+from typing import Literal
 from uuid import UUID
 
 from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.numbering import InvoiceSequence, financial_year, sequence_id
 from domain.plan import StoredVersion, to_version
-from domain.ports import Ledger
+from domain.ports import Billable, Clock, Ledger, Pause
 from domain.pricing import LateUsage, price
-from domain.services import Clock, Written
+from domain.services.base import Written
 from domain.subscription import SubscriptionEntry, parse_period, period_bounds, plan_for_period
 from domain.tax import TaxFacts
 
@@ -43,34 +43,9 @@ VOID_ATTEMPTS = 3  # a void races only with a finalize or a payment of the same 
 REVISIONS_MAX = 100  # replacements of voided invoices of one (organisation, period)
 ZERO = Decimal(0)
 
-Pause = Callable[[int], None]  # called with the attempt number after a lost race
-
 
 def _no_pause(attempt: int) -> None:
     """Retry at once: the ledger serialises appends, so a retry queues behind the winner."""
-
-
-class Billable(Protocol):
-    """What a draft needs to know about the organisation (domain.organisation.Organisation
-    fits; so does any object with these attributes, e.g. one built from the read model)."""
-
-    @property
-    def id(self) -> UUID: ...
-
-    @property
-    def currency(self) -> str: ...
-
-    @property
-    def timezone(self) -> str: ...
-
-    @property
-    def country(self) -> str: ...
-
-    @property
-    def state_code(self) -> str | None: ...
-
-    @property
-    def gstin(self) -> str | None: ...
 
 
 def period_has_ended(period: str, timezone: str, now: datetime) -> bool:

@@ -1,14 +1,10 @@
-"""Application services: get -> decide -> save, with clock and ids passed in."""
+"""Access: project API keys (issue, rotate, revoke) and admin tokens (issue, revoke, the
+bootstrap owner). A new secret is returned once and never stored; only its hash is."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Generic, TypeVar
 from uuid import UUID
-
-from eventsourcing.domain import Aggregate
 
 from domain.access import (
     TOKEN_PREFIX,
@@ -19,51 +15,14 @@ from domain.access import (
 )
 from domain.api_key import KEY_PREFIX, ApiKey
 from domain.errors import Conflict, NotFound
-from domain.meter import Meter, meter_id
-from domain.organisation import Organisation, Settings
-from domain.ports import Ledger
+from domain.organisation import Organisation
+from domain.ports import Clock, Ledger, NewId, NewSecret
 from domain.project import Project
-
-Clock = Callable[[], datetime]
-NewId = Callable[[], UUID]
-A = TypeVar("A", bound=Aggregate)
+from domain.services.base import Written
 
 
-@dataclass(frozen=True)
-class Written(Generic[A]):
-    """What a command did: the aggregate as saved and the ledger position a reader can wait
-    for (0 when nothing was appended)."""
-
-    aggregate: A
-    position: int
-
-
-class OrganisationService:
-    def __init__(self, ledger: Ledger, clock: Clock, new_id: NewId) -> None:
-        self._ledger = ledger
-        self._clock = clock
-        self._new_id = new_id
-
-    def create(self, settings: Settings) -> Written[Organisation]:
-        org = Organisation.create(self._new_id(), settings, self._clock())
-        return Written(org, self._ledger.save(org))
-
-    def update_settings(
-        self, org_id: UUID, changes: Settings, suspended: bool | None = None, reason: str = ""
-    ) -> Written[Organisation]:
-        org = self._ledger.get(org_id, Organisation)
-        now = self._clock()
-        changed = org.update_settings(changes, now) if changes else False
-        if suspended is not None:
-            changed = org.set_suspended(suspended, reason, now) or changed
-        return Written(org, self._ledger.save(org) if changed else 0)
-
-
-NewSecret = Callable[[], tuple[str, str]]  # (visible prefix, secret part)
-
-
-class CatalogueService:
-    """Meters, projects and API keys."""
+class AccessService:
+    """API keys and admin tokens."""
 
     def __init__(self, ledger: Ledger, clock: Clock, new_id: NewId, new_secret: NewSecret) -> None:
         self._ledger = ledger
@@ -71,25 +30,7 @@ class CatalogueService:
         self._new_id = new_id
         self._new_secret = new_secret
 
-    def define_meter(
-        self, code: str, name: str, aggregation: str, field: str | None, group_by: list[str],
-        allow_negative: bool, has_usage: Callable[[str], bool],
-    ) -> tuple[Written[Meter], bool]:
-        """Define a meter, or change an existing one; returns (written, created)."""
-        try:
-            meter = self._ledger.get(meter_id(code), Meter)
-        except NotFound:
-            meter = Meter.define(code, name, aggregation, field, group_by, allow_negative,
-                                 self._clock())
-            return Written(meter, self._ledger.save(meter)), True
-        changed = meter.redefine(name, aggregation, field, group_by, allow_negative,
-                                 has_usage(code), self._clock())
-        return Written(meter, self._ledger.save(meter) if changed else 0), False
-
-    def create_project(self, organisation_id: UUID, name: str) -> Written[Project]:
-        self._ledger.get(organisation_id, Organisation)  # NotFound for an unknown organisation
-        project = Project.create(self._new_id(), organisation_id, name, self._clock())
-        return Written(project, self._ledger.save(project))
+    # ---- API keys --------------------------------------------------------------------------
 
     def issue_key(
         self, project_id: UUID, name: str, expires_at: datetime | None, allowed_ips: str = ""
@@ -125,15 +66,7 @@ class CatalogueService:
         key.revoke(self._clock())
         return Written(key, self._ledger.save(key))
 
-
-class AccessService:
-    """Admin tokens: issue (the token is shown once), revoke, and the bootstrap owner."""
-
-    def __init__(self, ledger: Ledger, clock: Clock, new_id: NewId, new_secret: NewSecret) -> None:
-        self._ledger = ledger
-        self._clock = clock
-        self._new_id = new_id
-        self._new_secret = new_secret
+    # ---- admin tokens ----------------------------------------------------------------------
 
     def issue_token(
         self, role: str, organisation_id: UUID | None, name: str, expires_at: datetime | None

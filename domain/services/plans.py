@@ -1,4 +1,4 @@
-"""Application service for plans and subscriptions: get -> decide -> save, clock passed in.
+"""Plans and subscriptions: publish plan versions, assign a plan to an organisation.
 
 Two writers racing on the same plan code (or organisation) collide on the aggregate's next
 version in the ledger; the loser decides again from the fresh state, a bounded number of times.
@@ -6,33 +6,19 @@ version in the ledger; the loser decides again from the fresh state, a bounded n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from datetime import datetime
 from decimal import Decimal
-from typing import TypeVar
 from uuid import UUID
 
-from domain.errors import Conflict, FieldError, NotFound, ValidationFailed
+from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.instants import check_instant
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, plan_id
-from domain.ports import Ledger
-from domain.services import Clock, Written
+from domain.ports import Clock, Ledger
+from domain.services.base import Written, with_retries
 from domain.subscription import Subscription, subscription_id
-
-SAVE_ATTEMPTS = 3  # decide again after losing a race on the same aggregate, at most this often
-
-T = TypeVar("T")
-
-
-def _with_retries(attempt: Callable[[], T]) -> T:
-    for _ in range(SAVE_ATTEMPTS - 1):
-        try:
-            return attempt()
-        except Conflict:
-            continue
-    return attempt()
 
 
 class PlansService:
@@ -59,7 +45,7 @@ class PlansService:
                 plan.publish_version(name, currency, base_fee, minimum, charges, known_meters, now)
             return Written(plan, self._ledger.save(plan))
 
-        return _with_retries(attempt)
+        return with_retries(attempt)
 
     def plan(self, code: str) -> Plan:
         """The plan with every version, from the ledger; NotFound for an unknown code."""
@@ -93,4 +79,4 @@ class PlansService:
                 return Written(sub, 0)
             return Written(sub, self._ledger.save(sub))
 
-        return _with_retries(attempt)
+        return with_retries(attempt)
