@@ -83,7 +83,7 @@ class Claim:
     response: StoredResponse | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Blocked:
     """An organisation the invoice run left alone: dead-lettered ledger entries can affect it.
     `read_models` names, per read model, the positions that block it; `missing_positions` is
@@ -95,7 +95,7 @@ class Blocked:
     read_models: dict[str, list[int]] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunResult:
     """What an invoice run did, organisation by organisation, counted
     (domain/services/invoice_runs.py builds it)."""
