@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -39,6 +39,7 @@ from domain.errors import Conflict, DomainError, NotFound, Unavailable, Validati
 from domain.invoice import Invoice
 from domain.late_usage import late_usage
 from domain.organisation import Organisation
+from domain.period import check_period_has_ended_somewhere, first_day
 from domain.plan import StoredVersion, to_version
 from domain.pricing import LateUsage, PlanVersion
 from domain.records import RunResult
@@ -46,7 +47,7 @@ from domain.services import invoice_runs as decide
 from domain.services.base import Written
 from domain.services.invoice_runs import DeadLettered, Done, Outcome, OwnerOf, Scope
 from domain.services.invoicing import InvoicingService
-from domain.subscription import SubscriptionEntry, check_period_has_ended_somewhere, parse_period
+from domain.subscription import SubscriptionEntry
 from projections import catalogue, invoices, organisations, plans, usage_totals
 
 log = logging.getLogger("billing.invoice_run")
@@ -114,9 +115,9 @@ class InvoiceRun:
             subscribed = decide.organisations_to_run(
                 plans.subscribed_organisations(conn), dead, plans.READ_MODEL.name)
             drafted = invoices.existing_for_period(conn, period)
-            quantities = usage_totals.period_quantities(conn, _month_start(period))
+            quantities = usage_totals.period_quantities(conn, first_day(period))
             billing = invoices.billing_invoices(conn, decide.billing_periods(period))
-            earlier_totals = {q: usage_totals.period_quantities(conn, _month_start(q)) for q in earlier}
+            earlier_totals = {q: usage_totals.period_quantities(conn, first_day(q)) for q in earlier}
             versions: dict[str, list[StoredVersion]] = {}
             for count, org_id in enumerate(subscribed, 1):
                 if progress:
@@ -230,10 +231,6 @@ class InvoiceRun:
                 except Exception:  # an entry that will not decode is attributed to everyone
                     log.exception("dead letter at %s cannot be decoded", n.id)
         return out
-
-
-def _month_start(period: str) -> date:
-    return date(*parse_period(period), 1)
 
 
 def _stored_versions(conn: Any, code: str) -> list[StoredVersion]:

@@ -23,7 +23,7 @@ from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.invoice import STATUSES, Invoice
-from domain.subscription import parse_period
+from domain.period import parse_period
 from projections import invoices as view
 from projections import organisations
 

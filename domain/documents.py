@@ -12,13 +12,13 @@ Amounts are integer paise and are formatted here, once, with Indian digit groupi
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from typing import Literal
 from uuid import UUID
 
+from domain.period import is_period
 from domain.tax import INDIA, TaxLine
 
 # SAC (Services Accounting Code) for metered cloud/platform usage: heading 9983, group 99831,
@@ -36,7 +36,6 @@ PAISE_PER_RUPEE = 100
 EXPORT_NOTE = "Supply meant for export of services under LUT without payment of integrated tax (IGST)"
 # GST state code used in returns and e-invoices for a place of supply outside India.
 OTHER_COUNTRY_STATE_CODE = "96"
-_PERIOD = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
 
 EmailKind = Literal["invoice", "paid"]
 
@@ -163,7 +162,7 @@ def _inconsistencies(doc: InvoiceDocument) -> list[str]:
     problems: list[str] = []
     if not doc.number or len(doc.number) > INVOICE_NUMBER_MAX_CHARS:
         problems.append(f"number must be 1..{INVOICE_NUMBER_MAX_CHARS} characters")
-    if not _PERIOD.match(doc.period):
+    if not is_period(doc.period):
         problems.append("period must be YYYY-MM")
     lines_sum = sum(line.amount for line in doc.lines)
     if doc.subtotal != lines_sum:

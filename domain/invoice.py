@@ -26,8 +26,8 @@ import msgspec
 from eventsourcing.domain import Aggregate
 
 from domain.errors import Conflict, FieldError, ValidationFailed
+from domain.period import parse_period
 from domain.pricing import LateUsage, Priced
-from domain.subscription import parse_period
 
 InvoiceStatus = Literal["draft", "finalized", "paid", "void"]
 DRAFT: InvoiceStatus = "draft"

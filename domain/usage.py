@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import (
     Clamped,
     Context,
@@ -20,7 +20,6 @@ from functools import lru_cache
 from hashlib import sha1
 from typing import Any
 from uuid import UUID, uuid5
-from zoneinfo import ZoneInfo
 
 from eventsourcing.domain import Aggregate
 
@@ -346,14 +345,6 @@ def _plainly_valid(given: Sequence[Decimal]) -> bool:
 
 
 # ---- the reference fold: what a period's quantity is, straight from the events ----------
-
-def local_day(at: datetime, timezone: str) -> date:
-    return at.astimezone(ZoneInfo(timezone)).date()
-
-
-def local_month(at: datetime, timezone: str) -> date:
-    return local_day(at, timezone).replace(day=1)
-
 
 def fold(aggregation: str, field: str | None, events: Iterable[tuple[int, Usage.Recorded]]) -> Decimal:
     """Quantity of one period from (ledger position, event) pairs of distinct events."""

@@ -15,7 +15,8 @@ from uuid import UUID
 
 import msgspec
 
-from domain.usage import EXACT, MeterRule, Usage, local_day
+from domain.period import local_day
+from domain.usage import EXACT, MeterRule, Usage
 
 Bucket = tuple[UUID, UUID, str, str, date, str]
 # While folding a batch: (organisation, project, metric, group key, local day). Months are

@@ -30,10 +30,10 @@ from domain.invoice import Invoice
 from domain.mail_record import InvoiceMail
 from domain.meter import Meter
 from domain.organisation import Organisation
+from domain.period import period_bounds, period_of, shift_period
 from domain.plan import Plan
 from domain.pricing import LateUsage
 from domain.records import Blocked, RunResult
-from domain.subscription import period_bounds, period_of, shift_period
 from domain.usage import Usage
 
 # Usage is accepted up to 35 days late, so a run can meet new usage of the two periods before

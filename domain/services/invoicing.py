@@ -16,7 +16,6 @@ The rules are written down in docs/INVOICES.md.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 from uuid import UUID
@@ -24,11 +23,12 @@ from uuid import UUID
 from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.numbering import InvoiceSequence, financial_year, sequence_id
+from domain.period import parse_period, period_bounds, period_has_ended
 from domain.plan import StoredVersion, to_version
 from domain.ports import Billable, Clock, Ledger, Pause
 from domain.pricing import LateUsage, price
 from domain.services.base import Written
-from domain.subscription import SubscriptionEntry, parse_period, period_bounds, plan_for_period
+from domain.subscription import SubscriptionEntry, plan_for_period
 from domain.tax import TaxFacts
 
 DraftStatus = Literal["created", "existing", "skipped"]
@@ -46,11 +46,6 @@ ZERO = Decimal(0)
 
 def _no_pause(attempt: int) -> None:
     """Retry at once: the ledger serialises appends, so a retry queues behind the winner."""
-
-
-def period_has_ended(period: str, timezone: str, now: datetime) -> bool:
-    """True once the period ('YYYY-MM' in `timezone`) is over at `now`."""
-    return now >= period_bounds(period, timezone)[1]
 
 
 class InvoicingService:

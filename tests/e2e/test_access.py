@@ -28,7 +28,7 @@ from api.app import check_rules
 from api.permissions import ROLE_PERMISSIONS, RULES, A
 from domain.access import ORG_ROLES, ROLES
 from domain.invoice import invoice_id
-from domain.subscription import shift_period
+from domain.period import shift_period
 from infra.embedded import free_port
 from tests.conftest import http_status_is, wait_sync
 from tests.e2e.test_invoicing_http import last_period

@@ -16,13 +16,13 @@ import pytest
 from adapters.invoice_run import InvoiceRun
 from adapters.usage_writer import encode_usage
 from domain.invoice import VOID, Invoice
+from domain.period import period_bounds, period_of, shift_period
 from domain.plan import ChargeSpec
 from domain.records import KeyRecord, RunResult
 from domain.services.catalogue import CatalogueService
 from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
 from domain.services.plans import PlansService
-from domain.subscription import period_bounds, period_of, shift_period
 from domain.usage import UsageFact
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoices

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from adapters.bookkeeping import dead_letter_counts
 from adapters.maintenance import rebuild
 from adapters.usage_writer import encode_usage
+from domain.period import local_day
 from domain.records import KeyRecord
 from domain.services.catalogue import CatalogueService
-from domain.usage import UsageFact, fold, local_day
+from domain.usage import UsageFact, fold
 from infra.wiring import Runtime
 from projections import usage_totals
 from tests.conftest import (

@@ -24,9 +24,10 @@ from domain.numbering import (
     sequence_id,
 )
 from domain.organisation import Organisation
+from domain.period import period_has_ended
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import LateUsage, price
-from domain.services.invoicing import FINALIZE_ATTEMPTS, InvoicingService, period_has_ended
+from domain.services.invoicing import FINALIZE_ATTEMPTS, InvoicingService
 from domain.subscription import SubscriptionEntry
 from domain.tax import TaxFacts
 from tests.unit.memory import Clock, MemoryLedger

@@ -18,11 +18,12 @@ from domain.invoice import Invoice
 from domain.late_usage import late_usage
 from domain.money import to_paise
 from domain.organisation import Organisation
+from domain.period import shift_period
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import PlanVersion, charge_amount
 from domain.services.invoice_runs import LATE_LOOKBACK_PERIODS
 from domain.services.invoicing import InvoicingService
-from domain.subscription import SubscriptionEntry, shift_period
+from domain.subscription import SubscriptionEntry
 from tests.unit.memory import Clock, MemoryLedger
 
 IST = ZoneInfo("Asia/Kolkata")

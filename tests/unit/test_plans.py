@@ -15,6 +15,7 @@ from adapters.codec import MsgspecMapper
 from api.plans import JSON_SAFE_INTEGER_MAX, PublishPlan, charge_out, parse_decimal, parse_plan
 from domain.errors import NotFound, Problems, ValidationFailed
 from domain.organisation import Organisation
+from domain.period import parse_period, period_bounds
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, plan_id, to_version
 from domain.pricing import price
 from domain.services.base import SAVE_ATTEMPTS
@@ -24,8 +25,6 @@ from domain.subscription import (
     Subscription,
     SubscriptionEntry,
     change_effective_from,
-    parse_period,
-    period_bounds,
     plan_at,
     plan_for_period,
     subscription_id,

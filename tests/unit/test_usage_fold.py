@@ -15,14 +15,7 @@ from hypothesis import strategies as st
 from adapters.usage_writer import encode_batch
 from domain.errors import Problems
 from domain.records import KeyRecord
-from domain.usage import (
-    EXACT,
-    VALUE_MAX_DIGITS,
-    MeterRule,
-    UsageBatch,
-    check_usage,
-    significant_digits,
-)
+from domain.usage import EXACT, VALUE_MAX_DIGITS, MeterRule, UsageBatch, check_usage, significant_digits
 from domain.usage import fold as fold_events
 from projections.usage_fold import Fold, Totals, UsageView
 
