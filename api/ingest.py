@@ -65,7 +65,7 @@ from domain.usage import (
     check_usage,
 )
 
-BATCH_MAX_EVENTS = 1000
+REQUEST_EVENTS_MAX = 1000
 INGEST_DESCRIPTION = (
     "The body is one event or {\"events\": [...]} with 1 to 1000 of them; each event has"
     " event_id (1-128 characters, unique per project), metric (a meter's code), and optionally"
@@ -111,7 +111,7 @@ class PlainEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 class PlainBatch(msgspec.Struct, forbid_unknown_fields=True):
-    events: Annotated[list[PlainEvent], msgspec.Meta(min_length=1, max_length=BATCH_MAX_EVENTS)]
+    events: Annotated[list[PlainEvent], msgspec.Meta(min_length=1, max_length=REQUEST_EVENTS_MAX)]
 
 
 _plain_batch = msgspec.json.Decoder(PlainBatch)
@@ -213,8 +213,8 @@ def split_body(body: bytes) -> tuple[list[msgspec.Raw], bool]:
         items = _items.decode(envelope["events"])
     except msgspec.ValidationError:
         raise ValidationFailed([FieldError("events", "must be an array of events")]) from None
-    if not 1 <= len(items) <= BATCH_MAX_EVENTS:
-        raise ValidationFailed([FieldError("events", f"must hold 1 to {BATCH_MAX_EVENTS} events")])
+    if not 1 <= len(items) <= REQUEST_EVENTS_MAX:
+        raise ValidationFailed([FieldError("events", f"must hold 1 to {REQUEST_EVENTS_MAX} events")])
     return items, True
 
 

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Literal
 from uuid import UUID
 
+from domain.money import PAISE_PER_RUPEE
 from domain.period import is_period
 from domain.tax import INDIA, TaxLine
 
@@ -30,7 +31,6 @@ SAC_CODE = "998315"
 SAC_DESCRIPTION = "Hosting and IT infrastructure provisioning services"
 
 INVOICE_NUMBER_MAX_CHARS = 16  # CGST Rules, rule 46(b)
-PAISE_PER_RUPEE = 100
 # Endorsement an invoice for an export of services carries when no IGST is paid (rule 46,
 # proviso; IGST Act s.16: exports are zero-rated, supplied under a Letter of Undertaking).
 EXPORT_NOTE = "Supply meant for export of services under LUT without payment of integrated tax (IGST)"

@@ -278,7 +278,8 @@ _VALUE_RULES = Context(prec=VALUE_MAX_DIGITS, Emax=VALUE_MAX_DIGITS - 1, Emin=-V
 # Sums of usage values are exact: valid values span 36 digits (18 significant, exponents -36..17)
 # and the default context keeps 28. Enough for sums of billions of them; a sum that would not
 # fit raises (Inexact) instead of rounding.
-EXACT = Context(prec=80, traps=[InvalidOperation, Inexact, Overflow])
+USAGE_EXACT_DIGITS = 80
+USAGE_EXACT = Context(prec=USAGE_EXACT_DIGITS, traps=[InvalidOperation, Inexact, Overflow])
 
 
 def accept_plain_batch(
@@ -352,7 +353,7 @@ def fold(aggregation: str, field: str | None, events: Iterable[tuple[int, Usage.
     if aggregation == "count":
         return Decimal(len(items))
     if aggregation == "sum":
-        with localcontext(EXACT):
+        with localcontext(USAGE_EXACT):
             return sum((e.value for _, e in items), Decimal(0))
     if aggregation == "max":
         return max((e.value for _, e in items), default=Decimal(0))

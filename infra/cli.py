@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from adapters import bookkeeping
 from adapters.maintenance import rebuild, redrive
-from domain.access import ROLES as ROLES_OF_PRINCIPALS
+from domain.access import PRINCIPAL_ROLES
 from domain.audit import CURRENT_ACTOR, Actor
 from domain.errors import DomainError
 from domain.services.access import AccessService
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("name", choices=[m.name for m in READ_MODELS])
     admin = sub.add_parser("admin", help="admin principals").add_subparsers(dest="action", required=True)
     tok = admin.add_parser("create-token", help="print a new admin token (shown once)")
-    tok.add_argument("--role", required=True, choices=ROLES_OF_PRINCIPALS)
+    tok.add_argument("--role", required=True, choices=PRINCIPAL_ROLES)
     tok.add_argument("--organisation", help="organisation id, for org_admin / org_viewer")
     tok.add_argument("--name", default="created with the CLI")
     orgs = sub.add_parser("orgs", help="organisations").add_subparsers(dest="action", required=True)

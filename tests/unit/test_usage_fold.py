@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from adapters.usage_writer import encode_batch
 from domain.errors import Problems
 from domain.records import KeyRecord
-from domain.usage import EXACT, VALUE_MAX_DIGITS, MeterRule, UsageBatch, check_usage, significant_digits
+from domain.usage import USAGE_EXACT, VALUE_MAX_DIGITS, MeterRule, UsageBatch, check_usage, significant_digits
 from domain.usage import fold as fold_events
 from projections.usage_fold import Fold, Totals, UsageView
 
@@ -41,7 +41,7 @@ AT = datetime(2026, 11, 30, 18, 31, tzinfo=UTC)
 
 
 def _plain(vs: list[Decimal]) -> tuple[int, Decimal, Decimal]:
-    with localcontext(EXACT):
+    with localcontext(USAGE_EXACT):
         return len(vs), sum(vs, Decimal(0)), max(vs)
 
 
@@ -130,7 +130,7 @@ def test_a_field_meters_totals_fold_the_property_values_as_ingestion_records_the
                 for p, (v, (gb, m)) in enumerate(zip(values, sent, strict=True), 1)]
     expected = fold_events(aggregation, "gb", recorded)  # type: ignore[arg-type]
     assert quantity == expected
-    with localcontext(EXACT):
+    with localcontext(USAGE_EXACT):
         direct = {"sum": sum(values, Decimal(0)), "max": max(values),
                   "latest": max(recorded, key=lambda pr: (pr[1].occurred_at, pr[0]))[1].value}
     assert str(quantity) == str(direct[aggregation])
