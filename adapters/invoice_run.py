@@ -177,16 +177,20 @@ class InvoiceRun:
                versions: dict[str, list[StoredVersion]], quantities: dict[str, Decimal],
                usage_position: int, late: list[LateUsage]) -> Outcome:
         try:
-            _, status = self._invoicing.draft(org, period, history, versions, quantities,
-                                              usage_position, self._supplier, late)
+            _, status = self._invoicing.draft(org, period=period, subscription_history=history,
+                                              plan_versions=versions, quantities=quantities,
+                                              usage_position=usage_position,
+                                              supplier_state_code=self._supplier, late=late)
         except ValidationFailed as e:
             kept = decide.late_items_to_keep(late, e)
             if kept is None:
                 raise
             log.error("invoice run %s: %s: late usage left out, needs a credit note or a manual "
                       "correction: %s", period, org.id, e)
-            _, status = self._invoicing.draft(org, period, history, versions, quantities,
-                                              usage_position, self._supplier, kept)
+            _, status = self._invoicing.draft(org, period=period, subscription_history=history,
+                                              plan_versions=versions, quantities=quantities,
+                                              usage_position=usage_position,
+                                              supplier_state_code=self._supplier, late=kept)
         return status
 
     def _dead_lettered(self, usage_periods: list[str]) -> DeadLettered:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -82,8 +83,9 @@ class AccessController(Controller):
     async def create_token(self, data: JSONBody[CreateToken],
                            request: Request[Any, Any, Any]) -> Response[TokenCreated]:
         deps: ApiDeps = request.app.state.deps
-        written, token = await anyio.to_thread.run_sync(
-            deps.access.issue_token, data.role, data.organisation_id, data.name, data.expires_at)
+        written, token = await anyio.to_thread.run_sync(partial(
+            deps.access.issue_token, role=data.role, organisation_id=data.organisation_id,
+            name=data.name, expires_at=data.expires_at))
         await settle(deps, access.NAME, written.position)
         t = written.aggregate
         return Response(TokenCreated(t.id, t.role, t.organisation_id, t.name, t.expires_at, token),

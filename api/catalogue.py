@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -114,10 +115,11 @@ class MeterController(Controller):
         self, data: JSONBody[DefineMeter], request: Request[Any, Any, Any]
     ) -> Response[MeterOut]:
         deps: ApiDeps = request.app.state.deps
-        written, created = await anyio.to_thread.run_sync(
-            deps.catalogue.define_meter, data.code, data.name, data.aggregation, data.field,
-            data.group_by, data.allow_negative, _has_usage(deps),
-        )
+        written, created = await anyio.to_thread.run_sync(partial(
+            deps.catalogue.define_meter, code=data.code, name=data.name,
+            aggregation=data.aggregation, field=data.field, group_by=data.group_by,
+            allow_negative=data.allow_negative, has_usage=_has_usage(deps),
+        ))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         m = written.aggregate
         out = MeterOut(m.code, m.name, m.aggregation, m.field, list(m.group_by), m.allow_negative)
@@ -187,8 +189,8 @@ class ProjectController(Controller):
             raise ValidationFailed([FieldError(
                 "project_id", f"the project has {KEYS_PER_PROJECT_MAX} live API keys, the most it"
                 " may have; revoke one it no longer uses first")])
-        written, full = await anyio.to_thread.run_sync(
-            deps.access.issue_key, project, data.name, data.expires_at, cidrs)
+        written, full = await anyio.to_thread.run_sync(partial(
+            deps.access.issue_key, project, data.name, data.expires_at, allowed_ips=cidrs))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)

@@ -490,8 +490,9 @@ def check_carefully(
 ) -> UsageBatch:
     facts: list[UsageFact] = []
     for index, event, value, props, size in decoded:
-        fact = check_usage(index, event.event_id, event.metric, event.timestamp,
-                           value, props, size, rules, now, problems)
+        fact = check_usage(index=index, event_id=event.event_id, metric=event.metric,
+                           timestamp=event.timestamp, value=value, properties=props, properties_size=size,
+                           meters=rules, now=now, problems=problems)
         if fact is not None:
             facts.append(fact)
     if problems.errors:

@@ -12,6 +12,7 @@ drafted is never re-priced (docs/INVOICES.md).
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -200,8 +201,9 @@ class OrganisationController(Controller):
             raise Forbidden("suspension and rate limits are set by the platform's operators")
         if not changes and suspended is None:
             raise ValidationFailed([FieldError("body", "name at least one setting to change")])
-        written = await anyio.to_thread.run_sync(
-            deps.organisations.update_settings, ident, changes, suspended, data.suspend_reason)
+        written = await anyio.to_thread.run_sync(partial(
+            deps.organisations.update_settings, ident, changes, suspended=suspended,
+            reason=data.suspend_reason))
         return Response(
             _out(written.aggregate), headers={LEDGER_POSITION_HEADER: str(written.position)}
         )

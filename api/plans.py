@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -244,9 +245,10 @@ class PlanController(Controller):
                 return frozenset(str(m["code"]) for m in catalogue.meters(conn))
 
         meters = await anyio.to_thread.run_sync(known_meters)
-        written = await anyio.to_thread.run_sync(
-            deps.plans.publish, data.code, data.name, data.currency, base_fee, minimum, charges, meters,
-        )
+        written = await anyio.to_thread.run_sync(partial(
+            deps.plans.publish, code=data.code, name=data.name, currency=data.currency,
+            base_fee=base_fee, minimum=minimum, charges=charges, known_meters=meters,
+        ))
         plan = written.aggregate
         return Response(
             version_out(plan.latest), status_code=201,

@@ -70,7 +70,7 @@ class AdminToken(Aggregate):
         self.revoked = False
 
     @classmethod
-    def issue(cls, token_id: UUID, role: str, organisation_id: UUID | None, name: str,
+    def issue(cls, *, token_id: UUID, role: str, organisation_id: UUID | None, name: str,
               prefix: str, token: str, expires_at: datetime | None, at: datetime) -> AdminToken:
         problems = Problems()
         if role not in PRINCIPAL_ROLES:

@@ -226,6 +226,7 @@ def _check_properties(
 
 
 def check_usage(
+    *,
     index: int,
     event_id: str,
     metric: str,

@@ -265,7 +265,8 @@ def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:
         if args.command == "admin":
             access = AccessService(rt.ledger, clock, uuid4, new_key_secret)
             org = UUID(args.organisation) if args.organisation else None
-            _, token = access.issue_token(args.role, org, args.name, None)
+            _, token = access.issue_token(role=args.role, organisation_id=org, name=args.name,
+                                          expires_at=None)
             out.write(token + "\n")
         elif args.command == "orgs":
             settings = {"name": args.name, "billing_email": args.billing_email}

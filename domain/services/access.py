@@ -33,7 +33,7 @@ class AccessService:
     # ---- API keys --------------------------------------------------------------------------
 
     def issue_key(
-        self, project_id: UUID, name: str, expires_at: datetime | None, allowed_ips: str = ""
+        self, project_id: UUID, name: str, expires_at: datetime | None, *, allowed_ips: str = ""
     ) -> tuple[Written[ApiKey], str]:
         """Returns the key as saved and the full secret, which is shown once and never stored."""
         project = self._ledger.get(project_id, Project)
@@ -44,8 +44,10 @@ class AccessService:
                  allowed_ips: str) -> tuple[ApiKey, str]:
         prefix, secret = self._new_secret()
         full = f"{KEY_PREFIX}{prefix}_{secret}"
-        key = ApiKey.issue(self._new_id(), project.id, project.organisation_id, name, prefix, full,
-                           expires_at, self._clock(), allowed_ips)
+        key = ApiKey.issue(key_id=self._new_id(), project_id=project.id,
+                           organisation_id=project.organisation_id, name=name, prefix=prefix,
+                           secret=full, expires_at=expires_at, at=self._clock(),
+                           allowed_ips=allowed_ips)
         return key, full
 
     def rotate_key(self, key_id: UUID, overlap: timedelta) -> tuple[Written[ApiKey], str]:
@@ -69,14 +71,15 @@ class AccessService:
     # ---- admin tokens ----------------------------------------------------------------------
 
     def issue_token(
-        self, role: str, organisation_id: UUID | None, name: str, expires_at: datetime | None
+        self, *, role: str, organisation_id: UUID | None, name: str, expires_at: datetime | None
     ) -> tuple[Written[AdminToken], str]:
         if organisation_id is not None:
             self._ledger.get(organisation_id, Organisation)  # NotFound for an unknown organisation
         prefix, secret = self._new_secret()
         token = f"{TOKEN_PREFIX}{prefix}_{secret}"
-        issued = AdminToken.issue(self._new_id(), role, organisation_id, name, prefix, token,
-                                  expires_at, self._clock())
+        issued = AdminToken.issue(token_id=self._new_id(), role=role,
+                                  organisation_id=organisation_id, name=name, prefix=prefix,
+                                  token=token, expires_at=expires_at, at=self._clock())
         return Written(issued, self._ledger.save(issued)), token
 
     def revoke_token(self, token_id: UUID) -> Written[AdminToken]:
@@ -93,8 +96,9 @@ class AccessService:
         except NotFound:
             pass
         prefix = token_hash(token)[:TOKEN_PREFIX_CHARS]
-        owner = AdminToken.issue(ident, "owner", None, "bootstrap owner (BILLING_ADMIN_TOKEN)",
-                                 prefix, token, None, self._clock())
+        owner = AdminToken.issue(token_id=ident, role="owner", organisation_id=None,
+                                 name="bootstrap owner (BILLING_ADMIN_TOKEN)", prefix=prefix,
+                                 token=token, expires_at=None, at=self._clock())
         try:
             return self._ledger.save(owner)
         except Conflict:

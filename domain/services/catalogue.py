@@ -22,7 +22,7 @@ class CatalogueService:
         self._new_id = new_id
 
     def define_meter(
-        self, code: str, name: str, aggregation: str, field: str | None, group_by: list[str],
+        self, *, code: str, name: str, aggregation: str, field: str | None, group_by: list[str],
         allow_negative: bool, has_usage: Callable[[str], bool],
     ) -> tuple[Written[Meter], bool]:
         """Define a meter, or change an existing one; returns (written, created)."""

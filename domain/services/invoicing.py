@@ -61,6 +61,7 @@ class InvoicingService:
     def draft(
         self,
         organisation: Billable,
+        *,
         period: str,
         subscription_history: Sequence[SubscriptionEntry],
         plan_versions: Mapping[str, Sequence[StoredVersion]],
@@ -120,9 +121,10 @@ class InvoicingService:
         if all(line.amount == 0 for line in priced.lines):
             return None, SKIPPED  # BILLING.md: base fee / minimum, "or none if 0"
         invoice = Invoice.draft(
-            organisation.id, period, revision, priced, plan.code, plan.version, charged,
-            usage_position, organisation.country, organisation.state_code, supplier_state_code,
-            late, now, gstin=organisation.gstin or "",
+            organisation_id=organisation.id, period=period, revision=revision, priced=priced,
+            plan_code=plan.code, plan_version=plan.version, quantities=charged,
+            usage_position=usage_position, tax=tax, late=late, at=now,
+            gstin=organisation.gstin or "",
         )
         try:
             return Written(invoice, self._ledger.save(invoice)), CREATED

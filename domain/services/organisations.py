@@ -20,7 +20,7 @@ class OrganisationService:
         return Written(org, self._ledger.save(org))
 
     def update_settings(
-        self, org_id: UUID, changes: Settings, suspended: bool | None = None, reason: str = ""
+        self, org_id: UUID, changes: Settings, *, suspended: bool | None = None, reason: str = ""
     ) -> Written[Organisation]:
         org = self._ledger.get(org_id, Organisation)
         now = self._clock()

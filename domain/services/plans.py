@@ -29,7 +29,7 @@ class PlansService:
         self._clock = clock
 
     def publish(
-        self, code: str, name: str, currency: str, base_fee: Decimal, minimum: Decimal,
+        self, *, code: str, name: str, currency: str, base_fee: Decimal, minimum: Decimal,
         charges: Sequence[ChargeSpec], known_meters: AbstractSet[str],
     ) -> Written[Plan]:
         """Publish version 1 of a new plan, or the next version of an existing one.

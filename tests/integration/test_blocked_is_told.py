@@ -38,7 +38,8 @@ def _subscribed(rt: Runtime, *names: str) -> tuple[OrganisationService, list[UUI
     """Organisations subscribed to a per-unit plan since SUBSCRIBED_FROM."""
     plans = PlansService(rt.ledger, now)
     calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
-    plans.publish("basic", "Basic", "INR", Decimal(10), Decimal(0), calls, {"calls"})
+    plans.publish(code="basic", name="Basic", currency="INR", base_fee=Decimal(10), minimum=Decimal(0),
+                  charges=calls, known_meters={"calls"})
     orgs = OrganisationService(rt.ledger, now, uuid4)
     ids = [orgs.create({"name": name, "billing_email": "a@b.in"}).aggregate.id for name in names]
     for ident in ids:

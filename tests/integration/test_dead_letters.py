@@ -129,7 +129,8 @@ async def test_concurrent_redrives_apply_each_dead_lettered_usage_entry_exactly_
 ) -> None:
     svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4)
     for code, aggregation in (("s", "sum"), ("n", "count")):
-        svc.define_meter(code, code, aggregation, None, [], False, lambda _: False)
+        svc.define_meter(code=code, name=code, aggregation=aggregation, field=None, group_by=[],
+                         allow_negative=False, has_usage=lambda _: False)
     key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
     now = datetime.now(UTC)
     poisoned: list[int] = []

@@ -191,7 +191,7 @@ def _rotate(rt: Runtime, t: Tenant) -> int:
 
 
 def _suspend(rt: Runtime, t: Tenant) -> int:
-    return orgs(rt).update_settings(t.organisation_id, {}, True, "unpaid").position
+    return orgs(rt).update_settings(t.organisation_id, {}, suspended=True, reason="unpaid").position
 
 
 def _allow_list(rt: Runtime, t: Tenant) -> int:
@@ -268,7 +268,8 @@ async def test_an_organisation_allow_list_reaches_the_caches_while_the_catalogue
             await pipe.stop("catalogue")
             await asyncio.to_thread(access(runtime).revoke_key, a.key_id)  # held back
             await asyncio.to_thread(orgs(runtime).update_settings, a.organisation_id,
-                                    {"allowed_ips": "192.0.2.0/24"}, True, "audit")
+                                    {"allowed_ips": "192.0.2.0/24"}, suspended=True,
+                                    reason="audit")
             await wait_until(
                 partial(everywhere, loop, processes, a.prefix,
                         lambda k: k.organisation_allowed_ips == "192.0.2.0/24" and k.suspended),
@@ -405,7 +406,8 @@ async def test_a_token_cache_miss_read_before_a_revocation_never_overwrites_the_
 ) -> None:
     async with pipeline(runtime):
         access = AccessService(runtime.ledger, _clock, uuid4, new_key_secret)
-        issued, _ = await asyncio.to_thread(access.issue_token, "auditor", None, "ops", None)
+        issued, _ = await asyncio.to_thread(access.issue_token, role="auditor", organisation_id=None,
+                                            name="ops", expires_at=None)
         await projected(runtime, "access", issued.position)
         held = HeldRead(caches.TOKENS.by_prefix)
         cache: PrefixCache[TokenRecord] = PrefixCache(

@@ -150,8 +150,9 @@ async def test_messages_of_ignored_topics_advance_tracking_without_being_applied
         for i in range(6):
             await asyncio.to_thread(write_orgs, runtime, 2, f"mixed{i}")
             for j in range(3):
-                await asyncio.to_thread(catalogue.define_meter, f"m{i}x{j}", "m", "count", None, [],
-                                        False, lambda _: False)
+                await asyncio.to_thread(catalogue.define_meter, code=f"m{i}x{j}", name="m",
+                                        aggregation="count", field=None, group_by=[],
+                                        allow_negative=False, has_usage=lambda _: False)
         head = runtime.ledger.head()  # the newest entries are meters: ignored by this model
         await wait_until(lambda: tracked(runtime, "organisations") >= head, "skips persisted")
     live = org_rows(runtime)

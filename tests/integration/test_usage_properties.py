@@ -70,8 +70,9 @@ batches = st.lists(st.lists(events, min_size=1, max_size=8), min_size=1, max_siz
 def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
     svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4)
     for code, (aggregation, field) in METERS.items():
-        svc.define_meter(code, code, aggregation, field, list(GROUP_BY.get(code, ())), False,
-                         lambda _: False)
+        svc.define_meter(code=code, name=code, aggregation=aggregation, field=field,
+                         group_by=list(GROUP_BY.get(code, ())), allow_negative=False,
+                         has_usage=lambda _: False)
     with threaded_writer(runtime) as writer, background_roles(runtime, {"relay", "project"}):
         yield runtime, writer
 

@@ -72,8 +72,10 @@ class Billing:
         earlier = [shift_period(period, -back) for back in range(LATE_LOOKBACK_PERIODS, 0, -1)]
         late = late_usage(self.org.id, earlier, billed_by, self.usage, self.plan_version)
         written, status = self.invoicing.draft(
-            self.org, period, [SubscriptionEntry("late", datetime(2026, 1, 1, tzinfo=IST))],
-            {"late": [self.version]}, self.usage.get(period, {}), 0, "29", late)
+            self.org, period=period,
+            subscription_history=[SubscriptionEntry("late", datetime(2026, 1, 1, tzinfo=IST))],
+            plan_versions={"late": [self.version]}, quantities=self.usage.get(period, {}),
+            usage_position=0, supplier_state_code="29", late=late)
         assert status == "created" and written is not None
         self.drafted[period] = written.aggregate.id
 

@@ -321,8 +321,8 @@ def make_org(ledger: MemoryLedger, timezone: str = KOLKATA) -> UUID:
 def publish_with(svc: PlansService, code: str = "pro", **over: Any) -> Any:
     args: dict[str, Any] = {"name": "Pro", "currency": "INR", "base_fee": Decimal(500),
                             "minimum": Decimal(0), "charges": (PER_UNIT,)} | over
-    return svc.publish(code, args["name"], args["currency"], args["base_fee"], args["minimum"],
-                       args["charges"], METERS)
+    return svc.publish(code=code, name=args["name"], currency=args["currency"], base_fee=args["base_fee"],
+                       minimum=args["minimum"], charges=args["charges"], known_meters=METERS)
 
 
 def test_service_publishes_versions_and_stamps_them_with_its_clock() -> None:

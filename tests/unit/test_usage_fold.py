@@ -112,8 +112,10 @@ def test_a_field_meters_totals_fold_the_property_values_as_ingestion_records_the
     rule = FIELD_RULES[aggregation]
     key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
     problems = Problems()
-    facts = [check_usage(i, f"e{i}", rule.code, MID_MONTH - timedelta(minutes=m), None, {"gb": gb}, 16,
-                         FIELD_RULES, MID_MONTH, problems) for i, (gb, m) in enumerate(sent)]
+    facts = [check_usage(index=i, event_id=f"e{i}", metric=rule.code,
+                         timestamp=MID_MONTH - timedelta(minutes=m), value=None, properties={"gb": gb},
+                         properties_size=16, meters=FIELD_RULES, now=MID_MONTH,
+                         problems=problems) for i, (gb, m) in enumerate(sent)]
     assert not problems.errors, problems.errors
     batch = UsageBatch.of([f for f in facts if f is not None])
     _, states = encode_batch(key, batch, MID_MONTH)
