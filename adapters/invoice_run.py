@@ -35,6 +35,7 @@ from adapters.bookkeeping import dead_letter_pages, lock_key, record_blocked, tr
 from adapters.gate import PgProjectionGate
 from adapters.ledger import LedgerStore
 from adapters.pg import TRANSIENT
+from domain.audit import Actor
 from domain.errors import Conflict, DomainError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import Invoice
 from domain.late_usage import late_usage
@@ -77,16 +78,18 @@ class InvoiceRun:
         self._grace = grace
         self._lock_key = lock_key(schema, "invoice-run")
 
-    def run(self, period: str, progress: Callable[[int, int], None] | None = None) -> RunResult:
+    def run(self, period: str, progress: Callable[[int, int], None] | None = None, *,
+            actor: Actor | None = None) -> RunResult:
+        """Run `period`; the drafts are saved on behalf of `actor` (None: the scheduler)."""
         check_period_has_ended_somewhere(period, self._clock())
         with self._exclusive("an invoice run is already in progress; try again when it ends"):
-            return self._run(period, progress)
+            return self._run(period, progress, actor)
 
-    def void(self, ident: UUID, reason: str) -> Written[Invoice]:
+    def void(self, ident: UUID, reason: str, *, actor: Actor | None = None) -> Written[Invoice]:
         """Void under the run's lock: a run reads which invoices billed late usage, then drafts;
         a void in between would leave that usage on a void invoice and on no other."""
         with self._exclusive("an invoice run is in progress; void the invoice when it ends"):
-            return self._invoicing.void(ident, reason)
+            return self._invoicing.void(ident, reason, actor=actor)
 
     @contextlib.contextmanager
     def _exclusive(self, busy: str) -> Iterator[None]:
@@ -100,7 +103,8 @@ class InvoiceRun:
             finally:
                 lock_conn.execute("SELECT pg_advisory_unlock(%s)", (self._lock_key,))
 
-    def _run(self, period: str, progress: Callable[[int, int], None] | None) -> RunResult:
+    def _run(self, period: str, progress: Callable[[int, int], None] | None,
+             actor: Actor | None) -> RunResult:
         head = self._ledger.head()
         # Every model whose dead letters are checked, too: caught up to the head, each entry
         # before it is applied or recorded as a dead letter, so the check misses none.
@@ -132,7 +136,7 @@ class InvoiceRun:
                         done.append(self._invoice_one(
                             conn, org_id, period, now, dead, versions, billing, earlier,
                             decide.lookback_totals(org_id, earlier_totals),
-                            quantities.get(org_id, {}), usage_position))
+                            quantities.get(org_id, {}), usage_position, actor))
                 except INFRASTRUCTURE:
                     raise  # Postgres away: the run stops, and a later run does the rest
                 except Exception as e:  # one organisation's problem, of any kind, is its own
@@ -150,7 +154,7 @@ class InvoiceRun:
                      dead: DeadLettered, versions: dict[str, list[StoredVersion]],
                      billing: Mapping[UUID, Sequence[UUID]], earlier: list[str],
                      totals: Mapping[str, Mapping[str, Decimal]],
-                     quantities: dict[str, Decimal], usage_position: int) -> Done:
+                     quantities: dict[str, Decimal], usage_position: int, actor: Actor | None) -> Done:
         """Draft one organisation's invoice, or say why not."""
         org = self._ledger.get(org_id, Organisation)
         if not decide.is_due(period, org.timezone, now, self._grace):
@@ -167,7 +171,7 @@ class InvoiceRun:
         billed_by = [self._ledger.get(ident, Invoice) for ident in billing.get(org_id, [])]
         late = late_usage(org_id, earlier, billed_by, totals,
                           partial(_plan_version, versions, conn), note=log.error)
-        status = self._draft(org, period, history, versions, quantities, usage_position, late)
+        status = self._draft(org, period, history, versions, quantities, usage_position, late, actor)
         if status == "skipped" and late:  # no plan covers the period, or all lines are 0
             log.error("invoice run %s: %s: nothing drafted, so late usage for %s is not "
                       "billed on it", period, org_id, [item.period for item in late])
@@ -175,12 +179,13 @@ class InvoiceRun:
 
     def _draft(self, org: Organisation, period: str, history: list[SubscriptionEntry],
                versions: dict[str, list[StoredVersion]], quantities: dict[str, Decimal],
-               usage_position: int, late: list[LateUsage]) -> Outcome:
+               usage_position: int, late: list[LateUsage], actor: Actor | None) -> Outcome:
         try:
             _, status = self._invoicing.draft(org, period=period, subscription_history=history,
                                               plan_versions=versions, quantities=quantities,
                                               usage_position=usage_position,
-                                              supplier_state_code=self._supplier, late=late)
+                                              supplier_state_code=self._supplier, late=late,
+                                              actor=actor)
         except ValidationFailed as e:
             kept = decide.late_items_to_keep(late, e)
             if kept is None:
@@ -190,7 +195,8 @@ class InvoiceRun:
             _, status = self._invoicing.draft(org, period=period, subscription_history=history,
                                               plan_versions=versions, quantities=quantities,
                                               usage_position=usage_position,
-                                              supplier_state_code=self._supplier, late=kept)
+                                              supplier_state_code=self._supplier, late=kept,
+                                              actor=actor)
         return status
 
     def _dead_lettered(self, usage_periods: list[str]) -> DeadLettered:

@@ -129,5 +129,5 @@ class InvoiceNotifier:
                                     org["billing_email"], attempts, datetime.now(UTC))
         # Conflict: another process sent and recorded it too (with the same Message-ID).
         with contextlib.suppress(Conflict):
-            self._ledger.save(record)
+            self._ledger.save(record, actor=None)  # the notifier's own bookkeeping
         return True

@@ -22,7 +22,7 @@ from litestar import Controller, Request, Response, get, patch, post
 from litestar.params import FromPath, JSONBody
 from psycopg_pool import ConnectionPool
 
-from api.auth import scope_of
+from api.auth import actor_of, scope_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
@@ -151,7 +151,8 @@ class OrganisationController(Controller):
         self, data: JSONBody[CreateOrganisation], request: Request[Any, Any, Any]
     ) -> Response[OrganisationOut]:
         deps: ApiDeps = request.app.state.deps
-        written = await anyio.to_thread.run_sync(deps.organisations.create, _given(data))
+        written = await anyio.to_thread.run_sync(partial(
+            deps.organisations.create, _given(data), actor=actor_of(request)))
         org = written.aggregate
         return Response(
             _out(org), status_code=201,
@@ -203,7 +204,7 @@ class OrganisationController(Controller):
             raise ValidationFailed([FieldError("body", "name at least one setting to change")])
         written = await anyio.to_thread.run_sync(partial(
             deps.organisations.update_settings, ident, changes, suspended=suspended,
-            reason=data.suspend_reason))
+            reason=data.suspend_reason, actor=actor_of(request)))
         return Response(
             _out(written.aggregate), headers={LEDGER_POSITION_HEADER: str(written.position)}
         )

@@ -11,7 +11,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
-from domain.audit import Recorded
+from domain.audit import Actor, Recorded
 from domain.records import Appended, Claim, KeyRecord, RunResult, StoredResponse, TokenRecord
 from domain.usage import MeterRule, UsageBatch
 
@@ -49,8 +49,10 @@ class Ledger(Protocol):
         """Return the aggregate, or raise NotFound."""
         ...
 
-    def save(self, *aggregates: Aggregate) -> int:
+    def save(self, *aggregates: Aggregate, actor: Actor | None) -> int:
         """Append pending events atomically; return the ledger position of the last one.
+        `actor` is who asked: their audit entry is saved in the same append (None: nobody's,
+        a system save, unaudited).
 
         Raises Conflict when an aggregate id or version already exists, Unavailable when
         the ledger cannot commit.
@@ -151,9 +153,9 @@ class MeterLookup(Protocol):
 
 
 class InvoiceRunner(Protocol):
-    def run(self, period: str) -> RunResult: ...
+    def run(self, period: str, *, actor: Actor | None = None) -> RunResult: ...
 
-    def void(self, ident: UUID, reason: str) -> Any:
+    def void(self, ident: UUID, reason: str, *, actor: Actor | None = None) -> Any:
         """Void an invoice, never while a run is deciding what earlier invoices billed (a
         Conflict then): a void between its reading and its drafting would lose late usage."""
         ...

@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Literal
 from uuid import UUID
 
+from domain.audit import Actor
 from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.numbering import InvoiceSequence, financial_year, sequence_id
@@ -70,6 +71,7 @@ class InvoicingService:
         supplier_state_code: str,
         late: Sequence[LateUsage] = (),
         redraft_voided: bool = False,
+        actor: Actor | None = None,
     ) -> tuple[Written[Invoice] | None, DraftStatus]:
         """Draft the organisation's invoice for `period` ('YYYY-MM', a period that has ended in
         the organisation's timezone), or find the one already drafted.
@@ -127,7 +129,7 @@ class InvoicingService:
             gstin=organisation.gstin or "",
         )
         try:
-            return Written(invoice, self._ledger.save(invoice)), CREATED
+            return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED
         except Conflict:  # another run drafted it first
             return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING
 
@@ -153,7 +155,7 @@ class InvoicingService:
         except NotFound:
             raise NotFound("invoice", ident) from None
 
-    def finalize(self, ident: UUID) -> Written[Invoice]:
+    def finalize(self, ident: UUID, *, actor: Actor | None = None) -> Written[Invoice]:
         """Give a draft the next number of the current financial year (IST) and freeze it.
         Conflict if it is not a draft; Unavailable if the numbering stayed contended."""
         for attempt in range(FINALIZE_ATTEMPTS):
@@ -167,18 +169,18 @@ class InvoicingService:
                 sequence = InvoiceSequence.open(year, now)
             invoice.finalize(sequence.issue(invoice.id, now), now)
             try:
-                return Written(invoice, self._ledger.save(invoice, sequence))
+                return Written(invoice, self._ledger.save(invoice, sequence, actor=actor))
             except Conflict:  # another finalization took that number (or changed this invoice)
                 self._pause(attempt)
         raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
 
-    def void(self, ident: UUID, reason: str = "") -> Written[Invoice]:
+    def void(self, ident: UUID, reason: str = "", *, actor: Actor | None = None) -> Written[Invoice]:
         """Cancel a draft or finalized invoice (a finalized one keeps its number)."""
         for attempt in range(VOID_ATTEMPTS):
             invoice = self.invoice(ident)
             invoice.void(reason, self._clock())
             try:
-                return Written(invoice, self._ledger.save(invoice))
+                return Written(invoice, self._ledger.save(invoice, actor=actor))
             except Conflict:
                 if attempt == VOID_ATTEMPTS - 1:
                     raise

@@ -12,6 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from uuid import UUID
 
+from domain.audit import Actor
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.instants import check_instant
 from domain.organisation import Organisation
@@ -30,7 +31,7 @@ class PlansService:
 
     def publish(
         self, *, code: str, name: str, currency: str, base_fee: Decimal, minimum: Decimal,
-        charges: Sequence[ChargeSpec], known_meters: AbstractSet[str],
+        charges: Sequence[ChargeSpec], known_meters: AbstractSet[str], actor: Actor | None = None,
     ) -> Written[Plan]:
         """Publish version 1 of a new plan, or the next version of an existing one.
         `known_meters` are the defined meter codes a charge may refer to."""
@@ -43,7 +44,7 @@ class PlansService:
                 plan = Plan.publish(code, name, currency, base_fee, minimum, charges, known_meters, now)
             else:
                 plan.publish_version(name, currency, base_fee, minimum, charges, known_meters, now)
-            return Written(plan, self._ledger.save(plan))
+            return Written(plan, self._ledger.save(plan, actor=actor))
 
         return with_retries(attempt)
 
@@ -55,7 +56,8 @@ class PlansService:
             raise NotFound("plan", code) from None
 
     def subscribe(
-        self, organisation_id: UUID, plan_code: str, starts_at: datetime | None = None
+        self, organisation_id: UUID, plan_code: str, starts_at: datetime | None = None, *,
+        actor: Actor | None = None,
     ) -> Written[Subscription]:
         """Start the organisation's subscription (from `starts_at`, default now), or change its
         plan from the next period. Position 0 when the schedule already says so."""
@@ -74,9 +76,9 @@ class PlansService:
                 sub = self._ledger.get(subscription_id(organisation_id), Subscription)
             except NotFound:
                 sub = Subscription.start(organisation_id, plan_code, starts_at or now, now)
-                return Written(sub, self._ledger.save(sub))
+                return Written(sub, self._ledger.save(sub, actor=actor))
             if not sub.change_plan(plan_code, org.timezone, now, starts_at):
                 return Written(sub, 0)
-            return Written(sub, self._ledger.save(sub))
+            return Written(sub, self._ledger.save(sub, actor=actor))
 
         return with_retries(attempt)

@@ -10,6 +10,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
+from domain.audit import Actor
 from domain.errors import Conflict, NotFound
 
 A = TypeVar("A", bound=Aggregate)
@@ -32,7 +33,8 @@ class MemoryLedger:
             raise NotFound(kind.__name__, aggregate_id)
         return aggregate
 
-    def save(self, *aggregates: Aggregate) -> int:
+    def save(self, *aggregates: Aggregate, actor: Actor | None = None) -> int:
+        # No audit entries in memory: `actor` is accepted, as the port asks, and not recorded.
         if self.before_save is not None:
             hook, self.before_save = self.before_save, None
             hook()
