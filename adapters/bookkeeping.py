@@ -12,7 +12,7 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from domain.ports import Blocked
+from domain.records import Blocked
 
 DDL = (
     """CREATE TABLE IF NOT EXISTS relay_positions (

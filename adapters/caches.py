@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
-from domain.ports import KeyRecord, TokenRecord
+from domain.records import KeyRecord, TokenRecord
 from domain.usage import MeterRule
 from projections import access, catalogue, organisations
 

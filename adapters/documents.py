@@ -26,6 +26,7 @@ from domain.documents import (
     rupees_in_words,
     state_label,
 )
+from domain.period import MONTH_NAMES, period_label
 from domain.tax import INDIA
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -37,10 +38,6 @@ RUPEE_CURRENCY = "INR"
 TITLE = "Tax Invoice"
 REVERSE_CHARGE = "No"  # the supplier pays the GST it charges; never reverse charge here
 COMPUTER_GENERATED = "This is a computer-generated invoice."
-_MONTHS = (
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
-)
 
 
 def _escape_unless_text(template_name: str | None) -> bool:
@@ -60,13 +57,7 @@ _ENV = Environment(
 
 def long_date(day: date) -> str:
     """2026-11-02 → '02 November 2026' (locale-independent, unambiguous)."""
-    return f"{day.day:02d} {_MONTHS[day.month - 1]} {day.year}"
-
-
-def period_label(period: str) -> str:
-    """'2026-10' → 'October 2026'."""
-    year, month = period.split("-")
-    return f"{_MONTHS[int(month) - 1]} {year}"
+    return f"{day.day:02d} {MONTH_NAMES[day.month - 1]} {day.year}"
 
 
 def _address_lines(address: str | None) -> list[str]:

@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 from adapters.ledger import LedgerStore
 from domain.audit import Recorded
 from domain.errors import Unavailable
-from domain.ports import Claim, StoredResponse
+from domain.records import Claim, StoredResponse
 
 TABLE = "idempotency_keys"
 IDEMPOTENCY_RETENTION_S = 24 * 3600  # API.md: a key is kept at least 24 h

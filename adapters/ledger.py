@@ -29,8 +29,8 @@ from eventsourcing.utils import Environment
 
 from adapters.codec import MsgspecMapper
 from domain.audit import (
-    CURRENT_ACTOR,
     CURRENT_IDEMPOTENCY,
+    Actor,
     AlreadyRecorded,
     AuditEntry,
     Recorded,
@@ -112,8 +112,8 @@ class LedgerStore:
             raise NotFound(kind.__name__, aggregate_id)
         return aggregate
 
-    def save(self, *aggregates: Aggregate) -> int:
-        actor = CURRENT_ACTOR.get()
+    def save(self, *aggregates: Aggregate, actor: Actor | None) -> int:
+        """Append atomically, with `actor`'s audit entry when there is an actor."""
         idempotent = CURRENT_IDEMPOTENCY.get() if actor is not None else None
         entry: AuditEntry | None = None
         if actor is not None:

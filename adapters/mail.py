@@ -30,15 +30,9 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from adapters.documents import render_text
-from domain.documents import (
-    EmailKind,
-    InvoiceDocument,
-    Mailer,
-    MailRejected,
-    MailUnavailable,
-    indian_rupees,
-)
-from domain.errors import Unavailable
+from domain.documents import EmailKind, InvoiceDocument, indian_rupees
+from domain.errors import MailRejected, MailUnavailable, Unavailable
+from domain.ports import Mailer
 
 SMTP_TIMEOUT_S = 10.0  # per socket operation (connect, each command), not per message
 SMTP_DEFAULT_PORT = 25

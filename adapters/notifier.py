@@ -21,9 +21,10 @@ from psycopg_pool import ConnectionPool
 from adapters.documents import render_html, render_pdf
 from adapters.ledger import LedgerStore
 from adapters.mail import build_invoice_email, send_with_retries
-from domain.documents import DocumentLine, InvoiceDocument, Mailer
+from domain.documents import DocumentLine, InvoiceDocument
 from domain.errors import Conflict, DomainError, NotFound
 from domain.mail_record import InvoiceMail, mail_id
+from domain.ports import Mailer
 from domain.tax import TaxLine
 from projections import invoices, organisations
 
@@ -128,5 +129,5 @@ class InvoiceNotifier:
                                     org["billing_email"], attempts, datetime.now(UTC))
         # Conflict: another process sent and recorded it too (with the same Message-ID).
         with contextlib.suppress(Conflict):
-            self._ledger.save(record)
+            self._ledger.save(record, actor=None)  # the notifier's own bookkeeping
         return True

@@ -45,12 +45,12 @@ from psycopg.pq import Format
 
 from adapters.codec import encode_states
 from domain.errors import Unavailable
-from domain.ports import Appended, KeyRecord
+from domain.records import Appended, KeyRecord
 from domain.usage import UUID_BYTES, Usage, UsageBatch, UsageFact, usage_id_bytes
 
 log = logging.getLogger("billing.ingest")
 
-BATCH_MAX_EVENTS = 20_000
+WRITE_BATCH_EVENTS_MAX = 20_000
 WRITER_CONNECTIONS = 2  # appends in flight at once: one holding the table lock, one waiting
 PARALLEL_APPEND_MIN_EVENTS = 1000  # queued events that bring in the second connection
 QUEUE_MAX_EVENTS = 100_000
@@ -206,7 +206,7 @@ class UsageWriter:
 
     def __init__(
         self, database_url: str, schema: str,
-        *, queue_max_events: int = QUEUE_MAX_EVENTS, batch_max_events: int = BATCH_MAX_EVENTS,
+        *, queue_max_events: int = QUEUE_MAX_EVENTS, batch_max_events: int = WRITE_BATCH_EVENTS_MAX,
         connections: int = WRITER_CONNECTIONS, stop_timeout_s: float = STOP_TIMEOUT_S,
     ) -> None:
         assert 0 < batch_max_events <= queue_max_events and connections >= 1

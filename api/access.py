@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -11,7 +12,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
-from api.auth import scope_of
+from api.auth import actor_of, scope_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS, parse_id, settle, wait_caught_up
 from api.pagination import ascii_digits, parse_limit
@@ -82,8 +83,9 @@ class AccessController(Controller):
     async def create_token(self, data: JSONBody[CreateToken],
                            request: Request[Any, Any, Any]) -> Response[TokenCreated]:
         deps: ApiDeps = request.app.state.deps
-        written, token = await anyio.to_thread.run_sync(
-            deps.access.issue_token, data.role, data.organisation_id, data.name, data.expires_at)
+        written, token = await anyio.to_thread.run_sync(partial(
+            deps.access.issue_token, role=data.role, organisation_id=data.organisation_id,
+            name=data.name, expires_at=data.expires_at, actor=actor_of(request)))
         await settle(deps, access.NAME, written.position)
         t = written.aggregate
         return Response(TokenCreated(t.id, t.role, t.organisation_id, t.name, t.expires_at, token),
@@ -92,7 +94,8 @@ class AccessController(Controller):
     @delete("/tokens/{token_id:str}", summary="Revoke an admin token", status_code=204)
     async def revoke_token(self, token_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
         deps: ApiDeps = request.app.state.deps
-        await anyio.to_thread.run_sync(deps.access.revoke_token, parse_id(token_id, "token"))
+        await anyio.to_thread.run_sync(partial(deps.access.revoke_token, parse_id(token_id, "token"),
+                                               actor=actor_of(request)))
 
     @post("/api-keys/{key_id:str}/rotate", summary="Rotate an API key: a new key now, the old "
           "one valid for overlap_s more seconds", status_code=201)
@@ -102,8 +105,8 @@ class AccessController(Controller):
         if not 0 <= data.overlap_s <= ROTATION_OVERLAP_MAX_S:
             raise ValidationFailed([FieldError("overlap_s", f"0 to {ROTATION_OVERLAP_MAX_S} seconds")])
         old_id = parse_id(key_id, "api key")
-        written, full = await anyio.to_thread.run_sync(
-            deps.catalogue.rotate_key, old_id, timedelta(seconds=data.overlap_s))
+        written, full = await anyio.to_thread.run_sync(partial(
+            deps.access.rotate_key, old_id, timedelta(seconds=data.overlap_s), actor=actor_of(request)))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         expires = deps.clock() + timedelta(seconds=data.overlap_s)

@@ -1,7 +1,8 @@
 """Admin authentication and authorisation: bearer token -> Principal -> the permission table.
 
-Secrets are compared as SHA-256 digests in constant time. The acting principal is put in the
-audit context, so every command it causes is saved with an audit entry.
+Secrets are compared as SHA-256 digests in constant time. The acting principal, as an audit
+Actor, is kept on the connection (actor_of): handlers pass it to every command, whose save
+records it in an audit entry.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from api.deps import ApiDeps
 from api.permissions import Rule, rule_for
 from api.problems import Forbidden, Unauthenticated
 from domain.access import TOKEN_PREFIX, TOKEN_PREFIX_CHARS, Principal, bootstrap_token_id, token_hash
-from domain.audit import CURRENT_ACTOR, Actor
+from domain.audit import Actor
 from domain.errors import NotFound
 
 if TYPE_CHECKING:
@@ -106,9 +107,15 @@ async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
             raise Forbidden(f"requests from {ip} are not allowed by this organisation's allow-list")
         await _confine(rule, principal, connection, deps)
     connection.state.principal = principal
-    CURRENT_ACTOR.set(Actor(principal.id, principal.role, principal.organisation_id,
-                            client_ip(connection, deps.trusted_proxies),
-                            str(connection.scope.get("state", {}).get("request_id", ""))))
+    connection.state.actor = Actor(principal.id, principal.role, principal.organisation_id,
+                                   client_ip(connection, deps.trusted_proxies),
+                                   str(connection.scope.get("state", {}).get("request_id", "")))
+
+
+def actor_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Actor:
+    """Who is acting in this admin request (set by admin_guard): the `actor` of its commands."""
+    actor: Actor = connection.state.actor
+    return actor
 
 
 def scope_of(connection: ASGIConnection[Any, Any, Any, Any]) -> UUID | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -11,6 +12,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
+from api.auth import actor_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, settle, wait_caught_up
 from domain.errors import FieldError, NotFound, ValidationFailed
@@ -114,10 +116,11 @@ class MeterController(Controller):
         self, data: JSONBody[DefineMeter], request: Request[Any, Any, Any]
     ) -> Response[MeterOut]:
         deps: ApiDeps = request.app.state.deps
-        written, created = await anyio.to_thread.run_sync(
-            deps.catalogue.define_meter, data.code, data.name, data.aggregation, data.field,
-            data.group_by, data.allow_negative, _has_usage(deps),
-        )
+        written, created = await anyio.to_thread.run_sync(partial(
+            deps.catalogue.define_meter, code=data.code, name=data.name,
+            aggregation=data.aggregation, field=data.field, group_by=data.group_by,
+            allow_negative=data.allow_negative, has_usage=_has_usage(deps), actor=actor_of(request),
+        ))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         m = written.aggregate
         out = MeterOut(m.code, m.name, m.aggregation, m.field, list(m.group_by), m.allow_negative)
@@ -146,8 +149,9 @@ class ProjectController(Controller):
     async def create(self, org_id: FromPath[str], data: JSONBody[CreateProject],
                      request: Request[Any, Any, Any]) -> Response[ProjectOut]:
         deps: ApiDeps = request.app.state.deps
-        written = await anyio.to_thread.run_sync(deps.catalogue.create_project,
-                                                 parse_id(org_id, "organisation"), data.name)
+        written = await anyio.to_thread.run_sync(partial(
+            deps.catalogue.create_project, parse_id(org_id, "organisation"), data.name,
+            actor=actor_of(request)))
         p = written.aggregate
         return Response(ProjectOut(p.id, p.organisation_id, p.name, p.created_on), status_code=201,
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
@@ -187,8 +191,9 @@ class ProjectController(Controller):
             raise ValidationFailed([FieldError(
                 "project_id", f"the project has {KEYS_PER_PROJECT_MAX} live API keys, the most it"
                 " may have; revoke one it no longer uses first")])
-        written, full = await anyio.to_thread.run_sync(
-            deps.catalogue.issue_key, project, data.name, data.expires_at, cidrs)
+        written, full = await anyio.to_thread.run_sync(partial(
+            deps.access.issue_key, project, data.name, data.expires_at, allowed_ips=cidrs,
+            actor=actor_of(request)))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)
@@ -212,4 +217,5 @@ class ProjectController(Controller):
     @delete("/api-keys/{key_id:str}", summary="Revoke an API key", status_code=204)
     async def revoke_key(self, key_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
         deps: ApiDeps = request.app.state.deps
-        await anyio.to_thread.run_sync(deps.catalogue.revoke_key, parse_id(key_id, "api key"))
+        await anyio.to_thread.run_sync(partial(deps.access.revoke_key, parse_id(key_id, "api key"),
+                                               actor=actor_of(request)))

@@ -10,8 +10,6 @@ from uuid import UUID
 
 from psycopg_pool import ConnectionPool
 
-from domain.invoicing import InvoicingService
-from domain.plans_service import PlansService
 from domain.ports import (
     IdempotencyStore,
     InvoiceRunner,
@@ -24,7 +22,11 @@ from domain.ports import (
     TrackingWaiter,
     UsageRecorder,
 )
-from domain.services import AccessService, CatalogueService, OrganisationService
+from domain.services.access import AccessService
+from domain.services.catalogue import CatalogueService
+from domain.services.invoicing import InvoicingService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 
 READ_WAIT_S = 5.0  # a read waits this long for its read model to include prior writes
 

@@ -37,7 +37,8 @@ from domain.audit import (
     idempotency_seed,
 )
 from domain.errors import FieldError
-from domain.ports import Claim, IdempotencyStore, StoredResponse
+from domain.ports import IdempotencyStore
+from domain.records import Claim, StoredResponse
 
 log = logging.getLogger("billing.api")
 

@@ -50,7 +50,7 @@ from api.problems import BadRequest, Forbidden, TooManyRequests, Unauthenticated
 from domain.api_key import secret_hash, split_key
 from domain.decimal_text import DECIMAL_TEXT, NotDecimalText, parse_decimal_text
 from domain.errors import FieldError, Problems, ValidationFailed
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.usage import (
     EVENT_ID_MAX_CHARS,
     PROPERTIES_MAX_BYTES,
@@ -65,7 +65,7 @@ from domain.usage import (
     check_usage,
 )
 
-BATCH_MAX_EVENTS = 1000
+REQUEST_EVENTS_MAX = 1000
 INGEST_DESCRIPTION = (
     "The body is one event or {\"events\": [...]} with 1 to 1000 of them; each event has"
     " event_id (1-128 characters, unique per project), metric (a meter's code), and optionally"
@@ -111,7 +111,7 @@ class PlainEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 class PlainBatch(msgspec.Struct, forbid_unknown_fields=True):
-    events: Annotated[list[PlainEvent], msgspec.Meta(min_length=1, max_length=BATCH_MAX_EVENTS)]
+    events: Annotated[list[PlainEvent], msgspec.Meta(min_length=1, max_length=REQUEST_EVENTS_MAX)]
 
 
 _plain_batch = msgspec.json.Decoder(PlainBatch)
@@ -213,8 +213,8 @@ def split_body(body: bytes) -> tuple[list[msgspec.Raw], bool]:
         items = _items.decode(envelope["events"])
     except msgspec.ValidationError:
         raise ValidationFailed([FieldError("events", "must be an array of events")]) from None
-    if not 1 <= len(items) <= BATCH_MAX_EVENTS:
-        raise ValidationFailed([FieldError("events", f"must hold 1 to {BATCH_MAX_EVENTS} events")])
+    if not 1 <= len(items) <= REQUEST_EVENTS_MAX:
+        raise ValidationFailed([FieldError("events", f"must hold 1 to {REQUEST_EVENTS_MAX} events")])
     return items, True
 
 
@@ -490,8 +490,9 @@ def check_carefully(
 ) -> UsageBatch:
     facts: list[UsageFact] = []
     for index, event, value, props, size in decoded:
-        fact = check_usage(index, event.event_id, event.metric, event.timestamp,
-                           value, props, size, rules, now, problems)
+        fact = check_usage(index=index, event_id=event.event_id, metric=event.metric,
+                           timestamp=event.timestamp, value=value, properties=props, properties_size=size,
+                           meters=rules, now=now, problems=problems)
         if fact is not None:
             facts.append(fact)
     if problems.errors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -10,6 +11,7 @@ import msgspec
 from litestar import Request, post
 from litestar.params import JSONBody
 
+from api.auth import actor_of
 from api.deps import ApiDeps
 
 
@@ -39,7 +41,8 @@ class RunOut(msgspec.Struct):
       summary="Draft every subscribed organisation's invoice for a period (idempotent)")
 async def invoice_run(data: JSONBody[RunRequest], request: Request[Any, Any, Any]) -> RunOut:
     deps: ApiDeps = request.app.state.deps
-    result = await anyio.to_thread.run_sync(deps.invoice_runner.run, data.period)
+    result = await anyio.to_thread.run_sync(partial(deps.invoice_runner.run, data.period,
+                                                    actor=actor_of(request)))
     return RunOut(result.period, result.created, result.existing, result.skipped, result.not_due,
                   result.failed, [BlockedOut(b.organisation_id, b.name, b.missing_positions,
                                              b.read_models) for b in result.blocked],

@@ -9,6 +9,7 @@ invoice as saved in the ledger. The invoice run (drafting a period) is a separat
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -17,13 +18,13 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath, JSONBody
 
-from api.auth import scope_of
+from api.auth import actor_of, scope_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.invoice import STATUSES, Invoice
-from domain.subscription import parse_period
+from domain.period import parse_period
 from projections import invoices as view
 from projections import organisations
 
@@ -190,7 +191,8 @@ class InvoiceController(Controller):
                        request: Request[Any, Any, Any]) -> Response[InvoiceOut]:
         deps: ApiDeps = request.app.state.deps
         ident = parse_id(invoice_id, "invoice")
-        written = await anyio.to_thread.run_sync(deps.invoicing.finalize, ident)
+        written = await anyio.to_thread.run_sync(partial(deps.invoicing.finalize, ident,
+                                                         actor=actor_of(request)))
         return Response(from_invoice(written.aggregate),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
@@ -202,7 +204,8 @@ class InvoiceController(Controller):
         ident = parse_id(invoice_id, "invoice")
         reason = (data.reason if data is not None else None) or ""
         # Through the invoice runner: never while a run is drafting (409 then).
-        written = await anyio.to_thread.run_sync(deps.invoice_runner.void, ident, reason)
+        written = await anyio.to_thread.run_sync(partial(deps.invoice_runner.void, ident, reason,
+                                                         actor=actor_of(request)))
         return Response(from_invoice(written.aggregate),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 

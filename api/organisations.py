@@ -12,6 +12,7 @@ drafted is never re-priced (docs/INVOICES.md).
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -21,7 +22,7 @@ from litestar import Controller, Request, Response, get, patch, post
 from litestar.params import FromPath, JSONBody
 from psycopg_pool import ConnectionPool
 
-from api.auth import scope_of
+from api.auth import actor_of, scope_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
@@ -150,7 +151,8 @@ class OrganisationController(Controller):
         self, data: JSONBody[CreateOrganisation], request: Request[Any, Any, Any]
     ) -> Response[OrganisationOut]:
         deps: ApiDeps = request.app.state.deps
-        written = await anyio.to_thread.run_sync(deps.organisations.create, _given(data))
+        written = await anyio.to_thread.run_sync(partial(
+            deps.organisations.create, _given(data), actor=actor_of(request)))
         org = written.aggregate
         return Response(
             _out(org), status_code=201,
@@ -200,8 +202,9 @@ class OrganisationController(Controller):
             raise Forbidden("suspension and rate limits are set by the platform's operators")
         if not changes and suspended is None:
             raise ValidationFailed([FieldError("body", "name at least one setting to change")])
-        written = await anyio.to_thread.run_sync(
-            deps.organisations.update_settings, ident, changes, suspended, data.suspend_reason)
+        written = await anyio.to_thread.run_sync(partial(
+            deps.organisations.update_settings, ident, changes, suspended=suspended,
+            reason=data.suspend_reason, actor=actor_of(request)))
         return Response(
             _out(written.aggregate), headers={LEDGER_POSITION_HEADER: str(written.position)}
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -23,6 +24,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post, put
 from litestar.params import FromPath, JSONBody
 
+from api.auth import actor_of
 from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from domain.decimal_text import NotDecimalText, parse_decimal_text
@@ -244,9 +246,11 @@ class PlanController(Controller):
                 return frozenset(str(m["code"]) for m in catalogue.meters(conn))
 
         meters = await anyio.to_thread.run_sync(known_meters)
-        written = await anyio.to_thread.run_sync(
-            deps.plans.publish, data.code, data.name, data.currency, base_fee, minimum, charges, meters,
-        )
+        written = await anyio.to_thread.run_sync(partial(
+            deps.plans.publish, code=data.code, name=data.name, currency=data.currency,
+            base_fee=base_fee, minimum=minimum, charges=charges, known_meters=meters,
+            actor=actor_of(request),
+        ))
         plan = written.aggregate
         return Response(
             version_out(plan.latest), status_code=201,
@@ -279,8 +283,8 @@ class SubscriptionController(Controller):
                      request: Request[Any, Any, Any]) -> Response[SubscriptionOut]:
         deps: ApiDeps = request.app.state.deps
         ident = parse_id(org_id, "organisation")
-        written = await anyio.to_thread.run_sync(deps.plans.subscribe, ident, data.plan_code,
-                                                 data.starts_at)
+        written = await anyio.to_thread.run_sync(partial(
+            deps.plans.subscribe, ident, data.plan_code, data.starts_at, actor=actor_of(request)))
         sub = written.aggregate
         started = written.position > 0 and len(sub.history) == 1
         return Response(subscription_answer(sub, data.plan_code), status_code=201 if started else 200,

@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from adapters.usage_writer import USAGE_TOPIC, encode_usage
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.usage import UsageFact
 
 SCHEMA = "bench_baseline"

@@ -23,7 +23,7 @@ from adapters.usage_writer import UsageWriter, encode_usage
 from domain.meter import Meter
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, TierSpec
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.subscription import Subscription
 from domain.usage import UsageFact
 from infra.embedded import embedded_servers
@@ -54,7 +54,7 @@ def setup(rt: Runtime, orgs: int, at: datetime, inside: datetime) -> float:
                ChargeSpec("seats", "per_unit", unit_price=Decimal("99"))]
     plan = Plan.publish("bench", "Bench", "INR", Decimal(500), Decimal(0), charges,
                         {c for c, _ in METERS}, now)
-    rt.ledger.save(*meters, plan)
+    rt.ledger.save(*meters, plan, actor=None)
     org_ids = []
     for start in range(0, orgs, SAVE_BATCH_AGGREGATES):
         batch = []
@@ -63,7 +63,7 @@ def setup(rt: Runtime, orgs: int, at: datetime, inside: datetime) -> float:
                                                 "state_code": "29" if i % 2 else "27"}, now)
             batch += [org, Subscription.start(org.id, "bench", at, now)]
             org_ids.append(org.id)
-        rt.ledger.save(*batch)
+        rt.ledger.save(*batch, actor=None)
     asyncio.run(write_usage(rt, org_ids, inside, now))
     for model in READ_MODELS:
         rebuild(rt.pool, rt.ledger, model)

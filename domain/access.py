@@ -16,7 +16,7 @@ from domain.instants import check_instant
 
 GLOBAL_ROLES = ("owner", "billing_admin", "support", "auditor")
 ORG_ROLES = ("org_admin", "org_viewer")
-ROLES = GLOBAL_ROLES + ORG_ROLES
+PRINCIPAL_ROLES = GLOBAL_ROLES + ORG_ROLES
 TOKEN_PREFIX = "bt_"
 TOKEN_PREFIX_CHARS = 12
 NAME_MAX_CHARS = 200
@@ -70,11 +70,11 @@ class AdminToken(Aggregate):
         self.revoked = False
 
     @classmethod
-    def issue(cls, token_id: UUID, role: str, organisation_id: UUID | None, name: str,
+    def issue(cls, *, token_id: UUID, role: str, organisation_id: UUID | None, name: str,
               prefix: str, token: str, expires_at: datetime | None, at: datetime) -> AdminToken:
         problems = Problems()
-        if role not in ROLES:
-            problems.add("role", f"must be one of {', '.join(ROLES)}")
+        if role not in PRINCIPAL_ROLES:
+            problems.add("role", f"must be one of {', '.join(PRINCIPAL_ROLES)}")
         elif role in ORG_ROLES and organisation_id is None:
             problems.add("organisation_id", f"{role} needs the organisation it may see")
         elif role in GLOBAL_ROLES and organisation_id is not None:

@@ -66,7 +66,7 @@ class ApiKey(Aggregate):
         self.revoked = False
 
     @classmethod
-    def issue(cls, key_id: UUID, project_id: UUID, organisation_id: UUID, name: str, prefix: str,
+    def issue(cls, *, key_id: UUID, project_id: UUID, organisation_id: UUID, name: str, prefix: str,
               secret: str, expires_at: datetime | None, at: datetime, allowed_ips: str = "") -> ApiKey:
         problems = Problems()
         if not name.strip() or len(name) > NAME_MAX_CHARS:

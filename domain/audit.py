@@ -1,8 +1,9 @@
 """The audit trail: who did what, when, from where. Every admin command's events are saved
 together with one AuditEntry (in the same ledger transaction), so the trail cannot miss one.
 
-The acting principal travels with the request in a context variable set by the API's guard;
-the ledger adapter reads it when it saves.
+The acting principal is part of each command: the API's handlers (and the CLI) pass it as the
+`actor` keyword of a service command, which hands it to the ledger's save (None: a system save,
+e.g. the scheduler's invoice run, without an audit entry).
 
 A request with an Idempotency-Key (docs/IDEMPOTENCY.md) also carries an `IdempotentRequest` in a
 context variable: the audit entry of its n-th save gets the id `uuid5(seed, n)`, derived from the
@@ -40,8 +41,6 @@ class Actor:
     source_ip: str
     request_id: str
 
-
-CURRENT_ACTOR: ContextVar[Actor | None] = ContextVar("billing_actor", default=None)
 
 # Fixed forever: changing it would make every stored key's audit ids differ from a retry's.
 IDEMPOTENCY_NAMESPACE = UUID("6d0c2a51-3f0e-4b8e-9a57-1c8f0e2b7d44")

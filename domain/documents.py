@@ -1,4 +1,5 @@
-"""Invoice documents as plain data, the Mailer port, and the pure formatting rules they share.
+"""Invoice documents as plain data and the pure formatting rules they share (the Mailer port that
+sends them is in domain/ports.py).
 
 `InvoiceDocument` is everything a GST tax invoice shows (CGST Rules, rule 46): supplier and
 recipient name, address and GSTIN, a serial number of at most 16 characters, the date, the SAC
@@ -11,15 +12,14 @@ Amounts are integer paise and are formatted here, once, with Indian digit groupi
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
-from email.message import EmailMessage
-from typing import Literal, Protocol
+from typing import Literal
 from uuid import UUID
 
-from domain.errors import DomainError, Unavailable
+from domain.money import PAISE_PER_RUPEE
+from domain.period import is_period
 from domain.tax import INDIA, TaxLine
 
 # SAC (Services Accounting Code) for metered cloud/platform usage: heading 9983, group 99831,
@@ -31,13 +31,11 @@ SAC_CODE = "998315"
 SAC_DESCRIPTION = "Hosting and IT infrastructure provisioning services"
 
 INVOICE_NUMBER_MAX_CHARS = 16  # CGST Rules, rule 46(b)
-PAISE_PER_RUPEE = 100
 # Endorsement an invoice for an export of services carries when no IGST is paid (rule 46,
 # proviso; IGST Act s.16: exports are zero-rated, supplied under a Letter of Undertaking).
 EXPORT_NOTE = "Supply meant for export of services under LUT without payment of integrated tax (IGST)"
 # GST state code used in returns and e-invoices for a place of supply outside India.
 OTHER_COUNTRY_STATE_CODE = "96"
-_PERIOD = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
 
 EmailKind = Literal["invoice", "paid"]
 
@@ -164,7 +162,7 @@ def _inconsistencies(doc: InvoiceDocument) -> list[str]:
     problems: list[str] = []
     if not doc.number or len(doc.number) > INVOICE_NUMBER_MAX_CHARS:
         problems.append(f"number must be 1..{INVOICE_NUMBER_MAX_CHARS} characters")
-    if not _PERIOD.match(doc.period):
+    if not is_period(doc.period):
         problems.append("period must be YYYY-MM")
     lines_sum = sum(line.amount for line in doc.lines)
     if doc.subtotal != lines_sum:
@@ -262,22 +260,3 @@ def rupees_in_words(paise: int) -> str:
     if rest:
         words += f" and {number_in_words(rest)} Paise"
     return words + " Only"
-
-
-# ---- mail port ----
-
-
-class MailUnavailable(Unavailable):
-    """The mail transport failed in a way that a later retry may fix (connection refused or
-    dropped, timeout, SMTP 4xx, outbox disk error)."""
-
-
-class MailRejected(DomainError):
-    """The mail transport refused the message for good (SMTP 5xx: bad recipient, auth,
-    policy). Retrying the same message will not help."""
-
-
-class Mailer(Protocol):
-    """Delivers one complete email. Raises MailUnavailable (retry later) or MailRejected."""
-
-    def send(self, msg: EmailMessage) -> None: ...

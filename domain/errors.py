@@ -60,3 +60,13 @@ class Problems:
     def raise_if_any(self) -> None:
         if self.errors:
             raise ValidationFailed(self.errors)
+
+
+class MailUnavailable(Unavailable):
+    """The mail transport failed in a way that a later retry may fix (connection refused or
+    dropped, timeout, SMTP 4xx, outbox disk error)."""
+
+
+class MailRejected(DomainError):
+    """The mail transport refused the message for good (SMTP 5xx: bad recipient, auth,
+    policy). Retrying the same message will not help."""

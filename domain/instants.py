@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from domain.errors import FieldError, ValidationFailed
 
-# The same span as billing periods (domain.subscription PERIOD_YEAR_MIN..MAX), with a day's margin
+# The same span as billing periods (domain.period PERIOD_YEAR_MIN..MAX), with a day's margin
 # on each side for offsets of up to ±23:59.
 INSTANT_MIN = datetime(1970, 1, 2, tzinfo=UTC)
 INSTANT_MAX = datetime(9998, 12, 30, tzinfo=UTC)

@@ -26,8 +26,9 @@ import msgspec
 from eventsourcing.domain import Aggregate
 
 from domain.errors import Conflict, FieldError, ValidationFailed
+from domain.period import parse_period
 from domain.pricing import LateUsage, Priced
-from domain.subscription import parse_period
+from domain.tax import TaxFacts
 
 InvoiceStatus = Literal["draft", "finalized", "paid", "void"]
 DRAFT: InvoiceStatus = "draft"
@@ -161,10 +162,9 @@ class Invoice(Aggregate):
 
     @classmethod
     def draft(
-        cls, organisation_id: UUID, period: str, revision: int, priced: Priced, plan_code: str,
-        plan_version: int, quantities: Mapping[str, Decimal], usage_position: int, country: str,
-        state_code: str | None, supplier_state_code: str, late: Sequence[LateUsage], at: datetime,
-        gstin: str | None = None,
+        cls, *, organisation_id: UUID, period: str, revision: int, priced: Priced, plan_code: str,
+        plan_version: int, quantities: Mapping[str, Decimal], usage_position: int, tax: TaxFacts,
+        late: Sequence[LateUsage], at: datetime, gstin: str | None = None,
     ) -> Invoice:
         """Decide: record a draft of `priced` (the output of domain.pricing.price).
         `quantities` are the period quantities of the plan's charged meters, as priced."""
@@ -181,7 +181,8 @@ class Invoice(Aggregate):
             total=priced.total, amount_due=priced.total, plan_code=plan_code,
             plan_version=plan_version, usage_position=usage_position,
             quantities=dict(quantities),
-            country=country, state_code=state_code, supplier_state_code=supplier_state_code,
+            country=tax.country, state_code=tax.state_code,
+            supplier_state_code=tax.supplier_state_code,
             late_usage=tuple(
                 LateUsageBilled(item.period, item.plan.code, item.plan.version, dict(item.billed),
                                 dict(item.corrected))

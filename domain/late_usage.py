@@ -9,7 +9,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from domain.invoice import VOID, Invoice
-from domain.money import EXACT
+from domain.money import MONEY_EXACT
 from domain.pricing import LateUsage, PlanVersion, late_usage_lines
 
 ZERO = Decimal(0)
@@ -41,8 +41,9 @@ def billed_quantities(period: str, own: Invoice, billed_by: Sequence[Invoice]) -
             if item.period != period:
                 continue
             for metric in item.corrected.keys() | item.billed.keys():
-                increment = EXACT.subtract(item.corrected.get(metric, ZERO), item.billed.get(metric, ZERO))
-                billed[metric] = EXACT.add(billed.get(metric, ZERO), increment)
+                increment = MONEY_EXACT.subtract(item.corrected.get(metric, ZERO),
+                                                 item.billed.get(metric, ZERO))
+                billed[metric] = MONEY_EXACT.add(billed.get(metric, ZERO), increment)
     return billed
 
 

@@ -20,17 +20,17 @@ from decimal import (
 PAISE_PER_RUPEE = 100
 # Inputs are at most a few dozen significant digits (quantities: 18, BILLING.md), so products
 # and sums of them fit comfortably; the Inexact trap makes any silent loss impossible.
-EXACT_DIGITS = 200
+MONEY_EXACT_DIGITS = 200
 
 # For pricing arithmetic: every + - * must be exact, or it raises decimal.Inexact.
-EXACT = Context(
-    prec=EXACT_DIGITS,
+MONEY_EXACT = Context(
+    prec=MONEY_EXACT_DIGITS,
     rounding=ROUND_HALF_UP,
     traps=[InvalidOperation, DivisionByZero, Overflow, Inexact],
 )
 # For the deliberate rounding step only: rounding is the point, so Inexact is not trapped.
 _ROUNDING = Context(
-    prec=EXACT_DIGITS,
+    prec=MONEY_EXACT_DIGITS,
     rounding=ROUND_HALF_UP,
     traps=[InvalidOperation, DivisionByZero, Overflow],
 )
@@ -44,7 +44,7 @@ def round_half_up(amount: Decimal) -> int:
 
 def to_paise(rupees: Decimal) -> int:
     """Rupees (any number of decimals) to whole paise, ROUND_HALF_UP at the paisa (BILLING.md)."""
-    return round_half_up(EXACT.multiply(rupees, Decimal(PAISE_PER_RUPEE)))
+    return round_half_up(MONEY_EXACT.multiply(rupees, Decimal(PAISE_PER_RUPEE)))
 
 
 def is_finite_decimal(value: object) -> bool:

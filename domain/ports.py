@@ -1,19 +1,45 @@
-"""Ports: the small interfaces that adapters implement for the domain's services."""
+"""Ports: the Protocols that adapters (and infra's plain callables) implement for the
+application layer (domain/services/) and the API. Only Protocols live here; the values that
+cross them are in domain/records.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
-from typing import Any, Literal, Protocol, TypeVar
+from email.message import EmailMessage
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
-from domain.audit import Recorded
+from domain.audit import Actor, Recorded
+from domain.records import Appended, Claim, KeyRecord, RunResult, StoredResponse, TokenRecord
 from domain.usage import MeterRule, UsageBatch
 
 A = TypeVar("A", bound=Aggregate)
+
+
+class Clock(Protocol):
+    """The time now (aware)."""
+
+    def __call__(self) -> datetime: ...
+
+
+class NewId(Protocol):
+    """A fresh aggregate id."""
+
+    def __call__(self) -> UUID: ...
+
+
+class NewSecret(Protocol):
+    """A fresh credential: (visible prefix, secret part)."""
+
+    def __call__(self) -> tuple[str, str]: ...
+
+
+class Pause(Protocol):
+    """Called with the attempt number after a lost race, before deciding again."""
+
+    def __call__(self, attempt: int, /) -> None: ...
 
 
 class Ledger(Protocol):
@@ -23,13 +49,38 @@ class Ledger(Protocol):
         """Return the aggregate, or raise NotFound."""
         ...
 
-    def save(self, *aggregates: Aggregate) -> int:
+    def save(self, *aggregates: Aggregate, actor: Actor | None) -> int:
         """Append pending events atomically; return the ledger position of the last one.
+        `actor` is who asked: their audit entry is saved in the same append (None: nobody's,
+        a system save, unaudited).
 
         Raises Conflict when an aggregate id or version already exists, Unavailable when
         the ledger cannot commit.
         """
         ...
+
+
+class Billable(Protocol):
+    """What a draft needs to know about the organisation (domain.organisation.Organisation
+    fits; so does any object with these attributes, e.g. one built from the read model)."""
+
+    @property
+    def id(self) -> UUID: ...
+
+    @property
+    def currency(self) -> str: ...
+
+    @property
+    def timezone(self) -> str: ...
+
+    @property
+    def country(self) -> str: ...
+
+    @property
+    def state_code(self) -> str | None: ...
+
+    @property
+    def gstin(self) -> str | None: ...
 
 
 class TrackingWaiter(Protocol):
@@ -55,53 +106,6 @@ class ProjectionGate(Protocol):
     def wait_until_current(self, projection: str, min_position: int, timeout_s: float) -> None:
         """Wait until `projection` includes every entry committed before this call."""
         ...
-
-
-@dataclass(frozen=True)
-class Appended:
-    """What a usage append did: new events, resent ones, and the position to wait for."""
-
-    accepted: int
-    duplicates: int
-    position: int
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    """A project API key as the ingestion path sees it (from the key cache)."""
-
-    key_id: UUID
-    prefix: str
-    secret_sha256: str
-    project_id: UUID
-    organisation_id: UUID
-    timezone: str
-    expires_at: datetime | None
-    revoked: bool
-    allowed_ips: str = ""
-    organisation_allowed_ips: str = ""
-    suspended: bool = False
-    rate_per_s: int = 100
-    rate_burst: int = 200
-
-    @cached_property
-    def rate_key(self) -> str:
-        """The rate limiter's bucket: one per organisation, shared by all its projects' keys (a
-        bucket per key let a tenant multiply its limit by making keys). Made once per record."""
-        return f"org:{self.organisation_id}"
-
-
-@dataclass(frozen=True)
-class TokenRecord:
-    """An admin token as the admin guard sees it (from the token cache)."""
-
-    token_id: UUID
-    token_sha256: str
-    role: str
-    organisation_id: UUID | None
-    expires_at: datetime | None
-    revoked: bool
-    organisation_allowed_ips: str = ""  # an organisation-scoped token's organisation's CIDRs
 
 
 class TokenLookup(Protocol):
@@ -148,63 +152,13 @@ class MeterLookup(Protocol):
     async def rules(self, codes: set[str]) -> dict[str, MeterRule]: ...
 
 
-@dataclass
-class Blocked:
-    """An organisation the invoice run left alone: dead-lettered ledger entries can affect it.
-    `read_models` names, per read model, the positions that block it; `missing_positions` is
-    all of them, sorted."""
-
-    organisation_id: UUID
-    name: str
-    missing_positions: list[int]
-    read_models: dict[str, list[int]] = field(default_factory=dict)
-
-
-@dataclass
-class RunResult:
-    period: str
-    created: int = 0
-    existing: int = 0
-    skipped: int = 0
-    not_due: int = 0
-    failed: int = 0
-    blocked: list[Blocked] = field(default_factory=list)
-    failed_organisations: list[UUID] = field(default_factory=list)  # each logged with its error
-
-
 class InvoiceRunner(Protocol):
-    def run(self, period: str) -> RunResult: ...
+    def run(self, period: str, *, actor: Actor | None = None) -> RunResult: ...
 
-    def void(self, ident: UUID, reason: str) -> Any:
+    def void(self, ident: UUID, reason: str, *, actor: Actor | None = None) -> Any:
         """Void an invoice, never while a run is deciding what earlier invoices billed (a
         Conflict then): a void between its reading and its drafting would lose late usage."""
         ...
-
-
-@dataclass(frozen=True)
-class StoredResponse:
-    """An idempotent request's first answer, as kept for its retries (secrets left out)."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-
-ClaimOutcome = Literal["claimed", "replay", "busy", "mismatch"]
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What claiming an Idempotency-Key found: ours to run (`token` proves it, `taken_over`
-    when a crashed holder's lease had run out), a finished answer to replay, a holder still
-    running, or the key used for another request. `claimed_at` is when this use of the key
-    began: kept by a takeover, new after the key expired (it seeds the audit entry ids)."""
-
-    outcome: ClaimOutcome
-    token: UUID | None = None
-    taken_over: bool = False
-    claimed_at: datetime | None = None
-    response: StoredResponse | None = None
 
 
 class IdempotencyStore(Protocol):
@@ -225,3 +179,10 @@ class IdempotencyStore(Protocol):
         ...
 
     def purge_expired(self) -> int: ...
+
+
+class Mailer(Protocol):
+    """Delivers one complete email. Raises MailUnavailable (retry later) or MailRejected
+    (domain/errors.py)."""
+
+    def send(self, msg: EmailMessage) -> None: ...

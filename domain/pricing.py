@@ -16,7 +16,7 @@ from decimal import Decimal, localcontext
 from typing import Literal
 
 from domain.errors import Problems
-from domain.money import EXACT, is_finite_decimal, to_paise
+from domain.money import MONEY_EXACT, is_finite_decimal, to_paise
 from domain.organisation import SUPPORTED_CURRENCIES
 from domain.tax import TaxFacts, TaxLine, gst
 
@@ -266,7 +266,7 @@ def charge_amount(charge: Charge, quantity: Decimal) -> Decimal:
     """
     if not is_finite_decimal(quantity) or quantity < 0:
         raise ValueError(f"quantity must be a finite decimal >= 0, got {quantity!r}")
-    with localcontext(EXACT):
+    with localcontext(MONEY_EXACT):
         if charge.model == "per_unit":
             return quantity * _required(charge.unit_price, "unit_price")
         if charge.model == "graduated":
@@ -400,7 +400,7 @@ def late_usage_lines(item: LateUsage) -> tuple[Line, ...]:
         billed_total += billed_paise
         corrected_total += corrected_paise
         if corrected != billed:
-            quantity = EXACT.subtract(corrected, billed)
+            quantity = MONEY_EXACT.subtract(corrected, billed)
             lines.append(Line(label, charge.metric, quantity, corrected_paise - billed_paise))
     adjustment = minimum_top_up(item.plan, corrected_total) - minimum_top_up(item.plan, billed_total)
     if adjustment:

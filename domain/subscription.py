@@ -9,25 +9,18 @@ pins the plan version in force when the period began. The rules are in docs/PLAN
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid5
-from zoneinfo import ZoneInfo
 
 from eventsourcing.domain import Aggregate
 
 from domain.errors import FieldError, ValidationFailed
+from domain.period import next_period_start, period_bounds, period_start_at_or_after
 from domain.plan import pinned_version
 
-MONTHS_PER_YEAR = 12
-# Billing periods since the Unix epoch, and far enough ahead that the month after a period and
-# any timezone's view of its bounds stay inside the calendar.
-PERIOD_YEAR_MIN = 1970
-PERIOD_YEAR_MAX = 9998
-_PERIOD = re.compile(r"^([0-9]{4})-([0-9]{2})$")  # ASCII digits only: \d takes any script's
 _SUBSCRIPTION_NAMESPACE = UUID("3e8b1f6a-7c2d-4a59-8e0f-6b1d2c3a4f22")
 
 # (version, published_at) of each version of one plan code
@@ -37,72 +30,6 @@ PublishedVersions = Sequence[tuple[int, datetime]]
 def subscription_id(organisation_id: UUID) -> UUID:
     """One subscription per organisation: its ledger identity is derived from the organisation."""
     return uuid5(_SUBSCRIPTION_NAMESPACE, str(organisation_id))
-
-
-# ---------------------------------------------------------------------------------------------
-# Periods: calendar months in a timezone, as UTC instants
-
-
-def parse_period(period: str) -> tuple[int, int]:
-    """'YYYY-MM' -> (year, month); ValidationFailed (field `period`) for anything else."""
-    match = _PERIOD.match(period)
-    if not match or not 1 <= int(match.group(2)) <= MONTHS_PER_YEAR:
-        raise ValidationFailed([FieldError("period", "must be a month written YYYY-MM, e.g. 2026-10")])
-    if not PERIOD_YEAR_MIN <= int(match.group(1)) <= PERIOD_YEAR_MAX:
-        raise ValidationFailed([FieldError(
-            "period", f"must be a month of the years {PERIOD_YEAR_MIN} to {PERIOD_YEAR_MAX}")])
-    return int(match.group(1)), int(match.group(2))
-
-
-def _month_start(year: int, month: int, zone: ZoneInfo) -> datetime:
-    return datetime(year, month, 1, tzinfo=zone).astimezone(UTC)
-
-
-def _following(year: int, month: int) -> tuple[int, int]:
-    return (year + 1, 1) if month == MONTHS_PER_YEAR else (year, month + 1)
-
-
-def period_bounds(period: str, timezone: str) -> tuple[datetime, datetime]:
-    """[start, end) of a period in `timezone`, as UTC instants."""
-    year, month = parse_period(period)
-    zone = ZoneInfo(timezone)
-    return _month_start(year, month, zone), _month_start(*_following(year, month), zone)
-
-
-# The time zone where a month ends first (UTC+14): until then it has ended for nobody.
-EARLIEST_ZONE = "Pacific/Kiritimati"
-
-
-def check_period_has_ended_somewhere(period: str, now: datetime) -> None:
-    """ValidationFailed (field `period`) unless `period` has ended in at least one time zone:
-    an invoice run for a month still under way anywhere-first is a mistake, not "not due"."""
-    end = period_bounds(period, EARLIEST_ZONE)[1]
-    if now < end:
-        raise ValidationFailed([FieldError(
-            "period", f"{period} has not ended yet (the earliest it ends anywhere is "
-                      f"{end.isoformat()}); it can be invoiced after that")])
-
-
-def period_of(instant: datetime, timezone: str) -> str:
-    """The 'YYYY-MM' period that contains `instant` in `timezone`."""
-    local = instant.astimezone(ZoneInfo(timezone))
-    return f"{local.year:04d}-{local.month:02d}"
-
-
-def period_start(instant: datetime, timezone: str) -> datetime:
-    """The start (UTC) of the period that contains `instant`."""
-    return period_bounds(period_of(instant, timezone), timezone)[0]
-
-
-def next_period_start(instant: datetime, timezone: str) -> datetime:
-    """The start (UTC) of the period after the one that contains `instant`."""
-    return period_bounds(period_of(instant, timezone), timezone)[1]
-
-
-def period_start_at_or_after(instant: datetime, timezone: str) -> datetime:
-    """`instant` itself if a period starts exactly then, else the next period's start."""
-    start = period_start(instant, timezone)
-    return start if start == instant else next_period_start(instant, timezone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,24 +171,3 @@ class Subscription(Aggregate):
         self, period: str, timezone: str, versions: Mapping[str, PublishedVersions] | None = None
     ) -> PeriodPlan | None:
         return plan_for_period(self.history, period, timezone, versions)
-
-
-def shift_period(period: str, months: int) -> str:
-    """The period `months` after `period` (before it, when negative)."""
-    year, month = parse_period(period)
-    index = year * 12 + (month - 1) + months
-    return f"{index // 12:04d}-{index % 12 + 1:02d}"
-
-
-def due_periods(now: datetime, grace: timedelta, count: int) -> list[str]:
-    """The last `count` calendar months that ended at least `grace` ago (UTC calendar; the run
-    checks each organisation's own timezone)."""
-    periods: list[str] = []
-    at = now - grace
-    year, month = at.year, at.month
-    for _ in range(count):
-        month -= 1
-        if month == 0:
-            year, month = year - 1, 12
-        periods.append(f"{year:04d}-{month:02d}")
-    return periods

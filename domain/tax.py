@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-from domain.money import EXACT, round_half_up
+from domain.money import MONEY_EXACT, round_half_up
 
 INDIA = "IN"
 GST_RATE = Decimal("0.18")  # fraction of the subtotal, not a percentage
@@ -59,4 +59,4 @@ def gst(subtotal: int, facts: TaxFacts) -> tuple[TaxLine, ...]:
 
 def _component(name: TaxName, rate: Decimal, subtotal: int) -> TaxLine:
     # Rounded per component, so CGST and SGST each carry their own half-paisa rounding.
-    return TaxLine(name, rate, round_half_up(EXACT.multiply(Decimal(subtotal), rate)))
+    return TaxLine(name, rate, round_half_up(MONEY_EXACT.multiply(Decimal(subtotal), rate)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import (
     Clamped,
     Context,
@@ -20,7 +20,6 @@ from functools import lru_cache
 from hashlib import sha1
 from typing import Any
 from uuid import UUID, uuid5
-from zoneinfo import ZoneInfo
 
 from eventsourcing.domain import Aggregate
 
@@ -227,6 +226,7 @@ def _check_properties(
 
 
 def check_usage(
+    *,
     index: int,
     event_id: str,
     metric: str,
@@ -279,7 +279,8 @@ _VALUE_RULES = Context(prec=VALUE_MAX_DIGITS, Emax=VALUE_MAX_DIGITS - 1, Emin=-V
 # Sums of usage values are exact: valid values span 36 digits (18 significant, exponents -36..17)
 # and the default context keeps 28. Enough for sums of billions of them; a sum that would not
 # fit raises (Inexact) instead of rounding.
-EXACT = Context(prec=80, traps=[InvalidOperation, Inexact, Overflow])
+USAGE_EXACT_DIGITS = 80
+USAGE_EXACT = Context(prec=USAGE_EXACT_DIGITS, traps=[InvalidOperation, Inexact, Overflow])
 
 
 def accept_plain_batch(
@@ -347,21 +348,13 @@ def _plainly_valid(given: Sequence[Decimal]) -> bool:
 
 # ---- the reference fold: what a period's quantity is, straight from the events ----------
 
-def local_day(at: datetime, timezone: str) -> date:
-    return at.astimezone(ZoneInfo(timezone)).date()
-
-
-def local_month(at: datetime, timezone: str) -> date:
-    return local_day(at, timezone).replace(day=1)
-
-
 def fold(aggregation: str, field: str | None, events: Iterable[tuple[int, Usage.Recorded]]) -> Decimal:
     """Quantity of one period from (ledger position, event) pairs of distinct events."""
     items = list(events)
     if aggregation == "count":
         return Decimal(len(items))
     if aggregation == "sum":
-        with localcontext(EXACT):
+        with localcontext(USAGE_EXACT):
             return sum((e.value for _, e in items), Decimal(0))
     if aggregation == "max":
         return max((e.value for _, e in items), default=Decimal(0))

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from adapters import bookkeeping
 from adapters.maintenance import rebuild, redrive
-from domain.access import ROLES as ROLES_OF_PRINCIPALS
-from domain.audit import CURRENT_ACTOR, Actor
+from domain.access import PRINCIPAL_ROLES
+from domain.audit import Actor
 from domain.errors import DomainError
-from domain.services import AccessService, CatalogueService, OrganisationService
+from domain.services.access import AccessService
+from domain.services.organisations import OrganisationService
 from infra import logs
 from infra.roles import listen_socket, run_roles
 from infra.settings import Settings, from_env
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("name", choices=[m.name for m in READ_MODELS])
     admin = sub.add_parser("admin", help="admin principals").add_subparsers(dest="action", required=True)
     tok = admin.add_parser("create-token", help="print a new admin token (shown once)")
-    tok.add_argument("--role", required=True, choices=ROLES_OF_PRINCIPALS)
+    tok.add_argument("--role", required=True, choices=PRINCIPAL_ROLES)
     tok.add_argument("--organisation", help="organisation id, for org_admin / org_viewer")
     tok.add_argument("--name", default="created with the CLI")
     orgs = sub.add_parser("orgs", help="organisations").add_subparsers(dest="action", required=True)
@@ -229,9 +230,13 @@ def _status(rt: Runtime, out: TextIO) -> int:
     return 1 if blocked else 0
 
 
+def _local_operator() -> Actor:
+    """The local operator, as the audit trail names CLI commands."""
+    return Actor(uuid5(CLI_NAMESPACE, getpass.getuser()), "owner", None, "cli", f"cli-{uuid4().hex}")
+
+
 def _invoice_run(rt: Runtime, period: str) -> int:
-    CURRENT_ACTOR.set(Actor(uuid5(CLI_NAMESPACE, getpass.getuser()), "owner", None, "cli",
-                            f"cli-{uuid4().hex}"))
+    actor = _local_operator()
     with tqdm(unit="org", desc=f"invoice run {period}", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -239,7 +244,7 @@ def _invoice_run(rt: Runtime, period: str) -> int:
             bar.refresh()
 
         try:
-            result = rt.invoice_run().run(period, progress)
+            result = rt.invoice_run().run(period, progress, actor=actor)
         except DomainError as e:
             sys.stderr.write(f"billing: {e}\n")
             return 2
@@ -257,27 +262,27 @@ def _invoice_run(rt: Runtime, period: str) -> int:
 def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:
     """Operator commands without HTTP; audited as the local operator."""
     clock = lambda: datetime.now(UTC)  # noqa: E731
-    CURRENT_ACTOR.set(Actor(uuid5(CLI_NAMESPACE, getpass.getuser()), "owner", None, "cli",
-                            f"cli-{uuid4().hex}"))
+    actor = _local_operator()
     out = sys.stdout
     try:
         if args.command == "admin":
             access = AccessService(rt.ledger, clock, uuid4, new_key_secret)
             org = UUID(args.organisation) if args.organisation else None
-            _, token = access.issue_token(args.role, org, args.name, None)
+            _, token = access.issue_token(role=args.role, organisation_id=org, name=args.name,
+                                          expires_at=None, actor=actor)
             out.write(token + "\n")
         elif args.command == "orgs":
             settings = {"name": args.name, "billing_email": args.billing_email}
             settings |= {k: v for k, v in (("state_code", args.state_code), ("gstin", args.gstin)) if v}
-            written = OrganisationService(rt.ledger, clock, uuid4).create(settings)
+            written = OrganisationService(rt.ledger, clock, uuid4).create(settings, actor=actor)
             out.write(f"{written.aggregate.id}\n")
         else:
-            catalogue = CatalogueService(rt.ledger, clock, uuid4, new_key_secret)
+            keys = AccessService(rt.ledger, clock, uuid4, new_key_secret)
             if args.action == "create":
-                _, key = catalogue.issue_key(UUID(args.project), args.name, None)
+                _, key = keys.issue_key(UUID(args.project), args.name, None, actor=actor)
                 out.write(key + "\n")
             else:
-                catalogue.revoke_key(UUID(args.key_id))
+                keys.revoke_key(UUID(args.key_id), actor=actor)
                 out.write("revoked\n")
     except (DomainError, ValueError) as e:
         sys.stderr.write(f"billing: {e}\n")

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from domain.errors import Conflict, DomainError
-from domain.subscription import due_periods
+from domain.period import due_periods
 from infra.wiring import Runtime
 from projections import invoices
 

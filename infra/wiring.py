@@ -40,11 +40,13 @@ from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
 from api.permissions import ROLE_PERMISSIONS
 from domain.api_key import PREFIX_CHARS
-from domain.documents import Mailer
-from domain.invoicing import InvoicingService
-from domain.plans_service import PlansService
-from domain.ports import KeyRecord, TokenRecord
-from domain.services import AccessService, CatalogueService, OrganisationService
+from domain.ports import Mailer
+from domain.records import KeyRecord, TokenRecord
+from domain.services.access import AccessService
+from domain.services.catalogue import CatalogueService
+from domain.services.invoicing import InvoicingService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, plans, usage_totals
@@ -228,7 +230,7 @@ class Runtime:
         self.extras["idempotency"] = keys
         return ApiDeps(
             organisations=OrganisationService(self.ledger, clock, uuid4),
-            catalogue=CatalogueService(self.ledger, clock, uuid4, new_key_secret),
+            catalogue=CatalogueService(self.ledger, clock, uuid4),
             plans=PlansService(self.ledger, clock),
             invoicing=self.invoicing(),
             invoice_runner=self.invoice_run(),

@@ -15,7 +15,8 @@ from uuid import UUID
 
 import msgspec
 
-from domain.usage import EXACT, MeterRule, Usage, local_day
+from domain.period import local_day
+from domain.usage import USAGE_EXACT, MeterRule, Usage
 
 Bucket = tuple[UUID, UUID, str, str, date, str]
 # While folding a batch: (organisation, project, metric, group key, local day). Months are
@@ -38,7 +39,7 @@ class Totals:
         UsageView), and the position and value of the last."""
         self.count += len(values)
         total, top = _sum_and_max(values)
-        with localcontext(EXACT):
+        with localcontext(USAGE_EXACT):
             self.sum += total
         self.max = top if self.max is None else max(self.max, top)
         if self.latest is None or (at, position) > self.latest[:2]:
@@ -46,7 +47,7 @@ class Totals:
 
     def merge(self, other: Totals) -> None:
         self.count += other.count
-        with localcontext(EXACT):
+        with localcontext(USAGE_EXACT):
             self.sum += other.sum
         if other.max is not None:
             self.max = other.max if self.max is None else max(self.max, other.max)
@@ -72,7 +73,7 @@ def _sum_and_max(values: Sequence[Decimal | str]) -> tuple[Decimal, Decimal]:
         whole = list(map(int, values))
         return Decimal(sum(whole)), Decimal(max(whole))
     exact = [v if type(v) is Decimal else Decimal(v) for v in values]
-    with localcontext(EXACT):
+    with localcontext(USAGE_EXACT):
         return sum(exact, Decimal(0)), max(exact)
 
 

@@ -19,7 +19,7 @@ import pytest
 from psycopg import sql
 
 from adapters.usage_writer import UsageWriter
-from domain.ports import Appended
+from domain.records import Appended
 from infra.embedded import embedded_servers
 from infra.roles import run_roles
 from infra.settings import Settings, from_env

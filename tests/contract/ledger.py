@@ -53,8 +53,9 @@ class LedgerContract(ABC):
 
     def save(self, ledger: Ledger, *aggregates: Aggregate) -> int:
         """Every save of the suite goes through here: the one place to pass what the port's
-        save comes to require besides the aggregates (an explicit audit actor, say)."""
-        return ledger.save(*aggregates)
+        save requires besides the aggregates. No actor: the contract is about the entries, and
+        audit entries are LedgerStore's alone (the in-memory ledger records none)."""
+        return ledger.save(*aggregates, actor=None)
 
     # ---- reading ------------------------------------------------------------------------------
 

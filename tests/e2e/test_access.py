@@ -26,9 +26,9 @@ from psycopg import sql
 
 from api.app import check_rules
 from api.permissions import ROLE_PERMISSIONS, RULES, A
-from domain.access import ORG_ROLES, ROLES
+from domain.access import ORG_ROLES, PRINCIPAL_ROLES
 from domain.invoice import invoice_id
-from domain.subscription import shift_period
+from domain.period import shift_period
 from infra.embedded import free_port
 from tests.conftest import http_status_is, wait_sync
 from tests.e2e.test_invoicing_http import last_period
@@ -107,7 +107,7 @@ def make_tenant(c: Cluster, name: str) -> Tenant:
         project = _id(admin.post(f"/admin/v1/organisations/{org}/projects", json={"name": "p"}))
         key = admin.post(f"/admin/v1/projects/{project}/api-keys", json={"name": "k"}).json()
         tokens, token_ids = {}, {}
-        for role in ROLES:
+        for role in PRINCIPAL_ROLES:
             body = {"role": role, "name": role} | ({"organisation_id": org} if role in ORG_ROLES else {})
             r = admin.post("/admin/v1/tokens", json=body)
             assert r.status_code == 201, r.text
@@ -134,7 +134,7 @@ def test_every_route_enforces_the_permission_table_for_every_role(
     a = tenants["a"]
     checked = 0
     for (method, template), rule in sorted(RULES.items()):
-        for role in ROLES:
+        for role in PRINCIPAL_ROLES:
             scoped_global = role in ORG_ROLES and rule.scope == "GLOBAL"
             allowed = rule.permission in ROLE_PERMISSIONS[role] and not scoped_global
             with cluster.admin(a.tokens[role]) as client:
@@ -146,7 +146,7 @@ def test_every_route_enforces_the_permission_table_for_every_role(
             else:
                 assert r.status_code == 403, (method, template, role, r.status_code)
             checked += 1
-    assert checked == len(RULES) * len(ROLES)
+    assert checked == len(RULES) * len(PRINCIPAL_ROLES)
 
 
 def test_adding_an_admin_route_without_a_rule_fails() -> None:

@@ -21,7 +21,6 @@ import pytest
 from adapters.idempotency import PgIdempotencyStore
 from adapters.pg import open_pool
 from domain.audit import (
-    CURRENT_ACTOR,
     CURRENT_IDEMPOTENCY,
     Actor,
     AlreadyRecorded,
@@ -29,7 +28,7 @@ from domain.audit import (
     idempotency_seed,
 )
 from domain.errors import Unavailable
-from domain.services import OrganisationService
+from domain.services.organisations import OrganisationService
 from tests.conftest import wait_until
 from tests.e2e.conftest import AUTH, Api
 
@@ -366,9 +365,9 @@ def test_a_second_execution_under_the_same_claim_collides_in_the_ledger_and_save
     service = OrganisationService(api.rt.ledger, lambda: datetime.now(UTC), uuid.uuid4)
 
     def execute() -> Any:
-        CURRENT_ACTOR.set(Actor(uuid.uuid4(), "owner", None, "127.0.0.1", "test"))
         CURRENT_IDEMPOTENCY.set(IdempotentRequest(seed))
-        return service.create({"name": name, "billing_email": "ap@twice.in"})
+        return service.create({"name": name, "billing_email": "ap@twice.in"},
+                              actor=Actor(uuid.uuid4(), "owner", None, "127.0.0.1", "test"))
 
     first = contextvars.copy_context().run(execute)
     with pytest.raises(AlreadyRecorded) as collided:

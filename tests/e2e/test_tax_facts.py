@@ -13,7 +13,7 @@ from uuid import UUID
 import pytest
 
 from domain.invoice import Invoice, invoice_id
-from domain.subscription import shift_period
+from domain.period import shift_period
 from tests.e2e.conftest import AUTH, Api
 from tests.e2e.test_invoicing_http import last_period, post
 

@@ -12,7 +12,7 @@ from uuid import uuid4
 from adapters.maintenance import rebuild
 from adapters.projector import HANDLER_RETRY_BACKOFF_S, Projector
 from adapters.relay import Relay
-from domain.services import OrganisationService
+from domain.services.organisations import OrganisationService
 from infra.wiring import Runtime
 from projections import organisations
 from projections.base import ReadModel

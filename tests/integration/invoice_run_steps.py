@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 
 from adapters.invoice_run import InvoiceRun
-from domain.invoicing import InvoicingService
-from domain.ports import RunResult
+from domain.records import RunResult
+from domain.services.invoicing import InvoicingService
 from infra.wiring import READ_MODELS, Runtime
 from tests.conftest import ThreadedWriter, background_roles, reached, threaded_writer, wait_sync
 

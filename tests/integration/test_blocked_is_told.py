@@ -16,8 +16,8 @@ import pytest
 
 from adapters import bookkeeping
 from domain.plan import ChargeSpec
-from domain.plans_service import PlansService
-from domain.services import OrganisationService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from infra.cli import _status as status
 from infra.wiring import Runtime
 from tests.conftest import ThreadedWriter
@@ -38,7 +38,8 @@ def _subscribed(rt: Runtime, *names: str) -> tuple[OrganisationService, list[UUI
     """Organisations subscribed to a per-unit plan since SUBSCRIBED_FROM."""
     plans = PlansService(rt.ledger, now)
     calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
-    plans.publish("basic", "Basic", "INR", Decimal(10), Decimal(0), calls, {"calls"})
+    plans.publish(code="basic", name="Basic", currency="INR", base_fee=Decimal(10), minimum=Decimal(0),
+                  charges=calls, known_meters={"calls"})
     orgs = OrganisationService(rt.ledger, now, uuid4)
     ids = [orgs.create({"name": name, "billing_email": "a@b.in"}).aggregate.id for name in names]
     for ident in ids:

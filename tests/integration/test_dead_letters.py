@@ -20,8 +20,8 @@ from adapters.projector import Projector
 from adapters.relay import Relay
 from adapters.usage_writer import encode_usage
 from domain.organisation import Organisation
-from domain.ports import KeyRecord
-from domain.services import CatalogueService
+from domain.records import KeyRecord
+from domain.services.catalogue import CatalogueService
 from domain.usage import UsageFact
 from infra.wiring import Runtime
 from projections import organisations, usage_totals
@@ -127,9 +127,10 @@ def _usage_tables(rt: Runtime) -> dict[str, list[tuple[Any, ...]]]:
 async def test_concurrent_redrives_apply_each_dead_lettered_usage_entry_exactly_once(
     runtime: Runtime,
 ) -> None:
-    svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4, lambda: ("p", "s"))
+    svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4)
     for code, aggregation in (("s", "sum"), ("n", "count")):
-        svc.define_meter(code, code, aggregation, None, [], False, lambda _: False)
+        svc.define_meter(code=code, name=code, aggregation=aggregation, field=None, group_by=[],
+                         allow_negative=False, has_usage=lambda _: False)
     key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
     now = datetime.now(UTC)
     poisoned: list[int] = []

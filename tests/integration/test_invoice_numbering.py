@@ -14,12 +14,12 @@ from zoneinfo import ZoneInfo
 from adapters.maintenance import ensure_tables, rebuild
 from domain.errors import Conflict
 from domain.invoice import Invoice, invoice_id
-from domain.invoicing import InvoicingService
 from domain.numbering import InvoiceSequence, format_number, sequence_id
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, plan_id
-from domain.plans_service import PlansService
-from domain.services import OrganisationService
+from domain.services.invoicing import InvoicingService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from domain.subscription import Subscription, subscription_id
 from infra.wiring import Runtime
 from projections import invoices
@@ -43,7 +43,8 @@ def ist(year: int, month: int, day: int) -> datetime:
 def subscribed_orgs(rt: Runtime, count: int) -> list[UUID]:
     orgs = OrganisationService(rt.ledger, lambda: ist(2026, 8, 1), uuid4)
     plans = PlansService(rt.ledger, lambda: ist(2026, 8, 1))
-    plans.publish("pro", "Pro", "INR", Decimal(499), Decimal(0), (PER_UNIT,), METERS)
+    plans.publish(code="pro", name="Pro", currency="INR", base_fee=Decimal(499), minimum=Decimal(0),
+                  charges=(PER_UNIT,), known_meters=METERS)
     ids = []
     for i in range(count):
         state = "29" if i % 2 else "27"  # half intra-state (CGST+SGST), half IGST
@@ -59,8 +60,9 @@ def draft(rt: Runtime, svc: InvoicingService, org_id: UUID, calls: int) -> tuple
     org = rt.ledger.get(org_id, Organisation)
     history = rt.ledger.get(subscription_id(org_id), Subscription).history
     versions = rt.ledger.get(plan_id("pro"), Plan).versions
-    return svc.draft(org, PERIOD, history, {"pro": versions}, {"api_calls": Decimal(calls)},
-                     rt.ledger.head(), SUPPLIER)
+    return svc.draft(org, period=PERIOD, subscription_history=history, plan_versions={"pro": versions},
+                     quantities={"api_calls": Decimal(calls)}, usage_position=rt.ledger.head(),
+                     supplier_state_code=SUPPLIER)
 
 
 def read(rt: Runtime, query: Any, *args: Any, **kwargs: Any) -> Any:

@@ -15,9 +15,10 @@ import pytest
 from adapters.bookkeeping import DLQ_LIST_MAX_ROWS
 from adapters.usage_writer import encode_usage
 from domain.plan import ChargeSpec
-from domain.plans_service import PlansService
-from domain.ports import KeyRecord, RunResult
-from domain.services import CatalogueService, OrganisationService
+from domain.records import KeyRecord, RunResult
+from domain.services.catalogue import CatalogueService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from domain.usage import UsageFact
 from infra.wiring import Runtime
 from projections import invoices
@@ -54,12 +55,15 @@ def test_dead_letters_in_every_read_model_pricing_reads_block_the_organisations_
     live: tuple[Runtime, ThreadedWriter],
 ) -> None:
     rt, writer = live
-    catalogue = CatalogueService(rt.ledger, now, uuid4, lambda: ("p", "s"))
-    meter, _ = catalogue.define_meter("calls", "Calls", "count", None, [], False, lambda _: False)
+    catalogue = CatalogueService(rt.ledger, now, uuid4)
+    meter, _ = catalogue.define_meter(code="calls", name="Calls", aggregation="count", field=None,
+                                      group_by=[], allow_negative=False, has_usage=lambda _: False)
     plans = PlansService(rt.ledger, now)
     calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
-    plans.publish("basic", "Basic", "INR", Decimal(10), Decimal(0), calls, {"calls"})
-    other = plans.publish("other", "Other", "INR", Decimal(10), Decimal(0), calls, {"calls"})
+    plans.publish(code="basic", name="Basic", currency="INR", base_fee=Decimal(10), minimum=Decimal(0),
+                  charges=calls, known_meters={"calls"})
+    other = plans.publish(code="other", name="Other", currency="INR", base_fee=Decimal(10),
+                          minimum=Decimal(0), charges=calls, known_meters={"calls"})
     orgs = OrganisationService(rt.ledger, now, uuid4)
     ids: dict[str, UUID] = {}
     subscribed: dict[str, int] = {}

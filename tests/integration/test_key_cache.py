@@ -27,8 +27,10 @@ from adapters.maintenance import redrive
 from adapters.projector import Projector
 from adapters.relay import Relay
 from domain.api_key import ApiKey
-from domain.ports import KeyRecord, TokenRecord
-from domain.services import AccessService, CatalogueService, OrganisationService
+from domain.records import KeyRecord, TokenRecord
+from domain.services.access import AccessService
+from domain.services.catalogue import CatalogueService
+from domain.services.organisations import OrganisationService
 from infra.wiring import Runtime, new_key_secret, read_model
 from projections import catalogue as catalogue_model
 from projections.base import ReadModel
@@ -118,14 +120,18 @@ def orgs(rt: Runtime) -> OrganisationService:
 
 
 def catalogue(rt: Runtime) -> CatalogueService:
-    return CatalogueService(rt.ledger, _clock, uuid4, new_key_secret)
+    return CatalogueService(rt.ledger, _clock, uuid4)
+
+
+def access(rt: Runtime) -> AccessService:
+    return AccessService(rt.ledger, _clock, uuid4, new_key_secret)
 
 
 def tenant(rt: Runtime, name: str) -> Tenant:
     """An organisation with a project and one API key."""
     org = orgs(rt).create({"name": name, "billing_email": f"ap@{name}.example.in"})
     project = catalogue(rt).create_project(org.aggregate.id, f"{name}-project")
-    key, _ = catalogue(rt).issue_key(project.aggregate.id, f"{name}-key", None)
+    key, _ = access(rt).issue_key(project.aggregate.id, f"{name}-key", None)
     return Tenant(org.aggregate.id, key.aggregate.id, key.aggregate.prefix, key.position)
 
 
@@ -177,15 +183,15 @@ class Overtaken:
 
 
 def _revoke(rt: Runtime, t: Tenant) -> int:
-    return catalogue(rt).revoke_key(t.key_id).position
+    return access(rt).revoke_key(t.key_id).position
 
 
 def _rotate(rt: Runtime, t: Tenant) -> int:
-    return catalogue(rt).rotate_key(t.key_id, ROTATION_OVERLAP)[0].position
+    return access(rt).rotate_key(t.key_id, ROTATION_OVERLAP)[0].position
 
 
 def _suspend(rt: Runtime, t: Tenant) -> int:
-    return orgs(rt).update_settings(t.organisation_id, {}, True, "unpaid").position
+    return orgs(rt).update_settings(t.organisation_id, {}, suspended=True, reason="unpaid").position
 
 
 def _allow_list(rt: Runtime, t: Tenant) -> int:
@@ -260,9 +266,10 @@ async def test_an_organisation_allow_list_reaches_the_caches_while_the_catalogue
             await wait_until(partial(everywhere, loop, processes, a.prefix, lambda k: True),
                              "the key in every cache")
             await pipe.stop("catalogue")
-            await asyncio.to_thread(catalogue(runtime).revoke_key, a.key_id)  # held back
+            await asyncio.to_thread(access(runtime).revoke_key, a.key_id)  # held back
             await asyncio.to_thread(orgs(runtime).update_settings, a.organisation_id,
-                                    {"allowed_ips": "192.0.2.0/24"}, True, "audit")
+                                    {"allowed_ips": "192.0.2.0/24"}, suspended=True,
+                                    reason="audit")
             await wait_until(
                 partial(everywhere, loop, processes, a.prefix,
                         lambda k: k.organisation_allowed_ips == "192.0.2.0/24" and k.suspended),
@@ -384,7 +391,7 @@ async def test_a_cache_miss_read_before_a_revocation_never_overwrites_the_refres
                                                     dataclasses.replace(caches.KEYS, by_prefix=held))
         miss = asyncio.create_task(cache.find(a.prefix))  # reads the key as valid, then waits
         assert await asyncio.to_thread(held.read.wait, RACE_WAIT_S)
-        revoked = await asyncio.to_thread(catalogue(runtime).revoke_key, a.key_id)
+        revoked = await asyncio.to_thread(access(runtime).revoke_key, a.key_id)
         await projected(runtime, "catalogue", revoked.position)
         await asyncio.to_thread(cache.refresh)  # sees the revocation, passes its position
         held.release.set()
@@ -399,7 +406,8 @@ async def test_a_token_cache_miss_read_before_a_revocation_never_overwrites_the_
 ) -> None:
     async with pipeline(runtime):
         access = AccessService(runtime.ledger, _clock, uuid4, new_key_secret)
-        issued, _ = await asyncio.to_thread(access.issue_token, "auditor", None, "ops", None)
+        issued, _ = await asyncio.to_thread(access.issue_token, role="auditor", organisation_id=None,
+                                            name="ops", expires_at=None)
         await projected(runtime, "access", issued.position)
         held = HeldRead(caches.TOKENS.by_prefix)
         cache: PrefixCache[TokenRecord] = PrefixCache(

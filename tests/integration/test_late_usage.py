@@ -16,12 +16,13 @@ import pytest
 from adapters.invoice_run import InvoiceRun
 from adapters.usage_writer import encode_usage
 from domain.invoice import VOID, Invoice
-from domain.invoicing import InvoicingService
+from domain.period import period_bounds, period_of, shift_period
 from domain.plan import ChargeSpec
-from domain.plans_service import PlansService
-from domain.ports import KeyRecord, RunResult
-from domain.services import CatalogueService, OrganisationService
-from domain.subscription import period_bounds, period_of, shift_period
+from domain.records import KeyRecord, RunResult
+from domain.services.catalogue import CatalogueService
+from domain.services.invoicing import InvoicingService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from domain.usage import UsageFact
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoices
@@ -50,8 +51,8 @@ class Tenant:
         self.org = OrganisationService(rt.ledger, now, uuid4).create(
             {"name": "Late Ltd", "billing_email": "a@b.in", "state_code": "29"}).aggregate
         plans = PlansService(rt.ledger, now)
-        plans.publish("late", "Late", "INR", base_fee, Decimal(0), charges,
-                      {c.metric for c in charges})
+        plans.publish(code="late", name="Late", currency="INR", base_fee=base_fee, minimum=Decimal(0),
+                      charges=charges, known_meters={c.metric for c in charges})
         plans.subscribe(self.org.id, "late", datetime(2026, 6, 1, tzinfo=UTC))
         self.key = KeyRecord(uuid4(), "p", "h", uuid4(), self.org.id, TIMEZONE, None, False)
         self.sent: dict[tuple[str, str], Decimal] = {}  # (period, metric) -> sum of values sent
@@ -113,8 +114,9 @@ class Tenant:
 
 def calls_tenant(live: tuple[Runtime, ThreadedWriter], base_fee: Decimal = Decimal(0)) -> Tenant:
     rt, writer = live
-    CatalogueService(rt.ledger, now, uuid4, lambda: ("p", "s")).define_meter(
-        "calls", "Calls", "count", None, [], False, lambda _: False)
+    CatalogueService(rt.ledger, now, uuid4).define_meter(code="calls", name="Calls", aggregation="count",
+                                                         field=None, group_by=[], allow_negative=False,
+                                                         has_usage=lambda _: False)
     return Tenant(rt, writer, [ChargeSpec("calls", "per_unit", unit_price=ONE_RUPEE_PER_CALL)],
                   base_fee)
 
@@ -180,9 +182,11 @@ def test_a_late_item_that_went_down_is_left_out_alone(live: tuple[Runtime, Threa
     """Usage of one earlier period that went down needs a credit note: only that item is left
     out; the other late usage of the same draft is still billed."""
     rt, writer = live
-    catalogue = CatalogueService(rt.ledger, now, uuid4, lambda: ("p", "s"))
-    catalogue.define_meter("calls", "Calls", "count", None, [], False, lambda _: False)
-    catalogue.define_meter("credits", "Credits", "sum", None, [], True, lambda _: False)
+    catalogue = CatalogueService(rt.ledger, now, uuid4)
+    catalogue.define_meter(code="calls", name="Calls", aggregation="count", field=None, group_by=[],
+                           allow_negative=False, has_usage=lambda _: False)
+    catalogue.define_meter(code="credits", name="Credits", aggregation="sum", field=None, group_by=[],
+                           allow_negative=True, has_usage=lambda _: False)
     tenant = Tenant(rt, writer, [ChargeSpec("calls", "per_unit", unit_price=Decimal(1)),
                                  ChargeSpec("credits", "per_unit", unit_price=Decimal(1))])
     august, september = (datetime(2026, m, 15, tzinfo=UTC) for m in (8, 9))
@@ -230,7 +234,8 @@ def test_drafts_are_finalized_automatically_after_the_configured_delay(
     org = OrganisationService(rt.ledger, now, uuid4).create(
         {"name": "Auto Ltd", "billing_email": "a@b.in"}).aggregate
     plans = PlansService(rt.ledger, now)
-    plans.publish("auto", "Auto", "INR", Decimal(100), Decimal(0), [], set())
+    plans.publish(code="auto", name="Auto", currency="INR", base_fee=Decimal(100), minimum=Decimal(0),
+                  charges=[], known_meters=set())
     plans.subscribe(org.id, "auto", datetime(2026, 9, 1, tzinfo=UTC))
     at = datetime(2026, 11, 3, tzinfo=UTC)
     invoicing = InvoicingService(rt.ledger, lambda: at)

@@ -25,7 +25,8 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from adapters.documents import render_html, render_pdf
 from adapters.mail import OutboxMailer, SmtpMailer, build_invoice_email, message_id, send_with_retries
-from domain.documents import InvoiceDocument, MailRejected, MailUnavailable
+from domain.documents import InvoiceDocument
+from domain.errors import MailRejected, MailUnavailable
 from tests.unit.test_documents import make_doc
 
 LOOPBACK = "127.0.0.1"

@@ -29,7 +29,7 @@ from adapters.bus import (
 from adapters.projector import Projector
 from adapters.relay import ENTRIES_PER_MESSAGE_MAX, Message, Relay
 from adapters.usage_writer import UsageWriter, encode_usage
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.usage import Usage, UsageFact
 from infra.wiring import Runtime
 from projections import organisations
@@ -143,15 +143,16 @@ async def test_messages_of_ignored_topics_advance_tracking_without_being_applied
 ) -> None:
     """Interleaved meters (ignored by the organisations model) and organisations: the model
     reaches the ledger head, equal to a rebuild, whatever was skipped in memory."""
-    from domain.services import CatalogueService
+    from domain.services.catalogue import CatalogueService
 
-    catalogue = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4, lambda: ("p", "s"))
+    catalogue = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4)
     async with running(runtime, {"relay", "project"}):
         for i in range(6):
             await asyncio.to_thread(write_orgs, runtime, 2, f"mixed{i}")
             for j in range(3):
-                await asyncio.to_thread(catalogue.define_meter, f"m{i}x{j}", "m", "count", None, [],
-                                        False, lambda _: False)
+                await asyncio.to_thread(catalogue.define_meter, code=f"m{i}x{j}", name="m",
+                                        aggregation="count", field=None, group_by=[],
+                                        allow_negative=False, has_usage=lambda _: False)
         head = runtime.ledger.head()  # the newest entries are meters: ignored by this model
         await wait_until(lambda: tracked(runtime, "organisations") >= head, "skips persisted")
     live = org_rows(runtime)

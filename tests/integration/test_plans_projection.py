@@ -13,8 +13,8 @@ import pytest
 from adapters.maintenance import ensure_tables, rebuild
 from domain.errors import NotFound
 from domain.plan import ChargeSpec, Plan, TierSpec, plan_id, to_version
-from domain.plans_service import PlansService
-from domain.services import OrganisationService
+from domain.services.organisations import OrganisationService
+from domain.services.plans import PlansService
 from domain.subscription import PeriodPlan, Subscription, plan_for_period, subscription_id
 from infra.wiring import Runtime
 from projections import plans
@@ -59,11 +59,13 @@ def new_org(rt: Runtime) -> UUID:
 def test_plans_and_subscriptions_replay_into_the_read_model(runtime: Runtime) -> None:
     clock = Clock(ist(2026, 9, 10, 12, 0))
     svc = PlansService(runtime.ledger, clock)
-    svc.publish("basic", "Basic", "INR", Decimal(0), Decimal(0), (PER_UNIT,), METERS)
-    v1 = svc.publish("pro", "Pro", "INR", Decimal("499.00"), Decimal(1000), (PER_UNIT, GRADUATED),
-                     METERS)
+    svc.publish(code="basic", name="Basic", currency="INR", base_fee=Decimal(0), minimum=Decimal(0),
+                charges=(PER_UNIT,), known_meters=METERS)
+    v1 = svc.publish(code="pro", name="Pro", currency="INR", base_fee=Decimal("499.00"),
+                     minimum=Decimal(1000), charges=(PER_UNIT, GRADUATED), known_meters=METERS)
     clock.now = ist(2026, 10, 15, 9, 30)
-    v2 = svc.publish("pro", "Pro 2", "INR", Decimal("599.50"), Decimal(0), (GRADUATED,), METERS)
+    v2 = svc.publish(code="pro", name="Pro 2", currency="INR", base_fee=Decimal("599.50"), minimum=Decimal(0),
+                     charges=(GRADUATED,), known_meters=METERS)
     assert v2.position > v1.position > 0
 
     org, other = new_org(runtime), new_org(runtime)
@@ -121,7 +123,8 @@ def test_a_rebuild_gives_the_same_rows_every_time(runtime: Runtime) -> None:
     svc = PlansService(runtime.ledger, clock)
     for i in range(3):
         clock.now += timedelta(days=1)
-        svc.publish("pro", f"Pro {i}", "INR", Decimal(i), Decimal(0), (PER_UNIT,), METERS)
+        svc.publish(code="pro", name=f"Pro {i}", currency="INR", base_fee=Decimal(i), minimum=Decimal(0),
+                    charges=(PER_UNIT,), known_meters=METERS)
     org = new_org(runtime)
     svc.subscribe(org, "pro")
     replay(runtime)
@@ -135,7 +138,8 @@ def test_a_rebuild_gives_the_same_rows_every_time(runtime: Runtime) -> None:
 
 def test_subscribe_refuses_what_the_ledger_does_not_know(runtime: Runtime) -> None:
     svc = PlansService(runtime.ledger, lambda: datetime(2026, 10, 1, tzinfo=UTC))
-    svc.publish("pro", "Pro", "INR", Decimal(0), Decimal(0), (), METERS)
+    svc.publish(code="pro", name="Pro", currency="INR", base_fee=Decimal(0), minimum=Decimal(0), charges=(),
+                known_meters=METERS)
     with pytest.raises(NotFound):
         svc.subscribe(uuid4(), "pro")
     org = new_org(runtime)

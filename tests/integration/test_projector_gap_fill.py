@@ -16,8 +16,8 @@ from nats.js import JetStreamContext
 from adapters.projector import GAP_FILL_CHUNK_ROWS, Projector
 from adapters.relay import Relay
 from adapters.usage_writer import encode_batch
-from domain.ports import KeyRecord
-from domain.services import CatalogueService
+from domain.records import KeyRecord
+from domain.services.catalogue import CatalogueService
 from domain.usage import UsageBatch, UsageFact
 from infra.wiring import Runtime
 from projections import usage_totals
@@ -110,8 +110,9 @@ async def _fill_a_gap(rt: Runtime, js: JetStreamContext, writer: ThreadedWriter,
 
 
 async def test_a_long_gap_is_filled_in_bounded_chunks_with_flat_memory(runtime: Runtime) -> None:
-    svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4, lambda: ("p", "s"))
-    defined, _ = svc.define_meter("n", "n", "count", None, [], False, lambda _: False)
+    svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4)
+    defined, _ = svc.define_meter(code="n", name="n", aggregation="count", field=None, group_by=[],
+                                  allow_negative=False, has_usage=lambda _: False)
     js = await runtime.connect_nats("projector")
     stop = asyncio.Event()
     projector = Projector(usage_totals.READ_MODEL, runtime.ledger, runtime.projection_pool(), js,

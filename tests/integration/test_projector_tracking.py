@@ -16,7 +16,7 @@ import pytest
 from adapters.maintenance import rebuild
 from adapters.projector import Projector
 from adapters.usage_writer import encode_usage
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.usage import UsageFact
 from infra.wiring import Runtime
 from projections import organisations

@@ -20,7 +20,7 @@ from projections.base import ReadModel
 from tests.conftest import tracked, wait_until
 from tests.integration.helpers import pipeline, service
 from tests.integration.test_dead_letters import RETRIES, _poisoned
-from tests.integration.test_key_cache import catalogue
+from tests.integration.test_key_cache import access, catalogue
 
 pytestmark = pytest.mark.anyio
 
@@ -80,7 +80,7 @@ async def test_a_rebuild_that_rewrites_rows_reaches_the_key_cache(runtime: Runti
     org = svc.create({"name": "acme", "billing_email": "p@b.in"}).aggregate.id
     cat = catalogue(runtime)
     project = cat.create_project(org, "p").aggregate.id
-    key, _ = cat.issue_key(project, "k", None)
+    key, _ = access(runtime).issue_key(project, "k", None)
     svc.update_settings(org, {}, suspended=True, reason="fraud")
     rebuild(runtime.pool, runtime.ledger, organisations.READ_MODEL)
     rebuild(runtime.pool, runtime.ledger, catalogue_model.READ_MODEL)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from domain.subscription import due_periods
+from domain.period import due_periods
 from infra.scheduler import CATCH_UP_PERIODS, invoice_job
 from infra.wiring import Runtime
 

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from adapters.bookkeeping import dead_letter_counts
 from adapters.maintenance import rebuild
 from adapters.usage_writer import encode_usage
-from domain.ports import KeyRecord
-from domain.services import CatalogueService
-from domain.usage import UsageFact, fold, local_day
+from domain.period import local_day
+from domain.records import KeyRecord
+from domain.services.catalogue import CatalogueService
+from domain.usage import UsageFact, fold
 from infra.wiring import Runtime
 from projections import usage_totals
 from tests.conftest import (
@@ -67,10 +68,11 @@ batches = st.lists(st.lists(events, min_size=1, max_size=8), min_size=1, max_siz
 
 @pytest.fixture
 def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
-    svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4, lambda: ("p", "s"))
+    svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4)
     for code, (aggregation, field) in METERS.items():
-        svc.define_meter(code, code, aggregation, field, list(GROUP_BY.get(code, ())), False,
-                         lambda _: False)
+        svc.define_meter(code=code, name=code, aggregation=aggregation, field=field,
+                         group_by=list(GROUP_BY.get(code, ())), allow_negative=False,
+                         has_usage=lambda _: False)
     with threaded_writer(runtime) as writer, background_roles(runtime, {"relay", "project"}):
         yield runtime, writer
 

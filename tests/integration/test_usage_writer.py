@@ -24,7 +24,7 @@ from adapters.usage_writer import (
     encode_usage,
 )
 from domain.errors import Unavailable
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.usage import UsageFact
 from infra.embedded import free_port
 from infra.wiring import Runtime, setup_schema

@@ -12,8 +12,8 @@ import pytest
 
 import adapters.invoice_run as invoice_run
 from domain.errors import Conflict
-from domain.invoicing import InvoicingService
 from domain.late_usage import late_usage
+from domain.services.invoicing import InvoicingService
 from tests.integration.invoice_run_steps import GRACE, SUPPLIER_STATE_CODE, now
 from tests.integration.test_late_usage import NOVEMBER, OCTOBER, calls_tenant, live  # noqa: F401
 

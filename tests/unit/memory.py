@@ -12,6 +12,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import StoredEvent
 
 from adapters.codec import MsgspecMapper
+from domain.audit import Actor
 from domain.errors import Conflict, NotFound
 
 A = TypeVar("A", bound=Aggregate)
@@ -46,9 +47,10 @@ class MemoryLedger:
             raise NotFound(kind.__name__, aggregate_id)
         return aggregate
 
-    def save(self, *aggregates: Aggregate) -> int:
+    def save(self, *aggregates: Aggregate, actor: Actor | None = None) -> int:
         """Append every pending event or none; the position of the last one, or the head
-        when nothing is pending (as LedgerStore)."""
+        when nothing is pending (as LedgerStore). No audit entries in memory: `actor` is
+        accepted, as the port asks, and not recorded."""
         if self.before_save is not None:
             hook, self.before_save = self.before_save, None
             hook()

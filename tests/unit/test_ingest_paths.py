@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from adapters.usage_writer import encode_batch
 from api.ingest import accept_plain, check_carefully, decode_carefully, plain_events
 from domain.errors import Problems, ValidationFailed
-from domain.ports import KeyRecord
+from domain.records import KeyRecord
 from domain.usage import MeterRule, UsageBatch
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)

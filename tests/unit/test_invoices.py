@@ -14,7 +14,6 @@ from eventsourcing.domain import Aggregate
 from adapters.codec import MsgspecMapper
 from domain.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from domain.invoice import VOID_REASON_MAX_CHARS, Invoice, InvoiceLine, InvoiceTax, invoice_id
-from domain.invoicing import FINALIZE_ATTEMPTS, InvoicingService, period_has_ended
 from domain.numbering import (
     NUMBER_MAX_CHARS,
     SEQUENCE_MAX,
@@ -25,8 +24,10 @@ from domain.numbering import (
     sequence_id,
 )
 from domain.organisation import Organisation
+from domain.period import period_has_ended
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import LateUsage, price
+from domain.services.invoicing import FINALIZE_ATTEMPTS, InvoicingService
 from domain.subscription import SubscriptionEntry
 from domain.tax import TaxFacts
 from tests.unit.memory import Clock, MemoryLedger
@@ -78,9 +79,10 @@ def setup(now: datetime = AFTER_OCTOBER) -> tuple[InvoicingService, MemoryLedger
 def draft(svc: InvoicingService, customer: Organisation, version: StoredVersion | None = None,
           quantities: dict[str, Decimal] | None = None, period: str = PERIOD, **kw: Any) -> Any:
     version = version or plan()
-    return svc.draft(customer, period, kw.pop("history", history(version.code)),
-                     {version.code: [version]}, USAGE if quantities is None else quantities,
-                     kw.pop("usage_position", 42), SUPPLIER, **kw)
+    return svc.draft(customer, period=period, subscription_history=kw.pop("history", history(version.code)),
+                     plan_versions={version.code: [version]},
+                     quantities=USAGE if quantities is None else quantities,
+                     usage_position=kw.pop("usage_position", 42), supplier_state_code=SUPPLIER, **kw)
 
 
 # ---- numbering ----------------------------------------------------------------------------------
@@ -210,7 +212,8 @@ def test_a_period_that_has_not_ended_is_refused() -> None:
 def test_a_missing_plan_version_is_an_error_not_a_silent_skip() -> None:
     svc, _, _ = setup()
     with pytest.raises(NotFound, match="plan"):
-        svc.draft(org(), PERIOD, history("gold"), {"pro": [plan()]}, USAGE, 0, SUPPLIER)
+        svc.draft(org(), period=PERIOD, subscription_history=history("gold"), plan_versions={"pro": [plan()]},
+                  quantities=USAGE, usage_position=0, supplier_state_code=SUPPLIER)
 
 
 def test_late_usage_is_priced_on_the_invoice_and_recorded_with_it() -> None:

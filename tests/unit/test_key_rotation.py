@@ -11,24 +11,25 @@ import pytest
 
 from domain.errors import Conflict
 from domain.organisation import Organisation
-from domain.services import CatalogueService
+from domain.services.access import AccessService
+from domain.services.catalogue import CatalogueService
 from tests.unit.memory import Clock, MemoryLedger
 
 AT = datetime(2026, 10, 5, 12, 0, tzinfo=UTC)
 OVERLAP = timedelta(minutes=10)
 
 
-def _service() -> tuple[CatalogueService, MemoryLedger, Clock]:
+def _service() -> tuple[AccessService, MemoryLedger, Clock]:
     ledger, clock = MemoryLedger(), Clock(AT)
-    service = CatalogueService(ledger, clock, uuid4,
-                               lambda: (secrets.token_hex(6), secrets.token_urlsafe(16)))
+    service = AccessService(ledger, clock, uuid4,
+                            lambda: (secrets.token_hex(6), secrets.token_urlsafe(16)))
     return service, ledger, clock
 
 
-def _key(service: CatalogueService, ledger: MemoryLedger, expires_at: datetime | None) -> UUID:
+def _key(service: AccessService, ledger: MemoryLedger, expires_at: datetime | None) -> UUID:
     org = Organisation.create(uuid4(), {"name": "A", "billing_email": "a@b.in"}, AT)
     ledger.save(org)
-    project = service.create_project(org.id, "p").aggregate
+    project = CatalogueService(ledger, lambda: AT, uuid4).create_project(org.id, "p").aggregate
     return service.issue_key(project.id, "k", expires_at)[0].aggregate.id
 
 

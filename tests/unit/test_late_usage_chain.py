@@ -14,15 +14,16 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.invoice_run import LATE_LOOKBACK_PERIODS
 from domain.invoice import Invoice
-from domain.invoicing import InvoicingService
 from domain.late_usage import late_usage
 from domain.money import to_paise
 from domain.organisation import Organisation
+from domain.period import shift_period
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import PlanVersion, charge_amount
-from domain.subscription import SubscriptionEntry, shift_period
+from domain.services.invoice_runs import LATE_LOOKBACK_PERIODS
+from domain.services.invoicing import InvoicingService
+from domain.subscription import SubscriptionEntry
 from tests.unit.memory import Clock, MemoryLedger
 
 IST = ZoneInfo("Asia/Kolkata")
@@ -71,8 +72,10 @@ class Billing:
         earlier = [shift_period(period, -back) for back in range(LATE_LOOKBACK_PERIODS, 0, -1)]
         late = late_usage(self.org.id, earlier, billed_by, self.usage, self.plan_version)
         written, status = self.invoicing.draft(
-            self.org, period, [SubscriptionEntry("late", datetime(2026, 1, 1, tzinfo=IST))],
-            {"late": [self.version]}, self.usage.get(period, {}), 0, "29", late)
+            self.org, period=period,
+            subscription_history=[SubscriptionEntry("late", datetime(2026, 1, 1, tzinfo=IST))],
+            plan_versions={"late": [self.version]}, quantities=self.usage.get(period, {}),
+            usage_position=0, supplier_state_code="29", late=late)
         assert status == "created" and written is not None
         self.drafted[period] = written.aggregate.id
 

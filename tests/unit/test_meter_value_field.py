@@ -118,7 +118,8 @@ def test_meters_without_a_field_still_take_value() -> None:
 
 def test_check_usage_names_the_field_that_is_missing() -> None:
     problems = Problems()
-    fact = check_usage(4, "x", "seats", None, None, {"m": "1"}, 9, RULES, NOW, problems)
+    fact = check_usage(index=4, event_id="x", metric="seats", timestamp=None, value=None,
+                       properties={"m": "1"}, properties_size=9, meters=RULES, now=NOW, problems=problems)
     assert fact is None
     assert [(e.index, e.field) for e in problems.errors] == [(4, "properties.n")]
     assert "required" in problems.errors[0].message

@@ -15,16 +15,16 @@ from adapters.codec import MsgspecMapper
 from api.plans import JSON_SAFE_INTEGER_MAX, PublishPlan, charge_out, parse_decimal, parse_plan
 from domain.errors import NotFound, Problems, ValidationFailed
 from domain.organisation import Organisation
+from domain.period import parse_period, period_bounds
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, plan_id, to_version
-from domain.plans_service import SAVE_ATTEMPTS, PlansService
 from domain.pricing import price
+from domain.services.base import SAVE_ATTEMPTS
+from domain.services.plans import PlansService
 from domain.subscription import (
     PeriodPlan,
     Subscription,
     SubscriptionEntry,
     change_effective_from,
-    parse_period,
-    period_bounds,
     plan_at,
     plan_for_period,
     subscription_id,
@@ -321,8 +321,8 @@ def make_org(ledger: MemoryLedger, timezone: str = KOLKATA) -> UUID:
 def publish_with(svc: PlansService, code: str = "pro", **over: Any) -> Any:
     args: dict[str, Any] = {"name": "Pro", "currency": "INR", "base_fee": Decimal(500),
                             "minimum": Decimal(0), "charges": (PER_UNIT,)} | over
-    return svc.publish(code, args["name"], args["currency"], args["base_fee"], args["minimum"],
-                       args["charges"], METERS)
+    return svc.publish(code=code, name=args["name"], currency=args["currency"], base_fee=args["base_fee"],
+                       minimum=args["minimum"], charges=args["charges"], known_meters=METERS)
 
 
 def test_service_publishes_versions_and_stamps_them_with_its_clock() -> None:

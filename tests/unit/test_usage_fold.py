@@ -14,15 +14,8 @@ from hypothesis import strategies as st
 
 from adapters.usage_writer import encode_batch
 from domain.errors import Problems
-from domain.ports import KeyRecord
-from domain.usage import (
-    EXACT,
-    VALUE_MAX_DIGITS,
-    MeterRule,
-    UsageBatch,
-    check_usage,
-    significant_digits,
-)
+from domain.records import KeyRecord
+from domain.usage import USAGE_EXACT, VALUE_MAX_DIGITS, MeterRule, UsageBatch, check_usage, significant_digits
 from domain.usage import fold as fold_events
 from projections.usage_fold import Fold, Totals, UsageView
 
@@ -48,7 +41,7 @@ AT = datetime(2026, 11, 30, 18, 31, tzinfo=UTC)
 
 
 def _plain(vs: list[Decimal]) -> tuple[int, Decimal, Decimal]:
-    with localcontext(EXACT):
+    with localcontext(USAGE_EXACT):
         return len(vs), sum(vs, Decimal(0)), max(vs)
 
 
@@ -119,8 +112,10 @@ def test_a_field_meters_totals_fold_the_property_values_as_ingestion_records_the
     rule = FIELD_RULES[aggregation]
     key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
     problems = Problems()
-    facts = [check_usage(i, f"e{i}", rule.code, MID_MONTH - timedelta(minutes=m), None, {"gb": gb}, 16,
-                         FIELD_RULES, MID_MONTH, problems) for i, (gb, m) in enumerate(sent)]
+    facts = [check_usage(index=i, event_id=f"e{i}", metric=rule.code,
+                         timestamp=MID_MONTH - timedelta(minutes=m), value=None, properties={"gb": gb},
+                         properties_size=16, meters=FIELD_RULES, now=MID_MONTH,
+                         problems=problems) for i, (gb, m) in enumerate(sent)]
     assert not problems.errors, problems.errors
     batch = UsageBatch.of([f for f in facts if f is not None])
     _, states = encode_batch(key, batch, MID_MONTH)
@@ -137,7 +132,7 @@ def test_a_field_meters_totals_fold_the_property_values_as_ingestion_records_the
                 for p, (v, (gb, m)) in enumerate(zip(values, sent, strict=True), 1)]
     expected = fold_events(aggregation, "gb", recorded)  # type: ignore[arg-type]
     assert quantity == expected
-    with localcontext(EXACT):
+    with localcontext(USAGE_EXACT):
         direct = {"sum": sum(values, Decimal(0)), "max": max(values),
                   "latest": max(recorded, key=lambda pr: (pr[1].occurred_at, pr[0]))[1].value}
     assert str(quantity) == str(direct[aggregation])

@@ -1,4 +1,4 @@
-"""Application service for plans and subscriptions: get -> decide -> save, clock passed in.
+"""Plans and subscriptions: publish plan versions, assign a plan to an organisation.
 
 Two writers racing on the same plan code (or organisation) collide on the aggregate's next
 version in the ledger; the loser decides again from the fresh state, a bounded number of times.
@@ -6,33 +6,20 @@ version in the ledger; the loser decides again from the fresh state, a bounded n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from datetime import datetime
 from decimal import Decimal
-from typing import TypeVar
 from uuid import UUID
 
-from domain.errors import Conflict, FieldError, NotFound, ValidationFailed
+from domain.audit import Actor
+from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.instants import check_instant
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, plan_id
-from domain.ports import Ledger
-from domain.services import Clock, Written
+from domain.ports import Clock, Ledger
+from domain.services.base import Written, with_retries
 from domain.subscription import Subscription, subscription_id
-
-SAVE_ATTEMPTS = 3  # decide again after losing a race on the same aggregate, at most this often
-
-T = TypeVar("T")
-
-
-def _with_retries(attempt: Callable[[], T]) -> T:
-    for _ in range(SAVE_ATTEMPTS - 1):
-        try:
-            return attempt()
-        except Conflict:
-            continue
-    return attempt()
 
 
 class PlansService:
@@ -43,8 +30,8 @@ class PlansService:
         self._clock = clock
 
     def publish(
-        self, code: str, name: str, currency: str, base_fee: Decimal, minimum: Decimal,
-        charges: Sequence[ChargeSpec], known_meters: AbstractSet[str],
+        self, *, code: str, name: str, currency: str, base_fee: Decimal, minimum: Decimal,
+        charges: Sequence[ChargeSpec], known_meters: AbstractSet[str], actor: Actor | None = None,
     ) -> Written[Plan]:
         """Publish version 1 of a new plan, or the next version of an existing one.
         `known_meters` are the defined meter codes a charge may refer to."""
@@ -57,9 +44,9 @@ class PlansService:
                 plan = Plan.publish(code, name, currency, base_fee, minimum, charges, known_meters, now)
             else:
                 plan.publish_version(name, currency, base_fee, minimum, charges, known_meters, now)
-            return Written(plan, self._ledger.save(plan))
+            return Written(plan, self._ledger.save(plan, actor=actor))
 
-        return _with_retries(attempt)
+        return with_retries(attempt)
 
     def plan(self, code: str) -> Plan:
         """The plan with every version, from the ledger; NotFound for an unknown code."""
@@ -69,7 +56,8 @@ class PlansService:
             raise NotFound("plan", code) from None
 
     def subscribe(
-        self, organisation_id: UUID, plan_code: str, starts_at: datetime | None = None
+        self, organisation_id: UUID, plan_code: str, starts_at: datetime | None = None, *,
+        actor: Actor | None = None,
     ) -> Written[Subscription]:
         """Start the organisation's subscription (from `starts_at`, default now), or change its
         plan from the next period. Position 0 when the schedule already says so."""
@@ -88,9 +76,9 @@ class PlansService:
                 sub = self._ledger.get(subscription_id(organisation_id), Subscription)
             except NotFound:
                 sub = Subscription.start(organisation_id, plan_code, starts_at or now, now)
-                return Written(sub, self._ledger.save(sub))
+                return Written(sub, self._ledger.save(sub, actor=actor))
             if not sub.change_plan(plan_code, org.timezone, now, starts_at):
                 return Written(sub, 0)
-            return Written(sub, self._ledger.save(sub))
+            return Written(sub, self._ledger.save(sub, actor=actor))
 
-        return _with_retries(attempt)
+        return with_retries(attempt)

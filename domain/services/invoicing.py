@@ -1,4 +1,4 @@
-"""Application service for invoices: draft a period, finalize (number it), void.
+"""Invoices: draft a period, finalize (number it), void.
 
 get -> decide -> save through the Ledger port, the clock passed in; no other I/O. The caller
 (the invoice run) reads what a draft is computed from — the organisation, its subscription
@@ -15,20 +15,21 @@ The rules are written down in docs/INVOICES.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from typing import Literal, Protocol
+from typing import Literal
 from uuid import UUID
 
+from domain.audit import Actor
 from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.numbering import InvoiceSequence, financial_year, sequence_id
+from domain.period import parse_period, period_bounds, period_has_ended
 from domain.plan import StoredVersion, to_version
-from domain.ports import Ledger
+from domain.ports import Billable, Clock, Ledger, Pause
 from domain.pricing import LateUsage, price
-from domain.services import Clock, Written
-from domain.subscription import SubscriptionEntry, parse_period, period_bounds, plan_for_period
+from domain.services.base import Written
+from domain.subscription import SubscriptionEntry, plan_for_period
 from domain.tax import TaxFacts
 
 DraftStatus = Literal["created", "existing", "skipped"]
@@ -43,39 +44,9 @@ VOID_ATTEMPTS = 3  # a void races only with a finalize or a payment of the same 
 REVISIONS_MAX = 100  # replacements of voided invoices of one (organisation, period)
 ZERO = Decimal(0)
 
-Pause = Callable[[int], None]  # called with the attempt number after a lost race
-
 
 def _no_pause(attempt: int) -> None:
     """Retry at once: the ledger serialises appends, so a retry queues behind the winner."""
-
-
-class Billable(Protocol):
-    """What a draft needs to know about the organisation (domain.organisation.Organisation
-    fits; so does any object with these attributes, e.g. one built from the read model)."""
-
-    @property
-    def id(self) -> UUID: ...
-
-    @property
-    def currency(self) -> str: ...
-
-    @property
-    def timezone(self) -> str: ...
-
-    @property
-    def country(self) -> str: ...
-
-    @property
-    def state_code(self) -> str | None: ...
-
-    @property
-    def gstin(self) -> str | None: ...
-
-
-def period_has_ended(period: str, timezone: str, now: datetime) -> bool:
-    """True once the period ('YYYY-MM' in `timezone`) is over at `now`."""
-    return now >= period_bounds(period, timezone)[1]
 
 
 class InvoicingService:
@@ -91,6 +62,7 @@ class InvoicingService:
     def draft(
         self,
         organisation: Billable,
+        *,
         period: str,
         subscription_history: Sequence[SubscriptionEntry],
         plan_versions: Mapping[str, Sequence[StoredVersion]],
@@ -99,6 +71,7 @@ class InvoicingService:
         supplier_state_code: str,
         late: Sequence[LateUsage] = (),
         redraft_voided: bool = False,
+        actor: Actor | None = None,
     ) -> tuple[Written[Invoice] | None, DraftStatus]:
         """Draft the organisation's invoice for `period` ('YYYY-MM', a period that has ended in
         the organisation's timezone), or find the one already drafted.
@@ -150,12 +123,13 @@ class InvoicingService:
         if all(line.amount == 0 for line in priced.lines):
             return None, SKIPPED  # BILLING.md: base fee / minimum, "or none if 0"
         invoice = Invoice.draft(
-            organisation.id, period, revision, priced, plan.code, plan.version, charged,
-            usage_position, organisation.country, organisation.state_code, supplier_state_code,
-            late, now, gstin=organisation.gstin or "",
+            organisation_id=organisation.id, period=period, revision=revision, priced=priced,
+            plan_code=plan.code, plan_version=plan.version, quantities=charged,
+            usage_position=usage_position, tax=tax, late=late, at=now,
+            gstin=organisation.gstin or "",
         )
         try:
-            return Written(invoice, self._ledger.save(invoice)), CREATED
+            return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED
         except Conflict:  # another run drafted it first
             return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING
 
@@ -181,7 +155,7 @@ class InvoicingService:
         except NotFound:
             raise NotFound("invoice", ident) from None
 
-    def finalize(self, ident: UUID) -> Written[Invoice]:
+    def finalize(self, ident: UUID, *, actor: Actor | None = None) -> Written[Invoice]:
         """Give a draft the next number of the current financial year (IST) and freeze it.
         Conflict if it is not a draft; Unavailable if the numbering stayed contended."""
         for attempt in range(FINALIZE_ATTEMPTS):
@@ -195,18 +169,18 @@ class InvoicingService:
                 sequence = InvoiceSequence.open(year, now)
             invoice.finalize(sequence.issue(invoice.id, now), now)
             try:
-                return Written(invoice, self._ledger.save(invoice, sequence))
+                return Written(invoice, self._ledger.save(invoice, sequence, actor=actor))
             except Conflict:  # another finalization took that number (or changed this invoice)
                 self._pause(attempt)
         raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
 
-    def void(self, ident: UUID, reason: str = "") -> Written[Invoice]:
+    def void(self, ident: UUID, reason: str = "", *, actor: Actor | None = None) -> Written[Invoice]:
         """Cancel a draft or finalized invoice (a finalized one keeps its number)."""
         for attempt in range(VOID_ATTEMPTS):
             invoice = self.invoice(ident)
             invoice.void(reason, self._clock())
             try:
-                return Written(invoice, self._ledger.save(invoice))
+                return Written(invoice, self._ledger.save(invoice, actor=actor))
             except Conflict:
                 if attempt == VOID_ATTEMPTS - 1:
                     raise
