@@ -99,12 +99,14 @@ def _out(org: Organisation) -> OrganisationOut:
     )
 
 
-def _from_row(row: dict[str, Any]) -> OrganisationOut:
-    row = dict(row)
-    row["allowed_ips"] = [ip for ip in row["allowed_ips"].split(",") if ip]
-    row["rate_limit"] = {"per_second": row.pop("rate_limit_per_s"),
-                         "burst": row.pop("rate_limit_burst")}
-    return msgspec.convert(row, OrganisationOut)
+def _from_row(row: view.OrganisationRow) -> OrganisationOut:
+    return OrganisationOut(
+        id=row.id, name=row.name, billing_email=row.billing_email, currency=row.currency,
+        timezone=row.timezone, country=row.country, gstin=row.gstin, state_code=row.state_code,
+        created_at=row.created_at, updated_at=row.updated_at, suspended=row.suspended,
+        allowed_ips=[ip for ip in row.allowed_ips.split(",") if ip],
+        rate_limit=RateLimit(row.rate_limit_per_s, row.rate_limit_burst),
+    )
 
 
 def _changes(data: UpdateOrganisation) -> Settings:
@@ -165,7 +167,7 @@ class OrganisationController(Controller):
         after = decode_cursor(request.query_params.get("cursor"))
         await wait_caught_up(deps, request, view.NAME)
 
-        def fetch() -> list[dict[str, Any]]:
+        def fetch() -> list[view.OrganisationRow]:
             with deps.read_pool.connection() as conn:
                 return view.page(conn, limit + 1, after)
 

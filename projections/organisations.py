@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from psycopg import Connection, Cursor, sql
-from psycopg.rows import dict_row
 
 from domain.organisation import ACCESS_SETTING_NAMES, SETTING_NAMES, Organisation
-from projections.base import ReadModel, require_row
+from projections.base import ReadModel, all_rows, one_row, require_row
 
 NAME = "organisations"
 LIST_MAX_ROWS = 1000
@@ -91,26 +91,40 @@ _COLUMNS = (
 )
 
 
-def get(conn: Connection[Any], org_id: UUID) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_COLUMNS} FROM organisations WHERE id = %s", (org_id,))
-        return cur.fetchone()
+class OrganisationRow(msgspec.Struct, frozen=True):
+    """One organisation with its current settings, as the read model holds it."""
+
+    id: UUID
+    name: str
+    billing_email: str
+    currency: str
+    timezone: str
+    country: str
+    gstin: str | None
+    state_code: str | None
+    created_at: datetime
+    updated_at: datetime
+    suspended: bool
+    allowed_ips: str  # canonical CIDRs, comma-separated ("" = every address)
+    rate_limit_per_s: int
+    rate_limit_burst: int
+
+
+def get(conn: Connection[Any], org_id: UUID) -> OrganisationRow | None:
+    return one_row(conn, OrganisationRow, f"SELECT {_COLUMNS} FROM organisations WHERE id = %s",
+                   (org_id,))
 
 
 def page(
     conn: Connection[Any], limit: int, after: tuple[datetime, UUID] | None
-) -> list[dict[str, Any]]:
+) -> list[OrganisationRow]:
     """Organisations oldest first, `limit` at most, after the (created_at, id) cursor."""
     assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
-    with conn.cursor(row_factory=dict_row) as cur:
-        if after is None:
-            cur.execute(
-                f"SELECT {_COLUMNS} FROM organisations ORDER BY created_at, id LIMIT %s", (limit,)
-            )
-        else:
-            cur.execute(
-                f"SELECT {_COLUMNS} FROM organisations WHERE (created_at, id) > (%s, %s)"
-                " ORDER BY created_at, id LIMIT %s",
-                (*after, limit),
-            )
-        return cur.fetchall()
+    if after is None:
+        return all_rows(conn, OrganisationRow,
+                        f"SELECT {_COLUMNS} FROM organisations ORDER BY created_at, id LIMIT %s",
+                        (limit,))
+    return all_rows(conn, OrganisationRow,
+                    f"SELECT {_COLUMNS} FROM organisations WHERE (created_at, id) > (%s, %s)"
+                    " ORDER BY created_at, id LIMIT %s",
+                    (*after, limit))

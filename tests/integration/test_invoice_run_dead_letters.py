@@ -89,7 +89,7 @@ def test_dead_letters_in_every_read_model_pricing_reads_block_the_organisations_
     caught_up(rt)
     dead_letter(rt, "plans", subscribed["subscription"], other.position)
     dead_letter(rt, "catalogue", project)
-    dead_letter(rt, "invoices", invoice["ledger_position"])
+    dead_letter(rt, "invoices", invoice.ledger_position)
     dead_letter(rt, "organisations", settings)
     dead_letter(rt, "usage_totals", *old, recent)
     with rt.pool.connection() as conn:  # as if that subscription had never reached the model
@@ -99,7 +99,7 @@ def test_dead_letters_in_every_read_model_pricing_reads_block_the_organisations_
     assert blocked(result) == {
         ids["subscription"]: {"plans": [subscribed["subscription"]]},
         ids["project"]: {"catalogue": [project]},
-        ids["invoice"]: {"invoices": [invoice["ledger_position"]]},
+        ids["invoice"]: {"invoices": [invoice.ledger_position]},
         ids["settings"]: {"organisations": [settings]},
         ids["usage"]: {"usage_totals": [recent]},
         ids["plan"]: {"plans": [other.position]},  # a plan version: its subscribers

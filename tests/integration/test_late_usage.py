@@ -76,7 +76,7 @@ class Tenant:
         assert (result.created, result.failed, result.blocked) == (1, 0, []), result
         with self.rt.pool.connection() as conn:
             (row,) = invoices.page(conn, 10, None, organisation_id=self.org.id, period=period)
-        return self.rt.ledger.get(row["id"], Invoice)
+        return self.rt.ledger.get(row.id, Invoice)
 
     def finalize(self, invoice: Invoice) -> Invoice:
         written = InvoicingService(self.rt.ledger, now).finalize(invoice.id)
@@ -86,7 +86,7 @@ class Tenant:
     def all_invoices(self) -> list[Invoice]:
         with self.rt.pool.connection() as conn:
             rows = invoices.page(conn, invoices.LIST_MAX_ROWS, None, organisation_id=self.org.id)
-        return [self.rt.ledger.get(row["id"], Invoice) for row in rows]
+        return [self.rt.ledger.get(row.id, Invoice) for row in rows]
 
     def billed(self) -> dict[tuple[str, str], Decimal]:
         """(period, metric) -> quantity billed for it across every non-void invoice: the
@@ -246,6 +246,6 @@ def test_drafts_are_finalized_automatically_after_the_configured_delay(
     assert finalize_due(rt, at + timedelta(hours=25)) == 1
     with rt.pool.connection() as conn:
         (row,) = invoices.page(conn, 10, None, organisation_id=org.id, period="2026-10")
-    assert row["status"] in ("draft", "finalized")  # the read model may still be catching up
-    assert invoicing.invoice(row["id"]).status == "finalized"
+    assert row.status in ("draft", "finalized")  # the read model may still be catching up
+    assert invoicing.invoice(row.id).status == "finalized"
 

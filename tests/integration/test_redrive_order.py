@@ -46,7 +46,7 @@ def _suspended(runtime: Runtime, org: Any) -> bool:
     with runtime.pool.connection() as conn:
         row = organisations.get(conn, org)
     assert row is not None
-    return bool(row["suspended"])
+    return bool(row.suspended)
 
 
 async def test_an_update_of_a_row_whose_creation_was_dead_lettered_is_dead_lettered_too(
