@@ -20,7 +20,7 @@ from domain.access import (
 from domain.api_key import KEY_PREFIX, ApiKey
 from domain.errors import Conflict, NotFound
 from domain.meter import Meter, meter_id
-from domain.organisation import Organisation, Settings
+from domain.organisation import Organisation, OrganisationSettings
 from domain.ports import Ledger
 from domain.project import Project
 
@@ -44,12 +44,13 @@ class OrganisationService:
         self._clock = clock
         self._new_id = new_id
 
-    def create(self, settings: Settings) -> Written[Organisation]:
+    def create(self, settings: OrganisationSettings) -> Written[Organisation]:
         org = Organisation.create(self._new_id(), settings, self._clock())
         return Written(org, self._ledger.save(org))
 
     def update_settings(
-        self, org_id: UUID, changes: Settings, suspended: bool | None = None, reason: str = ""
+        self, org_id: UUID, changes: OrganisationSettings, suspended: bool | None = None,
+        reason: str = ""
     ) -> Written[Organisation]:
         org = self._ledger.get(org_id, Organisation)
         now = self._clock()

@@ -27,6 +27,7 @@ from adapters.maintenance import rebuild, redrive
 from domain.access import ROLES as ROLES_OF_PRINCIPALS
 from domain.audit import CURRENT_ACTOR, Actor
 from domain.errors import DomainError
+from domain.organisation import OrganisationSettings
 from domain.services import AccessService, CatalogueService, OrganisationService
 from infra import logs
 from infra.roles import listen_socket, run_roles
@@ -267,8 +268,9 @@ def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:
             _, token = access.issue_token(args.role, org, args.name, None)
             out.write(token + "\n")
         elif args.command == "orgs":
-            settings = {"name": args.name, "billing_email": args.billing_email}
-            settings |= {k: v for k, v in (("state_code", args.state_code), ("gstin", args.gstin)) if v}
+            settings = OrganisationSettings(
+                name=args.name, billing_email=args.billing_email,
+                state_code=args.state_code or msgspec.UNSET, gstin=args.gstin or msgspec.UNSET)
             written = OrganisationService(rt.ledger, clock, uuid4).create(settings)
             out.write(f"{written.aggregate.id}\n")
         else:

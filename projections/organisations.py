@@ -48,9 +48,9 @@ def _created(cur: Cursor[Any], e: Organisation.Created, position: int) -> None:
 
 
 def _settings_updated(cur: Cursor[Any], e: Organisation.SettingsUpdated, position: int) -> None:
-    changes: dict[str, Any] = {k: v for k, v in e.after.items() if k in SETTING_NAMES}
-    changes |= {k: int(v) if k.startswith("rate_") and v is not None else v
-                for k, v in e.after.items() if k in ACCESS_SETTING_NAMES}
+    # The rate limits are whole numbers (events of class version 1 are upcast on reading).
+    changes: dict[str, Any] = {k: v for k, v in e.after.items()
+                               if k in SETTING_NAMES or k in ACCESS_SETTING_NAMES}
     changes |= {"updated_at": e.timestamp, "version": e.originator_version,
                 "ledger_position": position}
     assignments = sql.SQL(", ").join(
@@ -108,6 +108,14 @@ class OrganisationRow(msgspec.Struct, frozen=True):
     allowed_ips: str  # canonical CIDRs, comma-separated ("" = every address)
     rate_limit_per_s: int
     rate_limit_burst: int
+
+
+def row_of(org: Organisation) -> OrganisationRow:
+    """An organisation as saved in the ledger, in the read model's shape: what create and
+    update answer, without waiting for the read model."""
+    settings = {key: getattr(org, key) for key in SETTING_NAMES + ACCESS_SETTING_NAMES}
+    return OrganisationRow(id=org.id, created_at=org.created_on, updated_at=org.modified_on,
+                           suspended=org.suspended, **settings)
 
 
 def get(conn: Connection[Any], org_id: UUID) -> OrganisationRow | None:

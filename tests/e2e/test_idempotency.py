@@ -29,6 +29,7 @@ from domain.audit import (
     idempotency_seed,
 )
 from domain.errors import Unavailable
+from domain.organisation import OrganisationSettings
 from domain.services import OrganisationService
 from tests.conftest import wait_until
 from tests.e2e.conftest import AUTH, Api
@@ -368,7 +369,7 @@ def test_a_second_execution_under_the_same_claim_collides_in_the_ledger_and_save
     def execute() -> Any:
         CURRENT_ACTOR.set(Actor(uuid.uuid4(), "owner", None, "127.0.0.1", "test"))
         CURRENT_IDEMPOTENCY.set(IdempotentRequest(seed))
-        return service.create({"name": name, "billing_email": "ap@twice.in"})
+        return service.create(OrganisationSettings(name=name, billing_email="ap@twice.in"))
 
     first = contextvars.copy_context().run(execute)
     with pytest.raises(AlreadyRecorded) as collided:

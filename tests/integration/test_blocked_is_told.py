@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from adapters import bookkeeping
+from domain.organisation import OrganisationSettings
 from domain.plan import ChargeSpec
 from domain.plans_service import PlansService
 from domain.services import OrganisationService
@@ -40,7 +41,8 @@ def _subscribed(rt: Runtime, *names: str) -> tuple[OrganisationService, list[UUI
     calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
     plans.publish("basic", "Basic", "INR", Decimal(10), Decimal(0), calls, {"calls"})
     orgs = OrganisationService(rt.ledger, now, uuid4)
-    ids = [orgs.create({"name": name, "billing_email": "a@b.in"}).aggregate.id for name in names]
+    ids = [orgs.create(OrganisationSettings(name=name, billing_email="a@b.in")).aggregate.id
+           for name in names]
     for ident in ids:
         plans.subscribe(ident, "basic", SUBSCRIBED_FROM)
     return orgs, ids
@@ -51,7 +53,7 @@ def test_a_blocked_organisation_is_recorded_counted_and_logged_until_invoiced(
 ) -> None:
     rt, _ = live
     orgs, (stuck,) = _subscribed(rt, "Stuck Ltd")
-    renamed = orgs.update_settings(stuck, {"name": "Stuck Ltd"}).position
+    renamed = orgs.update_settings(stuck, OrganisationSettings(name="Stuck Ltd")).position
     caught_up(rt)
     with rt.pool.connection() as conn:
         conn.execute("INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"

@@ -18,7 +18,7 @@ from domain.errors import Conflict
 from domain.invoice import Invoice, invoice_id
 from domain.invoicing import InvoicingService
 from domain.numbering import InvoiceSequence, format_number, sequence_id
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.plan import ChargeSpec, Plan, plan_id
 from domain.plans_service import PlansService
 from domain.services import OrganisationService
@@ -49,8 +49,8 @@ def subscribed_orgs(rt: Runtime, count: int) -> list[UUID]:
     ids = []
     for i in range(count):
         state = "29" if i % 2 else "27"  # half intra-state (CGST+SGST), half IGST
-        ident = orgs.create({"name": f"org-{i}", "billing_email": f"ap{i}@example.in",
-                             "state_code": state}).aggregate.id
+        ident = orgs.create(OrganisationSettings(
+            name=f"org-{i}", billing_email=f"ap{i}@example.in", state_code=state)).aggregate.id
         plans.subscribe(ident, "pro", starts_at=ist(2026, 9, 1))
         ids.append(ident)
     return ids

@@ -17,6 +17,7 @@ from adapters.invoice_run import InvoiceRun
 from adapters.usage_writer import encode_usage
 from domain.invoice import VOID, Invoice
 from domain.invoicing import InvoicingService
+from domain.organisation import OrganisationSettings
 from domain.plan import ChargeSpec
 from domain.plans_service import PlansService
 from domain.ports import KeyRecord, RunResult
@@ -48,7 +49,7 @@ class Tenant:
                  base_fee: Decimal = Decimal(0)) -> None:
         self.rt, self.writer = rt, writer
         self.org = OrganisationService(rt.ledger, now, uuid4).create(
-            {"name": "Late Ltd", "billing_email": "a@b.in", "state_code": "29"}).aggregate
+            OrganisationSettings(name="Late Ltd", billing_email="a@b.in", state_code="29")).aggregate
         plans = PlansService(rt.ledger, now)
         plans.publish("late", "Late", "INR", base_fee, Decimal(0), charges,
                       {c.metric for c in charges})
@@ -228,7 +229,7 @@ def test_drafts_are_finalized_automatically_after_the_configured_delay(
     rt, _ = live
 
     org = OrganisationService(rt.ledger, now, uuid4).create(
-        {"name": "Auto Ltd", "billing_email": "a@b.in"}).aggregate
+        OrganisationSettings(name="Auto Ltd", billing_email="a@b.in")).aggregate
     plans = PlansService(rt.ledger, now)
     plans.publish("auto", "Auto", "INR", Decimal(100), Decimal(0), [], set())
     plans.subscribe(org.id, "auto", datetime(2026, 9, 1, tzinfo=UTC))

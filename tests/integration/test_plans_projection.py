@@ -13,6 +13,7 @@ import pytest
 
 from adapters.maintenance import ensure_tables, rebuild
 from domain.errors import NotFound
+from domain.organisation import OrganisationSettings
 from domain.plan import ChargeSpec, Plan, TierSpec, plan_id, to_version
 from domain.plans_service import PlansService
 from domain.services import OrganisationService
@@ -54,7 +55,7 @@ def read(rt: Runtime, query: Any, *args: Any) -> Any:
 
 def new_org(rt: Runtime) -> UUID:
     svc = OrganisationService(rt.ledger, lambda: ist(2026, 9, 1), uuid4)
-    return svc.create({"name": "Acme", "billing_email": "ap@acme.in"}).aggregate.id
+    return svc.create(OrganisationSettings(name="Acme", billing_email="ap@acme.in")).aggregate.id
 
 
 def test_plans_and_subscriptions_replay_into_the_read_model(runtime: Runtime) -> None:

@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from domain.errors import Conflict
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.services import CatalogueService
 from tests.unit.memory import Clock, MemoryLedger
 
@@ -26,7 +26,7 @@ def _service() -> tuple[CatalogueService, MemoryLedger, Clock]:
 
 
 def _key(service: CatalogueService, ledger: MemoryLedger, expires_at: datetime | None) -> UUID:
-    org = Organisation.create(uuid4(), {"name": "A", "billing_email": "a@b.in"}, AT)
+    org = Organisation.create(uuid4(), OrganisationSettings(name="A", billing_email="a@b.in"), AT)
     ledger.save(org)
     project = service.create_project(org.id, "p").aggregate
     return service.issue_key(project.id, "k", expires_at)[0].aggregate.id
