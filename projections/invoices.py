@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from psycopg import Connection, Cursor
+from psycopg import Connection, Cursor, sql
 from psycopg.types.json import Jsonb
 
 from domain.invoice import FINALIZED, Invoice
@@ -69,18 +69,21 @@ DDL = (
 
 
 def _drafted(cur: Cursor[Any], e: Invoice.Drafted, position: int) -> None:
+    # The draft as the aggregate it creates, in the row's shape: the one mapping of an invoice
+    # to its row (row_of), shared with what finalize and void answer.
+    invoice = e.mutate(None)
+    assert isinstance(invoice, Invoice)
+    row = row_of(invoice, position)
+    values = msgspec.structs.asdict(row) | {
+        "lines": Jsonb(msgspec.to_builtins(list(row.lines))),
+        "taxes": Jsonb(msgspec.to_builtins(list(row.taxes))),
+        "version": e.originator_version,
+    }
     cur.execute(
-        """INSERT INTO invoices (id, organisation_id, period, revision, status, number, currency,
-               lines, subtotal, taxes, total, amount_due, plan_code, plan_version, usage_position,
-               created_at, updated_at, version, ledger_position, tax_country, tax_state_code,
-               tax_gstin)
-           VALUES (%s, %s, %s, %s, 'draft', NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                   %s, %s, %s)""",
-        (e.originator_id, e.organisation_id, e.period, e.revision, e.currency,
-         Jsonb(msgspec.to_builtins(list(e.lines))), e.subtotal,
-         Jsonb(msgspec.to_builtins(list(e.taxes))), e.total, e.amount_due, e.plan_code,
-         e.plan_version, e.usage_position, e.timestamp, e.timestamp, e.originator_version, position,
-         e.country, e.state_code, getattr(e, "gstin", None)),
+        sql.SQL("INSERT INTO invoices ({}) VALUES ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, values)),
+            sql.SQL(", ").join(map(sql.Placeholder, values))),
+        values,
     )
 
 
