@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
@@ -32,48 +32,55 @@ NEGATIVE_TTL_S = 1.0
 NEGATIVE_MAX_ENTRIES = 10_000
 
 
-def _key(row: dict[str, Any]) -> KeyRecord:
+def _key(row: catalogue.KeyAccessRow) -> KeyRecord:
     return KeyRecord(
-        key_id=row["id"], prefix=row["prefix"], secret_sha256=row["secret_sha256"],
-        project_id=row["project_id"], organisation_id=row["organisation_id"],
-        timezone=row["timezone"], expires_at=row["expires_at"],
-        revoked=row["revoked_at"] is not None, allowed_ips=row["allowed_ips"],
-        organisation_allowed_ips=row["organisation_allowed_ips"], suspended=row["suspended"],
-        rate_per_s=row["rate_limit_per_s"], rate_burst=row["rate_limit_burst"],
+        key_id=row.id, prefix=row.prefix, secret_sha256=row.secret_sha256,
+        project_id=row.project_id, organisation_id=row.organisation_id,
+        timezone=row.timezone, expires_at=row.expires_at,
+        revoked=row.revoked_at is not None, allowed_ips=row.allowed_ips,
+        organisation_allowed_ips=row.organisation_allowed_ips, suspended=row.suspended,
+        rate_per_s=row.rate_limit_per_s, rate_burst=row.rate_limit_burst,
     )
 
 
-def _token(row: dict[str, Any]) -> TokenRecord:
+def _token(row: access.TokenAccessRow) -> TokenRecord:
     return TokenRecord(
-        token_id=row["id"], token_sha256=row["token_sha256"], role=row["role"],
-        organisation_id=row["organisation_id"], expires_at=row["expires_at"],
-        revoked=row["revoked_at"] is not None,
-        organisation_allowed_ips=row["organisation_allowed_ips"],
+        token_id=row.id, token_sha256=row.token_sha256, role=row.role,
+        organisation_id=row.organisation_id, expires_at=row.expires_at,
+        revoked=row.revoked_at is not None,
+        organisation_allowed_ips=row.organisation_allowed_ips,
     )
 
 
-Row = dict[str, Any]
-R = TypeVar("R")
+class Row(Protocol):
+    """A read-model row a PrefixCache builds its records from: found by its visible prefix."""
+
+    @property
+    def prefix(self) -> str: ...
+
+
+W = TypeVar("W", bound=Row)  # the read model's row
+R = TypeVar("R")  # the cached record
 Positions = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class Source(Generic[R]):
+class Source(Generic[W, R]):
     """Where a PrefixCache's records come from. `models` are the read models the records are
     made of; `changed_since` takes one position per model, in that order, and returns every row
     that any of them changed after its position."""
 
     what: str
     models: tuple[str, ...]
-    by_prefix: Callable[[Connection[Any], str], Row | None]
-    changed_since: Callable[[Connection[Any], Positions], list[Row]]
-    build: Callable[[Row], R]
+    by_prefix: Callable[[Connection[Any], str], W | None]
+    changed_since: Callable[[Connection[Any], Positions], list[W]]
+    build: Callable[[W], R]
 
 
-KEYS: Source[KeyRecord] = Source(
+KEYS: Source[catalogue.KeyAccessRow, KeyRecord] = Source(
     "key cache", (catalogue.READ_MODEL.name, organisations.NAME), catalogue.key_by_prefix,
     lambda conn, since: catalogue.keys_changed_since(conn, since[0], since[1]), _key)
-TOKENS: Source[TokenRecord] = Source(
+TOKENS: Source[access.TokenAccessRow, TokenRecord] = Source(
     "token cache", (access.NAME, organisations.NAME), access.token_by_prefix,
     lambda conn, since: access.tokens_changed_since(conn, since[0], since[1]), _token)
 
@@ -107,7 +114,7 @@ class PrefixCache(Generic[R]):
     commits made without waiting for the WAL flush, or an operator). Either makes the next
     refresh start over: it reloads every row, in a new epoch that outranks every earlier read."""
 
-    def __init__(self, pool: ConnectionPool, source: Source[R]) -> None:
+    def __init__(self, pool: ConnectionPool, source: Source[Any, R]) -> None:
         self._pool = pool
         self._source = source
         self._by_prefix: dict[str, R] = {}
@@ -200,7 +207,7 @@ class PrefixCache(Generic[R]):
                                 " rewrote rows",
                                 self._source.what)
                 for row in rows:
-                    self._put(row["prefix"], self._source.build(row), positions)
+                    self._put(row.prefix, self._source.build(row), positions)
             self._watermarks, self._dead_letters = positions, dead_letters
             self._generations = generations
             return len(rows)
@@ -231,8 +238,7 @@ class MeterCache:
         with self._pool.connection() as conn:
             rows = catalogue.meters(conn)
         self._rules = {
-            r["code"]: MeterRule(r["code"], r["aggregation"], r["field"], tuple(r["group_by"]),
-                                 r["allow_negative"])
+            r.code: MeterRule(r.code, r.aggregation, r.field, r.group_by, r.allow_negative)
             for r in rows
         }
         return len(rows)

@@ -12,8 +12,6 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import Any
 from uuid import UUID
 
 from psycopg_pool import ConnectionPool
@@ -27,6 +25,8 @@ from domain.mail_record import InvoiceMail, mail_id
 from domain.ports import Mailer
 from domain.tax import TaxLine
 from projections import invoices, organisations
+from projections.invoices import InvoiceRow
+from projections.organisations import OrganisationRow
 
 log = logging.getLogger("billing.notifier")
 
@@ -45,26 +45,26 @@ class Supplier:
     sender: str
 
 
-def document(invoice: dict[str, Any], org: dict[str, Any], supplier: Supplier) -> InvoiceDocument:
-    issued = (invoice["finalized_at"] or datetime.now(UTC)).date()
+def document(invoice: InvoiceRow, org: OrganisationRow, supplier: Supplier) -> InvoiceDocument:
+    """The invoice (in the read model's shape) as printed and mailed: the one place it is built."""
+    issued = (invoice.finalized_at or datetime.now(UTC)).date()
     return InvoiceDocument(
-        invoice_id=invoice["id"], number=invoice["number"], invoice_date=issued,
-        period=invoice["period"], due_date=issued + PAYMENT_TERMS, currency=invoice["currency"],
+        invoice_id=invoice.id, number=invoice.number or DRAFT_NUMBER, invoice_date=issued,
+        period=invoice.period, due_date=issued + PAYMENT_TERMS, currency=invoice.currency,
         supplier_name=supplier.name, supplier_gstin=supplier.gstin,
-        supplier_state_code=supplier.state_code, customer_name=org["name"],
+        supplier_state_code=supplier.state_code, customer_name=org.name,
         # The tax facts the invoice was drafted with, never the organisation's current ones
         # (BILLING.md: a change applies from the next invoice); for invoices drafted before
         # they were recorded, the organisation's.
-        customer_gstin=_recorded(invoice.get("tax_gstin"), org["gstin"]),
-        customer_state_code=(invoice["tax_state_code"] if invoice.get("tax_country")
-                             else org["state_code"]),
-        customer_country=invoice.get("tax_country") or org["country"],
-        billing_email=org["billing_email"],
-        lines=tuple(DocumentLine(line["description"], Decimal(str(line["quantity"])), line["amount"])
-                    for line in invoice["lines"]),
-        subtotal=invoice["subtotal"],
-        taxes=tuple(TaxLine(t["name"], Decimal(str(t["rate"])), t["amount"]) for t in invoice["taxes"]),
-        total=invoice["total"], amount_due=invoice["amount_due"],
+        customer_gstin=_recorded(invoice.tax_gstin, org.gstin),
+        customer_state_code=invoice.tax_state_code if invoice.tax_country else org.state_code,
+        customer_country=invoice.tax_country or org.country,
+        billing_email=org.billing_email,
+        lines=tuple(DocumentLine(line.description, line.quantity, line.amount)
+                    for line in invoice.lines),
+        subtotal=invoice.subtotal,
+        taxes=tuple(TaxLine(t.name, t.rate, t.amount) for t in invoice.taxes),
+        total=invoice.total, amount_due=invoice.amount_due,
     )
 
 
@@ -80,10 +80,10 @@ def render(pool: ConnectionPool, supplier: Supplier, invoice_id: UUID,
     """An invoice as HTML or PDF (a draft is shown with the number DRAFT); None if unknown."""
     with pool.connection() as conn:
         row = invoices.get(conn, invoice_id)
-        org = organisations.get(conn, row["organisation_id"]) if row else None
+        org = organisations.get(conn, row.organisation_id) if row else None
     if row is None or org is None:
         return None
-    doc = document(row | {"number": row["number"] or DRAFT_NUMBER}, org, supplier)
+    doc = document(row, org, supplier)  # a draft is shown with the number DRAFT
     if fmt == "pdf":
         return render_pdf(doc), "application/pdf"
     return render_html(doc).encode(), "text/html; charset=utf-8"
@@ -101,32 +101,32 @@ class InvoiceNotifier:
         """One pass: email finalized invoices not emailed yet. Returns (sent, failed)."""
         with self._pool.connection() as conn:
             due = invoices.not_emailed(conn, PASS_MAX_INVOICES)
-            orgs = {row["organisation_id"]: organisations.get(conn, row["organisation_id"])
+            orgs = {row.organisation_id: organisations.get(conn, row.organisation_id)
                     for row in due}
         sent = failed = 0
         for row in due:
-            org = orgs[row["organisation_id"]]
+            org = orgs[row.organisation_id]
             if org is None:
                 continue
             try:
                 sent += self._send(row, org)
             except DomainError as e:
                 failed += 1
-                log.warning("invoice %s email not sent (will retry): %s", row["number"], e)
+                log.warning("invoice %s email not sent (will retry): %s", row.number, e)
         return sent, failed
 
-    def _send(self, row: dict[str, Any], org: dict[str, Any]) -> bool:
+    def _send(self, row: InvoiceRow, org: OrganisationRow) -> bool:
         try:  # the ledger, not the (possibly lagging) read model, says whether it was sent
-            self._ledger.get(mail_id(row["id"], "invoice"), InvoiceMail)
+            self._ledger.get(mail_id(row.id, "invoice"), InvoiceMail)
             return False
         except NotFound:
             pass
         doc = document(row, org, self._supplier)
-        msg = build_invoice_email(doc, render_html(doc), render_pdf(doc), org["billing_email"],
+        msg = build_invoice_email(doc, render_html(doc), render_pdf(doc), org.billing_email,
                                   self._supplier.sender)
         attempts = send_with_retries(self._mailer, msg, SEND_ATTEMPTS, SEND_BACKOFF_S)
-        record = InvoiceMail.record(row["id"], "invoice", str(msg["Message-ID"]),
-                                    org["billing_email"], attempts, datetime.now(UTC))
+        record = InvoiceMail.record(row.id, "invoice", str(msg["Message-ID"]),
+                                    org.billing_email, attempts, datetime.now(UTC))
         # Conflict: another process sent and recorded it too (with the same Message-ID).
         with contextlib.suppress(Conflict):
             self._ledger.save(record, actor=None)  # the notifier's own bookkeeping

@@ -127,14 +127,14 @@ class AccessController(Controller):
         since, until = _time(q.get("from"), "from"), _time(q.get("to"), "to")
         await wait_caught_up(deps, request, access.NAME)
 
-        def fetch() -> list[dict[str, Any]]:
+        def fetch() -> list[access.AuditRow]:
             with deps.read_pool.connection() as conn:
                 return access.audit_page(conn, limit + 1, int(cursor or 0),
                                          organisation_id=organisation, actor_id=actor,
                                          action=q.get("action"), since=since, until=until)
 
         rows = await anyio.to_thread.run_sync(fetch)
-        items = [msgspec.convert(r, AuditEvent) for r in rows[:limit]]
+        items = [msgspec.convert(r, AuditEvent, from_attributes=True) for r in rows[:limit]]
         if scope_of(request) is not None:
             items = [_as_tenant_sees_it(e) for e in items]
         more = len(rows) > limit

@@ -132,13 +132,13 @@ class MeterController(Controller):
         deps: ApiDeps = request.app.state.deps
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 
-        def fetch() -> list[dict[str, Any]]:
+        def fetch() -> list[catalogue.MeterRow]:
             with deps.read_pool.connection() as conn:
                 return catalogue.meters(conn)
 
         rows = await anyio.to_thread.run_sync(fetch)
-        return MeterList([msgspec.convert(r, MeterOut, from_attributes=False, strict=False)
-                          for r in rows])
+        return MeterList([MeterOut(r.code, r.name, r.aggregation, r.field, list(r.group_by),
+                                   r.allow_negative) for r in rows])
 
 
 class ProjectController(Controller):
@@ -162,14 +162,14 @@ class ProjectController(Controller):
         ident = parse_id(project_id, "project")
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 
-        def fetch() -> dict[str, Any] | None:
+        def fetch() -> catalogue.ProjectRow | None:
             with deps.read_pool.connection() as conn:
                 return catalogue.project(conn, ident)
 
         row = await anyio.to_thread.run_sync(fetch)
         if row is None:
             raise NotFound("project", ident)
-        return msgspec.convert(row, ProjectOut)
+        return ProjectOut(row.id, row.organisation_id, row.name, row.created_at)
 
     @post("/projects/{project_id:str}/api-keys", summary="Create an API key (shown once)",
           status_code=201)
@@ -205,14 +205,15 @@ class ProjectController(Controller):
         ident = parse_id(project_id, "project")
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 
-        def fetch() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        def fetch() -> tuple[catalogue.ProjectRow | None, list[catalogue.ApiKeyRow]]:
             with deps.read_pool.connection() as conn:
                 return catalogue.project(conn, ident), catalogue.api_keys(conn, ident)
 
         project, rows = await anyio.to_thread.run_sync(fetch)
         if project is None:
             raise NotFound("project", ident)
-        return KeyList([msgspec.convert(r, KeyOut) for r in rows])
+        return KeyList([KeyOut(r.id, r.project_id, r.name, r.prefix, r.expires_at, r.revoked_at,
+                               r.created_at, r.allowed_ips) for r in rows])
 
     @delete("/api-keys/{key_id:str}", summary="Revoke an API key", status_code=204)
     async def revoke_key(self, key_id: FromPath[str], request: Request[Any, Any, Any]) -> None:

@@ -23,7 +23,7 @@ from api.deps import ApiDeps
 from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
 from domain.errors import FieldError, NotFound, ValidationFailed
-from domain.invoice import STATUSES, Invoice
+from domain.invoice import STATUSES
 from domain.period import parse_period
 from projections import invoices as view
 from projections import organisations
@@ -75,34 +75,19 @@ def _utc(at: datetime | None) -> datetime | None:
     return None if at is None else at.astimezone(UTC)
 
 
-def from_row(row: dict[str, Any]) -> InvoiceOut:
-    """A read-model row (lines/taxes JSON with decimal strings) as the API shape."""
+def from_row(row: view.InvoiceRow) -> InvoiceOut:
+    """An invoice in the read model's shape (from the read model, or as saved: view.row_of)
+    as the API shape: the one place it is built."""
     return InvoiceOut(
-        id=row["id"], organisation_id=row["organisation_id"], period=row["period"],
-        status=row["status"], number=row["number"], currency=row["currency"],
-        lines=[LineOut(x["description"], x["metric"], str(x["quantity"]), int(x["amount"]))
-               for x in row["lines"]],
-        subtotal=int(row["subtotal"]),
-        taxes=[TaxOut(t["name"], str(t["rate"]), int(t["amount"])) for t in row["taxes"]],
-        total=int(row["total"]), amount_due=int(row["amount_due"]), plan_code=row["plan_code"],
-        plan_version=int(row["plan_version"]), created_at=row["created_at"].astimezone(UTC),
-        finalized_at=_utc(row["finalized_at"]), voided_at=_utc(row["voided_at"]),
-        void_reason=row["void_reason"],
-    )
-
-
-def from_invoice(inv: Invoice) -> InvoiceOut:
-    """The invoice aggregate as the API shape (what finalize and void answer)."""
-    return InvoiceOut(
-        id=inv.id, organisation_id=inv.organisation_id, period=inv.period, status=inv.status,
-        number=inv.number, currency=inv.currency,
-        lines=[LineOut(x.description, x.metric, str(x.quantity), x.amount) for x in inv.lines],
-        subtotal=inv.subtotal,
-        taxes=[TaxOut(t.name, str(t.rate), t.amount) for t in inv.taxes],
-        total=inv.total, amount_due=inv.amount_due, plan_code=inv.plan_code,
-        plan_version=inv.plan_version, created_at=inv.created_on.astimezone(UTC),
-        finalized_at=_utc(inv.finalized_at), voided_at=_utc(inv.voided_at),
-        void_reason=inv.void_reason,
+        id=row.id, organisation_id=row.organisation_id, period=row.period, status=row.status,
+        number=row.number, currency=row.currency,
+        lines=[LineOut(x.description, x.metric, str(x.quantity), x.amount) for x in row.lines],
+        subtotal=row.subtotal,
+        taxes=[TaxOut(t.name, str(t.rate), t.amount) for t in row.taxes],
+        total=row.total, amount_due=row.amount_due, plan_code=row.plan_code,
+        plan_version=row.plan_version, created_at=row.created_at.astimezone(UTC),
+        finalized_at=_utc(row.finalized_at), voided_at=_utc(row.voided_at),
+        void_reason=row.void_reason,
     )
 
 
@@ -144,7 +129,7 @@ class InvoiceController(Controller):
         organisation_id = own or organisation_id
         await wait_caught_up(deps, request, view.NAME)
 
-        def fetch() -> list[dict[str, Any]]:
+        def fetch() -> list[view.InvoiceRow]:
             with deps.read_pool.connection() as conn:
                 return view.page(conn, limit + 1, after, organisation_id, status, period)
 
@@ -176,7 +161,7 @@ class InvoiceController(Controller):
         ident = parse_id(invoice_id, "invoice")
         await wait_caught_up(deps, request, view.NAME)
 
-        def fetch() -> dict[str, Any] | None:
+        def fetch() -> view.InvoiceRow | None:
             with deps.read_pool.connection() as conn:
                 return view.get(conn, ident)
 
@@ -193,7 +178,7 @@ class InvoiceController(Controller):
         ident = parse_id(invoice_id, "invoice")
         written = await anyio.to_thread.run_sync(partial(deps.invoicing.finalize, ident,
                                                          actor=actor_of(request)))
-        return Response(from_invoice(written.aggregate),
+        return Response(from_row(view.row_of(written.aggregate, written.position)),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
     @post("/{invoice_id:str}/void", status_code=200,
@@ -206,7 +191,7 @@ class InvoiceController(Controller):
         # Through the invoice runner: never while a run is drafting (409 then).
         written = await anyio.to_thread.run_sync(partial(deps.invoice_runner.void, ident, reason,
                                                          actor=actor_of(request)))
-        return Response(from_invoice(written.aggregate),
+        return Response(from_row(view.row_of(written.aggregate, written.position)),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
 
@@ -223,11 +208,11 @@ async def organisation_balance(org_id: FromPath[str], request: Request[Any, Any,
     ident = parse_id(org_id, "organisation")
     await wait_caught_up(deps, request, view.NAME)
 
-    def fetch() -> tuple[dict[str, Any] | None, int]:
+    def fetch() -> tuple[organisations.OrganisationRow | None, int]:
         with deps.read_pool.connection() as conn:
             return organisations.get(conn, ident), view.outstanding(conn, ident)
 
     org, owed = await anyio.to_thread.run_sync(fetch)
     if org is None:
         raise NotFound("organisation", ident)
-    return BalanceOut(ident, org["currency"], owed)
+    return BalanceOut(ident, org.currency, owed)

@@ -29,7 +29,7 @@ from api.pagination import decode_cursor, encode_cursor, parse_limit
 from api.problems import Forbidden
 from domain.access import Principal
 from domain.errors import FieldError, NotFound, ValidationFailed
-from domain.organisation import SETTING_NAMES, Organisation, Settings, canonical_cidrs
+from domain.organisation import SETTING_NAMES, Organisation, OrganisationSettings, canonical_cidrs
 from projections import organisations as view
 
 TAX_FACTS = ("country", "state_code", "gstin", "currency", "timezone")
@@ -86,41 +86,39 @@ class OrganisationPage(msgspec.Struct):
     next_cursor: str | None
 
 
-def _given(struct: msgspec.Struct) -> Settings:
-    fields: dict[str, Any] = msgspec.structs.asdict(struct)
-    return {k: v for k, v in fields.items() if v is not msgspec.UNSET and v is not None}
+def _given(data: CreateOrganisation) -> OrganisationSettings:
+    fields: dict[str, Any] = msgspec.structs.asdict(data)
+    return OrganisationSettings(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _out(org: Organisation) -> OrganisationOut:
+    """The organisation as saved (what create and update answer)."""
+    return _from_row(view.row_of(org))
+
+
+def _from_row(row: view.OrganisationRow) -> OrganisationOut:
+    """An organisation in the read model's shape as the API shape: the one place it is built."""
     return OrganisationOut(
-        id=org.id, created_at=org.created_on, updated_at=org.modified_on,
-        suspended=org.suspended, allowed_ips=[ip for ip in org.allowed_ips.split(",") if ip],
-        rate_limit=RateLimit(int(org.rate_limit_per_s), int(org.rate_limit_burst)),
-        **{k: getattr(org, k) for k in SETTING_NAMES},
+        id=row.id, name=row.name, billing_email=row.billing_email, currency=row.currency,
+        timezone=row.timezone, country=row.country, gstin=row.gstin, state_code=row.state_code,
+        created_at=row.created_at, updated_at=row.updated_at, suspended=row.suspended,
+        allowed_ips=[ip for ip in row.allowed_ips.split(",") if ip],
+        rate_limit=RateLimit(row.rate_limit_per_s, row.rate_limit_burst),
     )
 
 
-def _from_row(row: dict[str, Any]) -> OrganisationOut:
-    row = dict(row)
-    row["allowed_ips"] = [ip for ip in row["allowed_ips"].split(",") if ip]
-    row["rate_limit"] = {"per_second": row.pop("rate_limit_per_s"),
-                         "burst": row.pop("rate_limit_burst")}
-    return msgspec.convert(row, OrganisationOut)
-
-
-def _changes(data: UpdateOrganisation) -> Settings:
+def _changes(data: UpdateOrganisation) -> OrganisationSettings:
     fields = msgspec.structs.asdict(data)
-    changes: Settings = {k: v for k, v in fields.items()
-                         if k in SETTING_NAMES and v is not msgspec.UNSET}
+    changes: dict[str, Any] = {k: v for k, v in fields.items() if k in SETTING_NAMES}
     if data.allowed_ips is not msgspec.UNSET:
         try:
             changes["allowed_ips"] = canonical_cidrs(data.allowed_ips)
         except ValueError as e:
             raise ValidationFailed([FieldError("allowed_ips", f"invalid: {e}")]) from None
     if data.rate_limit is not msgspec.UNSET:
-        changes["rate_limit_per_s"] = str(data.rate_limit.per_second)
-        changes["rate_limit_burst"] = str(data.rate_limit.burst)
-    return changes
+        changes["rate_limit_per_s"] = data.rate_limit.per_second
+        changes["rate_limit_burst"] = data.rate_limit.burst
+    return OrganisationSettings(**changes)
 
 
 def _check_may_change_tax_facts(principal: Principal, data: UpdateOrganisation) -> None:
@@ -167,7 +165,7 @@ class OrganisationController(Controller):
         after = decode_cursor(request.query_params.get("cursor"))
         await wait_caught_up(deps, request, view.NAME)
 
-        def fetch() -> list[dict[str, Any]]:
+        def fetch() -> list[view.OrganisationRow]:
             with deps.read_pool.connection() as conn:
                 return view.page(conn, limit + 1, after)
 
@@ -198,7 +196,8 @@ class OrganisationController(Controller):
         _check_may_change_tax_facts(request.state.principal, data)
         changes = _changes(data)
         suspended = None if data.suspended is msgspec.UNSET else data.suspended
-        if scope_of(request) is not None and (suspended is not None or "rate_limit_per_s" in changes):
+        limits = changes.rate_limit_per_s is not msgspec.UNSET
+        if scope_of(request) is not None and (suspended is not None or limits):
             raise Forbidden("suspension and rate limits are set by the platform's operators")
         if not changes and suspended is None:
             raise ValidationFailed([FieldError("body", "name at least one setting to change")])

@@ -243,7 +243,7 @@ class PlanController(Controller):
 
         def known_meters() -> frozenset[str]:
             with deps.read_pool.connection() as conn:
-                return frozenset(str(m["code"]) for m in catalogue.meters(conn))
+                return frozenset(m.code for m in catalogue.meters(conn))
 
         meters = await anyio.to_thread.run_sync(known_meters)
         written = await anyio.to_thread.run_sync(partial(
@@ -263,7 +263,7 @@ class PlanController(Controller):
         deps: ApiDeps = request.app.state.deps
         await wait_caught_up(deps, request, view.NAME)
 
-        def fetch() -> list[dict[str, Any]]:
+        def fetch() -> list[view.PlanVersionRow]:
             with deps.read_pool.connection() as conn:
                 return view.plan_versions(conn, code)
 
@@ -297,7 +297,7 @@ class SubscriptionController(Controller):
         ident = parse_id(org_id, "organisation")
         await wait_caught_up(deps, request, view.NAME)
 
-        def fetch() -> list[dict[str, Any]]:
+        def fetch() -> list[view.SubscriptionRow]:
             with deps.read_pool.connection() as conn:
                 return view.subscription_history(conn, ident)
 

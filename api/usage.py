@@ -118,12 +118,12 @@ async def answer(deps: ApiDeps, request: Request[Any, Any, Any], org_id: UUID,
     limit = parse_limit(params["limit"])
     offset = _offset(params["cursor"])
 
-    def run() -> tuple[usage_totals.UsageQuery, ZoneInfo, list[dict[str, Any]]]:
+    def run() -> tuple[usage_totals.UsageQuery, ZoneInfo, list[usage_totals.QuantityRow]]:
         with deps.read_pool.connection() as conn:
             org = organisations.get(conn, org_id)
             if org is None:
                 raise NotFound("organisation", org_id)
-            tz = ZoneInfo(org["timezone"])
+            tz = ZoneInfo(org.timezone)
             query = build_query(params, org_id, tz, project_id, datetime.now(tz).date())
             rule = usage_totals.meter_rule(conn, query.metric)
             if rule is None:
@@ -149,16 +149,16 @@ def _offset(cursor: str | None) -> int:
     return int(cursor)
 
 
-def _item(q: usage_totals.UsageQuery, tz: ZoneInfo, row: dict[str, Any]) -> UsageItem:
-    start: date = row["period_start"]
+def _item(q: usage_totals.UsageQuery, tz: ZoneInfo, row: usage_totals.QuantityRow) -> UsageItem:
+    start = row.period_start
     end = start + timedelta(days=1) if q.granularity == "day" else _next_month(start)
-    group = {name: row[f"g{i}"] for i, name in enumerate(q.group_by)} if q.group_by else None
+    group = dict(zip(q.group_by, row.groups, strict=True)) if q.group_by else None
     return UsageItem(
         metric=q.metric,
         period_start=datetime.combine(start, time(0), tz),
         period_end=datetime.combine(end, time(0), tz),
-        quantity=decimal_text(Decimal(row["quantity"])),
-        project_id=row.get("project_id"),
+        quantity=decimal_text(row.quantity),
+        project_id=row.project_id,
         group=group,
     )
 

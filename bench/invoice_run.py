@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 from adapters.maintenance import rebuild
 from adapters.usage_writer import UsageWriter, encode_usage
 from domain.meter import Meter
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.plan import ChargeSpec, Plan, TierSpec
 from domain.records import KeyRecord
 from domain.subscription import Subscription
@@ -59,8 +59,8 @@ def setup(rt: Runtime, orgs: int, at: datetime, inside: datetime) -> float:
     for start in range(0, orgs, SAVE_BATCH_AGGREGATES):
         batch = []
         for i in range(start, min(orgs, start + SAVE_BATCH_AGGREGATES)):
-            org = Organisation.create(uuid4(), {"name": f"org{i}", "billing_email": f"o{i}@b.in",
-                                                "state_code": "29" if i % 2 else "27"}, now)
+            org = Organisation.create(uuid4(), OrganisationSettings(
+                name=f"org{i}", billing_email=f"o{i}@b.in", state_code="29" if i % 2 else "27"), now)
             batch += [org, Subscription.start(org.id, "bench", at, now)]
             org_ids.append(org.id)
         rt.ledger.save(*batch, actor=None)

@@ -1,4 +1,5 @@
-"""The Organisation aggregate (the billed customer), its events and its settings rules."""
+"""The Organisation aggregate (the billed customer), its events, its settings
+(`OrganisationSettings`) and their rules."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
 from eventsourcing.domain import Aggregate
+from msgspec import UNSET, UnsetType
 
 from domain.errors import Problems
 
@@ -35,19 +38,45 @@ SETTING_NAMES = (
     "gstin",
     "state_code",
 )
-# Access settings travel in the same SettingsUpdated event, as canonical strings.
+# Access settings travel in the same SettingsUpdated event: the allow-list as canonical CIDRs,
+# comma-separated; the rate limits as whole numbers (strings in events of class version 1).
 ACCESS_SETTING_NAMES = ("allowed_ips", "rate_limit_per_s", "rate_limit_burst")
-DEFAULT_RATE_LIMIT_PER_S = "100"
-DEFAULT_RATE_LIMIT_BURST = "200"
+DEFAULT_RATE_LIMIT_PER_S = 100
+DEFAULT_RATE_LIMIT_BURST = 200
 RATE_LIMIT_MAX_PER_S = 100_000
 ALLOWED_IPS_MAX_ENTRIES = 100
+_RATE_LIMIT_NAMES = ("rate_limit_per_s", "rate_limit_burst")
 
-Settings = dict[str, str | None]
+SettingValue = str | int | None
 
 
-def check_settings(settings: Settings, problems: Problems) -> None:
+class OrganisationSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Some or all of an organisation's settings (UNSET: not given): what creating one gives,
+    what an update changes, and, every one set, what an organisation has (`settings()`)."""
+
+    name: str | UnsetType = UNSET
+    billing_email: str | UnsetType = UNSET
+    currency: str | UnsetType = UNSET
+    timezone: str | UnsetType = UNSET
+    country: str | UnsetType = UNSET
+    gstin: str | UnsetType | None = UNSET  # None: it has none
+    state_code: str | UnsetType | None = UNSET
+    allowed_ips: str | UnsetType = UNSET  # canonical CIDRs, comma-separated ("" = everyone)
+    rate_limit_per_s: int | UnsetType = UNSET
+    rate_limit_burst: int | UnsetType = UNSET
+
+    def given(self) -> dict[str, SettingValue]:
+        """The settings given, by name."""
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not UNSET}
+
+    def __bool__(self) -> bool:
+        """Whether any setting is given (an update that names none changes none)."""
+        return bool(self.given())
+
+
+def check_settings(settings: dict[str, SettingValue], problems: Problems) -> None:
     """Add a problem for every setting in `settings` that breaks a rule (BILLING.md, Tenants)."""
-    checks = {
+    checks: dict[str, Any] = {
         "name": _check_name,
         "billing_email": _check_email,
         "currency": _check_currency,
@@ -66,7 +95,8 @@ def check_settings(settings: Settings, problems: Problems) -> None:
         if message:
             problems.add(key, message)
     gstin, state = settings.get("gstin"), settings.get("state_code")
-    if gstin and state and not gstin.startswith(state):
+    if isinstance(gstin, str) and isinstance(state, str) and gstin and state \
+            and not gstin.startswith(state):
         problems.add("gstin", f"GSTIN must start with the state code {state}")
 
 
@@ -133,8 +163,8 @@ def _check_allowed_ips(value: str | None) -> str | None:
     return None
 
 
-def _check_rate(value: str | None) -> str | None:
-    if value is None or not value.isdigit() or not 1 <= int(value) <= RATE_LIMIT_MAX_PER_S:
+def _check_rate(value: int | None) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= RATE_LIMIT_MAX_PER_S:
         return f"must be a whole number from 1 to {RATE_LIMIT_MAX_PER_S}"
     return None
 
@@ -162,8 +192,16 @@ class Organisation(Aggregate):
             aggregate.suspended = False
 
     class SettingsUpdated(Aggregate.Event):
-        before: dict[str, str | None]
-        after: dict[str, str | None]
+        class_version = 2  # v1 wrote the rate limits as strings
+        before: dict[str, SettingValue]
+        after: dict[str, SettingValue]
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            for changed in (state["before"], state["after"]):
+                for name in _RATE_LIMIT_NAMES:
+                    if isinstance(changed.get(name), str):
+                        changed[name] = int(changed[name])
 
         def apply(self, aggregate: Any) -> None:
             for key, value in self.after.items():
@@ -192,15 +230,15 @@ class Organisation(Aggregate):
         self.rate_limit_burst = DEFAULT_RATE_LIMIT_BURST
 
     @classmethod
-    def create(cls, org_id: UUID, settings: Settings, at: datetime) -> Organisation:
+    def create(cls, org_id: UUID, settings: OrganisationSettings, at: datetime) -> Organisation:
         """Decide: validate the full settings and emit Created."""
-        full: Settings = {
+        full: dict[str, SettingValue] = {
             "currency": DEFAULT_CURRENCY,
             "timezone": DEFAULT_TIMEZONE,
             "country": DEFAULT_COUNTRY,
             "gstin": None,
             "state_code": None,
-            **settings,
+            **settings.given(),
         }
         problems = Problems()
         for required in ("name", "billing_email"):
@@ -211,8 +249,10 @@ class Organisation(Aggregate):
         problems.raise_if_any()
         return cls._create(cls.Created, id=org_id, timestamp=at, **full)
 
-    def settings(self) -> Settings:
-        return {key: getattr(self, key) for key in SETTING_NAMES + ACCESS_SETTING_NAMES}
+    def settings(self) -> OrganisationSettings:
+        """Every setting the organisation has."""
+        return OrganisationSettings(
+            **{key: getattr(self, key) for key in SETTING_NAMES + ACCESS_SETTING_NAMES})
 
     def set_suspended(self, suspended: bool, reason: str, at: datetime) -> bool:
         """Suspend (ingestion answers 403) or reactivate; False when already so."""
@@ -224,14 +264,14 @@ class Organisation(Aggregate):
             self.trigger_event(self.Reactivated, timestamp=at)
         return True
 
-    def update_settings(self, changes: Settings, at: datetime) -> bool:
+    def update_settings(self, changes: OrganisationSettings, at: datetime) -> bool:
         """Decide: validate the resulting settings; emit SettingsUpdated if anything changes."""
-        current = self.settings()
-        merged = {**current, **changes}
+        current = self.settings().given()
+        merged = {**current, **changes.given()}
         problems = Problems()
         check_settings(merged, problems)
         problems.raise_if_any()
-        after = {k: v for k, v in changes.items() if current[k] != v}
+        after = {k: v for k, v in changes.given().items() if current[k] != v}
         if not after:
             return False
         before = {k: current[k] for k in after}

@@ -27,6 +27,7 @@ from adapters.maintenance import rebuild, redrive
 from domain.access import PRINCIPAL_ROLES
 from domain.audit import Actor
 from domain.errors import DomainError
+from domain.organisation import OrganisationSettings
 from domain.services.access import AccessService
 from domain.services.organisations import OrganisationService
 from infra import logs
@@ -272,8 +273,9 @@ def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:
                                           expires_at=None, actor=actor)
             out.write(token + "\n")
         elif args.command == "orgs":
-            settings = {"name": args.name, "billing_email": args.billing_email}
-            settings |= {k: v for k, v in (("state_code", args.state_code), ("gstin", args.gstin)) if v}
+            settings = OrganisationSettings(
+                name=args.name, billing_email=args.billing_email,
+                state_code=args.state_code or msgspec.UNSET, gstin=args.gstin or msgspec.UNSET)
             written = OrganisationService(rt.ledger, clock, uuid4).create(settings, actor=actor)
             out.write(f"{written.aggregate.id}\n")
         else:

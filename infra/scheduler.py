@@ -63,13 +63,13 @@ def finalize_due(rt: Runtime, now: datetime) -> int:
     service = rt.invoicing()
     done = 0
     for row in drafts:
-        if row["created_at"] > now - timedelta(hours=hours):
+        if row.created_at > now - timedelta(hours=hours):
             continue
         try:
-            service.finalize(row["id"])
+            service.finalize(row.id)
             done += 1
         except DomainError as e:
-            log.warning("auto-finalize %s: %s", row["id"], e)
+            log.warning("auto-finalize %s: %s", row.id, e)
     return done
 
 

@@ -1,4 +1,5 @@
-"""Read models of access: admin tokens (hashes only) and the audit trail."""
+"""Read models of access: admin tokens (hashes only) and the audit trail. Queries answer the
+Structs defined here."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from psycopg import Connection, Cursor
-from psycopg.rows import dict_row
 
 from domain.access import AdminToken
 from domain.audit import AuditEntry
-from projections.base import ReadModel, require_row
+from projections.base import ReadModel, all_rows, one_row, require_row
 
 NAME = "access"
 AUDIT_PAGE_MAX_ROWS = 1000
@@ -82,6 +83,36 @@ READ_MODEL = ReadModel(
               AuditEntry.Recorded: _audited},
 )
 
+
+
+class TokenAccessRow(msgspec.Struct, frozen=True):
+    """What authenticating with an admin token needs: its hash, and for an
+    organisation-scoped token its organisation's allow-list ("" = every address)."""
+
+    id: UUID
+    prefix: str
+    token_sha256: str
+    role: str
+    organisation_id: UUID | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    organisation_allowed_ips: str
+
+
+class AuditRow(msgspec.Struct, frozen=True):
+    id: UUID
+    at: datetime
+    actor_id: UUID
+    role: str
+    source_ip: str
+    request_id: str
+    action: str
+    organisation_id: UUID | None
+    targets: list[dict[str, str]]
+    changes: list[dict[str, dict[str, str | None]]]
+    ledger_position: int
+
+
 _TOKEN_COLUMNS = (
     "t.id, t.prefix, t.token_sha256, t.role, t.organisation_id, t.expires_at, t.revoked_at,"
     " COALESCE(o.allowed_ips, '') AS organisation_allowed_ips"
@@ -90,47 +121,44 @@ _TOKEN_COLUMNS = (
 _TOKENS = " FROM admin_tokens t LEFT JOIN organisations o ON o.id = t.organisation_id"
 
 
-def token_by_prefix(conn: Connection[Any], prefix: str) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE t.prefix = %s", (prefix,))
-        return cur.fetchone()
+def token_by_prefix(conn: Connection[Any], prefix: str) -> TokenAccessRow | None:
+    return one_row(conn, TokenAccessRow, f"SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE t.prefix = %s",
+                   (prefix,))
 
 
 def tokens_changed_since(
     conn: Connection[Any], token_position: int, organisation_position: int
-) -> list[dict[str, Any]]:
+) -> list[TokenAccessRow]:
     """Tokens changed after `token_position`, or whose organisation changed after
     `organisation_position`: what each API process's token cache reloads. The caller passes
     each read model's tracking position, read in the same snapshot (adapters/caches.py)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            f"SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE t.ledger_position > %(t)s"
-            f" UNION SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE o.ledger_position > %(o)s",
-            {"t": token_position, "o": organisation_position})
-        return cur.fetchall()
+    return all_rows(
+        conn, TokenAccessRow,
+        f"SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE t.ledger_position > %(t)s"
+        f" UNION SELECT {_TOKEN_COLUMNS}{_TOKENS} WHERE o.ledger_position > %(o)s",
+        {"t": token_position, "o": organisation_position})
 
 
 def audit_page(
     conn: Connection[Any], limit: int, after_position: int, *, organisation_id: UUID | None = None,
     actor_id: UUID | None = None, action: str | None = None, since: datetime | None = None,
     until: datetime | None = None,
-) -> list[dict[str, Any]]:
+) -> list[AuditRow]:
     """Audit entries in ledger order, after a position, with optional filters."""
     assert 0 < limit <= AUDIT_PAGE_MAX_ROWS + 1
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT id, at, actor_id, role, source_ip, request_id, action, organisation_id, targets,"
-            " changes, ledger_position FROM audit_events WHERE ledger_position > %(after)s"
-            " AND (%(org)s::uuid IS NULL OR organisation_id = %(org)s)"
-            " AND (%(actor)s::uuid IS NULL OR actor_id = %(actor)s)"
-            " AND (%(action)s::text IS NULL OR action LIKE '%%' || %(action)s || '%%')"
-            " AND (%(since)s::timestamptz IS NULL OR at >= %(since)s)"
-            " AND (%(until)s::timestamptz IS NULL OR at < %(until)s)"
-            " ORDER BY ledger_position LIMIT %(limit)s",
-            {"after": after_position, "org": organisation_id, "actor": actor_id, "action": action,
-             "since": since, "until": until, "limit": limit},
-        )
-        return cur.fetchall()
+    return all_rows(
+        conn, AuditRow,
+        "SELECT id, at, actor_id, role, source_ip, request_id, action, organisation_id, targets,"
+        " changes, ledger_position FROM audit_events WHERE ledger_position > %(after)s"
+        " AND (%(org)s::uuid IS NULL OR organisation_id = %(org)s)"
+        " AND (%(actor)s::uuid IS NULL OR actor_id = %(actor)s)"
+        " AND (%(action)s::text IS NULL OR action LIKE '%%' || %(action)s || '%%')"
+        " AND (%(since)s::timestamptz IS NULL OR at >= %(since)s)"
+        " AND (%(until)s::timestamptz IS NULL OR at < %(until)s)"
+        " ORDER BY ledger_position LIMIT %(limit)s",
+        {"after": after_position, "org": organisation_id, "actor": actor_id, "action": action,
+         "since": since, "until": until, "limit": limit},
+    )
 
 
 def organisation_of(conn: Connection[Any], kind: str, ident: UUID) -> UUID | None:

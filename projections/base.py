@@ -1,14 +1,34 @@
-"""What a read model is: its tables, the events it handles, and how it applies one."""
+"""What a read model is: its tables, the events it handles, and how it applies one; and how its
+queries hand rows out (as the frozen msgspec Structs each projection module defines)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from psycopg import Cursor
+import msgspec
+from psycopg import Connection, Cursor, sql
+from psycopg.rows import dict_row
 
 Handler = Callable[[Cursor[Any], Any, int], None]
+Row = TypeVar("Row", bound=msgspec.Struct)
+Query = str | bytes | sql.Composed
+
+
+def one_row(conn: Connection[Any], row: type[Row], query: Query, params: Any = None) -> Row | None:
+    """The query's first row as a `row` Struct (its columns named as the Struct's fields), or None."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        found = cur.fetchone()
+    return None if found is None else msgspec.convert(found, row)
+
+
+def all_rows(conn: Connection[Any], row: type[Row], query: Query, params: Any = None) -> list[Row]:
+    """Every row of the query as `row` Structs (its columns named as the Struct's fields)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return [msgspec.convert(found, row) for found in cur.fetchall()]
 
 
 def require_row(cur: Cursor[Any], what: str, ident: Any) -> None:

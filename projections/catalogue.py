@@ -1,5 +1,5 @@
 """Read models of the catalogue: meters, projects and API keys (keys without their secrets'
-plain text, which is never recorded anywhere)."""
+plain text, which is never recorded anywhere). Queries answer the Structs defined here."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from psycopg import Connection, Cursor
-from psycopg.rows import dict_row
 
 from domain.api_key import ApiKey
 from domain.meter import Meter
 from domain.project import Project
-from projections.base import ReadModel, require_row
+from projections.base import ReadModel, all_rows, one_row, require_row
 
 LIST_MAX_ROWS = 1000
 
@@ -120,31 +120,78 @@ READ_MODEL = ReadModel(
     },
 )
 
+
+
+class MeterRow(msgspec.Struct, frozen=True):
+    code: str
+    name: str
+    aggregation: str  # count | sum | max | unique_count | latest
+    field: str | None
+    group_by: tuple[str, ...]
+    allow_negative: bool
+    created_at: datetime
+
+
+class ProjectRow(msgspec.Struct, frozen=True):
+    id: UUID
+    organisation_id: UUID
+    name: str
+    created_at: datetime
+
+
+class ApiKeyRow(msgspec.Struct, frozen=True):
+    """An API key as listed: never its secret, nor the secret's hash."""
+
+    id: UUID
+    project_id: UUID
+    name: str
+    prefix: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+    allowed_ips: str  # canonical CIDRs, comma-separated ("" = every address)
+
+
+class KeyAccessRow(msgspec.Struct, frozen=True):
+    """What authenticating with a key needs: the key's hash and its organisation's settings."""
+
+    id: UUID
+    prefix: str
+    secret_sha256: str
+    project_id: UUID
+    organisation_id: UUID
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    allowed_ips: str
+    timezone: str
+    suspended: bool
+    organisation_allowed_ips: str
+    rate_limit_per_s: int
+    rate_limit_burst: int
+
+
 _METER_COLUMNS = "code, name, aggregation, field, group_by, allow_negative, created_at"
 
 
-def meters(conn: Connection[Any]) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_METER_COLUMNS} FROM meters ORDER BY code LIMIT %s", (LIST_MAX_ROWS,))
-        return cur.fetchall()
+def meters(conn: Connection[Any]) -> list[MeterRow]:
+    return all_rows(conn, MeterRow, f"SELECT {_METER_COLUMNS} FROM meters ORDER BY code LIMIT %s",
+                    (LIST_MAX_ROWS,))
 
 
-def project(conn: Connection[Any], project_id: UUID) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT id, organisation_id, name, created_at FROM projects WHERE id = %s",
-                    (project_id,))
-        return cur.fetchone()
+def project(conn: Connection[Any], project_id: UUID) -> ProjectRow | None:
+    return one_row(conn, ProjectRow,
+                   "SELECT id, organisation_id, name, created_at FROM projects WHERE id = %s",
+                   (project_id,))
 
 
-def api_keys(conn: Connection[Any], project_id: UUID) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT id, project_id, name, prefix, expires_at, revoked_at, created_at, allowed_ips"
-            " FROM api_keys"
-            " WHERE project_id = %s ORDER BY created_at, id LIMIT %s",
-            (project_id, LIST_MAX_ROWS),
-        )
-        return cur.fetchall()
+def api_keys(conn: Connection[Any], project_id: UUID) -> list[ApiKeyRow]:
+    return all_rows(
+        conn, ApiKeyRow,
+        "SELECT id, project_id, name, prefix, expires_at, revoked_at, created_at, allowed_ips"
+        " FROM api_keys"
+        " WHERE project_id = %s ORDER BY created_at, id LIMIT %s",
+        (project_id, LIST_MAX_ROWS),
+    )
 
 
 def live_key_count(conn: Connection[Any], project_id: UUID, now: datetime) -> int:
@@ -165,22 +212,19 @@ _KEYS = " FROM api_keys k JOIN organisations o ON o.id = k.organisation_id"
 
 def keys_changed_since(
     conn: Connection[Any], key_position: int, organisation_position: int
-) -> list[dict[str, Any]]:
+) -> list[KeyAccessRow]:
     """Keys (with their organisation's settings) whose key changed after `key_position` or whose
     organisation changed after `organisation_position`: what each API process's key cache
     reloads. Two positions because keys and organisations are two read models, whose projectors
     commit independently: the caller passes each model's tracking position, read in the same
     snapshot as these rows (adapters/caches.py), never one position for both."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            f"SELECT {_KEY_COLUMNS}{_KEYS} WHERE k.ledger_position > %(k)s"
-            f" UNION SELECT {_KEY_COLUMNS}{_KEYS} WHERE o.ledger_position > %(o)s",
-            {"k": key_position, "o": organisation_position},
-        )
-        return cur.fetchall()
+    return all_rows(
+        conn, KeyAccessRow,
+        f"SELECT {_KEY_COLUMNS}{_KEYS} WHERE k.ledger_position > %(k)s"
+        f" UNION SELECT {_KEY_COLUMNS}{_KEYS} WHERE o.ledger_position > %(o)s",
+        {"k": key_position, "o": organisation_position},
+    )
 
 
-def key_by_prefix(conn: Connection[Any], prefix: str) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_KEY_COLUMNS}{_KEYS} WHERE k.prefix = %s", (prefix,))
-        return cur.fetchone()
+def key_by_prefix(conn: Connection[Any], prefix: str) -> KeyAccessRow | None:
+    return one_row(conn, KeyAccessRow, f"SELECT {_KEY_COLUMNS}{_KEYS} WHERE k.prefix = %s", (prefix,))

@@ -4,22 +4,26 @@
 string, so nothing passes through a float; amounts are bigint paise. A row follows its invoice
 through the lifecycle (draft -> finalized -> paid / void); the ledger stays the truth and a
 rebuild from position 0 gives the same rows.
+
+Its queries answer `InvoiceRow`s; `row_of` gives the same shape for an invoice as saved in the
+ledger, so the API's view and the printed document are each built from one shape in one place.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 import msgspec
-from psycopg import Connection, Cursor
-from psycopg.rows import dict_row
+from psycopg import Connection, Cursor, sql
 from psycopg.types.json import Jsonb
 
 from domain.invoice import FINALIZED, Invoice
 from domain.mail_record import InvoiceMail
-from projections.base import ReadModel, require_row
+from domain.tax import TaxName
+from projections.base import ReadModel, all_rows, one_row, require_row
 
 NAME = "invoices"
 LIST_MAX_ROWS = 1000
@@ -65,18 +69,21 @@ DDL = (
 
 
 def _drafted(cur: Cursor[Any], e: Invoice.Drafted, position: int) -> None:
+    # The draft as the aggregate it creates, in the row's shape: the one mapping of an invoice
+    # to its row (row_of), shared with what finalize and void answer.
+    invoice = e.mutate(None)
+    assert isinstance(invoice, Invoice)
+    row = row_of(invoice, position)
+    values = msgspec.structs.asdict(row) | {
+        "lines": Jsonb(msgspec.to_builtins(list(row.lines))),
+        "taxes": Jsonb(msgspec.to_builtins(list(row.taxes))),
+        "version": e.originator_version,
+    }
     cur.execute(
-        """INSERT INTO invoices (id, organisation_id, period, revision, status, number, currency,
-               lines, subtotal, taxes, total, amount_due, plan_code, plan_version, usage_position,
-               created_at, updated_at, version, ledger_position, tax_country, tax_state_code,
-               tax_gstin)
-           VALUES (%s, %s, %s, %s, 'draft', NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                   %s, %s, %s)""",
-        (e.originator_id, e.organisation_id, e.period, e.revision, e.currency,
-         Jsonb(msgspec.to_builtins(list(e.lines))), e.subtotal,
-         Jsonb(msgspec.to_builtins(list(e.taxes))), e.total, e.amount_due, e.plan_code,
-         e.plan_version, e.usage_position, e.timestamp, e.timestamp, e.originator_version, position,
-         e.country, e.state_code, getattr(e, "gstin", None)),
+        sql.SQL("INSERT INTO invoices ({}) VALUES ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, values)),
+            sql.SQL(", ").join(map(sql.Placeholder, values))),
+        values,
     )
 
 
@@ -116,6 +123,72 @@ READ_MODEL = ReadModel(
     },
 )
 
+
+
+class InvoiceLineRow(msgspec.Struct, frozen=True):
+    """One line as the read model holds it (JSON, the quantity a decimal string)."""
+
+    description: str
+    metric: str | None  # None: not a metered line (the base fee, the minimum)
+    quantity: Decimal
+    amount: int  # paise
+
+
+class InvoiceTaxRow(msgspec.Struct, frozen=True):
+    name: TaxName  # CGST | SGST | IGST
+    rate: Decimal  # a fraction: 0.09 is 9 %
+    amount: int  # paise
+
+
+class InvoiceRow(msgspec.Struct, frozen=True):
+    """One invoice as the read model holds it. Amounts are paise."""
+
+    id: UUID
+    organisation_id: UUID
+    period: str
+    revision: int
+    status: str
+    number: str | None  # None until finalized
+    currency: str
+    lines: tuple[InvoiceLineRow, ...]
+    subtotal: int
+    taxes: tuple[InvoiceTaxRow, ...]
+    total: int
+    amount_due: int
+    plan_code: str
+    plan_version: int
+    usage_position: int
+    void_reason: str | None
+    created_at: datetime
+    finalized_at: datetime | None
+    voided_at: datetime | None
+    updated_at: datetime
+    ledger_position: int
+    # The customer's tax facts when drafted; tax_gstin "" = it had none, None = not recorded.
+    tax_country: str | None
+    tax_state_code: str | None
+    tax_gstin: str | None
+
+
+def row_of(invoice: Invoice, position: int) -> InvoiceRow:
+    """An invoice as saved in the ledger (its last event at `position`), in the read model's
+    shape: what finalize and void answer, without waiting for the read model."""
+    return InvoiceRow(
+        id=invoice.id, organisation_id=invoice.organisation_id, period=invoice.period,
+        revision=invoice.revision, status=invoice.status, number=invoice.number,
+        currency=invoice.currency,
+        lines=msgspec.convert(invoice.lines, tuple[InvoiceLineRow, ...], from_attributes=True),
+        subtotal=invoice.subtotal,
+        taxes=msgspec.convert(invoice.taxes, tuple[InvoiceTaxRow, ...], from_attributes=True),
+        total=invoice.total, amount_due=invoice.amount_due, plan_code=invoice.plan_code,
+        plan_version=invoice.plan_version, usage_position=invoice.usage_position,
+        void_reason=invoice.void_reason, created_at=invoice.created_on,
+        finalized_at=invoice.finalized_at, voided_at=invoice.voided_at,
+        updated_at=invoice.modified_on, ledger_position=position, tax_country=invoice.country,
+        tax_state_code=invoice.state_code, tax_gstin=invoice.gstin,
+    )
+
+
 _COLUMNS = (
     "id, organisation_id, period, revision, status, number, currency, lines, subtotal, taxes,"
     " total, amount_due, plan_code, plan_version, usage_position, void_reason, created_at,"
@@ -125,11 +198,9 @@ _COLUMNS = (
 
 # ---- queries ----------------------------------------------------------------------------------
 
-def get(conn: Connection[Any], ident: UUID) -> dict[str, Any] | None:
+def get(conn: Connection[Any], ident: UUID) -> InvoiceRow | None:
     """One invoice, or None."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_COLUMNS} FROM invoices WHERE id = %s", (ident,))
-        return cur.fetchone()
+    return one_row(conn, InvoiceRow, f"SELECT {_COLUMNS} FROM invoices WHERE id = %s", (ident,))
 
 
 def page(
@@ -139,7 +210,7 @@ def page(
     organisation_id: UUID | None = None,
     status: str | None = None,
     period: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[InvoiceRow]:
     """Invoices oldest first (created_at, id), `limit` at most, after the cursor; each filter
     given narrows the list."""
     assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
@@ -155,9 +226,7 @@ def page(
             params[column] = value
     sql = (f"SELECT {_COLUMNS} FROM invoices WHERE {' AND '.join(where)}"
            " ORDER BY created_at, id LIMIT %(limit)s")
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql.encode(), params)
-        return cur.fetchall()
+    return all_rows(conn, InvoiceRow, sql.encode(), params)
 
 
 def outstanding(conn: Connection[Any], organisation_id: UUID) -> int:
@@ -181,14 +250,12 @@ def existing_for_period(conn: Connection[Any], period: str) -> dict[UUID, str]:
         return {row[0]: str(row[1]) for row in cur.fetchall()}
 
 
-def not_emailed(conn: Connection[Any], limit: int) -> list[dict[str, Any]]:
+def not_emailed(conn: Connection[Any], limit: int) -> list[InvoiceRow]:
     """Finalized (or paid) invoices whose email has not been recorded as sent, oldest first."""
     assert 0 < limit <= LIST_MAX_ROWS
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            f"SELECT {_COLUMNS} FROM invoices WHERE emailed_at IS NULL"
-            " AND status IN ('finalized', 'paid') ORDER BY finalized_at LIMIT %s", (limit,))
-        return cur.fetchall()
+    return all_rows(conn, InvoiceRow,
+                    f"SELECT {_COLUMNS} FROM invoices WHERE emailed_at IS NULL"
+                    " AND status IN ('finalized', 'paid') ORDER BY finalized_at LIMIT %s", (limit,))
 
 
 def billing_invoices(conn: Connection[Any], periods: list[str]) -> dict[UUID, list[UUID]]:

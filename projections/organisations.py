@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from psycopg import Connection, Cursor, sql
-from psycopg.rows import dict_row
 
 from domain.organisation import ACCESS_SETTING_NAMES, SETTING_NAMES, Organisation
-from projections.base import ReadModel, require_row
+from projections.base import ReadModel, all_rows, one_row, require_row
 
 NAME = "organisations"
 LIST_MAX_ROWS = 1000
@@ -48,9 +48,9 @@ def _created(cur: Cursor[Any], e: Organisation.Created, position: int) -> None:
 
 
 def _settings_updated(cur: Cursor[Any], e: Organisation.SettingsUpdated, position: int) -> None:
-    changes: dict[str, Any] = {k: v for k, v in e.after.items() if k in SETTING_NAMES}
-    changes |= {k: int(v) if k.startswith("rate_") and v is not None else v
-                for k, v in e.after.items() if k in ACCESS_SETTING_NAMES}
+    # The rate limits are whole numbers (events of class version 1 are upcast on reading).
+    changes: dict[str, Any] = {k: v for k, v in e.after.items()
+                               if k in SETTING_NAMES or k in ACCESS_SETTING_NAMES}
     changes |= {"updated_at": e.timestamp, "version": e.originator_version,
                 "ledger_position": position}
     assignments = sql.SQL(", ").join(
@@ -91,26 +91,48 @@ _COLUMNS = (
 )
 
 
-def get(conn: Connection[Any], org_id: UUID) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_COLUMNS} FROM organisations WHERE id = %s", (org_id,))
-        return cur.fetchone()
+class OrganisationRow(msgspec.Struct, frozen=True):
+    """One organisation with its current settings, as the read model holds it."""
+
+    id: UUID
+    name: str
+    billing_email: str
+    currency: str
+    timezone: str
+    country: str
+    gstin: str | None
+    state_code: str | None
+    created_at: datetime
+    updated_at: datetime
+    suspended: bool
+    allowed_ips: str  # canonical CIDRs, comma-separated ("" = every address)
+    rate_limit_per_s: int
+    rate_limit_burst: int
+
+
+def row_of(org: Organisation) -> OrganisationRow:
+    """An organisation as saved in the ledger, in the read model's shape: what create and
+    update answer, without waiting for the read model."""
+    settings = {key: getattr(org, key) for key in SETTING_NAMES + ACCESS_SETTING_NAMES}
+    return OrganisationRow(id=org.id, created_at=org.created_on, updated_at=org.modified_on,
+                           suspended=org.suspended, **settings)
+
+
+def get(conn: Connection[Any], org_id: UUID) -> OrganisationRow | None:
+    return one_row(conn, OrganisationRow, f"SELECT {_COLUMNS} FROM organisations WHERE id = %s",
+                   (org_id,))
 
 
 def page(
     conn: Connection[Any], limit: int, after: tuple[datetime, UUID] | None
-) -> list[dict[str, Any]]:
+) -> list[OrganisationRow]:
     """Organisations oldest first, `limit` at most, after the (created_at, id) cursor."""
     assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
-    with conn.cursor(row_factory=dict_row) as cur:
-        if after is None:
-            cur.execute(
-                f"SELECT {_COLUMNS} FROM organisations ORDER BY created_at, id LIMIT %s", (limit,)
-            )
-        else:
-            cur.execute(
-                f"SELECT {_COLUMNS} FROM organisations WHERE (created_at, id) > (%s, %s)"
-                " ORDER BY created_at, id LIMIT %s",
-                (*after, limit),
-            )
-        return cur.fetchall()
+    if after is None:
+        return all_rows(conn, OrganisationRow,
+                        f"SELECT {_COLUMNS} FROM organisations ORDER BY created_at, id LIMIT %s",
+                        (limit,))
+    return all_rows(conn, OrganisationRow,
+                    f"SELECT {_COLUMNS} FROM organisations WHERE (created_at, id) > (%s, %s)"
+                    " ORDER BY created_at, id LIMIT %s",
+                    (*after, limit))

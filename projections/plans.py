@@ -8,17 +8,18 @@ Started / PlanChanged event, in ledger order: the schedule that domain.subscript
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import msgspec
 from psycopg import Connection, Cursor
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from domain.plan import Plan, StoredVersion
 from domain.subscription import PublishedVersions, Subscription, SubscriptionEntry
-from projections.base import ReadModel
+from projections.base import ReadModel, all_rows, one_row
 
 NAME = "plans"
 LIST_MAX_ROWS = 1000
@@ -77,45 +78,51 @@ READ_MODEL = ReadModel(
     },
 )
 
+
+
+class PlanVersionRow(StoredVersion, frozen=True):
+    """One published plan version: the fields the ledger records (prices in rupees, exact:
+    numeric and decimal strings), as the read model holds them."""
+
+
+class SubscriptionRow(msgspec.Struct, frozen=True):
+    """One subscription step: the plan in force from `effective_from`."""
+
+    plan_code: str
+    effective_from: datetime
+    recorded_at: datetime
+
+
 _VERSION_COLUMNS = "code, version, name, currency, base_fee, minimum, charges, published_at"
-_STORED_FIELDS = ("code", "version", "name", "currency", "base_fee", "minimum", "charges",
-                  "published_at")
 
 
-def plan_latest(conn: Connection[Any], code: str) -> dict[str, Any] | None:
+def plan_latest(conn: Connection[Any], code: str) -> PlanVersionRow | None:
     """The newest version of a plan, or None for an unknown code."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_VERSION_COLUMNS} FROM plan_versions WHERE code = %s"
-                    " ORDER BY version DESC LIMIT 1", (code,))
-        return cur.fetchone()
+    return one_row(conn, PlanVersionRow,
+                   f"SELECT {_VERSION_COLUMNS} FROM plan_versions WHERE code = %s"
+                   " ORDER BY version DESC LIMIT 1", (code,))
 
 
-def plan_version(conn: Connection[Any], code: str, version: int) -> dict[str, Any] | None:
+def plan_version(conn: Connection[Any], code: str, version: int) -> PlanVersionRow | None:
     """One version of a plan (what an invoice pinned), or None."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_VERSION_COLUMNS} FROM plan_versions WHERE code = %s AND version = %s",
-                    (code, version))
-        return cur.fetchone()
+    return one_row(conn, PlanVersionRow,
+                   f"SELECT {_VERSION_COLUMNS} FROM plan_versions WHERE code = %s AND version = %s",
+                   (code, version))
 
 
-def plan_versions(conn: Connection[Any], code: str) -> list[dict[str, Any]]:
+def plan_versions(conn: Connection[Any], code: str) -> list[PlanVersionRow]:
     """Every version of a plan, oldest first (empty for an unknown code)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_VERSION_COLUMNS} FROM plan_versions WHERE code = %s"
+    return all_rows(conn, PlanVersionRow,
+                    f"SELECT {_VERSION_COLUMNS} FROM plan_versions WHERE code = %s"
                     " ORDER BY version LIMIT %s", (code, LIST_MAX_ROWS))
-        return cur.fetchall()
 
 
-def subscription_history(conn: Connection[Any], org_id: UUID) -> list[dict[str, Any]]:
-    """An organisation's subscription steps in recorded (ledger) order: plan_code,
-    effective_from, recorded_at. Empty when it never subscribed."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT plan_code, effective_from, recorded_at FROM subscriptions"
-            " WHERE organisation_id = %s ORDER BY ledger_position",
-            (org_id,),
-        )
-        return cur.fetchall()
+def subscription_history(conn: Connection[Any], org_id: UUID) -> list[SubscriptionRow]:
+    """An organisation's subscription steps in recorded (ledger) order. Empty when it never
+    subscribed."""
+    return all_rows(conn, SubscriptionRow,
+                    "SELECT plan_code, effective_from, recorded_at FROM subscriptions"
+                    " WHERE organisation_id = %s ORDER BY ledger_position", (org_id,))
 
 
 def subscribed_organisations(conn: Connection[Any]) -> list[UUID]:
@@ -128,16 +135,16 @@ def subscribed_organisations(conn: Connection[Any]) -> list[UUID]:
 
 # ---- rows -> domain values ------------------------------------------------------------------
 
-def stored_version(row: dict[str, Any]) -> StoredVersion:
+def stored_version(row: PlanVersionRow) -> StoredVersion:
     """A plan_versions row as the domain's StoredVersion (domain.plan.to_version prices it)."""
-    return msgspec.convert({k: row[k] for k in _STORED_FIELDS}, StoredVersion)
+    return StoredVersion(**msgspec.structs.asdict(row))
 
 
-def history_entries(rows: list[dict[str, Any]]) -> list[SubscriptionEntry]:
+def history_entries(rows: Sequence[SubscriptionRow]) -> list[SubscriptionEntry]:
     """subscription_history rows as the schedule plan_for_period reads."""
-    return [SubscriptionEntry(r["plan_code"], r["effective_from"]) for r in rows]
+    return [SubscriptionEntry(r.plan_code, r.effective_from) for r in rows]
 
 
-def published_versions(rows: list[dict[str, Any]]) -> PublishedVersions:
+def published_versions(rows: Sequence[PlanVersionRow]) -> PublishedVersions:
     """plan_versions rows as the (version, published_at) pairs plan_for_period pins from."""
-    return [(int(r["version"]), r["published_at"]) for r in rows]
+    return [(r.version, r.published_at) for r in rows]

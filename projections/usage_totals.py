@@ -14,8 +14,8 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+import msgspec
 from psycopg import Connection, Cursor
-from psycopg.rows import dict_row
 
 from domain.meter import Meter
 from domain.usage import MeterRule, Usage
@@ -194,6 +194,16 @@ class UsageQuery:
     group_by: tuple[str, ...] = ()
 
 
+class QuantityRow(msgspec.Struct, frozen=True):
+    """One period's quantity, per project when the query names one, and per group_by values
+    (in the query's order; None where an event had no such property)."""
+
+    period_start: date
+    quantity: Decimal
+    project_id: UUID | None = None
+    groups: tuple[str | None, ...] = ()
+
+
 def meter_rule(conn: Connection[Any], code: str) -> MeterRule | None:
     row = conn.execute("SELECT code, aggregation, field, group_by, allow_negative FROM usage_meters"
                        " WHERE code = %s", (code,)).fetchone()
@@ -206,7 +216,7 @@ def has_usage(conn: Connection[Any], code: str) -> bool:
     return bool(row and row[0])
 
 
-def quantities(conn: Connection[Any], q: UsageQuery, aggregation: str) -> list[dict[str, Any]]:
+def quantities(conn: Connection[Any], q: UsageQuery, aggregation: str) -> list[QuantityRow]:
     """One row per period (and project, and group values when asked): period_start, quantity."""
     table = "usage_unique" if aggregation == "unique_count" else "usage_totals"
     quantity = "count(DISTINCT value)::numeric" if aggregation == "unique_count" else _QUANTITY[aggregation]
@@ -227,9 +237,13 @@ def quantities(conn: Connection[Any], q: UsageQuery, aggregation: str) -> list[d
         " AND (%(project)s::uuid IS NULL OR project_id = %(project)s)"
         f") s GROUP BY {group_cols} ORDER BY {group_cols} LIMIT %(limit)s"
     )
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql.encode(), params)
-        return cur.fetchall()
+    # Columns in `group_cols` order, then the quantity.
+    rows = conn.execute(sql.encode(), params).fetchall()
+    with_project = q.project_id is not None
+    return [QuantityRow(period_start=row[0], quantity=Decimal(row[-1]),
+                        project_id=row[1] if with_project else None,
+                        groups=tuple(row[1 + with_project:-1]))
+            for row in rows]
 
 
 def period_quantities(conn: Connection[Any], month_start: date) -> dict[UUID, dict[str, Decimal]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from domain.audit import Actor
-from domain.organisation import Organisation, Settings
+from domain.organisation import Organisation, OrganisationSettings
 from domain.ports import Clock, Ledger, NewId
 from domain.services.base import Written
 
@@ -16,12 +16,12 @@ class OrganisationService:
         self._clock = clock
         self._new_id = new_id
 
-    def create(self, settings: Settings, *, actor: Actor | None = None) -> Written[Organisation]:
+    def create(self, settings: OrganisationSettings, *, actor: Actor | None = None) -> Written[Organisation]:
         org = Organisation.create(self._new_id(), settings, self._clock())
         return Written(org, self._ledger.save(org, actor=actor))
 
     def update_settings(
-        self, org_id: UUID, changes: Settings, *, suspended: bool | None = None, reason: str = "",
+        self, org_id: UUID, changes: OrganisationSettings, *, suspended: bool | None = None, reason: str = "",
         actor: Actor | None = None,
     ) -> Written[Organisation]:
         org = self._ledger.get(org_id, Organisation)

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain.errors import Conflict, NotFound
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.plan import ChargeSpec, Plan, TierSpec
 from domain.ports import Ledger
 from domain.project import Project
@@ -69,7 +69,7 @@ class LedgerContract(ABC):
         org = organisation()
         self.save(ledger, org)
         copy = ledger.get(org.id, Organisation)
-        assert copy.update_settings({"name": "Acme Two"}, AT + timedelta(hours=1))
+        assert copy.update_settings(OrganisationSettings(name="Acme Two"), AT + timedelta(hours=1))
         assert copy.set_suspended(True, "unpaid", AT + timedelta(hours=2))
         self.save(ledger, copy)
         got = ledger.get(org.id, Organisation)
@@ -82,7 +82,7 @@ class LedgerContract(ABC):
         org = organisation()
         self.save(ledger, org)
         first = ledger.get(org.id, Organisation)
-        first.update_settings({"name": "Never saved"}, AT)
+        first.update_settings(OrganisationSettings(name="Never saved"), AT)
         again = ledger.get(org.id, Organisation)
         assert again is not first
         assert (again.version, again.name) == (1, "Acme")
@@ -135,7 +135,7 @@ class LedgerContract(ABC):
         first = self.save(ledger, org)
         assert first > 0
         copy = ledger.get(org.id, Organisation)
-        copy.update_settings({"name": "Acme Two"}, AT)
+        copy.update_settings(OrganisationSettings(name="Acme Two"), AT)
         project = Project.create(project_id=uuid4(), organisation_id=org.id, name="Web", at=AT)
         second = self.save(ledger, copy, project)
         assert second >= first + 2
@@ -160,9 +160,9 @@ class LedgerContract(ABC):
         org = organisation()
         self.save(ledger, org)
         mine, theirs = ledger.get(org.id, Organisation), ledger.get(org.id, Organisation)
-        mine.update_settings({"name": "Mine"}, AT)
+        mine.update_settings(OrganisationSettings(name="Mine"), AT)
         won = self.save(ledger, mine)
-        theirs.update_settings({"name": "Theirs"}, AT)
+        theirs.update_settings(OrganisationSettings(name="Theirs"), AT)
         with pytest.raises(Conflict):
             self.save(ledger, theirs)
         assert named(ledger, org.id) == (2, "Mine")
@@ -192,13 +192,13 @@ class LedgerContract(ABC):
         self.save(ledger, fresh, contested)
         stale = ledger.get(contested.id, Organisation)
         winner = ledger.get(contested.id, Organisation)
-        winner.update_settings({"name": "Winner"}, AT)
+        winner.update_settings(OrganisationSettings(name="Winner"), AT)
         self.save(ledger, winner)
 
         changed = ledger.get(fresh.id, Organisation)
-        changed.update_settings({"name": "Lost with the rest"}, AT)
+        changed.update_settings(OrganisationSettings(name="Lost with the rest"), AT)
         changed.set_suspended(True, "unpaid", AT)
-        stale.update_settings({"name": "Stale"}, AT)
+        stale.update_settings(OrganisationSettings(name="Stale"), AT)
         project = Project.create(project_id=uuid4(), organisation_id=fresh.id, name="Web", at=AT)
         with pytest.raises(Conflict):
             self.save(ledger, changed, stale, project)
@@ -228,7 +228,7 @@ class LedgerContract(ABC):
                 copy = copies[which]
                 should_win = copy.version == newest
                 name = f"step {index}"
-                copy.update_settings({"name": name}, AT)
+                copy.update_settings(OrganisationSettings(name=name), AT)
                 try:
                     position = self.save(ledger, copy)
                 except Conflict:
@@ -249,7 +249,7 @@ class LedgerContract(ABC):
 def organisation(ident: UUID | None = None, *, name: str = "Acme") -> Organisation:
     """A new organisation (one pending Created event)."""
     return Organisation.create(org_id=ident or uuid4(),
-                               settings={"name": name, "billing_email": "ap@acme.in"}, at=AT)
+                               settings=OrganisationSettings(name=name, billing_email="ap@acme.in"), at=AT)
 
 
 def named(ledger: Ledger, ident: UUID) -> tuple[int, str]:

@@ -28,6 +28,7 @@ from domain.audit import (
     idempotency_seed,
 )
 from domain.errors import Unavailable
+from domain.organisation import OrganisationSettings
 from domain.services.organisations import OrganisationService
 from tests.conftest import wait_until
 from tests.e2e.conftest import AUTH, Api
@@ -366,7 +367,7 @@ def test_a_second_execution_under_the_same_claim_collides_in_the_ledger_and_save
 
     def execute() -> Any:
         CURRENT_IDEMPOTENCY.set(IdempotentRequest(seed))
-        return service.create({"name": name, "billing_email": "ap@twice.in"},
+        return service.create(OrganisationSettings(name=name, billing_email="ap@twice.in"),
                               actor=Actor(uuid.uuid4(), "owner", None, "127.0.0.1", "test"))
 
     first = contextvars.copy_context().run(execute)

@@ -12,6 +12,7 @@ from uuid import uuid4
 from adapters.maintenance import rebuild
 from adapters.projector import HANDLER_RETRY_BACKOFF_S, Projector
 from adapters.relay import Relay
+from domain.organisation import OrganisationSettings
 from domain.services.organisations import OrganisationService
 from infra.wiring import Runtime
 from projections import organisations
@@ -50,10 +51,10 @@ def write_orgs(rt: Runtime, count: int, prefix: str = "org") -> list[Any]:
     svc = service(rt)
     ids = []
     for i in range(count):
-        written = svc.create({"name": f"{prefix}-{i}", "billing_email": f"ap{i}@example.in"})
+        written = svc.create(OrganisationSettings(name=f"{prefix}-{i}", billing_email=f"ap{i}@example.in"))
         ids.append(written.aggregate.id)
         if i % 2:
-            svc.update_settings(written.aggregate.id, {"name": f"{prefix}-{i}-renamed"})
+            svc.update_settings(written.aggregate.id, OrganisationSettings(name=f"{prefix}-{i}-renamed"))
     return ids
 
 

@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from adapters import bookkeeping
+from domain.organisation import OrganisationSettings
 from domain.plan import ChargeSpec
 from domain.services.organisations import OrganisationService
 from domain.services.plans import PlansService
@@ -41,7 +42,8 @@ def _subscribed(rt: Runtime, *names: str) -> tuple[OrganisationService, list[UUI
     plans.publish(code="basic", name="Basic", currency="INR", base_fee=Decimal(10), minimum=Decimal(0),
                   charges=calls, known_meters={"calls"})
     orgs = OrganisationService(rt.ledger, now, uuid4)
-    ids = [orgs.create({"name": name, "billing_email": "a@b.in"}).aggregate.id for name in names]
+    ids = [orgs.create(OrganisationSettings(name=name, billing_email="a@b.in")).aggregate.id
+           for name in names]
     for ident in ids:
         plans.subscribe(ident, "basic", SUBSCRIBED_FROM)
     return orgs, ids
@@ -52,7 +54,7 @@ def test_a_blocked_organisation_is_recorded_counted_and_logged_until_invoiced(
 ) -> None:
     rt, _ = live
     orgs, (stuck,) = _subscribed(rt, "Stuck Ltd")
-    renamed = orgs.update_settings(stuck, {"name": "Stuck Ltd"}).position
+    renamed = orgs.update_settings(stuck, OrganisationSettings(name="Stuck Ltd")).position
     caught_up(rt)
     with rt.pool.connection() as conn:
         conn.execute("INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"

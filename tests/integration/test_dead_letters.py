@@ -19,7 +19,7 @@ from adapters.maintenance import RedriveResult, rebuild, redrive
 from adapters.projector import Projector
 from adapters.relay import Relay
 from adapters.usage_writer import encode_usage
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.records import KeyRecord
 from domain.services.catalogue import CatalogueService
 from domain.usage import UsageFact
@@ -59,10 +59,10 @@ async def test_failing_handler_dead_letters_after_bounded_retries_and_carries_on
     tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(projector.run(stop))]
     try:
         svc = service(runtime)
-        svc.create({"name": "before", "billing_email": "a@b.in"})
-        poison = svc.create({"name": "poison", "billing_email": "p@b.in"})
+        svc.create(OrganisationSettings(name="before", billing_email="a@b.in"))
+        poison = svc.create(OrganisationSettings(name="poison", billing_email="p@b.in"))
         for i in range(5):
-            svc.create({"name": f"after-{i}", "billing_email": "a@b.in"})
+            svc.create(OrganisationSettings(name=f"after-{i}", billing_email="a@b.in"))
         head = runtime.ledger.head()
         await wait_until(lambda: tracked(runtime, "organisations") >= head, "projector past poison")
 

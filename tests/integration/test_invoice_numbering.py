@@ -11,11 +11,13 @@ from typing import Any
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
+import msgspec
+
 from adapters.maintenance import ensure_tables, rebuild
 from domain.errors import Conflict
 from domain.invoice import Invoice, invoice_id
 from domain.numbering import InvoiceSequence, format_number, sequence_id
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.plan import ChargeSpec, Plan, plan_id
 from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
@@ -48,8 +50,8 @@ def subscribed_orgs(rt: Runtime, count: int) -> list[UUID]:
     ids = []
     for i in range(count):
         state = "29" if i % 2 else "27"  # half intra-state (CGST+SGST), half IGST
-        ident = orgs.create({"name": f"org-{i}", "billing_email": f"ap{i}@example.in",
-                             "state_code": state}).aggregate.id
+        ident = orgs.create(OrganisationSettings(
+            name=f"org-{i}", billing_email=f"ap{i}@example.in", state_code=state)).aggregate.id
         plans.subscribe(ident, "pro", starts_at=ist(2026, 9, 1))
         ids.append(ident)
     return ids
@@ -129,22 +131,24 @@ def test_concurrent_finalizations_get_gapless_unique_numbers(runtime: Runtime) -
     row = read(runtime, invoices.get, ids[1])
     inv = in_ledger[ids[1]]
     assert row is not None
-    assert (row["status"], row["number"], row["subtotal"], row["total"], row["amount_due"]) == (
+    assert (row.status, row.number, row.subtotal, row.total, row.amount_due) == (
         "finalized", inv.number, inv.subtotal, inv.total, inv.total)
-    assert row["lines"] == [{"description": x.description, "metric": x.metric,
-                             "quantity": str(x.quantity), "amount": x.amount} for x in inv.lines]
-    assert row["taxes"] == [{"name": t.name, "rate": str(t.rate), "amount": t.amount} for t in inv.taxes]
-    assert row["finalized_at"] == FINALIZED_AT and row["created_at"] == DRAFTED_AT
+    assert msgspec.to_builtins(list(row.lines)) == [
+        {"description": x.description, "metric": x.metric, "quantity": str(x.quantity),
+         "amount": x.amount} for x in inv.lines]
+    assert msgspec.to_builtins(list(row.taxes)) == [
+        {"name": t.name, "rate": str(t.rate), "amount": t.amount} for t in inv.taxes]
+    assert row.finalized_at == FINALIZED_AT and row.created_at == DRAFTED_AT
     assert read(runtime, invoices.get, uuid4()) is None
 
     everything = read(runtime, invoices.page, 1000, None)
-    assert sorted(r["id"] for r in everything) == sorted(ids)
+    assert sorted(r.id for r in everything) == sorted(ids)
     first = read(runtime, invoices.page, 10, None)
-    rest = read(runtime, invoices.page, 1000, (first[-1]["created_at"], first[-1]["id"]))
-    assert [r["id"] for r in first + rest] == [r["id"] for r in everything]
-    assert [r["id"] for r in read(runtime, invoices.page, 1000, None, status="void")] == [ids[0]]
+    rest = read(runtime, invoices.page, 1000, (first[-1].created_at, first[-1].id))
+    assert [r.id for r in first + rest] == [r.id for r in everything]
+    assert [r.id for r in read(runtime, invoices.page, 1000, None, status="void")] == [ids[0]]
     mine = read(runtime, invoices.page, 1000, None, organisation_id=org_ids[3], period=PERIOD)
-    assert [r["id"] for r in mine] == [ids[3]]
+    assert [r.id for r in mine] == [ids[3]]
     assert read(runtime, invoices.page, 1000, None, period="2026-09") == []
 
     assert read(runtime, invoices.outstanding, org_ids[3]) == in_ledger[ids[3]].total

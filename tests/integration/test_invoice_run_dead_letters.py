@@ -14,6 +14,7 @@ import pytest
 
 from adapters.bookkeeping import DLQ_LIST_MAX_ROWS
 from adapters.usage_writer import encode_usage
+from domain.organisation import OrganisationSettings
 from domain.plan import ChargeSpec
 from domain.records import KeyRecord, RunResult
 from domain.services.catalogue import CatalogueService
@@ -69,7 +70,7 @@ def test_dead_letters_in_every_read_model_pricing_reads_block_the_organisations_
     subscribed: dict[str, int] = {}
     for name in ("subscription", "project", "invoice", "settings", "old usage", "usage",
                  "plan", "clean"):
-        ids[name] = orgs.create({"name": name, "billing_email": "a@b.in"}).aggregate.id
+        ids[name] = orgs.create(OrganisationSettings(name=name, billing_email="a@b.in")).aggregate.id
         subscribed[name] = plans.subscribe(ids[name], "other" if name == "plan" else "basic",
                                            SUBSCRIBED_FROM).position
     caught_up(rt)
@@ -78,7 +79,7 @@ def test_dead_letters_in_every_read_model_pricing_reads_block_the_organisations_
         (invoice,) = invoices.page(conn, 10, None, organisation_id=ids["invoice"], period="2026-09")
 
     project = catalogue.create_project(ids["project"], "web").position
-    settings = orgs.update_settings(ids["settings"], {"name": "settings renamed"}).position
+    settings = orgs.update_settings(ids["settings"], OrganisationSettings(name="settings renamed")).position
 
     def usage(org: str, at: datetime, count: int) -> list[int]:
         key = KeyRecord(uuid4(), "p", "h", uuid4(), ids[org], "Asia/Kolkata", None, False)
@@ -93,7 +94,7 @@ def test_dead_letters_in_every_read_model_pricing_reads_block_the_organisations_
     caught_up(rt)
     dead_letter(rt, "plans", subscribed["subscription"], other.position)
     dead_letter(rt, "catalogue", project)
-    dead_letter(rt, "invoices", invoice["ledger_position"])
+    dead_letter(rt, "invoices", invoice.ledger_position)
     dead_letter(rt, "organisations", settings)
     dead_letter(rt, "usage_totals", *old, recent)
     with rt.pool.connection() as conn:  # as if that subscription had never reached the model
@@ -103,7 +104,7 @@ def test_dead_letters_in_every_read_model_pricing_reads_block_the_organisations_
     assert blocked(result) == {
         ids["subscription"]: {"plans": [subscribed["subscription"]]},
         ids["project"]: {"catalogue": [project]},
-        ids["invoice"]: {"invoices": [invoice["ledger_position"]]},
+        ids["invoice"]: {"invoices": [invoice.ledger_position]},
         ids["settings"]: {"organisations": [settings]},
         ids["usage"]: {"usage_totals": [recent]},
         ids["plan"]: {"plans": [other.position]},  # a plan version: its subscribers

@@ -27,6 +27,7 @@ from adapters.maintenance import redrive
 from adapters.projector import Projector
 from adapters.relay import Relay
 from domain.api_key import ApiKey
+from domain.organisation import OrganisationSettings
 from domain.records import KeyRecord, TokenRecord
 from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
@@ -129,7 +130,7 @@ def access(rt: Runtime) -> AccessService:
 
 def tenant(rt: Runtime, name: str) -> Tenant:
     """An organisation with a project and one API key."""
-    org = orgs(rt).create({"name": name, "billing_email": f"ap@{name}.example.in"})
+    org = orgs(rt).create(OrganisationSettings(name=name, billing_email=f"ap@{name}.example.in"))
     project = catalogue(rt).create_project(org.aggregate.id, f"{name}-project")
     key, _ = access(rt).issue_key(project.aggregate.id, f"{name}-key", None)
     return Tenant(org.aggregate.id, key.aggregate.id, key.aggregate.prefix, key.position)
@@ -191,11 +192,12 @@ def _rotate(rt: Runtime, t: Tenant) -> int:
 
 
 def _suspend(rt: Runtime, t: Tenant) -> int:
-    return orgs(rt).update_settings(t.organisation_id, {}, suspended=True, reason="unpaid").position
+    return orgs(rt).update_settings(t.organisation_id, OrganisationSettings(), suspended=True,
+                                    reason="unpaid").position
 
 
 def _allow_list(rt: Runtime, t: Tenant) -> int:
-    return orgs(rt).update_settings(t.organisation_id, {"allowed_ips": ALLOW_LIST}).position
+    return orgs(rt).update_settings(t.organisation_id, OrganisationSettings(allowed_ips=ALLOW_LIST)).position
 
 
 def _revoked(k: KeyRecord) -> bool:
@@ -268,7 +270,7 @@ async def test_an_organisation_allow_list_reaches_the_caches_while_the_catalogue
             await pipe.stop("catalogue")
             await asyncio.to_thread(access(runtime).revoke_key, a.key_id)  # held back
             await asyncio.to_thread(orgs(runtime).update_settings, a.organisation_id,
-                                    {"allowed_ips": "192.0.2.0/24"}, suspended=True,
+                                    OrganisationSettings(allowed_ips="192.0.2.0/24"), suspended=True,
                                     reason="audit")
             await wait_until(
                 partial(everywhere, loop, processes, a.prefix,

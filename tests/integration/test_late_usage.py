@@ -16,6 +16,7 @@ import pytest
 from adapters.invoice_run import InvoiceRun
 from adapters.usage_writer import encode_usage
 from domain.invoice import VOID, Invoice
+from domain.organisation import OrganisationSettings
 from domain.period import period_bounds, period_of, shift_period
 from domain.plan import ChargeSpec
 from domain.records import KeyRecord, RunResult
@@ -49,7 +50,7 @@ class Tenant:
                  base_fee: Decimal = Decimal(0)) -> None:
         self.rt, self.writer = rt, writer
         self.org = OrganisationService(rt.ledger, now, uuid4).create(
-            {"name": "Late Ltd", "billing_email": "a@b.in", "state_code": "29"}).aggregate
+            OrganisationSettings(name="Late Ltd", billing_email="a@b.in", state_code="29")).aggregate
         plans = PlansService(rt.ledger, now)
         plans.publish(code="late", name="Late", currency="INR", base_fee=base_fee, minimum=Decimal(0),
                       charges=charges, known_meters={c.metric for c in charges})
@@ -77,7 +78,7 @@ class Tenant:
         assert (result.created, result.failed, result.blocked) == (1, 0, []), result
         with self.rt.pool.connection() as conn:
             (row,) = invoices.page(conn, 10, None, organisation_id=self.org.id, period=period)
-        return self.rt.ledger.get(row["id"], Invoice)
+        return self.rt.ledger.get(row.id, Invoice)
 
     def finalize(self, invoice: Invoice) -> Invoice:
         written = InvoicingService(self.rt.ledger, now).finalize(invoice.id)
@@ -87,7 +88,7 @@ class Tenant:
     def all_invoices(self) -> list[Invoice]:
         with self.rt.pool.connection() as conn:
             rows = invoices.page(conn, invoices.LIST_MAX_ROWS, None, organisation_id=self.org.id)
-        return [self.rt.ledger.get(row["id"], Invoice) for row in rows]
+        return [self.rt.ledger.get(row.id, Invoice) for row in rows]
 
     def billed(self) -> dict[tuple[str, str], Decimal]:
         """(period, metric) -> quantity billed for it across every non-void invoice: the
@@ -232,7 +233,7 @@ def test_drafts_are_finalized_automatically_after_the_configured_delay(
     rt, _ = live
 
     org = OrganisationService(rt.ledger, now, uuid4).create(
-        {"name": "Auto Ltd", "billing_email": "a@b.in"}).aggregate
+        OrganisationSettings(name="Auto Ltd", billing_email="a@b.in")).aggregate
     plans = PlansService(rt.ledger, now)
     plans.publish(code="auto", name="Auto", currency="INR", base_fee=Decimal(100), minimum=Decimal(0),
                   charges=[], known_meters=set())
@@ -251,6 +252,6 @@ def test_drafts_are_finalized_automatically_after_the_configured_delay(
     assert finalize_due(rt, at + timedelta(hours=25)) == 1
     with rt.pool.connection() as conn:
         (row,) = invoices.page(conn, 10, None, organisation_id=org.id, period="2026-10")
-    assert row["status"] in ("draft", "finalized")  # the read model may still be catching up
-    assert invoicing.invoice(row["id"]).status == "finalized"
+    assert row.status in ("draft", "finalized")  # the read model may still be catching up
+    assert invoicing.invoice(row.id).status == "finalized"
 

@@ -8,10 +8,12 @@ from typing import Any
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
+import msgspec
 import pytest
 
 from adapters.maintenance import ensure_tables, rebuild
 from domain.errors import NotFound
+from domain.organisation import OrganisationSettings
 from domain.plan import ChargeSpec, Plan, TierSpec, plan_id, to_version
 from domain.services.organisations import OrganisationService
 from domain.services.plans import PlansService
@@ -53,7 +55,7 @@ def read(rt: Runtime, query: Any, *args: Any) -> Any:
 
 def new_org(rt: Runtime) -> UUID:
     svc = OrganisationService(rt.ledger, lambda: ist(2026, 9, 1), uuid4)
-    return svc.create({"name": "Acme", "billing_email": "ap@acme.in"}).aggregate.id
+    return svc.create(OrganisationSettings(name="Acme", billing_email="ap@acme.in")).aggregate.id
 
 
 def test_plans_and_subscriptions_replay_into_the_read_model(runtime: Runtime) -> None:
@@ -78,9 +80,9 @@ def test_plans_and_subscriptions_replay_into_the_read_model(runtime: Runtime) ->
     replay(runtime)
 
     latest = read(runtime, plans.plan_latest, "pro")
-    assert latest is not None and (latest["version"], latest["name"]) == (2, "Pro 2")
-    assert str(latest["base_fee"]) == "599.50"  # numeric keeps the exact digits
-    assert latest["charges"] == [{
+    assert latest is not None and (latest.version, latest.name) == (2, "Pro 2")
+    assert str(latest.base_fee) == "599.50"  # numeric keeps the exact digits
+    assert msgspec.json.decode(msgspec.json.encode(latest.charges)) == [{  # as the JSON holds it
         "metric": "storage_gb", "model": "graduated", "unit_price": None,
         "tiers": [{"up_to": "100.5", "unit_price": "2.50", "flat_fee": "0"},
                   {"up_to": None, "unit_price": "1.75", "flat_fee": "10.00"}],
@@ -89,16 +91,16 @@ def test_plans_and_subscriptions_replay_into_the_read_model(runtime: Runtime) ->
     assert read(runtime, plans.plan_latest, "gold") is None
 
     rows = read(runtime, plans.plan_versions, "pro")
-    assert [r["version"] for r in rows] == [1, 2]
+    assert [r.version for r in rows] == [1, 2]
     # the read model gives back exactly what the ledger holds
     in_ledger = runtime.ledger.get(plan_id("pro"), Plan).versions
     assert [plans.stored_version(r) for r in rows] == in_ledger
     assert to_version(plans.stored_version(rows[0])).charges[0].unit_price == Decimal("0.0035")
     one = read(runtime, plans.plan_version, "pro", 1)
-    assert one is not None and one["minimum"] == Decimal(1000)
+    assert one is not None and one.minimum == Decimal(1000)
 
     history = read(runtime, plans.subscription_history, org)
-    assert [(h["plan_code"], h["effective_from"]) for h in history] == [
+    assert [(h.plan_code, h.effective_from) for h in history] == [
         ("basic", ist(2026, 9, 1)), ("pro", ist(2026, 11, 1))]
     assert read(runtime, plans.subscription_history, uuid4()) == []
     assert read(runtime, plans.subscribed_organisations) == sorted([org, other])

@@ -16,6 +16,7 @@ import pytest
 from adapters.maintenance import rebuild
 from adapters.projector import Projector
 from adapters.usage_writer import encode_usage
+from domain.organisation import OrganisationSettings
 from domain.records import KeyRecord
 from domain.usage import UsageFact
 from infra.wiring import Runtime
@@ -119,7 +120,8 @@ def test_rebuild_reads_the_head_after_taking_the_tracking_lock(runtime: Runtime)
                         (organisations.NAME,))
             rebuilt = pool.submit(rebuild, runtime.pool, runtime.ledger, organisations.READ_MODEL)
             wait_sync(lambda: _waiting_for_the_tracking_lock(runtime), "the rebuild at the lock")
-            appended = service(runtime).create({"name": "concurrent", "billing_email": "c@b.in"})
+            appended = service(runtime).create(
+                OrganisationSettings(name="concurrent", billing_email="c@b.in"))
             for n in runtime.ledger.read_after(before, 100):
                 organisations.READ_MODEL.apply_all(cur, [(runtime.ledger.decode(n), n.id)])
             cur.execute("UPDATE projection_tracking SET position = %s WHERE name = %s",

@@ -12,7 +12,7 @@ import pytest
 from adapters.caches import KeyCache
 from adapters.maintenance import rebuild, redrive
 from adapters.projector import Projector
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from infra.wiring import Runtime
 from projections import catalogue as catalogue_model
 from projections import organisations
@@ -46,15 +46,15 @@ def _suspended(runtime: Runtime, org: Any) -> bool:
     with runtime.pool.connection() as conn:
         row = organisations.get(conn, org)
     assert row is not None
-    return bool(row["suspended"])
+    return bool(row.suspended)
 
 
 async def test_an_update_of_a_row_whose_creation_was_dead_lettered_is_dead_lettered_too(
     runtime: Runtime,
 ) -> None:
     svc = service(runtime)
-    poison = svc.create({"name": "poison", "billing_email": "p@b.in"})
-    svc.update_settings(poison.aggregate.id, {}, suspended=True, reason="fraud")
+    poison = svc.create(OrganisationSettings(name="poison", billing_email="p@b.in"))
+    svc.update_settings(poison.aggregate.id, OrganisationSettings(), suspended=True, reason="fraud")
     projector = await _project(runtime, _poisoned(broken=True))
     assert projector.dead_lettered == 2  # the creation, and the suspension it makes impossible
     fixed = redrive(runtime.pool, runtime.ledger, organisations.READ_MODEL)
@@ -64,10 +64,10 @@ async def test_an_update_of_a_row_whose_creation_was_dead_lettered_is_dead_lette
 
 async def test_redriving_an_older_reactivation_never_undoes_a_later_suspension(runtime: Runtime) -> None:
     svc = service(runtime)
-    org = svc.create({"name": "acme", "billing_email": "p@b.in"}).aggregate.id
-    svc.update_settings(org, {}, suspended=True, reason="late payment")
-    svc.update_settings(org, {}, suspended=False, reason="paid")  # dead-lettered
-    svc.update_settings(org, {}, suspended=True, reason="fraud")  # applied
+    org = svc.create(OrganisationSettings(name="acme", billing_email="p@b.in")).aggregate.id
+    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="late payment")
+    svc.update_settings(org, OrganisationSettings(), suspended=False, reason="paid")  # dead-lettered
+    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="fraud")  # applied
     projector = await _project(runtime, _poisoned_reactivation())
     assert projector.dead_lettered == 1 and _suspended(runtime, org)
     redrive(runtime.pool, runtime.ledger, organisations.READ_MODEL)
@@ -77,11 +77,11 @@ async def test_redriving_an_older_reactivation_never_undoes_a_later_suspension(r
 
 async def test_a_rebuild_that_rewrites_rows_reaches_the_key_cache(runtime: Runtime) -> None:
     svc = service(runtime)
-    org = svc.create({"name": "acme", "billing_email": "p@b.in"}).aggregate.id
+    org = svc.create(OrganisationSettings(name="acme", billing_email="p@b.in")).aggregate.id
     cat = catalogue(runtime)
     project = cat.create_project(org, "p").aggregate.id
     key, _ = access(runtime).issue_key(project, "k", None)
-    svc.update_settings(org, {}, suspended=True, reason="fraud")
+    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="fraud")
     rebuild(runtime.pool, runtime.ledger, organisations.READ_MODEL)
     rebuild(runtime.pool, runtime.ledger, catalogue_model.READ_MODEL)
     with runtime.pool.connection() as conn:  # drift that moves no position (a hand edit, a bug)

@@ -117,9 +117,9 @@ def _actual(rt: Runtime, org: UUID, projects: list[UUID]) -> dict[Any, Decimal]:
                     q = usage_totals.UsageQuery(org, metric, granularity, date(2000, 1, 1),
                                                 date(2100, 1, 1), scope, group_by)
                     for row in usage_totals.quantities(conn, q, aggregation):
-                        groups = tuple(row[f"g{i}"] for i in range(len(group_by)))
-                        out[(scope, metric, granularity, row["period_start"], *groups)] = Decimal(
-                            row["quantity"])
+                        groups = row.groups
+                        out[(scope, metric, granularity, row.period_start, *groups)] = Decimal(
+                            row.quantity)
     return out
 
 

@@ -15,7 +15,7 @@ from domain.errors import FieldError, ValidationFailed
 from domain.invoice import Invoice
 from domain.mail_record import InvoiceMail
 from domain.meter import Meter
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.plan import ChargeSpec, Plan, to_version
 from domain.pricing import LateUsage
 from domain.project import Project
@@ -58,7 +58,7 @@ def usage(organisation_id: UUID, occurred_at: datetime, timezone: str = "Asia/Ko
 
 
 def organisation() -> Organisation:
-    return Organisation.create(uuid4(), {"name": "Acme", "billing_email": "a@b.in"}, AT)
+    return Organisation.create(uuid4(), OrganisationSettings(name="Acme", billing_email="a@b.in"), AT)
 
 
 def late_item(period: str) -> LateUsage:

@@ -23,7 +23,7 @@ from domain.numbering import (
     fy_label,
     sequence_id,
 )
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.period import period_has_ended
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import LateUsage, price
@@ -52,9 +52,8 @@ def ist(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second:
 
 
 def org(state_code: str | None = "29", country: str = "IN", timezone: str = "Asia/Kolkata") -> Organisation:
-    settings: dict[str, str | None] = {"name": "Acme", "billing_email": "ap@acme.in",
-                                       "country": country, "state_code": state_code,
-                                       "timezone": timezone}
+    settings = OrganisationSettings(name="Acme", billing_email="ap@acme.in", country=country,
+                                    state_code=state_code, timezone=timezone)
     return Organisation.create(uuid4(), settings, ist(2026, 1, 1))
 
 

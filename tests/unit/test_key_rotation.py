@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from domain.errors import Conflict
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
 from tests.unit.memory import Clock, MemoryLedger
@@ -27,7 +27,7 @@ def _service() -> tuple[AccessService, MemoryLedger, Clock]:
 
 
 def _key(service: AccessService, ledger: MemoryLedger, expires_at: datetime | None) -> UUID:
-    org = Organisation.create(uuid4(), {"name": "A", "billing_email": "a@b.in"}, AT)
+    org = Organisation.create(uuid4(), OrganisationSettings(name="A", billing_email="a@b.in"), AT)
     ledger.save(org)
     project = CatalogueService(ledger, lambda: AT, uuid4).create_project(org.id, "p").aggregate
     return service.issue_key(project.id, "k", expires_at)[0].aggregate.id

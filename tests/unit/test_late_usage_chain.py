@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from domain.invoice import Invoice
 from domain.late_usage import late_usage
 from domain.money import to_paise
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.period import shift_period
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, to_version
 from domain.pricing import PlanVersion, charge_amount
@@ -53,7 +53,7 @@ class Billing:
 
     def __post_init__(self) -> None:
         self.invoicing = InvoicingService(self.ledger, Clock(datetime(2028, 1, 1, tzinfo=IST)))
-        self.org = Organisation.create(uuid4(), {"name": "Late", "billing_email": "a@b.in"},
+        self.org = Organisation.create(uuid4(), OrganisationSettings(name="Late", billing_email="a@b.in"),
                                        datetime(2026, 1, 1, tzinfo=IST))
 
     def arrive(self, period: str, metric: str, quantity: int) -> None:

@@ -8,13 +8,13 @@ from uuid import uuid4
 import pytest
 
 from domain.errors import ValidationFailed
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 
 AT = datetime(2026, 10, 5, 12, 0, tzinfo=UTC)
 
 
 def test_create_fills_billing_defaults_and_takes_the_given_clock() -> None:
-    org = Organisation.create(uuid4(), {"name": "Acme", "billing_email": "ap@acme.in"}, AT)
+    org = Organisation.create(uuid4(), OrganisationSettings(name="Acme", billing_email="ap@acme.in"), AT)
     assert (org.currency, org.timezone, org.country) == ("INR", "Asia/Kolkata", "IN")
     assert org.gstin is None and org.state_code is None
     assert org.created_on == AT
@@ -24,8 +24,8 @@ def test_create_reports_every_broken_rule_at_once() -> None:
     with pytest.raises(ValidationFailed) as info:
         Organisation.create(
             uuid4(),
-            {"name": " ", "billing_email": "nope", "currency": "USD", "timezone": "Mars/Base",
-             "country": "india", "gstin": "123", "state_code": "99"},
+            OrganisationSettings(name=" ", billing_email="nope", currency="USD", timezone="Mars/Base",
+                                 country="india", gstin="123", state_code="99"),
             AT,
         )
     fields = {e.field for e in info.value.errors}
@@ -35,7 +35,7 @@ def test_create_reports_every_broken_rule_at_once() -> None:
 
 def test_create_requires_name_and_billing_email() -> None:
     with pytest.raises(ValidationFailed) as info:
-        Organisation.create(uuid4(), {}, AT)
+        Organisation.create(uuid4(), OrganisationSettings(), AT)
     assert {e.field for e in info.value.errors} == {"name", "billing_email"}
 
 
@@ -43,22 +43,22 @@ def test_gstin_must_belong_to_the_state_code() -> None:
     with pytest.raises(ValidationFailed) as info:
         Organisation.create(
             uuid4(),
-            {"name": "A", "billing_email": "a@b.in", "gstin": "29ABCDE1234F1Z5", "state_code": "27"},
+            OrganisationSettings(name="A", billing_email="a@b.in", gstin="29ABCDE1234F1Z5", state_code="27"),
             AT,
         )
     assert [e.field for e in info.value.errors] == ["gstin"]
     org = Organisation.create(
         uuid4(),
-        {"name": "A", "billing_email": "a@b.in", "gstin": "29ABCDE1234F1Z5", "state_code": "29"},
+        OrganisationSettings(name="A", billing_email="a@b.in", gstin="29ABCDE1234F1Z5", state_code="29"),
         AT,
     )
     assert org.gstin == "29ABCDE1234F1Z5"
 
 
 def test_update_records_before_and_after_of_what_changed_only() -> None:
-    org = Organisation.create(uuid4(), {"name": "Acme", "billing_email": "ap@acme.in"}, AT)
+    org = Organisation.create(uuid4(), OrganisationSettings(name="Acme", billing_email="ap@acme.in"), AT)
     org.collect_events()
-    assert org.update_settings({"name": "Acme Ltd", "currency": "INR"}, AT)
+    assert org.update_settings(OrganisationSettings(name="Acme Ltd", currency="INR"), AT)
     (event,) = org.collect_events()
     assert isinstance(event, Organisation.SettingsUpdated)
     assert event.before == {"name": "Acme"} and event.after == {"name": "Acme Ltd"}
@@ -66,15 +66,15 @@ def test_update_records_before_and_after_of_what_changed_only() -> None:
 
 
 def test_update_that_changes_nothing_emits_nothing() -> None:
-    org = Organisation.create(uuid4(), {"name": "Acme", "billing_email": "ap@acme.in"}, AT)
+    org = Organisation.create(uuid4(), OrganisationSettings(name="Acme", billing_email="ap@acme.in"), AT)
     org.collect_events()
-    assert not org.update_settings({"name": "Acme"}, AT)
+    assert not org.update_settings(OrganisationSettings(name="Acme"), AT)
     assert org.collect_events() == []
 
 
 def test_invalid_update_changes_nothing() -> None:
-    org = Organisation.create(uuid4(), {"name": "Acme", "billing_email": "ap@acme.in"}, AT)
+    org = Organisation.create(uuid4(), OrganisationSettings(name="Acme", billing_email="ap@acme.in"), AT)
     org.collect_events()
     with pytest.raises(ValidationFailed):
-        org.update_settings({"name": "New", "billing_email": "broken"}, AT)
+        org.update_settings(OrganisationSettings(name="New", billing_email="broken"), AT)
     assert org.name == "Acme" and org.collect_events() == []

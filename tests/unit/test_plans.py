@@ -14,7 +14,7 @@ import pytest
 from adapters.codec import MsgspecMapper
 from api.plans import JSON_SAFE_INTEGER_MAX, PublishPlan, charge_out, parse_decimal, parse_plan
 from domain.errors import NotFound, Problems, ValidationFailed
-from domain.organisation import Organisation
+from domain.organisation import Organisation, OrganisationSettings
 from domain.period import parse_period, period_bounds
 from domain.plan import ChargeSpec, Plan, StoredVersion, TierSpec, plan_id, to_version
 from domain.pricing import price
@@ -312,8 +312,8 @@ def service(now: datetime = AT) -> tuple[PlansService, MemoryLedger, Clock]:
 
 
 def make_org(ledger: MemoryLedger, timezone: str = KOLKATA) -> UUID:
-    org = Organisation.create(uuid4(), {"name": "Acme", "billing_email": "ap@acme.in",
-                                        "timezone": timezone}, AT)
+    org = Organisation.create(
+        uuid4(), OrganisationSettings(name="Acme", billing_email="ap@acme.in", timezone=timezone), AT)
     ledger.save(org)
     return org.id
 
