@@ -28,7 +28,7 @@ from domain.errors import Unavailable
 from domain.records import Claim, StoredResponse
 
 TABLE = "idempotency_keys"
-IDEMPOTENCY_RETENTION_S = 24 * 3600  # API.md: a key is kept at least 24 h
+IDEMPOTENCY_RETENTION_S = 24 * 3600  # docs/API.md: a key is kept at least 24 h
 IDEMPOTENCY_LEASE_S = 60  # a claim's holder is presumed dead after this long without an answer
 PURGE_INTERVAL_S = 60.0  # a process purges expired keys at most this often
 PURGE_BATCH_ROWS = 1000  # rows one purge deletes (a purge never holds a long transaction)

@@ -67,7 +67,8 @@ def postgres_env(database_url: str, schema: str) -> dict[str, str]:
         "POSTGRES_CONNECT_TIMEOUT": str(LEDGER_CONNECT_TIMEOUT_S),
         "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
         "POSTGRES_PRE_PING": "y",
-        # TECH-NOTES: with db functions on, inserts skip the table lock. Keep it off.
+        # With db functions on, inserts skip the table lock (docs/ARCHITECTURE.md, What the
+        # libraries do). Keep it off.
         "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
         "CREATE_TABLE": "y",
     }

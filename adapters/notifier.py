@@ -54,7 +54,7 @@ def document(invoice: InvoiceRow, org: OrganisationRow, supplier: Supplier) -> I
         supplier_name=supplier.name, supplier_gstin=supplier.gstin,
         supplier_state_code=supplier.state_code, customer_name=org.name,
         # The tax facts the invoice was drafted with, never the organisation's current ones
-        # (BILLING.md: a change applies from the next invoice); for invoices drafted before
+        # (docs/INVOICES.md: a change applies from the next invoice); for invoices drafted before
         # they were recorded, the organisation's.
         customer_gstin=_recorded(invoice.tax_gstin, org.gstin),
         customer_state_code=invoice.tax_state_code if invoice.tax_country else org.state_code,

@@ -1,9 +1,10 @@
 """The relay (outbox): publishes the ledger, in order, to the JetStream LEDGER stream.
 
 One relay is active at a time (a Postgres advisory lock); others wait as hot standbys. It wakes
-on the ledger's NOTIFY and also polls, because a lost NOTIFY must not stall it (TECH-NOTES). Its
-position is saved only after JetStream acknowledged every message up to it, and each message's
-Nats-Msg-Id is its ledger position range, so re-publishing after a crash is harmless.
+on the ledger's NOTIFY and also polls, because a lost NOTIFY must not stall it
+(docs/ARCHITECTURE.md, What the libraries do). Its position is saved only after JetStream
+acknowledged every message up to it, and each message's Nats-Msg-Id is its ledger position
+range, so re-publishing after a crash is harmless.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from decimal import (
 )
 
 PAISE_PER_RUPEE = 100
-# Inputs are at most a few dozen significant digits (quantities: 18, BILLING.md), so products
+# Inputs are at most a few dozen significant digits (quantities: 18, docs/METERING.md), so products
 # and sums of them fit comfortably; the Inexact trap makes any silent loss impossible.
 MONEY_EXACT_DIGITS = 200
 
@@ -43,7 +43,7 @@ def round_half_up(amount: Decimal) -> int:
 
 
 def to_paise(rupees: Decimal) -> int:
-    """Rupees (any number of decimals) to whole paise, ROUND_HALF_UP at the paisa (BILLING.md)."""
+    """Rupees (any number of decimals) to whole paise, ROUND_HALF_UP at the paisa (docs/PRICING.md)."""
     return round_half_up(MONEY_EXACT.multiply(rupees, Decimal(PAISE_PER_RUPEE)))
 
 

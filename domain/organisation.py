@@ -75,7 +75,7 @@ class OrganisationSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def check_settings(settings: dict[str, SettingValue], problems: Problems) -> None:
-    """Add a problem for every setting in `settings` that breaks a rule (BILLING.md, Tenants)."""
+    """Add a problem for every setting in `settings` that breaks a rule (docs/API.md, Admin routes)."""
     checks: dict[str, Any] = {
         "name": _check_name,
         "billing_email": _check_email,

@@ -37,7 +37,7 @@ QUANTITY_MAX_DECIMAL_PLACES = 18
 INVOICE_AMOUNT_MAX_PAISE = 10**15
 
 BASE_FEE_DESCRIPTION = "base fee"
-MINIMUM_DESCRIPTION = "minimum commitment"  # wording fixed by BILLING.md
+MINIMUM_DESCRIPTION = "minimum commitment"  # wording fixed by docs/PRICING.md
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
@@ -306,7 +306,7 @@ def _graduated(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
 
 def _volume(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
     if quantity == 0:
-        return ZERO  # BILLING.md: q = 0 costs 0, the first tier's flat fee included
+        return ZERO  # docs/PRICING.md: q = 0 costs 0, the first tier's flat fee included
     tier = _tier_containing(tiers, quantity)
     return quantity * tier.unit_price + tier.flat_fee
 

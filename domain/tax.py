@@ -1,6 +1,6 @@
 """GST on an invoice subtotal: which components apply (CGST+SGST, IGST or none) and their amounts.
 
-Rules (BILLING.md, Rounding and tax): 18 % GST on the subtotal for organisations in India;
+Rules (docs/PRICING.md, GST): 18 % GST on the subtotal for organisations in India;
 intra-state supply (customer state == supplier state) splits it into CGST 9 % + SGST 9 %,
 inter-state supply is IGST 18 %; customers outside India are an export of services
 (zero-rated), so no GST. Each component is rounded half-up to the paisa on its own.

@@ -1,4 +1,4 @@
-"""Usage events: the rules an incoming event must meet (API.md, BILLING.md), its ledger identity
+"""Usage events: the rules an incoming event must meet (docs/API.md, docs/METERING.md), its ledger identity
 and the ledger event it becomes, and the reference fold of events into a period quantity."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Settings, read from the environment once (API.md's table) and passed down explicitly."""
+"""Settings, read from the environment once (README.md's table) and passed down explicitly."""
 
 from __future__ import annotations
 

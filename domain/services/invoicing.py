@@ -121,7 +121,7 @@ class InvoicingService:
         tax = TaxFacts(organisation.country, organisation.state_code, supplier_state_code)
         priced = price(plan, charged, tax, late)
         if all(line.amount == 0 for line in priced.lines):
-            return None, SKIPPED  # BILLING.md: base fee / minimum, "or none if 0"
+            return None, SKIPPED  # docs/PRICING.md: base fee / minimum, "or none if 0"
         invoice = Invoice.draft(
             organisation_id=organisation.id, period=period, revision=revision, priced=priced,
             plan_code=plan.code, plan_version=plan.version, quantities=charged,

@@ -1,4 +1,4 @@
-"""Admin Idempotency-Key over HTTP (API.md Conventions, docs/IDEMPOTENCY.md): a retry with the
+"""Admin Idempotency-Key over HTTP (docs/API.md Conventions, docs/IDEMPOTENCY.md): a retry with the
 same key answers the first response and records nothing more, in the read model and in the
 ledger; concurrent retries make one resource; another body or route is a 422; keys belong to
 their principal; a one-time secret is never stored nor shown again; a claim left by a crash is

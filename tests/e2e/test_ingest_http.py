@@ -1,4 +1,4 @@
-"""POST /api/v1/events and the usage queries over real HTTP: every invalid input of API.md's
+"""POST /api/v1/events and the usage queries over real HTTP: every invalid input of docs/API.md's
 ingestion table, idempotency forever, group commit under concurrency, read-your-writes."""
 
 from __future__ import annotations

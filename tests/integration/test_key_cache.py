@@ -39,7 +39,7 @@ from tests.conftest import close_nats, reached, wait_until
 
 pytestmark = pytest.mark.anyio
 
-REVOCATION_BOUND_S = 5.0  # API.md: a revoked key stops working on every replica within 5 s
+REVOCATION_BOUND_S = 5.0  # docs/API.md: a revoked key stops working on every replica within 5 s
 STOP_WAIT_S = 15.0
 RACE_WAIT_S = 10.0  # how long a test waits for a thread it holds back to reach its hold point
 API_PROCESSES = 2

@@ -1,5 +1,5 @@
 """Usage that arrives for an already-invoiced period is billed on the next invoice as its own
-"late usage for <period>" line — once, never silently dropped (BILLING.md, Periods) — whether
+"late usage for <period>" line — once, never silently dropped (docs/INVOICES.md, Late usage) — whether
 the earlier invoices were finalized at once or are still drafts (BILLING_AUTO_FINALIZE_HOURS=0,
 nobody finalizing): a draft's quantities are what it bills, and drafts are never re-priced."""
 
