@@ -29,6 +29,10 @@ from tests.conftest import TEST_ADMIN_TOKEN, background_roles, http_status, make
 
 AUTH = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 EXAMPLES = 200  # each a few requests (~75 ms in all); then one wait for every read model
+# Not vacuous: each kind of request is accepted at least this often. Generated event batches are
+# accepted about a fifth of the time (one bad event of two refuses the batch), so a quarter
+# failed now and then on an unlucky draw; an eighth still needs dozens of accepted requests.
+ACCEPTED_MIN = EXAMPLES // 8
 METERS: list[dict[str, Any]] = [
     {"code": "ap_calls", "name": "Calls", "aggregation": "count", "group_by": ["region"]},
     {"code": "ap_bytes", "name": "Bytes", "aggregation": "sum", "group_by": ["region"]},
@@ -217,5 +221,5 @@ def test_anything_the_api_accepts_every_read_model_stores(service: Service) -> N
         (p for p in accepted if p >= position), default=-1))) for name, position, error in dead]
     # Not vacuous: every kind of request was accepted many times, and refused some.
     for kind in ("organisations", "meters", "plans", "events"):
-        assert answered[f"{kind} accepted"] >= EXAMPLES // 4, answered
+        assert answered[f"{kind} accepted"] >= ACCEPTED_MIN, answered
         assert answered[f"{kind} refused"] >= 1, answered
