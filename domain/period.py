@@ -135,6 +135,11 @@ def local_day(at: datetime, timezone: str) -> date:
     return at.astimezone(ZoneInfo(timezone)).date()
 
 
+def month_of(day: date) -> date:
+    """The first day of `day`'s month: the monthly bucket a daily one belongs to."""
+    return day.replace(day=1)
+
+
 def local_month(at: datetime, timezone: str) -> date:
     """The first day of the month of `at` in `timezone` (a monthly bucket)."""
-    return local_day(at, timezone).replace(day=1)
+    return month_of(local_day(at, timezone))

@@ -15,7 +15,7 @@ from uuid import UUID
 
 import msgspec
 
-from domain.period import local_day
+from domain.period import local_day, month_of
 from domain.usage import USAGE_EXACT, MeterRule, Usage
 
 Bucket = tuple[UUID, UUID, str, str, date, str]
@@ -227,7 +227,7 @@ class Fold:
         totals: dict[Bucket, Totals] = {}
         for (org, project, metric, key, day), t in self.days.items():
             totals[(org, project, metric, "day", day, key)] = t
-            month = (org, project, metric, "month", day.replace(day=1), key)
+            month = (org, project, metric, "month", month_of(day), key)
             merged = totals.get(month)
             if merged is None:
                 merged = totals[month] = Totals(t.group_values)
@@ -235,7 +235,7 @@ class Fold:
         uniques = {
             (org, project, metric, granularity, start, key, value)
             for (org, project, metric, key, day), value in self.uniques
-            for granularity, start in (("day", day), ("month", day.replace(day=1)))
+            for granularity, start in (("day", day), ("month", month_of(day)))
         }
         self.days.clear()
         self.uniques.clear()
