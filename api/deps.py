@@ -68,4 +68,3 @@ class ApiDeps:
     read_wait_s: float = READ_WAIT_S
     idempotency: IdempotencyStore | None = None  # None: the Idempotency-Key header is ignored
     metrics_token_sha256: bytes | None = None  # None: /metrics answers this host only
-    extra: dict[str, object] = field(default_factory=dict)
