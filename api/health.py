@@ -11,8 +11,8 @@ from typing import Any
 
 from litestar import Request, Response, get
 
-from api.auth import bearer_token
 from api.client_ip import client_ip
+from api.credentials import bearer_token
 from api.deps import ApiDeps
 from api.problems import Forbidden, Unauthenticated
 
