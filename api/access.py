@@ -13,8 +13,9 @@ from litestar.params import FromPath, JSONBody
 
 from api.auth import scope_of
 from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS, parse_id, settle, wait_caught_up
 from api.pagination import ascii_digits, parse_limit
+from api.problems import parse_id
+from api.read_your_writes import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS, settle, wait_caught_up
 from domain.access import ORG_ROLES
 from domain.errors import FieldError, ValidationFailed
 from projections import access, catalogue

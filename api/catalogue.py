@@ -12,7 +12,8 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
 from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, settle, wait_caught_up
+from api.problems import parse_id
+from api.read_your_writes import LEDGER_POSITION_HEADER, settle, wait_caught_up
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import canonical_cidrs
 from projections import catalogue, usage_totals

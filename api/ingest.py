@@ -35,7 +35,6 @@ from litestar.openapi import ResponseSpec
 from api.client_ip import allowed, client_ip
 from api.credentials import authenticate_key
 from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER
 from api.input_rules import (
     INPUT_RULES_OPT,
     OWN_BODY_RULES,
@@ -46,6 +45,7 @@ from api.input_rules import (
     require_json_body,
 )
 from api.problems import BadRequest, Forbidden, TooManyRequests, field_error
+from api.read_your_writes import LEDGER_POSITION_HEADER
 from domain.decimal_text import DECIMAL_TEXT, NotDecimalText, parse_decimal_text
 from domain.errors import FieldError, Problems, ValidationFailed
 from domain.ports import KeyRecord

@@ -19,8 +19,9 @@ from litestar.params import FromPath, JSONBody
 
 from api.auth import scope_of
 from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
+from api.problems import parse_id
+from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.invoice import STATUSES, Invoice
 from domain.subscription import parse_period

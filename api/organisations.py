@@ -23,9 +23,9 @@ from psycopg_pool import ConnectionPool
 
 from api.auth import scope_of
 from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
 from api.pagination import decode_cursor, encode_cursor, parse_limit
-from api.problems import Forbidden
+from api.problems import Forbidden, parse_id
+from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.access import Principal
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import SETTING_NAMES, Organisation, Settings, canonical_cidrs

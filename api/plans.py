@@ -24,7 +24,8 @@ from litestar import Controller, Request, Response, get, post, put
 from litestar.params import FromPath, JSONBody
 
 from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from api.problems import parse_id
+from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.decimal_text import NotDecimalText, parse_decimal_text
 from domain.errors import NotFound, Problems
 from domain.plan import ChargeSpec, StoredVersion, TierSpec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
+from uuid import UUID
 
 import msgspec
 from litestar import Request, Response
@@ -84,6 +85,14 @@ def problem(
 
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _NAMED = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
+
+
+def parse_id(raw: str, what: str) -> UUID:
+    """An id sent in a path or a query: a UUID, or 422 naming `what`."""
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise ValidationFailed([FieldError("id", f"{what} id must be a UUID")]) from None
 
 
 def field_error(message: str, index: int | None = None) -> FieldError:

@@ -14,9 +14,10 @@ from litestar import Request, get
 from litestar.params import FromPath
 
 from api.deps import ApiDeps
-from api.ids import parse_id, wait_for_position
 from api.ingest import authorise_key
 from api.pagination import ascii_digits, parse_limit
+from api.problems import parse_id
+from api.read_your_writes import wait_for_position
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.meter import GROUP_BY_MAX_KEYS
 from projections import organisations, usage_totals
