@@ -12,7 +12,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
 from api.auth import scope_of
-from api.deps import ApiDeps
+from api.deps import Deps
 from api.pagination import ascii_digits, parse_limit
 from api.problems import parse_id
 from api.read_your_writes import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS, settle, wait_caught_up
@@ -81,8 +81,7 @@ class AccessController(Controller):
 
     @post("/tokens", summary="Create an admin token (shown once)", status_code=201)
     async def create_token(self, data: JSONBody[CreateToken],
-                           request: Request[Any, Any, Any]) -> Response[TokenCreated]:
-        deps: ApiDeps = request.app.state.deps
+                           deps: Deps) -> Response[TokenCreated]:
         written, token = await anyio.to_thread.run_sync(
             deps.access.issue_token, data.role, data.organisation_id, data.name, data.expires_at)
         await settle(deps, access.NAME, written.position)
@@ -90,30 +89,26 @@ class AccessController(Controller):
         return Response(TokenCreated(t.id, t.role, t.organisation_id, t.name, t.expires_at, token),
                         status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
 
-    @delete("/tokens/{token_id:str}", summary="Revoke an admin token", status_code=204)
-    async def revoke_token(self, token_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
-        deps: ApiDeps = request.app.state.deps
-        await anyio.to_thread.run_sync(deps.access.revoke_token, parse_id(token_id, "token"))
+    @delete("/tokens/{token_id:uuid}", summary="Revoke an admin token", status_code=204)
+    async def revoke_token(self, token_id: FromPath[UUID], deps: Deps) -> None:
+        await anyio.to_thread.run_sync(deps.access.revoke_token, token_id)
 
-    @post("/api-keys/{key_id:str}/rotate", summary="Rotate an API key: a new key now, the old "
+    @post("/api-keys/{key_id:uuid}/rotate", summary="Rotate an API key: a new key now, the old "
           "one valid for overlap_s more seconds", status_code=201)
-    async def rotate_key(self, key_id: FromPath[str], data: JSONBody[Rotate],
-                         request: Request[Any, Any, Any]) -> Response[RotatedKey]:
-        deps: ApiDeps = request.app.state.deps
+    async def rotate_key(self, key_id: FromPath[UUID], data: JSONBody[Rotate],
+                         deps: Deps) -> Response[RotatedKey]:
         if not 0 <= data.overlap_s <= ROTATION_OVERLAP_MAX_S:
             raise ValidationFailed([FieldError("overlap_s", f"0 to {ROTATION_OVERLAP_MAX_S} seconds")])
-        old_id = parse_id(key_id, "api key")
         written, full = await anyio.to_thread.run_sync(
-            deps.catalogue.rotate_key, old_id, timedelta(seconds=data.overlap_s))
+            deps.catalogue.rotate_key, key_id, timedelta(seconds=data.overlap_s))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         expires = deps.clock() + timedelta(seconds=data.overlap_s)
-        return Response(RotatedKey(k.id, k.project_id, k.prefix, full, old_id, expires),
+        return Response(RotatedKey(k.id, k.project_id, k.prefix, full, key_id, expires),
                         status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
 
     @get("/audit-events", summary="Who did what, when, from where (filters, pagination)")
-    async def audit_events(self, request: Request[Any, Any, Any]) -> AuditPage:
-        deps: ApiDeps = request.app.state.deps
+    async def audit_events(self, request: Request[Any, Any, Any], deps: Deps) -> AuditPage:
         q = request.query_params
         limit = parse_limit(q.get("limit"))
         cursor = q.get("cursor")

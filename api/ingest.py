@@ -34,7 +34,7 @@ from litestar.openapi import ResponseSpec
 
 from api.client_ip import allowed, client_ip
 from api.credentials import authenticate_key
-from api.deps import ApiDeps
+from api.deps import ApiDeps, Deps
 from api.input_rules import (
     INPUT_RULES_OPT,
     OWN_BODY_RULES,
@@ -405,8 +405,7 @@ def decode_events(items: list[msgspec.Raw], problems: Problems,
                                    " in the ledger; X-Ledger-Position names the position to wait"
                                    " for")},
       opt={INPUT_RULES_OPT: OWN_BODY_RULES})  # the body's input rules are applied here, cheaply
-async def ingest(request: Request[Any, Any, Any]) -> AcceptedResponse:
-    deps: ApiDeps = request.app.state.deps
+async def ingest(request: Request[Any, Any, Any], deps: Deps) -> AcceptedResponse:
     key, limit_headers = await authorise_key(request, deps)
     require_json_body(request)
     body = await request.body()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
 from uuid import UUID
 
 import anyio
 import msgspec
-from litestar import Request, post
+from litestar import post
 from litestar.params import JSONBody
 
-from api.deps import ApiDeps
+from api.deps import Deps
 
 
 class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -37,8 +36,7 @@ class RunOut(msgspec.Struct):
 
 @post("/admin/v1/invoice-runs", status_code=200, tags=["invoices"],
       summary="Draft every subscribed organisation's invoice for a period (idempotent)")
-async def invoice_run(data: JSONBody[RunRequest], request: Request[Any, Any, Any]) -> RunOut:
-    deps: ApiDeps = request.app.state.deps
+async def invoice_run(data: JSONBody[RunRequest], deps: Deps) -> RunOut:
     result = await anyio.to_thread.run_sync(deps.invoice_runner.run, data.period)
     return RunOut(result.period, result.created, result.existing, result.skipped, result.not_due,
                   result.failed, [BlockedOut(b.organisation_id, b.name, b.missing_positions,

@@ -22,12 +22,16 @@ class Untouchable:
         raise AssertionError(f"the ledger was used while building: {name}")
 
 
+def unconnected_runtime(data_dir: Path) -> Runtime:
+    """A Runtime whose pool is never opened and whose ledger fails on any use."""
+    settings = from_env({"BILLING_DATA_DIR": str(data_dir)})
+    return Runtime(settings, UNREACHABLE_URL, "", cast(LedgerStore, Untouchable()),
+                   ConnectionPool(UNREACHABLE_URL, open=False), bus.Streams(settings.stream_prefix))
+
+
 def test_building_the_api_role_opens_nothing_and_writes_nothing(tmp_path: Path) -> None:
-    settings = from_env({"BILLING_DATA_DIR": str(tmp_path / "data")})
-    pool = ConnectionPool(UNREACHABLE_URL, open=False)
-    rt = Runtime(settings, UNREACHABLE_URL, "", cast(LedgerStore, Untouchable()), pool,
-                 bus.Streams(settings.stream_prefix))
+    rt = unconnected_runtime(tmp_path / "data")
     role = build_api(rt, admin_token="given")
     assert role.deps.usage is role.writer and role.deps.tokens is role.token_cache
-    assert pool.closed  # never opened
+    assert rt.pool.closed  # never opened
     assert not (tmp_path / "data").exists()  # no admin-token file generated
