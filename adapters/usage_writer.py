@@ -201,8 +201,8 @@ def encode_batch(
 
 
 class UsageWriter:
-    """Implements domain.ports.UsageRecorder. Lives on one event loop: the writer task starts
-    with the first append."""
+    """Implements domain.ports.UsageRecorder. Lives on one event loop: `start()` (or the first
+    append) starts the writer tasks there."""
 
     def __init__(
         self, database_url: str, schema: str,
@@ -256,11 +256,8 @@ class UsageWriter:
             raise Unavailable("the ledger cannot commit right now", RETRY_AFTER_S)
         if self._queued_events + len(ids) > self._queue_max:
             raise Unavailable("ingestion is at capacity; retry shortly", RETRY_AFTER_S)
-        loop = asyncio.get_running_loop()
-        for lane, task in enumerate(self._tasks):
-            if task is None or task.done():  # first use, or it died: (re)start it
-                self._tasks[lane] = loop.create_task(self._run(lane), name=f"usage-writer-{lane}")
-        future: asyncio.Future[Appended] = loop.create_future()
+        self.start()  # a no-op while the lanes run; restarts one that died
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append(_Request(ids, states, future, time.monotonic() + REQUEST_DEADLINE_S))
         self._queued_events += len(ids)
         self._wakes[0].set()
@@ -268,6 +265,14 @@ class UsageWriter:
             for wake in self._wakes[1:]:
                 wake.set()
         return await future
+
+    def start(self) -> None:
+        """Start the writer's lanes on the running event loop (a lane that died is restarted).
+        An append starts them too, so a writer that nobody started still answers."""
+        loop = asyncio.get_running_loop()
+        for lane, task in enumerate(self._tasks):
+            if task is None or task.done():
+                self._tasks[lane] = loop.create_task(self._run(lane), name=f"usage-writer-{lane}")
 
     async def stop(self) -> None:
         """Finish what is queued, then close; later appends get 503. Bounded: after

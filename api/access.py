@@ -12,10 +12,11 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
-from api.auth import actor_of, scope_of
-from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS, parse_id, settle, wait_caught_up
+from api.auth import Acting, scope_of
+from api.deps import Deps
 from api.pagination import ascii_digits, parse_limit
+from api.problems import parse_id
+from api.read_your_writes import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS, settle, wait_caught_up
 from domain.access import ORG_ROLES
 from domain.errors import FieldError, ValidationFailed
 from projections import access, catalogue
@@ -81,41 +82,35 @@ class AccessController(Controller):
 
     @post("/tokens", summary="Create an admin token (shown once)", status_code=201)
     async def create_token(self, data: JSONBody[CreateToken],
-                           request: Request[Any, Any, Any]) -> Response[TokenCreated]:
-        deps: ApiDeps = request.app.state.deps
+                           deps: Deps, actor: Acting) -> Response[TokenCreated]:
         written, token = await anyio.to_thread.run_sync(partial(
             deps.access.issue_token, role=data.role, organisation_id=data.organisation_id,
-            name=data.name, expires_at=data.expires_at, actor=actor_of(request)))
+            name=data.name, expires_at=data.expires_at, actor=actor))
         await settle(deps, access.NAME, written.position)
         t = written.aggregate
         return Response(TokenCreated(t.id, t.role, t.organisation_id, t.name, t.expires_at, token),
                         status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
 
-    @delete("/tokens/{token_id:str}", summary="Revoke an admin token", status_code=204)
-    async def revoke_token(self, token_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
-        deps: ApiDeps = request.app.state.deps
-        await anyio.to_thread.run_sync(partial(deps.access.revoke_token, parse_id(token_id, "token"),
-                                               actor=actor_of(request)))
+    @delete("/tokens/{token_id:uuid}", summary="Revoke an admin token", status_code=204)
+    async def revoke_token(self, token_id: FromPath[UUID], deps: Deps, actor: Acting) -> None:
+        await anyio.to_thread.run_sync(partial(deps.access.revoke_token, token_id, actor=actor))
 
-    @post("/api-keys/{key_id:str}/rotate", summary="Rotate an API key: a new key now, the old "
+    @post("/api-keys/{key_id:uuid}/rotate", summary="Rotate an API key: a new key now, the old "
           "one valid for overlap_s more seconds", status_code=201)
-    async def rotate_key(self, key_id: FromPath[str], data: JSONBody[Rotate],
-                         request: Request[Any, Any, Any]) -> Response[RotatedKey]:
-        deps: ApiDeps = request.app.state.deps
+    async def rotate_key(self, key_id: FromPath[UUID], data: JSONBody[Rotate],
+                         deps: Deps, actor: Acting) -> Response[RotatedKey]:
         if not 0 <= data.overlap_s <= ROTATION_OVERLAP_MAX_S:
             raise ValidationFailed([FieldError("overlap_s", f"0 to {ROTATION_OVERLAP_MAX_S} seconds")])
-        old_id = parse_id(key_id, "api key")
         written, full = await anyio.to_thread.run_sync(partial(
-            deps.access.rotate_key, old_id, timedelta(seconds=data.overlap_s), actor=actor_of(request)))
+            deps.access.rotate_key, key_id, timedelta(seconds=data.overlap_s), actor=actor))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         expires = deps.clock() + timedelta(seconds=data.overlap_s)
-        return Response(RotatedKey(k.id, k.project_id, k.prefix, full, old_id, expires),
+        return Response(RotatedKey(k.id, k.project_id, k.prefix, full, key_id, expires),
                         status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
 
     @get("/audit-events", summary="Who did what, when, from where (filters, pagination)")
-    async def audit_events(self, request: Request[Any, Any, Any]) -> AuditPage:
-        deps: ApiDeps = request.app.state.deps
+    async def audit_events(self, request: Request[Any, Any, Any], deps: Deps) -> AuditPage:
         q = request.query_params
         limit = parse_limit(q.get("limit"))
         cursor = q.get("cursor")

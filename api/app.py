@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from litestar import Litestar, Router
 from litestar.config.app import ExperimentalFeatures
+from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
 from api import health, input_rules, problems
 from api.access import AccessController
-from api.auth import admin_guard
+from api.auth import admin_guard, provide_actor
 from api.catalogue import MeterController, ProjectController
 from api.deps import ApiDeps
 from api.idempotency import IdempotencyMiddleware
@@ -49,6 +50,9 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
     )
     app = Litestar(
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage],
+        # Handlers take `deps: ApiDeps`; guards and middleware, outside injection, read app.state.
+        dependencies={"deps": Provide(lambda: deps, use_cache=True, sync_to_thread=False),
+                      "actor": Provide(provide_actor, sync_to_thread=False)},
         exception_handlers={Exception: problems.handle},
         before_request=input_rules.check_request,  # docs/INPUT.md: strings, JSON bodies
         request_max_body_size=MAX_BODY_BYTES,

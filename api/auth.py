@@ -1,72 +1,34 @@
-"""Admin authentication and authorisation: bearer token -> Principal -> the permission table.
+"""Admin authorisation: the admin token's Principal (api/credentials.py) -> the permission table.
 
 Secrets are compared as SHA-256 digests in constant time. The acting principal, as an audit
-Actor, is kept on the connection (actor_of): handlers pass it to every command, whose save
-records it in an audit entry.
+Actor, is kept on the connection (actor_of) and injected into handlers as `actor` (api/app.py):
+handlers pass it to every command, whose save records it in an audit entry.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 import anyio
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import SkipValidation
 
 from api.client_ip import allowed, client_ip
+from api.credentials import authenticate_admin
 from api.deps import ApiDeps
 from api.permissions import Rule, rule_for
-from api.problems import Forbidden, Unauthenticated
-from domain.access import TOKEN_PREFIX, TOKEN_PREFIX_CHARS, Principal, bootstrap_token_id, token_hash
+from api.problems import Forbidden
+from domain.access import Principal
 from domain.audit import Actor
 from domain.errors import NotFound
 
 if TYPE_CHECKING:
     from litestar.types import HTTPScope
 
-BEARER_PREFIX = "bearer "
-TOKEN_MAX_CHARS = 512
 _KIND = {"PROJECT": "project", "API_KEY": "api_key", "INVOICE": "invoice"}
-
-
-def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
-    # Straight from the raw headers: litestar's Headers would copy them all, on the hot path.
-    raw = next((v for k, v in connection.scope["headers"] if k == b"authorization"), b"")
-    header = raw.decode("latin-1")
-    if not header.lower().startswith(BEARER_PREFIX) or len(header) > TOKEN_MAX_CHARS:
-        raise Unauthenticated("an Authorization: Bearer <token> header is required")
-    return header[len(BEARER_PREFIX):].strip()
-
-
-def _prefix(token: str) -> str:
-    if token.startswith(TOKEN_PREFIX):
-        return token[len(TOKEN_PREFIX):].partition("_")[0]
-    return token_hash(token)[:TOKEN_PREFIX_CHARS]  # the bootstrap token has no visible prefix
-
-
-async def authenticate_admin(connection: ASGIConnection[Any, Any, Any, Any], deps: ApiDeps) -> Principal:
-    token = bearer_token(connection)
-    digest = token_hash(token)
-    record = await deps.tokens.find(_prefix(token))
-    if record is not None and hmac.compare_digest(digest, record.token_sha256):
-        if record.revoked:
-            raise Unauthenticated("this admin token has been revoked")
-        if record.expires_at is not None and record.expires_at <= deps.clock():
-            raise Unauthenticated("this admin token has expired")
-        return Principal(record.token_id, record.role, record.organisation_id,
-                         record.organisation_allowed_ips if record.organisation_id else "")
-    if record is not None:  # a known prefix, a wrong secret: as costly as an unknown prefix
-        await deps.tokens.confirm_refusal(_prefix(token), digest)
-    bootstrap = deps.admin_token_sha256
-    if record is None and bootstrap is not None and hmac.compare_digest(
-        hashlib.sha256(token.encode()).digest(), bootstrap
-    ):
-        # Recorded at start-up; until its projection arrives, the configured digest vouches.
-        return Principal(bootstrap_token_id(token), "owner", None)
-    raise Unauthenticated("unknown admin token")
 
 
 async def _confine(rule: Rule, principal: Principal, connection: ASGIConnection[Any, Any, Any, Any],
@@ -76,11 +38,7 @@ async def _confine(rule: Rule, principal: Principal, connection: ASGIConnection[
         raise Forbidden(f"{principal.role} cannot do this: it needs a platform role")
     if rule.scope in ("ANY", "LIST") or rule.path_param is None:
         return
-    raw = str(connection.path_params.get(rule.path_param, ""))
-    try:
-        ident = UUID(raw)
-    except ValueError:
-        return  # the handler answers 422 for a malformed id
+    ident = connection.path_params[rule.path_param]  # a UUID: the route's {name:uuid} parsed it
     if rule.scope == "ORG":
         owner: UUID | None = ident
     else:
@@ -116,6 +74,16 @@ def actor_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Actor:
     """Who is acting in this admin request (set by admin_guard): the `actor` of its commands."""
     actor: Actor = connection.state.actor
     return actor
+
+
+def provide_actor(request: Request[Any, Any, Any]) -> Actor:
+    """The `actor` dependency of admin handlers (api/app.py provides it)."""
+    return actor_of(request)
+
+
+# What an admin handler declares to be given the acting principal. Not validated: admin_guard
+# built it from the authenticated token, it is not input.
+Acting = SkipValidation[Actor]
 
 
 def scope_of(connection: ASGIConnection[Any, Any, Any, Any]) -> UUID | None:

@@ -12,9 +12,9 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
-from api.auth import actor_of
-from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, settle, wait_caught_up
+from api.auth import Acting
+from api.deps import ApiDeps, Deps
+from api.read_your_writes import LEDGER_POSITION_HEADER, settle, wait_caught_up
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import canonical_cidrs
 from projections import catalogue, usage_totals
@@ -113,13 +113,12 @@ class MeterController(Controller):
 
     @post("/", summary="Define a meter (or change one that has no usage yet)")
     async def define(
-        self, data: JSONBody[DefineMeter], request: Request[Any, Any, Any]
+        self, data: JSONBody[DefineMeter], deps: Deps, actor: Acting
     ) -> Response[MeterOut]:
-        deps: ApiDeps = request.app.state.deps
         written, created = await anyio.to_thread.run_sync(partial(
             deps.catalogue.define_meter, code=data.code, name=data.name,
             aggregation=data.aggregation, field=data.field, group_by=data.group_by,
-            allow_negative=data.allow_negative, has_usage=_has_usage(deps), actor=actor_of(request),
+            allow_negative=data.allow_negative, has_usage=_has_usage(deps), actor=actor,
         ))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         m = written.aggregate
@@ -128,8 +127,7 @@ class MeterController(Controller):
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
     @get("/", summary="List meters")
-    async def list_(self, request: Request[Any, Any, Any]) -> MeterList:
-        deps: ApiDeps = request.app.state.deps
+    async def list_(self, request: Request[Any, Any, Any], deps: Deps) -> MeterList:
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 
         def fetch() -> list[catalogue.MeterRow]:
@@ -145,78 +143,70 @@ class ProjectController(Controller):
     path = "/admin/v1"
     tags = ["projects"]
 
-    @post("/organisations/{org_id:str}/projects", summary="Create a project", status_code=201)
-    async def create(self, org_id: FromPath[str], data: JSONBody[CreateProject],
-                     request: Request[Any, Any, Any]) -> Response[ProjectOut]:
-        deps: ApiDeps = request.app.state.deps
+    @post("/organisations/{org_id:uuid}/projects", summary="Create a project", status_code=201)
+    async def create(self, org_id: FromPath[UUID], data: JSONBody[CreateProject],
+                     deps: Deps, actor: Acting) -> Response[ProjectOut]:
         written = await anyio.to_thread.run_sync(partial(
-            deps.catalogue.create_project, parse_id(org_id, "organisation"), data.name,
-            actor=actor_of(request)))
+            deps.catalogue.create_project, org_id, data.name, actor=actor))
         p = written.aggregate
         return Response(ProjectOut(p.id, p.organisation_id, p.name, p.created_on), status_code=201,
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
-    @get("/projects/{project_id:str}", summary="Read a project")
-    async def read(self, project_id: FromPath[str], request: Request[Any, Any, Any]) -> ProjectOut:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(project_id, "project")
+    @get("/projects/{project_id:uuid}", summary="Read a project")
+    async def read(self, project_id: FromPath[UUID],
+                   request: Request[Any, Any, Any], deps: Deps) -> ProjectOut:
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 
         def fetch() -> catalogue.ProjectRow | None:
             with deps.read_pool.connection() as conn:
-                return catalogue.project(conn, ident)
+                return catalogue.project(conn, project_id)
 
         row = await anyio.to_thread.run_sync(fetch)
         if row is None:
-            raise NotFound("project", ident)
+            raise NotFound("project", project_id)
         return ProjectOut(row.id, row.organisation_id, row.name, row.created_at)
 
-    @post("/projects/{project_id:str}/api-keys", summary="Create an API key (shown once)",
+    @post("/projects/{project_id:uuid}/api-keys", summary="Create an API key (shown once)",
           status_code=201)
-    async def create_key(self, project_id: FromPath[str], data: JSONBody[CreateKey],
-                         request: Request[Any, Any, Any]) -> Response[KeyCreated]:
-        deps: ApiDeps = request.app.state.deps
+    async def create_key(self, project_id: FromPath[UUID], data: JSONBody[CreateKey],
+                         request: Request[Any, Any, Any], deps: Deps, actor: Acting) -> Response[KeyCreated]:
         try:
             cidrs = canonical_cidrs(data.allowed_ips)
         except ValueError as e:
             raise ValidationFailed([FieldError("allowed_ips", f"invalid: {e}")]) from None
-        project = parse_id(project_id, "project")
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 
         def live_keys() -> int:
             with deps.read_pool.connection() as conn:
-                return catalogue.live_key_count(conn, project, deps.clock())
+                return catalogue.live_key_count(conn, project_id, deps.clock())
 
         if await anyio.to_thread.run_sync(live_keys) >= KEYS_PER_PROJECT_MAX:
             raise ValidationFailed([FieldError(
                 "project_id", f"the project has {KEYS_PER_PROJECT_MAX} live API keys, the most it"
                 " may have; revoke one it no longer uses first")])
         written, full = await anyio.to_thread.run_sync(partial(
-            deps.access.issue_key, project, data.name, data.expires_at, allowed_ips=cidrs,
-            actor=actor_of(request)))
+            deps.access.issue_key, project_id, data.name, data.expires_at, allowed_ips=cidrs,
+            actor=actor))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)
         return Response(out, status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
 
-    @get("/projects/{project_id:str}/api-keys", summary="List a project's API keys (never secrets)")
-    async def list_keys(self, project_id: FromPath[str], request: Request[Any, Any, Any]) -> KeyList:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(project_id, "project")
+    @get("/projects/{project_id:uuid}/api-keys", summary="List a project's API keys (never secrets)")
+    async def list_keys(self, project_id: FromPath[UUID],
+                        request: Request[Any, Any, Any], deps: Deps) -> KeyList:
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 
         def fetch() -> tuple[catalogue.ProjectRow | None, list[catalogue.ApiKeyRow]]:
             with deps.read_pool.connection() as conn:
-                return catalogue.project(conn, ident), catalogue.api_keys(conn, ident)
+                return catalogue.project(conn, project_id), catalogue.api_keys(conn, project_id)
 
         project, rows = await anyio.to_thread.run_sync(fetch)
         if project is None:
-            raise NotFound("project", ident)
+            raise NotFound("project", project_id)
         return KeyList([KeyOut(r.id, r.project_id, r.name, r.prefix, r.expires_at, r.revoked_at,
                                r.created_at, r.allowed_ips) for r in rows])
 
-    @delete("/api-keys/{key_id:str}", summary="Revoke an API key", status_code=204)
-    async def revoke_key(self, key_id: FromPath[str], request: Request[Any, Any, Any]) -> None:
-        deps: ApiDeps = request.app.state.deps
-        await anyio.to_thread.run_sync(partial(deps.access.revoke_key, parse_id(key_id, "api key"),
-                                               actor=actor_of(request)))
+    @delete("/api-keys/{key_id:uuid}", summary="Revoke an API key", status_code=204)
+    async def revoke_key(self, key_id: FromPath[UUID], deps: Deps, actor: Acting) -> None:
+        await anyio.to_thread.run_sync(partial(deps.access.revoke_key, key_id, actor=actor))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
+from litestar.params import SkipValidation
 from psycopg_pool import ConnectionPool
 
 from domain.ports import (
@@ -70,4 +71,8 @@ class ApiDeps:
     read_wait_s: float = READ_WAIT_S
     idempotency: IdempotencyStore | None = None  # None: the Idempotency-Key header is ignored
     metrics_token_sha256: bytes | None = None  # None: /metrics answers this host only
-    extra: dict[str, object] = field(default_factory=dict)
+
+
+# What a handler declares to be given the deps (api/app.py provides them). Not validated: they
+# are the app's own objects, not input.
+Deps = SkipValidation[ApiDeps]

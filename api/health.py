@@ -11,9 +11,9 @@ from typing import Any
 
 from litestar import Request, Response, get
 
-from api.auth import bearer_token
 from api.client_ip import client_ip
-from api.deps import ApiDeps
+from api.credentials import bearer_token
+from api.deps import ApiDeps, Deps
 from api.problems import Forbidden, Unauthenticated
 
 READY_CHECK_TIMEOUT_S = 2.0
@@ -26,8 +26,7 @@ async def live() -> dict[str, str | int]:
 
 
 @get("/health/ready", summary="Postgres and NATS are reachable")
-async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    deps: ApiDeps = request.app.state.deps
+async def ready(deps: Deps) -> Response[dict[str, Any]]:
     results: dict[str, bool] = {}
     for name, check in deps.readiness.items():
         try:
@@ -62,8 +61,8 @@ def _may_scrape(request: Request[Any, Any, Any], deps: ApiDeps) -> None:
 
 @get("/metrics", summary="Prometheus metrics (BILLING_METRICS_TOKEN, or this host only)",
      media_type="text/plain; version=0.0.4")
-async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-    _may_scrape(request, request.app.state.deps)
+async def metrics(request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
+    _may_scrape(request, deps)
     registry = request.app.state.metrics
     body = await asyncio.to_thread(registry.render)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -27,7 +27,7 @@ from litestar.connection import ASGIConnection
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import authenticate_admin
+from api.credentials import authenticate_admin
 from api.deps import ApiDeps
 from api.problems import PROBLEM_JSON, problem_body
 from domain.audit import (

@@ -20,7 +20,6 @@ strings from its quotes against the strings decoded (`_no_repeated_key`).
 
 from __future__ import annotations
 
-import hmac
 import math
 import re
 from datetime import datetime
@@ -33,10 +32,9 @@ import msgspec
 from litestar import Request, post
 from litestar.openapi import ResponseSpec
 
-from api.auth import bearer_token
 from api.client_ip import allowed, client_ip
-from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER
+from api.credentials import authenticate_key
+from api.deps import ApiDeps, Deps
 from api.input_rules import (
     INPUT_RULES_OPT,
     OWN_BODY_RULES,
@@ -46,8 +44,8 @@ from api.input_rules import (
     body_problems,
     require_json_body,
 )
-from api.problems import BadRequest, Forbidden, TooManyRequests, Unauthenticated, field_error
-from domain.api_key import secret_hash, split_key
+from api.problems import BadRequest, Forbidden, TooManyRequests, field_error
+from api.read_your_writes import LEDGER_POSITION_HEADER
 from domain.decimal_text import DECIMAL_TEXT, NotDecimalText, parse_decimal_text
 from domain.errors import FieldError, Problems, ValidationFailed
 from domain.records import KeyRecord
@@ -180,23 +178,6 @@ async def authorise_key(
     if not ok:
         raise TooManyRequests(headers | {"Retry-After": str(max(1, math.ceil(retry_s)))})
     return record, headers
-
-
-async def authenticate_key(request: Request[Any, Any, Any], deps: ApiDeps) -> KeyRecord:
-    parts = split_key(bearer_token(request))
-    record = await deps.keys.find(parts[0]) if parts else None
-    if parts is None or record is None:
-        raise Unauthenticated("unknown API key")
-    digest = secret_hash(parts[1])
-    if not hmac.compare_digest(digest, record.secret_sha256):
-        # As costly as an unknown prefix: the time to a 401 must not tell which prefixes exist.
-        await deps.keys.confirm_refusal(parts[0], digest)
-        raise Unauthenticated("unknown API key")
-    if record.revoked:
-        raise Unauthenticated("this API key has been revoked")
-    if record.expires_at is not None and record.expires_at <= deps.clock():
-        raise Unauthenticated("this API key has expired")
-    return record
 
 
 def split_body(body: bytes) -> tuple[list[msgspec.Raw], bool]:
@@ -424,8 +405,7 @@ def decode_events(items: list[msgspec.Raw], problems: Problems,
                                    " in the ledger; X-Ledger-Position names the position to wait"
                                    " for")},
       opt={INPUT_RULES_OPT: OWN_BODY_RULES})  # the body's input rules are applied here, cheaply
-async def ingest(request: Request[Any, Any, Any]) -> AcceptedResponse:
-    deps: ApiDeps = request.app.state.deps
+async def ingest(request: Request[Any, Any, Any], deps: Deps) -> AcceptedResponse:
     key, limit_headers = await authorise_key(request, deps)
     require_json_body(request)
     body = await request.body()

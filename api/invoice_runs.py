@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 from uuid import UUID
 
 import anyio
 import msgspec
-from litestar import Request, post
+from litestar import post
 from litestar.params import JSONBody
 
-from api.auth import actor_of
-from api.deps import ApiDeps
+from api.auth import Acting
+from api.deps import Deps
 
 
 class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -39,10 +38,9 @@ class RunOut(msgspec.Struct):
 
 @post("/admin/v1/invoice-runs", status_code=200, tags=["invoices"],
       summary="Draft every subscribed organisation's invoice for a period (idempotent)")
-async def invoice_run(data: JSONBody[RunRequest], request: Request[Any, Any, Any]) -> RunOut:
-    deps: ApiDeps = request.app.state.deps
+async def invoice_run(data: JSONBody[RunRequest], deps: Deps, actor: Acting) -> RunOut:
     result = await anyio.to_thread.run_sync(partial(deps.invoice_runner.run, data.period,
-                                                    actor=actor_of(request)))
+                                                    actor=actor))
     return RunOut(result.period, result.created, result.existing, result.skipped, result.not_due,
                   result.failed, [BlockedOut(b.organisation_id, b.name, b.missing_positions,
                                              b.read_models) for b in result.blocked],

@@ -18,10 +18,10 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath, JSONBody
 
-from api.auth import actor_of, scope_of
-from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from api.auth import Acting, scope_of
+from api.deps import Deps
 from api.pagination import decode_cursor, encode_cursor, parse_limit
+from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.invoice import STATUSES
 from domain.period import parse_period
@@ -118,8 +118,7 @@ class InvoiceController(Controller):
     tags = ["invoices"]
 
     @get("/", summary="List invoices (filter by organisation_id, status, period)")
-    async def list_(self, request: Request[Any, Any, Any]) -> InvoicePage:
-        deps: ApiDeps = request.app.state.deps
+    async def list_(self, request: Request[Any, Any, Any], deps: Deps) -> InvoicePage:
         limit = parse_limit(request.query_params.get("limit"))
         after = decode_cursor(request.query_params.get("cursor"))
         organisation_id, status, period = _filters(request)
@@ -140,57 +139,51 @@ class InvoiceController(Controller):
         )
         return InvoicePage(items, next_cursor)
 
-    @get("/{invoice_id:str}/document", summary="The invoice as a GST tax invoice: ?format=html|pdf",
+    @get("/{invoice_id:uuid}/document", summary="The invoice as a GST tax invoice: ?format=html|pdf",
          media_type="text/html")
-    async def document(self, invoice_id: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(invoice_id, "invoice")
+    async def document(self, invoice_id: FromPath[UUID],
+                       request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
         fmt = request.query_params.get("format", "html")
         if fmt not in ("html", "pdf"):
             raise ValidationFailed([FieldError("format", "must be html or pdf")])
         await wait_caught_up(deps, request, view.NAME)
-        rendered = await anyio.to_thread.run_sync(deps.render_invoice, ident, fmt)
+        rendered = await anyio.to_thread.run_sync(deps.render_invoice, invoice_id, fmt)
         if rendered is None:
-            raise NotFound("invoice", ident)
+            raise NotFound("invoice", invoice_id)
         body, media_type = rendered
         return Response(body, media_type=media_type)
 
-    @get("/{invoice_id:str}", summary="Read an invoice: lines, taxes and amounts in paise")
-    async def read(self, invoice_id: FromPath[str], request: Request[Any, Any, Any]) -> InvoiceOut:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(invoice_id, "invoice")
+    @get("/{invoice_id:uuid}", summary="Read an invoice: lines, taxes and amounts in paise")
+    async def read(self, invoice_id: FromPath[UUID],
+                   request: Request[Any, Any, Any], deps: Deps) -> InvoiceOut:
         await wait_caught_up(deps, request, view.NAME)
 
         def fetch() -> view.InvoiceRow | None:
             with deps.read_pool.connection() as conn:
-                return view.get(conn, ident)
+                return view.get(conn, invoice_id)
 
         row = await anyio.to_thread.run_sync(fetch)
         if row is None:
-            raise NotFound("invoice", ident)
+            raise NotFound("invoice", invoice_id)
         return from_row(row)
 
-    @post("/{invoice_id:str}/finalize", status_code=200,
+    @post("/{invoice_id:uuid}/finalize", status_code=200,
           summary="Finalize a draft: assign its number (gapless per financial year) and freeze it")
-    async def finalize(self, invoice_id: FromPath[str],
-                       request: Request[Any, Any, Any]) -> Response[InvoiceOut]:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(invoice_id, "invoice")
-        written = await anyio.to_thread.run_sync(partial(deps.invoicing.finalize, ident,
-                                                         actor=actor_of(request)))
+    async def finalize(self, invoice_id: FromPath[UUID],
+                       deps: Deps, actor: Acting) -> Response[InvoiceOut]:
+        written = await anyio.to_thread.run_sync(partial(deps.invoicing.finalize, invoice_id,
+                                                         actor=actor))
         return Response(from_row(view.row_of(written.aggregate, written.position)),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
-    @post("/{invoice_id:str}/void", status_code=200,
+    @post("/{invoice_id:uuid}/void", status_code=200,
           summary="Void a draft or finalized invoice (optional body {\"reason\"})")
-    async def void(self, invoice_id: FromPath[str], request: Request[Any, Any, Any],
+    async def void(self, invoice_id: FromPath[UUID], deps: Deps, actor: Acting,
                    data: JSONBody[VoidInvoice | None] = None) -> Response[InvoiceOut]:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(invoice_id, "invoice")
         reason = (data.reason if data is not None else None) or ""
         # Through the invoice runner: never while a run is drafting (409 then).
-        written = await anyio.to_thread.run_sync(partial(deps.invoice_runner.void, ident, reason,
-                                                         actor=actor_of(request)))
+        written = await anyio.to_thread.run_sync(partial(deps.invoice_runner.void, invoice_id,
+                                                         reason, actor=actor))
         return Response(from_row(view.row_of(written.aggregate, written.position)),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
@@ -201,18 +194,17 @@ class BalanceOut(msgspec.Struct):
     outstanding: int  # paise: amount due of finalized invoices
 
 
-@get("/admin/v1/organisations/{org_id:str}/balance", tags=["invoices"],
+@get("/admin/v1/organisations/{org_id:uuid}/balance", tags=["invoices"],
      summary="What the organisation owes: the amount due of its finalized invoices (paise)")
-async def organisation_balance(org_id: FromPath[str], request: Request[Any, Any, Any]) -> BalanceOut:
-    deps: ApiDeps = request.app.state.deps
-    ident = parse_id(org_id, "organisation")
+async def organisation_balance(org_id: FromPath[UUID],
+                               request: Request[Any, Any, Any], deps: Deps) -> BalanceOut:
     await wait_caught_up(deps, request, view.NAME)
 
     def fetch() -> tuple[organisations.OrganisationRow | None, int]:
         with deps.read_pool.connection() as conn:
-            return organisations.get(conn, ident), view.outstanding(conn, ident)
+            return organisations.get(conn, org_id), view.outstanding(conn, org_id)
 
     org, owed = await anyio.to_thread.run_sync(fetch)
     if org is None:
-        raise NotFound("organisation", ident)
-    return BalanceOut(ident, org.currency, owed)
+        raise NotFound("organisation", org_id)
+    return BalanceOut(org_id, org.currency, owed)

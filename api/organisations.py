@@ -22,11 +22,11 @@ from litestar import Controller, Request, Response, get, patch, post
 from litestar.params import FromPath, JSONBody
 from psycopg_pool import ConnectionPool
 
-from api.auth import actor_of, scope_of
-from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from api.auth import Acting, scope_of
+from api.deps import Deps
 from api.pagination import decode_cursor, encode_cursor, parse_limit
 from api.problems import Forbidden
+from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.access import Principal
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import SETTING_NAMES, Organisation, OrganisationSettings, canonical_cidrs
@@ -146,11 +146,10 @@ class OrganisationController(Controller):
 
     @post("/", status_code=201, summary="Create an organisation")
     async def create(
-        self, data: JSONBody[CreateOrganisation], request: Request[Any, Any, Any]
+        self, data: JSONBody[CreateOrganisation], deps: Deps, actor: Acting
     ) -> Response[OrganisationOut]:
-        deps: ApiDeps = request.app.state.deps
         written = await anyio.to_thread.run_sync(partial(
-            deps.organisations.create, _given(data), actor=actor_of(request)))
+            deps.organisations.create, _given(data), actor=actor))
         org = written.aggregate
         return Response(
             _out(org), status_code=201,
@@ -159,8 +158,7 @@ class OrganisationController(Controller):
         )
 
     @get("/", summary="List organisations")
-    async def list_(self, request: Request[Any, Any, Any]) -> OrganisationPage:
-        deps: ApiDeps = request.app.state.deps
+    async def list_(self, request: Request[Any, Any, Any], deps: Deps) -> OrganisationPage:
         limit = parse_limit(request.query_params.get("limit"))
         after = decode_cursor(request.query_params.get("cursor"))
         await wait_caught_up(deps, request, view.NAME)
@@ -180,19 +178,17 @@ class OrganisationController(Controller):
         )
         return OrganisationPage(items, next_cursor)
 
-    @get("/{org_id:str}", summary="Read an organisation")
-    async def read(self, org_id: FromPath[str], request: Request[Any, Any, Any]) -> OrganisationOut:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(org_id, "organisation")
+    @get("/{org_id:uuid}", summary="Read an organisation")
+    async def read(self, org_id: FromPath[UUID],
+                   request: Request[Any, Any, Any], deps: Deps) -> OrganisationOut:
         await wait_caught_up(deps, request, view.NAME)
-        return await anyio.to_thread.run_sync(_read, deps.read_pool, ident)
+        return await anyio.to_thread.run_sync(_read, deps.read_pool, org_id)
 
-    @patch("/{org_id:str}", summary="Update an organisation's settings")
+    @patch("/{org_id:uuid}", summary="Update an organisation's settings")
     async def update(
-        self, org_id: FromPath[str], data: JSONBody[UpdateOrganisation], request: Request[Any, Any, Any]
+        self, org_id: FromPath[UUID], data: JSONBody[UpdateOrganisation],
+        request: Request[Any, Any, Any], deps: Deps, actor: Acting
     ) -> Response[OrganisationOut]:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(org_id, "organisation")
         _check_may_change_tax_facts(request.state.principal, data)
         changes = _changes(data)
         suspended = None if data.suspended is msgspec.UNSET else data.suspended
@@ -202,8 +198,8 @@ class OrganisationController(Controller):
         if not changes and suspended is None:
             raise ValidationFailed([FieldError("body", "name at least one setting to change")])
         written = await anyio.to_thread.run_sync(partial(
-            deps.organisations.update_settings, ident, changes, suspended=suspended,
-            reason=data.suspend_reason, actor=actor_of(request)))
+            deps.organisations.update_settings, org_id, changes, suspended=suspended,
+            reason=data.suspend_reason, actor=actor))
         return Response(
             _out(written.aggregate), headers={LEDGER_POSITION_HEADER: str(written.position)}
         )

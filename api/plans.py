@@ -24,9 +24,9 @@ import msgspec
 from litestar import Controller, Request, Response, get, post, put
 from litestar.params import FromPath, JSONBody
 
-from api.auth import actor_of
-from api.deps import ApiDeps
-from api.ids import LEDGER_POSITION_HEADER, parse_id, wait_caught_up
+from api.auth import Acting
+from api.deps import Deps
+from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.decimal_text import NotDecimalText, parse_decimal_text
 from domain.errors import NotFound, Problems
 from domain.plan import ChargeSpec, StoredVersion, TierSpec
@@ -235,8 +235,7 @@ class PlanController(Controller):
     @post("/", status_code=201,
           summary="Publish a plan: version 1 of a new code, or the next version of an existing one")
     async def publish(self, data: JSONBody[PublishPlan],
-                      request: Request[Any, Any, Any]) -> Response[PlanVersionOut]:
-        deps: ApiDeps = request.app.state.deps
+                      request: Request[Any, Any, Any], deps: Deps, actor: Acting) -> Response[PlanVersionOut]:
         base_fee, minimum, charges = parse_plan(data)
         # A meter defined just before this request must count as known.
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
@@ -249,7 +248,7 @@ class PlanController(Controller):
         written = await anyio.to_thread.run_sync(partial(
             deps.plans.publish, code=data.code, name=data.name, currency=data.currency,
             base_fee=base_fee, minimum=minimum, charges=charges, known_meters=meters,
-            actor=actor_of(request),
+            actor=actor,
         ))
         plan = written.aggregate
         return Response(
@@ -259,8 +258,7 @@ class PlanController(Controller):
         )
 
     @get("/{code:str}", summary="Read a plan: its latest version and every version")
-    async def read(self, code: FromPath[str], request: Request[Any, Any, Any]) -> PlanOut:
-        deps: ApiDeps = request.app.state.deps
+    async def read(self, code: FromPath[str], request: Request[Any, Any, Any], deps: Deps) -> PlanOut:
         await wait_caught_up(deps, request, view.NAME)
 
         def fetch() -> list[view.PlanVersionRow]:
@@ -277,33 +275,30 @@ class SubscriptionController(Controller):
     path = "/admin/v1"
     tags = ["subscriptions"]
 
-    @put("/organisations/{org_id:str}/subscription",
+    @put("/organisations/{org_id:uuid}/subscription",
          summary="Assign a plan: starts a subscription (201) or changes plan from the next period (200)")
-    async def assign(self, org_id: FromPath[str], data: JSONBody[PutSubscription],
-                     request: Request[Any, Any, Any]) -> Response[SubscriptionOut]:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(org_id, "organisation")
+    async def assign(self, org_id: FromPath[UUID], data: JSONBody[PutSubscription],
+                     deps: Deps, actor: Acting) -> Response[SubscriptionOut]:
         written = await anyio.to_thread.run_sync(partial(
-            deps.plans.subscribe, ident, data.plan_code, data.starts_at, actor=actor_of(request)))
+            deps.plans.subscribe, org_id, data.plan_code, data.starts_at, actor=actor))
         sub = written.aggregate
         started = written.position > 0 and len(sub.history) == 1
         return Response(subscription_answer(sub, data.plan_code), status_code=201 if started else 200,
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
-    @get("/organisations/{org_id:str}/subscription",
+    @get("/organisations/{org_id:uuid}/subscription",
          summary="Read an organisation's subscription: the plan in force now and every step")
-    async def read(self, org_id: FromPath[str], request: Request[Any, Any, Any]) -> SubscriptionOut:
-        deps: ApiDeps = request.app.state.deps
-        ident = parse_id(org_id, "organisation")
+    async def read(self, org_id: FromPath[UUID],
+                   request: Request[Any, Any, Any], deps: Deps) -> SubscriptionOut:
         await wait_caught_up(deps, request, view.NAME)
 
         def fetch() -> list[view.SubscriptionRow]:
             with deps.read_pool.connection() as conn:
-                return view.subscription_history(conn, ident)
+                return view.subscription_history(conn, org_id)
 
         history = view.history_entries(await anyio.to_thread.run_sync(fetch))
         if not history:
-            raise NotFound("subscription of organisation", ident)
+            raise NotFound("subscription of organisation", org_id)
         now = plan_at(history, deps.clock())
-        return SubscriptionOut(ident, now.plan_code if now else None,
+        return SubscriptionOut(org_id, now.plan_code if now else None,
                                now.effective_from if now else None, _schedule(history))

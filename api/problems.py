@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
+from uuid import UUID
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 
 from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
 
@@ -86,6 +87,51 @@ _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _NAMED = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
 
 
+# What each id in a path names, for the 422 a malformed one gets.
+PATH_ID_NOUNS = {"org_id": "organisation", "project_id": "project", "key_id": "api key",
+                 "token_id": "token", "invoice_id": "invoice"}
+
+
+def malformed_id(what: str) -> ValidationFailed:
+    return ValidationFailed([FieldError("id", f"{what} id must be a UUID")])
+
+
+def parse_id(raw: str, what: str) -> UUID:
+    """An id sent in a query: a UUID, or 422 naming `what`."""
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise malformed_id(what) from None
+
+
+def _malformed_path_id(request: Request[Any, Any, Any], exc: Exception) -> ValidationFailed | None:
+    """Litestar's router answers 404 when a {name:uuid} segment of a path that matches a route is
+    not a UUID (it cannot parse it: a ValueError). The API answers a malformed id with 422 naming
+    it, as for an id in a query: find the route and the segment."""
+    if not isinstance(exc, NotFoundException) or not isinstance(exc.__cause__, ValueError):
+        return None
+    segments = request.scope["path"].rstrip("/").split("/")
+    for route in request.app.routes:
+        names = route.path_format.rstrip("/").split("/")
+        if len(names) != len(segments):
+            continue
+        bad = [name[1:-1] for name, segment in zip(names, segments, strict=True)
+               if name.startswith("{") and name[1:-1] in PATH_ID_NOUNS and not _is_uuid(segment)]
+        fixed = all(name == segment for name, segment in zip(names, segments, strict=True)
+                    if not name.startswith("{"))
+        if fixed and bad:
+            return malformed_id(PATH_ID_NOUNS[bad[0]])
+    return None
+
+
+def _is_uuid(raw: str) -> bool:
+    try:
+        UUID(raw)
+    except ValueError:
+        return False
+    return True
+
+
 def field_error(message: str, index: int | None = None) -> FieldError:
     """Turn a msgspec validation message into a field error the client can act on."""
     at = _AT.search(message)
@@ -128,6 +174,7 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """The one mapping from exceptions to HTTP."""
     if isinstance(exc, (Unauthenticated, Forbidden, TooManyRequests)):
         _count_refusal(request, exc)
+    exc = _malformed_path_id(request, exc) or exc
     if isinstance(exc, ValidationFailed):
         return problem(422, "the request is invalid; nothing was changed", exc.errors)
     if isinstance(exc, NotFound):

@@ -13,10 +13,11 @@ import msgspec
 from litestar import Request, get
 from litestar.params import FromPath
 
-from api.deps import ApiDeps
-from api.ids import parse_id, wait_for_position
+from api.deps import ApiDeps, Deps
 from api.ingest import authorise_key
 from api.pagination import ascii_digits, parse_limit
+from api.problems import parse_id
+from api.read_your_writes import wait_for_position
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.meter import GROUP_BY_MAX_KEYS
 from projections import organisations, usage_totals
@@ -163,17 +164,16 @@ def _item(q: usage_totals.UsageQuery, tz: ZoneInfo, row: usage_totals.QuantityRo
     )
 
 
-@get("/admin/v1/organisations/{org_id:str}/usage", summary="An organisation's usage",
+@get("/admin/v1/organisations/{org_id:uuid}/usage", summary="An organisation's usage",
      tags=["usage"])
-async def organisation_usage(org_id: FromPath[str], request: Request[Any, Any, Any]) -> UsagePage:
-    deps: ApiDeps = request.app.state.deps
+async def organisation_usage(org_id: FromPath[UUID],
+                             request: Request[Any, Any, Any], deps: Deps) -> UsagePage:
     raw_project = request.query_params.get("project_id")
     project = parse_id(raw_project, "project") if raw_project else None
-    return await answer(deps, request, parse_id(org_id, "organisation"), project)
+    return await answer(deps, request, org_id, project)
 
 
 @get("/api/v1/usage", summary="The calling project's own usage", tags=["usage"])
-async def own_usage(request: Request[Any, Any, Any]) -> UsagePage:
-    deps: ApiDeps = request.app.state.deps
+async def own_usage(request: Request[Any, Any, Any], deps: Deps) -> UsagePage:
     key, _ = await authorise_key(request, deps)
     return await answer(deps, request, key.organisation_id, key.project_id)

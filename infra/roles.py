@@ -19,7 +19,7 @@ from adapters.relay import Relay
 from api.app import create_app
 from infra.http_protocol import CoalescingHttpToolsProtocol
 from infra.scheduler import start as start_scheduler
-from infra.wiring import READ_MODELS, Runtime
+from infra.wiring import READ_MODELS, ApiRole, Runtime, admin_token, build_api
 
 log = logging.getLogger("billing.roles")
 
@@ -54,9 +54,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 async def run_roles(
     rt: Runtime, roles: set[str], stop: asyncio.Event | None = None, *, signals: bool = True,
-    sock: socket.socket | None = None, tune_gc: bool = False,
+    sock: socket.socket | None = None, tune_gc: bool = False, api: ApiRole | None = None,
 ) -> None:
-    """Run the given roles until SIGINT/SIGTERM (or `stop`), then shut down in order."""
+    """Run the given roles until SIGINT/SIGTERM (or `stop`), then shut down in order. `api`: the
+    API role, built by the caller (build_api) when it wants to look inside; built here otherwise."""
     stop = stop or asyncio.Event()
     if signals:
         loop = asyncio.get_running_loop()
@@ -69,40 +70,47 @@ async def run_roles(
     scheduler: AsyncIOScheduler | None = None
     if "relay" in roles:
         relay = Relay(rt.ledger, rt.database_url, rt.settings.pg_schema, js, rt.streams)
-        rt.extras["relay"] = relay
         jobs.append(relay.run(stop))
     if "project" in roles:
         for model in READ_MODELS:
             projector = Projector(model, rt.ledger, rt.projection_pool(), js, rt.streams)
-            rt.extras[f"projector:{model.name}"] = projector
             jobs.append(projector.run(stop))
     if "scheduler" in roles:
         scheduler = start_scheduler(rt)
-    if "api" in roles:
-        _, asgi = create_app(rt.api_deps())
-        assert rt.key_cache and rt.meter_cache and rt.token_cache and rt.rate_limiter
-        await rt.rate_limiter.open()
-        jobs += [rt.key_cache.run(stop), rt.meter_cache.run(stop), rt.token_cache.run(stop)]
-        config = uvicorn.Config(
-            asgi, host=rt.settings.host, port=rt.settings.port, log_config=None,
-            lifespan="off", access_log=False, timeout_graceful_shutdown=5,
-            # api/client_ip.py decides whom to believe (trusted proxies), not uvicorn.
-            proxy_headers=False, http=CoalescingHttpToolsProtocol,  # one send per response
-            server_header=False,  # names the software to anyone who asks; one header less
-        )
-        server = _Server(config)
-        sock = sock or listen_socket(rt.settings.host, rt.settings.port)
-        jobs.append(server.serve(sockets=[sock]))
-    if tune_gc:
-        # Everything built so far lives as long as the process: keep it out of the collector's
-        # full passes (shorter pauses, a steadier p99), and collect the young less often.
-        # Only for a process that runs its roles once (the CLI), not for tests that start many.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    api = (api or build_api(rt, admin_token=admin_token(rt.settings))) if "api" in roles else None
+    try:
+        if api is not None:
+            _, asgi = create_app(api.deps)
+            jobs += await api.start(stop)
+            server = _Server(uvicorn.Config(
+                asgi, host=rt.settings.host, port=rt.settings.port, log_config=None,
+                lifespan="off", access_log=False, timeout_graceful_shutdown=5,
+                # api/client_ip.py decides whom to believe (trusted proxies), not uvicorn.
+                proxy_headers=False, http=CoalescingHttpToolsProtocol,  # one send per response
+                server_header=False,  # names the software to anyone who asks; one header less
+            ))
+            sock = sock or listen_socket(rt.settings.host, rt.settings.port)
+            jobs.append(server.serve(sockets=[sock]))
+        if tune_gc:
+            # Everything built so far lives as long as the process: keep it out of the collector's
+            # full passes (shorter pauses, a steadier p99), and collect the young less often.
+            # Only for a process that runs its roles once (the CLI), not for tests that start many.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        log.info("started", extra={"roles": sorted(roles), "host": rt.settings.host,
+                                   "port": rt.settings.port})
+        await _supervise(jobs, stop, server, scheduler)
+    finally:
+        if api is not None:
+            await api.close()  # after the server: the writer answers what it still holds
+    log.info("stopped")
+
+
+async def _supervise(jobs: list[Coroutine[Any, Any, None]], stop: asyncio.Event,
+                     server: _Server | None, scheduler: AsyncIOScheduler | None) -> None:
+    """Run the jobs until `stop` or the first to end, then stop the others, bounded."""
     tasks = [asyncio.create_task(job) for job in jobs]
-    log.info("started", extra={"roles": sorted(roles), "host": rt.settings.host,
-                               "port": rt.settings.port})
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
@@ -117,4 +125,3 @@ async def run_roles(
     stopper.cancel()
     for task in tasks:
         task.cancel()
-    log.info("stopped")

@@ -1,4 +1,5 @@
-"""Wires settings to servers, the ledger, pools, streams, read models and the API's deps."""
+"""The composition root: wires settings to servers, the ledger, pools, streams, read models and
+the API role. Building does no I/O; each role's runner starts what it built (infra/roles.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Any
 from uuid import uuid4
 
 import psycopg
@@ -112,7 +114,8 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
 
 @dataclass
 class Runtime:
-    """Everything a process role needs, built once from Settings."""
+    """What every process role shares, opened once from Settings: the ledger, the read pool and
+    the stream names. A role's own parts are built apart (build_api) and started by its runner."""
 
     settings: Settings
     database_url: str
@@ -120,16 +123,9 @@ class Runtime:
     ledger: LedgerStore
     pool: ConnectionPool
     streams: bus.Streams
-    nc: NatsClient | None = None
+    nc: NatsClient | None = None  # None until connect_nats (and again once a test closes it)
     js: JetStreamContext | None = None
-    writer: UsageWriter | None = None
-    key_cache: PrefixCache[KeyRecord] | None = None
-    tracking_watch: TrackingWatch | None = None
-    token_cache: PrefixCache[TokenRecord] | None = None
-    rate_limiter: PgRateLimiter | None = None
-    meter_cache: MeterCache | None = None
     projection_pool_: ConnectionPool | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def open(cls, settings: Settings, database_url: str, nats_url: str) -> Runtime:
@@ -153,17 +149,7 @@ class Runtime:
         await bus.ensure_streams(self.js, self.streams)
         return self.js
 
-    async def close_api(self) -> None:
-        """Stop what api_deps() started: the rate limiter's pool and the usage writer."""
-        if self.rate_limiter is not None:
-            await self.rate_limiter.close()
-            self.rate_limiter = None
-        if self.writer is not None:
-            await self.writer.stop()
-            self.writer = None
-
     async def close(self) -> None:
-        await self.close_api()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), NATS_CLOSE_TIMEOUT_S)
@@ -172,12 +158,14 @@ class Runtime:
             self.projection_pool_.close()
         self.ledger.close()
 
-    def ops_snapshot(self) -> OpsSnapshot:
+    def ops_snapshot(self, writer: UsageWriter | None = None) -> OpsSnapshot:
+        """The figures for /metrics and `billing status`; `writer`: this process's usage writer,
+        whose appends the ledger's own count does not include."""
         with self.pool.connection() as conn:
             return OpsSnapshot(
                 ledger_head=self.ledger.head(),
                 ledger_appends=self.ledger.appended_events
-                + (self.writer.appended_events if self.writer else 0),
+                + (writer.appended_events if writer else 0),
                 relay_position=bookkeeping.relay_position(conn),
                 projections={m.name: 0 for m in READ_MODELS} | bookkeeping.all_tracking(conn),
                 dead_letters=bookkeeping.dead_letter_counts(conn),
@@ -201,61 +189,92 @@ class Runtime:
         s = self.settings
         return Supplier(s.supplier_name, s.supplier_gstin, s.supplier_state_code, s.mail_from)
 
-    def api_deps(self) -> ApiDeps:
-        async def postgres_ok() -> bool:
-            def check() -> bool:
-                with self.pool.connection(timeout=2) as conn:
-                    conn.execute("SELECT 1")
-                return True
 
-            return await asyncio.to_thread(check)
+@dataclass(frozen=True)
+class ApiRole:
+    """The API role of one process: its adapters and the deps the app is built from. Built by
+    build_api without I/O; `start()` then does the I/O, and `close()` undoes it."""
 
-        async def nats_ok() -> bool:
-            if self.nc is None or not self.nc.is_connected:
-                return False
-            await self.nc.flush(timeout=1)
+    deps: ApiDeps
+    admin_token: str
+    access: AccessService
+    writer: UsageWriter
+    rate_limiter: PgRateLimiter
+    key_cache: PrefixCache[KeyRecord]
+    meter_cache: MeterCache
+    token_cache: PrefixCache[TokenRecord]
+    tracking_watch: TrackingWatch
+    idempotency: PgIdempotencyStore
+
+    async def start(self, stop: asyncio.Event) -> list[Coroutine[Any, Any, None]]:
+        """Record the bootstrap owner, open the rate limiter's pool and start the usage writer;
+        return the caches' refresh loops (they run until `stop`) for the runner to schedule."""
+        await asyncio.to_thread(self.access.ensure_bootstrap_owner, self.admin_token)
+        await self.rate_limiter.open()
+        self.writer.start()
+        return [self.key_cache.run(stop), self.meter_cache.run(stop), self.token_cache.run(stop)]
+
+    async def close(self) -> None:
+        """Undo start(): close the rate limiter's pool; the writer answers what it holds, then stops."""
+        await self.rate_limiter.close()
+        await self.writer.stop()
+
+
+def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
+    """Construct the API role over the runtime: no connection opened, nothing written."""
+    async def postgres_ok() -> bool:
+        def check() -> bool:
+            with rt.pool.connection(timeout=2) as conn:
+                conn.execute("SELECT 1")
             return True
 
-        self.writer = UsageWriter(self.database_url, self.settings.pg_schema)
-        self.tracking_watch = tracking = TrackingWatch(self.pool, self.ledger)
-        self.key_cache = KeyCache(self.pool)
-        self.meter_cache = MeterCache(self.pool)
-        self.token_cache = TokenCache(self.pool)
-        self.rate_limiter = PgRateLimiter(self.database_url, self.settings.pg_schema)
-        clock = lambda: datetime.now(UTC)  # noqa: E731
-        access_service = AccessService(self.ledger, clock, uuid4, new_key_secret)
-        bootstrap = admin_token(self.settings)
-        access_service.ensure_bootstrap_owner(bootstrap)
-        keys = PgIdempotencyStore(self.pool, self.ledger)
-        self.extras["idempotency"] = keys
-        return ApiDeps(
-            organisations=OrganisationService(self.ledger, clock, uuid4),
-            catalogue=CatalogueService(self.ledger, clock, uuid4),
-            plans=PlansService(self.ledger, clock),
-            invoicing=self.invoicing(),
-            invoice_runner=self.invoice_run(),
-            render_invoice=partial(render_invoice, self.pool, self.supplier()),
-            access=access_service,
-            tokens=self.token_cache,
-            resolver=PgResolver(self.pool),
-            rate_limiter=self.rate_limiter,
-            role_permissions=ROLE_PERMISSIONS,
-            trusted_proxies=[ipaddress.ip_network(p, strict=False)
-                             for p in self.settings.trusted_proxies],
-            usage=self.writer,
-            keys=self.key_cache,
-            meters=self.meter_cache,
-            clock=clock,
-            read_pool=self.pool,
-            gate=PgProjectionGate(self.pool, self.ledger),
-            tracking=tracking,
-            admin_token_sha256=hashlib.sha256(bootstrap.encode()).digest(),
-            readiness={"postgres": postgres_ok, "nats": nats_ok},
-            ops_snapshot=self.ops_snapshot,
-            idempotency=keys,
-            metrics_token_sha256=(hashlib.sha256(self.settings.metrics_token.encode()).digest()
-                                  if self.settings.metrics_token else None),
-        )
+        return await asyncio.to_thread(check)
+
+    async def nats_ok() -> bool:
+        if rt.nc is None or not rt.nc.is_connected:
+            return False
+        await rt.nc.flush(timeout=1)
+        return True
+
+    settings = rt.settings
+    writer = UsageWriter(rt.database_url, settings.pg_schema)
+    tracking = TrackingWatch(rt.pool, rt.ledger)
+    key_cache = KeyCache(rt.pool)
+    meter_cache = MeterCache(rt.pool)
+    token_cache = TokenCache(rt.pool)
+    rate_limiter = PgRateLimiter(rt.database_url, settings.pg_schema)
+    clock = lambda: datetime.now(UTC)  # noqa: E731
+    access_service = AccessService(rt.ledger, clock, uuid4, new_key_secret)
+    idempotency_store = PgIdempotencyStore(rt.pool, rt.ledger)
+    deps = ApiDeps(
+        organisations=OrganisationService(rt.ledger, clock, uuid4),
+        catalogue=CatalogueService(rt.ledger, clock, uuid4),
+        plans=PlansService(rt.ledger, clock),
+        invoicing=rt.invoicing(),
+        invoice_runner=rt.invoice_run(),
+        render_invoice=partial(render_invoice, rt.pool, rt.supplier()),
+        access=access_service,
+        tokens=token_cache,
+        resolver=PgResolver(rt.pool),
+        rate_limiter=rate_limiter,
+        role_permissions=ROLE_PERMISSIONS,
+        trusted_proxies=[ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies],
+        usage=writer,
+        keys=key_cache,
+        meters=meter_cache,
+        clock=clock,
+        read_pool=rt.pool,
+        gate=PgProjectionGate(rt.pool, rt.ledger),
+        tracking=tracking,
+        admin_token_sha256=hashlib.sha256(admin_token.encode()).digest(),
+        readiness={"postgres": postgres_ok, "nats": nats_ok},
+        ops_snapshot=partial(rt.ops_snapshot, writer),
+        idempotency=idempotency_store,
+        metrics_token_sha256=(hashlib.sha256(settings.metrics_token.encode()).digest()
+                              if settings.metrics_token else None),
+    )
+    return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
+                   token_cache, tracking, idempotency_store)
 
 
 def _jittered_pause(attempt: int) -> None:

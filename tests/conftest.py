@@ -23,7 +23,7 @@ from domain.records import Appended
 from infra.embedded import embedded_servers
 from infra.roles import run_roles
 from infra.settings import Settings, from_env
-from infra.wiring import Runtime
+from infra.wiring import ApiRole, Runtime
 
 WAIT_DEADLINE_S = 20.0
 POLL_S = 0.02
@@ -99,16 +99,17 @@ async def wait_until(
 
 
 @contextlib.asynccontextmanager
-async def running(rt: Runtime, roles: set[str]) -> AsyncIterator[asyncio.Event]:
-    """Run process roles in this event loop for the duration of the block."""
+async def running(rt: Runtime, roles: set[str], *,
+                  api: ApiRole | None = None) -> AsyncIterator[asyncio.Event]:
+    """Run process roles in this event loop for the duration of the block (`api`: the API role
+    to run, when the test looks inside it)."""
     stop = asyncio.Event()
-    task = asyncio.create_task(run_roles(rt, roles, stop, signals=False))
+    task = asyncio.create_task(run_roles(rt, roles, stop, signals=False, api=api))
     try:
         yield stop
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-        await rt.close_api()
         await close_nats(rt)
 
 
@@ -170,7 +171,6 @@ def background_roles(rt: Runtime, roles: set[str]) -> Iterator[None]:
     async def main() -> None:
         ready.set()
         await run_roles(rt, roles, stop, signals=False)
-        await rt.close_api()
         await close_nats(rt)
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)

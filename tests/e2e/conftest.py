@@ -12,7 +12,7 @@ import pytest
 from psycopg import sql
 
 from infra.embedded import free_port
-from infra.wiring import Runtime
+from infra.wiring import ApiRole, Runtime, admin_token, build_api
 from tests.conftest import TEST_ADMIN_TOKEN, http_status, make_settings, running, wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
@@ -22,6 +22,7 @@ AUTH = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 class Api:
     http: httpx.AsyncClient
     rt: Runtime
+    role: ApiRole
 
     def count_where(self, table: str, condition: str) -> int:
         with self.rt.pool.connection() as conn:
@@ -43,13 +44,14 @@ async def api(
 ) -> AsyncIterator[Api]:
     settings = make_settings(Path(tmp_path_factory.mktemp("api")), port=free_port())
     rt = Runtime.open(settings, *server_urls)
+    role = build_api(rt, admin_token=admin_token(settings))
     base = f"http://127.0.0.1:{settings.port}"
     try:
-        async with running(rt, {"api", "relay", "project"}), httpx.AsyncClient(
+        async with running(rt, {"api", "relay", "project"}, api=role), httpx.AsyncClient(
             base_url=base, timeout=10
         ) as http:
             await wait_until(lambda: http_status(f"{base}/health/ready") == 200, "up")
-            yield Api(http, rt)
+            yield Api(http, rt, role)
     finally:
         close_and_drop(server_urls[0], settings.pg_schema, rt)
 

@@ -329,8 +329,8 @@ async def test_keys_expire_after_the_retention_and_expired_ones_are_purged(api: 
         assert row is not None and row[0] >= timedelta(hours=24)
         conn.execute(f"UPDATE {KEYS_TABLE} SET expires_at = now() - interval '1 second' "
                      "WHERE key = %s", (k["Idempotency-Key"],))
-    store = api.rt.extras["idempotency"]
-    assert await asyncio.to_thread(store.purge_expired) >= 1  # type: ignore[attr-defined]
+    store = api.role.idempotency
+    assert await asyncio.to_thread(store.purge_expired) >= 1
     assert api.count_where(KEYS_TABLE, f"key = '{k['Idempotency-Key']}'") == 0
 
 
@@ -383,7 +383,7 @@ async def test_a_store_that_cannot_reach_postgres_answers_503_and_runs_nothing(a
     pool.close()
     with pytest.raises(Unavailable):
         PgIdempotencyStore(pool, api.rt.ledger).claim(uuid.uuid4(), "k", b"fingerprint")
-    store = api.rt.extras["idempotency"]
+    store = api.role.idempotency
     assert isinstance(store, PgIdempotencyStore)
     working, store._pool = store._pool, pool  # the running API's store loses its database
     name = f"idem-down-{uuid.uuid4().hex[:8]}"

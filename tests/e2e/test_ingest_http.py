@@ -242,7 +242,7 @@ async def test_concurrent_requests_share_commits_and_count_each_event_once(api: 
     assert sum(r["body"]["duplicates"] for r in results) == 24 * 5 - 5
     items = await usage(api, t, "gb", str(max(r["position"] for r in results)))
     assert quantity(items) == "125"  # 5 x 1 + 240 x 0.5
-    writer = api.rt.writer
+    writer = api.role.writer
     assert writer is not None and writer.commits < writer.appended_events  # grouped
 
 

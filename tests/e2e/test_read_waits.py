@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from infra.embedded import free_port
-from infra.wiring import Runtime
+from infra.wiring import ApiRole, Runtime, admin_token, build_api
 from tests.conftest import TEST_ADMIN_TOKEN, http_status, make_settings, running, wait_until
 from tests.e2e.conftest import close_and_drop
 
@@ -31,23 +31,26 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def api_without_projectors(
     tmp_path: Path, server_urls: tuple[str, str]
-) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
+) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime, ApiRole]]:
     """The API and relay in this process; the projectors only when the test starts them."""
     settings = make_settings(tmp_path, port=free_port())
     rt = Runtime.open(settings, *server_urls)
+    role = build_api(rt, admin_token=admin_token(settings))
     base = f"http://127.0.0.1:{settings.port}"
     try:
-        async with running(rt, {"api", "relay"}), httpx.AsyncClient(base_url=base, timeout=30) as http:
+        async with running(rt, {"api", "relay"}, api=role), httpx.AsyncClient(
+            base_url=base, timeout=30
+        ) as http:
             await wait_until(lambda: http_status(f"{base}/health/live") == 200, "up")
-            yield http, rt
+            yield http, rt, role
     finally:
         close_and_drop(server_urls[0], settings.pg_schema, rt)
 
 
 async def test_a_position_beyond_the_ledger_head_is_refused_at_once(
-    api_without_projectors: tuple[httpx.AsyncClient, Runtime],
+    api_without_projectors: tuple[httpx.AsyncClient, Runtime, ApiRole],
 ) -> None:
-    http, rt = api_without_projectors
+    http, rt, _ = api_without_projectors
     r = await http.get("/admin/v1/organisations", headers=AUTH | {"X-Ledger-Position": "9999999999999999999"})
     assert r.status_code == 422, r.text
     assert r.json()["errors"][0]["field"] == "X-Ledger-Position"
@@ -55,9 +58,9 @@ async def test_a_position_beyond_the_ledger_head_is_refused_at_once(
 
 
 async def test_many_readers_waiting_for_a_lagging_model_hold_no_thread_each(
-    api_without_projectors: tuple[httpx.AsyncClient, Runtime],
+    api_without_projectors: tuple[httpx.AsyncClient, Runtime, ApiRole],
 ) -> None:
-    http, rt = api_without_projectors
+    http, rt, role = api_without_projectors
     r = await http.post("/admin/v1/organisations", headers=AUTH,
                         json={"name": "waited for", "billing_email": "a@b.in"})
     assert r.status_code == 201, r.text
@@ -66,7 +69,7 @@ async def test_many_readers_waiting_for_a_lagging_model_hold_no_thread_each(
     readers = [asyncio.create_task(http.get(f"/admin/v1/organisations/{r.json()['id']}",
                                             headers=AUTH | {"X-Ledger-Position": position}))
                for _ in range(WAITERS)]
-    watch = rt.tracking_watch
+    watch = role.tracking_watch
     assert watch is not None
     # Nothing projects yet: every reader reaches the server and waits there.
     await wait_until(lambda: watch.waiting == WAITERS, "every reader waiting")

@@ -30,7 +30,7 @@ async def test_a_wrong_secret_for_a_known_prefix_costs_what_an_unknown_prefix_co
     token = r.json()["token"]
     assert (await api.http.get("/admin/v1/meters", headers={"Authorization": f"Bearer {token}"})
             ).status_code == 200  # known, and in this process's cache
-    cache = api.rt.token_cache
+    cache = api.role.token_cache
     assert cache is not None
     prefix = token.split("_")[1]
 
@@ -57,7 +57,7 @@ async def test_a_wrong_secret_for_a_known_key_prefix_costs_what_an_unknown_prefi
     body = {"event_id": "e", "metric": "no_such_meter"}
     assert (await api.http.post("/api/v1/events", json=body,
                                 headers={"Authorization": f"Bearer {key}"})).status_code == 422
-    cache = api.rt.key_cache
+    cache = api.role.key_cache
     assert cache is not None
     prefix = key.split("_")[1]
 

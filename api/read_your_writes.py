@@ -1,10 +1,10 @@
-"""Small request helpers shared by routes: ids in paths, and read-your-writes waits."""
+"""Read-your-writes: the X-Ledger-Position header, and the waits that let a read see the writes
+before it (or up to the position a client names) and a write settle into its read model."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any
-from uuid import UUID
 
 from litestar import Request
 
@@ -14,13 +14,6 @@ from domain.errors import FieldError, Unavailable, ValidationFailed
 
 LEDGER_POSITION_HEADER = "X-Ledger-Position"
 POSITION_MAX_DIGITS = 19
-
-
-def parse_id(raw: str, what: str) -> UUID:
-    try:
-        return UUID(raw)
-    except ValueError:
-        raise ValidationFailed([FieldError("id", f"{what} id must be a UUID")]) from None
 
 
 def min_position(request: Request[Any, Any, Any]) -> int:
