@@ -9,18 +9,22 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
 from api import health, input_rules, problems
-from api.access import AccessController
+from api.audit import AuditController
 from api.auth import admin_guard, provide_actor
-from api.catalogue import MeterController, ProjectController
 from api.deps import ApiDeps
 from api.idempotency import IdempotencyMiddleware
 from api.ingest import ingest
 from api.invoice_runs import invoice_run
-from api.invoices import InvoiceController, organisation_balance
+from api.invoices import InvoiceController
+from api.keys import KeyController
+from api.meters import MeterController
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
-from api.organisations import OrganisationController
+from api.organisations import OrganisationController, organisation_balance
 from api.permissions import rule_for
-from api.plans import PlanController, SubscriptionController
+from api.plans import PlanController
+from api.projects import ProjectController
+from api.subscriptions import SubscriptionController
+from api.tokens import TokenController
 from api.usage import organisation_usage, own_usage
 
 MAX_BODY_BYTES = 1024 * 1024  # API.md: 413 over 1 MiB
@@ -42,9 +46,11 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
     metrics.registry.register(OpsCollector(deps.ops_snapshot))
     admin = Router(
         path="/",
-        route_handlers=[OrganisationController, MeterController, ProjectController,
-                        organisation_usage, PlanController, SubscriptionController,
-                        InvoiceController, AccessController, invoice_run, organisation_balance],
+        # One controller (or handler) per resource: a path leads to one module.
+        route_handlers=[OrganisationController, organisation_balance, organisation_usage,
+                        ProjectController, KeyController, TokenController, MeterController,
+                        PlanController, SubscriptionController, InvoiceController, invoice_run,
+                        AuditController],
         guards=[admin_guard],
         middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )

@@ -26,7 +26,6 @@ from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.invoice import STATUSES
 from domain.period import parse_period
 from projections import invoices as view
-from projections import organisations
 
 
 class VoidInvoice(msgspec.Struct, forbid_unknown_fields=True):
@@ -188,23 +187,3 @@ class InvoiceController(Controller):
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
 
-class BalanceOut(msgspec.Struct):
-    organisation_id: UUID
-    currency: str
-    outstanding: int  # paise: amount due of finalized invoices
-
-
-@get("/admin/v1/organisations/{org_id:uuid}/balance", tags=["invoices"],
-     summary="What the organisation owes: the amount due of its finalized invoices (paise)")
-async def organisation_balance(org_id: FromPath[UUID],
-                               request: Request[Any, Any, Any], deps: Deps) -> BalanceOut:
-    await wait_caught_up(deps, request, view.NAME)
-
-    def fetch() -> tuple[organisations.OrganisationRow | None, int]:
-        with deps.read_pool.connection() as conn:
-            return organisations.get(conn, org_id), view.outstanding(conn, org_id)
-
-    org, owed = await anyio.to_thread.run_sync(fetch)
-    if org is None:
-        raise NotFound("organisation", org_id)
-    return BalanceOut(org_id, org.currency, owed)

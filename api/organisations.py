@@ -1,4 +1,4 @@
-"""Admin routes for organisations: create, read, list, update settings.
+"""Admin routes for organisations: create, read, list, update settings, and the balance.
 
 **Decision:** an organisation's tax facts (`TAX_FACTS`: country, state_code, gstin, currency,
 timezone) decide what its invoices charge, so only the platform's billing roles
@@ -30,6 +30,7 @@ from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.access import Principal
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.organisation import SETTING_NAMES, Organisation, OrganisationSettings, canonical_cidrs
+from projections import invoices, organisations
 from projections import organisations as view
 
 TAX_FACTS = ("country", "state_code", "gstin", "currency", "timezone")
@@ -203,3 +204,25 @@ class OrganisationController(Controller):
         return Response(
             _out(written.aggregate), headers={LEDGER_POSITION_HEADER: str(written.position)}
         )
+
+
+class BalanceOut(msgspec.Struct):
+    organisation_id: UUID
+    currency: str
+    outstanding: int  # paise: amount due of finalized invoices
+
+
+@get("/admin/v1/organisations/{org_id:uuid}/balance", tags=["invoices"],
+     summary="What the organisation owes: the amount due of its finalized invoices (paise)")
+async def organisation_balance(org_id: FromPath[UUID],
+                               request: Request[Any, Any, Any], deps: Deps) -> BalanceOut:
+    await wait_caught_up(deps, request, invoices.NAME)
+
+    def fetch() -> tuple[organisations.OrganisationRow | None, int]:
+        with deps.read_pool.connection() as conn:
+            return view.get(conn, org_id), invoices.outstanding(conn, org_id)
+
+    org, owed = await anyio.to_thread.run_sync(fetch)
+    if org is None:
+        raise NotFound("organisation", org_id)
+    return BalanceOut(org_id, org.currency, owed)

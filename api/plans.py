@@ -1,4 +1,5 @@
-"""Admin routes for plans (versioned price lists) and organisations' subscriptions.
+"""Admin routes for plans (versioned price lists); an organisation's subscription is
+api/subscriptions.py.
 
 Every decimal of a plan (prices, tier bounds `up_to`, `package_size`) is taken as a plain
 decimal string or a JSON integer, and parsed to Decimal here, in code, so a bad one is a 422
@@ -17,11 +18,10 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from typing import Any
-from uuid import UUID
 
 import anyio
 import msgspec
-from litestar import Controller, Request, Response, get, post, put
+from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath, JSONBody
 
 from api.auth import Acting
@@ -30,7 +30,6 @@ from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.decimal_text import NotDecimalText, parse_decimal_text
 from domain.errors import NotFound, Problems
 from domain.plan import ChargeSpec, StoredVersion, TierSpec
-from domain.subscription import Subscription, SubscriptionEntry, plan_at
 from projections import catalogue
 from projections import plans as view
 
@@ -68,11 +67,6 @@ class PublishPlan(msgspec.Struct, forbid_unknown_fields=True):
     base_fee: DecimalIn = ZERO_TEXT
     minimum: DecimalIn = ZERO_TEXT
     charges: list[ChargeIn] = []
-
-
-class PutSubscription(msgspec.Struct, forbid_unknown_fields=True):
-    plan_code: str
-    starts_at: datetime | None = None  # first subscription: default now; a change: next period
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -117,18 +111,6 @@ class PlanOut(msgspec.Struct):
     charges: list[ChargeOut]
     published_at: datetime
     versions: list[PlanVersionOut]
-
-
-class ScheduleEntryOut(msgspec.Struct):
-    plan_code: str
-    effective_from: datetime
-
-
-class SubscriptionOut(msgspec.Struct):
-    organisation_id: UUID
-    plan_code: str | None  # PUT: the plan asked for; GET: the plan in force now (null: not started)
-    effective_from: datetime | None  # when that plan applies from
-    history: list[ScheduleEntryOut]  # every step, in the order they were recorded
 
 
 # ---- parsing and formatting -------------------------------------------------------------------
@@ -215,17 +197,6 @@ def plan_out(versions: list[StoredVersion]) -> PlanOut:
     return PlanOut(**msgspec.structs.asdict(latest), versions=[version_out(v) for v in versions])
 
 
-def _schedule(history: list[SubscriptionEntry]) -> list[ScheduleEntryOut]:
-    return [ScheduleEntryOut(e.plan_code, e.effective_from) for e in history]
-
-
-def subscription_answer(sub: Subscription, plan_code: str) -> SubscriptionOut:
-    """The PUT answer: the schedule step that puts `plan_code` in force (the newest one)."""
-    step = next((e for e in reversed(sub.history) if e.plan_code == plan_code), None)
-    return SubscriptionOut(sub.organisation_id, plan_code, step.effective_from if step else None,
-                           _schedule(sub.history))
-
-
 # ---- routes -----------------------------------------------------------------------------------
 
 class PlanController(Controller):
@@ -271,34 +242,3 @@ class PlanController(Controller):
         return plan_out([view.stored_version(r) for r in rows])
 
 
-class SubscriptionController(Controller):
-    path = "/admin/v1"
-    tags = ["subscriptions"]
-
-    @put("/organisations/{org_id:uuid}/subscription",
-         summary="Assign a plan: starts a subscription (201) or changes plan from the next period (200)")
-    async def assign(self, org_id: FromPath[UUID], data: JSONBody[PutSubscription],
-                     deps: Deps, actor: Acting) -> Response[SubscriptionOut]:
-        written = await anyio.to_thread.run_sync(partial(
-            deps.plans.subscribe, org_id, data.plan_code, data.starts_at, actor=actor))
-        sub = written.aggregate
-        started = written.position > 0 and len(sub.history) == 1
-        return Response(subscription_answer(sub, data.plan_code), status_code=201 if started else 200,
-                        headers={LEDGER_POSITION_HEADER: str(written.position)})
-
-    @get("/organisations/{org_id:uuid}/subscription",
-         summary="Read an organisation's subscription: the plan in force now and every step")
-    async def read(self, org_id: FromPath[UUID],
-                   request: Request[Any, Any, Any], deps: Deps) -> SubscriptionOut:
-        await wait_caught_up(deps, request, view.NAME)
-
-        def fetch() -> list[view.SubscriptionRow]:
-            with deps.read_pool.connection() as conn:
-                return view.subscription_history(conn, org_id)
-
-        history = view.history_entries(await anyio.to_thread.run_sync(fetch))
-        if not history:
-            raise NotFound("subscription of organisation", org_id)
-        now = plan_at(history, deps.clock())
-        return SubscriptionOut(org_id, now.plan_code if now else None,
-                               now.effective_from if now else None, _schedule(history))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from api.catalogue import KEYS_PER_PROJECT_MAX
+from api.keys import KEYS_PER_PROJECT_MAX
 from tests.e2e.conftest import AUTH, Api
 
 pytestmark = pytest.mark.anyio
