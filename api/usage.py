@@ -20,6 +20,7 @@ from api.problems import parse_id
 from api.read_your_writes import wait_for_position
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.meter import GROUP_BY_MAX_KEYS
+from domain.period import month_after, month_of
 from projections import organisations, usage_totals
 
 MAX_DAYS_BY_DAY = 400
@@ -72,10 +73,6 @@ def _local_date(raw: str | None, name: str, tz: ZoneInfo, default: date) -> date
     return day
 
 
-def _next_month(d: date) -> date:
-    return (d.replace(day=28) + timedelta(days=4)).replace(day=1)
-
-
 def build_query(
     params: dict[str, str | None], org_id: UUID, tz: ZoneInfo, project_id: UUID | None,
     today: date,
@@ -87,14 +84,14 @@ def build_query(
     granularity = params.get("granularity") or "month"
     if granularity not in usage_totals.GRANULARITIES:
         problems.append(FieldError("granularity", "must be day or month"))
-    month_start = today.replace(day=1)
+    month_start = month_of(today)
     try:
         start = _local_date(params.get("from"), "from", tz, month_start)
-        end = _local_date(params.get("to"), "to", tz, _next_month(month_start))
+        end = _local_date(params.get("to"), "to", tz, month_after(month_start))
     except ValidationFailed as e:
         raise ValidationFailed(problems + e.errors) from None
     if granularity == "month":
-        start = start.replace(day=1)
+        start = month_of(start)
     if end <= start:
         problems.append(FieldError("to", "must be after from"))
     limit_days = MAX_DAYS_BY_DAY if granularity == "day" else MAX_MONTHS * 31
@@ -152,7 +149,7 @@ def _offset(cursor: str | None) -> int:
 
 def _item(q: usage_totals.UsageQuery, tz: ZoneInfo, row: usage_totals.QuantityRow) -> UsageItem:
     start = row.period_start
-    end = start + timedelta(days=1) if q.granularity == "day" else _next_month(start)
+    end = start + timedelta(days=1) if q.granularity == "day" else month_after(start)
     group = dict(zip(q.group_by, row.groups, strict=True)) if q.group_by else None
     return UsageItem(
         metric=q.metric,
