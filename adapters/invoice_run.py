@@ -79,13 +79,13 @@ class InvoiceRun:
         self._lock_key = lock_key(schema, "invoice-run")
 
     def run(self, period: str, progress: Callable[[int, int], None] | None = None, *,
-            actor: Actor | None = None) -> RunResult:
+            actor: Actor | None) -> RunResult:
         """Run `period`; the drafts are saved on behalf of `actor` (None: the scheduler)."""
         check_period_has_ended_somewhere(period, self._clock())
         with self._exclusive("an invoice run is already in progress; try again when it ends"):
             return self._run(period, progress, actor)
 
-    def void(self, ident: UUID, reason: str, *, actor: Actor | None = None) -> Written[Invoice]:
+    def void(self, ident: UUID, reason: str, *, actor: Actor | None) -> Written[Invoice]:
         """Void under the run's lock: a run reads which invoices billed late usage, then drafts;
         a void in between would leave that usage on a void invoice and on no other."""
         with self._exclusive("an invoice run is in progress; void the invoice when it ends"):

@@ -109,7 +109,7 @@ def main() -> None:
                 quantities = usage_totals.period_quantities(conn, month)
             read_s = time.perf_counter() - started
             started = time.perf_counter()
-            result = rt.invoice_run().run(period)
+            result = rt.invoice_run().run(period, actor=None)
             run_s = time.perf_counter() - started
         finally:
             rt.pool.close()

@@ -153,9 +153,9 @@ class MeterLookup(Protocol):
 
 
 class InvoiceRunner(Protocol):
-    def run(self, period: str, *, actor: Actor | None = None) -> RunResult: ...
+    def run(self, period: str, *, actor: Actor | None) -> RunResult: ...
 
-    def void(self, ident: UUID, reason: str, *, actor: Actor | None = None) -> Any:
+    def void(self, ident: UUID, reason: str, *, actor: Actor | None) -> Any:
         """Void an invoice, never while a run is deciding what earlier invoices billed (a
         Conflict then): a void between its reading and its drafting would lose late usage."""
         ...

@@ -31,7 +31,7 @@ async def invoice_job(rt: Runtime) -> None:
     run = rt.invoice_run()
     for period in due_periods(now, timedelta(hours=rt.settings.grace_hours), CATCH_UP_PERIODS):
         try:
-            result = await asyncio.to_thread(run.run, period)
+            result = await asyncio.to_thread(run.run, period, actor=None)
         except Conflict as e:
             log.info("invoice run %s skipped: %s", period, e)
             continue
@@ -66,7 +66,7 @@ def finalize_due(rt: Runtime, now: datetime) -> int:
         if row.created_at > now - timedelta(hours=hours):
             continue
         try:
-            service.finalize(row.id)
+            service.finalize(row.id, actor=None)
             done += 1
         except DomainError as e:
             log.warning("auto-finalize %s: %s", row.id, e)

@@ -35,7 +35,7 @@ class AccessService:
 
     def issue_key(
         self, project_id: UUID, name: str, expires_at: datetime | None, *, allowed_ips: str = "",
-        actor: Actor | None = None,
+        actor: Actor | None,
     ) -> tuple[Written[ApiKey], str]:
         """Returns the key as saved and the full secret, which is shown once and never stored."""
         project = self._ledger.get(project_id, Project)
@@ -53,7 +53,7 @@ class AccessService:
         return key, full
 
     def rotate_key(
-        self, key_id: UUID, overlap: timedelta, *, actor: Actor | None = None
+        self, key_id: UUID, overlap: timedelta, *, actor: Actor | None
     ) -> tuple[Written[ApiKey], str]:
         """A new key for the same project; the old one keeps working for `overlap`, then expires.
         Both changes are saved in one ledger transaction. The new key expires when the old one
@@ -67,7 +67,7 @@ class AccessService:
         old.expire_by(self._clock() + overlap, self._clock())
         return Written(new, self._ledger.save(new, old, actor=actor)), full
 
-    def revoke_key(self, key_id: UUID, *, actor: Actor | None = None) -> Written[ApiKey]:
+    def revoke_key(self, key_id: UUID, *, actor: Actor | None) -> Written[ApiKey]:
         key = self._ledger.get(key_id, ApiKey)
         key.revoke(self._clock())
         return Written(key, self._ledger.save(key, actor=actor))
@@ -76,7 +76,7 @@ class AccessService:
 
     def issue_token(
         self, *, role: str, organisation_id: UUID | None, name: str, expires_at: datetime | None,
-        actor: Actor | None = None,
+        actor: Actor | None,
     ) -> tuple[Written[AdminToken], str]:
         if organisation_id is not None:
             self._ledger.get(organisation_id, Organisation)  # NotFound for an unknown organisation
@@ -87,7 +87,7 @@ class AccessService:
                                   token=token, expires_at=expires_at, at=self._clock())
         return Written(issued, self._ledger.save(issued, actor=actor)), token
 
-    def revoke_token(self, token_id: UUID, *, actor: Actor | None = None) -> Written[AdminToken]:
+    def revoke_token(self, token_id: UUID, *, actor: Actor | None) -> Written[AdminToken]:
         token = self._ledger.get(token_id, AdminToken)
         token.revoke(self._clock())
         return Written(token, self._ledger.save(token, actor=actor))

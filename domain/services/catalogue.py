@@ -24,7 +24,7 @@ class CatalogueService:
 
     def define_meter(
         self, *, code: str, name: str, aggregation: str, field: str | None, group_by: list[str],
-        allow_negative: bool, has_usage: Callable[[str], bool], actor: Actor | None = None,
+        allow_negative: bool, has_usage: Callable[[str], bool], actor: Actor | None,
     ) -> tuple[Written[Meter], bool]:
         """Define a meter, or change an existing one; returns (written, created)."""
         try:
@@ -38,7 +38,7 @@ class CatalogueService:
         return Written(meter, self._ledger.save(meter, actor=actor) if changed else 0), False
 
     def create_project(
-        self, organisation_id: UUID, name: str, *, actor: Actor | None = None
+        self, organisation_id: UUID, name: str, *, actor: Actor | None
     ) -> Written[Project]:
         self._ledger.get(organisation_id, Organisation)  # NotFound for an unknown organisation
         project = Project.create(self._new_id(), organisation_id, name, self._clock())

@@ -71,7 +71,7 @@ class InvoicingService:
         supplier_state_code: str,
         late: Sequence[LateUsage] = (),
         redraft_voided: bool = False,
-        actor: Actor | None = None,
+        actor: Actor | None,
     ) -> tuple[Written[Invoice] | None, DraftStatus]:
         """Draft the organisation's invoice for `period` ('YYYY-MM', a period that has ended in
         the organisation's timezone), or find the one already drafted.
@@ -155,7 +155,7 @@ class InvoicingService:
         except NotFound:
             raise NotFound("invoice", ident) from None
 
-    def finalize(self, ident: UUID, *, actor: Actor | None = None) -> Written[Invoice]:
+    def finalize(self, ident: UUID, *, actor: Actor | None) -> Written[Invoice]:
         """Give a draft the next number of the current financial year (IST) and freeze it.
         Conflict if it is not a draft; Unavailable if the numbering stayed contended."""
         for attempt in range(FINALIZE_ATTEMPTS):
@@ -174,7 +174,7 @@ class InvoicingService:
                 self._pause(attempt)
         raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
 
-    def void(self, ident: UUID, reason: str = "", *, actor: Actor | None = None) -> Written[Invoice]:
+    def void(self, ident: UUID, reason: str = "", *, actor: Actor | None) -> Written[Invoice]:
         """Cancel a draft or finalized invoice (a finalized one keeps its number)."""
         for attempt in range(VOID_ATTEMPTS):
             invoice = self.invoice(ident)

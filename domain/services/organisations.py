@@ -16,13 +16,13 @@ class OrganisationService:
         self._clock = clock
         self._new_id = new_id
 
-    def create(self, settings: OrganisationSettings, *, actor: Actor | None = None) -> Written[Organisation]:
+    def create(self, settings: OrganisationSettings, *, actor: Actor | None) -> Written[Organisation]:
         org = Organisation.create(self._new_id(), settings, self._clock())
         return Written(org, self._ledger.save(org, actor=actor))
 
     def update_settings(
         self, org_id: UUID, changes: OrganisationSettings, *, suspended: bool | None = None, reason: str = "",
-        actor: Actor | None = None,
+        actor: Actor | None,
     ) -> Written[Organisation]:
         org = self._ledger.get(org_id, Organisation)
         now = self._clock()

@@ -31,7 +31,7 @@ class PlansService:
 
     def publish(
         self, *, code: str, name: str, currency: str, base_fee: Decimal, minimum: Decimal,
-        charges: Sequence[ChargeSpec], known_meters: AbstractSet[str], actor: Actor | None = None,
+        charges: Sequence[ChargeSpec], known_meters: AbstractSet[str], actor: Actor | None,
     ) -> Written[Plan]:
         """Publish version 1 of a new plan, or the next version of an existing one.
         `known_meters` are the defined meter codes a charge may refer to."""
@@ -57,7 +57,7 @@ class PlansService:
 
     def subscribe(
         self, organisation_id: UUID, plan_code: str, starts_at: datetime | None = None, *,
-        actor: Actor | None = None,
+        actor: Actor | None,
     ) -> Written[Subscription]:
         """Start the organisation's subscription (from `starts_at`, default now), or change its
         plan from the next period. Position 0 when the schedule already says so."""

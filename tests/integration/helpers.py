@@ -51,10 +51,12 @@ def write_orgs(rt: Runtime, count: int, prefix: str = "org") -> list[Any]:
     svc = service(rt)
     ids = []
     for i in range(count):
-        written = svc.create(OrganisationSettings(name=f"{prefix}-{i}", billing_email=f"ap{i}@example.in"))
+        written = svc.create(OrganisationSettings(name=f"{prefix}-{i}", billing_email=f"ap{i}@example.in"),
+                             actor=None)
         ids.append(written.aggregate.id)
         if i % 2:
-            svc.update_settings(written.aggregate.id, OrganisationSettings(name=f"{prefix}-{i}-renamed"))
+            svc.update_settings(written.aggregate.id, OrganisationSettings(name=f"{prefix}-{i}-renamed"),
+                                actor=None)
     return ids
 
 

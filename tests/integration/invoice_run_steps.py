@@ -39,6 +39,6 @@ def run_invoices(rt: Runtime, period: str, at: datetime) -> RunResult:
     """One invoice run of `period` with the clock at `at`; returns once its drafts are projected."""
     clock = lambda: at  # noqa: E731
     result = InvoiceRun(rt.pool, rt.ledger, InvoicingService(rt.ledger, clock), SUPPLIER_STATE_CODE,
-                        clock, GRACE, rt.settings.pg_schema).run(period)
+                        clock, GRACE, rt.settings.pg_schema).run(period, actor=None)
     caught_up(rt)
     return result

@@ -40,12 +40,12 @@ def _subscribed(rt: Runtime, *names: str) -> tuple[OrganisationService, list[UUI
     plans = PlansService(rt.ledger, now)
     calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
     plans.publish(code="basic", name="Basic", currency="INR", base_fee=Decimal(10), minimum=Decimal(0),
-                  charges=calls, known_meters={"calls"})
+                  charges=calls, known_meters={"calls"}, actor=None)
     orgs = OrganisationService(rt.ledger, now, uuid4)
-    ids = [orgs.create(OrganisationSettings(name=name, billing_email="a@b.in")).aggregate.id
+    ids = [orgs.create(OrganisationSettings(name=name, billing_email="a@b.in"), actor=None).aggregate.id
            for name in names]
     for ident in ids:
-        plans.subscribe(ident, "basic", SUBSCRIBED_FROM)
+        plans.subscribe(ident, "basic", SUBSCRIBED_FROM, actor=None)
     return orgs, ids
 
 
@@ -54,7 +54,7 @@ def test_a_blocked_organisation_is_recorded_counted_and_logged_until_invoiced(
 ) -> None:
     rt, _ = live
     orgs, (stuck,) = _subscribed(rt, "Stuck Ltd")
-    renamed = orgs.update_settings(stuck, OrganisationSettings(name="Stuck Ltd")).position
+    renamed = orgs.update_settings(stuck, OrganisationSettings(name="Stuck Ltd"), actor=None).position
     caught_up(rt)
     with rt.pool.connection() as conn:
         conn.execute("INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"

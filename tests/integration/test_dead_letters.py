@@ -59,10 +59,10 @@ async def test_failing_handler_dead_letters_after_bounded_retries_and_carries_on
     tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(projector.run(stop))]
     try:
         svc = service(runtime)
-        svc.create(OrganisationSettings(name="before", billing_email="a@b.in"))
-        poison = svc.create(OrganisationSettings(name="poison", billing_email="p@b.in"))
+        svc.create(OrganisationSettings(name="before", billing_email="a@b.in"), actor=None)
+        poison = svc.create(OrganisationSettings(name="poison", billing_email="p@b.in"), actor=None)
         for i in range(5):
-            svc.create(OrganisationSettings(name=f"after-{i}", billing_email="a@b.in"))
+            svc.create(OrganisationSettings(name=f"after-{i}", billing_email="a@b.in"), actor=None)
         head = runtime.ledger.head()
         await wait_until(lambda: tracked(runtime, "organisations") >= head, "projector past poison")
 
@@ -130,7 +130,7 @@ async def test_concurrent_redrives_apply_each_dead_lettered_usage_entry_exactly_
     svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4)
     for code, aggregation in (("s", "sum"), ("n", "count")):
         svc.define_meter(code=code, name=code, aggregation=aggregation, field=None, group_by=[],
-                         allow_negative=False, has_usage=lambda _: False)
+                         allow_negative=False, has_usage=lambda _: False, actor=None)
     key = KeyRecord(uuid4(), "p", "h", uuid4(), uuid4(), "Asia/Kolkata", None, False)
     now = datetime.now(UTC)
     poisoned: list[int] = []

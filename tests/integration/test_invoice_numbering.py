@@ -46,13 +46,13 @@ def subscribed_orgs(rt: Runtime, count: int) -> list[UUID]:
     orgs = OrganisationService(rt.ledger, lambda: ist(2026, 8, 1), uuid4)
     plans = PlansService(rt.ledger, lambda: ist(2026, 8, 1))
     plans.publish(code="pro", name="Pro", currency="INR", base_fee=Decimal(499), minimum=Decimal(0),
-                  charges=(PER_UNIT,), known_meters=METERS)
+                  charges=(PER_UNIT,), known_meters=METERS, actor=None)
     ids = []
     for i in range(count):
         state = "29" if i % 2 else "27"  # half intra-state (CGST+SGST), half IGST
         ident = orgs.create(OrganisationSettings(
-            name=f"org-{i}", billing_email=f"ap{i}@example.in", state_code=state)).aggregate.id
-        plans.subscribe(ident, "pro", starts_at=ist(2026, 9, 1))
+            name=f"org-{i}", billing_email=f"ap{i}@example.in", state_code=state), actor=None).aggregate.id
+        plans.subscribe(ident, "pro", starts_at=ist(2026, 9, 1), actor=None)
         ids.append(ident)
     return ids
 
@@ -64,7 +64,7 @@ def draft(rt: Runtime, svc: InvoicingService, org_id: UUID, calls: int) -> tuple
     versions = rt.ledger.get(plan_id("pro"), Plan).versions
     return svc.draft(org, period=PERIOD, subscription_history=history, plan_versions={"pro": versions},
                      quantities={"api_calls": Decimal(calls)}, usage_position=rt.ledger.head(),
-                     supplier_state_code=SUPPLIER)
+                     supplier_state_code=SUPPLIER, actor=None)
 
 
 def read(rt: Runtime, query: Any, *args: Any, **kwargs: Any) -> Any:
@@ -96,7 +96,7 @@ def test_concurrent_finalizations_get_gapless_unique_numbers(runtime: Runtime) -
         start.wait()
         numbers = []
         for ident in share:
-            number = finalizing.finalize(ident).aggregate.number
+            number = finalizing.finalize(ident, actor=None).aggregate.number
             assert number is not None, "a finalized invoice has its number"
             numbers.append(number)
         return numbers
@@ -116,14 +116,14 @@ def test_concurrent_finalizations_get_gapless_unique_numbers(runtime: Runtime) -
     # a finalized invoice is immutable, even against a second finalization
     head = runtime.ledger.head()
     try:
-        finalizing.finalize(ids[0])
+        finalizing.finalize(ids[0], actor=None)
         raise AssertionError("finalizing twice must be refused")
     except Conflict:
         pass
     assert runtime.ledger.head() == head
 
     # ---- the read model, replayed from the ledger ----
-    voided = finalizing.void(ids[0], "issued in error").aggregate
+    voided = finalizing.void(ids[0], "issued in error", actor=None).aggregate
     assert voided.number == in_ledger[ids[0]].number  # a void invoice keeps its number
     ensure_tables(runtime.pool, invoices.READ_MODEL)
     rebuild(runtime.pool, runtime.ledger, invoices.READ_MODEL)

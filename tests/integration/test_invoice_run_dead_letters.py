@@ -58,28 +58,31 @@ def test_dead_letters_in_every_read_model_pricing_reads_block_the_organisations_
     rt, writer = live
     catalogue = CatalogueService(rt.ledger, now, uuid4)
     meter, _ = catalogue.define_meter(code="calls", name="Calls", aggregation="count", field=None,
-                                      group_by=[], allow_negative=False, has_usage=lambda _: False)
+                                      group_by=[], allow_negative=False, has_usage=lambda _: False,
+                                      actor=None)
     plans = PlansService(rt.ledger, now)
     calls = [ChargeSpec("calls", "per_unit", unit_price=Decimal(1))]
     plans.publish(code="basic", name="Basic", currency="INR", base_fee=Decimal(10), minimum=Decimal(0),
-                  charges=calls, known_meters={"calls"})
+                  charges=calls, known_meters={"calls"}, actor=None)
     other = plans.publish(code="other", name="Other", currency="INR", base_fee=Decimal(10),
-                          minimum=Decimal(0), charges=calls, known_meters={"calls"})
+                          minimum=Decimal(0), charges=calls, known_meters={"calls"}, actor=None)
     orgs = OrganisationService(rt.ledger, now, uuid4)
     ids: dict[str, UUID] = {}
     subscribed: dict[str, int] = {}
     for name in ("subscription", "project", "invoice", "settings", "old usage", "usage",
                  "plan", "clean"):
-        ids[name] = orgs.create(OrganisationSettings(name=name, billing_email="a@b.in")).aggregate.id
+        ids[name] = orgs.create(OrganisationSettings(name=name, billing_email="a@b.in"),
+                                actor=None).aggregate.id
         subscribed[name] = plans.subscribe(ids[name], "other" if name == "plan" else "basic",
-                                           SUBSCRIBED_FROM).position
+                                           SUBSCRIBED_FROM, actor=None).position
     caught_up(rt)
     assert run_invoices(rt, "2026-09", datetime(2026, 10, 5, tzinfo=UTC)).created == len(ids)
     with rt.pool.connection() as conn:
         (invoice,) = invoices.page(conn, 10, None, organisation_id=ids["invoice"], period="2026-09")
 
-    project = catalogue.create_project(ids["project"], "web").position
-    settings = orgs.update_settings(ids["settings"], OrganisationSettings(name="settings renamed")).position
+    project = catalogue.create_project(ids["project"], "web", actor=None).position
+    settings = orgs.update_settings(ids["settings"], OrganisationSettings(name="settings renamed"),
+                                    actor=None).position
 
     def usage(org: str, at: datetime, count: int) -> list[int]:
         key = KeyRecord(uuid4(), "p", "h", uuid4(), ids[org], "Asia/Kolkata", None, False)

@@ -130,9 +130,9 @@ def access(rt: Runtime) -> AccessService:
 
 def tenant(rt: Runtime, name: str) -> Tenant:
     """An organisation with a project and one API key."""
-    org = orgs(rt).create(OrganisationSettings(name=name, billing_email=f"ap@{name}.example.in"))
-    project = catalogue(rt).create_project(org.aggregate.id, f"{name}-project")
-    key, _ = access(rt).issue_key(project.aggregate.id, f"{name}-key", None)
+    org = orgs(rt).create(OrganisationSettings(name=name, billing_email=f"ap@{name}.example.in"), actor=None)
+    project = catalogue(rt).create_project(org.aggregate.id, f"{name}-project", actor=None)
+    key, _ = access(rt).issue_key(project.aggregate.id, f"{name}-key", None, actor=None)
     return Tenant(org.aggregate.id, key.aggregate.id, key.aggregate.prefix, key.position)
 
 
@@ -184,20 +184,21 @@ class Overtaken:
 
 
 def _revoke(rt: Runtime, t: Tenant) -> int:
-    return access(rt).revoke_key(t.key_id).position
+    return access(rt).revoke_key(t.key_id, actor=None).position
 
 
 def _rotate(rt: Runtime, t: Tenant) -> int:
-    return access(rt).rotate_key(t.key_id, ROTATION_OVERLAP)[0].position
+    return access(rt).rotate_key(t.key_id, ROTATION_OVERLAP, actor=None)[0].position
 
 
 def _suspend(rt: Runtime, t: Tenant) -> int:
     return orgs(rt).update_settings(t.organisation_id, OrganisationSettings(), suspended=True,
-                                    reason="unpaid").position
+                                    reason="unpaid", actor=None).position
 
 
 def _allow_list(rt: Runtime, t: Tenant) -> int:
-    return orgs(rt).update_settings(t.organisation_id, OrganisationSettings(allowed_ips=ALLOW_LIST)).position
+    return orgs(rt).update_settings(t.organisation_id, OrganisationSettings(allowed_ips=ALLOW_LIST),
+                                    actor=None).position
 
 
 def _revoked(k: KeyRecord) -> bool:
@@ -268,10 +269,10 @@ async def test_an_organisation_allow_list_reaches_the_caches_while_the_catalogue
             await wait_until(partial(everywhere, loop, processes, a.prefix, lambda k: True),
                              "the key in every cache")
             await pipe.stop("catalogue")
-            await asyncio.to_thread(access(runtime).revoke_key, a.key_id)  # held back
+            await asyncio.to_thread(access(runtime).revoke_key, a.key_id, actor=None)  # held back
             await asyncio.to_thread(orgs(runtime).update_settings, a.organisation_id,
                                     OrganisationSettings(allowed_ips="192.0.2.0/24"), suspended=True,
-                                    reason="audit")
+                                    reason="audit", actor=None)
             await wait_until(
                 partial(everywhere, loop, processes, a.prefix,
                         lambda k: k.organisation_allowed_ips == "192.0.2.0/24" and k.suspended),
@@ -393,7 +394,7 @@ async def test_a_cache_miss_read_before_a_revocation_never_overwrites_the_refres
                                                     dataclasses.replace(caches.KEYS, by_prefix=held))
         miss = asyncio.create_task(cache.find(a.prefix))  # reads the key as valid, then waits
         assert await asyncio.to_thread(held.read.wait, RACE_WAIT_S)
-        revoked = await asyncio.to_thread(access(runtime).revoke_key, a.key_id)
+        revoked = await asyncio.to_thread(access(runtime).revoke_key, a.key_id, actor=None)
         await projected(runtime, "catalogue", revoked.position)
         await asyncio.to_thread(cache.refresh)  # sees the revocation, passes its position
         held.release.set()
@@ -409,7 +410,7 @@ async def test_a_token_cache_miss_read_before_a_revocation_never_overwrites_the_
     async with pipeline(runtime):
         access = AccessService(runtime.ledger, _clock, uuid4, new_key_secret)
         issued, _ = await asyncio.to_thread(access.issue_token, role="auditor", organisation_id=None,
-                                            name="ops", expires_at=None)
+                                            name="ops", expires_at=None, actor=None)
         await projected(runtime, "access", issued.position)
         held = HeldRead(caches.TOKENS.by_prefix)
         cache: PrefixCache[TokenRecord] = PrefixCache(
@@ -417,7 +418,7 @@ async def test_a_token_cache_miss_read_before_a_revocation_never_overwrites_the_
         prefix = issued.aggregate.prefix
         miss = asyncio.create_task(cache.find(prefix))
         assert await asyncio.to_thread(held.read.wait, RACE_WAIT_S)
-        revoked = await asyncio.to_thread(access.revoke_token, issued.aggregate.id)
+        revoked = await asyncio.to_thread(access.revoke_token, issued.aggregate.id, actor=None)
         await projected(runtime, "access", revoked.position)
         await asyncio.to_thread(cache.refresh)
         held.release.set()

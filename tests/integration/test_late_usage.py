@@ -50,11 +50,12 @@ class Tenant:
                  base_fee: Decimal = Decimal(0)) -> None:
         self.rt, self.writer = rt, writer
         self.org = OrganisationService(rt.ledger, now, uuid4).create(
-            OrganisationSettings(name="Late Ltd", billing_email="a@b.in", state_code="29")).aggregate
+            OrganisationSettings(name="Late Ltd", billing_email="a@b.in", state_code="29"),
+            actor=None).aggregate
         plans = PlansService(rt.ledger, now)
         plans.publish(code="late", name="Late", currency="INR", base_fee=base_fee, minimum=Decimal(0),
-                      charges=charges, known_meters={c.metric for c in charges})
-        plans.subscribe(self.org.id, "late", datetime(2026, 6, 1, tzinfo=UTC))
+                      charges=charges, known_meters={c.metric for c in charges}, actor=None)
+        plans.subscribe(self.org.id, "late", datetime(2026, 6, 1, tzinfo=UTC), actor=None)
         self.key = KeyRecord(uuid4(), "p", "h", uuid4(), self.org.id, TIMEZONE, None, False)
         self.sent: dict[tuple[str, str], Decimal] = {}  # (period, metric) -> sum of values sent
 
@@ -81,7 +82,7 @@ class Tenant:
         return self.rt.ledger.get(row.id, Invoice)
 
     def finalize(self, invoice: Invoice) -> Invoice:
-        written = InvoicingService(self.rt.ledger, now).finalize(invoice.id)
+        written = InvoicingService(self.rt.ledger, now).finalize(invoice.id, actor=None)
         self.caught_up(written.position)
         return written.aggregate
 
@@ -117,7 +118,7 @@ def calls_tenant(live: tuple[Runtime, ThreadedWriter], base_fee: Decimal = Decim
     rt, writer = live
     CatalogueService(rt.ledger, now, uuid4).define_meter(code="calls", name="Calls", aggregation="count",
                                                          field=None, group_by=[], allow_negative=False,
-                                                         has_usage=lambda _: False)
+                                                         has_usage=lambda _: False, actor=None)
     return Tenant(rt, writer, [ChargeSpec("calls", "per_unit", unit_price=ONE_RUPEE_PER_CALL)],
                   base_fee)
 
@@ -185,9 +186,9 @@ def test_a_late_item_that_went_down_is_left_out_alone(live: tuple[Runtime, Threa
     rt, writer = live
     catalogue = CatalogueService(rt.ledger, now, uuid4)
     catalogue.define_meter(code="calls", name="Calls", aggregation="count", field=None, group_by=[],
-                           allow_negative=False, has_usage=lambda _: False)
+                           allow_negative=False, has_usage=lambda _: False, actor=None)
     catalogue.define_meter(code="credits", name="Credits", aggregation="sum", field=None, group_by=[],
-                           allow_negative=True, has_usage=lambda _: False)
+                           allow_negative=True, has_usage=lambda _: False, actor=None)
     tenant = Tenant(rt, writer, [ChargeSpec("calls", "per_unit", unit_price=Decimal(1)),
                                  ChargeSpec("credits", "per_unit", unit_price=Decimal(1))])
     august, september = (datetime(2026, m, 15, tzinfo=UTC) for m in (8, 9))
@@ -216,7 +217,7 @@ def test_late_usage_of_a_voided_carrier_is_billed_again(live: tuple[Runtime, Thr
     tenant.usage(september, september)
     october = tenant.drafted("2026-10")
     assert tenant.late_amounts(october, "2026-09") == [200]
-    written = InvoicingService(tenant.rt.ledger, now).void(october.id, "wrong")
+    written = InvoicingService(tenant.rt.ledger, now).void(october.id, "wrong", actor=None)
     tenant.caught_up(written.position)
     tenant.usage(september)
     november = tenant.drafted("2026-11")
@@ -233,18 +234,18 @@ def test_drafts_are_finalized_automatically_after_the_configured_delay(
     rt, _ = live
 
     org = OrganisationService(rt.ledger, now, uuid4).create(
-        OrganisationSettings(name="Auto Ltd", billing_email="a@b.in")).aggregate
+        OrganisationSettings(name="Auto Ltd", billing_email="a@b.in"), actor=None).aggregate
     plans = PlansService(rt.ledger, now)
     plans.publish(code="auto", name="Auto", currency="INR", base_fee=Decimal(100), minimum=Decimal(0),
-                  charges=[], known_meters=set())
-    plans.subscribe(org.id, "auto", datetime(2026, 9, 1, tzinfo=UTC))
+                  charges=[], known_meters=set(), actor=None)
+    plans.subscribe(org.id, "auto", datetime(2026, 9, 1, tzinfo=UTC), actor=None)
     at = datetime(2026, 11, 3, tzinfo=UTC)
     invoicing = InvoicingService(rt.ledger, lambda: at)
     head = rt.ledger.head()
     for model in READ_MODELS:
         wait_sync(partial(reached, rt, model.name, head), f"{model.name} caught up")
     result = InvoiceRun(rt.pool, rt.ledger, invoicing, "29", lambda: at, timedelta(hours=24),
-                        rt.settings.pg_schema).run("2026-10")
+                        rt.settings.pg_schema).run("2026-10", actor=None)
     assert result.created == 1
     drafted = rt.ledger.head()
     wait_sync(lambda: tracked(rt, "invoices") >= drafted, "draft in the read model")

@@ -152,7 +152,7 @@ async def test_messages_of_ignored_topics_advance_tracking_without_being_applied
             for j in range(3):
                 await asyncio.to_thread(catalogue.define_meter, code=f"m{i}x{j}", name="m",
                                         aggregation="count", field=None, group_by=[],
-                                        allow_negative=False, has_usage=lambda _: False)
+                                        allow_negative=False, has_usage=lambda _: False, actor=None)
         head = runtime.ledger.head()  # the newest entries are meters: ignored by this model
         await wait_until(lambda: tracked(runtime, "organisations") >= head, "skips persisted")
     live = org_rows(runtime)

@@ -55,27 +55,27 @@ def read(rt: Runtime, query: Any, *args: Any) -> Any:
 
 def new_org(rt: Runtime) -> UUID:
     svc = OrganisationService(rt.ledger, lambda: ist(2026, 9, 1), uuid4)
-    return svc.create(OrganisationSettings(name="Acme", billing_email="ap@acme.in")).aggregate.id
+    return svc.create(OrganisationSettings(name="Acme", billing_email="ap@acme.in"), actor=None).aggregate.id
 
 
 def test_plans_and_subscriptions_replay_into_the_read_model(runtime: Runtime) -> None:
     clock = Clock(ist(2026, 9, 10, 12, 0))
     svc = PlansService(runtime.ledger, clock)
     svc.publish(code="basic", name="Basic", currency="INR", base_fee=Decimal(0), minimum=Decimal(0),
-                charges=(PER_UNIT,), known_meters=METERS)
+                charges=(PER_UNIT,), known_meters=METERS, actor=None)
     v1 = svc.publish(code="pro", name="Pro", currency="INR", base_fee=Decimal("499.00"),
-                     minimum=Decimal(1000), charges=(PER_UNIT, GRADUATED), known_meters=METERS)
+                     minimum=Decimal(1000), charges=(PER_UNIT, GRADUATED), known_meters=METERS, actor=None)
     clock.now = ist(2026, 10, 15, 9, 30)
     v2 = svc.publish(code="pro", name="Pro 2", currency="INR", base_fee=Decimal("599.50"), minimum=Decimal(0),
-                     charges=(GRADUATED,), known_meters=METERS)
+                     charges=(GRADUATED,), known_meters=METERS, actor=None)
     assert v2.position > v1.position > 0
 
     org, other = new_org(runtime), new_org(runtime)
     clock.now = ist(2026, 10, 20)
-    svc.subscribe(org, "basic", starts_at=ist(2026, 9, 1))
-    changed = svc.subscribe(org, "pro")  # mid-October: from 1 November
+    svc.subscribe(org, "basic", starts_at=ist(2026, 9, 1), actor=None)
+    changed = svc.subscribe(org, "pro", actor=None)  # mid-October: from 1 November
     assert changed.aggregate.history[-1].effective_from == ist(2026, 11, 1)
-    svc.subscribe(other, "pro")  # starts now, mid-October
+    svc.subscribe(other, "pro", actor=None)  # starts now, mid-October
 
     replay(runtime)
 
@@ -126,9 +126,9 @@ def test_a_rebuild_gives_the_same_rows_every_time(runtime: Runtime) -> None:
     for i in range(3):
         clock.now += timedelta(days=1)
         svc.publish(code="pro", name=f"Pro {i}", currency="INR", base_fee=Decimal(i), minimum=Decimal(0),
-                    charges=(PER_UNIT,), known_meters=METERS)
+                    charges=(PER_UNIT,), known_meters=METERS, actor=None)
     org = new_org(runtime)
-    svc.subscribe(org, "pro")
+    svc.subscribe(org, "pro", actor=None)
     replay(runtime)
     first = (table_rows(runtime, "plan_versions", "code, version"),
              table_rows(runtime, "subscriptions", "ledger_position"))
@@ -141,11 +141,11 @@ def test_a_rebuild_gives_the_same_rows_every_time(runtime: Runtime) -> None:
 def test_subscribe_refuses_what_the_ledger_does_not_know(runtime: Runtime) -> None:
     svc = PlansService(runtime.ledger, lambda: datetime(2026, 10, 1, tzinfo=UTC))
     svc.publish(code="pro", name="Pro", currency="INR", base_fee=Decimal(0), minimum=Decimal(0), charges=(),
-                known_meters=METERS)
+                known_meters=METERS, actor=None)
     with pytest.raises(NotFound):
-        svc.subscribe(uuid4(), "pro")
+        svc.subscribe(uuid4(), "pro", actor=None)
     org = new_org(runtime)
     with pytest.raises(NotFound):
-        svc.subscribe(org, "gold")
+        svc.subscribe(org, "gold", actor=None)
     with pytest.raises(NotFound):
         runtime.ledger.get(subscription_id(org), Subscription)

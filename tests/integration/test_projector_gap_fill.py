@@ -112,7 +112,7 @@ async def _fill_a_gap(rt: Runtime, js: JetStreamContext, writer: ThreadedWriter,
 async def test_a_long_gap_is_filled_in_bounded_chunks_with_flat_memory(runtime: Runtime) -> None:
     svc = CatalogueService(runtime.ledger, lambda: datetime.now(UTC), uuid4)
     defined, _ = svc.define_meter(code="n", name="n", aggregation="count", field=None, group_by=[],
-                                  allow_negative=False, has_usage=lambda _: False)
+                                  allow_negative=False, has_usage=lambda _: False, actor=None)
     js = await runtime.connect_nats("projector")
     stop = asyncio.Event()
     projector = Projector(usage_totals.READ_MODEL, runtime.ledger, runtime.projection_pool(), js,

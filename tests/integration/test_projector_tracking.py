@@ -121,7 +121,7 @@ def test_rebuild_reads_the_head_after_taking_the_tracking_lock(runtime: Runtime)
             rebuilt = pool.submit(rebuild, runtime.pool, runtime.ledger, organisations.READ_MODEL)
             wait_sync(lambda: _waiting_for_the_tracking_lock(runtime), "the rebuild at the lock")
             appended = service(runtime).create(
-                OrganisationSettings(name="concurrent", billing_email="c@b.in"))
+                OrganisationSettings(name="concurrent", billing_email="c@b.in"), actor=None)
             for n in runtime.ledger.read_after(before, 100):
                 organisations.READ_MODEL.apply_all(cur, [(runtime.ledger.decode(n), n.id)])
             cur.execute("UPDATE projection_tracking SET position = %s WHERE name = %s",

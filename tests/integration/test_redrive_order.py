@@ -53,8 +53,9 @@ async def test_an_update_of_a_row_whose_creation_was_dead_lettered_is_dead_lette
     runtime: Runtime,
 ) -> None:
     svc = service(runtime)
-    poison = svc.create(OrganisationSettings(name="poison", billing_email="p@b.in"))
-    svc.update_settings(poison.aggregate.id, OrganisationSettings(), suspended=True, reason="fraud")
+    poison = svc.create(OrganisationSettings(name="poison", billing_email="p@b.in"), actor=None)
+    svc.update_settings(poison.aggregate.id, OrganisationSettings(), suspended=True, reason="fraud",
+                        actor=None)
     projector = await _project(runtime, _poisoned(broken=True))
     assert projector.dead_lettered == 2  # the creation, and the suspension it makes impossible
     fixed = redrive(runtime.pool, runtime.ledger, organisations.READ_MODEL)
@@ -64,10 +65,11 @@ async def test_an_update_of_a_row_whose_creation_was_dead_lettered_is_dead_lette
 
 async def test_redriving_an_older_reactivation_never_undoes_a_later_suspension(runtime: Runtime) -> None:
     svc = service(runtime)
-    org = svc.create(OrganisationSettings(name="acme", billing_email="p@b.in")).aggregate.id
-    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="late payment")
-    svc.update_settings(org, OrganisationSettings(), suspended=False, reason="paid")  # dead-lettered
-    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="fraud")  # applied
+    org = svc.create(OrganisationSettings(name="acme", billing_email="p@b.in"), actor=None).aggregate.id
+    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="late payment", actor=None)
+    svc.update_settings(org, OrganisationSettings(), suspended=False, reason="paid",
+                        actor=None)  # dead-lettered
+    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="fraud", actor=None)  # applied
     projector = await _project(runtime, _poisoned_reactivation())
     assert projector.dead_lettered == 1 and _suspended(runtime, org)
     redrive(runtime.pool, runtime.ledger, organisations.READ_MODEL)
@@ -77,11 +79,11 @@ async def test_redriving_an_older_reactivation_never_undoes_a_later_suspension(r
 
 async def test_a_rebuild_that_rewrites_rows_reaches_the_key_cache(runtime: Runtime) -> None:
     svc = service(runtime)
-    org = svc.create(OrganisationSettings(name="acme", billing_email="p@b.in")).aggregate.id
+    org = svc.create(OrganisationSettings(name="acme", billing_email="p@b.in"), actor=None).aggregate.id
     cat = catalogue(runtime)
-    project = cat.create_project(org, "p").aggregate.id
-    key, _ = access(runtime).issue_key(project, "k", None)
-    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="fraud")
+    project = cat.create_project(org, "p", actor=None).aggregate.id
+    key, _ = access(runtime).issue_key(project, "k", None, actor=None)
+    svc.update_settings(org, OrganisationSettings(), suspended=True, reason="fraud", actor=None)
     rebuild(runtime.pool, runtime.ledger, organisations.READ_MODEL)
     rebuild(runtime.pool, runtime.ledger, catalogue_model.READ_MODEL)
     with runtime.pool.connection() as conn:  # drift that moves no position (a hand edit, a bug)

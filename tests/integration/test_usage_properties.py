@@ -72,7 +72,7 @@ def live(runtime: Runtime) -> Iterator[tuple[Runtime, ThreadedWriter]]:
     for code, (aggregation, field) in METERS.items():
         svc.define_meter(code=code, name=code, aggregation=aggregation, field=field,
                          group_by=list(GROUP_BY.get(code, ())), allow_negative=False,
-                         has_usage=lambda _: False)
+                         has_usage=lambda _: False, actor=None)
     with threaded_writer(runtime) as writer, background_roles(runtime, {"relay", "project"}):
         yield runtime, writer
 

@@ -41,7 +41,7 @@ def test_a_void_while_a_run_drafts_is_refused_and_the_late_usage_stays_billed(
     def operator_voids_meanwhile(*args: Any, **kw: Any) -> Any:
         late = original(*args, **kw)
         try:  # the operator's void arrives between the run's reading and its drafting
-            _runner(tenant).void(october.id, "wrong address")
+            _runner(tenant).void(october.id, "wrong address", actor=None)
         except Conflict as e:
             refused.append(e)
         return late
@@ -53,4 +53,4 @@ def test_a_void_while_a_run_drafts_is_refused_and_the_late_usage_stays_billed(
     assert len(refused) == 1 and "in progress" in str(refused[0])
     assert tenant.billed()[("2026-09", "calls")] == tenant.sent[("2026-09", "calls")] == Decimal(2)
     # After the run, the void goes through.
-    assert _runner(tenant).void(october.id, "wrong address").aggregate.status == "void"
+    assert _runner(tenant).void(october.id, "wrong address", actor=None).aggregate.status == "void"

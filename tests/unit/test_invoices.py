@@ -81,7 +81,8 @@ def draft(svc: InvoicingService, customer: Organisation, version: StoredVersion 
     return svc.draft(customer, period=period, subscription_history=kw.pop("history", history(version.code)),
                      plan_versions={version.code: [version]},
                      quantities=USAGE if quantities is None else quantities,
-                     usage_position=kw.pop("usage_position", 42), supplier_state_code=SUPPLIER, **kw)
+                     usage_position=kw.pop("usage_position", 42), supplier_state_code=SUPPLIER,
+                     actor=kw.pop("actor", None), **kw)
 
 
 # ---- numbering ----------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def test_a_missing_plan_version_is_an_error_not_a_silent_skip() -> None:
     svc, _, _ = setup()
     with pytest.raises(NotFound, match="plan"):
         svc.draft(org(), period=PERIOD, subscription_history=history("gold"), plan_versions={"pro": [plan()]},
-                  quantities=USAGE, usage_position=0, supplier_state_code=SUPPLIER)
+                  quantities=USAGE, usage_position=0, supplier_state_code=SUPPLIER, actor=None)
 
 
 def test_late_usage_is_priced_on_the_invoice_and_recorded_with_it() -> None:
@@ -235,7 +236,7 @@ def drafted(svc: InvoicingService, count: int = 1) -> list[UUID]:
 def test_finalize_numbers_the_invoice_and_freezes_it() -> None:
     svc, ledger, _ = setup()
     ident, = drafted(svc)
-    written = svc.finalize(ident)
+    written = svc.finalize(ident, actor=None)
     inv = written.aggregate
     assert (inv.status, inv.number, inv.finalized_at) == ("finalized", "INV/2627/000001", AFTER_OCTOBER)
     assert inv.is_immutable and written.position == ledger.position
@@ -243,7 +244,7 @@ def test_finalize_numbers_the_invoice_and_freezes_it() -> None:
     assert (seq.last, seq.last_invoice_id) == (1, ident)
     before = ledger.position
     with pytest.raises(Conflict, match="INV/2627/000001 is finalized and immutable"):
-        svc.finalize(ident)
+        svc.finalize(ident, actor=None)
     with pytest.raises(Conflict):
         inv.check_mutable("changed")
     assert ledger.position == before
@@ -252,22 +253,22 @@ def test_finalize_numbers_the_invoice_and_freezes_it() -> None:
 def test_void_from_draft_or_finalized_and_nothing_after() -> None:
     svc, ledger, _ = setup()
     draft_id, final_id = drafted(svc, 2)
-    svc.finalize(final_id)
-    voided = svc.void(draft_id, "duplicate").aggregate
+    svc.finalize(final_id, actor=None)
+    voided = svc.void(draft_id, "duplicate", actor=None).aggregate
     assert (voided.status, voided.void_reason, voided.number) == ("void", "duplicate", None)
-    kept = svc.void(final_id).aggregate
+    kept = svc.void(final_id, actor=None).aggregate
     assert (kept.status, kept.number, kept.void_reason) == ("void", "INV/2627/000001", "voided")
     for ident in (draft_id, final_id):
         with pytest.raises(Conflict, match="void"):
-            svc.void(ident, "again")
+            svc.void(ident, "again", actor=None)
         with pytest.raises(Conflict, match="void"):
-            svc.finalize(ident)
+            svc.finalize(ident, actor=None)
     with pytest.raises(ValidationFailed):
-        svc.void(drafted(svc)[0], "x" * (VOID_REASON_MAX_CHARS + 1))
+        svc.void(drafted(svc)[0], "x" * (VOID_REASON_MAX_CHARS + 1), actor=None)
     with pytest.raises(NotFound, match="invoice"):
-        svc.finalize(uuid4())
+        svc.finalize(uuid4(), actor=None)
     # the next number follows on: a void finalized invoice keeps its number
-    assert svc.finalize(drafted(svc)[0]).aggregate.number == "INV/2627/000002"
+    assert svc.finalize(drafted(svc)[0], actor=None).aggregate.number == "INV/2627/000002"
     assert ledger.get(sequence_id(2026), InvoiceSequence).last == 2
 
 
@@ -275,7 +276,7 @@ def test_a_voided_period_is_redrafted_only_when_asked() -> None:
     svc, _, _ = setup()
     customer = org()
     first = draft(svc, customer)[0].aggregate
-    svc.void(first.id, "wrong usage")
+    svc.void(first.id, "wrong usage", actor=None)
     again, status = draft(svc, customer)
     assert status == "existing" and again.aggregate.status == "void"
     replacement, status = draft(svc, customer, redraft_voided=True)
@@ -285,7 +286,7 @@ def test_a_voided_period_is_redrafted_only_when_asked() -> None:
     # an ordinary run now finds the replacement, the newest revision
     newest, status = draft(svc, customer)
     assert status == "existing" and newest.aggregate.id == replacement.aggregate.id
-    svc.void(replacement.aggregate.id, "wrong again")
+    svc.void(replacement.aggregate.id, "wrong again", actor=None)
     third = draft(svc, customer, redraft_voided=True)[0].aggregate
     assert third.revision == 2 and third.id == invoice_id(customer.id, PERIOD, 2)
 
@@ -294,17 +295,19 @@ def test_numbers_follow_the_financial_year_of_finalization_in_ist() -> None:
     svc, _, clock = setup()
     ids = drafted(svc, 4)
     clock.now = ist(2027, 3, 31, 23, 59, 59)
-    assert [svc.finalize(i).aggregate.number for i in ids[:2]] == ["INV/2627/000001", "INV/2627/000002"]
+    numbers = [svc.finalize(i, actor=None).aggregate.number for i in ids[:2]]
+    assert numbers == ["INV/2627/000001", "INV/2627/000002"]
     clock.now = ist(2027, 4, 1, 0, 0, 0)
-    assert [svc.finalize(i).aggregate.number for i in ids[2:]] == ["INV/2728/000001", "INV/2728/000002"]
+    numbers = [svc.finalize(i, actor=None).aggregate.number for i in ids[2:]]
+    assert numbers == ["INV/2728/000001", "INV/2728/000002"]
 
 
 def test_losing_the_race_for_a_number_takes_the_next_one() -> None:
     svc, ledger, _ = setup()
     mine, theirs = drafted(svc, 2)
     rival = InvoicingService(ledger, Clock(AFTER_OCTOBER))
-    ledger.before_save = lambda: rival.finalize(theirs)
-    assert svc.finalize(mine).aggregate.number == "INV/2627/000002"
+    ledger.before_save = lambda: rival.finalize(theirs, actor=None)
+    assert svc.finalize(mine, actor=None).aggregate.number == "INV/2627/000002"
     assert ledger.get(theirs, Invoice).number == "INV/2627/000001"
     issued = [e.number for e in ledger.events[sequence_id(2026)] if hasattr(e, "number")]
     assert issued == ["INV/2627/000001", "INV/2627/000002"]
@@ -316,7 +319,7 @@ def test_numbering_that_stays_contended_gives_up_with_unavailable() -> None:
     ident, = drafted(svc)
     ledger.always_conflict = True
     with pytest.raises(Unavailable):
-        svc.finalize(ident)
+        svc.finalize(ident, actor=None)
     assert waits == list(range(FINALIZE_ATTEMPTS))
     ledger.always_conflict = False
     assert ledger.get(ident, Invoice).status == "draft"
@@ -325,8 +328,8 @@ def test_numbering_that_stays_contended_gives_up_with_unavailable() -> None:
 def test_invoice_and_sequence_events_survive_the_ledger_codec() -> None:
     svc, ledger, _ = setup()
     ident, = drafted(svc)
-    svc.finalize(ident)
-    svc.void(ident, "customer left")
+    svc.finalize(ident, actor=None)
+    svc.void(ident, "customer left", actor=None)
     mapper = MsgspecMapper()
     for aggregate_id, kind in ((ident, Invoice), (sequence_id(2026), InvoiceSequence)):
         rebuilt: Any = None

@@ -29,22 +29,22 @@ def _service() -> tuple[AccessService, MemoryLedger, Clock]:
 def _key(service: AccessService, ledger: MemoryLedger, expires_at: datetime | None) -> UUID:
     org = Organisation.create(uuid4(), OrganisationSettings(name="A", billing_email="a@b.in"), AT)
     ledger.save(org)
-    project = CatalogueService(ledger, lambda: AT, uuid4).create_project(org.id, "p").aggregate
-    return service.issue_key(project.id, "k", expires_at)[0].aggregate.id
+    project = CatalogueService(ledger, lambda: AT, uuid4).create_project(org.id, "p", actor=None).aggregate
+    return service.issue_key(project.id, "k", expires_at, actor=None)[0].aggregate.id
 
 
 def test_a_rotated_key_expires_when_the_old_one_would_have() -> None:
     service, ledger, _ = _service()
     expires = AT + timedelta(days=30)
     old_id = _key(service, ledger, expires)
-    written, _ = service.rotate_key(old_id, OVERLAP)
+    written, _ = service.rotate_key(old_id, OVERLAP, actor=None)
     assert written.aggregate.expires_at == expires
 
 
 def test_a_key_without_expiry_rotates_to_one_without_expiry() -> None:
     service, ledger, _ = _service()
     old_id = _key(service, ledger, None)
-    written, _ = service.rotate_key(old_id, OVERLAP)
+    written, _ = service.rotate_key(old_id, OVERLAP, actor=None)
     assert written.aggregate.expires_at is None
 
 
@@ -54,5 +54,5 @@ def test_an_expired_key_cannot_be_rotated_and_nothing_is_recorded() -> None:
     clock.now = AT + timedelta(hours=2)
     before = ledger.position
     with pytest.raises(Conflict, match="expired"):
-        service.rotate_key(old_id, OVERLAP)
+        service.rotate_key(old_id, OVERLAP, actor=None)
     assert ledger.position == before

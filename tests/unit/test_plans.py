@@ -322,7 +322,7 @@ def publish_with(svc: PlansService, code: str = "pro", **over: Any) -> Any:
     args: dict[str, Any] = {"name": "Pro", "currency": "INR", "base_fee": Decimal(500),
                             "minimum": Decimal(0), "charges": (PER_UNIT,)} | over
     return svc.publish(code=code, name=args["name"], currency=args["currency"], base_fee=args["base_fee"],
-                       minimum=args["minimum"], charges=args["charges"], known_meters=METERS)
+                       minimum=args["minimum"], charges=args["charges"], known_meters=METERS, actor=None)
 
 
 def test_service_publishes_versions_and_stamps_them_with_its_clock() -> None:
@@ -355,10 +355,10 @@ def test_subscribe_refuses_unknown_organisations_and_plans() -> None:
     svc, ledger, _ = service()
     publish_with(svc)
     with pytest.raises(NotFound):
-        svc.subscribe(uuid4(), "pro")
+        svc.subscribe(uuid4(), "pro", actor=None)
     org = make_org(ledger)
     with pytest.raises(NotFound) as info:
-        svc.subscribe(org, "gold")
+        svc.subscribe(org, "gold", actor=None)
     assert (info.value.kind, info.value.ident) == ("plan", "gold")
     assert ledger.get(org, Organisation) and subscription_id(org) not in ledger.events
 
@@ -368,13 +368,13 @@ def test_subscribe_starts_now_by_default_then_changes_from_the_next_local_month(
     publish_with(svc, "basic")
     publish_with(svc, "pro")
     org = make_org(ledger)
-    started = svc.subscribe(org, "basic")
+    started = svc.subscribe(org, "basic", actor=None)
     assert started.position > 0 and started.aggregate.history == [
         SubscriptionEntry("basic", ist(2026, 10, 5, 11, 0))]
     clock.now = datetime(2026, 10, 31, 18, 45, tzinfo=UTC)  # 1 Nov 00:15 in Kolkata
-    changed = svc.subscribe(org, "pro")
+    changed = svc.subscribe(org, "pro", actor=None)
     assert changed.aggregate.history[-1] == SubscriptionEntry("pro", ist(2026, 12, 1))
-    again = svc.subscribe(org, "pro")
+    again = svc.subscribe(org, "pro", actor=None)
     assert again.position == 0 and len(again.aggregate.history) == 2
     stored = ledger.get(subscription_id(org), Subscription)
     assert stored.plan_for_period("2026-11", KOLKATA) == PeriodPlan("basic", None, ist(2026, 11, 1))
@@ -386,8 +386,8 @@ def test_subscribe_uses_the_organisations_own_timezone() -> None:
     publish_with(svc, "basic")
     publish_with(svc, "pro")
     org = make_org(ledger, timezone="UTC")
-    svc.subscribe(org, "basic", starts_at=datetime(2026, 10, 1, tzinfo=UTC))
-    changed = svc.subscribe(org, "pro")  # still October in UTC, already November in Kolkata
+    svc.subscribe(org, "basic", starts_at=datetime(2026, 10, 1, tzinfo=UTC), actor=None)
+    changed = svc.subscribe(org, "pro", actor=None)  # still October in UTC, already November in Kolkata
     assert changed.aggregate.history[-1].effective_from == datetime(2026, 11, 1, tzinfo=UTC)
 
 
