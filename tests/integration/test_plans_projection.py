@@ -82,12 +82,16 @@ def test_plans_and_subscriptions_replay_into_the_read_model(runtime: Runtime) ->
     latest = read(runtime, plans.plan_latest, "pro")
     assert latest is not None and (latest.version, latest.name) == (2, "Pro 2")
     assert str(latest.base_fee) == "599.50"  # numeric keeps the exact digits
-    assert msgspec.json.decode(msgspec.json.encode(latest.charges)) == [{  # as the JSON holds it
+    expected_json = [{
         "metric": "storage_gb", "model": "graduated", "unit_price": None,
         "tiers": [{"up_to": "100.5", "unit_price": "2.50", "flat_fee": "0"},
                   {"up_to": None, "unit_price": "1.75", "flat_fee": "10.00"}],
         "package_size": None, "package_price": None,
     }]
+    assert msgspec.json.decode(msgspec.json.encode(latest.charges)) == expected_json
+    with runtime.pool.connection() as conn:  # the column itself: decimals stored as strings
+        row = conn.execute("SELECT charges FROM plan_versions WHERE code = 'pro' AND version = 2").fetchone()
+    assert row is not None and row[0] == expected_json
     assert read(runtime, plans.plan_latest, "gold") is None
 
     rows = read(runtime, plans.plan_versions, "pro")
