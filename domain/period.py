@@ -144,7 +144,3 @@ def month_after(day: date) -> date:
     """The first day of the month after `day`'s."""
     return (day.replace(day=28) + timedelta(days=4)).replace(day=1)
 
-
-def local_month(at: datetime, timezone: str) -> date:
-    """The first day of the month of `at` in `timezone` (a monthly bucket)."""
-    return month_of(local_day(at, timezone))

@@ -23,7 +23,6 @@ from infra.wiring import READ_MODELS, ApiRole, Runtime, admin_token, build_api
 
 log = logging.getLogger("billing.roles")
 
-PROCESS_ROLES = ("api", "relay", "project", "scheduler")
 SHUTDOWN_TIMEOUT_S = 15.0
 LISTEN_BACKLOG = 2048
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
