@@ -70,3 +70,17 @@ class MailUnavailable(Unavailable):
 class MailRejected(DomainError):
     """The mail transport refused the message for good (SMTP 5xx: bad recipient, auth,
     policy). Retrying the same message will not help."""
+
+
+class GatewayUnavailable(Unavailable):
+    """The payment gateway did not answer in time or could not be reached (503): nothing was
+    recorded; the same request may be retried (a retry never makes a second order)."""
+
+
+class GatewayFailed(DomainError):
+    """The payment gateway answered with an error, or with something that is not its API's
+    answer (502): nothing was recorded."""
+
+
+class PaymentsNotConfigured(Unavailable):
+    """No Razorpay keys (or no webhook secret) are configured: the gateway routes answer 503."""

@@ -4,6 +4,7 @@ cross them are in domain/records.py."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Any, Protocol, TypeVar
@@ -12,6 +13,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from domain.audit import Actor, Recorded
+from domain.gateway_events import OrderEntity, PaymentEntity
 from domain.records import Appended, Claim, KeyRecord, RunResult, StoredResponse, TokenRecord
 from domain.usage import MeterRule, UsageBatch
 
@@ -186,3 +188,28 @@ class Mailer(Protocol):
     (domain/errors.py)."""
 
     def send(self, msg: EmailMessage) -> None: ...
+
+
+class PaymentGateway(Protocol):
+    """Razorpay, through its official SDK (adapters/razorpay_gateway.py). Every call is bounded
+    by a timeout and raises GatewayUnavailable (no answer: timeout, refused connection) or
+    GatewayFailed (an error answer, or not the API's answer) — never a library's own error."""
+
+    @property
+    def key_id(self) -> str:
+        """The public key id a checkout page is opened with."""
+        ...
+
+    def create_order(self, *, amount: int, currency: str, receipt: str,
+                     notes: Mapping[str, str]) -> OrderEntity:
+        """Create an order (never retried by the adapter: a POST repeated is a second order)."""
+        ...
+
+    def orders_with_receipt(self, receipt: str) -> list[OrderEntity]:
+        """The orders created with `receipt`: how a retry finds an order whose creation timed
+        out on our side but happened at Razorpay."""
+        ...
+
+    def order_payments(self, order_id: str) -> list[PaymentEntity]:
+        """The order's payments as Razorpay holds them now (missed-webhook recovery)."""
+        ...
