@@ -6,9 +6,10 @@ it, the quantities per meter and the ledger position the usage was read up to. I
 derived from (organisation, period) — `invoice_id` — so drafting the same period twice appends
 nothing the second time.
 
-Lifecycle: draft -> finalized -> paid; draft or finalized -> void. Finalizing assigns the
-invoice number (domain.numbering) and makes the invoice immutable: the only facts a finalized
-invoice still accepts are being paid (payments, later) or voided. A voided invoice accepts
+Lifecycle: draft -> finalized -> partially_paid -> paid; draft or finalized -> void (never once
+anything was paid). Finalizing assigns the invoice number (domain.numbering) and makes the
+invoice immutable: the only facts a finalized invoice still accepts are payment orders,
+payments applied to its amount due, and being voided. A voided invoice accepts
 nothing. A correction is a void plus a replacement invoice: the replacement is revision 1, 2,
 ... of the same (organisation, period), with its own derived id. The rules are written down in
 docs/INVOICES.md.
@@ -30,12 +31,14 @@ from domain.period import parse_period
 from domain.pricing import LateUsage, Priced
 from domain.tax import TaxFacts
 
-InvoiceStatus = Literal["draft", "finalized", "paid", "void"]
+InvoiceStatus = Literal["draft", "finalized", "partially_paid", "paid", "void"]
 DRAFT: InvoiceStatus = "draft"
 FINALIZED: InvoiceStatus = "finalized"
+PARTIALLY_PAID: InvoiceStatus = "partially_paid"
 PAID: InvoiceStatus = "paid"
 VOID: InvoiceStatus = "void"
-STATUSES: tuple[InvoiceStatus, ...] = (DRAFT, FINALIZED, PAID, VOID)
+STATUSES: tuple[InvoiceStatus, ...] = (DRAFT, FINALIZED, PARTIALLY_PAID, PAID, VOID)
+PAYABLE: tuple[InvoiceStatus, ...] = (FINALIZED, PARTIALLY_PAID)  # accepts orders and payments
 
 FIRST_REVISION = 0
 VOID_REASON_MAX_CHARS = 500
@@ -128,6 +131,26 @@ class Invoice(Aggregate):
             aggregate.void_reason = self.reason
             aggregate.voided_at = self.timestamp
 
+    class PaymentOrderCreated(Aggregate.Event):
+        """A Razorpay order was created for `amount` paise of the amount due."""
+
+        razorpay_order_id: str
+        amount: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.orders = {**aggregate.orders, self.razorpay_order_id: self.amount}
+
+    class PaymentApplied(Aggregate.Event):
+        """`amount` paise of payment `payment_id` reduce the amount due."""
+
+        payment_id: UUID
+        amount: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.payments = {**aggregate.payments, self.payment_id: self.amount}
+            aggregate.amount_due -= self.amount
+            aggregate.status = PAID if aggregate.amount_due <= 0 else PARTIALLY_PAID
+
     def __init__(
         self, organisation_id: UUID, period: str, revision: int, currency: str,
         lines: tuple[InvoiceLine, ...], subtotal: int, taxes: tuple[InvoiceTax, ...], total: int,
@@ -159,6 +182,13 @@ class Invoice(Aggregate):
         self.finalized_at: datetime | None = None
         self.voided_at: datetime | None = None
         self.void_reason: str | None = None
+        self.orders: dict[str, int] = {}  # Razorpay order id -> paise, in creation order
+        self.payments: dict[UUID, int] = {}  # payment id -> paise applied
+
+    @property
+    def paid(self) -> int:
+        """Paise applied from payments so far."""
+        return sum(self.payments.values())
 
     @classmethod
     def draft(
@@ -232,6 +262,49 @@ class Invoice(Aggregate):
             raise ValidationFailed([FieldError("reason", f"at most {VOID_REASON_MAX_CHARS} characters")])
         if self.status == VOID:
             raise self._refuse("voided again")
-        if self.status == PAID:
-            raise self._refuse("voided (refund it or issue a credit note)")
+        if self.payments:
+            raise self._refuse("voided: payments were applied to it (refund them or issue a "
+                               "credit note)")
         self.trigger_event(self.Voided, timestamp=at, reason=text)
+
+    # ---- payments ------------------------------------------------------------------------
+
+    def check_payable(self) -> None:
+        """Raise Conflict unless the invoice is finalized (or partly paid) with something due."""
+        if self.status not in PAYABLE or self.amount_due <= 0:
+            what = f"invoice {self.number}" if self.number else f"invoice {self.id}"
+            if self.status == DRAFT:
+                raise Conflict(f"{what} is a draft; finalize it before taking payment")
+            raise Conflict(f"{what} is {self.status}; nothing is due on it")
+
+    def open_order(self) -> str | None:
+        """The newest Razorpay order for exactly the amount due now, if any: a second request
+        for an order gets that one instead of a new order."""
+        if self.status not in PAYABLE:
+            return None
+        for order_id, amount in reversed(self.orders.items()):
+            if amount == self.amount_due:
+                return order_id
+        return None
+
+    def record_order(self, razorpay_order_id: str, amount: int, at: datetime) -> None:
+        """Decide: an order was created at Razorpay for the whole amount due."""
+        self.check_payable()
+        if amount != self.amount_due:
+            raise Conflict(f"an order must be for the amount due ({self.amount_due} paise), "
+                           f"not {amount}")
+        if razorpay_order_id not in self.orders:
+            self.trigger_event(self.PaymentOrderCreated, timestamp=at,
+                               razorpay_order_id=razorpay_order_id, amount=amount)
+
+    def apply_payment(self, payment_id: UUID, amount: int, at: datetime) -> int:
+        """Decide: reduce the amount due by up to `amount` paise of a captured payment, once per
+        payment. Returns the paise applied: 0 when nothing is due (a draft, a void or paid
+        invoice) — the caller flags the rest of the payment for review."""
+        if payment_id in self.payments:
+            return self.payments[payment_id]
+        if self.status not in PAYABLE or amount <= 0:
+            return 0
+        applied = min(amount, self.amount_due)
+        self.trigger_event(self.PaymentApplied, timestamp=at, payment_id=payment_id, amount=applied)
+        return applied
