@@ -13,6 +13,8 @@ DEFAULT_DATA_DIR = "./.data"
 DEFAULT_SUPPLIER_STATE_CODE = "29"
 DEFAULT_API_PROCESSES = 1
 API_PROCESSES_MAX = 16
+DEFAULT_RAZORPAY_TIMEOUT_S = 10.0
+RAZORPAY_TIMEOUT_MAX_S = 120.0  # a request to the API waits on the gateway at most this long
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class Settings:
     smtp_url: str | None
     razorpay_key_id: str | None
     razorpay_key_secret: str | None
-    razorpay_webhook_secret: str | None
+    # Every secret a webhook signature may be made with: more than one during a rotation.
+    razorpay_webhook_secrets: tuple[str, ...]
     razorpay_base_url: str | None
     supplier_state_code: str
     supplier_gstin: str | None
@@ -42,6 +45,7 @@ class Settings:
     # Isolation knobs: tests give every test its own schema and stream names.
     pg_schema: str = "public"
     stream_prefix: str = ""
+    razorpay_timeout_s: float = DEFAULT_RAZORPAY_TIMEOUT_S  # each call to Razorpay, at most
 
 
 def _port(value: str) -> int:
@@ -56,6 +60,18 @@ def _api_processes(value: str) -> int:
     if not 1 <= count <= API_PROCESSES_MAX:
         raise ValueError(f"BILLING_API_PROCESSES must be 1..{API_PROCESSES_MAX}, got {value}")
     return count
+
+
+def _timeout_s(name: str, value: str) -> float:
+    timeout_s = float(value)
+    if not 0 < timeout_s <= RAZORPAY_TIMEOUT_MAX_S:
+        raise ValueError(f"{name} must be more than 0 and at most {RAZORPAY_TIMEOUT_MAX_S:g} "
+                         f"seconds, got {value}")
+    return timeout_s
+
+
+def _comma_list(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -76,7 +92,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         smtp_url=opt("SMTP_URL"),
         razorpay_key_id=opt("RAZORPAY_KEY_ID"),
         razorpay_key_secret=opt("RAZORPAY_KEY_SECRET"),
-        razorpay_webhook_secret=opt("RAZORPAY_WEBHOOK_SECRET"),
+        razorpay_webhook_secrets=_comma_list(opt("RAZORPAY_WEBHOOK_SECRET")),
         razorpay_base_url=opt("RAZORPAY_BASE_URL"),
         supplier_state_code=opt("SUPPLIER_STATE_CODE") or DEFAULT_SUPPLIER_STATE_CODE,
         supplier_gstin=opt("SUPPLIER_GSTIN"),
@@ -89,6 +105,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stream_prefix=opt("BILLING_STREAM_PREFIX") or "",
         metrics_token=opt("BILLING_METRICS_TOKEN"),
         api_processes=_api_processes(opt("BILLING_API_PROCESSES") or str(DEFAULT_API_PROCESSES)),
-        trusted_proxies=tuple(p.strip() for p in (opt("BILLING_TRUSTED_PROXIES") or "").split(",")
-                              if p.strip()),
+        trusted_proxies=_comma_list(opt("BILLING_TRUSTED_PROXIES")),
+        razorpay_timeout_s=_timeout_s("RAZORPAY_TIMEOUT_S",
+                                      opt("RAZORPAY_TIMEOUT_S") or str(DEFAULT_RAZORPAY_TIMEOUT_S)),
     )
