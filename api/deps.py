@@ -27,6 +27,7 @@ from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
 from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
+from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
 
 READ_WAIT_S = 5.0  # a read waits this long for its read model to include prior writes
@@ -50,6 +51,7 @@ class ApiDeps:
     catalogue: CatalogueService
     plans: PlansService
     invoicing: InvoicingService
+    payments: PaymentsService
     access: AccessService
     invoice_runner: InvoiceRunner
     render_invoice: Callable[[UUID, str], tuple[bytes, str] | None]
@@ -71,6 +73,9 @@ class ApiDeps:
     read_wait_s: float = READ_WAIT_S
     idempotency: IdempotencyStore | None = None  # None: the Idempotency-Key header is ignored
     metrics_token_sha256: bytes | None = None  # None: /metrics answers this host only
+    # The secrets a Razorpay webhook may be signed with (old and new during a rotation);
+    # empty: webhooks answer 503, payments not configured.
+    webhook_secrets: tuple[str, ...] = ()
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

@@ -11,7 +11,14 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 
-from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
+from domain.errors import (
+    Conflict,
+    FieldError,
+    GatewayFailed,
+    NotFound,
+    Unavailable,
+    ValidationFailed,
+)
 
 log = logging.getLogger("billing.api")
 
@@ -28,6 +35,7 @@ _TITLES = {
     422: "Unprocessable Content",
     429: "Too Many Requests",
     500: "Internal Server Error",
+    502: "Bad Gateway",
     503: "Service Unavailable",
 }
 
@@ -89,7 +97,7 @@ _NAMED = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
 
 # What each id in a path names, for the 422 a malformed one gets.
 PATH_ID_NOUNS = {"org_id": "organisation", "project_id": "project", "key_id": "api key",
-                 "token_id": "token", "invoice_id": "invoice"}
+                 "token_id": "token", "invoice_id": "invoice", "payment_id": "payment"}
 
 
 def malformed_id(what: str) -> ValidationFailed:
@@ -181,8 +189,10 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         return problem(404, str(exc))
     if isinstance(exc, Conflict):
         return problem(409, str(exc))
-    if isinstance(exc, Unavailable):
+    if isinstance(exc, Unavailable):  # GatewayUnavailable and PaymentsNotConfigured among them
         return problem(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, GatewayFailed):
+        return problem(502, str(exc))
     if isinstance(exc, Unauthenticated):
         return problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, Forbidden):
