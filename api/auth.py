@@ -28,7 +28,7 @@ from domain.errors import NotFound
 if TYPE_CHECKING:
     from litestar.types import HTTPScope
 
-_KIND = {"PROJECT": "project", "API_KEY": "api_key", "INVOICE": "invoice"}
+_KIND = {"PROJECT": "project", "API_KEY": "api_key", "INVOICE": "invoice", "PAYMENT": "payment"}
 
 
 async def _confine(rule: Rule, principal: Principal, connection: ASGIConnection[Any, Any, Any, Any],

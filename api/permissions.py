@@ -4,7 +4,7 @@ A rule names the permission a route needs and how an organisation-scoped caller 
 - GLOBAL: platform-wide commands; organisation-scoped callers get 403.
 - ANY: platform-wide reads (meters, plans) that every role with the permission may see.
 - ORG: the organisation in the path must be the caller's (else 404, as if it did not exist).
-- PROJECT / API_KEY / INVOICE: the resource's organisation must be the caller's (else 404).
+- PROJECT / API_KEY / INVOICE / PAYMENT: the resource's organisation must be the caller's (else 404).
 - LIST: the handler narrows the list to the caller's organisation.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Scope = Literal["GLOBAL", "ANY", "ORG", "PROJECT", "API_KEY", "INVOICE", "LIST"]
+Scope = Literal["GLOBAL", "ANY", "ORG", "PROJECT", "API_KEY", "INVOICE", "PAYMENT", "LIST"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,11 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/invoices/{{invoice_id}}/document"): Rule("invoices:read", "INVOICE", "invoice_id"),
     ("POST", f"{A}/invoices/{{invoice_id}}/finalize"): Rule("invoices:write", "GLOBAL"),
     ("POST", f"{A}/invoices/{{invoice_id}}/void"): Rule("invoices:write", "GLOBAL"),
+    ("POST", f"{A}/invoices/{{invoice_id}}/payment-orders"): Rule("invoices:write", "GLOBAL"),
+    ("POST", f"{A}/invoices/{{invoice_id}}/payments"): Rule("invoices:write", "GLOBAL"),
     ("POST", f"{A}/invoice-runs"): Rule("invoices:write", "GLOBAL"),
+    ("GET", f"{A}/payments"): Rule("invoices:read", "LIST"),
+    ("GET", f"{A}/payments/{{payment_id}}"): Rule("invoices:read", "PAYMENT", "payment_id"),
     ("GET", f"{A}/audit-events"): Rule("audit:read", "LIST"),
 }
 
