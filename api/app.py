@@ -20,12 +20,14 @@ from api.keys import KeyController
 from api.meters import MeterController
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController, organisation_balance
+from api.payments import PaymentController
 from api.permissions import rule_for
 from api.plans import PlanController
 from api.projects import ProjectController
 from api.subscriptions import SubscriptionController
 from api.tokens import TokenController
 from api.usage import organisation_usage, own_usage
+from api.webhooks import razorpay_webhook
 
 MAX_BODY_BYTES = 1024 * 1024  # API.md: 413 over 1 MiB
 
@@ -50,12 +52,14 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         route_handlers=[OrganisationController, organisation_balance, organisation_usage,
                         ProjectController, KeyController, TokenController, MeterController,
                         PlanController, SubscriptionController, InvoiceController, invoice_run,
-                        AuditController],
+                        PaymentController, AuditController],
         guards=[admin_guard],
         middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )
     app = Litestar(
-        route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage],
+        # The webhook is outside the admin router: signed, not authenticated by a token.
+        route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage,
+                        razorpay_webhook],
         # Handlers take `deps: ApiDeps`; guards and middleware, outside injection, read app.state.
         dependencies={"deps": Provide(lambda: deps, use_cache=True, sync_to_thread=False),
                       "actor": Provide(provide_actor, sync_to_thread=False)},

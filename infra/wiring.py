@@ -37,6 +37,7 @@ from adapters.notifier import InvoiceNotifier, Supplier
 from adapters.notifier import render as render_invoice
 from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
+from adapters.razorpay_gateway import RazorpayGateway
 from adapters.resolver import PgResolver
 from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
@@ -48,6 +49,7 @@ from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
 from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
+from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
@@ -180,6 +182,17 @@ class Runtime:
                           lambda: datetime.now(UTC), timedelta(hours=self.settings.grace_hours),
                           self.settings.pg_schema)
 
+    def payments(self) -> PaymentsService:
+        """Payments over Razorpay when both its keys are set; without them, orders answer 503
+        (payments not configured) and manual payments still work."""
+        s = self.settings
+        gateway = None
+        if s.razorpay_key_id and s.razorpay_key_secret:
+            gateway = RazorpayGateway(key_id=s.razorpay_key_id, key_secret=s.razorpay_key_secret,
+                                      base_url=s.razorpay_base_url, timeout_s=s.razorpay_timeout_s)
+        return PaymentsService(self.ledger, lambda: datetime.now(UTC), gateway,
+                               key_secret=s.razorpay_key_secret if gateway else None)
+
     def notifier(self) -> InvoiceNotifier:
         s = self.settings
         mailer: Mailer = SmtpMailer(s.smtp_url) if s.smtp_url else OutboxMailer(s.data_dir / "outbox")
@@ -251,6 +264,7 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
         catalogue=CatalogueService(rt.ledger, clock, uuid4),
         plans=PlansService(rt.ledger, clock),
         invoicing=rt.invoicing(),
+        payments=rt.payments(),
         invoice_runner=rt.invoice_run(),
         render_invoice=partial(render_invoice, rt.pool, rt.supplier()),
         access=access_service,
@@ -272,6 +286,7 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
         idempotency=idempotency_store,
         metrics_token_sha256=(hashlib.sha256(settings.metrics_token.encode()).digest()
                               if settings.metrics_token else None),
+        webhook_secrets=settings.razorpay_webhook_secrets,
     )
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
                    token_cache, tracking, idempotency_store)
