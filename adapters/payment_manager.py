@@ -78,7 +78,7 @@ class PaymentManager:
             return False
         page = await asyncio.to_thread(self._ledger.read_after, tracked, PAGE_ROWS, head, [_TOPIC])
         for notification in page:
-            await self._apply(notification.originator_id)
+            await self._apply(UUID(str(notification.originator_id)))
             await asyncio.to_thread(self._track, notification.id)
         full = len(page) == PAGE_ROWS
         if not full:
