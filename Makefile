@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.floor
 	$(BIN)/python -m bench.auth
 	$(BIN)/python -m bench.invoice_run
+	$(BIN)/python -m bench.webhooks
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

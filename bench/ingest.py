@@ -185,7 +185,8 @@ def billing_command() -> list[str]:
 SERVICE_LOG_LEVEL = "WARNING"
 
 
-def start_service(database_url: str, nats_url: str, data_dir: Path) -> Service:
+def start_service(database_url: str, nats_url: str, data_dir: Path,
+                  extra_env: dict[str, str] | None = None) -> Service:
     port = free_port(HOST)
     token = secrets.token_urlsafe(24)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +194,7 @@ def start_service(database_url: str, nats_url: str, data_dir: Path) -> Service:
         "DATABASE_URL": database_url, "NATS_URL": nats_url, "HOST": HOST, "PORT": str(port),
         "BILLING_ADMIN_TOKEN": token, "BILLING_DATA_DIR": str(data_dir),
         "LOG_LEVEL": SERVICE_LOG_LEVEL,
-    }
+    } | (extra_env or {})
     log_path = data_dir / "serve.log"
     with log_path.open("ab") as err:
         proc = subprocess.Popen(billing_command(), env=env, stdout=subprocess.DEVNULL, stderr=err,

@@ -189,6 +189,17 @@ class PaymentsService:
         """Apply a recorded delivery once (the process manager calls this); its outcome."""
         return with_retries(lambda: self._apply_once(ref))
 
+    def give_up(self, ref: UUID, error: str) -> None:
+        """Record that a delivery could not be applied (a bug, not the gateway's fault): it stays
+        visible as `failed` with the error, instead of stopping every delivery after it."""
+        def attempt() -> None:
+            delivery = self._ledger.get(ref, GatewayEvent)
+            if delivery.outcome is None:
+                delivery.processed_as(FAILED, self._clock(), error)
+                self._ledger.save(delivery, actor=None)
+
+        with_retries(attempt)
+
     def _apply_once(self, ref: UUID) -> str:
         delivery = self._ledger.get(ref, GatewayEvent)
         if delivery.outcome is not None:
