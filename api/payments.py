@@ -17,11 +17,12 @@ from uuid import UUID
 import anyio
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 
 from api.auth import Acting, scope_of
 from api.deps import Deps
 from api.pagination import decode_cursor, encode_cursor, parse_limit
+from api.problems import field_error
 from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.payment import PAYMENT_STATUSES, REFERENCE_MAX_CHARS, Payment
@@ -36,6 +37,18 @@ class ManualPaymentIn(msgspec.Struct, forbid_unknown_fields=True):
     amount: Annotated[int, msgspec.Meta(gt=0)]  # paise, at most the amount due
     method: ManualMethod
     reference: Annotated[str, msgspec.Meta(min_length=1, max_length=REFERENCE_MAX_CHARS)]
+
+
+# Litestar decodes bodies leniently ("100" or 100.0 would become 100); an amount of money is
+# read strictly: a JSON integer of paise, nothing else.
+_STRICT_MANUAL = msgspec.json.Decoder(ManualPaymentIn)
+
+
+def strict_manual(body: bytes) -> ManualPaymentIn:
+    try:
+        return _STRICT_MANUAL.decode(body)
+    except msgspec.ValidationError as e:
+        raise ValidationFailed([field_error(str(e))]) from None
 
 
 class PaymentOrderOut(msgspec.Struct):
@@ -155,8 +168,10 @@ class PaymentController(Controller):
           description="Body {amount (paise, at most the amount due), method, reference (1-40"
                       " characters)}. The same method and reference twice for one invoice is 409,"
                       " never counted twice; so is more than the amount due.")
-    async def record_manual(self, invoice_id: FromPath[UUID], data: ManualPaymentIn, deps: Deps,
+    async def record_manual(self, invoice_id: FromPath[UUID], data: JSONBody[ManualPaymentIn],
+                            request: Request[Any, Any, Any], deps: Deps,
                             actor: Acting) -> Response[PaymentOut]:
+        data = strict_manual(await request.body())  # `data` as Litestar read it: the schema's
         written = await anyio.to_thread.run_sync(partial(
             deps.payments.record_manual, invoice_id, amount=data.amount, method=data.method,
             reference=data.reference, actor=actor))

@@ -12,18 +12,26 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
+from adapters.payment_manager import NAME as MANAGER
 from api.app import create_app
 from domain.errors import NotFound
 from domain.payment import GatewayEvent, gateway_event_ref
 from infra.embedded import free_port
 from infra.fake_razorpay import FakeRazorpay
 from infra.wiring import Runtime, admin_token, build_api
-from tests.conftest import TEST_ADMIN_TOKEN, http_status, make_settings, running, wait_until
+from tests.conftest import (
+    TEST_ADMIN_TOKEN,
+    http_status,
+    make_settings,
+    running,
+    tracked,
+    wait_until,
+)
 from tests.e2e.conftest import AUTH, Api, close_and_drop
 from tests.e2e.test_invoicing_http import last_period
 
@@ -45,6 +53,13 @@ class Payments:
 
     def head(self) -> int:
         return self.api.rt.ledger.head()
+
+    async def quiet_head(self) -> int:
+        """The ledger head once the payments manager has applied every recorded delivery (it
+        writes in the background): what a request that records nothing must leave unchanged."""
+        return int(await wait_until(
+            lambda: (head := self.head()) <= tracked(self.api.rt, MANAGER) and head,
+            "the payments manager caught up"))
 
     def recorded(self, event_id: str) -> GatewayEvent | None:
         try:
@@ -123,7 +138,9 @@ async def _deliver(p: Payments, body: bytes, *, signature: str | None, event_id:
 
 
 async def _invoice(p: Payments, ident: str) -> dict[str, Any]:
-    return await _ok(await p.api.http.get(f"/admin/v1/invoices/{ident}", headers=AUTH), 200)
+    invoice: dict[str, Any] = await _ok(await p.api.http.get(f"/admin/v1/invoices/{ident}",
+                                                             headers=AUTH), 200)
+    return invoice
 
 
 async def _order(p: Payments, invoice_id: str, status: int = 201) -> Any:
@@ -180,7 +197,7 @@ async def test_a_checkout_paid_by_signed_webhooks_pays_the_invoice_once(payments
     event = next(e for e in (await _ok(await p.fake.get("/_fake/events"), 200))["items"]
                  if e["id"] == events[-1])
     body = event["body"].encode()
-    head = p.head()
+    head = await p.quiet_head()
     repeat = await _deliver(p, body, signature=_sign(body), event_id=event["id"])
     assert (repeat.status_code, repeat.json()) == (200, {"status": "duplicate"})
     redelivered = await _ok(await p.fake.post("/_fake/deliveries", json={"event_ids": events}), 200)
@@ -222,7 +239,7 @@ async def test_a_verified_delivery_is_recorded_whatever_it_holds(payments: Payme
 async def test_a_gateway_fault_on_order_creation_records_nothing(
         payments: Payments, fault: str, status: int) -> None:
     p, invoice = payments, payments.invoices["faults"]
-    head = p.head()
+    head = await p.quiet_head()
     await _ok(await p.fake.post("/_fake/faults", json={
         "next": fault, "method": "POST", "path": "/v1/orders", "delay_s": FAULT_DELAY_S}), 200)
     r = await p.api.http.post(f"/admin/v1/invoices/{invoice['id']}/payment-orders", headers=AUTH)
@@ -236,7 +253,7 @@ async def test_a_gateway_fault_on_order_creation_records_nothing(
 
 async def test_an_order_whose_answer_was_lost_is_adopted_by_the_retry(payments: Payments) -> None:
     p, invoice = payments, payments.invoices["faults"]
-    head = p.head()
+    head = await p.quiet_head()
     await _ok(await p.fake.post("/_fake/faults", json={
         "next": "timeout_after_create", "method": "POST", "path": "/v1/orders",
         "delay_s": FAULT_DELAY_S}), 200)
@@ -267,7 +284,7 @@ async def test_manual_payments_pay_an_invoice_in_parts_and_never_twice(payments:
     now = await _invoice(p, invoice["id"])
     assert (now["status"], now["amount_due"]) == ("partially_paid", due - 20000)
 
-    head = p.head()
+    head = await p.quiet_head()
     same = await p.api.http.post(path, headers=AUTH, json={
         "amount": 20000, "method": "bank_transfer", "reference": "UTR0001"})
     too_much = await p.api.http.post(path, headers=AUTH, json={
@@ -277,7 +294,8 @@ async def test_manual_payments_pay_an_invoice_in_parts_and_never_twice(payments:
                 {"amount": 100, "method": "cash", "reference": "r"},
                 {"amount": 100, "method": "upi", "reference": "r" * 41},
                 {"amount": 100, "method": "upi", "reference": "r", "note": "unknown field"},
-                {"amount": "100", "method": "upi", "reference": "r"}):
+                {"amount": "100", "method": "upi", "reference": "r"},  # money is a JSON integer
+                {"amount": 100.0, "method": "upi", "reference": "r"}):
         r = await p.api.http.post(path, headers=AUTH, json=bad)
         assert r.status_code == 422, (bad, r.text)
     unknown = await p.api.http.post(f"/admin/v1/invoices/{uuid.uuid4()}/payments", headers=AUTH,
@@ -329,9 +347,10 @@ async def test_without_razorpay_keys_orders_and_webhooks_answer_503_and_manual_p
                                razorpay_webhook_secrets=())
     rt = dataclasses.replace(p.api.rt, settings=bare)  # the same ledger and pools
     _, asgi = create_app(build_api(rt, admin_token=TEST_ADMIN_TOKEN).deps)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi),
+    # In process, not served: Litestar's ASGI types are narrower than httpx's, hence the cast.
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, asgi)),
                                  base_url="http://unconfigured") as http:
-        head = p.head()
+        head = await p.quiet_head()
         order = await http.post(f"/admin/v1/invoices/{invoice['id']}/payment-orders", headers=AUTH)
         body = b'{"event": "payment.captured"}'
         webhook = await http.post(WEBHOOK, content=body, headers={
