@@ -220,7 +220,9 @@ async def test_a_checkout_paid_by_signed_webhooks_pays_the_invoice_once(payments
 
 async def test_a_verified_delivery_is_recorded_whatever_it_holds(payments: Payments) -> None:
     p = payments
-    for body in (b"not json at all", b'{"event": "payment.dispute.created", "payload": {}}'):
+    for body in (b"not json at all", b'{"event": "payment.dispute.created", "payload": {}}',
+                 b"\xff\x00\xfe", b'{"event": "x\\u0000y", "payload": {"payment": 1}}',
+                 b'{"event": "\\ud800"}'):
         event_id = f"evt_odd_{uuid.uuid4().hex[:10]}"
         r = await _deliver(p, body, signature=_sign(body, OLD_WEBHOOK_SECRET), event_id=event_id)
         assert (r.status_code, r.json()) == (200, {"status": "recorded"}), r.text
@@ -232,6 +234,9 @@ async def test_a_verified_delivery_is_recorded_whatever_it_holds(payments: Payme
                for _ in range(2)]
     assert answers == [{"status": "recorded"}, {"status": "duplicate"}]
     assert p.recorded("sha256:" + hashlib.sha256(body).hexdigest()[:40]) is not None
+    # Applied (as unreadable or ignored) and read-modelled like any other: nothing is stuck.
+    await p.quiet_head()
+    assert (await p.api.http.get("/admin/v1/payments", headers=AUTH)).status_code == 200
 
 
 @pytest.mark.parametrize(("fault", "status"), [("500", 502), ("timeout", 503), ("refuse", 503),
