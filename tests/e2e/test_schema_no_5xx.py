@@ -15,6 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from infra.embedded import free_port
+from infra.fake_razorpay import DEFAULT_KEY_SECRET, FakeRazorpay
 from infra.wiring import Runtime
 from tests.conftest import TEST_ADMIN_TOKEN, background_roles, http_status, make_settings, wait_sync
 from tests.e2e.conftest import close_and_drop
@@ -26,15 +27,21 @@ AUTH = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, server_urls: tuple[str, str]) -> Iterator[str]:
-    settings_ = make_settings(Path(tmp_path_factory.mktemp("schema")), port=free_port())
-    rt = Runtime.open(settings_, *server_urls)
-    base = f"http://127.0.0.1:{settings_.port}"
-    try:
-        with background_roles(rt, {"api", "relay", "project"}):
-            wait_sync(lambda: http_status(f"{base}/health/ready") == 200, "up")
-            yield base
-    finally:
-        close_and_drop(server_urls[0], settings_.pg_schema, rt)
+    # Payments configured (against the fake Razorpay): unconfigured, payment orders and webhooks
+    # answer 503 "payments not configured" by design, whatever is sent.
+    with FakeRazorpay() as fake:
+        settings_ = make_settings(
+            Path(tmp_path_factory.mktemp("schema")), port=free_port(),
+            razorpay_key_id=fake.key_id, razorpay_key_secret=DEFAULT_KEY_SECRET,
+            razorpay_base_url=fake.url, razorpay_webhook_secrets=("schema-webhook-secret",))
+        rt = Runtime.open(settings_, *server_urls)
+        base = f"http://127.0.0.1:{settings_.port}"
+        try:
+            with background_roles(rt, {"api", "relay", "project"}):
+                wait_sync(lambda: http_status(f"{base}/health/ready") == 200, "up")
+                yield base
+        finally:
+            close_and_drop(server_urls[0], settings_.pg_schema, rt)
 
 
 @pytest.fixture(scope="module")
