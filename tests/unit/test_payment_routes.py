@@ -1,0 +1,61 @@
+"""The payment routes' refusals that need no database: the webhook is refused before anything
+is recorded (no secret configured: 503; a signature that does not match: 400), and a malformed
+payment id in a path is the API's 422 naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+from pathlib import Path
+
+from litestar.testing import TestClient
+
+from api.app import create_app
+from infra.wiring import build_api
+from tests.unit.test_wiring import unconnected_runtime
+
+SECRET = "unit-webhook-secret"
+BODY = b'{"event": "payment.captured", "payload": {}}'
+
+
+def _client(tmp_path: Path, *secrets: str) -> TestClient:  # type: ignore[type-arg]
+    rt = unconnected_runtime(tmp_path)  # its ledger fails any use: nothing may be recorded
+    rt = dataclasses.replace(rt, settings=dataclasses.replace(
+        rt.settings, razorpay_webhook_secrets=secrets))
+    app, _ = create_app(build_api(rt, admin_token="t").deps)
+    return TestClient(app)
+
+
+def test_without_a_webhook_secret_the_webhook_answers_503(tmp_path: Path) -> None:
+    signature = hmac.new(SECRET.encode(), BODY, hashlib.sha256).hexdigest()
+    with _client(tmp_path) as client:
+        r = client.post("/webhooks/razorpay", content=BODY,
+                        headers={"X-Razorpay-Signature": signature})
+    assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+    assert r.json()["detail"].startswith("payments not configured")
+
+
+def test_a_webhook_whose_signature_does_not_match_is_a_400_before_anything_is_recorded(
+        tmp_path: Path) -> None:
+    signed = hmac.new(SECRET.encode(), BODY, hashlib.sha256).hexdigest()
+    with _client(tmp_path, SECRET) as client:
+        for body, headers in ((BODY, {}), (BODY, {"X-Razorpay-Signature": "ab" * 32}),
+                              (BODY + b" ", {"X-Razorpay-Signature": signed}),
+                              # not JSON by its Content-Type: still only the signature decides
+                              (b"\xff", {"X-Razorpay-Signature": signed,
+                                         "Content-Type": "text/plain"})):
+            r = client.post("/webhooks/razorpay", content=body, headers=headers)
+            assert r.status_code == 400, (body, r.text)
+            assert r.headers["content-type"] == "application/problem+json"
+            assert "X-Razorpay-Signature" in r.json()["detail"]
+
+
+def test_a_malformed_payment_id_is_a_422_naming_it(tmp_path: Path) -> None:
+    with _client(tmp_path) as client:
+        for method, path, what in (("GET", "/admin/v1/payments/nope", "payment"),
+                                   ("POST", "/admin/v1/invoices/nope/payment-orders", "invoice"),
+                                   ("POST", "/admin/v1/invoices/nope/payments", "invoice")):
+            r = client.request(method, path, json={})
+            assert r.status_code == 422, r.text
+            assert r.json()["errors"] == [{"field": "id", "message": f"{what} id must be a UUID"}]
