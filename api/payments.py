@@ -151,9 +151,9 @@ class PaymentController(Controller):
           description="201 with the order a checkout is opened with (made now, or a create that"
                       " timed out earlier, found at Razorpay and recorded now); 200 with the same"
                       " shape when an open order for the amount due was already recorded (a retry"
-                      " never makes a second order). 409 unless the invoice is finalized or partly paid with"
-                      " something due; 502 when Razorpay answered with an error; 503 when it did"
-                      " not answer, or payments are not configured.")
+                      " never makes a second order). 409 unless the invoice is finalized or"
+                      " partly paid with something due; 502 when Razorpay answered with an error;"
+                      " 503 when it did not answer, or payments are not configured.")
     async def create_order(self, invoice_id: FromPath[UUID], deps: Deps,
                            actor: Acting) -> Response[PaymentOrderOut]:
         order = await anyio.to_thread.run_sync(partial(deps.payments.create_order, invoice_id,
@@ -171,7 +171,8 @@ class PaymentController(Controller):
     async def record_manual(self, invoice_id: FromPath[UUID], data: JSONBody[ManualPaymentIn],
                             request: Request[Any, Any, Any], deps: Deps,
                             actor: Acting) -> Response[PaymentOut]:
-        data = strict_manual(await request.body())  # `data` as Litestar read it: the schema's
+        # `data` documents the body in the schema; the amount is then read again, strictly.
+        data = strict_manual(await request.body())
         written = await anyio.to_thread.run_sync(partial(
             deps.payments.record_manual, invoice_id, amount=data.amount, method=data.method,
             reference=data.reference, actor=actor))

@@ -1,6 +1,6 @@
 """The payment routes' refusals that need no database: the webhook is refused before anything
-is recorded (no secret configured: 503; a signature that does not match: 400), and a malformed
-payment id in a path is the API's 422 naming it."""
+is recorded (no secret configured: 503; a signature that does not match: 400), a malformed
+payment id in a path is the API's 422 naming it, and the API's manual methods are the domain's."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import dataclasses
 import hashlib
 import hmac
 from pathlib import Path
+from typing import get_args
 
 from litestar.testing import TestClient
 
 from api.app import create_app
+from api.payments import ManualMethod
+from domain.payment import MANUAL_METHODS
 from infra.wiring import build_api
 from tests.unit.test_wiring import unconnected_runtime
 
@@ -49,6 +52,10 @@ def test_a_webhook_whose_signature_does_not_match_is_a_400_before_anything_is_re
             assert r.status_code == 400, (body, r.text)
             assert r.headers["content-type"] == "application/problem+json"
             assert "X-Razorpay-Signature" in r.json()["detail"]
+
+
+def test_the_manual_methods_the_api_accepts_are_the_domains() -> None:
+    assert get_args(ManualMethod) == MANUAL_METHODS
 
 
 def test_a_malformed_payment_id_is_a_422_naming_it(tmp_path: Path) -> None:
