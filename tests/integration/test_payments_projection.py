@@ -101,8 +101,8 @@ class Scenario:
 
     def play(self) -> None:
         """paid: an order, then pay_1 authorized, captured (the same delivery twice, and again
-        under another event id), partly refunded (pending, processed, processed again).
-        partial: a cheque for part of it, an order for the rest, pay_2 failed on it.
+        under another event id), partly refunded (pending, processed, processed again; a second
+        refund still pending). partial: a cheque for part of it, an order for the rest, pay_2 failed on it.
         voided: an order, then the invoice voided. Plus a capture on no order of ours and a
         delivery of a type we ignore."""
         svc, total = self.svc, self.totals[self.paid]
