@@ -1,5 +1,5 @@
 """Mail: the Mailer port over SMTP (`SMTP_URL`) or an outbox folder of .eml files, the invoice
-email, and a bounded retry helper.
+email and the payment confirmation, and a bounded retry helper.
 
 - `SmtpMailer("smtp://user:pass@host:port")` sends with smtplib; `smtp+starttls://...` upgrades
   the connection with STARTTLS (certificate verified) before logging in. Every socket
@@ -7,8 +7,8 @@ email, and a bounded retry helper.
   dropped, timeout, 4xx) raise MailUnavailable; a permanent refusal (5xx) raises MailRejected.
 - `OutboxMailer(folder)` writes `<message-id>.eml` atomically (temp file, fsync, rename), so a
   reader never sees half a message and a resend of the same message replaces the same file.
-- `build_invoice_email` gives each (invoice, kind) one deterministic Message-ID, so a retried
-  or repeated send is recognisably the same message.
+- `build_invoice_email` and `build_payment_email` give each (invoice, kind) one deterministic
+  Message-ID, so a retried or repeated send is recognisably the same message.
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
-from adapters.documents import render_text
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from adapters.documents import TEMPLATES_DIR, render_text
 from domain.documents import EmailKind, InvoiceDocument, indian_rupees
 from domain.errors import MailRejected, MailUnavailable, Unavailable
+from domain.period import period_label
 from domain.ports import Mailer
 
 SMTP_TIMEOUT_S = 10.0  # per socket operation (connect, each command), not per message
@@ -44,6 +47,8 @@ RETRY_MAX_BACKOFF_S = 30.0  # cap on one wait between attempts
 FALLBACK_MAIL_DOMAIN = "billing.invalid"  # Message-ID domain when the sender has none
 EML_SUFFIX = ".eml"
 _UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
+PAYMENT_HTML_TEMPLATE = "payment.html.j2"
+PAYMENT_TEXT_TEMPLATE = "payment.txt.j2"
 _KIND_SUBJECT = {
     "invoice": "Invoice {number} for {period}: {currency} {amount_due} due {due}",
     "paid": "Payment received: invoice {number} for {period}",
@@ -193,6 +198,42 @@ def build_invoice_email(
     msg.set_content(render_text(doc))
     msg.add_alternative(html, subtype="html")
     msg.add_attachment(pdf, maintype="application", subtype="pdf", filename=doc.pdf_filename)
+    return msg
+
+
+_PAYMENT_ENV = Environment(
+    loader=FileSystemLoader(TEMPLATES_DIR),
+    # HTML-escape the HTML part only: customer text is data, never markup.
+    autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
+    undefined=StrictUndefined,
+    keep_trailing_newline=True,
+)
+
+
+def build_payment_email(
+    doc: InvoiceDocument, *, paid: int, to: str, sender: str, sent_at: datetime | None = None
+) -> EmailMessage:
+    """The payment confirmation of an invoice: `paid` paise were received for it. Plain text and
+    HTML alternatives, no attachment; its Message-ID is fixed by (invoice id, "paid")."""
+    view = {
+        "number": doc.number,
+        "period_label": period_label(doc.period),
+        "currency": doc.currency,
+        "paid": indian_rupees(paid),
+        "total": indian_rupees(doc.total),
+        "amount_due": indian_rupees(doc.amount_due),
+        "customer": doc.customer_name,
+        "supplier": doc.supplier_name,
+    }
+    msg = EmailMessage()
+    msg["Subject"] = _KIND_SUBJECT["paid"].format(number=doc.number, period=doc.period)
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Date"] = format_datetime(sent_at or datetime.now(UTC))
+    msg["Message-ID"] = message_id(doc.invoice_id, "paid", sender)
+    msg.set_content(_PAYMENT_ENV.get_template(PAYMENT_TEXT_TEMPLATE).render(payment=view))
+    msg.add_alternative(_PAYMENT_ENV.get_template(PAYMENT_HTML_TEMPLATE).render(payment=view),
+                        subtype="html")
     return msg
 
 

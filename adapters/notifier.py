@@ -1,6 +1,8 @@
 """Invoice emails: each finalized invoice goes to its organisation's billing email once, with
-the HTML body and the PDF attached; the sending is recorded in the ledger (InvoiceMail.Sent).
-A failed send is retried with backoff now and again on the next pass of the scheduler.
+the HTML body and the PDF attached; once it is paid in full, a short payment confirmation goes
+there once too. Each sending is recorded in the ledger (InvoiceMail.Sent, kind "invoice" or
+"payment"). A failed send is retried with backoff now and again on the next pass of the
+scheduler.
 
 "Once": the record is written after the server accepted the message; a crash between the two
 sends it again with the same Message-ID, which receiving systems recognise as the same mail.
@@ -10,22 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
 from uuid import UUID
 
+from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from adapters.documents import render_html, render_pdf
 from adapters.ledger import LedgerStore
-from adapters.mail import build_invoice_email, send_with_retries
+from adapters.mail import build_invoice_email, build_payment_email, send_with_retries
 from domain.documents import DocumentLine, InvoiceDocument
 from domain.errors import Conflict, DomainError, NotFound
 from domain.mail_record import InvoiceMail, mail_id
 from domain.ports import Mailer
 from domain.tax import TaxLine
 from projections import invoices, organisations
-from projections.invoices import InvoiceRow
+from projections.invoices import INVOICE_MAIL, PAYMENT_MAIL, InvoiceRow
 from projections.organisations import OrganisationRow
 
 log = logging.getLogger("billing.notifier")
@@ -35,6 +41,8 @@ SEND_ATTEMPTS = 3
 SEND_BACKOFF_S = 0.5
 PASS_MAX_INVOICES = 50
 DRAFT_NUMBER = "DRAFT"
+
+Due = Callable[[Connection[Any], int], list[InvoiceRow]]  # a query of invoices to email, at most n
 
 
 @dataclass(frozen=True)
@@ -98,9 +106,17 @@ class InvoiceNotifier:
         self._supplier = supplier
 
     def send_due(self) -> tuple[int, int]:
-        """One pass: email finalized invoices not emailed yet. Returns (sent, failed)."""
+        """One pass: email finalized invoices not emailed yet, then the payment confirmations of
+        paid invoices not confirmed yet. Returns (sent, failed) over both."""
+        sent, failed = self._pass(invoices.not_emailed, self._send, "invoice")
+        paid_sent, paid_failed = self._pass(invoices.paid_not_emailed, self._send_paid,
+                                            "payment confirmation")
+        return sent + paid_sent, failed + paid_failed
+
+    def _pass(self, due_query: Due, send: Callable[[InvoiceRow, OrganisationRow], bool],
+              what: str) -> tuple[int, int]:
         with self._pool.connection() as conn:
-            due = invoices.not_emailed(conn, PASS_MAX_INVOICES)
+            due = due_query(conn, PASS_MAX_INVOICES)
             orgs = {row.organisation_id: organisations.get(conn, row.organisation_id)
                     for row in due}
         sent = failed = 0
@@ -109,25 +125,43 @@ class InvoiceNotifier:
             if org is None:
                 continue
             try:
-                sent += self._send(row, org)
+                sent += send(row, org)
             except DomainError as e:
                 failed += 1
-                log.warning("invoice %s email not sent (will retry): %s", row.number, e)
+                log.warning("invoice %s %s email not sent (will retry): %s", row.number, what, e)
         return sent, failed
 
-    def _send(self, row: InvoiceRow, org: OrganisationRow) -> bool:
+    def _sent_already(self, invoice_id: UUID, kind: str) -> bool:
         try:  # the ledger, not the (possibly lagging) read model, says whether it was sent
-            self._ledger.get(mail_id(row.id, "invoice"), InvoiceMail)
-            return False
+            self._ledger.get(mail_id(invoice_id, kind), InvoiceMail)
+            return True
         except NotFound:
-            pass
+            return False
+
+    def _record(self, row: InvoiceRow, kind: str, msg: EmailMessage, to: str,
+                attempts: int) -> None:
+        record = InvoiceMail.record(row.id, kind, str(msg["Message-ID"]), to, attempts,
+                                    datetime.now(UTC))
+        # Conflict: another process sent and recorded it too (with the same Message-ID).
+        with contextlib.suppress(Conflict):
+            self._ledger.save(record, actor=None)  # the notifier's own bookkeeping
+
+    def _send(self, row: InvoiceRow, org: OrganisationRow) -> bool:
+        if self._sent_already(row.id, INVOICE_MAIL):
+            return False
         doc = document(row, org, self._supplier)
         msg = build_invoice_email(doc, render_html(doc), render_pdf(doc), org.billing_email,
                                   self._supplier.sender)
         attempts = send_with_retries(self._mailer, msg, SEND_ATTEMPTS, SEND_BACKOFF_S)
-        record = InvoiceMail.record(row.id, "invoice", str(msg["Message-ID"]),
-                                    org.billing_email, attempts, datetime.now(UTC))
-        # Conflict: another process sent and recorded it too (with the same Message-ID).
-        with contextlib.suppress(Conflict):
-            self._ledger.save(record, actor=None)  # the notifier's own bookkeeping
+        self._record(row, INVOICE_MAIL, msg, org.billing_email, attempts)
+        return True
+
+    def _send_paid(self, row: InvoiceRow, org: OrganisationRow) -> bool:
+        if self._sent_already(row.id, PAYMENT_MAIL):
+            return False
+        doc = document(row, org, self._supplier)
+        msg = build_payment_email(doc, paid=row.paid, to=org.billing_email,
+                                  sender=self._supplier.sender)
+        attempts = send_with_retries(self._mailer, msg, SEND_ATTEMPTS, SEND_BACKOFF_S)
+        self._record(row, PAYMENT_MAIL, msg, org.billing_email, attempts)
         return True

@@ -53,7 +53,7 @@ from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
-from projections import access, catalogue, invoices, organisations, plans, usage_totals
+from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
@@ -65,6 +65,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     plans.READ_MODEL,
     invoices.READ_MODEL,
     access.READ_MODEL,
+    payments.READ_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"

@@ -2,8 +2,9 @@
 
 `lines` and `taxes` are JSON with every decimal (quantities, rates) written as a decimal
 string, so nothing passes through a float; amounts are bigint paise. A row follows its invoice
-through the lifecycle (draft -> finalized -> paid / void); the ledger stays the truth and a
-rebuild from position 0 gives the same rows.
+through the lifecycle (draft -> finalized -> partially_paid -> paid, or void): each payment
+applied lowers `amount_due` and adds to `paid`. The ledger stays the truth and a rebuild from
+position 0 gives the same rows.
 
 Its queries answer `InvoiceRow`s; `row_of` gives the same shape for an invoice as saved in the
 ledger, so the API's view and the printed document are each built from one shape in one place.
@@ -20,13 +21,15 @@ import msgspec
 from psycopg import Connection, Cursor, sql
 from psycopg.types.json import Jsonb
 
-from domain.invoice import FINALIZED, Invoice
+from domain.invoice import PAID, PAYABLE, Invoice
 from domain.mail_record import InvoiceMail
 from domain.tax import TaxName
 from projections.base import ReadModel, all_rows, one_row, require_row
 
 NAME = "invoices"
 LIST_MAX_ROWS = 1000
+INVOICE_MAIL = "invoice"  # InvoiceMail kinds: the invoice itself, and its payment confirmation
+PAYMENT_MAIL = "payment"
 
 DDL = (
     """CREATE TABLE IF NOT EXISTS invoices (
@@ -65,6 +68,10 @@ DDL = (
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS tax_country text",
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS tax_state_code text",
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS tax_gstin text",
+    # Paise applied from payments (total - amount_due), and when the payment confirmation was
+    # emailed (emailed_at is the invoice email's).
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS paid bigint NOT NULL DEFAULT 0",
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS paid_emailed_at timestamptz",
 )
 
 
@@ -106,9 +113,21 @@ def _voided(cur: Cursor[Any], e: Invoice.Voided, position: int) -> None:
             (e.reason, e.timestamp))
 
 
+def _payment_applied(cur: Cursor[Any], e: Invoice.PaymentApplied, position: int) -> None:
+    # As domain.invoice does: paid once nothing is due, partly paid until then (the CASE reads
+    # the amount due before this update).
+    _update(cur, e, position,
+            "amount_due = amount_due - %s, paid = paid + %s,"
+            " status = CASE WHEN amount_due - %s <= 0 THEN 'paid' ELSE 'partially_paid' END",
+            (e.amount, e.amount, e.amount))
+
+
 def _emailed(cur: Cursor[Any], e: InvoiceMail.Sent, position: int) -> None:
-    if e.kind == "invoice":
+    if e.kind == INVOICE_MAIL:
         cur.execute("UPDATE invoices SET emailed_at = %s WHERE id = %s", (e.timestamp, e.invoice_id))
+    elif e.kind == PAYMENT_MAIL:
+        cur.execute("UPDATE invoices SET paid_emailed_at = %s WHERE id = %s",
+                    (e.timestamp, e.invoice_id))
 
 
 READ_MODEL = ReadModel(
@@ -119,6 +138,7 @@ READ_MODEL = ReadModel(
         Invoice.Drafted: _drafted,
         Invoice.Finalized: _finalized,
         Invoice.Voided: _voided,
+        Invoice.PaymentApplied: _payment_applied,
         InvoiceMail.Sent: _emailed,
     },
 )
@@ -155,6 +175,7 @@ class InvoiceRow(msgspec.Struct, frozen=True):
     taxes: tuple[InvoiceTaxRow, ...]
     total: int
     amount_due: int
+    paid: int  # applied from payments: total - amount_due
     plan_code: str
     plan_version: int
     usage_position: int
@@ -180,7 +201,8 @@ def row_of(invoice: Invoice, position: int) -> InvoiceRow:
         lines=msgspec.convert(invoice.lines, tuple[InvoiceLineRow, ...], from_attributes=True),
         subtotal=invoice.subtotal,
         taxes=msgspec.convert(invoice.taxes, tuple[InvoiceTaxRow, ...], from_attributes=True),
-        total=invoice.total, amount_due=invoice.amount_due, plan_code=invoice.plan_code,
+        total=invoice.total, amount_due=invoice.amount_due, paid=invoice.paid,
+        plan_code=invoice.plan_code,
         plan_version=invoice.plan_version, usage_position=invoice.usage_position,
         void_reason=invoice.void_reason, created_at=invoice.created_on,
         finalized_at=invoice.finalized_at, voided_at=invoice.voided_at,
@@ -191,7 +213,7 @@ def row_of(invoice: Invoice, position: int) -> InvoiceRow:
 
 _COLUMNS = (
     "id, organisation_id, period, revision, status, number, currency, lines, subtotal, taxes,"
-    " total, amount_due, plan_code, plan_version, usage_position, void_reason, created_at,"
+    " total, amount_due, paid, plan_code, plan_version, usage_position, void_reason, created_at,"
     " finalized_at, voided_at, updated_at, ledger_position, tax_country, tax_state_code, tax_gstin"
 )
 
@@ -230,10 +252,12 @@ def page(
 
 
 def outstanding(conn: Connection[Any], organisation_id: UUID) -> int:
-    """Paise the organisation still owes: the amount due of its finalized invoices."""
+    """Paise the organisation still owes: the amount due of its finalized and partly paid
+    invoices."""
     row = conn.execute(
-        "SELECT COALESCE(sum(amount_due), 0) FROM invoices WHERE organisation_id = %s AND status = %s",
-        (organisation_id, FINALIZED),
+        "SELECT COALESCE(sum(amount_due), 0) FROM invoices WHERE organisation_id = %s"
+        " AND status = ANY(%s)",
+        (organisation_id, list(PAYABLE)),
     ).fetchone()
     return int(row[0]) if row else 0
 
@@ -251,11 +275,21 @@ def existing_for_period(conn: Connection[Any], period: str) -> dict[UUID, str]:
 
 
 def not_emailed(conn: Connection[Any], limit: int) -> list[InvoiceRow]:
-    """Finalized (or paid) invoices whose email has not been recorded as sent, oldest first."""
+    """Finalized (or partly or wholly paid) invoices whose email has not been recorded as sent,
+    oldest first."""
     assert 0 < limit <= LIST_MAX_ROWS
     return all_rows(conn, InvoiceRow,
                     f"SELECT {_COLUMNS} FROM invoices WHERE emailed_at IS NULL"
-                    " AND status IN ('finalized', 'paid') ORDER BY finalized_at LIMIT %s", (limit,))
+                    " AND status IN ('finalized', 'partially_paid', 'paid')"
+                    " ORDER BY finalized_at LIMIT %s", (limit,))
+
+
+def paid_not_emailed(conn: Connection[Any], limit: int) -> list[InvoiceRow]:
+    """Paid invoices whose payment confirmation has not been recorded as sent, oldest first."""
+    assert 0 < limit <= LIST_MAX_ROWS
+    return all_rows(conn, InvoiceRow,
+                    f"SELECT {_COLUMNS} FROM invoices WHERE paid_emailed_at IS NULL"
+                    " AND status = %s ORDER BY finalized_at, id LIMIT %s", (PAID, limit))
 
 
 def billing_invoices(conn: Connection[Any], periods: list[str]) -> dict[UUID, list[UUID]]:
