@@ -49,7 +49,7 @@ class InvoiceOut(msgspec.Struct):
     id: UUID
     organisation_id: UUID
     period: str
-    status: str  # draft | finalized | paid | void
+    status: str  # draft | finalized | partially_paid | paid | void
     number: str | None  # null until finalized
     currency: str
     lines: list[LineOut]
@@ -57,6 +57,7 @@ class InvoiceOut(msgspec.Struct):
     taxes: list[TaxOut]
     total: int
     amount_due: int
+    paid: int  # paise applied from payments (a paid invoice: its total)
     plan_code: str
     plan_version: int
     created_at: datetime
@@ -83,7 +84,7 @@ def from_row(row: view.InvoiceRow) -> InvoiceOut:
         lines=[LineOut(x.description, x.metric, str(x.quantity), x.amount) for x in row.lines],
         subtotal=row.subtotal,
         taxes=[TaxOut(t.name, str(t.rate), t.amount) for t in row.taxes],
-        total=row.total, amount_due=row.amount_due, plan_code=row.plan_code,
+        total=row.total, amount_due=row.amount_due, paid=row.paid, plan_code=row.plan_code,
         plan_version=row.plan_version, created_at=row.created_at.astimezone(UTC),
         finalized_at=_utc(row.finalized_at), voided_at=_utc(row.voided_at),
         void_reason=row.void_reason,

@@ -183,7 +183,7 @@ async def test_a_checkout_paid_by_signed_webhooks_pays_the_invoice_once(payments
     await wait_until(lambda: all((e := p.recorded(i)) is not None and e.processed for i in events),
                      "every delivery applied")
     now = await settled()
-    assert (now["status"], now["amount_due"]) == ("paid", 0)
+    assert (now["status"], now["amount_due"], now["paid"]) == ("paid", 0, invoice["total"])
     listed = (await _ok(await p.api.http.get("/admin/v1/payments", headers=AUTH,
                                              params={"invoice_id": invoice["id"]}), 200))["items"]
     assert [(x["status"], x["amount"], x["applied"], x["review"]) for x in listed] == [
@@ -287,7 +287,12 @@ async def test_manual_payments_pay_an_invoice_in_parts_and_never_twice(payments:
         "method": "bank_transfer", "reference": "UTR0001", "review": []}
     assert int(part.headers["X-Ledger-Position"]) > 0
     now = await _invoice(p, invoice["id"])
-    assert (now["status"], now["amount_due"]) == ("partially_paid", due - 20000)
+    assert (now["status"], now["amount_due"], now["paid"]) == ("partially_paid", due - 20000, 20000)
+    partly = (await _ok(await p.api.http.get("/admin/v1/invoices", headers=AUTH,
+                                             params={"status": "partially_paid",
+                                                     "organisation_id": invoice["organisation_id"]}),
+                    200))["items"]
+    assert [i["id"] for i in partly] == [invoice["id"]]
 
     head = await p.quiet_head()
     same = await p.api.http.post(path, headers=AUTH, json={
