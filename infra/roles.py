@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from adapters.payment_manager import PaymentManager
 from adapters.projector import Projector
 from adapters.relay import Relay
 from api.app import create_app
@@ -74,6 +75,8 @@ async def run_roles(
         for model in READ_MODELS:
             projector = Projector(model, rt.ledger, rt.projection_pool(), js, rt.streams)
             jobs.append(projector.run(stop))
+        # Workers also apply recorded gateway deliveries (docs/PAYMENTS.md, the process manager).
+        jobs.append(PaymentManager(rt.ledger, rt.pool, rt.payments()).run(stop))
     if "scheduler" in roles:
         scheduler = start_scheduler(rt)
     api = (api or build_api(rt, admin_token=admin_token(rt.settings))) if "api" in roles else None

@@ -1,6 +1,8 @@
 """Scheduled work (APScheduler): the monthly invoice run, automatic finalization of drafts,
-and invoice emails. Every job is safe to run in several processes: the invoice run takes a
-Postgres advisory lock, finalization and emails are idempotent by construction."""
+invoice and payment emails, and the recovery of payments whose webhooks were missed. Every job
+is safe to run in several processes: the invoice run takes a Postgres advisory lock,
+finalization and emails are idempotent by construction, and recovery records deliveries under
+derived ids (a second check records nothing new)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from domain.errors import Conflict, DomainError
 from domain.period import due_periods
 from infra.wiring import Runtime
-from projections import invoices
+from projections import invoices, payments
 
 log = logging.getLogger("billing.scheduler")
 
@@ -22,6 +24,8 @@ FINALIZE_EVERY_MIN = 15
 CATCH_UP_PERIODS = 2  # after downtime, the last two ended periods are run again (idempotent)
 FINALIZE_BATCH_MAX = 1000
 EMAIL_EVERY_MIN = 1
+RECOVERY_EVERY_MIN = 1
+RECOVERY_BATCH_MAX = 100  # orders checked per pass; the rest wait for the next minute
 
 
 async def invoice_job(rt: Runtime) -> None:
@@ -73,6 +77,24 @@ def finalize_due(rt: Runtime, now: datetime) -> int:
     return done
 
 
+def recover_payments(rt: Runtime, now: datetime) -> int:
+    """One pass of missed-webhook recovery (docs/PAYMENTS.md): ask Razorpay for the payments of
+    each open order due for a check; returns how many new deliveries were recorded. One order's
+    failure is logged and the others still run."""
+    service = rt.payments()
+    if not service.configured:
+        return 0
+    with rt.pool.connection() as conn:
+        due = payments.orders_to_check(conn, now, RECOVERY_BATCH_MAX)
+    found = 0
+    for order in due:
+        try:
+            found += service.recover(order.id)
+        except DomainError as e:
+            log.warning("payment recovery of order %s: %s", order.razorpay_order_id, e)
+    return found
+
+
 def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler = AsyncIOScheduler(timezone="UTC")
     now = datetime.now(UTC)
@@ -98,5 +120,14 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler.add_job(email_job, "interval", minutes=EMAIL_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=10), max_instances=1, coalesce=True,
                       id="email")
+
+    async def recovery_job() -> None:
+        found = await asyncio.to_thread(recover_payments, rt, datetime.now(UTC))
+        if found:
+            log.info("payment recovery recorded %d deliveries a webhook had not brought", found)
+
+    scheduler.add_job(recovery_job, "interval", minutes=RECOVERY_EVERY_MIN,
+                      next_run_time=now + timedelta(seconds=20), max_instances=1, coalesce=True,
+                      id="payment-recovery")
     scheduler.start()
     return scheduler

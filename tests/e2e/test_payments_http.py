@@ -5,7 +5,10 @@ organisation-scoped token sees, and a service without Razorpay keys."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import email
+import email.policy
 import hashlib
 import hmac
 import uuid
@@ -23,7 +26,9 @@ from domain.errors import NotFound
 from domain.payment import GatewayEvent, gateway_event_ref
 from infra.embedded import free_port
 from infra.fake_razorpay import FakeRazorpay
+from infra.scheduler import recover_payments
 from infra.wiring import Runtime, admin_token, build_api
+from projections.payments import orders_to_check
 from tests.conftest import (
     TEST_ADMIN_TOKEN,
     http_status,
@@ -42,7 +47,7 @@ WEBHOOK_SECRET, OLD_WEBHOOK_SECRET = "whsec-new-0123", "whsec-old-4567"  # a rot
 GATEWAY_TIMEOUT_S = 1.0  # the service's wait on the fake: short, so the timeout faults are quick
 FAULT_DELAY_S = 2.0  # a "timeout" fault answers this late: after the service gave up
 WEBHOOK = "/webhooks/razorpay"
-TENANTS = ("checkout", "faults", "manual", "scoped", "other", "bare")  # an invoice per test
+TENANTS = ("checkout", "faults", "manual", "scoped", "other", "bare", "suppressed")  # an invoice per test
 
 
 @dataclasses.dataclass
@@ -217,6 +222,17 @@ async def test_a_checkout_paid_by_signed_webhooks_pays_the_invoice_once(payments
         assert p.recorded(fresh) is None
     assert p.head() == head
 
+    # One payment confirmation email, however often the mail job runs.
+    notifier = p.api.rt.notifier()
+    await asyncio.to_thread(notifier.send_due)
+    await asyncio.to_thread(notifier.send_due)
+    outbox = p.api.rt.settings.data_dir / "outbox"
+    mails = [email.message_from_bytes(f.read_bytes(), policy=email.policy.default)
+             for f in sorted(outbox.glob("*.eml"))]
+    confirmations = [m for m in mails if str(m["Subject"]).startswith("Payment received")]
+    assert [(str(m["To"]), invoice["number"] in str(m["Subject"])) for m in confirmations] == [
+        ("ap@checkout.in", True)]
+
 
 async def test_a_verified_delivery_is_recorded_whatever_it_holds(payments: Payments) -> None:
     p = payments
@@ -373,3 +389,38 @@ async def test_without_razorpay_keys_orders_and_webhooks_answer_503_and_manual_p
                                  json={"amount": 100, "method": "cheque", "reference": "CHQ-BARE"})
         assert manual.status_code == 201, manual.text
         assert p.head() > head
+
+
+async def test_a_payment_whose_webhooks_never_came_is_found_by_the_recovery_job(
+        payments: Payments) -> None:
+    p, invoice = payments, payments.invoices["suppressed"]
+    order = await _order(p, invoice["id"])
+    await _ok(await p.fake.post(f"/_fake/orders/{order['razorpay_order_id']}/payments",
+                                json={"outcome": "captured", "deliver": False}))  # webhooks lost
+    rt = p.api.rt
+    later = datetime.now(UTC) + timedelta(minutes=6)
+    await wait_until(lambda: order["razorpay_order_id"] in _due_orders(rt, later),
+                     "the order in the payments read model")
+    # Not yet due: an order is first checked 5 minutes after it was made.
+    assert order["razorpay_order_id"] not in _due_orders(rt, datetime.now(UTC))
+    assert await asyncio.to_thread(recover_payments, rt, datetime.now(UTC)) == 0
+    assert await asyncio.to_thread(recover_payments, rt, later) >= 1
+    await wait_until(lambda: _paid_in_read_model(p, invoice["id"]), "paid through recovery")
+    now = await _invoice(p, invoice["id"])
+    assert (now["status"], now["amount_due"]) == ("paid", 0)
+    listed = (await _ok(await p.api.http.get("/admin/v1/payments", headers=AUTH,
+                                             params={"invoice_id": invoice["id"]}), 200))["items"]
+    assert [(x["status"], x["applied"]) for x in listed] == [("captured", invoice["amount_due"])]
+    # Checked once at 5 min; the next check is not due before an hour: nothing asked again.
+    assert await asyncio.to_thread(recover_payments, rt, later) == 0
+
+
+def _due_orders(rt: Runtime, now: datetime) -> list[str]:
+    with rt.pool.connection() as conn:
+        return [o.razorpay_order_id for o in orders_to_check(conn, now, 10)]
+
+
+def _paid_in_read_model(p: Payments, invoice_id: str) -> bool:
+    with p.api.rt.pool.connection() as conn:
+        row = conn.execute("SELECT status FROM invoices WHERE id = %s", (invoice_id,)).fetchone()
+    return row is not None and row[0] == "paid"
