@@ -48,9 +48,12 @@ class PgRateLimiter:
         )
         self.store_errors = 0
         self.round_trips = 0
-        # key -> (tokens in hand, until, tokens the shared bucket had left when they were taken)
-        self._reserved: dict[str, tuple[int, float, int]] = {}
-        self._refused: dict[str, float] = {}  # key -> refused until (monotonic)
+        # key -> (tokens in hand, until, tokens the shared bucket had left when they were taken,
+        # the limit they were taken under). A share or a refusal holds only under the limit it
+        # was decided with: after a change (a tenant's limit lowered) it is dropped, or the
+        # tokens taken in chunks under the old, higher limit would be spent under the new one.
+        self._reserved: dict[str, tuple[int, float, int, tuple[int, int]]] = {}
+        self._refused: dict[str, tuple[float, tuple[int, int]]] = {}  # key -> (until, limit)
         self._refills: dict[str, asyncio.Lock] = {}
 
     async def open(self) -> None:
@@ -60,7 +63,7 @@ class PgRateLimiter:
         await self._pool.close()
 
     async def take(self, key: str, per_second: int, burst: int) -> tuple[bool, int, float]:
-        local = self._local(key)
+        local = self._local(key, (per_second, burst))
         if local is not None:
             return local
         # One refill per key at a time: concurrent requests wait for it instead of each asking
@@ -71,21 +74,22 @@ class PgRateLimiter:
                 self._refills = {k: v for k, v in self._refills.items() if v.locked()}
             lock = self._refills[key] = asyncio.Lock()
         async with lock:
-            local = self._local(key)
+            local = self._local(key, (per_second, burst))
             if local is not None:
                 return local
             return await self._refill(key, per_second, burst)
 
-    def _local(self, key: str) -> tuple[bool, int, float] | None:
-        """Answer from this process's share, or from a refusal still in force."""
+    def _local(self, key: str, limit: tuple[int, int]) -> tuple[bool, int, float] | None:
+        """Answer from this process's share, or from a refusal still in force, if they were
+        decided under `limit` (per second, burst)."""
         now = time.monotonic()
-        tokens, until, shared = self._reserved.get(key, (0, 0.0, 0))
-        if tokens > 0 and now < until:
-            self._reserved[key] = (tokens - 1, until, shared)
+        tokens, until, shared, taken_under = self._reserved.get(key, (0, 0.0, 0, limit))
+        if tokens > 0 and now < until and taken_under == limit:
+            self._reserved[key] = (tokens - 1, until, shared, limit)
             # What the client may still send: the bucket's rest plus the share still in hand.
             return True, shared + tokens - 1, 0.0
-        refused_until = self._refused.get(key, 0.0)
-        if now < refused_until:
+        refused_until, refused_under = self._refused.get(key, (0.0, limit))
+        if now < refused_until and refused_under == limit:
             # Nothing can free a token before then: other processes only take more.
             return False, 0, refused_until - now
         return None
@@ -102,10 +106,11 @@ class PgRateLimiter:
             self._reserved.clear()
             self._refused.clear()
         if allowed:
-            self._reserved[key] = (chunk - 1, time.monotonic() + RESERVE_TTL_S, remaining)
+            self._reserved[key] = (chunk - 1, time.monotonic() + RESERVE_TTL_S, remaining,
+                                   (per_second, burst))
             remaining += chunk - 1  # the share just taken is this process's to spend
         else:
-            self._refused[key] = time.monotonic() + retry_s
+            self._refused[key] = (time.monotonic() + retry_s, (per_second, burst))
         return allowed, remaining, retry_s
 
     async def _take(self, key: str, per_second: int, burst: int,

@@ -65,3 +65,19 @@ async def test_remaining_counts_down_across_refills_and_never_jumps_back_up(runt
     for (t0, before), (t1, after) in itertools.pairwise(seen):
         refilled = math.ceil((t1 - t0) * per_second)  # tokens that time can have given back
         assert after <= before - 1 + refilled + 1, seen  # + 1: the chunk's rounding
+
+
+async def test_a_share_taken_under_a_higher_limit_is_not_spent_after_the_limit_is_lowered(
+        runtime: Runtime) -> None:
+    """A tenant's limit lowered from 100/s (burst 200) to 1/s (burst 2): the ten tokens this
+    process took as one chunk under the old limit must not be spent under the new one (the
+    flaky `test_rate_limit_holds_across_both_api_processes` admitted 9 of a burst of 5)."""
+    limiter = PgRateLimiter(runtime.database_url, runtime.settings.pg_schema)
+    await limiter.open()
+    try:
+        assert (await limiter.take("org:lowered", 100, 200))[0]  # a chunk of 20 taken
+        results = [await limiter.take("org:lowered", 1, 2) for _ in range(10)]
+    finally:
+        await limiter.close()
+    allowed = [r for r in results if r[0]]
+    assert 1 <= len(allowed) <= 2  # the new bucket, not the old share
