@@ -87,3 +87,20 @@ async def test_a_delivery_that_keeps_failing_is_recorded_as_failed_and_the_next_
     bad = runtime.ledger.get(gateway_event_ref("evt_bad"), GatewayEvent)
     assert bad.outcome == FAILED and manager.failed == 1
     assert runtime.ledger.get(invoice.id, Invoice).status == "paid"
+
+
+async def test_a_manager_that_lost_its_tracking_in_a_crash_applies_nothing_twice(
+        runtime: Runtime) -> None:
+    payments, invoice = finalized(runtime)
+    order = payments.create_order(invoice.id, actor=None)
+    payments.record_delivery(event_id="evt_1", body=captured(order.razorpay_order_id, 1000))
+    manager = PaymentManager(runtime.ledger, runtime.pool, payments)
+    await manager.step()
+    applied_at = runtime.ledger.head()
+    with runtime.pool.connection() as conn:  # the tracking commit lost with the crash
+        conn.execute("UPDATE projection_tracking SET position = 0 WHERE name = %s", (NAME,))
+    restarted = PaymentManager(runtime.ledger, runtime.pool, payments)
+    await restarted.step()
+    assert runtime.ledger.head() == applied_at  # read again, found processed, nothing appended
+    paid = runtime.ledger.get(invoice.id, Invoice)
+    assert (paid.status, paid.paid) == ("partially_paid", 1000)

@@ -27,6 +27,7 @@ from domain.gateway_events import (
 )
 from domain.invoice import Invoice
 from domain.payment import GatewayEvent, Payment, gateway_event_ref, razorpay_payment_ref
+from domain.services.invoicing import InvoicingService
 from domain.services.payments import APPLIED, IGNORED, UNREADABLE, PaymentsService
 from tests.unit.memory import Clock, MemoryLedger
 from tests.unit.test_invoices import draft, org, setup
@@ -355,3 +356,27 @@ def test_a_late_authorization_or_failure_never_undoes_a_capture() -> None:
         "p", order.razorpay_order_id, due, "failed")))
     assert ledger.get(razorpay_payment_ref("p"), Payment).status == "captured"
     assert ledger.get(invoice.id, Invoice).status == "paid"
+
+
+def test_two_requests_racing_for_an_order_answer_the_one_recorded() -> None:
+    """The second request starts after the first made its order at Razorpay but before it
+    recorded it: it finds that order by receipt and records it; the first loses the race on the
+    invoice's version and answers the recorded order. One order, one answer."""
+    svc, ledger, gateway, invoice, _ = finalized()
+    racing: list[Any] = []
+    ledger.before_save = lambda: racing.append(svc.create_order(invoice.id, actor=None))
+    loser = svc.create_order(invoice.id, actor=None)
+    (winner,) = racing
+    assert loser.razorpay_order_id == winner.razorpay_order_id and not loser.created
+    assert len(gateway.orders) == 1
+    assert list(ledger.get(invoice.id, Invoice).orders) == [winner.razorpay_order_id]
+
+
+def test_a_manual_payment_racing_a_void_leaves_either_a_void_unpaid_or_a_paid_unvoided_invoice() -> None:
+    svc, ledger, _, invoice, clock = finalized()
+    invoicing = InvoicingService(ledger, clock)
+    ledger.before_save = lambda: invoicing.void(invoice.id, "cancelled", actor=None)
+    with pytest.raises(Conflict, match="void"):
+        svc.record_manual(invoice.id, amount=100, method="upi", reference="r", actor=None)
+    voided = ledger.get(invoice.id, Invoice)
+    assert (voided.status, voided.paid) == ("void", 0)
