@@ -43,6 +43,8 @@ class OpsSnapshot:
     projections: dict[str, int]
     dead_letters: dict[str, int]
     blocked: dict[str, int] = field(default_factory=dict)  # period -> organisations not invoiced
+    payments_for_review: int = 0  # payments a person must look at (docs/PAYMENTS.md)
+    failed_deliveries: int = 0  # gateway deliveries the process manager could not apply
 
 
 @dataclass

@@ -83,6 +83,12 @@ class OpsCollector(Collector):
         for period, count in sorted(s.blocked.items()):
             blocked.add_metric([period], count)
         yield blocked
+        yield GaugeMetricFamily("billing_payments_for_review",
+                                "Payments flagged for a person: no order of ours, beyond what was due,"
+                                " or to a void or paid invoice", value=s.payments_for_review)
+        yield GaugeMetricFamily("billing_gateway_deliveries_failed",
+                                "Recorded gateway deliveries the process manager could not apply",
+                                value=s.failed_deliveries)
 
 
 class RequestIdMiddleware:

@@ -222,6 +222,8 @@ def _status(rt: Runtime, out: TextIO) -> int:
         out.write(f"{name}: position {pos}, lag {snap.ledger_head - pos}, "
                   f"dead letters {snap.dead_letters.get(name, 0)}\n")
     out.write(f"relay: position {snap.relay_position}, head {snap.ledger_head}\n")
+    out.write(f"payments for review: {snap.payments_for_review} (GET /admin/v1/payments?review=true);"
+              f" gateway deliveries failed: {snap.failed_deliveries}\n")
     with rt.pool.connection() as conn:
         blocked = bookkeeping.blocked_organisations(conn)
     for b in blocked:

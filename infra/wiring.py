@@ -173,6 +173,8 @@ class Runtime:
                 projections={m.name: 0 for m in READ_MODELS} | bookkeeping.all_tracking(conn),
                 dead_letters=bookkeeping.dead_letter_counts(conn),
                 blocked=bookkeeping.blocked_counts(conn),
+                payments_for_review=payments.review_count(conn),
+                failed_deliveries=payments.failed_deliveries(conn),
             )
 
     def invoicing(self) -> InvoicingService:

@@ -353,6 +353,12 @@ def review_count(conn: Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
+def failed_deliveries(conn: Connection[Any]) -> int:
+    """Gateway deliveries the process manager could not apply (outcome `failed`)."""
+    row = conn.execute("SELECT count(*) FROM gateway_events WHERE outcome = 'failed'").fetchone()
+    return int(row[0]) if row else 0
+
+
 def order(conn: Connection[Any], ident: UUID) -> PaymentOrderRow | None:
     """One payment order (our id, domain.payment.order_ref), or None."""
     return one_row(conn, PaymentOrderRow,

@@ -424,3 +424,26 @@ def _paid_in_read_model(p: Payments, invoice_id: str) -> bool:
     with p.api.rt.pool.connection() as conn:
         row = conn.execute("SELECT status FROM invoices WHERE id = %s", (invoice_id,)).fetchone()
     return row is not None and row[0] == "paid"
+
+
+async def test_a_payment_of_no_order_of_ours_is_flagged_and_counted_in_metrics(
+        payments: Payments) -> None:
+    p = payments
+    body = (b'{"event":"payment.captured","payload":{"payment":{"entity":{"id":"pay_stray01",'
+            b'"amount":12345,"currency":"INR","status":"captured","order_id":"order_stray01",'
+            b'"captured":true}}}}')
+    r = await _deliver(p, body, signature=_sign(body), event_id="evt_stray01")
+    assert r.status_code == 200, r.text
+
+    async def flagged() -> list[dict[str, Any]]:
+        return list((await _ok(await p.api.http.get("/admin/v1/payments", headers=AUTH, params={
+            "review": "true"}), 200))["items"])
+
+    await wait_until(lambda: p.recorded("evt_stray01") is not None
+                     and p.recorded("evt_stray01").processed, "the stray payment applied")  # type: ignore[union-attr]
+    stray = [x for x in await flagged() if x["razorpay_payment_id"] == "pay_stray01"]
+    assert [(x["status"], x["invoice_id"], x["applied"]) for x in stray] == [("captured", None, 0)]
+    assert "no order of ours" in stray[0]["review"][0]
+    metrics = (await p.api.http.get("/metrics")).text
+    (line,) = [x for x in metrics.splitlines() if x.startswith("billing_payments_for_review ")]
+    assert float(line.split()[1]) >= 1
