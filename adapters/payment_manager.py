@@ -15,8 +15,13 @@ on its version, and then finds it processed).
 
 A delivery whose applying raises something unexpected is retried with backoff, then recorded as
 `failed` with the error (visible in the gateway_events read model) so that it never blocks the
-deliveries after it. The ledger or Postgres away (Unavailable, connection errors) is retried
-forever without giving up: nothing is recorded as failed for the infrastructure's sake.
+deliveries after it; `billing payments reapply` applies it afresh once the bug is fixed. The
+ledger or Postgres away (Unavailable, connection errors), or a save race that outlasted the
+service's own retries (Conflict), is retried forever without giving up, after a growing but
+bounded delay: nothing is recorded as failed for the infrastructure's or a race's sake.
+Anything else escaping a pass (e.g. from recording a failure) is logged with its traceback and
+the pass is tried again after ERROR_DELAY_S: `run` never ends but by `stop`, because a worker
+stops all its projectors when one of its jobs ends.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from psycopg_pool import ConnectionPool
 
 from adapters.ledger import LedgerStore
 from adapters.pg import TRANSIENT
-from domain.errors import Unavailable
+from domain.errors import Conflict, Unavailable
 from domain.payment import GatewayEvent
 from domain.services.payments import PaymentsService
 
@@ -41,31 +46,54 @@ log = logging.getLogger("billing.payments")
 NAME = "payments-manager"
 POLL_INTERVAL_S = 0.1  # idle: how soon a recorded delivery is applied
 PAGE_ROWS = 200  # deliveries read per query
-APPLY_RETRY_BACKOFF_S = (0.05, 0.2, 1.0)
-INFRA_RETRY_DELAY_S = 1.0
+APPLY_RETRY_BACKOFF_S = (0.05, 0.2, 1.0)  # an unexpected error, before recording it as failed
+# Infrastructure away, or a save race: the first retry soon, then doubling up to the cap.
+RETRY_FIRST_DELAY_S = 0.1
+RETRY_MAX_DELAY_S = 2.0
+ERROR_DELAY_S = 5.0  # after an unexpected error escaped a pass: a bug, so no busy loop
+ERROR_DETAIL_MAX_CHARS = 2000  # of a failure's "Type: message", as recorded on the delivery
+# Worth another pass later, never a reason to record a delivery as failed.
+_RETRYABLE = (*TRANSIENT, Unavailable, Conflict)
 _TOPIC = get_topic(GatewayEvent.Received)
 
 
 class PaymentManager:
     """Applies deliveries in ledger order; `run` until `stop`."""
 
-    def __init__(self, ledger: LedgerStore, pool: ConnectionPool, payments: PaymentsService,
-                 retry_backoff_s: Sequence[float] = APPLY_RETRY_BACKOFF_S) -> None:
+    def __init__(self, ledger: LedgerStore, pool: ConnectionPool, payments: PaymentsService, *,
+                 retry_backoff_s: Sequence[float] = APPLY_RETRY_BACKOFF_S,
+                 retry_max_delay_s: float = RETRY_MAX_DELAY_S,
+                 error_delay_s: float = ERROR_DELAY_S) -> None:
         self._ledger = ledger
         self._pool = pool
         self._payments = payments
         self._backoff = tuple(retry_backoff_s)
+        self._retry_max_delay_s = retry_max_delay_s
+        self._error_delay_s = error_delay_s
         self.applied = 0
         self.failed = 0
+        self.errors = 0  # unexpected errors that escaped a pass (each logged with its traceback)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Pass after pass until `stop`: at once while there is more to read, else after
+        POLL_INTERVAL_S. Returns only when `stop` is set: every error is logged and waited out."""
+        delay = RETRY_FIRST_DELAY_S
         while not stop.is_set():
             try:
                 busy = await self.step()
-            except (*TRANSIENT, Unavailable) as e:
-                log.warning("payments manager will retry: %s: %s", type(e).__name__, e)
-                busy = False
-                await _wait(stop, INFRA_RETRY_DELAY_S)
+                delay = RETRY_FIRST_DELAY_S
+            except _RETRYABLE as e:
+                log.warning("payments manager will retry in %.1f s: %s: %s", delay,
+                            type(e).__name__, e)
+                await _wait(stop, delay)
+                delay = min(delay * 2, self._retry_max_delay_s)
+                continue
+            except Exception:
+                self.errors += 1
+                log.exception("payments manager: a pass failed; trying again in %.0f s",
+                              self._error_delay_s)
+                await _wait(stop, self._error_delay_s)
+                continue
             if not busy:
                 await _wait(stop, POLL_INTERVAL_S)
 
@@ -94,10 +122,10 @@ class PaymentManager:
                 log.info("gateway delivery applied", extra={"delivery": {"id": str(ref),
                                                                          "outcome": outcome}})
                 return
-            except (*TRANSIENT, Unavailable):
-                raise
+            except _RETRYABLE:
+                raise  # run() retries the pass: never recorded as failed
             except Exception as e:
-                error = f"{type(e).__name__}: {e}"[:2000]
+                error = f"{type(e).__name__}: {e}"[:ERROR_DETAIL_MAX_CHARS]
                 log.warning("payments manager: delivery %s failed (attempt %d): %s", ref,
                             attempt + 1, error)
                 if attempt < len(self._backoff):
