@@ -172,6 +172,7 @@ def _operator(settings: Settings, args: argparse.Namespace) -> int:
         try:
             return _operate(rt, args)
         finally:
+            rt.close_gateway()
             rt.pool.close()
             rt.ledger.close()
 

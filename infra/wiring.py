@@ -11,9 +11,10 @@ import logging
 import os
 import random
 import secrets
+import threading
 import time
 from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -129,6 +130,10 @@ class Runtime:
     nc: NatsClient | None = None  # None until connect_nats (and again once a test closes it)
     js: JetStreamContext | None = None
     projection_pool_: ConnectionPool | None = None
+    # Not copied by dataclasses.replace (init=False): a runtime with other settings builds its
+    # own gateway, and closing one runtime never closes another's.
+    gateway_: RazorpayGateway | None = field(default=None, init=False, repr=False)
+    _gateway_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, database_url: str, nats_url: str) -> Runtime:
@@ -156,6 +161,7 @@ class Runtime:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), NATS_CLOSE_TIMEOUT_S)
+        self.close_gateway()
         self.pool.close()
         if self.projection_pool_ is not None:
             self.projection_pool_.close()
@@ -185,16 +191,33 @@ class Runtime:
                           lambda: datetime.now(UTC), timedelta(hours=self.settings.grace_hours),
                           self.settings.pg_schema)
 
+    def gateway(self) -> RazorpayGateway | None:
+        """The Razorpay gateway when both its keys are set, made once (one connection pool for
+        the process, however often a service is built: the scheduler builds one a minute);
+        `close_gateway` closes it. Thread-safe: services are built in worker threads too."""
+        s = self.settings
+        if not (s.razorpay_key_id and s.razorpay_key_secret):
+            return None
+        with self._gateway_lock:
+            if self.gateway_ is None:
+                self.gateway_ = RazorpayGateway(
+                    key_id=s.razorpay_key_id, key_secret=s.razorpay_key_secret,
+                    base_url=s.razorpay_base_url, timeout_s=s.razorpay_timeout_s)
+            return self.gateway_
+
+    def close_gateway(self) -> None:
+        """Close the gateway's connections, if one was made (a later `gateway()` makes another)."""
+        with self._gateway_lock:
+            if self.gateway_ is not None:
+                self.gateway_.close()
+                self.gateway_ = None
+
     def payments(self) -> PaymentsService:
         """Payments over Razorpay when both its keys are set; without them, orders answer 503
         (payments not configured) and manual payments still work."""
-        s = self.settings
-        gateway = None
-        if s.razorpay_key_id and s.razorpay_key_secret:
-            gateway = RazorpayGateway(key_id=s.razorpay_key_id, key_secret=s.razorpay_key_secret,
-                                      base_url=s.razorpay_base_url, timeout_s=s.razorpay_timeout_s)
+        gateway = self.gateway()
         return PaymentsService(self.ledger, lambda: datetime.now(UTC), gateway,
-                               key_secret=s.razorpay_key_secret if gateway else None)
+                               key_secret=self.settings.razorpay_key_secret if gateway else None)
 
     def notifier(self) -> InvoiceNotifier:
         s = self.settings

@@ -125,6 +125,7 @@ async def payments(tmp_path_factory: pytest.TempPathFactory,
                 await wait_until(lambda: http_status(f"{base}/health/ready") == 200, "up")
                 yield Payments(Api(http, rt, role), control, await _finalized_invoices(http))
         finally:
+            rt.close_gateway()
             close_and_drop(server_urls[0], settings.pg_schema, rt)
 
 

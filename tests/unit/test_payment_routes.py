@@ -1,6 +1,7 @@
 """The payment routes' refusals that need no database: the webhook is refused before anything
 is recorded (no secret configured: 503; a signature that does not match: 400), a malformed
-payment id in a path is the API's 422 naming it, and the API's manual methods are the domain's."""
+payment id in a path is the API's 422 naming it, and the API's manual methods are the domain's.
+And the wiring of payments: one Razorpay gateway per runtime, closed with it."""
 
 from __future__ import annotations
 
@@ -66,3 +67,22 @@ def test_a_malformed_payment_id_is_a_422_naming_it(tmp_path: Path) -> None:
             r = client.request(method, path, json={})
             assert r.status_code == 422, r.text
             assert r.json()["errors"] == [{"field": "id", "message": f"{what} id must be a UUID"}]
+
+
+def test_a_runtime_builds_one_razorpay_gateway_however_often_payments_are_built(
+        tmp_path: Path) -> None:
+    rt = unconnected_runtime(tmp_path)
+    rt = dataclasses.replace(rt, settings=dataclasses.replace(
+        rt.settings, razorpay_key_id="rzp_test_once", razorpay_key_secret="secret-once"))
+    first, second = rt.payments(), rt.payments()  # the scheduler builds one every minute
+    gateway = rt.gateway()
+    assert gateway is not None and first.configured
+    assert first._gateway is gateway and second._gateway is gateway
+    # A copy with other settings has its own (here: none), and leaves this one open.
+    bare = dataclasses.replace(rt, settings=dataclasses.replace(
+        rt.settings, razorpay_key_id=None, razorpay_key_secret=None))
+    assert bare.gateway() is None and not bare.payments().configured
+    bare.close_gateway()
+    assert rt.gateway() is gateway
+    rt.close_gateway()
+    assert rt.gateway_ is None
