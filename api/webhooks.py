@@ -25,12 +25,12 @@ from api.input_rules import INPUT_RULES_OPT, OWN_BODY_RULES
 from api.problems import BadRequest
 from api.read_your_writes import LEDGER_POSITION_HEADER
 from domain.errors import PaymentsNotConfigured
-from domain.gateway_events import signature_matches
+from domain.gateway_events import EVENT_ID_MAX_CHARS, signature_matches
 
 SIGNATURE_HEADER = "X-Razorpay-Signature"
 EVENT_ID_HEADER = "X-Razorpay-Event-Id"
 DERIVED_EVENT_ID_PREFIX = "sha256:"
-DERIVED_EVENT_ID_HEX_CHARS = 40  # of the body's SHA-256: the id of a delivery that named none
+DERIVED_EVENT_ID_HEX_CHARS = 40  # of the SHA-256 of the body (no id given) or of a too-long id
 NOT_CONFIGURED_RETRY_AFTER_S = 3600
 RECORDED = "recorded"
 DUPLICATE = "duplicate"
@@ -42,11 +42,17 @@ class WebhookAnswer(msgspec.Struct):
 
 def event_id_of(request: Request[Any, Any, Any], body: bytes) -> str:
     """Razorpay's event id; without one, an id derived from the body, so that repeats of the same
-    delivery still collide."""
+    delivery still collide. One longer than we store (EVENT_ID_MAX_CHARS) is derived from the
+    given id the same way: a verified delivery is never refused for its id's length, because
+    Razorpay retries a refused one and then disables the webhook."""
     given = request.headers.get(EVENT_ID_HEADER.lower(), "").strip()
-    if given:
+    if given and len(given) <= EVENT_ID_MAX_CHARS:
         return given
-    return DERIVED_EVENT_ID_PREFIX + hashlib.sha256(body).hexdigest()[:DERIVED_EVENT_ID_HEX_CHARS]
+    return _derived(given.encode() if given else body)
+
+
+def _derived(source: bytes) -> str:
+    return DERIVED_EVENT_ID_PREFIX + hashlib.sha256(source).hexdigest()[:DERIVED_EVENT_ID_HEX_CHARS]
 
 
 @post("/webhooks/razorpay", status_code=200, tags=["webhooks"],
@@ -54,11 +60,15 @@ def event_id_of(request: Request[Any, Any, Any], body: bytes) -> str:
       description="The raw body must carry a valid X-Razorpay-Signature (hex HMAC-SHA256 under"
                   " one of the configured webhook secrets): else 400 and nothing is recorded."
                   " A verified delivery is recorded as it came and applied later; a repeat (same"
-                  " X-Razorpay-Event-Id) records nothing. 503 when no webhook secret is"
-                  " configured, or when the ledger cannot take it now (Razorpay retries).",
+                  f" X-Razorpay-Event-Id) records nothing; an id over {EVENT_ID_MAX_CHARS} characters"
+                  " is stood for by its SHA-256, as a missing one is by the body's. 503 when no"
+                  " webhook secret is configured, or when the ledger cannot take it now (Razorpay retries).",
       responses={200: ResponseSpec(WebhookAnswer, description="recorded, or a duplicate")},
       opt={INPUT_RULES_OPT: OWN_BODY_RULES})  # the signature is over the raw body: never parsed first
 async def razorpay_webhook(request: Request[Any, Any, Any], deps: Deps) -> Response[WebhookAnswer]:
+    """Verify the raw body's signature, then record the delivery under its event id (a repeat
+    records nothing); the process manager applies it later. 200 for every verified delivery
+    (503 only while the ledger cannot take it: Razorpay retries)."""
     if not deps.webhook_secrets:
         raise PaymentsNotConfigured("payments not configured: set RAZORPAY_WEBHOOK_SECRET",
                                     retry_after_s=NOT_CONFIGURED_RETRY_AFTER_S)

@@ -251,6 +251,16 @@ async def test_a_verified_delivery_is_recorded_whatever_it_holds(payments: Payme
                for _ in range(2)]
     assert answers == [{"status": "recorded"}, {"status": "duplicate"}]
     assert p.recorded("sha256:" + hashlib.sha256(body).hexdigest()[:40]) is not None
+    # An event id longer than we store (100 characters) is stood for by its digest: still 200,
+    # and its repeat is still a repeat. One of exactly 100 is kept as given.
+    body = b'{"event": "payment.dispute.won", "payload": {}}'
+    long_id, longest_kept = "evt_" + "L" * 97, "evt_" + "K" * 96
+    answers = [(await _deliver(p, body, signature=_sign(body), event_id=event_id)).json()
+               for event_id in (long_id, long_id, longest_kept)]
+    assert answers == [{"status": "recorded"}, {"status": "duplicate"}, {"status": "recorded"}]
+    derived = p.recorded("sha256:" + hashlib.sha256(long_id.encode()).hexdigest()[:40])
+    assert derived is not None and derived.body == body
+    assert p.recorded(longest_kept) is not None
     # Applied (as unreadable or ignored) and read-modelled like any other: nothing is stuck.
     await p.quiet_head()
     assert (await p.api.http.get("/admin/v1/payments", headers=AUTH)).status_code == 200
