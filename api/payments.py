@@ -1,9 +1,12 @@
 """Admin routes for payments: a Razorpay order for an invoice, money received by hand, and the
 payments read model (API.md, "Payment" shape).
 
-Commands go through domain/services/payments.py in a worker thread (a gateway call blocks for
-up to RAZORPAY_TIMEOUT_S); reads come from the payments read model after waiting for it to
-include earlier writes. A Razorpay payment's state comes from its webhooks (api/webhooks.py),
+Commands go through domain/services/payments.py in a worker thread; reads come from the payments
+read model after waiting for it to include earlier writes. A command that calls the gateway
+holds its thread for up to two calls of RAZORPAY_TIMEOUT_S each, so it runs on threads of its own
+(`gateway_limiter`, GATEWAY_THREADS per event loop), not on anyio's default ones that the webhook
+needs for its append within Razorpay's 5 s: orders waiting on a slow Razorpay queue behind each
+other, never in front of a webhook. A Razorpay payment's state comes from its webhooks (api/webhooks.py),
 applied by the process manager: this module never changes it.
 """
 
@@ -16,6 +19,7 @@ from uuid import UUID
 
 import anyio
 import msgspec
+from anyio.lowlevel import RunVar
 from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath, JSONBody
 
@@ -28,6 +32,13 @@ from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.payment import PAYMENT_STATUSES, REFERENCE_MAX_CHARS, Payment
 from domain.services.payments import OrderOut
 from projections import payments as view
+
+# Gateway calls at once, per event loop (per API process); more wait their turn. Within the
+# gateway's own connection pool (requests keeps 10 per host), so no call waits for a connection.
+GATEWAY_THREADS = 8
+# An anyio CapacityLimiter belongs to the event loop it was made in (tests run several loops in
+# one process): one per loop, made on first use inside it.
+_GATEWAY_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("payments_gateway_limiter")
 
 ManualMethod = Literal["bank_transfer", "cheque", "upi", "other"]  # domain.payment.MANUAL_METHODS
 _REVIEW_VALUES = {"true": True, "false": False}
@@ -44,7 +55,19 @@ class ManualPaymentIn(msgspec.Struct, forbid_unknown_fields=True):
 _STRICT_MANUAL = msgspec.json.Decoder(ManualPaymentIn)
 
 
+def gateway_limiter() -> anyio.CapacityLimiter:
+    """The threads gateway-calling commands run on in this event loop (GATEWAY_THREADS), apart
+    from anyio's default ones; made on first use. Call it inside the running loop."""
+    try:
+        return _GATEWAY_LIMITER.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(GATEWAY_THREADS)
+        _GATEWAY_LIMITER.set(limiter)
+        return limiter
+
+
 def strict_manual(body: bytes) -> ManualPaymentIn:
+    """A manual payment's body read strictly: the amount a JSON integer of paise (422 else)."""
     try:
         return _STRICT_MANUAL.decode(body)
     except msgspec.ValidationError as e:
@@ -143,6 +166,8 @@ def _filters(request: Request[Any, Any, Any]) -> _Filters:
 
 
 class PaymentController(Controller):
+    """Orders and manual payments for an invoice, and the payments read model."""
+
     path = "/admin/v1"
     tags = ["payments"]
 
@@ -156,8 +181,9 @@ class PaymentController(Controller):
                       " 503 when it did not answer, or payments are not configured.")
     async def create_order(self, invoice_id: FromPath[UUID], deps: Deps,
                            actor: Acting) -> Response[PaymentOrderOut]:
+        """Ask the service for an order (it calls Razorpay: on the gateway's own threads)."""
         order = await anyio.to_thread.run_sync(partial(deps.payments.create_order, invoice_id,
-                                                       actor=actor))
+                                                       actor=actor), limiter=gateway_limiter())
         # Recorded by this request (made now, or adopted from a create whose answer was lost):
         # 201; already recorded: 200, and nothing written.
         return Response(_order_out(order), status_code=201 if order.position else 200,
@@ -171,6 +197,7 @@ class PaymentController(Controller):
     async def record_manual(self, invoice_id: FromPath[UUID], data: JSONBody[ManualPaymentIn],
                             request: Request[Any, Any, Any], deps: Deps,
                             actor: Acting) -> Response[PaymentOut]:
+        """Record money received by hand, applied to the invoice at once (no gateway call)."""
         # `data` documents the body in the schema; the amount is then read again, strictly.
         data = strict_manual(await request.body())
         written = await anyio.to_thread.run_sync(partial(
@@ -181,6 +208,7 @@ class PaymentController(Controller):
 
     @get("/payments", summary="List payments (filter by invoice_id, status, organisation_id, review)")
     async def list_(self, request: Request[Any, Any, Any], deps: Deps) -> PaymentPage:
+        """A page of payments from the read model, filtered, within the caller's organisation."""
         limit = parse_limit(request.query_params.get("limit"))
         after = decode_cursor(request.query_params.get("cursor"))
         filters = _filters(request)
@@ -206,6 +234,7 @@ class PaymentController(Controller):
     @get("/payments/{payment_id:uuid}", summary="Read a payment")
     async def read(self, payment_id: FromPath[UUID], request: Request[Any, Any, Any],
                    deps: Deps) -> PaymentOut:
+        """One payment from the read model (404 when another organisation's)."""
         await wait_caught_up(deps, request, view.NAME)
 
         def fetch() -> view.PaymentRow | None:

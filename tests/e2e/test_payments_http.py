@@ -11,12 +11,14 @@ import email
 import email.policy
 import hashlib
 import hmac
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
+import anyio.to_thread
 import httpx
 import pytest
 
@@ -47,7 +49,14 @@ WEBHOOK_SECRET, OLD_WEBHOOK_SECRET = "whsec-new-0123", "whsec-old-4567"  # a rot
 GATEWAY_TIMEOUT_S = 1.0  # the service's wait on the fake: short, so the timeout faults are quick
 FAULT_DELAY_S = 2.0  # a "timeout" fault answers this late: after the service gave up
 WEBHOOK = "/webhooks/razorpay"
-TENANTS = ("checkout", "faults", "manual", "scoped", "other", "bare", "suppressed")  # an invoice per test
+TENANTS = ("checkout", "faults", "manual", "scoped", "other", "bare", "suppressed",
+           "starved")  # an invoice per test
+# Orders stuck on a slow Razorpay, against a webhook's answer: the fake holds each order request
+# this long, under a gateway timeout long enough to wait it out; the webhook must answer sooner.
+SLOW_GATEWAY_DELAY_S = 2.0
+SLOW_GATEWAY_TIMEOUT_S = 10.0
+WEBHOOK_PROMPT_S = 1.0
+STUCK_ORDERS = 2  # and anyio's default threads cut to as many, as if all 40 were taken by orders
 
 
 @dataclasses.dataclass
@@ -458,3 +467,41 @@ async def test_a_payment_of_no_order_of_ours_is_flagged_and_counted_in_metrics(
     metrics = (await p.api.http.get("/metrics")).text
     (line,) = [x for x in metrics.splitlines() if x.startswith("billing_payments_for_review ")]
     assert float(line.split()[1]) >= 1
+
+
+async def test_orders_waiting_on_a_slow_gateway_never_hold_up_a_webhook(payments: Payments) -> None:
+    p, invoice = payments, payments.invoices["starved"]
+    # The service in process, with a gateway timeout that waits the slow answers out.
+    slow = dataclasses.replace(p.api.rt.settings, razorpay_timeout_s=SLOW_GATEWAY_TIMEOUT_S)
+    rt = dataclasses.replace(p.api.rt, settings=slow)  # the same ledger and pools
+    _, asgi = create_app(build_api(rt, admin_token=TEST_ADMIN_TOKEN).deps)
+    default = anyio.to_thread.current_default_thread_limiter()
+    default_tokens = default.total_tokens
+    fake_faults = f"{p.fake.base_url}/_fake/faults"
+    try:
+        default.total_tokens = STUCK_ORDERS
+        await _ok(await p.fake.post("/_fake/faults", json={
+            "next": "timeout", "count": STUCK_ORDERS, "delay_s": SLOW_GATEWAY_DELAY_S,
+            "method": "GET", "path": "/v1/orders"}), 200)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, asgi)),
+                                     base_url="http://in-process", timeout=30) as http:
+            orders = [asyncio.create_task(http.post(
+                f"/admin/v1/invoices/{invoice['id']}/payment-orders", headers=AUTH))
+                for _ in range(STUCK_ORDERS)]
+            await wait_until(lambda: httpx.get(fake_faults).json()["pending"] == [],
+                             "every order request held by the slow gateway")
+            body = b'{"event": "payment.dispute.lost", "payload": {}}'
+            started = time.monotonic()
+            r = await http.post(WEBHOOK, content=body, headers={
+                "X-Razorpay-Signature": _sign(body), "X-Razorpay-Event-Id": "evt_not_starved"})
+            took = time.monotonic() - started
+            assert took < WEBHOOK_PROMPT_S, f"the webhook waited {took:.2f} s for a thread"
+            assert (r.status_code, r.json()) == (200, {"status": "recorded"}), r.text
+            assert not any(o.done() for o in orders)  # still waiting on the gateway
+            # The gateway's answer (an error, late) comes; nothing was recorded for the orders.
+            assert [o.status_code for o in await asyncio.gather(*orders)] == [502] * STUCK_ORDERS
+        assert await _fake_orders(p, invoice["number"]) == []
+    finally:
+        default.total_tokens = default_tokens
+        rt.close_gateway()
+        await p.fake.delete("/_fake/faults")

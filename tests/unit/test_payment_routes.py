@@ -5,16 +5,18 @@ And the wiring of payments: one Razorpay gateway per runtime, closed with it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
 from pathlib import Path
 from typing import get_args
 
+import anyio
 from litestar.testing import TestClient
 
 from api.app import create_app
-from api.payments import ManualMethod
+from api.payments import GATEWAY_THREADS, ManualMethod, gateway_limiter
 from domain.payment import MANUAL_METHODS
 from infra.wiring import build_api
 from tests.unit.test_wiring import unconnected_runtime
@@ -86,3 +88,17 @@ def test_a_runtime_builds_one_razorpay_gateway_however_often_payments_are_built(
     assert rt.gateway() is gateway
     rt.close_gateway()
     assert rt.gateway_ is None
+
+
+def test_gateway_calls_get_a_thread_limiter_of_their_own_per_event_loop() -> None:
+    async def limiters() -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter, float]:
+        default = anyio.to_thread.current_default_thread_limiter()
+        first, again = gateway_limiter(), gateway_limiter()
+        assert first is again and first is not default
+        # Usable in this loop: a thread runs under it.
+        assert await anyio.to_thread.run_sync(lambda: 7, limiter=first) == 7
+        return first, default, first.total_tokens
+
+    one, default_one, tokens = asyncio.run(limiters())
+    two, _, _ = asyncio.run(limiters())
+    assert tokens == GATEWAY_THREADS and one is not two and one is not default_one
