@@ -45,6 +45,8 @@ _REVIEW_VALUES = {"true": True, "false": False}
 
 
 class ManualPaymentIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Money received outside Razorpay, as an operator records it."""
+
     amount: Annotated[int, msgspec.Meta(gt=0)]  # paise, at most the amount due
     method: ManualMethod
     reference: Annotated[str, msgspec.Meta(min_length=1, max_length=REFERENCE_MAX_CHARS)]
@@ -85,6 +87,8 @@ class PaymentOrderOut(msgspec.Struct):
 
 
 class PaymentOut(msgspec.Struct):
+    """A payment (API.md, "Payment")."""
+
     id: UUID
     invoice_id: UUID | None  # null: a payment of no order of ours (flagged for review)
     organisation_id: UUID | None
@@ -102,6 +106,8 @@ class PaymentOut(msgspec.Struct):
 
 
 class PaymentPage(msgspec.Struct):
+    """A page of payments; `next_cursor` null on the last."""
+
     items: list[PaymentOut]
     next_cursor: str | None
 

@@ -37,6 +37,8 @@ DUPLICATE = "duplicate"
 
 
 class WebhookAnswer(msgspec.Struct):
+    """What a verified delivery is answered with."""
+
     status: str  # recorded | duplicate
 
 

@@ -296,6 +296,7 @@ def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `billing` command; its exit code."""
     args = _parser().parse_args(argv)
     # The API, the writer thread and the projector threads share one interpreter: a shorter
     # GIL switch interval lets a thread that has its answer (e.g. a commit) run sooner.

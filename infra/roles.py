@@ -25,6 +25,7 @@ from infra.wiring import READ_MODELS, ApiRole, Runtime, admin_token, build_api
 log = logging.getLogger("billing.roles")
 
 SHUTDOWN_TIMEOUT_S = 15.0
+HTTP_GRACEFUL_SHUTDOWN_S = 5  # requests in flight at stop: how long uvicorn lets them finish
 LISTEN_BACKLOG = 2048
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 
@@ -86,7 +87,7 @@ async def run_roles(
             jobs += await api.start(stop)
             server = _Server(uvicorn.Config(
                 asgi, host=rt.settings.host, port=rt.settings.port, log_config=None,
-                lifespan="off", access_log=False, timeout_graceful_shutdown=5,
+                lifespan="off", access_log=False, timeout_graceful_shutdown=HTTP_GRACEFUL_SHUTDOWN_S,
                 # api/client_ip.py decides whom to believe (trusted proxies), not uvicorn.
                 proxy_headers=False, http=CoalescingHttpToolsProtocol,  # one send per response
                 server_header=False,  # names the software to anyone who asks; one header less

@@ -96,6 +96,8 @@ def recover_payments(rt: Runtime, now: datetime) -> int:
 
 
 def start(rt: Runtime) -> AsyncIOScheduler:
+    """Schedule every job on the running event loop (the first runs soon after start, so a
+    restarted process catches up) and start the scheduler; the caller shuts it down."""
     scheduler = AsyncIOScheduler(timezone="UTC")
     now = datetime.now(UTC)
     # next_run_time=now: a restarted scheduler catches up at once on runs it missed.

@@ -71,9 +71,13 @@ READ_MODELS: tuple[ReadModel, ...] = (
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
 NATS_CLOSE_TIMEOUT_S = 5.0
+READY_PG_TIMEOUT_S = 2.0  # /health/ready: waiting for a pooled connection
+READY_NATS_TIMEOUT_S = 1  # /health/ready: a NATS round trip
+SECRET_BYTES = 32  # of a key's secret part and of a generated admin token: 256 bits
 
 
 def read_model(name: str) -> ReadModel:
+    """The read model of that name; exits naming the known ones if there is none."""
     for model in READ_MODELS:
         if model.name == name:
             return model
@@ -137,6 +141,7 @@ class Runtime:
 
     @classmethod
     def open(cls, settings: Settings, database_url: str, nats_url: str) -> Runtime:
+        """Create the schema and every table (idempotent), open the ledger and the read pool."""
         ledger = setup_schema(database_url, settings.pg_schema)
         pool = open_pool(database_url, settings.pg_schema)
         for model in READ_MODELS:
@@ -152,12 +157,15 @@ class Runtime:
         return self.projection_pool_
 
     async def connect_nats(self, name: str) -> JetStreamContext:
+        """Connect to NATS as `name` and make sure the streams exist."""
         self.nc = await bus.connect(self.nats_url, name)
         self.js = self.nc.jetstream(timeout=bus.REQUEST_TIMEOUT_S)
         await bus.ensure_streams(self.js, self.streams)
         return self.js
 
     async def close(self) -> None:
+        """Close what `open` and later calls opened: NATS (bounded), the gateway, the pools and
+        the ledger."""
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), NATS_CLOSE_TIMEOUT_S)
@@ -184,9 +192,11 @@ class Runtime:
             )
 
     def invoicing(self) -> InvoicingService:
+        """Invoicing over the ledger, on the wall clock."""
         return InvoicingService(self.ledger, lambda: datetime.now(UTC), pause=_jittered_pause)
 
     def invoice_run(self) -> InvoiceRun:
+        """The invoice run over every subscribed organisation (API, CLI and scheduler)."""
         return InvoiceRun(self.pool, self.ledger, self.invoicing(), self.settings.supplier_state_code,
                           lambda: datetime.now(UTC), timedelta(hours=self.settings.grace_hours),
                           self.settings.pg_schema)
@@ -220,11 +230,13 @@ class Runtime:
                                key_secret=self.settings.razorpay_key_secret if gateway else None)
 
     def notifier(self) -> InvoiceNotifier:
+        """Invoice and payment emails: over SMTP_URL, else into the data folder's outbox."""
         s = self.settings
         mailer: Mailer = SmtpMailer(s.smtp_url) if s.smtp_url else OutboxMailer(s.data_dir / "outbox")
         return InvoiceNotifier(self.pool, self.ledger, mailer, self.supplier())
 
     def supplier(self) -> Supplier:
+        """Who issues the invoices, from the settings."""
         s = self.settings
         return Supplier(s.supplier_name, s.supplier_gstin, s.supplier_state_code, s.mail_from)
 
@@ -263,7 +275,7 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
     """Construct the API role over the runtime: no connection opened, nothing written."""
     async def postgres_ok() -> bool:
         def check() -> bool:
-            with rt.pool.connection(timeout=2) as conn:
+            with rt.pool.connection(timeout=READY_PG_TIMEOUT_S) as conn:
                 conn.execute("SELECT 1")
             return True
 
@@ -272,7 +284,7 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
     async def nats_ok() -> bool:
         if rt.nc is None or not rt.nc.is_connected:
             return False
-        await rt.nc.flush(timeout=1)
+        await rt.nc.flush(timeout=READY_NATS_TIMEOUT_S)
         return True
 
     settings = rt.settings
@@ -325,7 +337,7 @@ def _jittered_pause(attempt: int) -> None:
 
 def new_key_secret() -> tuple[str, str]:
     """A key's visible prefix and its 256-bit secret part."""
-    return secrets.token_hex(PREFIX_CHARS // 2), secrets.token_urlsafe(32)
+    return secrets.token_hex(PREFIX_CHARS // 2), secrets.token_urlsafe(SECRET_BYTES)
 
 
 def admin_token(settings: Settings) -> str:
@@ -338,7 +350,7 @@ def admin_token(settings: Settings) -> str:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32))
+                f.write(secrets.token_urlsafe(SECRET_BYTES))
             log.warning("BILLING_ADMIN_TOKEN is not set; generated an owner token in %s", path)
         token = path.read_text().strip()
     return token
