@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 
@@ -32,17 +33,44 @@ RECEIPT_MAX_CHARS = 40  # Razorpay's limit on an order's receipt
 NOTES_MAX_PAIRS = 15
 NOTE_MAX_CHARS = 256
 EVENT_ID_MAX_CHARS = 100  # longer X-Razorpay-Event-Id values are refused (Razorpay's are ~20)
+ORDER_MIN_AMOUNT_PAISE = 100  # Razorpay refuses orders under ₹1
+AMOUNT_MAX_PAISE = 10**15  # far above any payment; keeps every amount inside a Postgres bigint
+GATEWAY_ID_MAX_CHARS = 64
+TEXT_MAX_CHARS = 500  # a failure description, as kept
+
+# What a signed body may put into the ledger's typed fields: anything else makes the delivery
+# `unreadable` (still recorded, byte for byte, in its body). Ids and codes are Razorpay's shapes;
+# free text is kept only without control characters (docs/INPUT.md's rule: every read model must
+# be able to store it).
+GatewayId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]+$", min_length=1,
+                                        max_length=GATEWAY_ID_MAX_CHARS)]
+Code = Annotated[str, msgspec.Meta(pattern=r"^[a-z_]+$", min_length=1, max_length=32)]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+Paise = Annotated[int, msgspec.Meta(ge=0, le=AMOUNT_MAX_PAISE)]
+EVENT_TYPE = re.compile(r"^[a-z0-9_.]{1,100}$")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str, max_chars: int = TEXT_MAX_CHARS) -> str:
+    """`text` without control characters or lone surrogates, at most `max_chars`: what a
+    payload's free text becomes before it is kept in the ledger's typed fields."""
+    return _UNPRINTABLE.sub(" ", text)[:max_chars]
+
+
+def event_type_of(name: str) -> str:
+    """A delivery's event type as kept: Razorpay's dotted lowercase names, else ""."""
+    return name if EVENT_TYPE.match(name) else ""
 
 
 class OrderEntity(msgspec.Struct, frozen=True):
     """A Razorpay order. `amount` and `amount_paid` are paise; `status` created | attempted | paid."""
 
-    id: str
-    amount: int
-    currency: str
+    id: GatewayId
+    amount: Paise
+    currency: Currency
     status: str = "created"
     receipt: str | None = None
-    amount_paid: int = 0
+    amount_paid: Paise = 0
     notes: dict[str, str] | list[str] = msgspec.field(default_factory=dict)
 
 
@@ -51,25 +79,25 @@ class PaymentEntity(msgspec.Struct, frozen=True):
     captured | refunded | failed; `captured` stays true once it was captured (also after a
     refund); `amount_refunded` is paise."""
 
-    id: str
-    amount: int
-    currency: str
-    status: str
-    order_id: str | None = None
-    method: str | None = None
+    id: GatewayId
+    amount: Paise
+    currency: Currency
+    status: Code
+    order_id: GatewayId | None = None
+    method: Code | None = None
     captured: bool = False
-    amount_refunded: int = 0
-    error_description: str | None = None
+    amount_refunded: Paise = 0
+    error_description: str | None = None  # free text: kept through printable()
 
 
 class RefundEntity(msgspec.Struct, frozen=True):
     """A Razorpay refund: `status` pending | processed | failed."""
 
-    id: str
-    payment_id: str
-    amount: int
-    currency: str = "INR"
-    status: str = "pending"
+    id: GatewayId
+    payment_id: GatewayId
+    amount: Paise
+    currency: Currency = "INR"
+    status: Code = "pending"
 
 
 class _Wrapped(msgspec.Struct, frozen=True):

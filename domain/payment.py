@@ -16,14 +16,14 @@ the Payment aggregate whose state no arrival order or duplicate can change.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 
 from domain.errors import Conflict, FieldError, ValidationFailed
-from domain.gateway_events import EVENT_ID_MAX_CHARS
+from domain.gateway_events import EVENT_ID_MAX_CHARS, event_type_of, printable
 
 PaymentStatus = Literal["created", "authorized", "captured", "failed", "refunded",
                         "partially_refunded"]
@@ -34,6 +34,11 @@ REFERENCE_MAX_CHARS = 40
 REVIEW_REASON_MAX_CHARS = 500
 RAZORPAY = "razorpay"
 MANUAL = "manual"
+DETAIL_MAX_CHARS = 2000  # of a delivery's processing detail (an error, kept for people)
+# The recovery job's checks of an open order, each counted from the order's creation: soon after
+# a checkout would have finished, then hourly, then daily for a week; none after the last.
+RECOVERY_SCHEDULE: tuple[timedelta, ...] = (
+    timedelta(minutes=5), timedelta(hours=1), *(timedelta(days=n) for n in range(1, 8)))
 # A refund's states, in the only order they may move: a failed refund can still be processed
 # (Razorpay retries it); a processed one is final.
 REFUND_RANK = {"pending": 0, "created": 0, "failed": 1, "processed": 2}
@@ -51,10 +56,11 @@ def razorpay_payment_ref(razorpay_payment_id: str) -> UUID:
     return uuid5(_NAMESPACE, f"razorpay/{razorpay_payment_id}")
 
 
-def manual_payment_ref(invoice_id: UUID, method: str, reference: str) -> UUID:
-    """A manual payment's id: one per (invoice, method, reference), so the same cheque or bank
-    transfer recorded twice is refused instead of counted twice."""
-    return uuid5(_NAMESPACE, f"manual/{invoice_id}/{method}/{reference}")
+def manual_payment_ref(invoice_id: UUID, reference: str) -> UUID:
+    """A manual payment's id: one per (invoice, reference), the reference compared without case
+    or spacing, so the same cheque or bank transfer recorded twice (under any method, "UTR 1"
+    or "utr  1") is refused instead of counted twice."""
+    return uuid5(_NAMESPACE, f"manual/{invoice_id}/{' '.join(reference.split()).casefold()}")
 
 
 def gateway_event_ref(event_id: str) -> UUID:
@@ -99,7 +105,14 @@ class PaymentOrder(Aggregate):
                            razorpay_order_id=razorpay_order_id, amount=amount, currency=currency,
                            receipt=receipt)
 
+    def check_due(self, now: datetime) -> bool:
+        """Whether the recovery job's next check of this order is due at `now` (by the order's
+        own count of checks in the ledger, never a possibly lagging read model's)."""
+        return (self.checks < len(RECOVERY_SCHEDULE)
+                and self.created_on + RECOVERY_SCHEDULE[self.checks] <= now)
+
     def checked(self, found: int, at: datetime) -> None:
+        """Record a recovery check that found `found` payments at Razorpay."""
         self.trigger_event(self.Checked, timestamp=at, found=found)
 
 
@@ -132,21 +145,26 @@ class GatewayEvent(Aggregate):
     @classmethod
     def receive(cls, *, event_id: str, event_type: str, body: bytes, source: str,
                 at: datetime) -> GatewayEvent:
-        if not event_id or len(event_id) > EVENT_ID_MAX_CHARS:
+        """Record a delivery as it came; its type is kept only if it looks like Razorpay's."""
+        if not event_id or len(event_id) > EVENT_ID_MAX_CHARS or printable(event_id) != event_id:
             raise ValidationFailed([FieldError(
                 "X-Razorpay-Event-Id", f"must be 1 to {EVENT_ID_MAX_CHARS} characters")])
         return cls._create(cls.Received, id=gateway_event_ref(event_id), timestamp=at,
-                           event_id=event_id, event_type=event_type[:EVENT_ID_MAX_CHARS],
+                           event_id=event_id, event_type=event_type_of(event_type),
                            body=body, source=source)
 
     @property
     def processed(self) -> bool:
         return self.outcome is not None
 
-    def processed_as(self, outcome: str, at: datetime, detail: str = "") -> None:
-        if self.processed:
+    def processed_as(self, outcome: str, at: datetime, detail: str = "", *,
+                     again: bool = False) -> None:
+        """Record how the delivery was applied. Once only; `again` re-processes one that
+        `failed` (after the fault that failed it was fixed)."""
+        if self.processed and not (again and self.outcome == "failed"):
             raise Conflict(f"gateway event {self.event_id} was already processed")
-        self.trigger_event(self.Processed, timestamp=at, outcome=outcome, detail=detail[:2000])
+        self.trigger_event(self.Processed, timestamp=at, outcome=outcome,
+                           detail=printable(detail, DETAIL_MAX_CHARS))
 
 
 class Payment(Aggregate):
@@ -159,6 +177,23 @@ class Payment(Aggregate):
         method: str | None
         razorpay_payment_id: str | None
         reference: str | None  # a manual payment's bank or cheque reference
+        # False: first seen through a refund, whose entity does not say the payment's own
+        # amount and method; they come with the payment's entity (Described).
+        described: bool = True
+
+    class Described(Aggregate.Event):
+        """The payment's own amount, currency and method, from its entity (after a refund had
+        made it known first)."""
+
+        amount: int
+        currency: str
+        method: str | None
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.amount = self.amount
+            aggregate.currency = self.currency
+            aggregate.method = self.method
+            aggregate.described = True
 
     class Linked(Aggregate.Event):
         """The payment belongs to our order for `invoice_id` (known from its order id)."""
@@ -216,7 +251,8 @@ class Payment(Aggregate):
             aggregate.review = (*aggregate.review, self.reason)
 
     def __init__(self, source: str, currency: str, amount: int, method: str | None,
-                 razorpay_payment_id: str | None, reference: str | None) -> None:
+                 razorpay_payment_id: str | None, reference: str | None,
+                 described: bool = True) -> None:
         self.source = source
         self.currency = currency
         self.amount = amount
@@ -233,15 +269,19 @@ class Payment(Aggregate):
         self.applied = 0
         self.refunds: dict[str, tuple[int, str]] = {}
         self.review: tuple[str, ...] = ()
+        self.described = described
 
     # ---- creation ------------------------------------------------------------------------
 
     @classmethod
     def from_gateway(cls, *, razorpay_payment_id: str, currency: str, amount: int,
-                     method: str | None, at: datetime) -> Payment:
+                     method: str | None, at: datetime, described: bool = True) -> Payment:
+        """A Razorpay payment on first sight; `described` False when only a refund of it was
+        seen (amount 0 and no method until its own entity comes)."""
         return cls._create(cls.Opened, id=razorpay_payment_ref(razorpay_payment_id), timestamp=at,
                            source=RAZORPAY, currency=currency, amount=amount, method=method,
-                           razorpay_payment_id=razorpay_payment_id, reference=None)
+                           razorpay_payment_id=razorpay_payment_id, reference=None,
+                           described=described)
 
     @classmethod
     def manual(cls, *, invoice_id: UUID, organisation_id: UUID, currency: str, amount: int,
@@ -257,7 +297,7 @@ class Payment(Aggregate):
             problems.append(FieldError("reference", f"must be 1 to {REFERENCE_MAX_CHARS} characters"))
         if problems:
             raise ValidationFailed(problems)
-        payment = cls._create(cls.Opened, id=manual_payment_ref(invoice_id, method, text),
+        payment = cls._create(cls.Opened, id=manual_payment_ref(invoice_id, text),
                               timestamp=at, source=MANUAL, currency=currency, amount=amount,
                               method=method, razorpay_payment_id=None, reference=text)
         payment.link(invoice_id=invoice_id, organisation_id=organisation_id, razorpay_order_id=None,
@@ -267,8 +307,15 @@ class Payment(Aggregate):
 
     # ---- decisions (each records only what changes the state) ------------------------------
 
+    def describe(self, *, amount: int, currency: str, method: str | None, at: datetime) -> None:
+        """Take the payment's own amount, currency and method from its entity, once."""
+        if not self.described:
+            self.trigger_event(self.Described, timestamp=at, amount=amount, currency=currency,
+                               method=method)
+
     def link(self, *, invoice_id: UUID, organisation_id: UUID, razorpay_order_id: str | None,
              at: datetime) -> None:
+        """Tie the payment to our order's invoice, once (the order id is Razorpay's)."""
         if self.invoice_id is None:
             self.trigger_event(self.Linked, timestamp=at, invoice_id=invoice_id,
                                organisation_id=organisation_id, razorpay_order_id=razorpay_order_id)
@@ -284,6 +331,7 @@ class Payment(Aggregate):
             self.trigger_event(self.Failed, timestamp=at, reason=failure[:REVIEW_REASON_MAX_CHARS])
 
     def observe_refund(self, *, refund_id: str, amount: int, status: str, at: datetime) -> None:
+        """Join a refund's snapshot: each refund only moves forward (processed is final)."""
         rank = REFUND_RANK.get(status)
         if rank is None:
             return  # a state Razorpay may add later: the next known one will move it
@@ -293,10 +341,12 @@ class Payment(Aggregate):
                                amount=amount, status=status)
 
     def settle(self, *, invoice_id: UUID, applied: int, at: datetime) -> None:
+        """Record what of the captured amount its invoice took, once."""
         if not self.settled:
             self.trigger_event(self.Settled, timestamp=at, invoice_id=invoice_id, applied=applied)
 
     def flag(self, reason: str, at: datetime) -> None:
+        """Ask a person to look at this payment (each reason once)."""
         if reason not in self.review:
             self.trigger_event(self.FlaggedForReview, timestamp=at,
                                reason=reason[:REVIEW_REASON_MAX_CHARS])
@@ -314,6 +364,7 @@ class Payment(Aggregate):
 
     @property
     def status(self) -> PaymentStatus:
+        """Derived from what was observed, never stored: see the module's docstring."""
         if self.captured_amount is not None:
             refunded = self.refunded
             if refunded >= self.captured_amount > 0:

@@ -89,7 +89,7 @@ def recover_payments(rt: Runtime, now: datetime) -> int:
     found = 0
     for order in due:
         try:
-            found += service.recover(order.id)
+            found += service.recover(order.id, now)
         except DomainError as e:
             log.warning("payment recovery of order %s: %s", order.razorpay_order_id, e)
     return found

@@ -14,7 +14,7 @@ Deterministic: a rebuild from position 0 gives the same rows (every value comes 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -22,23 +22,12 @@ import msgspec
 from psycopg import Connection, Cursor
 from psycopg.types.json import Jsonb
 
-from domain.payment import GatewayEvent, Payment, PaymentOrder
+from domain.payment import RECOVERY_SCHEDULE, GatewayEvent, Payment, PaymentOrder
 from projections.base import ReadModel, all_rows, one_row, require_row
 
 NAME = "payments"
 LIST_MAX_ROWS = 1000
 ORDERS_TO_CHECK_MAX_ROWS = 1000
-# When the recovery job asks Razorpay about an order nobody paid: check n (0-based, n checks
-# made so far) is due this long after the order was created; after the last, never. Webhooks
-# normally arrive within seconds; the first check catches a lost one, the later ones a payment
-# captured late (bank transfers, retried UPI) and a webhook endpoint that was down for days.
-RECOVERY_SCHEDULE: tuple[timedelta, ...] = (
-    timedelta(minutes=5), timedelta(hours=1), timedelta(days=1), timedelta(days=2),
-    timedelta(days=3), timedelta(days=4), timedelta(days=5), timedelta(days=6), timedelta(days=7),
-)
-# The invoice statuses that still take payments (domain.invoice.PAYABLE): an order of any other
-# invoice is not worth a check.
-_PAYABLE = ("finalized", "partially_paid")
 PROCESSED_REFUND = "processed"
 
 DDL = (
@@ -145,6 +134,11 @@ def _mark_order_paid(cur: Cursor[Any], payment_id: UUID) -> None:
     )
 
 
+def _described(cur: Cursor[Any], e: Payment.Described, position: int) -> None:
+    _update(cur, e, position, "amount = %s, currency = %s, method = %s",
+            (e.amount, e.currency, e.method))
+
+
 def _linked(cur: Cursor[Any], e: Payment.Linked, position: int) -> None:
     _update(cur, e, position, "invoice_id = %s, organisation_id = %s, razorpay_order_id = %s",
             (e.invoice_id, e.organisation_id, e.razorpay_order_id))
@@ -228,6 +222,7 @@ READ_MODEL = ReadModel(
     tables=("payments", "payment_orders", "gateway_events"),
     handlers={
         Payment.Opened: _opened,
+        Payment.Described: _described,
         Payment.Linked: _linked,
         Payment.Authorized: _authorized,
         Payment.Captured: _captured,
@@ -367,19 +362,21 @@ def order(conn: Connection[Any], ident: UUID) -> PaymentOrderRow | None:
 
 def orders_to_check(conn: Connection[Any], now: datetime, limit: int) -> list[PaymentOrderRow]:
     """Orders the recovery job should ask Razorpay about at `now`, the longest overdue first:
-    not paid, their invoice (the invoices read model) still payable, and their next check due
-    by RECOVERY_SCHEDULE (check n at created_at + RECOVERY_SCHEDULE[n]; none after the last)."""
+    not paid, and their next check due by domain.payment.RECOVERY_SCHEDULE (check n at
+    created_at + RECOVERY_SCHEDULE[n]; none after the last). Whatever their invoice's status: a
+    payment captured on the order of a void or already paid invoice, its webhook lost, must
+    still be found and flagged for review. The service checks due-ness again in the ledger."""
     assert 0 < limit <= ORDERS_TO_CHECK_MAX_ROWS
     due = "o.created_at + (%(schedule)s::interval[])[o.checks + 1]"  # SQL arrays are 1-based
     query = (
-        f"SELECT {_ORDER_COLUMNS} FROM payment_orders o JOIN invoices i ON i.id = o.invoice_id"
-        " WHERE NOT o.paid AND i.status = ANY(%(payable)s)"
+        f"SELECT {_ORDER_COLUMNS} FROM payment_orders o"
+        " WHERE NOT o.paid"
         # Implied by the schedule (every step is at least its first); says it to the index.
         " AND o.created_at <= %(first_due)s"
         f" AND o.checks < %(checks_max)s AND {due} <= %(now)s"
         f" ORDER BY {due}, o.id LIMIT %(limit)s"
     )
-    params = {"schedule": list(RECOVERY_SCHEDULE), "payable": list(_PAYABLE),
+    params = {"schedule": list(RECOVERY_SCHEDULE),
               "first_due": now - RECOVERY_SCHEDULE[0], "checks_max": len(RECOVERY_SCHEDULE),
               "now": now, "limit": limit}
     return all_rows(conn, PaymentOrderRow, query.encode(), params)

@@ -16,6 +16,7 @@ get -> decide -> save over the Ledger and PaymentGateway ports. The rules (docs/
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from domain.audit import Actor
 from domain.errors import Conflict, NotFound, PaymentsNotConfigured
 from domain.gateway_events import (
     HANDLED_EVENTS,
+    ORDER_MIN_AMOUNT_PAISE,
     ORDER_PAID,
     PAYMENT_AUTHORIZED,
     PAYMENT_CAPTURED,
@@ -38,6 +40,7 @@ from domain.gateway_events import (
     Webhook,
     checkout_signature_matches,
     parse_webhook,
+    printable,
     webhook_body,
 )
 from domain.invoice import Invoice
@@ -53,6 +56,7 @@ APPLIED = "applied"
 IGNORED = "ignored"
 UNREADABLE = "unreadable"
 FAILED = "failed"
+NOT_CONFIGURED_RETRY_AFTER_S = 3600  # configuration does not fix itself within seconds
 NOTE_INVOICE = "invoice_id"
 NOTE_ORGANISATION = "organisation_id"
 
@@ -95,7 +99,8 @@ class PaymentsService:
     def _need_gateway(self) -> PaymentGateway:
         if self._gateway is None:
             raise PaymentsNotConfigured("payments not configured: set RAZORPAY_KEY_ID and "
-                                        "RAZORPAY_KEY_SECRET", retry_after_s=3600)
+                                        "RAZORPAY_KEY_SECRET",
+                                        retry_after_s=NOT_CONFIGURED_RETRY_AFTER_S)
         return self._gateway
 
     def _invoice(self, ident: UUID) -> Invoice:
@@ -114,6 +119,9 @@ class PaymentsService:
         existing = invoice.open_order()
         if existing is not None:
             return self._out(invoice, existing, created=False, position=0)
+        if invoice.amount_due < ORDER_MIN_AMOUNT_PAISE:
+            raise Conflict(f"{invoice.amount_due} paise is due: Razorpay takes no order under "
+                           f"{ORDER_MIN_AMOUNT_PAISE} paise; record it as a manual payment")
         assert invoice.number is not None  # payable means finalized, and finalized is numbered
         notes = {NOTE_INVOICE: str(invoice.id), NOTE_ORGANISATION: str(invoice.organisation_id)}
         order = self._adoptable(gateway.orders_with_receipt(invoice.number), invoice)
@@ -185,9 +193,10 @@ class PaymentsService:
         except Conflict:
             return Recorded(False, 0)
 
-    def apply_delivery(self, ref: UUID) -> str:
-        """Apply a recorded delivery once (the process manager calls this); its outcome."""
-        return with_retries(lambda: self._apply_once(ref))
+    def apply_delivery(self, ref: UUID, *, again: bool = False) -> str:
+        """Apply a recorded delivery once (the process manager calls this); its outcome.
+        `again`: apply one that `failed` afresh (`billing payments reapply`, after a fix)."""
+        return with_retries(lambda: self._apply_once(ref, again=again))
 
     def give_up(self, ref: UUID, error: str) -> None:
         """Record that a delivery could not be applied (a bug, not the gateway's fault): it stays
@@ -200,24 +209,25 @@ class PaymentsService:
 
         with_retries(attempt)
 
-    def _apply_once(self, ref: UUID) -> str:
+    def _apply_once(self, ref: UUID, *, again: bool) -> str:
         delivery = self._ledger.get(ref, GatewayEvent)
-        if delivery.outcome is not None:
+        if delivery.outcome is not None and not (again and delivery.outcome == FAILED):
             return delivery.outcome
         now = self._clock()
         try:
             webhook = parse_webhook(delivery.body)
             payment_entity, refund = _entities(webhook)
         except ValueError as e:
-            delivery.processed_as(UNREADABLE, now, f"{type(e).__name__}: {e}")
+            delivery.processed_as(UNREADABLE, now, f"{type(e).__name__}: {e}", again=again)
             self._ledger.save(delivery, actor=None)
             return UNREADABLE
         if webhook.event not in HANDLED_EVENTS or (payment_entity is None and refund is None):
-            delivery.processed_as(IGNORED, now, f"event {webhook.event!r}: nothing to apply")
+            delivery.processed_as(IGNORED, now, f"event {printable(webhook.event)!r}: nothing to "
+                                  "apply", again=again)
             self._ledger.save(delivery, actor=None)
             return IGNORED
         changed = self._observe(webhook.event, payment_entity, refund, now)
-        delivery.processed_as(APPLIED, now)
+        delivery.processed_as(APPLIED, now, again=again)
         self._ledger.save(*changed, delivery, actor=None)
         return APPLIED
 
@@ -228,12 +238,15 @@ class PaymentsService:
         try:
             payment = self._ledger.get(razorpay_payment_ref(payment_id), Payment)
         except NotFound:
-            seen = entity or refund
-            assert seen is not None
+            # First seen through a refund: its own amount and method come with its entity.
             payment = Payment.from_gateway(
-                razorpay_payment_id=payment_id, currency=seen.currency, amount=seen.amount,
-                method=entity.method if entity else None, at=now)
+                razorpay_payment_id=payment_id,
+                currency=entity.currency if entity else refund.currency,  # type: ignore[union-attr]
+                amount=entity.amount if entity else 0, method=entity.method if entity else None,
+                at=now, described=entity is not None)
         if entity is not None:
+            payment.describe(amount=entity.amount, currency=entity.currency, method=entity.method,
+                             at=now)
             self._link(payment, entity, now)
             payment.observe(authorized=entity.status == "authorized" or event == PAYMENT_AUTHORIZED,
                             captured_amount=_captured(event, entity),
@@ -279,8 +292,9 @@ class PaymentsService:
 
     def record_manual(self, invoice_id: UUID, *, amount: int, method: str, reference: str,
                       actor: Actor | None) -> Written[Payment]:
-        """Money received outside Razorpay. At most the amount due; the same (method,
-        reference) twice for one invoice is refused (Conflict), never counted twice."""
+        """Money received outside Razorpay. At most the amount due; the same reference twice for
+        one invoice (whatever the method, case or spacing) is refused (Conflict), never counted
+        twice."""
         def attempt() -> Written[Payment]:
             invoice = self._invoice(invoice_id)
             invoice.check_payable()
@@ -292,8 +306,8 @@ class PaymentsService:
                                      reference=reference, at=now)
             try:
                 self._ledger.get(payment.id, Payment)
-                raise Conflict(f"a {method} payment with reference {reference.strip()!r} is "
-                               "already recorded for this invoice")
+                raise Conflict(f"a payment with reference {reference.strip()!r} is already "
+                               "recorded for this invoice")
             except NotFound:
                 pass
             applied = invoice.apply_payment(payment.id, amount, now)
@@ -304,12 +318,16 @@ class PaymentsService:
 
     # ---- missed-webhook recovery ------------------------------------------------------------
 
-    def recover(self, order_id: UUID) -> int:
-        """Ask the gateway for an order's payments and record each as the delivery a webhook
-        would have been (applied by the process manager like any other); note the check on the
-        order. Returns how many deliveries were new."""
+    def recover(self, order_id: UUID, now: datetime | None = None) -> int:
+        """If the order's next check is due (by its checks in the ledger: a lagging read model or
+        a second scheduler asks nothing twice), ask the gateway for its payments and record each
+        as the delivery a webhook would have been (applied by the process manager like any
+        other); note the check on the order. Returns how many deliveries were new. `now`: the
+        moment the caller's pass is for (default: the clock's now)."""
         gateway = self._need_gateway()
         order = self._ledger.get(order_id, PaymentOrder)
+        if not order.check_due(now or self._clock()):
+            return 0
         found = gateway.order_payments(order.razorpay_order_id)
         new = 0
         for entity in found:
@@ -320,13 +338,9 @@ class PaymentsService:
             event_id = f"{RECOVERY}:{entity.id}:{entity.status}"
             new += self.record_delivery(event_id=event_id, body=webhook_body(event, payment=entity),
                                         source=RECOVERY).new
-
-        def checked() -> int:
-            fresh = self._ledger.get(order_id, PaymentOrder)
-            fresh.checked(len(found), self._clock())
-            return self._ledger.save(fresh, actor=None)
-
-        with_retries(checked)
+        order.checked(len(found), self._clock())
+        with contextlib.suppress(Conflict):  # another scheduler recorded this check first
+            self._ledger.save(order, actor=None)
         return new
 
 
@@ -348,5 +362,5 @@ def _captured(event: str, entity: PaymentEntity) -> int | None:
 
 def _failure(event: str, entity: PaymentEntity) -> str | None:
     if event == PAYMENT_FAILED or entity.status == "failed":
-        return entity.error_description or "the payment failed"
+        return printable(entity.error_description or "") or "the payment failed"
     return None

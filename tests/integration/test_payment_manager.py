@@ -72,10 +72,10 @@ class _Broken(PaymentsService):
         self.__dict__.update(inner.__dict__)
         self._broken = broken
 
-    def apply_delivery(self, ref: UUID) -> str:
+    def apply_delivery(self, ref: UUID, *, again: bool = False) -> str:
         if ref == self._broken:
             raise RuntimeError("a bug in applying")
-        return super().apply_delivery(ref)
+        return super().apply_delivery(ref, again=again)
 
 
 async def test_a_delivery_that_keeps_failing_is_recorded_as_failed_and_the_next_is_applied(

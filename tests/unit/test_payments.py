@@ -26,9 +26,17 @@ from domain.gateway_events import (
     webhook_body,
 )
 from domain.invoice import Invoice
-from domain.payment import GatewayEvent, Payment, gateway_event_ref, razorpay_payment_ref
+from domain.payment import (
+    RECOVERY_SCHEDULE,
+    GatewayEvent,
+    Payment,
+    PaymentOrder,
+    gateway_event_ref,
+    order_ref,
+    razorpay_payment_ref,
+)
 from domain.services.invoicing import InvoicingService
-from domain.services.payments import APPLIED, IGNORED, UNREADABLE, PaymentsService
+from domain.services.payments import APPLIED, FAILED, IGNORED, UNREADABLE, PaymentsService
 from tests.unit.memory import Clock, MemoryLedger
 from tests.unit.test_invoices import draft, org, setup
 
@@ -252,16 +260,102 @@ def test_a_paid_or_partly_paid_invoice_cannot_be_voided() -> None:
 
 # ---- recovery ------------------------------------------------------------------------------------
 
+class CountingGateway(MemoryGateway):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def order_payments(self, order_id: str) -> list[PaymentEntity]:
+        self.asked += 1
+        return super().order_payments(order_id)
+
+
 def test_recovery_records_what_the_gateway_holds_as_the_webhook_would_have() -> None:
-    svc, ledger, gateway, invoice, _ = finalized()
+    invoicing, ledger, clock = setup()
+    written, _ = draft(invoicing, org())
+    invoice = invoicing.finalize(written.aggregate.id, actor=None).aggregate
+    gateway = CountingGateway()
+    svc = PaymentsService(ledger, clock, gateway)
     order = svc.create_order(invoice.id, actor=None)
+    ref = order_ref(order.razorpay_order_id)
     gateway.payments[order.razorpay_order_id] = [
         payment_entity("pay_r", order.razorpay_order_id, invoice.amount_due, "captured")]
-    from domain.payment import order_ref
-    assert svc.recover(order_ref(order.razorpay_order_id)) == 1
-    assert svc.recover(order_ref(order.razorpay_order_id)) == 0  # found again: nothing new
+    assert svc.recover(ref) == 0 and gateway.asked == 0  # not due before 5 minutes
+    clock.now += RECOVERY_SCHEDULE[0]
+    assert svc.recover(ref) == 1
+    # Due again only an hour after creation, whatever asks (a lagging read model, a second
+    # scheduler): the order's own count of checks in the ledger decides.
+    assert svc.recover(ref) == 0 and svc.recover(ref) == 0 and gateway.asked == 1
+    clock.now += RECOVERY_SCHEDULE[1]
+    assert svc.recover(ref) == 0 and gateway.asked == 2  # found again: nothing new recorded
+    assert ledger.get(ref, PaymentOrder).checks == 2
     assert svc.apply_delivery(gateway_event_ref("recovery:pay_r:captured")) == APPLIED
     assert ledger.get(invoice.id, Invoice).status == "paid"
+
+
+def test_a_delivery_that_failed_is_applied_afresh_when_asked_again() -> None:
+    svc, ledger, _, invoice, _ = finalized()
+    order = svc.create_order(invoice.id, actor=None)
+    body = webhook_body("payment.captured", payment=payment_entity(
+        "pay_f", order.razorpay_order_id, invoice.amount_due, "captured"))
+    svc.record_delivery(event_id="evt_f", body=body)
+    svc.give_up(gateway_event_ref("evt_f"), "RuntimeError: a bug, since fixed")
+    assert svc.apply_delivery(gateway_event_ref("evt_f")) == FAILED  # not by itself
+    assert ledger.get(invoice.id, Invoice).status == "finalized"
+    assert svc.apply_delivery(gateway_event_ref("evt_f"), again=True) == APPLIED
+    assert ledger.get(invoice.id, Invoice).status == "paid"
+    assert svc.apply_delivery(gateway_event_ref("evt_f"), again=True) == APPLIED  # once only
+
+
+def test_signed_bodies_put_only_storable_text_into_the_ledgers_fields() -> None:
+    svc, ledger, _, invoice, _ = finalized()
+    order = svc.create_order(invoice.id, actor=None)
+    assert deliver(svc, "evt_nul", b'{"event": "x\\u0000y", "payload": {}}') == IGNORED
+    assert ledger.get(gateway_event_ref("evt_nul"), GatewayEvent).event_type == ""
+    bad_id = (b'{"event": "payment.failed", "payload": {"payment": {"entity": {"id": "p\\u0000",'
+              b' "amount": 1, "currency": "INR", "status": "failed"}}}}')
+    assert deliver(svc, "evt_badid", bad_id) == UNREADABLE
+    huge = (b'{"event": "payment.captured", "payload": {"payment": {"entity": {"id": "pay_h",'
+            b' "amount": 99999999999999999999, "currency": "INR", "status": "captured"}}}}')
+    assert deliver(svc, "evt_huge", huge) == UNREADABLE
+    deliver(svc, "evt_desc", webhook_body("payment.failed", payment=payment_entity(
+        "pay_d", order.razorpay_order_id, 100, "failed", error_description="bank\x00 said\x1b no")))
+    assert ledger.get(razorpay_payment_ref("pay_d"), Payment).failure == "bank  said  no"
+
+
+def test_less_than_a_rupee_due_takes_no_order_but_a_manual_payment() -> None:
+    svc, _, gateway, invoice, _ = finalized()
+    svc.record_manual(invoice.id, amount=invoice.amount_due - 99, method="upi", reference="u1",
+                      actor=None)
+    with pytest.raises(Conflict, match="manual payment"):
+        svc.create_order(invoice.id, actor=None)
+    assert gateway.orders == []
+
+
+def test_the_same_reference_in_another_method_case_or_spacing_is_the_same_payment() -> None:
+    svc, _, _, invoice, _ = finalized()
+    svc.record_manual(invoice.id, amount=100, method="bank_transfer", reference="UTR 1",
+                      actor=None)
+    with pytest.raises(Conflict, match="already recorded"):
+        svc.record_manual(invoice.id, amount=100, method="upi", reference="  utr   1 ", actor=None)
+
+
+def test_a_payment_first_seen_through_its_refund_takes_its_own_amount_and_method_later() -> None:
+    svc, ledger, _, invoice, _ = finalized()
+    order = svc.create_order(invoice.id, actor=None)
+    due = invoice.amount_due
+    snapshot = payment_entity("pay_rf", order.razorpay_order_id, due, "refunded", amount_refunded=100)
+    deliver(svc, "r", webhook_body("refund.processed", refund=RefundEntity(
+        "rfnd_1", "pay_rf", 100, "INR", "processed")))  # no payment entity in it
+    early = ledger.get(razorpay_payment_ref("pay_rf"), Payment)
+    assert (early.amount, early.method, early.described) == (0, None, False)
+    deliver(svc, "c", webhook_body("payment.captured", payment=payment_entity(
+        "pay_rf", order.razorpay_order_id, due, "captured")))
+    deliver(svc, "r2", webhook_body("refund.processed", refund=RefundEntity(
+        "rfnd_1", "pay_rf", 100, "INR", "processed"), payment=snapshot))
+    late = ledger.get(razorpay_payment_ref("pay_rf"), Payment)
+    assert (late.amount, late.method, late.status, late.refunded) == (due, "upi",
+                                                                       "partially_refunded", 100)
 
 
 # ---- any arrival order ----------------------------------------------------------------------------
@@ -311,7 +405,8 @@ def outcome(ledger: MemoryLedger, invoice_id: UUID, payment_ids: list[str]) -> t
     payments = []
     for pid in payment_ids:
         p = ledger.get(razorpay_payment_ref(pid), Payment)
-        payments.append((p.status, p.captured_amount, p.refunded, p.invoice_id, p.review))
+        payments.append((p.status, p.captured_amount, p.refunded, p.invoice_id == invoice_id, p.review,
+                         p.amount, p.method, p.currency, p.applied))
     return invoice.status, invoice.amount_due, invoice.paid, tuple(payments)
 
 
@@ -334,8 +429,7 @@ def test_the_outcome_is_the_same_for_every_arrival_order_and_any_repeats(data: s
         deliver(fresh, event_id, body)
     got = outcome(ledger, invoice.id, payment_ids)
     assert got[:3] == outcome(fresh_ledger, fresh_invoice.id, payment_ids)[:3]
-    assert [p[:3] for p in got[3]] == [p[:3] for p in outcome(fresh_ledger, fresh_invoice.id,
-                                                               payment_ids)[3]]
+    assert got[3] == outcome(fresh_ledger, fresh_invoice.id, payment_ids)[3]
     captured = sum(p[1] or 0 for p in got[3])
     assert got[1] == invoice.amount_due - captured  # amount_due follows the captured payments
     assert got[0] == ("paid" if captured == invoice.amount_due
@@ -380,3 +474,22 @@ def test_a_manual_payment_racing_a_void_leaves_either_a_void_unpaid_or_a_paid_un
         svc.record_manual(invoice.id, amount=100, method="upi", reference="r", actor=None)
     voided = ledger.get(invoice.id, Invoice)
     assert (voided.status, voided.paid) == ("void", 0)
+
+
+def test_a_lost_capture_on_the_order_of_an_invoice_paid_otherwise_is_recovered_and_flagged() -> None:
+    invoicing, ledger, clock = setup()
+    written, _ = draft(invoicing, org())
+    invoice = invoicing.finalize(written.aggregate.id, actor=None).aggregate
+    gateway = MemoryGateway()
+    svc = PaymentsService(ledger, clock, gateway)
+    order = svc.create_order(invoice.id, actor=None)
+    svc.record_manual(invoice.id, amount=invoice.amount_due, method="bank_transfer",
+                      reference="UTR 9", actor=None)  # paid by transfer ...
+    gateway.payments[order.razorpay_order_id] = [payment_entity(  # ... and by card, webhook lost
+        "pay_twice", order.razorpay_order_id, invoice.amount_due, "captured")]
+    clock.now += RECOVERY_SCHEDULE[0]
+    assert svc.recover(order_ref(order.razorpay_order_id)) == 1
+    svc.apply_delivery(gateway_event_ref("recovery:pay_twice:captured"))
+    twice = ledger.get(razorpay_payment_ref("pay_twice"), Payment)
+    assert (twice.status, twice.applied) == ("captured", 0)
+    assert "beyond what invoice" in twice.review[0]
