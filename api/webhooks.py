@@ -25,7 +25,7 @@ from api.input_rules import INPUT_RULES_OPT, OWN_BODY_RULES
 from api.problems import BadRequest
 from api.read_your_writes import LEDGER_POSITION_HEADER
 from domain.errors import PaymentsNotConfigured
-from domain.gateway_events import EVENT_ID_MAX_CHARS, signature_matches
+from domain.gateway_events import EVENT_ID_MAX_CHARS, printable, signature_matches
 
 SIGNATURE_HEADER = "X-Razorpay-Signature"
 EVENT_ID_HEADER = "X-Razorpay-Event-Id"
@@ -42,15 +42,18 @@ class WebhookAnswer(msgspec.Struct):
     status: str  # recorded | duplicate
 
 
-def event_id_of(request: Request[Any, Any, Any], body: bytes) -> str:
-    """Razorpay's event id; without one, an id derived from the body, so that repeats of the same
-    delivery still collide. One longer than we store (EVENT_ID_MAX_CHARS) is derived from the
-    given id the same way: a verified delivery is never refused for its id's length, because
-    Razorpay retries a refused one and then disables the webhook."""
-    given = request.headers.get(EVENT_ID_HEADER.lower(), "").strip()
-    if given and len(given) <= EVENT_ID_MAX_CHARS:
-        return given
-    return _derived(given.encode() if given else body)
+def event_id_of(given: str | None, body: bytes) -> str:
+    """The id a delivery is recorded under: Razorpay's X-Razorpay-Event-Id (`given`) as sent;
+    without one, an id derived from the body, so that repeats of the same delivery still
+    collide. One we would not store as given (longer than EVENT_ID_MAX_CHARS, or with control
+    characters) is derived from the given id the same way: a verified delivery is never refused
+    for its id, because Razorpay retries a refused one and then disables the webhook."""
+    given = (given or "").strip()
+    if not given:
+        return _derived(body)
+    if len(given) > EVENT_ID_MAX_CHARS or printable(given) != given:
+        return _derived(given.encode("utf-8", "surrogatepass"))
+    return given
 
 
 def _derived(source: bytes) -> str:
@@ -63,8 +66,9 @@ def _derived(source: bytes) -> str:
                   " one of the configured webhook secrets): else 400 and nothing is recorded."
                   " A verified delivery is recorded as it came and applied later; a repeat (same"
                   f" X-Razorpay-Event-Id) records nothing; an id over {EVENT_ID_MAX_CHARS} characters"
-                  " is stood for by its SHA-256, as a missing one is by the body's. 503 when no"
-                  " webhook secret is configured, or when the ledger cannot take it now (Razorpay retries).",
+                  " (or with control characters) is stood for by its SHA-256, as a missing one is"
+                  " by the body's. 503 when no webhook secret is configured, or when the ledger"
+                  " cannot take it now (Razorpay retries).",
       responses={200: ResponseSpec(WebhookAnswer, description="recorded, or a duplicate")},
       opt={INPUT_RULES_OPT: OWN_BODY_RULES})  # the signature is over the raw body: never parsed first
 async def razorpay_webhook(request: Request[Any, Any, Any], deps: Deps) -> Response[WebhookAnswer]:
@@ -78,7 +82,8 @@ async def razorpay_webhook(request: Request[Any, Any, Any], deps: Deps) -> Respo
     if not signature_matches(body, request.headers.get(SIGNATURE_HEADER.lower()),
                              deps.webhook_secrets):
         raise BadRequest(f"{SIGNATURE_HEADER} is missing or does not match the body")
+    event_id = event_id_of(request.headers.get(EVENT_ID_HEADER.lower()), body)
     recorded = await anyio.to_thread.run_sync(partial(
-        deps.payments.record_delivery, event_id=event_id_of(request, body), body=body))
+        deps.payments.record_delivery, event_id=event_id, body=body))
     return Response(WebhookAnswer(RECORDED if recorded.new else DUPLICATE),
                     headers={LEDGER_POSITION_HEADER: str(recorded.position)})

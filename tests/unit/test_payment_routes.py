@@ -17,6 +17,8 @@ from litestar.testing import TestClient
 
 from api.app import create_app
 from api.payments import GATEWAY_THREADS, ManualMethod, gateway_limiter
+from api.webhooks import event_id_of
+from domain.gateway_events import EVENT_ID_MAX_CHARS
 from domain.payment import MANUAL_METHODS
 from infra.wiring import build_api
 from tests.unit.test_wiring import unconnected_runtime
@@ -102,3 +104,17 @@ def test_gateway_calls_get_a_thread_limiter_of_their_own_per_event_loop() -> Non
     one, default_one, tokens = asyncio.run(limiters())
     two, _, _ = asyncio.run(limiters())
     assert tokens == GATEWAY_THREADS and one is not two and one is not default_one
+
+
+def test_every_verified_delivery_gets_an_event_id_it_can_be_recorded_under() -> None:
+    def digest(source: bytes) -> str:
+        return "sha256:" + hashlib.sha256(source).hexdigest()[:40]
+
+    longest = "e" * EVENT_ID_MAX_CHARS
+    too_long, unprintable = longest + "e", "evt_\x85nel"  # a C1 control, as latin-1 decodes it
+    assert event_id_of(" evt_1 ", BODY) == "evt_1"
+    assert event_id_of(longest, BODY) == longest
+    assert event_id_of(None, BODY) == event_id_of("  ", BODY) == digest(BODY)
+    assert event_id_of(too_long, BODY) == digest(too_long.encode())
+    assert event_id_of(unprintable, BODY) == digest(unprintable.encode())
+    assert event_id_of(too_long, b"other body") == event_id_of(too_long, BODY)  # a retry collides
