@@ -26,10 +26,12 @@ from adapters import bookkeeping
 from adapters.maintenance import rebuild, redrive
 from domain.access import PRINCIPAL_ROLES
 from domain.audit import Actor
-from domain.errors import DomainError
+from domain.errors import DomainError, NotFound
 from domain.organisation import OrganisationSettings
+from domain.payment import GatewayEvent, gateway_event_ref
 from domain.services.access import AccessService
 from domain.services.organisations import OrganisationService
+from domain.services.payments import FAILED, PaymentsService
 from infra import logs
 from infra.roles import listen_socket, run_roles
 from infra.settings import Settings, from_env
@@ -41,6 +43,12 @@ BACKGROUND_NICENESS = 5  # relay and projectors: a second of visibility budget, 
 CHILD_STOP_TIMEOUT_S = 20.0
 log = logging.getLogger("billing.cli")
 CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
+# The failed deliveries, from the gateway_events read model (projections/payments.py owns the
+# table; this one operator query lives with its only user). The read model may lag the ledger by
+# a moment: a delivery re-applied a moment ago can still be listed, and applying it again with
+# again=True changes nothing (only a `failed` one is applied afresh).
+FAILED_DELIVERIES_SQL = ("SELECT id, event_id, event_type, detail FROM gateway_events"
+                         " WHERE outcome = 'failed' ORDER BY received_at, id")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     for action in ("list", "redrive"):
         a = dlq.add_parser(action)
         a.add_argument("--projection", choices=[m.name for m in READ_MODELS])
+    pay = sub.add_parser("payments", help="Razorpay deliveries that could not be applied").add_subparsers(
+        dest="action", required=True)
+    pay.add_parser("failed", help="list the deliveries the process manager recorded as failed "
+                   "(JSON lines: id, event_id, event_type, detail)")
+    ra = pay.add_parser("reapply", help="apply the failed deliveries afresh, after the fault that "
+                        "failed them was fixed; prints each one's new outcome; exit 1 if any still fails")
+    ra.add_argument("--event-id", help="only this delivery (its X-Razorpay-Event-Id, or the id it "
+                    "was recorded under)")
     return p
 
 
@@ -183,6 +199,8 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
         return _tenant_command(rt, args)
     if args.command == "invoices":
         return _invoice_run(rt, args.period)
+    if args.command == "payments":
+        return _payments_command(rt, args, out)
     if args.command == "status" or (args.command == "projections" and args.action == "status"):
         return _status(rt, out)
     if args.command == "projections" and args.action == "rebuild":
@@ -224,7 +242,8 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   f"dead letters {snap.dead_letters.get(name, 0)}\n")
     out.write(f"relay: position {snap.relay_position}, head {snap.ledger_head}\n")
     out.write(f"payments for review: {snap.payments_for_review} (GET /admin/v1/payments?review=true);"
-              f" gateway deliveries failed: {snap.failed_deliveries}\n")
+              f" gateway deliveries failed: {snap.failed_deliveries} (`billing payments failed`;"
+              " after a fix, `billing payments reapply`)\n")
     with rt.pool.connection() as conn:
         blocked = bookkeeping.blocked_organisations(conn)
     for b in blocked:
@@ -232,6 +251,64 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   f"dead-lettered entries {b['read_models']}; fix, `billing dlq redrive`, "
                   "then run the period again\n")
     return 1 if blocked else 0
+
+
+class FailedDelivery(msgspec.Struct, frozen=True):
+    """A delivery the process manager recorded as failed, as `billing payments failed` lists it."""
+
+    id: UUID
+    event_id: str
+    event_type: str
+    detail: str | None
+
+
+def failed_deliveries(rt: Runtime) -> list[FailedDelivery]:
+    """Every delivery recorded as failed, oldest first (the gateway_events read model)."""
+    with rt.pool.connection() as conn:
+        return [FailedDelivery(*row) for row in conn.execute(FAILED_DELIVERIES_SQL).fetchall()]
+
+
+def _payments_command(rt: Runtime, args: argparse.Namespace, out: TextIO) -> int:
+    """`billing payments failed | reapply [--event-id ID]`."""
+    if args.action == "failed":
+        for delivery in failed_deliveries(rt):
+            out.write(msgspec.json.encode(delivery).decode() + "\n")
+        return 0
+    return reapply(rt, rt.payments(), out, event_id=args.event_id)
+
+
+def reapply(rt: Runtime, service: PaymentsService, out: TextIO, *, event_id: str | None) -> int:
+    """Apply afresh every failed delivery (or the one with `event_id`), printing each one's
+    outcome. Exit code: 0, or 1 if any still fails, 2 if no delivery has that event id."""
+    refs = ([d.id for d in failed_deliveries(rt)] if event_id is None
+            else [gateway_event_ref(event_id)])
+    still_failed = 0
+    for ref in refs:
+        try:
+            still_failed += not _reapply(service, rt, ref, out)
+        except NotFound:
+            sys.stderr.write(f"billing: no gateway delivery with event id {event_id!r}\n")
+            return 2
+    if event_id is None:
+        out.write(f"re-applied {len(refs) - still_failed} of {len(refs)} failed deliveries\n")
+    return 1 if still_failed else 0
+
+
+def _reapply(service: PaymentsService, rt: Runtime, ref: UUID, out: TextIO) -> bool:
+    """Apply one delivery afresh if it failed and print its outcome; False if it still fails.
+    Any error is the delivery's (it stays `failed`, with the error it first failed with)."""
+    delivery = rt.ledger.get(ref, GatewayEvent)
+    name = f"{delivery.event_id} {delivery.event_type or '-'}"
+    if delivery.outcome != FAILED:
+        out.write(f"{name}: {delivery.outcome or 'not applied yet'} (not failed: left as it is)\n")
+        return True
+    try:
+        outcome = service.apply_delivery(ref, again=True)
+    except Exception as e:  # a bug not fixed yet, or the ledger away: say so, go on to the next
+        out.write(f"{name}: still failed: {type(e).__name__}: {e}\n")
+        return False
+    out.write(f"{name}: {outcome}\n")
+    return outcome != FAILED
 
 
 def _local_operator() -> Actor:

@@ -126,7 +126,7 @@ class _Faulty(PaymentsService):
         self.apply_calls += 1
         if self._apply_faults:
             raise self._apply_faults.pop(0)
-        return super().apply_delivery(ref)
+        return super().apply_delivery(ref, again=again)
 
     def give_up(self, ref: UUID, error: str) -> None:
         self.give_up_calls += 1
