@@ -209,20 +209,24 @@ class OrganisationController(Controller):
 class BalanceOut(msgspec.Struct):
     organisation_id: UUID
     currency: str
-    outstanding: int  # paise: amount due of finalized invoices
+    outstanding: int  # paise: amount due of finalized and partly paid invoices
+    invoiced: int  # paise: totals of finalized, partly paid and paid invoices
+    paid: int  # paise: what payments applied to those invoices
 
 
 @get("/admin/v1/organisations/{org_id:uuid}/balance", tags=["invoices"],
-     summary="What the organisation owes: the amount due of its finalized invoices (paise)")
+     summary="What the organisation owes (amount due of its finalized and partly paid invoices),"
+             " was invoiced and paid (paise)")
 async def organisation_balance(org_id: FromPath[UUID],
                                request: Request[Any, Any, Any], deps: Deps) -> BalanceOut:
     await wait_caught_up(deps, request, invoices.NAME)
 
-    def fetch() -> tuple[organisations.OrganisationRow | None, int]:
+    def fetch() -> tuple[organisations.OrganisationRow | None, int, tuple[int, int]]:
         with deps.read_pool.connection() as conn:
-            return view.get(conn, org_id), invoices.outstanding(conn, org_id)
+            return (view.get(conn, org_id), invoices.outstanding(conn, org_id),
+                    invoices.billed_and_paid(conn, org_id))
 
-    org, owed = await anyio.to_thread.run_sync(fetch)
+    org, owed, (invoiced, paid) = await anyio.to_thread.run_sync(fetch)
     if org is None:
         raise NotFound("organisation", org_id)
-    return BalanceOut(org_id, org.currency, owed)
+    return BalanceOut(org_id, org.currency, owed, invoiced, paid)

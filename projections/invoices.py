@@ -262,6 +262,17 @@ def outstanding(conn: Connection[Any], organisation_id: UUID) -> int:
     return int(row[0]) if row else 0
 
 
+def billed_and_paid(conn: Connection[Any], organisation_id: UUID) -> tuple[int, int]:
+    """Paise invoiced to the organisation (the totals of its finalized, partly paid and paid
+    invoices) and paid against them (what payments applied)."""
+    row = conn.execute(
+        "SELECT COALESCE(sum(total), 0), COALESCE(sum(paid), 0) FROM invoices"
+        " WHERE organisation_id = %s AND status = ANY(%s)",
+        (organisation_id, [*PAYABLE, "paid"]),
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
 def existing_for_period(conn: Connection[Any], period: str) -> dict[UUID, str]:
     """Organisations that already have an invoice for `period`, with the status of their
     newest revision ('void' included: a voided period is not re-drafted by a run)."""

@@ -329,6 +329,10 @@ async def test_manual_payments_pay_an_invoice_in_parts_and_never_twice(payments:
                                                      "organisation_id": invoice["organisation_id"]}),
                     200))["items"]
     assert [i["id"] for i in partly] == [invoice["id"]]
+    balance = await _ok(await p.api.http.get(
+        f"/admin/v1/organisations/{invoice['organisation_id']}/balance", headers=AUTH), 200)
+    assert {k: balance[k] for k in ("outstanding", "invoiced", "paid")} == {
+        "outstanding": due - 20000, "invoiced": invoice["total"], "paid": 20000}
 
     head = await p.quiet_head()
     same = await p.api.http.post(path, headers=AUTH, json={
