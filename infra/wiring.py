@@ -342,15 +342,32 @@ def new_key_secret() -> tuple[str, str]:
 
 def admin_token(settings: Settings) -> str:
     """The bootstrap owner token: BILLING_ADMIN_TOKEN, or one generated once into the data
-    folder (mode 0600) so that `make run` is usable without configuration."""
+    folder (mode 0600) so that `make run` is usable without configuration.
+
+    `serve` starts API children that all call this at once: the token is written whole to a
+    temporary file and linked into place (a link fails if the name exists, as O_EXCL did), so
+    another process sees the file complete or not at all, and the first link wins. An empty
+    token is refused rather than served."""
     token = settings.admin_token
     if token is None:
         path = settings.data_dir / ADMIN_TOKEN_FILE
         if not path.exists():
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(SECRET_BYTES))
-            log.warning("BILLING_ADMIN_TOKEN is not set; generated an owner token in %s", path)
+            temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(SECRET_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):  # another process won: its token
+                    os.link(temp, path)
+                    log.warning("BILLING_ADMIN_TOKEN is not set; generated an owner token in %s",
+                                path)
+            finally:
+                temp.unlink(missing_ok=True)
         token = path.read_text().strip()
+    if not token:
+        raise RuntimeError(f"the admin token is empty ({ADMIN_TOKEN_FILE} in {settings.data_dir}):"
+                           " set BILLING_ADMIN_TOKEN, or delete the empty file to generate one")
     return token
