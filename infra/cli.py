@@ -217,10 +217,14 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
         return 0
     names = [args.projection] if args.projection else [m.name for m in READ_MODELS]
     if args.action == "list":
+        listed = 0
         with rt.pool.connection() as conn:
             for name in names:
                 for row in bookkeeping.dead_letters(conn, name):
                     out.write(msgspec.json.encode(row).decode() + "\n")
+                    listed += 1
+        if not listed:
+            out.write("no dead letters\n")
         return 0
     failed = 0
     for name in names:

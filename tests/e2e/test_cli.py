@@ -89,7 +89,7 @@ def test_serve_starts_embedded_servers_serves_and_keeps_data(serve: tuple[Path, 
     assert "rebuild organisations" in rebuilt.stderr  # the progress bar
     dlq = subprocess.run([*BILLING, "dlq", "list"], env=env, capture_output=True, text=True,
                          timeout=60, check=True)
-    assert dlq.stdout == ""
+    assert dlq.stdout == "no dead letters\n"
     assert not pg_pid.exists()
 
 
