@@ -26,9 +26,10 @@ from adapters import bookkeeping
 from adapters.maintenance import rebuild, redrive
 from domain.access import PRINCIPAL_ROLES
 from domain.audit import Actor
-from domain.errors import DomainError, NotFound
+from domain.errors import DomainError, NotFound, ValidationFailed
 from domain.organisation import OrganisationSettings
 from domain.payment import GatewayEvent, gateway_event_ref
+from domain.period import parse_period
 from domain.services.access import AccessService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import FAILED, PaymentsService
@@ -195,6 +196,9 @@ def _operator(settings: Settings, args: argparse.Namespace) -> int:
 
 def _operate(rt: Runtime, args: argparse.Namespace) -> int:
     out = sys.stdout
+    if (invalid := _invalid_arguments(args)) is not None:
+        sys.stderr.write(f"billing: {invalid}\n")
+        return 2
     if args.command in ("admin", "orgs", "keys"):
         return _tenant_command(rt, args)
     if args.command == "invoices":
@@ -235,6 +239,17 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
             out.write(f"  position {position}: {error}\n")
         failed += len(result.still_failing)
     return 1 if failed else 0
+
+
+def _invalid_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments argparse accepted, checked before any server is started
+    or any progress bar drawn; None when nothing is."""
+    if args.command == "invoices":
+        try:
+            parse_period(args.period)
+        except ValidationFailed as e:
+            return str(e)
+    return None
 
 
 def _status(rt: Runtime, out: TextIO) -> int:
@@ -393,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.nice(args.niceness)
         return _run_roles(settings, {"relay", "project"} if args.command == "worker"
                           else {args.command})
+    if (invalid := _invalid_arguments(args)) is not None:  # before any server is started
+        sys.stderr.write(f"billing: {invalid}\n")
+        return 2
     return _operator(settings, args)
 
 

@@ -40,3 +40,11 @@ def billing(rt: Runtime, *argv: str) -> tuple[int, str, str]:
 def test_an_empty_dead_letter_list_says_there_are_none(rt: Runtime) -> None:
     assert billing(rt, "dlq", "list") == (0, "no dead letters\n", "")
     assert billing(rt, "dlq", "list", "--projection", "invoices") == (0, "no dead letters\n", "")
+
+
+def test_an_invalid_period_is_refused_with_exit_2_before_any_progress_bar(rt: Runtime) -> None:
+    head = rt.ledger.head()
+    code, out, err = billing(rt, "invoices", "run", "--period", "2026-13")
+    assert (code, out) == (2, "")
+    assert err == "billing: period: must be a month written YYYY-MM, e.g. 2026-10\n"
+    assert rt.ledger.head() == head
