@@ -31,6 +31,7 @@ from domain.organisation import OrganisationSettings
 from domain.payment import GatewayEvent, gateway_event_ref
 from domain.period import parse_period
 from domain.services.access import AccessService
+from domain.services.catalogue import CatalogueService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import FAILED, PaymentsService
 from infra import logs
@@ -82,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     oc.add_argument("--billing-email", required=True)
     oc.add_argument("--state-code")
     oc.add_argument("--gstin")
+    projects = sub.add_parser("projects", help="an organisation's projects").add_subparsers(
+        dest="action", required=True)
+    pc = projects.add_parser("create", help="create a project of an organisation; prints its id")
+    pc.add_argument("--organisation", required=True, help="organisation id")
+    pc.add_argument("--name", required=True)
     keys = sub.add_parser("keys", help="project API keys").add_subparsers(dest="action", required=True)
     kc = keys.add_parser("create", help="print a new API key for a project (shown once)")
     kc.add_argument("--project", required=True)
@@ -199,7 +205,7 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
     if (invalid := _invalid_arguments(args)) is not None:
         sys.stderr.write(f"billing: {invalid}\n")
         return 2
-    if args.command in ("admin", "orgs", "keys"):
+    if args.command in ("admin", "orgs", "projects", "keys"):
         return _tenant_command(rt, args)
     if args.command == "invoices":
         return _invoice_run(rt, args.period)
@@ -377,6 +383,10 @@ def _tenant_command(rt: Runtime, args: argparse.Namespace) -> int:
                 state_code=args.state_code or msgspec.UNSET, gstin=args.gstin or msgspec.UNSET)
             written = OrganisationService(rt.ledger, clock, uuid4).create(settings, actor=actor)
             out.write(f"{written.aggregate.id}\n")
+        elif args.command == "projects":
+            project = CatalogueService(rt.ledger, clock, uuid4).create_project(
+                UUID(args.organisation), args.name, actor=actor)
+            out.write(f"{project.aggregate.id}\n")
         else:
             keys = AccessService(rt.ledger, clock, uuid4, new_key_secret)
             if args.action == "create":

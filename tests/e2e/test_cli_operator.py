@@ -9,9 +9,12 @@ import contextlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
+from domain.audit import AuditEntry
+from domain.project import Project
 from infra.cli import _operate, _parser
 from infra.wiring import Runtime
 from tests.conftest import make_settings
@@ -48,3 +51,27 @@ def test_an_invalid_period_is_refused_with_exit_2_before_any_progress_bar(rt: Ru
     assert (code, out) == (2, "")
     assert err == "billing: period: must be a month written YYYY-MM, e.g. 2026-10\n"
     assert rt.ledger.head() == head
+
+
+def test_a_project_is_created_without_http_and_audited_as_the_local_operator(
+    rt: Runtime,
+) -> None:
+    code, out, _ = billing(rt, "orgs", "create", "--name", "Acme", "--billing-email", "ap@acme.in")
+    assert code == 0
+    org = UUID(out.strip())
+    head = rt.ledger.head()
+    code, out, err = billing(rt, "projects", "create", "--organisation", str(org), "--name", "web")
+    assert (code, err) == (0, "")
+    project = rt.ledger.get(UUID(out.strip()), Project)
+    assert (project.organisation_id, project.name) == (org, "web")
+    entries = [rt.ledger.decode(n) for n in rt.ledger.read_after(head, 100)]
+    (audit,) = [e for e in entries if isinstance(e, AuditEntry.Recorded)]
+    assert audit.source_ip == "cli" and audit.role == "owner"
+    assert str(project.id) in str(audit.targets)
+
+
+def test_a_project_of_an_unknown_organisation_is_refused_with_exit_2(rt: Runtime) -> None:
+    code, out, err = billing(rt, "projects", "create", "--organisation",
+                             "00000000-0000-4000-8000-000000000000", "--name", "web")
+    assert (code, out) == (2, "") and "not found" in err
+    assert billing(rt, "projects", "create", "--organisation", "nope", "--name", "web")[0] == 2
