@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 from uuid import UUID, uuid4, uuid5
@@ -35,6 +35,7 @@ from domain.services.catalogue import CatalogueService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import FAILED, PaymentsService
 from infra import logs
+from infra.embedded import embedded_servers
 from infra.roles import listen_socket, run_roles
 from infra.settings import Settings, from_env
 from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
@@ -43,6 +44,8 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 CHILD_POLL_S = 1.0
 BACKGROUND_NICENESS = 5  # relay and projectors: a second of visibility budget, not 50 ms
 CHILD_STOP_TIMEOUT_S = 20.0
+NO_DATA_EXIT = 3  # an operator command found no service data (no database to work on)
+EMBEDDED_PG_DIR = "pg"  # under the data folder: where infra.embedded keeps Postgres's cluster
 log = logging.getLogger("billing.cli")
 CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 # The failed deliveries, from the gateway_events read model (projections/payments.py owns the
@@ -189,9 +192,38 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
             child.wait(CHILD_STOP_TIMEOUT_S)
 
 
+def _missing_data(settings: Settings) -> str | None:
+    """Why an operator command has no service data to work on (None when it has): neither
+    DATABASE_URL nor an embedded Postgres cluster in the data folder."""
+    if settings.database_url or (settings.data_dir / EMBEDDED_PG_DIR / "PG_VERSION").is_file():
+        return None
+    return (f"no billing data in {settings.data_dir} (no embedded Postgres there) and "
+            "DATABASE_URL is not set. Run this command from the folder where `make run` runs "
+            "(its data is ./.data there), or set BILLING_DATA_DIR (or DATABASE_URL) to the "
+            "service's.")
+
+
+@contextlib.contextmanager
+def _service_database(settings: Settings) -> Iterator[str]:
+    """The service's database for an operator command: DATABASE_URL, or the embedded Postgres
+    of the data folder, attached to while `serve` runs (else started for the command and
+    stopped after). Never a new cluster (_missing_data is checked first): a command on an empty
+    one would report a healthy, empty ledger and write where the service never reads."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    with embedded_servers(settings.data_dir, need_pg=True, need_nats=False) as (pg, _):
+        assert pg is not None
+        yield pg.url
+
+
 def _operator(settings: Settings, args: argparse.Namespace) -> int:
-    with servers(settings) as (db, nats):
-        rt = Runtime.open(settings, db, nats)
+    if (missing := _missing_data(settings)) is not None:
+        sys.stderr.write(f"billing: {missing}\n")
+        return NO_DATA_EXIT
+    with _service_database(settings) as db:
+        # The operator commands read and write the ledger and the read models; none needs NATS.
+        rt = Runtime.open(settings, db, settings.nats_url or "")
         try:
             return _operate(rt, args)
         finally:

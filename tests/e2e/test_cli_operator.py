@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -15,7 +17,7 @@ import pytest
 
 from domain.audit import AuditEntry
 from domain.project import Project
-from infra.cli import _operate, _parser
+from infra.cli import NO_DATA_EXIT, _operate, _parser, main
 from infra.wiring import Runtime
 from tests.conftest import make_settings
 from tests.e2e.conftest import close_and_drop
@@ -30,6 +32,37 @@ def rt(tmp_path_factory: pytest.TempPathFactory,
         yield runtime
     finally:
         close_and_drop(server_urls[0], settings.pg_schema, runtime)
+
+
+@pytest.fixture
+def cli_process_state() -> Iterator[None]:
+    """main() sets the process's logging and GIL switch interval; put them back after."""
+    root = logging.getLogger()
+    handlers, level, interval = root.handlers[:], root.level, sys.getswitchinterval()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    sys.setswitchinterval(interval)
+
+
+@pytest.mark.parametrize("argv", [["status"], ["dlq", "list"], ["orgs", "create", "--name", "A",
+                                                                   "--billing-email", "a@b.in"]])
+def test_without_service_data_an_operator_command_says_so_and_creates_nothing(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], cli_process_state: None,
+) -> None:
+    for name in ("DATABASE_URL", "NATS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    empty, absent = tmp_path / "empty", tmp_path / "absent"
+    empty.mkdir()
+    for data in (empty, absent):
+        monkeypatch.setenv("BILLING_DATA_DIR", str(data))
+        assert main(argv) == NO_DATA_EXIT
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"billing: no billing data in {data} ")
+        assert "DATABASE_URL is not set" in captured.err
+    assert list(empty.iterdir()) == [] and not absent.exists()
 
 
 def billing(rt: Runtime, *argv: str) -> tuple[int, str, str]:
