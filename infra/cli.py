@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TextIO
 from uuid import UUID, uuid4, uuid5
 
@@ -29,7 +29,7 @@ from domain.audit import Actor
 from domain.errors import DomainError, NotFound, ValidationFailed
 from domain.organisation import OrganisationSettings
 from domain.payment import GatewayEvent, gateway_event_ref
-from domain.period import parse_period
+from domain.period import due_periods, parse_period
 from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
 from domain.services.organisations import OrganisationService
@@ -37,6 +37,7 @@ from domain.services.payments import FAILED, PaymentsService
 from infra import logs
 from infra.embedded import embedded_servers
 from infra.roles import listen_socket, run_roles
+from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN
 from infra.settings import Settings, from_env
 from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
 
@@ -52,6 +53,12 @@ CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 # table; this one operator query lives with its only user). The read model may lag the ledger by
 # a moment: a delivery re-applied a moment ago can still be listed, and applying it again with
 # again=True changes nothing (only a `failed` one is applied afresh).
+# The invoices of the latest periods, from the invoices read model (projections/invoices.py owns
+# the table): how many each period's runs drafted, and when the latest was. A run that drafted
+# nothing new leaves no trace here; its blocked organisations are in invoice_run_blocked.
+INVOICE_PERIODS_SQL = ("SELECT period, count(*), max(created_at) FROM invoices"
+                       " GROUP BY period ORDER BY period DESC LIMIT %s")
+STATUS_PERIODS_MAX = 3  # `billing status`: the latest periods it shows invoice runs for
 FAILED_DELIVERIES_SQL = ("SELECT id, event_id, event_type, detail FROM gateway_events"
                          " WHERE outcome = 'failed' ORDER BY received_at, id")
 
@@ -291,22 +298,37 @@ def _invalid_arguments(args: argparse.Namespace) -> str | None:
 
 
 def _status(rt: Runtime, out: TextIO) -> int:
-    """Read models, relay, and every organisation a run left uninvoiced: exit 1 if there is one,
-    so a cron check or a human sees it."""
+    """Read models, relay, dead letters, the invoice runs of the latest periods, every
+    organisation a run left uninvoiced, and when the scheduler runs next: exit 1 if an
+    organisation was left uninvoiced, so a cron check or a human sees it."""
     snap = rt.ops_snapshot()
     for name, pos in sorted(snap.projections.items()):
         out.write(f"{name}: position {pos}, lag {snap.ledger_head - pos}, "
                   f"dead letters {snap.dead_letters.get(name, 0)}\n")
-    out.write(f"relay: position {snap.relay_position}, head {snap.ledger_head}\n")
+    out.write(f"relay: position {snap.relay_position}, head {snap.ledger_head}, "
+              f"lag {snap.ledger_head - snap.relay_position}\n")
     out.write(f"payments for review: {snap.payments_for_review} (GET /admin/v1/payments?review=true);"
               f" gateway deliveries failed: {snap.failed_deliveries} (`billing payments failed`;"
               " after a fix, `billing payments reapply`)\n")
     with rt.pool.connection() as conn:
         blocked = bookkeeping.blocked_organisations(conn)
+        periods = conn.execute(INVOICE_PERIODS_SQL, (STATUS_PERIODS_MAX,)).fetchall()
+    if not periods:
+        out.write("invoice runs: none has drafted an invoice yet\n")
+    for period, drafted, latest in periods:
+        out.write(f"invoice run {period}: {drafted} invoices, latest drafted "
+                  f"{latest.isoformat(timespec='minutes')}, "
+                  f"blocked {snap.blocked.get(period, 0)}\n")
     for b in blocked:
         out.write(f"not invoiced for {b['period']}: {b['name']} ({b['organisation_id']}): "
-                  f"dead-lettered entries {b['read_models']}; fix, `billing dlq redrive`, "
+                  f"dead-lettered entries {b['read_models']} (run of "
+                  f"{b['recorded_at'].isoformat(timespec='minutes')}); fix, `billing dlq redrive`, "
                   "then run the period again\n")
+    # The schedule lives in the `serve` process; this one cannot see its next fire time.
+    due = due_periods(datetime.now(UTC), timedelta(hours=rt.settings.grace_hours),
+                      CATCH_UP_PERIODS)
+    out.write(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while `billing serve` runs "
+              f"(the first at its start), for {', '.join(sorted(due))}\n")
     return 1 if blocked else 0
 
 

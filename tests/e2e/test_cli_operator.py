@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +16,18 @@ from uuid import UUID
 
 import pytest
 
+from adapters import bookkeeping
+from adapters.maintenance import rebuild
 from domain.audit import AuditEntry
 from domain.project import Project
+from domain.records import Blocked
 from infra.cli import NO_DATA_EXIT, _operate, _parser, main
-from infra.wiring import Runtime
+from infra.scheduler import INVOICE_RUN_EVERY_MIN
+from infra.wiring import READ_MODELS, Runtime
+from projections import invoices
 from tests.conftest import make_settings
 from tests.e2e.conftest import close_and_drop
+from tests.integration.test_payment_manager import finalized
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +115,32 @@ def test_a_project_of_an_unknown_organisation_is_refused_with_exit_2(rt: Runtime
                              "00000000-0000-4000-8000-000000000000", "--name", "web")
     assert (code, out) == (2, "") and "not found" in err
     assert billing(rt, "projects", "create", "--organisation", "nope", "--name", "web")[0] == 2
+
+
+def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_the_schedule(
+    rt: Runtime,
+) -> None:
+    code, out, _ = billing(rt, "status")
+    assert code == 0
+    assert "invoice runs: none has drafted an invoice yet\n" in out
+
+    _, invoice = finalized(rt)
+    rebuild(rt.pool, rt.ledger, invoices.READ_MODEL)
+    with rt.pool.connection() as conn:
+        bookkeeping.record_blocked(conn, invoice.period, [
+            Blocked(invoice.organisation_id, "Blocked Ltd", [7], {"usage_totals": [7]})])
+    code, out, _ = billing(rt, "status")
+    lines = out.splitlines()
+    assert code == 1  # an organisation left uninvoiced
+    for model in READ_MODELS:
+        assert any(re.fullmatch(rf"{model.name}: position \d+, lag \d+, dead letters 0", line)
+                   for line in lines), model.name
+    assert any(re.fullmatch(r"relay: position \d+, head \d+, lag \d+", line) for line in lines)
+    assert any(re.fullmatch(rf"invoice run {invoice.period}: 1 invoices, latest drafted "
+                            r"\d{4}-\d\d-\d\dT\d\d:\d\d\+00:00, blocked 1", line)
+               for line in lines), out
+    assert any(line.startswith(f"not invoiced for {invoice.period}: Blocked Ltd "
+                               f"({invoice.organisation_id}): dead-lettered entries "
+                               "{'usage_totals': [7]}") for line in lines), out
+    assert lines[-1].startswith(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while "
+                                "`billing serve` runs (the first at its start), for ")
