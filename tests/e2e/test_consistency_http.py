@@ -1,11 +1,12 @@
 """Issue 21's small inconsistencies, over real HTTP on one shared service: a key's allow-list
-is a list wherever a key is shown, as an organisation's is."""
+is a list wherever a key is shown, as an organisation's is; /metrics names one charset."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from tests.e2e.conftest import AUTH, Api
 
@@ -37,3 +38,11 @@ async def test_a_keys_allowed_ips_is_a_list_when_created_listed_and_rotated(api:
     by_id = {k["id"]: k["allowed_ips"] for k in listed}
     assert by_id == {fenced.json()["id"]: FENCE, open_.json()["id"]: [],
                      rotated.json()["id"]: FENCE}
+
+
+async def test_metrics_send_exactly_one_content_type_with_one_charset(api: Api) -> None:
+    r = await api.http.get("/metrics")  # the test client is on this host: no token needed
+    assert r.status_code == 200
+    assert r.headers.get_list("content-type") == [CONTENT_TYPE_PLAIN_0_0_4]
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "billing_http_requests_total" in r.text
