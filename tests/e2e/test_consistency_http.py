@@ -1,5 +1,6 @@
 """Issue 21's small inconsistencies, over real HTTP on one shared service: a key's allow-list
-is a list wherever a key is shown, as an organisation's is; /metrics names one charset."""
+is a list wherever a key is shown, as an organisation's is; /metrics names one charset; a
+credential of the wrong kind is refused saying which kind the route needs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
+from api.credentials import WRONG_KIND_FOR_ADMIN, WRONG_KIND_FOR_INGEST
 from tests.e2e.conftest import AUTH, Api
 
 pytestmark = pytest.mark.anyio
@@ -46,3 +48,24 @@ async def test_metrics_send_exactly_one_content_type_with_one_charset(api: Api) 
     assert r.headers.get_list("content-type") == [CONTENT_TYPE_PLAIN_0_0_4]
     assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert "billing_http_requests_total" in r.text
+
+
+async def test_a_credential_of_the_wrong_kind_is_refused_naming_the_kind_needed(api: Api) -> None:
+    project = await _project(api)
+    key = (await api.http.post(f"/admin/v1/projects/{project}/api-keys", headers=AUTH,
+                               json={"name": "ingest"})).json()["key"]
+    token = (await api.http.post("/admin/v1/tokens", headers=AUTH,
+                                 json={"name": "ops", "role": "support"})).json()["token"]
+    as_admin = await api.http.get("/admin/v1/organisations", headers={"Authorization": f"Bearer {key}"})
+    as_ingest = await api.http.post("/api/v1/events", headers={"Authorization": f"Bearer {token}"},
+                                    json={"events": []})
+    for r, said in ((as_admin, WRONG_KIND_FOR_ADMIN), (as_ingest, WRONG_KIND_FOR_INGEST)):
+        assert r.status_code == 401, r.text
+        assert r.json()["detail"] == said
+    assert "bk_" in WRONG_KIND_FOR_ADMIN and "bt_" in WRONG_KIND_FOR_INGEST
+    # Unknown credentials of the route's own kind keep their plain refusal.
+    forged = {"Authorization": f"Bearer {key[:-4]}zzzz"}
+    assert (await api.http.post("/api/v1/events", headers=forged, json={"events": []})).json()[
+        "detail"] == "unknown API key"
+    assert (await api.http.get("/admin/v1/organisations", headers={
+        "Authorization": f"Bearer {token[:-4]}zzzz"})).json()["detail"] == "unknown admin token"
