@@ -1,6 +1,7 @@
 """Issue 21's small inconsistencies, over real HTTP on one shared service: a key's allow-list
 is a list wherever a key is shown, as an organisation's is; /metrics names one charset; a
-credential of the wrong kind is refused saying which kind the route needs."""
+credential of the wrong kind is refused saying which kind the route needs; a plan's type errors
+and broken rules come in one 422."""
 
 from __future__ import annotations
 
@@ -69,3 +70,47 @@ async def test_a_credential_of_the_wrong_kind_is_refused_naming_the_kind_needed(
         "detail"] == "unknown API key"
     assert (await api.http.get("/admin/v1/organisations", headers={
         "Authorization": f"Bearer {token[:-4]}zzzz"})).json()["detail"] == "unknown admin token"
+
+
+async def test_a_plan_with_wrong_types_and_broken_rules_gets_every_error_in_one_answer(api: Api) -> None:
+    r = await api.http.post("/admin/v1/meters", headers=AUTH,
+                            json={"code": "calls", "name": "Calls", "aggregation": "count"})
+    assert r.status_code in (200, 201), r.text
+    head = api.rt.ledger.head()
+    r = await api.http.post("/admin/v1/plans", headers=AUTH, json={
+        "code": "mixed", "name": 5, "base_fee": "-1", "minimum": 0.5, "surprise": True,
+        "charges": [{"metric": "calls", "model": "per_unit", "unit_price": 0.5},
+                    {"metric": "nope", "model": "per_unit", "unit_price": "1"},
+                    "not a charge",
+                    {"metric": "calls", "model": "graduated", "tiers": [{"up_to": []}]}]})
+    assert r.status_code == 422, r.text
+    errors = {e["field"]: e["message"] for e in r.json()["errors"]}
+    assert errors == {
+        "name": "Expected `str`, got `int`",                        # types ...
+        "minimum": "Expected `int | str`, got `float`",            # a JSON fraction, still refused
+        "surprise": "Object contains unknown field `surprise`",
+        "charges[0].unit_price": "Expected `int | str | null`, got `float`",
+        "charges[2]": "Expected `object`, got `str`",
+        "charges[3].tiers[0].up_to": "Expected `int | str | null`, got `array`",
+        "charges[3].tiers[0].unit_price": "Object missing required field `unit_price`",
+        "base_fee": errors["base_fee"],                            # ... and rules, together
+        "charges[1].metric": errors["charges[1].metric"],
+        "charges[3].metric": errors["charges[3].metric"],
+    }
+    assert "negative" in errors["base_fee"] and "not a defined meter" in errors["charges[1].metric"]
+    assert "already has a charge" in errors["charges[3].metric"]
+    assert api.rt.ledger.head() == head
+
+
+async def test_plan_bodies_of_any_shape_are_422s_naming_a_field(api: Api) -> None:
+    odd: list[Any] = [None, [], "x", 1, {}, {"charges": [None, []]}, {"charges": {"a": 1}},
+                      {"code": {"x": 1}, "name": ["n"]}, {"charges": [{"tiers": "t"}]},
+                      {"charges": [{"tiers": [None, {"up_to": True}]}]}]
+    for body in odd:
+        r = await api.http.post("/admin/v1/plans", headers=AUTH, json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["errors"] and all(e["field"] for e in r.json()["errors"]), (body, r.text)
+    r = await api.http.post("/admin/v1/plans", headers=AUTH | {"Content-Type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    schema = (await api.http.get("/schema/openapi.json")).json()
+    assert "/admin/v1/plans" in schema["paths"]
