@@ -4,7 +4,9 @@ Both are `<kind>_<visible prefix>_<secret>` (the bootstrap owner token excepted:
 slice of its hash). One path serves both: parse the header, look the record up by its prefix,
 compare SHA-256 digests in constant time, then refuse a revoked or expired one. A wrong secret
 for a known prefix costs what an unknown prefix costs (one lookup, then remembered), so the time
-to a 401 does not tell which prefixes exist.
+to a 401 does not tell which prefixes exist. A credential of the other kind (`bk_` on an admin
+route, `bt_` on ingestion) costs what any unknown one costs; only its refusal says which kind
+the route needs, read from the prefix that the credential's own format makes public.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from litestar.connection import ASGIConnection
 from api.deps import ApiDeps
 from api.problems import Unauthenticated
 from domain.access import TOKEN_PREFIX, TOKEN_PREFIX_CHARS, Principal, bootstrap_token_id, token_hash
-from domain.api_key import secret_hash, split_key
+from domain.api_key import KEY_PREFIX, secret_hash, split_key
 from domain.records import KeyRecord, TokenRecord
 
 BEARER_PREFIX = "bearer "
 TOKEN_MAX_CHARS = 512
+WRONG_KIND_FOR_ADMIN = (f"a {KEY_PREFIX} API key was sent; admin routes need a {TOKEN_PREFIX} "
+                        "admin token")
+WRONG_KIND_FOR_INGEST = (f"a {TOKEN_PREFIX} admin token was sent; this route needs a {KEY_PREFIX} "
+                         "project API key")
 
 
 class Lapsing(Protocol):
@@ -97,12 +103,14 @@ def _token_digest(record: TokenRecord) -> str:
 
 async def authenticate_key(connection: ASGIConnection[Any, Any, Any, Any], deps: ApiDeps) -> KeyRecord:
     """The live project key of the request's bearer credential, or 401."""
-    parts = split_key(bearer_token(connection))
+    token = bearer_token(connection)
+    parts = split_key(token)
     presented = Presented(parts[0], secret_hash(parts[1])) if parts else None
     record = await verify(deps.keys, presented, digest_of=_key_digest, noun="API key",
                           clock=deps.clock)
     if record is None:
-        raise Unauthenticated("unknown API key")
+        raise Unauthenticated(WRONG_KIND_FOR_INGEST if token.startswith(TOKEN_PREFIX)
+                              else "unknown API key")
     return record
 
 
@@ -125,4 +133,6 @@ async def authenticate_admin(connection: ASGIConnection[Any, Any, Any, Any], dep
     if bootstrap is not None and hmac.compare_digest(bytes.fromhex(digest), bootstrap):
         # Recorded at start-up; until its projection arrives, the configured digest vouches.
         return Principal(bootstrap_token_id(token), "owner", None)
-    raise Unauthenticated("unknown admin token")
+    # Decided only now: the lookups above cost the same whatever kind of credential was sent.
+    raise Unauthenticated(WRONG_KIND_FOR_ADMIN if token.startswith(KEY_PREFIX)
+                          else "unknown admin token")

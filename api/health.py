@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from litestar import Request, Response, get
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from api.client_ip import client_ip
 from api.credentials import bearer_token
@@ -17,6 +18,9 @@ from api.deps import ApiDeps, Deps
 from api.problems import Forbidden, Unauthenticated
 
 READY_CHECK_TIMEOUT_S = 2.0
+# The text format generate_latest writes (charset included). Sent as the header itself: given as
+# a media type, Litestar appends its own "; charset=utf-8" to any text/* one, a second charset.
+METRICS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 
 @get("/health/live", summary="The process is up", include_in_schema=True)
@@ -60,9 +64,9 @@ def _may_scrape(request: Request[Any, Any, Any], deps: ApiDeps) -> None:
 
 
 @get("/metrics", summary="Prometheus metrics (BILLING_METRICS_TOKEN, or this host only)",
-     media_type="text/plain; version=0.0.4")
+     media_type=METRICS_CONTENT_TYPE)
 async def metrics(request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
     _may_scrape(request, deps)
     registry = request.app.state.metrics
     body = await asyncio.to_thread(registry.render)
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(body, headers={"content-type": METRICS_CONTENT_TYPE})

@@ -39,7 +39,7 @@ class KeyOut(msgspec.Struct):
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
-    allowed_ips: str
+    allowed_ips: list[str]  # CIDRs, as an organisation's; [] = every address
 
 
 class KeyCreated(msgspec.Struct):
@@ -50,6 +50,7 @@ class KeyCreated(msgspec.Struct):
     expires_at: datetime | None
     created_at: datetime
     key: str  # shown once; only its hash is recorded
+    allowed_ips: list[str]
 
 
 class KeyList(msgspec.Struct):
@@ -74,6 +75,12 @@ class RotatedKey(msgspec.Struct):
     key: str  # shown once
     replaces: UUID
     old_key_expires_at: datetime
+    allowed_ips: list[str]  # the old key's, kept
+
+
+def cidr_list(canonical: str) -> list[str]:
+    """The ledger's comma-separated CIDRs ("" = every address) as the list the API shows."""
+    return [cidr for cidr in canonical.split(",") if cidr]
 
 
 class KeyController(Controller):
@@ -103,7 +110,8 @@ class KeyController(Controller):
             actor=actor))
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
-        out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full)
+        out = KeyCreated(k.id, k.project_id, k.name, k.prefix, k.expires_at, k.created_on, full,
+                         cidr_list(k.allowed_ips))
         return Response(out, status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})
 
     @get("/projects/{project_id:uuid}/api-keys", summary="List a project's API keys (never secrets)")
@@ -119,7 +127,7 @@ class KeyController(Controller):
         if project is None:
             raise NotFound("project", project_id)
         return KeyList([KeyOut(r.id, r.project_id, r.name, r.prefix, r.expires_at, r.revoked_at,
-                               r.created_at, r.allowed_ips) for r in rows])
+                               r.created_at, cidr_list(r.allowed_ips)) for r in rows])
 
     @delete("/api-keys/{key_id:uuid}", summary="Revoke an API key", status_code=204)
     async def revoke_key(self, key_id: FromPath[UUID], deps: Deps, actor: Acting) -> None:
@@ -136,5 +144,6 @@ class KeyController(Controller):
         await settle(deps, catalogue.READ_MODEL.name, written.position)
         k = written.aggregate
         expires = deps.clock() + timedelta(seconds=data.overlap_s)
-        return Response(RotatedKey(k.id, k.project_id, k.prefix, full, key_id, expires),
+        return Response(RotatedKey(k.id, k.project_id, k.prefix, full, key_id, expires,
+                                   cidr_list(k.allowed_ips)),
                         status_code=201, headers={LEDGER_POSITION_HEADER: str(written.position)})

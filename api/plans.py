@@ -10,6 +10,10 @@ decode it exactly into Decimal, but many JSON producers hold numbers as binary f
 `0.5` may be what is left of a price after a float round trip; a JSON integer within
 ±(2^53 - 1) survives every JSON client unchanged, which is why integers are welcome. The rules
 a plan must obey are the domain's (domain.plan / domain.pricing.validate_plan).
+
+The body is read leniently (read_plan): each field is checked against PublishPlan on its own,
+a wrong one is named and stood in for by its default, and the domain's rules then run on the
+rest, so one 422 names every problem of a plan, types and rules alike (docs/PLANS.md).
 """
 
 from __future__ import annotations
@@ -17,19 +21,20 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.params import FromPath, JSONBody
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, FromPath
 
 from api.auth import Acting
 from api.deps import Deps
 from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.decimal_text import NotDecimalText, parse_decimal_text
-from domain.errors import NotFound, Problems
-from domain.plan import ChargeSpec, StoredVersion, TierSpec
+from domain.errors import FieldError, NotFound, Problems, ValidationFailed
+from domain.plan import ChargeSpec, StoredVersion, TierSpec, publication_problems
 from projections import catalogue
 from projections import plans as view
 
@@ -165,11 +170,93 @@ def parse_plan(data: PublishPlan) -> tuple[Decimal, Decimal, tuple[ChargeSpec, .
     """The body's base fee, minimum and charges as exact Decimals; ValidationFailed naming
     every decimal that is not one, at once."""
     problems = Problems()
+    parsed = parse_plan_into(data, problems)
+    problems.raise_if_any()
+    return parsed
+
+
+def parse_plan_into(data: PublishPlan, problems: Problems) -> tuple[Decimal, Decimal, tuple[ChargeSpec, ...]]:
+    """parse_plan, adding each bad decimal to `problems` (with 0 standing in for it)."""
     base_fee = parse_decimal(data.base_fee, "base_fee", problems)
     minimum = parse_decimal(data.minimum, "minimum", problems)
-    charges = parse_charges(data.charges, problems)
-    problems.raise_if_any()
-    return base_fee, minimum, charges
+    return base_fee, minimum, parse_charges(data.charges, problems)
+
+
+# ---- lenient reading: every field's problem, then the rules, in one answer ---------------------
+
+# Fields that hold a list of objects, read field by field like the body itself.
+_NESTED: dict[tuple[type[msgspec.Struct], str], type[msgspec.Struct]] = {
+    (PublishPlan, "charges"): ChargeIn, (ChargeIn, "tiers"): TierIn}
+_JSON_TYPES = ((dict, "object"), (list, "array"), (str, "str"), (bool, "bool"), (int, "int"),
+               (float, "float"), (type(None), "null"))
+
+
+def _json_type(value: object) -> str:
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), "value")
+
+
+def _join(at: str, name: str) -> str:
+    return f"{at}.{name}" if at else name
+
+
+def _stand_in(kind: object) -> object:
+    # For a required field that is missing or wrong: a value of its type the rules can check.
+    return "" if kind is str else ZERO_TEXT
+
+
+def _fields_of(raw: object, struct: type[msgspec.Struct], at: str, problems: Problems) -> dict[str, Any]:
+    """`raw` checked against `struct` one field at a time (msgspec's own messages, each at its
+    path); a wrong field is left to its default, or stood in for when it has none."""
+    if not isinstance(raw, dict):
+        problems.add(at, f"Expected `object`, got `{_json_type(raw)}`")
+        raw = {}
+    fields = msgspec.structs.fields(struct)
+    known = {f.encode_name for f in fields}
+    for key in raw:
+        if key not in known:
+            problems.add(_join(at, key), f"Object contains unknown field `{key}`")
+    out: dict[str, Any] = {}
+    for f in fields:
+        where = _join(at, f.name)
+        if f.name not in raw:
+            if f.required:
+                problems.add(where, f"Object missing required field `{f.name}`")
+                out[f.name] = _stand_in(f.type)
+            continue
+        value, item = raw[f.name], _NESTED.get((struct, f.name))
+        if item is not None and isinstance(value, list):
+            out[f.name] = [_fields_of(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+            continue
+        try:
+            out[f.name] = msgspec.convert(value, f.type, strict=True)
+        except msgspec.ValidationError as e:
+            problems.add(where, str(e))
+            if f.required:
+                out[f.name] = _stand_in(f.type)
+    return out
+
+
+def _under(field: str, path: str) -> bool:
+    return field == path or field.startswith((f"{path}.", f"{path}["))
+
+
+def read_plan(body: object, problems: Problems) -> PublishPlan:
+    """The body as a PublishPlan, every field's problem added to `problems` (a wrong field
+    replaced by its default or a stand-in); only a body that is no object at all is refused
+    at once. A problem inside one already named (a charge that is no object) is left out."""
+    if not isinstance(body, dict):
+        raise ValidationFailed([FieldError("body", f"Expected `object`, got `{_json_type(body)}`")])
+    found = Problems()
+    fields = _fields_of(body, PublishPlan, "", found)
+    problems.errors.extend(e for e in found.errors if not any(
+        _under(e.field, other.field) and e.field != other.field for other in found.errors))
+    return msgspec.convert(fields, PublishPlan)
+
+
+def all_problems(read: list[FieldError], rules: list[FieldError]) -> list[FieldError]:
+    """The fields that could not be read, then every rule broken elsewhere: a rule about a
+    field already named judged only its stand-in."""
+    return read + [e for e in rules if not any(_under(e.field, r.field) for r in read)]
 
 
 def plain(value: Decimal) -> str:
@@ -205,9 +292,13 @@ class PlanController(Controller):
 
     @post("/", status_code=201,
           summary="Publish a plan: version 1 of a new code, or the next version of an existing one")
-    async def publish(self, data: JSONBody[PublishPlan],
+    async def publish(self, data: Annotated[Any, Body(
+                          media_type=RequestEncodingType.JSON, title="PublishPlan",
+                          description="code, name, currency, base_fee, minimum, charges (docs/PLANS.md)")],
                       request: Request[Any, Any, Any], deps: Deps, actor: Acting) -> Response[PlanVersionOut]:
-        base_fee, minimum, charges = parse_plan(data)
+        problems = Problems()
+        plan = read_plan(data, problems)
+        base_fee, minimum, charges = parse_plan_into(plan, problems)
         # A meter defined just before this request must count as known.
         await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
 
@@ -216,16 +307,21 @@ class PlanController(Controller):
                 return frozenset(m.code for m in catalogue.meters(conn))
 
         meters = await anyio.to_thread.run_sync(known_meters)
+        if problems.errors:
+            latest = await anyio.to_thread.run_sync(partial(_latest_version, deps, plan.code))
+            raise ValidationFailed(all_problems(problems.errors, publication_problems(
+                code=plan.code, name=plan.name, currency=plan.currency, base_fee=base_fee,
+                minimum=minimum, charges=charges, known_meters=meters, latest=latest)))
         written = await anyio.to_thread.run_sync(partial(
-            deps.plans.publish, code=data.code, name=data.name, currency=data.currency,
+            deps.plans.publish, code=plan.code, name=plan.name, currency=plan.currency,
             base_fee=base_fee, minimum=minimum, charges=charges, known_meters=meters,
             actor=actor,
         ))
-        plan = written.aggregate
+        published = written.aggregate
         return Response(
-            version_out(plan.latest), status_code=201,
+            version_out(published.latest), status_code=201,
             headers={LEDGER_POSITION_HEADER: str(written.position),
-                     "Location": f"{self.path}/{plan.code}"},
+                     "Location": f"{self.path}/{published.code}"},
         )
 
     @get("/{code:str}", summary="Read a plan: its latest version and every version")
@@ -242,3 +338,12 @@ class PlanController(Controller):
         return plan_out([view.stored_version(r) for r in rows])
 
 
+
+
+def _latest_version(deps: Deps, code: str) -> StoredVersion | None:
+    """The plan's latest version from the ledger (None for a new code): the rules of a next
+    version (its currency) need it."""
+    try:
+        return deps.plans.plan(code).latest
+    except NotFound:
+        return None

@@ -21,7 +21,7 @@ from uuid import UUID, uuid5
 import msgspec
 from eventsourcing.domain import Aggregate
 
-from domain.errors import Problems, ValidationFailed
+from domain.errors import FieldError, Problems, ValidationFailed
 from domain.pricing import PLAN_CODE_MAX_CHARS, Charge, ChargeModel, PlanVersion, Tier, validate_plan
 
 FIRST_VERSION = 1
@@ -101,6 +101,10 @@ def _pricing_version(
 def check_version(candidate: PlanVersion, known_meters: AbstractSet[str]) -> None:
     """Raise ValidationFailed naming every rule the candidate version breaks: the pricing
     engine's rules (validate_plan) plus the plan code's alphabet."""
+    Problems(_version_problems(candidate, known_meters)).raise_if_any()
+
+
+def _version_problems(candidate: PlanVersion, known_meters: AbstractSet[str]) -> list[FieldError]:
     problems = Problems()
     try:
         validate_plan(candidate, known_meters)
@@ -110,7 +114,24 @@ def check_version(candidate: PlanVersion, known_meters: AbstractSet[str]) -> Non
     if not code_reported and not _CODE.match(candidate.code):
         problems.add("code", f"1-{PLAN_CODE_MAX_CHARS} characters: lower-case letters, digits, _ . - ;"
                              " starting with a letter")
-    problems.raise_if_any()
+    return problems.errors
+
+
+def publication_problems(
+    *, code: str, name: str, currency: str, base_fee: Decimal, minimum: Decimal,
+    charges: Sequence[ChargeSpec], known_meters: AbstractSet[str], latest: StoredVersion | None,
+) -> list[FieldError]:
+    """Every rule that publishing this version would break (none: it may be published), after
+    `latest`, the plan's latest version (None for a new code). Checks without deciding: the API
+    reports these beside the fields it could not read, so that one 422 names every problem."""
+    version = FIRST_VERSION if latest is None else latest.version + 1
+    errors = _version_problems(
+        _pricing_version(code, version, name, currency, base_fee, minimum, charges), known_meters)
+    if latest is not None and currency != latest.currency and not any(
+            e.field == "currency" for e in errors):
+        errors.append(FieldError("currency", f"plan {code!r} is priced in {latest.currency};"
+                                             " a new version cannot change its currency"))
+    return errors
 
 
 class Plan(Aggregate):
@@ -172,18 +193,10 @@ class Plan(Aggregate):
 
         The currency is fixed by the first version: an organisation's invoices never change
         currency because its plan published a new version."""
+        Problems(publication_problems(
+            code=self.code, name=name, currency=currency, base_fee=base_fee, minimum=minimum,
+            charges=charges, known_meters=known_meters, latest=self.latest)).raise_if_any()
         version = self.latest.version + 1
-        candidate = _pricing_version(self.code, version, name, currency, base_fee, minimum, charges)
-        try:
-            check_version(candidate, known_meters)
-        except ValidationFailed as failed:
-            problems = Problems(list(failed.errors))
-        else:
-            problems = Problems()
-        if currency != self.latest.currency and not any(e.field == "currency" for e in problems.errors):
-            problems.add("currency", f"plan {self.code!r} is priced in {self.latest.currency};"
-                                     " a new version cannot change its currency")
-        problems.raise_if_any()
         self.trigger_event(self.VersionPublished, timestamp=at, code=self.code, version=version,
                            name=name, currency=currency, base_fee=base_fee, minimum=minimum,
                            charges=tuple(charges))
