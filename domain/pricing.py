@@ -335,19 +335,24 @@ def price(
     quantities: Mapping[str, Decimal],
     tax: TaxFacts,
     late: Sequence[LateUsage] = (),
+    *,
+    meter_names: Mapping[str, str] | None = None,
 ) -> Priced:
     """Price one period: lines (base fee, one per charge, minimum top-up, late usage), subtotal,
     GST and total, all in paise. Metrics without a charge in `plan` are not billed; a charged
-    metric missing from `quantities` has quantity 0. Raises ValidationFailed for a negative or
-    non-finite quantity, a late plan in another currency, or late usage that went down."""
+    metric missing from `quantities` has quantity 0. A charge line is described by its meter's
+    name from `meter_names` (code -> name), else by the meter code. Raises ValidationFailed for
+    a negative or non-finite quantity, a late plan in another currency, or late usage that
+    went down."""
     problems = Problems()
     _check_quantities(plan, quantities, "quantities", problems)
     for index, item in enumerate(late):
         _check_late(plan, item, f"late[{index}]", problems)
     problems.raise_if_any()
-    lines = [*period_lines(plan, quantities)]
+    names = meter_names or {}
+    lines = [*period_lines(plan, quantities, names)]
     for index, item in enumerate(late):
-        late_lines = late_usage_lines(item)
+        late_lines = late_usage_lines(item, names)
         if sum(line.amount for line in late_lines) < 0:
             problems.add(
                 f"late[{index}]",
@@ -367,12 +372,15 @@ def price(
     return Priced(plan.currency, tuple(lines), subtotal, taxes, total)
 
 
-def period_lines(plan: PlanVersion, quantities: Mapping[str, Decimal]) -> tuple[Line, ...]:
+def period_lines(
+    plan: PlanVersion, quantities: Mapping[str, Decimal], meter_names: Mapping[str, str] | None = None
+) -> tuple[Line, ...]:
     """The period's own lines: base fee (if any), every charge (even at 0), minimum top-up (if any)."""
     lines: list[Line] = []
     if plan.base_fee > 0:
         lines.append(Line(BASE_FEE_DESCRIPTION, None, ONE, to_paise(plan.base_fee)))
-    charge_lines = [_charge_line(charge, quantities) for charge in plan.charges]
+    names = meter_names or {}
+    charge_lines = [_charge_line(charge, quantities, names) for charge in plan.charges]
     lines.extend(charge_lines)
     top_up = minimum_top_up(plan, sum(line.amount for line in charge_lines))
     if top_up:
@@ -385,11 +393,13 @@ def minimum_top_up(plan: PlanVersion, charges_paise: int) -> int:
     return max(0, to_paise(plan.minimum) - charges_paise)
 
 
-def late_usage_lines(item: LateUsage) -> tuple[Line, ...]:
+def late_usage_lines(item: LateUsage, meter_names: Mapping[str, str] | None = None) -> tuple[Line, ...]:
     """Lines for usage that reached an already-finalized period: per changed metric, what the
     corrected quantity costs beyond what was billed; plus the change in that period's minimum
-    top-up, so late usage the minimum already paid for is not billed twice."""
+    top-up, so late usage the minimum already paid for is not billed twice. A metered line
+    names its meter when `meter_names` has it ("late usage for 2026-09: API calls")."""
     label = f"late usage for {item.period}"
+    names = meter_names or {}
     lines: list[Line] = []
     billed_total = corrected_total = 0
     for charge in item.plan.charges:
@@ -401,16 +411,20 @@ def late_usage_lines(item: LateUsage) -> tuple[Line, ...]:
         corrected_total += corrected_paise
         if corrected != billed:
             quantity = MONEY_EXACT.subtract(corrected, billed)
-            lines.append(Line(label, charge.metric, quantity, corrected_paise - billed_paise))
+            name = names.get(charge.metric)
+            lines.append(Line(f"{label}: {name}" if name else label, charge.metric, quantity,
+                              corrected_paise - billed_paise))
     adjustment = minimum_top_up(item.plan, corrected_total) - minimum_top_up(item.plan, billed_total)
     if adjustment:
         lines.append(Line(f"{label}: {MINIMUM_DESCRIPTION} adjustment", None, ONE, adjustment))
     return tuple(lines)
 
 
-def _charge_line(charge: Charge, quantities: Mapping[str, Decimal]) -> Line:
+def _charge_line(charge: Charge, quantities: Mapping[str, Decimal], names: Mapping[str, str]) -> Line:
+    # The meter's name is what a customer understands; its code stands in when there is none.
     quantity = quantities.get(charge.metric, ZERO)
-    return Line(charge.metric, charge.metric, quantity, to_paise(charge_amount(charge, quantity)))
+    description = names.get(charge.metric) or charge.metric
+    return Line(description, charge.metric, quantity, to_paise(charge_amount(charge, quantity)))
 
 
 def _check_quantities(

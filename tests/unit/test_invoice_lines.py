@@ -1,0 +1,49 @@
+"""Invoice lines a customer understands (issue 21): meter names on the lines, recorded on the
+draft; old drafts without them still read (their description is the meter code)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from domain.plan import to_version
+from domain.pricing import LateUsage, late_usage_lines, price
+from domain.tax import TaxFacts
+from tests.unit.test_invoices import SUPPLIER, USAGE, draft, org, plan, setup
+
+NAMES = {"api_calls": "API calls", "storage_gb": "Storage (GB-month)"}
+
+
+def test_charge_lines_are_described_by_the_meter_name_and_fall_back_to_the_code() -> None:
+    version = to_version(plan())
+    tax = TaxFacts("IN", "29", SUPPLIER)
+    named = price(version, USAGE, tax, meter_names=NAMES)
+    coded = price(version, USAGE, tax)
+    assert [x.description for x in named.lines][:3] == [
+        "base fee", "API calls", "Storage (GB-month)"]
+    assert [x.description for x in coded.lines][:3] == ["base fee", "api_calls", "storage_gb"]
+    # a name changes words only: the metric code and every amount stay what they were
+    assert [(x.metric, x.quantity, x.amount) for x in named.lines] == [
+        (x.metric, x.quantity, x.amount) for x in coded.lines]
+    assert (named.subtotal, named.total) == (coded.subtotal, coded.total)
+    partly = price(version, USAGE, tax, meter_names={"api_calls": "API calls"})
+    assert [x.description for x in partly.lines][1:3] == ["API calls", "storage_gb"]
+
+
+def test_late_usage_lines_name_their_meter() -> None:
+    late = LateUsage("2026-09", to_version(plan()), {"api_calls": Decimal(1000)},
+                     {"api_calls": Decimal(3000)})
+    line = late_usage_lines(late, NAMES)[0]
+    assert (line.description, line.metric, line.amount) == (
+        "late usage for 2026-09: API calls", "api_calls", 700)
+    assert late_usage_lines(late)[0].description == "late usage for 2026-09"
+
+
+def test_a_draft_records_the_meter_names_it_was_drafted_with() -> None:
+    svc, ledger, _ = setup()
+    written, status = draft(svc, org(), meter_names=NAMES)
+    assert status == "created"
+    assert [x.description for x in written.aggregate.lines][:3] == [
+        "base fee", "API calls", "Storage (GB-month)"]
+    # a ledger fact: the Drafted event as stored and decoded again carries the name
+    (drafted,) = ledger.events[written.aggregate.id]
+    assert [x.description for x in drafted.lines][1] == "API calls"
