@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 from adapters.documents import render_html, render_pdf
 from adapters.ledger import LedgerStore
 from adapters.mail import build_invoice_email, build_payment_email, send_with_retries
-from domain.documents import DocumentLine, InvoiceDocument
+from domain.documents import DRAFT_NUMBER, DocumentLine, InvoiceDocument
 from domain.errors import Conflict, DomainError, NotFound
 from domain.mail_record import InvoiceMail, mail_id
 from domain.ports import Mailer
@@ -40,7 +40,6 @@ PAYMENT_TERMS = timedelta(days=15)
 SEND_ATTEMPTS = 3
 SEND_BACKOFF_S = 0.5
 PASS_MAX_INVOICES = 50
-DRAFT_NUMBER = "DRAFT"
 
 Due = Callable[[Connection[Any], int], list[InvoiceRow]]  # a query of invoices to email, at most n
 
@@ -84,8 +83,10 @@ def _recorded(gstin: str | None, current: str | None) -> str | None:
 
 
 def render(pool: ConnectionPool, supplier: Supplier, invoice_id: UUID,
-           fmt: str) -> tuple[bytes, str] | None:
-    """An invoice as HTML or PDF (a draft is shown with the number DRAFT); None if unknown."""
+           fmt: str) -> tuple[bytes, str, str] | None:
+    """An invoice as HTML or PDF (a draft is shown with the number DRAFT): the body, its media
+    type and its file name (`INV-2627-000001.pdf`, a draft's `DRAFT-<id>.pdf`); None if
+    unknown."""
     with pool.connection() as conn:
         row = invoices.get(conn, invoice_id)
         org = organisations.get(conn, row.organisation_id) if row else None
@@ -93,8 +94,8 @@ def render(pool: ConnectionPool, supplier: Supplier, invoice_id: UUID,
         return None
     doc = document(row, org, supplier)  # a draft is shown with the number DRAFT
     if fmt == "pdf":
-        return render_pdf(doc), "application/pdf"
-    return render_html(doc).encode(), "text/html; charset=utf-8"
+        return render_pdf(doc), "application/pdf", doc.pdf_filename
+    return render_html(doc).encode(), "text/html; charset=utf-8", doc.file_stem + ".html"
 
 
 class InvoiceNotifier:

@@ -56,7 +56,8 @@ class ApiDeps:
     payments: PaymentsService
     access: AccessService
     invoice_runner: InvoiceRunner
-    render_invoice: Callable[[UUID, str], tuple[bytes, str] | None]
+    # (invoice id, "html" | "pdf") -> (body, media type, file name), None for an unknown invoice
+    render_invoice: Callable[[UUID, str], tuple[bytes, str, str] | None]
     tokens: TokenLookup
     resolver: Resolver
     rate_limiter: RateLimiter

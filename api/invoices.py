@@ -150,8 +150,12 @@ class InvoiceController(Controller):
         rendered = await anyio.to_thread.run_sync(deps.render_invoice, invoice_id, fmt)
         if rendered is None:
             raise NotFound("invoice", invoice_id)
-        body, media_type = rendered
-        return Response(body, media_type=media_type)
+        body, media_type, filename = rendered
+        # A PDF is a file to keep (attachment); the HTML page is for viewing (inline). Both
+        # name the same file, so "save as" gives INV-2627-000001.pdf / .html.
+        disposition = "attachment" if fmt == "pdf" else "inline"
+        return Response(body, media_type=media_type, headers={
+            "Content-Disposition": f'{disposition}; filename="{filename}"'})
 
     @get("/{invoice_id:uuid}", summary="Read an invoice: lines, taxes and amounts in paise")
     async def read(self, invoice_id: FromPath[UUID],

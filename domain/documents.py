@@ -31,6 +31,7 @@ SAC_CODE = "998315"
 SAC_DESCRIPTION = "Hosting and IT infrastructure provisioning services"
 
 INVOICE_NUMBER_MAX_CHARS = 16  # CGST Rules, rule 46(b)
+DRAFT_NUMBER = "DRAFT"  # what a draft (no number yet) shows in the number's place
 # Endorsement an invoice for an export of services carries when no IGST is paid (rule 46,
 # proviso; IGST Act s.16: exports are zero-rated, supplied under a Letter of Undertaking).
 EXPORT_NOTE = "Supply meant for export of services under LUT without payment of integrated tax (IGST)"
@@ -153,9 +154,15 @@ class InvoiceDocument:
         return sum(t.amount for t in self.taxes)
 
     @property
+    def file_stem(self) -> str:
+        """The document's file name without extension: `INV/2627/000001` → `INV-2627-000001`
+        (a slash cannot be in a file name); a draft, which has no number yet, `DRAFT-<id>`."""
+        return file_stem(self.number, self.invoice_id)
+
+    @property
     def pdf_filename(self) -> str:
-        """`INV/2627/000001` → `INV-2627-000001.pdf` (a slash cannot be in a file name)."""
-        return self.number.replace("/", "-") + ".pdf"
+        """`INV/2627/000001` → `INV-2627-000001.pdf`."""
+        return self.file_stem + ".pdf"
 
 
 def _inconsistencies(doc: InvoiceDocument) -> list[str]:
@@ -172,6 +179,14 @@ def _inconsistencies(doc: InvoiceDocument) -> list[str]:
     if not 0 <= doc.amount_due <= max(doc.total, 0):
         problems.append(f"amount_due {doc.amount_due} outside 0..total")
     return problems
+
+
+def file_stem(number: str | None, invoice_id: UUID) -> str:
+    """A file name (without extension) for an invoice's document: its number with `/` as `-`,
+    or `DRAFT-<id>` before it has one (every draft would otherwise be `DRAFT`)."""
+    if number is None or number == DRAFT_NUMBER:
+        return f"{DRAFT_NUMBER}-{invoice_id}"
+    return number.replace("/", "-")
 
 
 def state_label(code: str) -> str:

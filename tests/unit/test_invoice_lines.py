@@ -1,13 +1,18 @@
 """Invoice lines a customer understands (issue 21): meter names on the lines, recorded on the
-draft; old drafts without them still read (their description is the meter code)."""
+draft; old drafts without them still read (their description is the meter code); documents'
+file names."""
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
+from uuid import uuid4
 
+from domain.documents import DRAFT_NUMBER, file_stem
 from domain.plan import to_version
 from domain.pricing import LateUsage, late_usage_lines, price
 from domain.tax import TaxFacts
+from tests.unit.test_documents import make_doc
 from tests.unit.test_invoices import SUPPLIER, USAGE, draft, org, plan, setup
 
 NAMES = {"api_calls": "API calls", "storage_gb": "Storage (GB-month)"}
@@ -47,3 +52,13 @@ def test_a_draft_records_the_meter_names_it_was_drafted_with() -> None:
     # a ledger fact: the Drafted event as stored and decoded again carries the name
     (drafted,) = ledger.events[written.aggregate.id]
     assert [x.description for x in drafted.lines][1] == "API calls"
+
+
+def test_document_file_names_are_the_number_with_dashes_or_draft_and_the_id() -> None:
+    ident = uuid4()
+    assert file_stem("INV/2627/000001", ident) == "INV-2627-000001"
+    assert file_stem(None, ident) == file_stem(DRAFT_NUMBER, ident) == f"DRAFT-{ident}"
+    doc = make_doc()
+    assert (doc.file_stem, doc.pdf_filename) == ("INV-2627-000001", "INV-2627-000001.pdf")
+    draft_doc = dataclasses.replace(doc, number=DRAFT_NUMBER)
+    assert draft_doc.pdf_filename == f"DRAFT-{doc.invoice_id}.pdf"
