@@ -98,3 +98,10 @@ async def test_the_document_downloads_as_a_file_named_by_the_number(
     text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.content)).pages)
     for shown in ("API calls", "Storage (GB)", "Seats", number):
         assert shown in html.text and shown in text
+
+
+async def test_readiness_warns_of_a_missing_supplier_gstin_without_failing(api: Api) -> None:
+    assert api.rt.settings.supplier_gstin is None  # the test settings leave it unset
+    r = await api.http.get("/health/ready")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert [w for w in r.json()["warnings"] if "SUPPLIER_GSTIN" in w]

@@ -1,19 +1,25 @@
 """Invoice lines a customer understands (issue 21): meter names on the lines, recorded on the
 draft; old drafts without them still read (their description is the meter code); documents'
-file names."""
+file names; the start-up warning for a missing SUPPLIER_GSTIN."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from decimal import Decimal
+from pathlib import Path
 from uuid import uuid4
+
+import pytest
 
 from domain.documents import DRAFT_NUMBER, file_stem
 from domain.plan import to_version
 from domain.pricing import LateUsage, late_usage_lines, price
 from domain.tax import TaxFacts
+from infra.wiring import MISSING_SUPPLIER_GSTIN, build_api
 from tests.unit.test_documents import make_doc
 from tests.unit.test_invoices import SUPPLIER, USAGE, draft, org, plan, setup
+from tests.unit.test_wiring import unconnected_runtime
 
 NAMES = {"api_calls": "API calls", "storage_gb": "Storage (GB-month)"}
 
@@ -62,3 +68,19 @@ def test_document_file_names_are_the_number_with_dashes_or_draft_and_the_id() ->
     assert (doc.file_stem, doc.pdf_filename) == ("INV-2627-000001", "INV-2627-000001.pdf")
     draft_doc = dataclasses.replace(doc, number=DRAFT_NUMBER)
     assert draft_doc.pdf_filename == f"DRAFT-{doc.invoice_id}.pdf"
+
+
+def test_the_api_warns_at_start_without_a_supplier_gstin(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = unconnected_runtime(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="billing.infra"):
+        role = build_api(rt, admin_token="given")
+    assert role.deps.warnings == (MISSING_SUPPLIER_GSTIN,)
+    assert any("SUPPLIER_GSTIN" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with_gstin = dataclasses.replace(rt, settings=dataclasses.replace(
+        rt.settings, supplier_gstin="29ABCDE1234F1Z5"))
+    with caplog.at_level(logging.WARNING, logger="billing.infra"):
+        assert build_api(with_gstin, admin_token="given").deps.warnings == ()
+    assert not any("SUPPLIER_GSTIN" in r.getMessage() for r in caplog.records)
