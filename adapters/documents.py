@@ -94,6 +94,7 @@ def invoice_view(doc: InvoiceDocument) -> dict[str, Any]:
             "email": doc.billing_email,
         },
         "place_of_supply": doc.place_of_supply,
+        "plan": doc.plan_label,
         "reverse_charge": REVERSE_CHARGE,
         "sac_code": doc.sac_code,
         "sac_description": SAC_DESCRIPTION,

@@ -72,6 +72,7 @@ def document(invoice: InvoiceRow, org: OrganisationRow, supplier: Supplier) -> I
         subtotal=invoice.subtotal,
         taxes=tuple(TaxLine(t.name, t.rate, t.amount) for t in invoice.taxes),
         total=invoice.total, amount_due=invoice.amount_due,
+        plan_name=invoice.plan_name or invoice.plan_code, plan_version=invoice.plan_version,
     )
 
 

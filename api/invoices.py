@@ -60,6 +60,7 @@ class InvoiceOut(msgspec.Struct):
     paid: int  # paise applied from payments (a paid invoice: its total)
     plan_code: str
     plan_version: int
+    plan_name: str  # the plan's name when drafted (invoices drafted before it was kept: the code)
     created_at: datetime
     finalized_at: datetime | None
     voided_at: datetime | None
@@ -85,7 +86,8 @@ def from_row(row: view.InvoiceRow) -> InvoiceOut:
         subtotal=row.subtotal,
         taxes=[TaxOut(t.name, str(t.rate), t.amount) for t in row.taxes],
         total=row.total, amount_due=row.amount_due, paid=row.paid, plan_code=row.plan_code,
-        plan_version=row.plan_version, created_at=row.created_at.astimezone(UTC),
+        plan_version=row.plan_version, plan_name=row.plan_name or row.plan_code,
+        created_at=row.created_at.astimezone(UTC),
         finalized_at=_utc(row.finalized_at), voided_at=_utc(row.voided_at),
         void_reason=row.void_reason,
     )

@@ -123,6 +123,8 @@ class InvoiceDocument:
     supplier_address: str | None = None
     customer_address: str | None = None
     sac_code: str = SAC_CODE
+    plan_name: str | None = None  # the plan the period was priced by, and its version
+    plan_version: int | None = None
 
     def __post_init__(self) -> None:
         problems = _inconsistencies(self)
@@ -148,6 +150,13 @@ class InvoiceDocument:
     def export_note(self) -> str | None:
         """The zero-rating endorsement for an export invoice without tax, else None."""
         return EXPORT_NOTE if self.is_export and not self.taxes else None
+
+    @property
+    def plan_label(self) -> str:
+        """`Growth (version 2)`; "" when the document names no plan."""
+        if not self.plan_name:
+            return ""
+        return self.plan_name + (f" (version {self.plan_version})" if self.plan_version else "")
 
     @property
     def tax_total(self) -> int:

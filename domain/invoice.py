@@ -109,6 +109,9 @@ class Invoice(Aggregate):
         # The customer's GSTIN when drafted: "" = it had none; None = not recorded (drafted
         # before this field existed: the document then shows the organisation's current one).
         gstin: str | None = None
+        # The plan version's name when drafted ("Growth"); None: drafted before it was recorded
+        # (the invoice then shows the plan code).
+        plan_name: str | None = None
 
     class Finalized(Aggregate.Event):
         """The invoice got its number and can no longer change (only be paid or voided)."""
@@ -157,7 +160,7 @@ class Invoice(Aggregate):
         amount_due: int, plan_code: str, plan_version: int, usage_position: int,
         quantities: dict[str, Decimal], country: str, state_code: str | None,
         supplier_state_code: str, late_usage: tuple[LateUsageBilled, ...] = (),
-        gstin: str | None = None,
+        gstin: str | None = None, plan_name: str | None = None,
     ) -> None:
         self.organisation_id = organisation_id
         self.period = period
@@ -177,6 +180,7 @@ class Invoice(Aggregate):
         self.supplier_state_code = supplier_state_code
         self.late_usage = tuple(late_usage)
         self.gstin = gstin
+        self.plan_name = plan_name
         self.status: InvoiceStatus = DRAFT
         self.number: str | None = None
         self.finalized_at: datetime | None = None
@@ -195,6 +199,7 @@ class Invoice(Aggregate):
         cls, *, organisation_id: UUID, period: str, revision: int, priced: Priced, plan_code: str,
         plan_version: int, quantities: Mapping[str, Decimal], usage_position: int, tax: TaxFacts,
         late: Sequence[LateUsage], at: datetime, gstin: str | None = None,
+        plan_name: str | None = None,
     ) -> Invoice:
         """Decide: record a draft of `priced` (the output of domain.pricing.price).
         `quantities` are the period quantities of the plan's charged meters, as priced."""
@@ -218,7 +223,7 @@ class Invoice(Aggregate):
                                 dict(item.corrected))
                 for item in late
             ),
-            gstin=gstin,
+            gstin=gstin, plan_name=plan_name,
         )
 
     @property

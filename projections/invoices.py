@@ -72,6 +72,8 @@ DDL = (
     # emailed (emailed_at is the invoice email's).
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS paid bigint NOT NULL DEFAULT 0",
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS paid_emailed_at timestamptz",
+    # The plan version's name when drafted; NULL: drafted before it was recorded.
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS plan_name text",
 )
 
 
@@ -189,6 +191,7 @@ class InvoiceRow(msgspec.Struct, frozen=True):
     tax_country: str | None
     tax_state_code: str | None
     tax_gstin: str | None
+    plan_name: str | None = None  # None: not recorded (drafted before it was); show plan_code
 
 
 def row_of(invoice: Invoice, position: int) -> InvoiceRow:
@@ -207,14 +210,15 @@ def row_of(invoice: Invoice, position: int) -> InvoiceRow:
         void_reason=invoice.void_reason, created_at=invoice.created_on,
         finalized_at=invoice.finalized_at, voided_at=invoice.voided_at,
         updated_at=invoice.modified_on, ledger_position=position, tax_country=invoice.country,
-        tax_state_code=invoice.state_code, tax_gstin=invoice.gstin,
+        tax_state_code=invoice.state_code, tax_gstin=invoice.gstin, plan_name=invoice.plan_name,
     )
 
 
 _COLUMNS = (
     "id, organisation_id, period, revision, status, number, currency, lines, subtotal, taxes,"
     " total, amount_due, paid, plan_code, plan_version, usage_position, void_reason, created_at,"
-    " finalized_at, voided_at, updated_at, ledger_position, tax_country, tax_state_code, tax_gstin"
+    " finalized_at, voided_at, updated_at, ledger_position, tax_country, tax_state_code, tax_gstin,"
+    " plan_name"
 )
 
 

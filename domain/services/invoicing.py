@@ -129,7 +129,7 @@ class InvoicingService:
             organisation_id=organisation.id, period=period, revision=revision, priced=priced,
             plan_code=plan.code, plan_version=plan.version, quantities=charged,
             usage_position=usage_position, tax=tax, late=late, at=now,
-            gstin=organisation.gstin or "",
+            gstin=organisation.gstin or "", plan_name=plan.name,
         )
         try:
             return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED

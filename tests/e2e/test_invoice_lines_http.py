@@ -77,6 +77,11 @@ async def test_lines_are_described_by_meter_names_with_codes_beside(drafted: dic
     assert [x["amount"] for x in drafted["lines"]] == [150, 1125, 242_000]
 
 
+async def test_the_invoice_names_its_plan_and_version(drafted: dict[str, Any]) -> None:
+    assert (drafted["plan_name"], drafted["plan_code"], drafted["plan_version"]) == (
+        "Growth", "lines", 1)
+
+
 async def test_the_document_downloads_as_a_file_named_by_the_number(
     api: Api, drafted: dict[str, Any]
 ) -> None:
@@ -96,7 +101,7 @@ async def test_the_document_downloads_as_a_file_named_by_the_number(
     html = await api.http.get(path, headers=seen)
     assert html.headers["content-disposition"] == f'inline; filename="{stem}.html"'
     text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.content)).pages)
-    for shown in ("API calls", "Storage (GB)", "Seats", number):
+    for shown in ("API calls", "Storage (GB)", "Seats", number, "Growth (version 1)"):
         assert shown in html.text and shown in text
 
 

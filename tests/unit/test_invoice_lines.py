@@ -1,6 +1,6 @@
 """Invoice lines a customer understands (issue 21): meter names on the lines, recorded on the
 draft; old drafts without them still read (their description is the meter code); documents'
-file names; the start-up warning for a missing SUPPLIER_GSTIN."""
+file names; the start-up warning for a missing SUPPLIER_GSTIN; the plan's name and version."""
 
 from __future__ import annotations
 
@@ -12,12 +12,17 @@ from uuid import uuid4
 
 import pytest
 
+from adapters.codec import MsgspecMapper
+from adapters.documents import render_html, render_pdf, render_text
+from api.invoices import from_row
 from domain.documents import DRAFT_NUMBER, file_stem
+from domain.invoice import Invoice
 from domain.plan import to_version
 from domain.pricing import LateUsage, late_usage_lines, price
 from domain.tax import TaxFacts
 from infra.wiring import MISSING_SUPPLIER_GSTIN, build_api
-from tests.unit.test_documents import make_doc
+from projections import invoices as view
+from tests.unit.test_documents import make_doc, pdf_text
 from tests.unit.test_invoices import SUPPLIER, USAGE, draft, org, plan, setup
 from tests.unit.test_wiring import unconnected_runtime
 
@@ -84,3 +89,28 @@ def test_the_api_warns_at_start_without_a_supplier_gstin(
     with caplog.at_level(logging.WARNING, logger="billing.infra"):
         assert build_api(with_gstin, admin_token="given").deps.warnings == ()
     assert not any("SUPPLIER_GSTIN" in r.getMessage() for r in caplog.records)
+
+
+def test_a_draft_records_its_plan_name_and_an_older_draft_shows_the_plan_code() -> None:
+    svc, ledger, _ = setup()
+    inv = draft(svc, org())[0].aggregate
+    (drafted,) = ledger.events[inv.id]
+    assert (drafted.plan_name, drafted.plan_code, drafted.plan_version) == ("Pro", "pro", 1)
+    out = from_row(view.row_of(ledger.get(inv.id, Invoice), 1))
+    assert (out.plan_name, out.plan_code, out.plan_version) == ("Pro", "pro", 1)
+    # A draft without the name is what the ledger held before it was recorded: the codec omits
+    # a field at its default, so these are the old bytes exactly.
+    old = dataclasses.replace(drafted, plan_name=None)
+    stored = MsgspecMapper().to_stored_event(old)
+    assert b"plan_name" not in stored.state
+    rebuilt = MsgspecMapper().to_domain_event(stored).mutate(None)
+    assert rebuilt.plan_name is None
+    assert from_row(view.row_of(rebuilt, 1)).plan_name == "pro"
+
+
+def test_the_document_names_the_plan_and_its_version() -> None:
+    doc = dataclasses.replace(make_doc(), plan_name="Growth", plan_version=2)
+    assert doc.plan_label == "Growth (version 2)"
+    assert "Growth (version 2)" in render_html(doc) and "Plan:" in render_text(doc)
+    assert "Growth (version 2)" in render_text(doc) and "Growth (version 2)" in pdf_text(render_pdf(doc))
+    assert make_doc().plan_label == "" and "Plan" not in render_text(make_doc())
