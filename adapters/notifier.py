@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 from adapters.documents import render_html, render_pdf
 from adapters.ledger import LedgerStore
 from adapters.mail import build_invoice_email, build_payment_email, send_with_retries
-from domain.documents import DRAFT_NUMBER, DocumentLine, InvoiceDocument
+from domain.documents import DRAFT_NUMBER, DocumentLine, DocumentTier, InvoiceDocument
 from domain.errors import Conflict, DomainError, NotFound
 from domain.mail_record import InvoiceMail, mail_id
 from domain.ports import Mailer
@@ -67,7 +67,8 @@ def document(invoice: InvoiceRow, org: OrganisationRow, supplier: Supplier) -> I
         customer_state_code=invoice.tax_state_code if invoice.tax_country else org.state_code,
         customer_country=invoice.tax_country or org.country,
         billing_email=org.billing_email,
-        lines=tuple(DocumentLine(line.description, line.quantity, line.amount)
+        lines=tuple(DocumentLine(line.description, line.quantity, line.amount, tuple(
+            DocumentTier(t.tier, t.up_to, t.quantity, t.unit_price, t.flat_fee) for t in line.tiers))
                     for line in invoice.lines),
         subtotal=invoice.subtotal,
         taxes=tuple(TaxLine(t.name, t.rate, t.amount) for t in invoice.taxes),

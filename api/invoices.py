@@ -32,11 +32,27 @@ class VoidInvoice(msgspec.Struct, forbid_unknown_fields=True):
     reason: str | None = None  # at most 500 characters (domain.invoice.VOID_REASON_MAX_CHARS)
 
 
+class TierOut(msgspec.Struct):
+    tier: int  # 1-based place in the plan's tiers
+    up_to: str | None  # decimal string; null: the open-ended last tier
+    quantity: str  # decimal string: the units this tier priced
+    unit_price: str  # decimal string, rupees (as the plan says it, unrounded)
+    flat_fee: str  # decimal string, rupees
+
+
 class LineOut(msgspec.Struct):
     description: str
     metric: str | None
     quantity: str  # decimal string
     amount: int  # paise
+    tiers: list[TierOut]  # a graduated or volume charge's breakdown; [] for other lines
+
+
+def _line_out(line: view.InvoiceLineRow) -> LineOut:
+    return LineOut(line.description, line.metric, str(line.quantity), line.amount, [
+        TierOut(t.tier, None if t.up_to is None else str(t.up_to), str(t.quantity),
+                str(t.unit_price), str(t.flat_fee))
+        for t in line.tiers])
 
 
 class TaxOut(msgspec.Struct):
@@ -82,7 +98,7 @@ def from_row(row: view.InvoiceRow) -> InvoiceOut:
     return InvoiceOut(
         id=row.id, organisation_id=row.organisation_id, period=row.period, status=row.status,
         number=row.number, currency=row.currency,
-        lines=[LineOut(x.description, x.metric, str(x.quantity), x.amount) for x in row.lines],
+        lines=[_line_out(x) for x in row.lines],
         subtotal=row.subtotal,
         taxes=[TaxOut(t.name, str(t.rate), t.amount) for t in row.taxes],
         total=row.total, amount_due=row.amount_due, paid=row.paid, plan_code=row.plan_code,

@@ -31,6 +31,7 @@ SAC_CODE = "998315"
 SAC_DESCRIPTION = "Hosting and IT infrastructure provisioning services"
 
 INVOICE_NUMBER_MAX_CHARS = 16  # CGST Rules, rule 46(b)
+MONEY_DECIMALS_SHOWN = 2  # at least: rupees and paise
 DRAFT_NUMBER = "DRAFT"  # what a draft (no number yet) shows in the number's place
 # Endorsement an invoice for an export of services carries when no IGST is paid (rule 46,
 # proviso; IGST Act s.16: exports are zero-rated, supplied under a Letter of Undertaking).
@@ -85,12 +86,32 @@ GST_STATES: dict[str, str] = {
 
 
 @dataclass(frozen=True, slots=True)
+class DocumentTier:
+    """One tier of a tiered charge as printed under its line: the units it priced, at a unit
+    price plus a flat fee (exact rupees, as the plan says them)."""
+
+    tier: int  # 1-based place in the plan's tiers
+    up_to: Decimal | None  # None: the open-ended last tier
+    quantity: Decimal
+    unit_price: Decimal
+    flat_fee: Decimal
+
+    @property
+    def label(self) -> str:
+        """`Tier 2 (up to 1,00,000)`; the open-ended last tier `Tier 3 (and above)`."""
+        bound = "and above" if self.up_to is None else f"up to {plain_decimal(self.up_to)}"
+        return f"Tier {self.tier} ({bound})"
+
+
+@dataclass(frozen=True, slots=True)
 class DocumentLine:
-    """One invoice line: what was supplied, how much, and its taxable value in paise."""
+    """One invoice line: what was supplied, how much, and its taxable value in paise; a
+    tiered charge's line has the tiers that priced it (their sum, rounded once, is `amount`)."""
 
     description: str
     quantity: Decimal
     amount: int
+    tiers: tuple[DocumentTier, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +253,15 @@ def plain_decimal(value: Decimal) -> str:
     sign = "-" if text.startswith("-") else ""
     whole, _, fraction = text.lstrip("-").partition(".")
     return sign + indian_grouping(whole) + (f".{fraction}" if fraction else "")
+
+
+def rupee_price(value: Decimal) -> str:
+    """A price in rupees as the plan says it, exactly: Indian-grouped, at least two decimals
+    and as many more as it has (0.0035 → '0.0035', 1500 → '1,500.00'). Never rounded: a
+    tier's unit price may be a fraction of a paisa."""
+    text = plain_decimal(value)
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(MONEY_DECIMALS_SHOWN, '0')}"
 
 
 def percent(rate: Decimal) -> str:

@@ -28,7 +28,7 @@ from eventsourcing.domain import Aggregate
 
 from domain.errors import Conflict, FieldError, ValidationFailed
 from domain.period import parse_period
-from domain.pricing import LateUsage, Priced
+from domain.pricing import LateUsage, Line, Priced
 from domain.tax import TaxFacts
 
 InvoiceStatus = Literal["draft", "finalized", "partially_paid", "paid", "void"]
@@ -54,14 +54,29 @@ def invoice_id(organisation_id: UUID, period: str, revision: int = FIRST_REVISIO
 
 
 # Ledger formats: they evolve by adding fields with defaults (see adapters/codec.py).
-class InvoiceLine(msgspec.Struct, frozen=True):
+class InvoiceLineTier(msgspec.Struct, frozen=True):
+    """One tier of a graduated or volume charge's line (domain.pricing.TierPart): its 1-based
+    place in the plan's tiers and bound, the units it priced, its unit price and flat fee in
+    exact rupees as the plan says them."""
+
+    tier: int
+    up_to: Decimal | None
+    quantity: Decimal
+    unit_price: Decimal
+    flat_fee: Decimal
+
+
+class InvoiceLine(msgspec.Struct, frozen=True, omit_defaults=True):
     """One line: `metric` is None for plan-level lines (base fee, minimum commitment);
-    `quantity` is the period quantity (exact decimal); `amount` is whole paise."""
+    `quantity` is the period quantity (exact decimal); `amount` is whole paise. `tiers`: the
+    breakdown of a tiered charge (empty for other lines, and on drafts recorded before it;
+    omitted when empty, so such a line is stored exactly as before the field existed)."""
 
     description: str
     metric: str | None
     quantity: Decimal
     amount: int
+    tiers: tuple[InvoiceLineTier, ...] = ()
 
 
 class InvoiceTax(msgspec.Struct, frozen=True):
@@ -210,7 +225,7 @@ class Invoice(Aggregate):
             cls.Drafted, id=invoice_id(organisation_id, period, revision), timestamp=at,
             organisation_id=organisation_id, period=period, revision=revision,
             currency=priced.currency,
-            lines=tuple(InvoiceLine(x.description, x.metric, x.quantity, x.amount) for x in priced.lines),
+            lines=tuple(_line(x) for x in priced.lines),
             subtotal=priced.subtotal,
             taxes=tuple(InvoiceTax(t.name, t.rate, t.amount) for t in priced.taxes),
             total=priced.total, amount_due=priced.total, plan_code=plan_code,
@@ -313,3 +328,8 @@ class Invoice(Aggregate):
         applied = min(amount, self.amount_due)
         self.trigger_event(self.PaymentApplied, timestamp=at, payment_id=payment_id, amount=applied)
         return applied
+
+
+def _line(line: Line) -> InvoiceLine:
+    return InvoiceLine(line.description, line.metric, line.quantity, line.amount, tuple(
+        InvoiceLineTier(t.tier, t.up_to, t.quantity, t.unit_price, t.flat_fee) for t in line.tiers))

@@ -80,14 +80,30 @@ class PlanVersion:
 
 
 @dataclass(frozen=True, slots=True)
+class TierPart:
+    """The part of a tiered charge one tier priced: `tier` its 1-based place in the plan's tiers,
+    `up_to` that tier's bound (None: open-ended), `quantity` the units it priced (graduated: the
+    units inside the band; volume: every unit), at `unit_price` plus `flat_fee` (rupees, as the
+    plan says: unrounded)."""
+
+    tier: int
+    up_to: Decimal | None
+    quantity: Decimal
+    unit_price: Decimal
+    flat_fee: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class Line:
     """One invoice line; `amount` is whole paise (may be negative only for a late-usage
-    minimum-commitment adjustment)."""
+    minimum-commitment adjustment). A graduated or volume charge's line carries the `tiers`
+    that priced it; their exact sum, rounded once, is `amount`."""
 
     description: str
     metric: str | None
     quantity: Decimal
     amount: int
+    tiers: tuple[TierPart, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,33 +304,66 @@ def _required(value: Decimal | None, name: str) -> Decimal:
     return value
 
 
-def _graduated(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
-    # Continuous: tier i prices the part of `quantity` inside (previous up_to, up_to], so
-    # 100.5 units over a 100-unit first tier puts 0.5 of a unit in the second tier.
+def tier_parts(charge: Charge, quantity: Decimal) -> tuple[TierPart, ...]:
+    """The tiers that price `quantity` under a graduated or volume charge, each with the units
+    it priced; () for any other model, or a volume charge at 0. The charge amount is exactly
+    the sum of quantity x unit_price + flat_fee over them (charge_amount computes it so)."""
+    if not is_finite_decimal(quantity) or quantity < 0:
+        raise ValueError(f"quantity must be a finite decimal >= 0, got {quantity!r}")
+    with localcontext(MONEY_EXACT):
+        if charge.model == "graduated":
+            return _graduated_parts(charge.tiers, quantity)
+        if charge.model == "volume":
+            return _volume_parts(charge.tiers, quantity)
+    return ()
+
+
+def _part(index: int, tier: Tier, quantity: Decimal) -> TierPart:
+    return TierPart(index + 1, tier.up_to, quantity, tier.unit_price, tier.flat_fee)
+
+
+def _parts_total(parts: tuple[TierPart, ...]) -> Decimal:
     total = ZERO
-    lower = ZERO
-    for tier in tiers:
-        upper = quantity if tier.up_to is None else min(quantity, tier.up_to)
-        portion = upper - lower
-        if portion > 0:
-            total += portion * tier.unit_price + tier.flat_fee
-        if tier.up_to is None or quantity <= tier.up_to:
-            break
-        lower = tier.up_to
+    for part in parts:
+        total += part.quantity * part.unit_price + part.flat_fee
     return total
 
 
-def _volume(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
-    if quantity == 0:
-        return ZERO  # docs/PRICING.md: q = 0 costs 0, the first tier's flat fee included
-    tier = _tier_containing(tiers, quantity)
-    return quantity * tier.unit_price + tier.flat_fee
-
-
-def _tier_containing(tiers: tuple[Tier, ...], quantity: Decimal) -> Tier:
-    for tier in tiers:
+def _graduated_parts(tiers: tuple[Tier, ...], quantity: Decimal) -> tuple[TierPart, ...]:
+    # Continuous: tier i prices the part of `quantity` inside (previous up_to, up_to], so
+    # 100.5 units over a 100-unit first tier puts 0.5 of a unit in the second tier.
+    parts: list[TierPart] = []
+    lower = ZERO
+    for index, tier in enumerate(tiers):
+        upper = quantity if tier.up_to is None else min(quantity, tier.up_to)
+        portion = upper - lower
+        if portion > 0:
+            parts.append(_part(index, tier, portion))
         if tier.up_to is None or quantity <= tier.up_to:
-            return tier
+            break
+        lower = tier.up_to
+    return tuple(parts)
+
+
+def _graduated(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
+    return _parts_total(_graduated_parts(tiers, quantity))
+
+
+def _volume_parts(tiers: tuple[Tier, ...], quantity: Decimal) -> tuple[TierPart, ...]:
+    if quantity == 0:
+        return ()  # docs/PRICING.md: q = 0 costs 0, the first tier's flat fee included
+    index, tier = _tier_containing(tiers, quantity)
+    return (_part(index, tier, quantity),)
+
+
+def _volume(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
+    return _parts_total(_volume_parts(tiers, quantity))
+
+
+def _tier_containing(tiers: tuple[Tier, ...], quantity: Decimal) -> tuple[int, Tier]:
+    for index, tier in enumerate(tiers):
+        if tier.up_to is None or quantity <= tier.up_to:
+            return index, tier
     raise ValueError("tiers have no open-ended last tier; validate_plan first")
 
 
@@ -424,7 +473,8 @@ def _charge_line(charge: Charge, quantities: Mapping[str, Decimal], names: Mappi
     # The meter's name is what a customer understands; its code stands in when there is none.
     quantity = quantities.get(charge.metric, ZERO)
     description = names.get(charge.metric) or charge.metric
-    return Line(description, charge.metric, quantity, to_paise(charge_amount(charge, quantity)))
+    return Line(description, charge.metric, quantity, to_paise(charge_amount(charge, quantity)),
+                tier_parts(charge, quantity))
 
 
 def _check_quantities(

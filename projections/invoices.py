@@ -147,6 +147,16 @@ READ_MODEL = ReadModel(
 
 
 
+class InvoiceLineTierRow(msgspec.Struct, frozen=True):
+    """One tier of a tiered charge's line (decimals as strings in the JSON); prices in rupees."""
+
+    tier: int  # 1-based place in the plan's tiers
+    up_to: Decimal | None  # None: the open-ended last tier
+    quantity: Decimal
+    unit_price: Decimal
+    flat_fee: Decimal
+
+
 class InvoiceLineRow(msgspec.Struct, frozen=True):
     """One line as the read model holds it (JSON, the quantity a decimal string)."""
 
@@ -154,6 +164,7 @@ class InvoiceLineRow(msgspec.Struct, frozen=True):
     metric: str | None  # None: not a metered line (the base fee, the minimum)
     quantity: Decimal
     amount: int  # paise
+    tiers: tuple[InvoiceLineTierRow, ...] = ()  # a tiered charge's breakdown; () before it was kept
 
 
 class InvoiceTaxRow(msgspec.Struct, frozen=True):

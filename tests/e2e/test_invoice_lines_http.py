@@ -77,6 +77,16 @@ async def test_lines_are_described_by_meter_names_with_codes_beside(drafted: dic
     assert [x["amount"] for x in drafted["lines"]] == [150, 1125, 242_000]
 
 
+async def test_a_tiered_line_shows_what_each_tier_priced(drafted: dict[str, Any]) -> None:
+    lines = {x["metric"]: x for x in drafted["lines"]}
+    assert lines["ln_api"]["tiers"] == []
+    assert lines["ln_gb"]["tiers"] == [
+        {"tier": 1, "up_to": "10", "quantity": "10", "unit_price": "0", "flat_fee": "5"},
+        {"tier": 2, "up_to": None, "quantity": "2.5", "unit_price": "2.5", "flat_fee": "0"}]
+    assert lines["ln_seats"]["tiers"] == [  # volume: every seat at the tier 30 falls in
+        {"tier": 2, "up_to": None, "quantity": "30", "unit_price": "80", "flat_fee": "20"}]
+
+
 async def test_the_invoice_names_its_plan_and_version(drafted: dict[str, Any]) -> None:
     assert (drafted["plan_name"], drafted["plan_code"], drafted["plan_version"]) == (
         "Growth", "lines", 1)
@@ -101,7 +111,9 @@ async def test_the_document_downloads_as_a_file_named_by_the_number(
     html = await api.http.get(path, headers=seen)
     assert html.headers["content-disposition"] == f'inline; filename="{stem}.html"'
     text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.content)).pages)
-    for shown in ("API calls", "Storage (GB)", "Seats", number, "Growth (version 1)"):
+    for shown in ("API calls", "Storage (GB)", "Seats", number, "Growth (version 1)",
+                  "Tier 1 (up to 10): 0.00 per unit + 5.00 flat fee",
+                  "Tier 2 (and above): 80.00 per unit + 20.00 flat fee"):
         assert shown in html.text and shown in text
 
 

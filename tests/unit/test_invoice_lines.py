@@ -1,6 +1,7 @@
 """Invoice lines a customer understands (issue 21): meter names on the lines, recorded on the
 draft; old drafts without them still read (their description is the meter code); documents'
-file names; the start-up warning for a missing SUPPLIER_GSTIN; the plan's name and version."""
+file names; the start-up warning for a missing SUPPLIER_GSTIN; the plan's name and version;
+a tiered charge's breakdown per tier."""
 
 from __future__ import annotations
 
@@ -10,15 +11,25 @@ from decimal import Decimal
 from pathlib import Path
 from uuid import uuid4
 
+import msgspec
 import pytest
 
 from adapters.codec import MsgspecMapper
 from adapters.documents import render_html, render_pdf, render_text
 from api.invoices import from_row
-from domain.documents import DRAFT_NUMBER, file_stem
-from domain.invoice import Invoice
+from domain.documents import DRAFT_NUMBER, DocumentTier, file_stem, rupee_price
+from domain.invoice import Invoice, InvoiceLineTier
 from domain.plan import to_version
-from domain.pricing import LateUsage, late_usage_lines, price
+from domain.pricing import (
+    Charge,
+    LateUsage,
+    Tier,
+    TierPart,
+    charge_amount,
+    late_usage_lines,
+    price,
+    tier_parts,
+)
 from domain.tax import TaxFacts
 from infra.wiring import MISSING_SUPPLIER_GSTIN, build_api
 from projections import invoices as view
@@ -114,3 +125,71 @@ def test_the_document_names_the_plan_and_its_version() -> None:
     assert "Growth (version 2)" in render_html(doc) and "Plan:" in render_text(doc)
     assert "Growth (version 2)" in render_text(doc) and "Growth (version 2)" in pdf_text(render_pdf(doc))
     assert make_doc().plan_label == "" and "Plan" not in render_text(make_doc())
+
+
+# ---- tiers --------------------------------------------------------------------------------------
+
+GRADUATED = Charge("gb", "graduated", tiers=(
+    Tier(Decimal(100), Decimal("2.50")), Tier(None, Decimal("1.75"), Decimal(10))))
+VOLUME = Charge("seats", "volume", tiers=(
+    Tier(Decimal(10), Decimal(100)), Tier(None, Decimal(80), Decimal(20))))
+
+
+def test_tier_parts_say_what_each_tier_priced_and_add_up_to_the_charge() -> None:
+    assert tier_parts(GRADUATED, Decimal("150.5")) == (
+        TierPart(1, Decimal(100), Decimal(100), Decimal("2.50"), Decimal(0)),
+        TierPart(2, None, Decimal("50.5"), Decimal("1.75"), Decimal(10)))
+    assert tier_parts(GRADUATED, Decimal(40)) == (
+        TierPart(1, Decimal(100), Decimal(40), Decimal("2.50"), Decimal(0)),)
+    # volume: the one tier the whole quantity falls in; nothing at 0 (it costs 0)
+    assert tier_parts(VOLUME, Decimal(30)) == (
+        TierPart(2, None, Decimal(30), Decimal(80), Decimal(20)),)
+    assert tier_parts(VOLUME, Decimal(0)) == () == tier_parts(GRADUATED, Decimal(0))
+    assert tier_parts(Charge("x", "per_unit", unit_price=Decimal(1)), Decimal(5)) == ()
+    for charge in (GRADUATED, VOLUME):
+        for q in ("0", "0.5", "10", "10.000001", "100", "100.5", "123456.789"):
+            parts = tier_parts(charge, Decimal(q))
+            assert sum((p.quantity * p.unit_price + p.flat_fee for p in parts), Decimal(0)) == (
+                charge_amount(charge, Decimal(q)))
+            assert sum((p.quantity for p in parts), Decimal(0)) == Decimal(q)
+
+
+def test_a_draft_records_each_tiered_line_s_tiers_and_the_api_shows_them() -> None:
+    svc, ledger, _ = setup()
+    inv = draft(svc, org(), meter_names=NAMES)[0].aggregate
+    stored = ledger.get(inv.id, Invoice)  # through the ledger's codec
+    by_metric = {x.metric: x for x in stored.lines}
+    assert by_metric["api_calls"].tiers == () and by_metric[None].tiers == ()
+    assert by_metric["storage_gb"].tiers == (
+        InvoiceLineTier(1, Decimal(100), Decimal(100), Decimal("2.50"), Decimal(0)),
+        InvoiceLineTier(2, None, Decimal("50.5"), Decimal("1.75"), Decimal(10)))
+    # 100 x 2.50 + 50.5 x 1.75 + 10 = 348.375 -> 348.38, the line's amount as before
+    assert by_metric["storage_gb"].amount == 34_838
+    out = {x.metric: x for x in from_row(view.row_of(stored, 1)).lines}
+    assert [msgspec.to_builtins(t) for t in out["storage_gb"].tiers] == [
+        {"tier": 1, "up_to": "100", "quantity": "100", "unit_price": "2.50", "flat_fee": "0"},
+        {"tier": 2, "up_to": None, "quantity": "50.5", "unit_price": "1.75", "flat_fee": "10"}]
+    assert out["api_calls"].tiers == []
+    # a line recorded before tiers were: the codec omits the empty default, so old bytes decode
+    stored_line = MsgspecMapper().to_stored_event(ledger.events[inv.id][0]).state
+    assert stored_line.count(b"tiers") == 1  # only the tiered line has the field at all
+    old = msgspec.json.decode(b'{"description": "gb", "metric": "gb", "quantity": "1", "amount": 5}',
+                              type=view.InvoiceLineRow)
+    assert old.tiers == ()
+
+
+def test_the_document_prints_the_tiers_under_their_line() -> None:
+    tiers = (DocumentTier(1, Decimal(100), Decimal(100), Decimal("2.50"), Decimal(0)),
+             DocumentTier(2, None, Decimal("50.5"), Decimal("0.0035"), Decimal(10)))
+    doc = make_doc()
+    first = dataclasses.replace(doc.lines[0], tiers=tiers)
+    doc = dataclasses.replace(doc, lines=(first, *doc.lines[1:]))
+    html, text = render_html(doc), render_text(doc)
+    assert "Tier 1 (up to 100): 2.50 per unit" in html
+    assert "Tier 2 (and above): 0.0035 per unit + 10.00 flat fee" in html
+    assert "   Tier 2 (and above): 50.5 x INR 0.0035 + INR 10.00 flat fee\n" in text
+    assert "   Tier 1 (up to 100): 100 x INR 2.50\n" in text
+    printed = pdf_text(render_pdf(doc))
+    assert "Tier 1 (up to 100)" in printed and "0.0035 per unit" in printed
+    assert (rupee_price(Decimal("1500")), rupee_price(Decimal("0.0035")),
+            rupee_price(Decimal("123456.5"))) == ("1,500.00", "0.0035", "1,23,456.50")
