@@ -23,6 +23,7 @@ from domain.documents import (
     indian_rupees,
     percent,
     plain_decimal,
+    rupee_price,
     rupees_in_words,
     state_label,
 )
@@ -94,6 +95,7 @@ def invoice_view(doc: InvoiceDocument) -> dict[str, Any]:
             "email": doc.billing_email,
         },
         "place_of_supply": doc.place_of_supply,
+        "plan": doc.plan_label,
         "reverse_charge": REVERSE_CHARGE,
         "sac_code": doc.sac_code,
         "sac_description": SAC_DESCRIPTION,
@@ -104,6 +106,15 @@ def invoice_view(doc: InvoiceDocument) -> dict[str, Any]:
                 "sac": doc.sac_code,
                 "quantity": plain_decimal(line.quantity),
                 "amount": indian_rupees(line.amount),
+                "tiers": [
+                    {
+                        "label": tier.label,
+                        "quantity": plain_decimal(tier.quantity),
+                        "unit_price": rupee_price(tier.unit_price),
+                        "flat_fee": rupee_price(tier.flat_fee) if tier.flat_fee else "",
+                    }
+                    for tier in line.tiers
+                ],
             }
             for i, line in enumerate(doc.lines, start=1)
         ],

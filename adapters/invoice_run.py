@@ -12,6 +12,7 @@ by the pure functions of domain/services/invoice_runs.py.
   pricing depends on (plans, catalogue, invoices, organisations) that names it, or that is
   platform-wide (a meter: everyone; a plan version: its subscribers). The run names it with
   each read model's missing ledger positions; after `billing dlq redrive`, a new run invoices it.
+- Invoice lines are described by the meter's name from the catalogue (recorded on the draft).
 - Late usage: the invoices of the two periods before, drafts included, are what has been
   billed for them so far (docs/INVOICES.md, Late usage).
 - An organisation whose period (in its timezone) has not ended plus the grace period is left
@@ -123,6 +124,7 @@ class InvoiceRun:
             billing = invoices.billing_invoices(conn, decide.billing_periods(period))
             earlier_totals = {q: usage_totals.period_quantities(conn, first_day(q)) for q in earlier}
             versions: dict[str, list[StoredVersion]] = {}
+            meter_names = _meter_names(conn)
             for count, org_id in enumerate(subscribed, 1):
                 if progress:
                     progress(count, len(subscribed))
@@ -136,7 +138,7 @@ class InvoiceRun:
                         done.append(self._invoice_one(
                             conn, org_id, period, now, dead, versions, billing, earlier,
                             decide.lookback_totals(org_id, earlier_totals),
-                            quantities.get(org_id, {}), usage_position, actor))
+                            quantities.get(org_id, {}), usage_position, meter_names, actor))
                 except INFRASTRUCTURE:
                     raise  # Postgres away: the run stops, and a later run does the rest
                 except Exception as e:  # one organisation's problem, of any kind, is its own
@@ -154,7 +156,8 @@ class InvoiceRun:
                      dead: DeadLettered, versions: dict[str, list[StoredVersion]],
                      billing: Mapping[UUID, Sequence[UUID]], earlier: list[str],
                      totals: Mapping[str, Mapping[str, Decimal]],
-                     quantities: dict[str, Decimal], usage_position: int, actor: Actor | None) -> Done:
+                     quantities: dict[str, Decimal], usage_position: int,
+                     meter_names: Mapping[str, str], actor: Actor | None) -> Done:
         """Draft one organisation's invoice, or say why not."""
         org = self._ledger.get(org_id, Organisation)
         if not decide.is_due(period, org.timezone, now, self._grace):
@@ -171,7 +174,8 @@ class InvoiceRun:
         billed_by = [self._ledger.get(ident, Invoice) for ident in billing.get(org_id, [])]
         late = late_usage(org_id, earlier, billed_by, totals,
                           partial(_plan_version, versions, conn), note=log.error)
-        status = self._draft(org, period, history, versions, quantities, usage_position, late, actor)
+        status = self._draft(org, period, history, versions, quantities, usage_position, late,
+                             meter_names, actor)
         if status == "skipped" and late:  # no plan covers the period, or all lines are 0
             log.error("invoice run %s: %s: nothing drafted, so late usage for %s is not "
                       "billed on it", period, org_id, [item.period for item in late])
@@ -179,13 +183,14 @@ class InvoiceRun:
 
     def _draft(self, org: Organisation, period: str, history: list[SubscriptionEntry],
                versions: dict[str, list[StoredVersion]], quantities: dict[str, Decimal],
-               usage_position: int, late: list[LateUsage], actor: Actor | None) -> Outcome:
+               usage_position: int, late: list[LateUsage], meter_names: Mapping[str, str],
+               actor: Actor | None) -> Outcome:
         try:
             _, status = self._invoicing.draft(org, period=period, subscription_history=history,
                                               plan_versions=versions, quantities=quantities,
                                               usage_position=usage_position,
                                               supplier_state_code=self._supplier, late=late,
-                                              actor=actor)
+                                              meter_names=meter_names, actor=actor)
         except ValidationFailed as e:
             kept = decide.late_items_to_keep(late, e)
             if kept is None:
@@ -196,7 +201,7 @@ class InvoiceRun:
                                               plan_versions=versions, quantities=quantities,
                                               usage_position=usage_position,
                                               supplier_state_code=self._supplier, late=kept,
-                                              actor=actor)
+                                              meter_names=meter_names, actor=actor)
         return status
 
     def _dead_lettered(self, usage_periods: list[str]) -> DeadLettered:
@@ -241,6 +246,12 @@ class InvoiceRun:
                 except Exception:  # an entry that will not decode is attributed to everyone
                     log.exception("dead letter at %s cannot be decoded", n.id)
         return out
+
+
+def _meter_names(conn: Any) -> dict[str, str]:
+    """Meter code -> name from the catalogue, every meter (the catalogue's listing is capped):
+    invoice lines are described by the name a customer knows."""
+    return {str(code): str(name) for code, name in conn.execute("SELECT code, name FROM meters")}
 
 
 def _stored_versions(conn: Any, code: str) -> list[StoredVersion]:

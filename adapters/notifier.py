@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 from adapters.documents import render_html, render_pdf
 from adapters.ledger import LedgerStore
 from adapters.mail import build_invoice_email, build_payment_email, send_with_retries
-from domain.documents import DocumentLine, InvoiceDocument
+from domain.documents import DRAFT_NUMBER, DocumentLine, DocumentTier, InvoiceDocument
 from domain.errors import Conflict, DomainError, NotFound
 from domain.mail_record import InvoiceMail, mail_id
 from domain.ports import Mailer
@@ -40,7 +40,6 @@ PAYMENT_TERMS = timedelta(days=15)
 SEND_ATTEMPTS = 3
 SEND_BACKOFF_S = 0.5
 PASS_MAX_INVOICES = 50
-DRAFT_NUMBER = "DRAFT"
 
 Due = Callable[[Connection[Any], int], list[InvoiceRow]]  # a query of invoices to email, at most n
 
@@ -68,11 +67,13 @@ def document(invoice: InvoiceRow, org: OrganisationRow, supplier: Supplier) -> I
         customer_state_code=invoice.tax_state_code if invoice.tax_country else org.state_code,
         customer_country=invoice.tax_country or org.country,
         billing_email=org.billing_email,
-        lines=tuple(DocumentLine(line.description, line.quantity, line.amount)
+        lines=tuple(DocumentLine(line.description, line.quantity, line.amount, tuple(
+            DocumentTier(t.tier, t.up_to, t.quantity, t.unit_price, t.flat_fee) for t in line.tiers))
                     for line in invoice.lines),
         subtotal=invoice.subtotal,
         taxes=tuple(TaxLine(t.name, t.rate, t.amount) for t in invoice.taxes),
         total=invoice.total, amount_due=invoice.amount_due,
+        plan_name=invoice.plan_name or invoice.plan_code, plan_version=invoice.plan_version,
     )
 
 
@@ -84,8 +85,10 @@ def _recorded(gstin: str | None, current: str | None) -> str | None:
 
 
 def render(pool: ConnectionPool, supplier: Supplier, invoice_id: UUID,
-           fmt: str) -> tuple[bytes, str] | None:
-    """An invoice as HTML or PDF (a draft is shown with the number DRAFT); None if unknown."""
+           fmt: str) -> tuple[bytes, str, str] | None:
+    """An invoice as HTML or PDF (a draft is shown with the number DRAFT): the body, its media
+    type and its file name (`INV-2627-000001.pdf`, a draft's `DRAFT-<id>.pdf`); None if
+    unknown."""
     with pool.connection() as conn:
         row = invoices.get(conn, invoice_id)
         org = organisations.get(conn, row.organisation_id) if row else None
@@ -93,8 +96,8 @@ def render(pool: ConnectionPool, supplier: Supplier, invoice_id: UUID,
         return None
     doc = document(row, org, supplier)  # a draft is shown with the number DRAFT
     if fmt == "pdf":
-        return render_pdf(doc), "application/pdf"
-    return render_html(doc).encode(), "text/html; charset=utf-8"
+        return render_pdf(doc), "application/pdf", doc.pdf_filename
+    return render_html(doc).encode(), "text/html; charset=utf-8", doc.file_stem + ".html"
 
 
 class InvoiceNotifier:

@@ -56,7 +56,8 @@ class ApiDeps:
     payments: PaymentsService
     access: AccessService
     invoice_runner: InvoiceRunner
-    render_invoice: Callable[[UUID, str], tuple[bytes, str] | None]
+    # (invoice id, "html" | "pdf") -> (body, media type, file name), None for an unknown invoice
+    render_invoice: Callable[[UUID, str], tuple[bytes, str, str] | None]
     tokens: TokenLookup
     resolver: Resolver
     rate_limiter: RateLimiter
@@ -78,6 +79,9 @@ class ApiDeps:
     # The secrets a Razorpay webhook may be signed with (old and new during a rotation);
     # empty: webhooks answer 503, payments not configured.
     webhook_secrets: tuple[str, ...] = ()
+    # Configuration that lets the service run but not issue proper invoices (a missing
+    # SUPPLIER_GSTIN): /health/ready shows them without failing.
+    warnings: tuple[str, ...] = ()
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

@@ -1,4 +1,5 @@
-"""Liveness, readiness (Postgres and NATS reachable) and Prometheus metrics."""
+"""Liveness, readiness (Postgres and NATS reachable, with the configuration warnings) and
+Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ async def live() -> dict[str, str | int]:
     return {"status": "ok", "process": os.getpid()}
 
 
-@get("/health/ready", summary="Postgres and NATS are reachable")
+@get("/health/ready", summary="Postgres and NATS are reachable; configuration warnings")
 async def ready(deps: Deps) -> Response[dict[str, Any]]:
+    # `warnings` name configuration that is incomplete (a missing SUPPLIER_GSTIN) but never
+    # makes the process unready: it can still take usage and serve reads.
     results: dict[str, bool] = {}
     for name, check in deps.readiness.items():
         try:
@@ -39,7 +42,8 @@ async def ready(deps: Deps) -> Response[dict[str, Any]]:
             results[name] = False
     ok = all(results.values())
     return Response(
-        {"status": "ok" if ok else "unavailable", "checks": results},
+        {"status": "ok" if ok else "unavailable", "checks": results,
+         "warnings": list(deps.warnings)},
         status_code=200 if ok else 503,
         headers={} if ok else {"Retry-After": "1"},
     )

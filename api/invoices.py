@@ -32,11 +32,27 @@ class VoidInvoice(msgspec.Struct, forbid_unknown_fields=True):
     reason: str | None = None  # at most 500 characters (domain.invoice.VOID_REASON_MAX_CHARS)
 
 
+class TierOut(msgspec.Struct):
+    tier: int  # 1-based place in the plan's tiers
+    up_to: str | None  # decimal string; null: the open-ended last tier
+    quantity: str  # decimal string: the units this tier priced
+    unit_price: str  # decimal string, rupees (as the plan says it, unrounded)
+    flat_fee: str  # decimal string, rupees
+
+
 class LineOut(msgspec.Struct):
     description: str
     metric: str | None
     quantity: str  # decimal string
     amount: int  # paise
+    tiers: list[TierOut]  # a graduated or volume charge's breakdown; [] for other lines
+
+
+def _line_out(line: view.InvoiceLineRow) -> LineOut:
+    return LineOut(line.description, line.metric, str(line.quantity), line.amount, [
+        TierOut(t.tier, None if t.up_to is None else str(t.up_to), str(t.quantity),
+                str(t.unit_price), str(t.flat_fee))
+        for t in line.tiers])
 
 
 class TaxOut(msgspec.Struct):
@@ -60,6 +76,7 @@ class InvoiceOut(msgspec.Struct):
     paid: int  # paise applied from payments (a paid invoice: its total)
     plan_code: str
     plan_version: int
+    plan_name: str  # the plan's name when drafted (invoices drafted before it was kept: the code)
     created_at: datetime
     finalized_at: datetime | None
     voided_at: datetime | None
@@ -81,11 +98,12 @@ def from_row(row: view.InvoiceRow) -> InvoiceOut:
     return InvoiceOut(
         id=row.id, organisation_id=row.organisation_id, period=row.period, status=row.status,
         number=row.number, currency=row.currency,
-        lines=[LineOut(x.description, x.metric, str(x.quantity), x.amount) for x in row.lines],
+        lines=[_line_out(x) for x in row.lines],
         subtotal=row.subtotal,
         taxes=[TaxOut(t.name, str(t.rate), t.amount) for t in row.taxes],
         total=row.total, amount_due=row.amount_due, paid=row.paid, plan_code=row.plan_code,
-        plan_version=row.plan_version, created_at=row.created_at.astimezone(UTC),
+        plan_version=row.plan_version, plan_name=row.plan_name or row.plan_code,
+        created_at=row.created_at.astimezone(UTC),
         finalized_at=_utc(row.finalized_at), voided_at=_utc(row.voided_at),
         void_reason=row.void_reason,
     )
@@ -150,8 +168,12 @@ class InvoiceController(Controller):
         rendered = await anyio.to_thread.run_sync(deps.render_invoice, invoice_id, fmt)
         if rendered is None:
             raise NotFound("invoice", invoice_id)
-        body, media_type = rendered
-        return Response(body, media_type=media_type)
+        body, media_type, filename = rendered
+        # A PDF is a file to keep (attachment); the HTML page is for viewing (inline). Both
+        # name the same file, so "save as" gives INV-2627-000001.pdf / .html.
+        disposition = "attachment" if fmt == "pdf" else "inline"
+        return Response(body, media_type=media_type, headers={
+            "Content-Disposition": f'{disposition}; filename="{filename}"'})
 
     @get("/{invoice_id:uuid}", summary="Read an invoice: lines, taxes and amounts in paise")
     async def read(self, invoice_id: FromPath[UUID],

@@ -31,6 +31,8 @@ SAC_CODE = "998315"
 SAC_DESCRIPTION = "Hosting and IT infrastructure provisioning services"
 
 INVOICE_NUMBER_MAX_CHARS = 16  # CGST Rules, rule 46(b)
+MONEY_DECIMALS_SHOWN = 2  # at least: rupees and paise
+DRAFT_NUMBER = "DRAFT"  # what a draft (no number yet) shows in the number's place
 # Endorsement an invoice for an export of services carries when no IGST is paid (rule 46,
 # proviso; IGST Act s.16: exports are zero-rated, supplied under a Letter of Undertaking).
 EXPORT_NOTE = "Supply meant for export of services under LUT without payment of integrated tax (IGST)"
@@ -84,12 +86,32 @@ GST_STATES: dict[str, str] = {
 
 
 @dataclass(frozen=True, slots=True)
+class DocumentTier:
+    """One tier of a tiered charge as printed under its line: the units it priced, at a unit
+    price plus a flat fee (exact rupees, as the plan says them)."""
+
+    tier: int  # 1-based place in the plan's tiers
+    up_to: Decimal | None  # None: the open-ended last tier
+    quantity: Decimal
+    unit_price: Decimal
+    flat_fee: Decimal
+
+    @property
+    def label(self) -> str:
+        """`Tier 2 (up to 1,00,000)`; the open-ended last tier `Tier 3 (and above)`."""
+        bound = "and above" if self.up_to is None else f"up to {plain_decimal(self.up_to)}"
+        return f"Tier {self.tier} ({bound})"
+
+
+@dataclass(frozen=True, slots=True)
 class DocumentLine:
-    """One invoice line: what was supplied, how much, and its taxable value in paise."""
+    """One invoice line: what was supplied, how much, and its taxable value in paise; a
+    tiered charge's line has the tiers that priced it (their sum, rounded once, is `amount`)."""
 
     description: str
     quantity: Decimal
     amount: int
+    tiers: tuple[DocumentTier, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +144,8 @@ class InvoiceDocument:
     supplier_address: str | None = None
     customer_address: str | None = None
     sac_code: str = SAC_CODE
+    plan_name: str | None = None  # the plan the period was priced by, and its version
+    plan_version: int | None = None
 
     def __post_init__(self) -> None:
         problems = _inconsistencies(self)
@@ -149,13 +173,26 @@ class InvoiceDocument:
         return EXPORT_NOTE if self.is_export and not self.taxes else None
 
     @property
+    def plan_label(self) -> str:
+        """`Growth (version 2)`; "" when the document names no plan."""
+        if not self.plan_name:
+            return ""
+        return self.plan_name + (f" (version {self.plan_version})" if self.plan_version else "")
+
+    @property
     def tax_total(self) -> int:
         return sum(t.amount for t in self.taxes)
 
     @property
+    def file_stem(self) -> str:
+        """The document's file name without extension: `INV/2627/000001` → `INV-2627-000001`
+        (a slash cannot be in a file name); a draft, which has no number yet, `DRAFT-<id>`."""
+        return file_stem(self.number, self.invoice_id)
+
+    @property
     def pdf_filename(self) -> str:
-        """`INV/2627/000001` → `INV-2627-000001.pdf` (a slash cannot be in a file name)."""
-        return self.number.replace("/", "-") + ".pdf"
+        """`INV/2627/000001` → `INV-2627-000001.pdf`."""
+        return self.file_stem + ".pdf"
 
 
 def _inconsistencies(doc: InvoiceDocument) -> list[str]:
@@ -172,6 +209,14 @@ def _inconsistencies(doc: InvoiceDocument) -> list[str]:
     if not 0 <= doc.amount_due <= max(doc.total, 0):
         problems.append(f"amount_due {doc.amount_due} outside 0..total")
     return problems
+
+
+def file_stem(number: str | None, invoice_id: UUID) -> str:
+    """A file name (without extension) for an invoice's document: its number with `/` as `-`,
+    or `DRAFT-<id>` before it has one (every draft would otherwise be `DRAFT`)."""
+    if number is None or number == DRAFT_NUMBER:
+        return f"{DRAFT_NUMBER}-{invoice_id}"
+    return number.replace("/", "-")
 
 
 def state_label(code: str) -> str:
@@ -208,6 +253,15 @@ def plain_decimal(value: Decimal) -> str:
     sign = "-" if text.startswith("-") else ""
     whole, _, fraction = text.lstrip("-").partition(".")
     return sign + indian_grouping(whole) + (f".{fraction}" if fraction else "")
+
+
+def rupee_price(value: Decimal) -> str:
+    """A price in rupees as the plan says it, exactly: Indian-grouped, at least two decimals
+    and as many more as it has (0.0035 → '0.0035', 1500 → '1,500.00'). Never rounded: a
+    tier's unit price may be a fraction of a paisa."""
+    text = plain_decimal(value)
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(MONEY_DECIMALS_SHOWN, '0')}"
 
 
 def percent(rate: Decimal) -> str:

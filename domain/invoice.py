@@ -28,7 +28,7 @@ from eventsourcing.domain import Aggregate
 
 from domain.errors import Conflict, FieldError, ValidationFailed
 from domain.period import parse_period
-from domain.pricing import LateUsage, Priced
+from domain.pricing import LateUsage, Line, Priced
 from domain.tax import TaxFacts
 
 InvoiceStatus = Literal["draft", "finalized", "partially_paid", "paid", "void"]
@@ -54,14 +54,29 @@ def invoice_id(organisation_id: UUID, period: str, revision: int = FIRST_REVISIO
 
 
 # Ledger formats: they evolve by adding fields with defaults (see adapters/codec.py).
-class InvoiceLine(msgspec.Struct, frozen=True):
+class InvoiceLineTier(msgspec.Struct, frozen=True):
+    """One tier of a graduated or volume charge's line (domain.pricing.TierPart): its 1-based
+    place in the plan's tiers and bound, the units it priced, its unit price and flat fee in
+    exact rupees as the plan says them."""
+
+    tier: int
+    up_to: Decimal | None
+    quantity: Decimal
+    unit_price: Decimal
+    flat_fee: Decimal
+
+
+class InvoiceLine(msgspec.Struct, frozen=True, omit_defaults=True):
     """One line: `metric` is None for plan-level lines (base fee, minimum commitment);
-    `quantity` is the period quantity (exact decimal); `amount` is whole paise."""
+    `quantity` is the period quantity (exact decimal); `amount` is whole paise. `tiers`: the
+    breakdown of a tiered charge (empty for other lines, and on drafts recorded before it;
+    omitted when empty, so such a line is stored exactly as before the field existed)."""
 
     description: str
     metric: str | None
     quantity: Decimal
     amount: int
+    tiers: tuple[InvoiceLineTier, ...] = ()
 
 
 class InvoiceTax(msgspec.Struct, frozen=True):
@@ -109,6 +124,9 @@ class Invoice(Aggregate):
         # The customer's GSTIN when drafted: "" = it had none; None = not recorded (drafted
         # before this field existed: the document then shows the organisation's current one).
         gstin: str | None = None
+        # The plan version's name when drafted ("Growth"); None: drafted before it was recorded
+        # (the invoice then shows the plan code).
+        plan_name: str | None = None
 
     class Finalized(Aggregate.Event):
         """The invoice got its number and can no longer change (only be paid or voided)."""
@@ -157,7 +175,7 @@ class Invoice(Aggregate):
         amount_due: int, plan_code: str, plan_version: int, usage_position: int,
         quantities: dict[str, Decimal], country: str, state_code: str | None,
         supplier_state_code: str, late_usage: tuple[LateUsageBilled, ...] = (),
-        gstin: str | None = None,
+        gstin: str | None = None, plan_name: str | None = None,
     ) -> None:
         self.organisation_id = organisation_id
         self.period = period
@@ -177,6 +195,7 @@ class Invoice(Aggregate):
         self.supplier_state_code = supplier_state_code
         self.late_usage = tuple(late_usage)
         self.gstin = gstin
+        self.plan_name = plan_name
         self.status: InvoiceStatus = DRAFT
         self.number: str | None = None
         self.finalized_at: datetime | None = None
@@ -195,6 +214,7 @@ class Invoice(Aggregate):
         cls, *, organisation_id: UUID, period: str, revision: int, priced: Priced, plan_code: str,
         plan_version: int, quantities: Mapping[str, Decimal], usage_position: int, tax: TaxFacts,
         late: Sequence[LateUsage], at: datetime, gstin: str | None = None,
+        plan_name: str | None = None,
     ) -> Invoice:
         """Decide: record a draft of `priced` (the output of domain.pricing.price).
         `quantities` are the period quantities of the plan's charged meters, as priced."""
@@ -205,7 +225,7 @@ class Invoice(Aggregate):
             cls.Drafted, id=invoice_id(organisation_id, period, revision), timestamp=at,
             organisation_id=organisation_id, period=period, revision=revision,
             currency=priced.currency,
-            lines=tuple(InvoiceLine(x.description, x.metric, x.quantity, x.amount) for x in priced.lines),
+            lines=tuple(_line(x) for x in priced.lines),
             subtotal=priced.subtotal,
             taxes=tuple(InvoiceTax(t.name, t.rate, t.amount) for t in priced.taxes),
             total=priced.total, amount_due=priced.total, plan_code=plan_code,
@@ -218,7 +238,7 @@ class Invoice(Aggregate):
                                 dict(item.corrected))
                 for item in late
             ),
-            gstin=gstin,
+            gstin=gstin, plan_name=plan_name,
         )
 
     @property
@@ -308,3 +328,8 @@ class Invoice(Aggregate):
         applied = min(amount, self.amount_due)
         self.trigger_event(self.PaymentApplied, timestamp=at, payment_id=payment_id, amount=applied)
         return applied
+
+
+def _line(line: Line) -> InvoiceLine:
+    return InvoiceLine(line.description, line.metric, line.quantity, line.amount, tuple(
+        InvoiceLineTier(t.tier, t.up_to, t.quantity, t.unit_price, t.flat_fee) for t in line.tiers))

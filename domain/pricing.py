@@ -80,14 +80,30 @@ class PlanVersion:
 
 
 @dataclass(frozen=True, slots=True)
+class TierPart:
+    """The part of a tiered charge one tier priced: `tier` its 1-based place in the plan's tiers,
+    `up_to` that tier's bound (None: open-ended), `quantity` the units it priced (graduated: the
+    units inside the band; volume: every unit), at `unit_price` plus `flat_fee` (rupees, as the
+    plan says: unrounded)."""
+
+    tier: int
+    up_to: Decimal | None
+    quantity: Decimal
+    unit_price: Decimal
+    flat_fee: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class Line:
     """One invoice line; `amount` is whole paise (may be negative only for a late-usage
-    minimum-commitment adjustment)."""
+    minimum-commitment adjustment). A graduated or volume charge's line carries the `tiers`
+    that priced it; their exact sum, rounded once, is `amount`."""
 
     description: str
     metric: str | None
     quantity: Decimal
     amount: int
+    tiers: tuple[TierPart, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,33 +304,66 @@ def _required(value: Decimal | None, name: str) -> Decimal:
     return value
 
 
-def _graduated(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
-    # Continuous: tier i prices the part of `quantity` inside (previous up_to, up_to], so
-    # 100.5 units over a 100-unit first tier puts 0.5 of a unit in the second tier.
+def tier_parts(charge: Charge, quantity: Decimal) -> tuple[TierPart, ...]:
+    """The tiers that price `quantity` under a graduated or volume charge, each with the units
+    it priced; () for any other model, or a volume charge at 0. The charge amount is exactly
+    the sum of quantity x unit_price + flat_fee over them (charge_amount computes it so)."""
+    if not is_finite_decimal(quantity) or quantity < 0:
+        raise ValueError(f"quantity must be a finite decimal >= 0, got {quantity!r}")
+    with localcontext(MONEY_EXACT):
+        if charge.model == "graduated":
+            return _graduated_parts(charge.tiers, quantity)
+        if charge.model == "volume":
+            return _volume_parts(charge.tiers, quantity)
+    return ()
+
+
+def _part(index: int, tier: Tier, quantity: Decimal) -> TierPart:
+    return TierPart(index + 1, tier.up_to, quantity, tier.unit_price, tier.flat_fee)
+
+
+def _parts_total(parts: tuple[TierPart, ...]) -> Decimal:
     total = ZERO
-    lower = ZERO
-    for tier in tiers:
-        upper = quantity if tier.up_to is None else min(quantity, tier.up_to)
-        portion = upper - lower
-        if portion > 0:
-            total += portion * tier.unit_price + tier.flat_fee
-        if tier.up_to is None or quantity <= tier.up_to:
-            break
-        lower = tier.up_to
+    for part in parts:
+        total += part.quantity * part.unit_price + part.flat_fee
     return total
 
 
-def _volume(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
-    if quantity == 0:
-        return ZERO  # docs/PRICING.md: q = 0 costs 0, the first tier's flat fee included
-    tier = _tier_containing(tiers, quantity)
-    return quantity * tier.unit_price + tier.flat_fee
-
-
-def _tier_containing(tiers: tuple[Tier, ...], quantity: Decimal) -> Tier:
-    for tier in tiers:
+def _graduated_parts(tiers: tuple[Tier, ...], quantity: Decimal) -> tuple[TierPart, ...]:
+    # Continuous: tier i prices the part of `quantity` inside (previous up_to, up_to], so
+    # 100.5 units over a 100-unit first tier puts 0.5 of a unit in the second tier.
+    parts: list[TierPart] = []
+    lower = ZERO
+    for index, tier in enumerate(tiers):
+        upper = quantity if tier.up_to is None else min(quantity, tier.up_to)
+        portion = upper - lower
+        if portion > 0:
+            parts.append(_part(index, tier, portion))
         if tier.up_to is None or quantity <= tier.up_to:
-            return tier
+            break
+        lower = tier.up_to
+    return tuple(parts)
+
+
+def _graduated(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
+    return _parts_total(_graduated_parts(tiers, quantity))
+
+
+def _volume_parts(tiers: tuple[Tier, ...], quantity: Decimal) -> tuple[TierPart, ...]:
+    if quantity == 0:
+        return ()  # docs/PRICING.md: q = 0 costs 0, the first tier's flat fee included
+    index, tier = _tier_containing(tiers, quantity)
+    return (_part(index, tier, quantity),)
+
+
+def _volume(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
+    return _parts_total(_volume_parts(tiers, quantity))
+
+
+def _tier_containing(tiers: tuple[Tier, ...], quantity: Decimal) -> tuple[int, Tier]:
+    for index, tier in enumerate(tiers):
+        if tier.up_to is None or quantity <= tier.up_to:
+            return index, tier
     raise ValueError("tiers have no open-ended last tier; validate_plan first")
 
 
@@ -335,19 +384,24 @@ def price(
     quantities: Mapping[str, Decimal],
     tax: TaxFacts,
     late: Sequence[LateUsage] = (),
+    *,
+    meter_names: Mapping[str, str] | None = None,
 ) -> Priced:
     """Price one period: lines (base fee, one per charge, minimum top-up, late usage), subtotal,
     GST and total, all in paise. Metrics without a charge in `plan` are not billed; a charged
-    metric missing from `quantities` has quantity 0. Raises ValidationFailed for a negative or
-    non-finite quantity, a late plan in another currency, or late usage that went down."""
+    metric missing from `quantities` has quantity 0. A charge line is described by its meter's
+    name from `meter_names` (code -> name), else by the meter code. Raises ValidationFailed for
+    a negative or non-finite quantity, a late plan in another currency, or late usage that
+    went down."""
     problems = Problems()
     _check_quantities(plan, quantities, "quantities", problems)
     for index, item in enumerate(late):
         _check_late(plan, item, f"late[{index}]", problems)
     problems.raise_if_any()
-    lines = [*period_lines(plan, quantities)]
+    names = meter_names or {}
+    lines = [*period_lines(plan, quantities, names)]
     for index, item in enumerate(late):
-        late_lines = late_usage_lines(item)
+        late_lines = late_usage_lines(item, names)
         if sum(line.amount for line in late_lines) < 0:
             problems.add(
                 f"late[{index}]",
@@ -367,12 +421,15 @@ def price(
     return Priced(plan.currency, tuple(lines), subtotal, taxes, total)
 
 
-def period_lines(plan: PlanVersion, quantities: Mapping[str, Decimal]) -> tuple[Line, ...]:
+def period_lines(
+    plan: PlanVersion, quantities: Mapping[str, Decimal], meter_names: Mapping[str, str] | None = None
+) -> tuple[Line, ...]:
     """The period's own lines: base fee (if any), every charge (even at 0), minimum top-up (if any)."""
     lines: list[Line] = []
     if plan.base_fee > 0:
         lines.append(Line(BASE_FEE_DESCRIPTION, None, ONE, to_paise(plan.base_fee)))
-    charge_lines = [_charge_line(charge, quantities) for charge in plan.charges]
+    names = meter_names or {}
+    charge_lines = [_charge_line(charge, quantities, names) for charge in plan.charges]
     lines.extend(charge_lines)
     top_up = minimum_top_up(plan, sum(line.amount for line in charge_lines))
     if top_up:
@@ -385,11 +442,13 @@ def minimum_top_up(plan: PlanVersion, charges_paise: int) -> int:
     return max(0, to_paise(plan.minimum) - charges_paise)
 
 
-def late_usage_lines(item: LateUsage) -> tuple[Line, ...]:
+def late_usage_lines(item: LateUsage, meter_names: Mapping[str, str] | None = None) -> tuple[Line, ...]:
     """Lines for usage that reached an already-finalized period: per changed metric, what the
     corrected quantity costs beyond what was billed; plus the change in that period's minimum
-    top-up, so late usage the minimum already paid for is not billed twice."""
+    top-up, so late usage the minimum already paid for is not billed twice. A metered line
+    names its meter when `meter_names` has it ("late usage for 2026-09: API calls")."""
     label = f"late usage for {item.period}"
+    names = meter_names or {}
     lines: list[Line] = []
     billed_total = corrected_total = 0
     for charge in item.plan.charges:
@@ -401,16 +460,21 @@ def late_usage_lines(item: LateUsage) -> tuple[Line, ...]:
         corrected_total += corrected_paise
         if corrected != billed:
             quantity = MONEY_EXACT.subtract(corrected, billed)
-            lines.append(Line(label, charge.metric, quantity, corrected_paise - billed_paise))
+            name = names.get(charge.metric)
+            lines.append(Line(f"{label}: {name}" if name else label, charge.metric, quantity,
+                              corrected_paise - billed_paise))
     adjustment = minimum_top_up(item.plan, corrected_total) - minimum_top_up(item.plan, billed_total)
     if adjustment:
         lines.append(Line(f"{label}: {MINIMUM_DESCRIPTION} adjustment", None, ONE, adjustment))
     return tuple(lines)
 
 
-def _charge_line(charge: Charge, quantities: Mapping[str, Decimal]) -> Line:
+def _charge_line(charge: Charge, quantities: Mapping[str, Decimal], names: Mapping[str, str]) -> Line:
+    # The meter's name is what a customer understands; its code stands in when there is none.
     quantity = quantities.get(charge.metric, ZERO)
-    return Line(charge.metric, charge.metric, quantity, to_paise(charge_amount(charge, quantity)))
+    description = names.get(charge.metric) or charge.metric
+    return Line(description, charge.metric, quantity, to_paise(charge_amount(charge, quantity)),
+                tier_parts(charge, quantity))
 
 
 def _check_quantities(

@@ -271,8 +271,19 @@ class ApiRole:
         await self.writer.stop()
 
 
+MISSING_SUPPLIER_GSTIN = ("SUPPLIER_GSTIN is not set: invoices are issued without the "
+                          "supplier's GSTIN, which a GST tax invoice must show (CGST Rules, rule 46)")
+
+
+def startup_warnings(settings: Settings) -> tuple[str, ...]:
+    """What is configured well enough to run but not to issue proper invoices; logged when the
+    API starts and shown by /health/ready (readiness does not fail for them)."""
+    return () if settings.supplier_gstin else (MISSING_SUPPLIER_GSTIN,)
+
+
 def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
-    """Construct the API role over the runtime: no connection opened, nothing written."""
+    """Construct the API role over the runtime: no connection opened, nothing written. Logs
+    the start-up warnings (startup_warnings)."""
     async def postgres_ok() -> bool:
         def check() -> bool:
             with rt.pool.connection(timeout=READY_PG_TIMEOUT_S) as conn:
@@ -288,6 +299,9 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
         return True
 
     settings = rt.settings
+    warnings = startup_warnings(settings)
+    for warning in warnings:
+        log.warning("%s", warning)
     writer = UsageWriter(rt.database_url, settings.pg_schema)
     tracking = TrackingWatch(rt.pool, rt.ledger)
     key_cache = KeyCache(rt.pool)
@@ -325,6 +339,7 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
         metrics_token_sha256=(hashlib.sha256(settings.metrics_token.encode()).digest()
                               if settings.metrics_token else None),
         webhook_secrets=settings.razorpay_webhook_secrets,
+        warnings=warnings,
     )
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
                    token_cache, tracking, idempotency_store)

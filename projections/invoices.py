@@ -72,6 +72,8 @@ DDL = (
     # emailed (emailed_at is the invoice email's).
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS paid bigint NOT NULL DEFAULT 0",
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS paid_emailed_at timestamptz",
+    # The plan version's name when drafted; NULL: drafted before it was recorded.
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS plan_name text",
 )
 
 
@@ -145,6 +147,16 @@ READ_MODEL = ReadModel(
 
 
 
+class InvoiceLineTierRow(msgspec.Struct, frozen=True):
+    """One tier of a tiered charge's line (decimals as strings in the JSON); prices in rupees."""
+
+    tier: int  # 1-based place in the plan's tiers
+    up_to: Decimal | None  # None: the open-ended last tier
+    quantity: Decimal
+    unit_price: Decimal
+    flat_fee: Decimal
+
+
 class InvoiceLineRow(msgspec.Struct, frozen=True):
     """One line as the read model holds it (JSON, the quantity a decimal string)."""
 
@@ -152,6 +164,7 @@ class InvoiceLineRow(msgspec.Struct, frozen=True):
     metric: str | None  # None: not a metered line (the base fee, the minimum)
     quantity: Decimal
     amount: int  # paise
+    tiers: tuple[InvoiceLineTierRow, ...] = ()  # a tiered charge's breakdown; () before it was kept
 
 
 class InvoiceTaxRow(msgspec.Struct, frozen=True):
@@ -189,6 +202,7 @@ class InvoiceRow(msgspec.Struct, frozen=True):
     tax_country: str | None
     tax_state_code: str | None
     tax_gstin: str | None
+    plan_name: str | None = None  # None: not recorded (drafted before it was); show plan_code
 
 
 def row_of(invoice: Invoice, position: int) -> InvoiceRow:
@@ -207,14 +221,15 @@ def row_of(invoice: Invoice, position: int) -> InvoiceRow:
         void_reason=invoice.void_reason, created_at=invoice.created_on,
         finalized_at=invoice.finalized_at, voided_at=invoice.voided_at,
         updated_at=invoice.modified_on, ledger_position=position, tax_country=invoice.country,
-        tax_state_code=invoice.state_code, tax_gstin=invoice.gstin,
+        tax_state_code=invoice.state_code, tax_gstin=invoice.gstin, plan_name=invoice.plan_name,
     )
 
 
 _COLUMNS = (
     "id, organisation_id, period, revision, status, number, currency, lines, subtotal, taxes,"
     " total, amount_due, paid, plan_code, plan_version, usage_position, void_reason, created_at,"
-    " finalized_at, voided_at, updated_at, ledger_position, tax_country, tax_state_code, tax_gstin"
+    " finalized_at, voided_at, updated_at, ledger_position, tax_country, tax_state_code, tax_gstin,"
+    " plan_name"
 )
 
 

@@ -71,6 +71,7 @@ class InvoicingService:
         supplier_state_code: str,
         late: Sequence[LateUsage] = (),
         redraft_voided: bool = False,
+        meter_names: Mapping[str, str] | None = None,
         actor: Actor | None,
     ) -> tuple[Written[Invoice] | None, DraftStatus]:
         """Draft the organisation's invoice for `period` ('YYYY-MM', a period that has ended in
@@ -87,7 +88,9 @@ class InvoicingService:
         read up to ledger position `usage_position`. `late` is the hook for usage that reached
         already-finalized periods: it is priced as "late usage for <period>" lines on this
         invoice (domain.pricing.late_usage_lines) and recorded on it; finding that usage is
-        the caller's job and not done here yet.
+        the caller's job and not done here yet. `meter_names` (meter code -> name, from the
+        catalogue) describe the charge lines; they are recorded on the draft, so the invoice
+        keeps the name it was issued with.
         """
         parse_period(period)
         if usage_position < 0:
@@ -119,14 +122,14 @@ class InvoicingService:
         plan = to_version(stored)
         charged = {c.metric: quantities.get(c.metric, ZERO) for c in plan.charges}
         tax = TaxFacts(organisation.country, organisation.state_code, supplier_state_code)
-        priced = price(plan, charged, tax, late)
+        priced = price(plan, charged, tax, late, meter_names=meter_names)
         if all(line.amount == 0 for line in priced.lines):
             return None, SKIPPED  # docs/PRICING.md: base fee / minimum, "or none if 0"
         invoice = Invoice.draft(
             organisation_id=organisation.id, period=period, revision=revision, priced=priced,
             plan_code=plan.code, plan_version=plan.version, quantities=charged,
             usage_position=usage_position, tax=tax, late=late, at=now,
-            gstin=organisation.gstin or "",
+            gstin=organisation.gstin or "", plan_name=plan.name,
         )
         try:
             return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED
