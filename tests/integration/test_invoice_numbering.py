@@ -133,9 +133,10 @@ def test_concurrent_finalizations_get_gapless_unique_numbers(runtime: Runtime) -
     assert row is not None
     assert (row.status, row.number, row.subtotal, row.total, row.amount_due) == (
         "finalized", inv.number, inv.subtotal, inv.total, inv.total)
-    assert msgspec.to_builtins(list(row.lines)) == [
+    assert msgspec.json.decode(msgspec.json.encode(list(row.lines))) == [
         {"description": x.description, "metric": x.metric, "quantity": str(x.quantity),
-         "amount": x.amount} for x in inv.lines]
+         "amount": x.amount, "tiers": msgspec.json.decode(msgspec.json.encode(list(x.tiers)))}
+        for x in inv.lines]
     assert msgspec.to_builtins(list(row.taxes)) == [
         {"name": t.name, "rate": str(t.rate), "amount": t.amount} for t in inv.taxes]
     assert row.finalized_at == FINALIZED_AT and row.created_at == DRAFTED_AT
