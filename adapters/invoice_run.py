@@ -125,6 +125,7 @@ class InvoiceRun:
             earlier_totals = {q: usage_totals.period_quantities(conn, first_day(q)) for q in earlier}
             versions: dict[str, list[StoredVersion]] = {}
             meter_names = _meter_names(conn)
+            names: dict[UUID, str] = {}  # each organisation's, once read: a failure names it
             for count, org_id in enumerate(subscribed, 1):
                 if progress:
                     progress(count, len(subscribed))
@@ -138,7 +139,8 @@ class InvoiceRun:
                         done.append(self._invoice_one(
                             conn, org_id, period, now, dead, versions, billing, earlier,
                             decide.lookback_totals(org_id, earlier_totals),
-                            quantities.get(org_id, {}), usage_position, meter_names, actor))
+                            quantities.get(org_id, {}), usage_position, meter_names, names,
+                            actor))
                 except INFRASTRUCTURE:
                     raise  # Postgres away: the run stops, and a later run does the rest
                 except Exception as e:  # one organisation's problem, of any kind, is its own
@@ -147,7 +149,8 @@ class InvoiceRun:
                     else:
                         log.exception("invoice run %s: %s not drafted: %s", period, org_id,
                                       type(e).__name__)
-                    done.append(Done(org_id, "failed"))
+                    done.append(Done(org_id, "failed", name=names.get(org_id, ""),
+                                     reason=decide.failed_reason(e)))
             result = decide.tally(period, done)
             record_blocked(conn, period, result.blocked)
         return result
@@ -157,52 +160,57 @@ class InvoiceRun:
                      billing: Mapping[UUID, Sequence[UUID]], earlier: list[str],
                      totals: Mapping[str, Mapping[str, Decimal]],
                      quantities: dict[str, Decimal], usage_position: int,
-                     meter_names: Mapping[str, str], actor: Actor | None) -> Done:
+                     meter_names: Mapping[str, str], names: dict[UUID, str],
+                     actor: Actor | None) -> Done:
         """Draft one organisation's invoice, or say why not."""
         org = self._ledger.get(org_id, Organisation)
+        names[org_id] = org.name
         if not decide.is_due(period, org.timezone, now, self._grace):
-            return Done(org_id, "not_due")
+            return Done(org_id, "not_due", name=org.name,
+                        reason=decide.not_due_reason(period, org.timezone, self._grace))
         history = plans.history_entries(plans.subscription_history(conn, org_id))
         stuck = decide.blocked(org_id, org.name, dead, (entry.plan_code for entry in history))
         if stuck is not None:
             log.error("invoice run %s: %s (%s) not invoiced: dead-lettered entries %s",
                       period, org.name, org_id, stuck.read_models)
-            return Done(org_id, "blocked", stuck)
+            return Done(org_id, "blocked", stuck, name=org.name,
+                        reason=decide.blocked_reason(stuck))
         for entry in history:
             if entry.plan_code not in versions:
                 versions[entry.plan_code] = _stored_versions(conn, entry.plan_code)
         billed_by = [self._ledger.get(ident, Invoice) for ident in billing.get(org_id, [])]
         late = late_usage(org_id, earlier, billed_by, totals,
                           partial(_plan_version, versions, conn), note=log.error)
-        status = self._draft(org, period, history, versions, quantities, usage_position, late,
-                             meter_names, actor)
+        status, why = self._draft(org, period, history, versions, quantities, usage_position,
+                                  late, meter_names, actor)
         if status == "skipped" and late:  # no plan covers the period, or all lines are 0
             log.error("invoice run %s: %s: nothing drafted, so late usage for %s is not "
                       "billed on it", period, org_id, [item.period for item in late])
-        return Done(org_id, status)
+        return Done(org_id, status, name=org.name, reason=why)
 
     def _draft(self, org: Organisation, period: str, history: list[SubscriptionEntry],
                versions: dict[str, list[StoredVersion]], quantities: dict[str, Decimal],
                usage_position: int, late: list[LateUsage], meter_names: Mapping[str, str],
-               actor: Actor | None) -> Outcome:
+               actor: Actor | None) -> tuple[Outcome, str]:
+        """The draft's status, and why when it was skipped."""
         try:
-            _, status = self._invoicing.draft(org, period=period, subscription_history=history,
-                                              plan_versions=versions, quantities=quantities,
-                                              usage_position=usage_position,
-                                              supplier_state_code=self._supplier, late=late,
-                                              meter_names=meter_names, actor=actor)
+            _, status, why = self._invoicing.draft_explained(
+                org, period=period, subscription_history=history, plan_versions=versions,
+                quantities=quantities, usage_position=usage_position,
+                supplier_state_code=self._supplier, late=late, meter_names=meter_names,
+                actor=actor)
         except ValidationFailed as e:
             kept = decide.late_items_to_keep(late, e)
             if kept is None:
                 raise
             log.error("invoice run %s: %s: late usage left out, needs a credit note or a manual "
                       "correction: %s", period, org.id, e)
-            _, status = self._invoicing.draft(org, period=period, subscription_history=history,
-                                              plan_versions=versions, quantities=quantities,
-                                              usage_position=usage_position,
-                                              supplier_state_code=self._supplier, late=kept,
-                                              meter_names=meter_names, actor=actor)
-        return status
+            _, status, why = self._invoicing.draft_explained(
+                org, period=period, subscription_history=history, plan_versions=versions,
+                quantities=quantities, usage_position=usage_position,
+                supplier_state_code=self._supplier, late=kept, meter_names=meter_names,
+                actor=actor)
+        return status, why
 
     def _dead_lettered(self, usage_periods: list[str]) -> DeadLettered:
         """What every dead letter of DEAD_LETTER_MODELS blocks (all of them, page by page)."""

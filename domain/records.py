@@ -95,10 +95,27 @@ class Blocked:
     read_models: dict[str, list[int]] = field(default_factory=dict)
 
 
+# The organisations a run's result names with their reason, at most: a run over many thousands
+# must not answer (or log) one line per organisation; the rest are counted in `more`.
+RUN_ENTRIES_MAX = 1000
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One organisation the invoice run did not invoice (skipped, not_due, blocked or failed),
+    and why, in words an operator can act on."""
+
+    organisation_id: UUID
+    name: str
+    outcome: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class RunResult:
     """What an invoice run did, organisation by organisation, counted
-    (domain/services/invoice_runs.py builds it)."""
+    (domain/services/invoice_runs.py builds it). `entries` names the organisations not
+    invoiced, with why, up to RUN_ENTRIES_MAX; `more` counts those left out of it."""
 
     period: str
     created: int = 0
@@ -108,3 +125,5 @@ class RunResult:
     failed: int = 0
     blocked: list[Blocked] = field(default_factory=list)
     failed_organisations: list[UUID] = field(default_factory=list)  # each logged with its error
+    entries: list[RunEntry] = field(default_factory=list)
+    more: int = 0

@@ -10,7 +10,8 @@ adapters/invoice_run.py reads Postgres and the ledger, holds the lock, and calls
   the invoices of P-2 .. P+1 (runs can happen out of order) and the earlier periods' totals.
 - The draft retry: when pricing refuses some late items (and nothing else), the draft is made
   again without them alone.
-- Counting: each organisation's outcome, tallied into one RunResult.
+- Counting: each organisation's outcome, tallied into one RunResult; those not invoiced are
+  named with why (the reason functions below), up to RUN_ENTRIES_MAX.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from eventsourcing.domain import Aggregate
 
-from domain.errors import ValidationFailed
+from domain.errors import DomainError, ValidationFailed
 from domain.invoice import Invoice
 from domain.mail_record import InvoiceMail
 from domain.meter import Meter
@@ -33,7 +35,7 @@ from domain.organisation import Organisation
 from domain.period import period_bounds, period_of, shift_period
 from domain.plan import Plan
 from domain.pricing import LateUsage
-from domain.records import Blocked, RunResult
+from domain.records import RUN_ENTRIES_MAX, Blocked, RunEntry, RunResult
 from domain.usage import Usage
 
 # Usage is accepted up to 35 days late, so a run can meet new usage of the two periods before
@@ -50,6 +52,14 @@ Outcome = Literal["created", "existing", "skipped", "not_due", "failed", "blocke
 def is_due(period: str, timezone: str, now: datetime, grace: timedelta) -> bool:
     """True once `period` has ended in `timezone` and the grace period has passed too."""
     return now >= period_bounds(period, timezone)[1] + grace
+
+
+def not_due_reason(period: str, timezone: str, grace: timedelta) -> str:
+    """Why an organisation is not due yet, and when it will be."""
+    # Shown in the organisation's timezone: that is the clock its period ends by.
+    end = period_bounds(period, timezone)[1].astimezone(ZoneInfo(timezone))
+    return (f"not due yet: {period} ends at {end.isoformat()} ({timezone}); with the grace "
+            f"period it is due from {(end + grace).isoformat()}")
 
 
 # ---- late usage ----------------------------------------------------------------------------------
@@ -202,26 +212,55 @@ def blocked(
     return Blocked(organisation_id, name, positions, missing)
 
 
+def blocked_reason(stuck: Blocked) -> str:
+    """Why a blocked organisation was left alone: which read models, which positions."""
+    models = "; ".join(f"{name} at {', '.join(map(str, positions))}"
+                       for name, positions in stuck.read_models.items())
+    return f"blocked by dead-lettered ledger entries: {models}; run `billing dlq redrive`"
+
+
+def failed_reason(error: BaseException) -> str:
+    """Why drafting failed: a domain error's own message; any other error by its type alone
+    (its message may carry internals; the log has the traceback)."""
+    if isinstance(error, DomainError):
+        return f"failed: {error}"
+    return f"failed: {type(error).__name__} (the log has the details)"
+
+
 # ---- counting ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Done:
-    """What the run did with one organisation: its outcome, and why it was blocked."""
+    """What the run did with one organisation: its outcome, why it was blocked, and why it was
+    not invoiced (for every outcome but created and existing)."""
 
     organisation_id: UUID
     outcome: Outcome
     blocked: Blocked | None = None
+    name: str = ""
+    reason: str = ""
 
 
-def tally(period: str, done: Iterable[Done]) -> RunResult:
+_INVOICED: frozenset[Outcome] = frozenset({"created", "existing"})
+
+
+def tally(period: str, done: Iterable[Done], entries_max: int = RUN_ENTRIES_MAX) -> RunResult:
     """The run's result: organisations counted by outcome; the blocked and the failed ones
-    named, in the order they were met."""
+    named, in the order they were met; those not invoiced listed with why, the first
+    `entries_max` of them (the rest counted in `more`)."""
     counts: dict[Outcome, int] = {}
     blocked_ones: list[Blocked] = []
     failed: list[UUID] = []
+    entries: list[RunEntry] = []
+    more = 0
     for one in done:
         counts[one.outcome] = counts.get(one.outcome, 0) + 1
+        if one.outcome not in _INVOICED:
+            if len(entries) < entries_max:
+                entries.append(RunEntry(one.organisation_id, one.name, one.outcome, one.reason))
+            else:
+                more += 1
         if one.blocked is not None:
             blocked_ones.append(one.blocked)
         if one.outcome == "failed":
@@ -229,4 +268,5 @@ def tally(period: str, done: Iterable[Done]) -> RunResult:
     return RunResult(
         period, created=counts.get("created", 0), existing=counts.get("existing", 0),
         skipped=counts.get("skipped", 0), not_due=counts.get("not_due", 0),
-        failed=counts.get("failed", 0), blocked=blocked_ones, failed_organisations=failed)
+        failed=counts.get("failed", 0), blocked=blocked_ones, failed_organisations=failed,
+        entries=entries, more=more)

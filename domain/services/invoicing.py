@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Literal
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from domain.audit import Actor
 from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
@@ -43,6 +44,19 @@ FINALIZE_ATTEMPTS = 64
 VOID_ATTEMPTS = 3  # a void races only with a finalize or a payment of the same invoice
 REVISIONS_MAX = 100  # replacements of voided invoices of one (organisation, period)
 ZERO = Decimal(0)
+
+
+def skip_reason_no_plan(history: Sequence[SubscriptionEntry], period: str, timezone: str) -> str:
+    """Why no plan covers `period` (in `timezone`): never subscribed, or subscribed only from a
+    later period (else the subscription's entries leave the period uncovered)."""
+    if not history:
+        return "no plan covers the period: never subscribed"
+    end = period_bounds(period, timezone)[1]
+    first = min(entry.effective_from for entry in history).astimezone(ZoneInfo(timezone))
+    if first >= end:
+        return (f"no plan covers the period: subscribed from {first.isoformat()}, "
+                f"after {period} ended")
+    return f"no plan covers the period: no subscription in force during {period}"
 
 
 def _no_pause(attempt: int) -> None:
@@ -74,13 +88,38 @@ class InvoicingService:
         meter_names: Mapping[str, str] | None = None,
         actor: Actor | None,
     ) -> tuple[Written[Invoice] | None, DraftStatus]:
+        """draft_explained without the reason (its docstring says the rest)."""
+        written, status, _ = self.draft_explained(
+            organisation, period=period, subscription_history=subscription_history,
+            plan_versions=plan_versions, quantities=quantities, usage_position=usage_position,
+            supplier_state_code=supplier_state_code, late=late, redraft_voided=redraft_voided,
+            meter_names=meter_names, actor=actor)
+        return written, status
+
+    def draft_explained(
+        self,
+        organisation: Billable,
+        *,
+        period: str,
+        subscription_history: Sequence[SubscriptionEntry],
+        plan_versions: Mapping[str, Sequence[StoredVersion]],
+        quantities: Mapping[str, Decimal],
+        usage_position: int,
+        supplier_state_code: str,
+        late: Sequence[LateUsage] = (),
+        redraft_voided: bool = False,
+        meter_names: Mapping[str, str] | None = None,
+        actor: Actor | None,
+    ) -> tuple[Written[Invoice] | None, DraftStatus, str]:
         """Draft the organisation's invoice for `period` ('YYYY-MM', a period that has ended in
         the organisation's timezone), or find the one already drafted.
 
         - 'existing' (with that invoice, position 0): the period already has an invoice. A
           voided one counts too, unless `redraft_voided`: then a replacement (next revision)
           is drafted — the "void plus a new invoice" correction.
-        - 'skipped' (None): no plan covers the period, or every line amounts to 0.
+        - 'skipped' (None): no plan covers the period, or every line amounts to 0; the third
+          item says which (skip_reason_no_plan, or "every line amounts to 0"), for the run's
+          report. It is "" for the other statuses.
         - 'created': a new draft priced by domain.pricing.price with the plan version pinned
           by plan_for_period; `plan_versions` maps plan codes to their published versions.
 
@@ -97,7 +136,7 @@ class InvoicingService:
             raise ValidationFailed([FieldError("usage_position", "must be a ledger position >= 0")])
         newest = self._newest(organisation.id, period)
         if newest is not None and (newest.status != VOID or not redraft_voided):
-            return Written(newest, 0), EXISTING
+            return Written(newest, 0), EXISTING, ""
         revision = FIRST_REVISION if newest is None else newest.revision + 1
         if revision > REVISIONS_MAX:
             raise Conflict(f"the invoice for {period} was replaced {REVISIONS_MAX} times; "
@@ -114,7 +153,8 @@ class InvoicingService:
              for code, versions in plan_versions.items()},
         )
         if priced_by is None:
-            return None, SKIPPED
+            return None, SKIPPED, skip_reason_no_plan(
+                subscription_history, period, organisation.timezone)
         stored = _pinned(plan_versions, priced_by.plan_code, priced_by.version)
         if stored.currency != organisation.currency:
             raise Conflict(f"plan {stored.code!r} is priced in {stored.currency}; the organisation "
@@ -124,7 +164,9 @@ class InvoicingService:
         tax = TaxFacts(organisation.country, organisation.state_code, supplier_state_code)
         priced = price(plan, charged, tax, late, meter_names=meter_names)
         if all(line.amount == 0 for line in priced.lines):
-            return None, SKIPPED  # docs/PRICING.md: base fee / minimum, "or none if 0"
+            # docs/PRICING.md: base fee / minimum, "or none if 0"
+            return None, SKIPPED, (f"every line amounts to 0 (plan {plan.code!r} "
+                                   f"v{plan.version})")
         invoice = Invoice.draft(
             organisation_id=organisation.id, period=period, revision=revision, priced=priced,
             plan_code=plan.code, plan_version=plan.version, quantities=charged,
@@ -132,9 +174,9 @@ class InvoicingService:
             gstin=organisation.gstin or "", plan_name=plan.name,
         )
         try:
-            return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED
+            return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED, ""
         except Conflict:  # another run drafted it first
-            return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING
+            return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING, ""
 
     def _newest(self, organisation_id: UUID, period: str) -> Invoice | None:
         """The newest revision of the period's invoice: revision n + 1 exists only once

@@ -19,7 +19,7 @@ from domain.organisation import Organisation, OrganisationSettings
 from domain.plan import ChargeSpec, Plan, to_version
 from domain.pricing import LateUsage
 from domain.project import Project
-from domain.records import Blocked, RunResult
+from domain.records import Blocked, RunEntry, RunResult
 from domain.services.invoice_runs import (
     EVERYONE,
     LATE_LOOKBACK_PERIODS,
@@ -28,11 +28,14 @@ from domain.services.invoice_runs import (
     OwnerOf,
     billing_periods,
     blocked,
+    blocked_reason,
     dead_lettered,
+    failed_reason,
     is_due,
     late_items_to_keep,
     lookback_periods,
     lookback_totals,
+    not_due_reason,
     organisations_to_run,
     scope_of,
     scope_of_owner,
@@ -191,11 +194,43 @@ def test_outcomes_are_counted_and_the_blocked_and_failed_named_in_order() -> Non
     ids = [uuid4() for _ in range(8)]
     stuck = Blocked(ids[3], "Stuck", [9], {"plans": [9]})
     done = [Done(ids[0], "created"), Done(ids[1], "created"), Done(ids[2], "existing"),
-            Done(ids[3], "blocked", stuck), Done(ids[4], "failed"), Done(ids[5], "not_due"),
-            Done(ids[6], "skipped"), Done(ids[7], "failed")]
+            Done(ids[3], "blocked", stuck, name="Stuck", reason="b"),
+            Done(ids[4], "failed", name="F1", reason="f1"),
+            Done(ids[5], "not_due", name="N", reason="n"),
+            Done(ids[6], "skipped", name="S", reason="s"),
+            Done(ids[7], "failed", name="F2", reason="f2")]
     assert tally("2026-08", done) == RunResult(
         "2026-08", created=2, existing=1, skipped=1, not_due=1, failed=2, blocked=[stuck],
-        failed_organisations=[ids[4], ids[7]])
+        failed_organisations=[ids[4], ids[7]],
+        entries=[RunEntry(ids[3], "Stuck", "blocked", "b"), RunEntry(ids[4], "F1", "failed", "f1"),
+                 RunEntry(ids[5], "N", "not_due", "n"), RunEntry(ids[6], "S", "skipped", "s"),
+                 RunEntry(ids[7], "F2", "failed", "f2")])
+
+
+def test_the_listed_organisations_are_bounded_and_the_rest_counted() -> None:
+    done = [Done(uuid4(), "skipped", name=f"O{n}", reason="r") for n in range(5)]
+    done.insert(1, Done(uuid4(), "created"))  # invoiced ones take no room in the list
+    result = tally("2026-08", done, entries_max=3)
+    assert [e.name for e in result.entries] == ["O0", "O1", "O2"]
+    assert (result.more, result.skipped, result.created) == (2, 5, 1)
+
+
+def test_not_due_says_when_it_will_be_due_in_the_organisations_timezone() -> None:
+    reason = not_due_reason("2026-08", "Asia/Kolkata", timedelta(hours=6))
+    assert reason.startswith("not due yet: 2026-08 ends at 2026-09-01T00:00:00+05:30")
+    assert reason.endswith("due from 2026-09-01T06:00:00+05:30")
+
+
+def test_blocked_names_each_read_model_and_its_positions() -> None:
+    stuck = Blocked(uuid4(), "Stuck", [4, 9, 12], {"plans": [4, 9], "usage_totals": [12]})
+    assert blocked_reason(stuck) == ("blocked by dead-lettered ledger entries: plans at 4, 9; "
+                                     "usage_totals at 12; run `billing dlq redrive`")
+
+
+def test_a_failure_gives_a_domain_errors_message_and_only_the_type_of_any_other() -> None:
+    refusal = ValidationFailed([FieldError("period", "bad period")])
+    assert failed_reason(refusal) == f"failed: {refusal}"
+    assert failed_reason(KeyError("secret internals")) == "failed: KeyError (the log has the details)"
 
 
 def test_a_run_over_nobody_counts_nothing() -> None:

@@ -189,6 +189,27 @@ def test_no_plan_for_the_period_or_nothing_to_bill_is_skipped() -> None:
     assert ledger.position == 0
 
 
+def test_a_skipped_draft_says_why_never_subscribed_later_or_all_zero() -> None:
+    svc = setup()[0]
+
+    def why(version: StoredVersion, subscribed: list[SubscriptionEntry],
+            quantities: dict[str, Decimal] | None = None) -> tuple[str, str]:
+        _, status, reason = svc.draft_explained(
+            org(), period=PERIOD, subscription_history=subscribed,
+            plan_versions={version.code: [version]},
+            quantities=USAGE if quantities is None else quantities, usage_position=42,
+            supplier_state_code=SUPPLIER, actor=None)
+        return status, reason
+
+    assert why(plan(), []) == ("skipped", "no plan covers the period: never subscribed")
+    assert why(plan(), history(since=ist(2026, 12, 1))) == (
+        "skipped", "no plan covers the period: subscribed from 2026-12-01T00:00:00+05:30, "
+                   "after 2026-10 ended")
+    assert why(plan(base_fee="0", minimum="0"), history(), {}) == (
+        "skipped", "every line amounts to 0 (plan 'pro' v1)")
+    assert why(plan(), history()) == ("created", "")
+
+
 def test_zero_usage_still_bills_the_base_fee_and_the_minimum() -> None:
     svc, _, _ = setup()
     written, status = draft(svc, org(), quantities={})
