@@ -25,6 +25,13 @@ class BlockedOut(msgspec.Struct):
     read_models: dict[str, list[int]]  # read model -> its dead-lettered positions
 
 
+class NotInvoicedOut(msgspec.Struct):
+    organisation_id: UUID
+    name: str
+    outcome: str  # skipped, not_due, blocked or failed
+    reason: str
+
+
 class RunOut(msgspec.Struct):
     period: str
     created: int
@@ -34,6 +41,8 @@ class RunOut(msgspec.Struct):
     failed: int
     blocked: list[BlockedOut]
     failed_organisations: list[UUID]  # each one's error is in the service's log
+    organisations: list[NotInvoicedOut]  # those not invoiced, with why (bounded)
+    more: int  # how many more were not invoiced than `organisations` lists
 
 
 @post("/admin/v1/invoice-runs", status_code=200, tags=["invoices"],
@@ -44,4 +53,6 @@ async def invoice_run(data: JSONBody[RunRequest], deps: Deps, actor: Acting) -> 
     return RunOut(result.period, result.created, result.existing, result.skipped, result.not_due,
                   result.failed, [BlockedOut(b.organisation_id, b.name, b.missing_positions,
                                              b.read_models) for b in result.blocked],
-                  result.failed_organisations)
+                  result.failed_organisations,
+                  [NotInvoicedOut(e.organisation_id, e.name, e.outcome, e.reason)
+                   for e in result.entries], result.more)

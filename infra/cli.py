@@ -411,11 +411,11 @@ def _invoice_run(rt: Runtime, period: str) -> int:
     sys.stdout.write(f"{period}: created {result.created}, existing {result.existing}, skipped "
                      f"{result.skipped}, not due {result.not_due}, failed {result.failed}, "
                      f"blocked {len(result.blocked)}\n")
-    for b in result.blocked:
-        sys.stdout.write(f"  blocked: {b.name} ({b.organisation_id}): dead-lettered entries "
-                         f"{b.read_models}; run `billing dlq redrive`\n")
-    for org_id in result.failed_organisations:
-        sys.stdout.write(f"  failed: {org_id} (the log says why)\n")
+    for entry in result.entries:
+        sys.stdout.write(f"  {entry.outcome}: {entry.name} ({entry.organisation_id}): "
+                         f"{entry.reason}\n")
+    if result.more:
+        sys.stdout.write(f"  ... and {result.more} more not invoiced (see the log)\n")
     return 1 if result.blocked or result.failed else 0
 
 

@@ -51,7 +51,11 @@ async def invoice_job(rt: Runtime) -> None:
             "period": period, "created": result.created, "existing": result.existing,
             "skipped": result.skipped, "not_due": result.not_due, "failed": result.failed,
             "blocked": [str(b.organisation_id) for b in result.blocked],
-            "failed_organisations": [str(o) for o in result.failed_organisations]}})
+            "failed_organisations": [str(o) for o in result.failed_organisations],
+            "organisations": [{"organisation_id": str(e.organisation_id), "name": e.name,
+                               "outcome": e.outcome, "reason": e.reason}
+                              for e in result.entries],
+            "more": result.more}})
         for b in result.blocked:
             log.error("invoice run %s: %s (%s) not invoiced, dead-lettered entries %s",
                       period, b.name, b.organisation_id, b.read_models)

@@ -152,9 +152,22 @@ async def test_dead_lettered_usage_blocks_an_organisation_until_it_is_redriven(a
     with api.rt.pool.connection() as conn:
         conn.execute("INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"
                      " VALUES ('usage_totals', %s, 'usage', 'test', 6)", (position,))
+    # Subscribed from a later period only: skipped, and the answer says why.
+    later = (await post(api, "/admin/v1/organisations", {
+        "name": "later", "billing_email": "ap@later.in", "state_code": "29"}))["id"]
+    r = await api.http.put(f"/admin/v1/organisations/{later}/subscription", headers=AUTH, json={
+        "plan_code": "standard", "starts_at": (datetime.now(UTC) + timedelta(days=40)).isoformat()})
+    assert r.status_code == 201, r.text
     run = await post(api, "/admin/v1/invoice-runs", {"period": period}, 200)
     assert [(b["organisation_id"], b["name"], b["missing_positions"]) for b in run["blocked"]] == [
         (org, "blocked", [position])]
+    why = {o["organisation_id"]: o for o in run["organisations"]}
+    assert (why[org]["outcome"], why[org]["reason"]) == (
+        "blocked", f"blocked by dead-lettered ledger entries: usage_totals at {position}; "
+                   "run `billing dlq redrive`")
+    assert (why[later]["name"], why[later]["outcome"]) == ("later", "skipped")
+    assert why[later]["reason"].startswith("no plan covers the period: subscribed from ")
+    assert run["more"] == 0
     with api.rt.pool.connection() as conn:  # re-driven
         conn.execute("DELETE FROM projection_dead_letters WHERE position = %s", (position,))
     run = await post(api, "/admin/v1/invoice-runs", {"period": period}, 200)
