@@ -96,4 +96,7 @@ def test_an_unexpected_error_for_one_organisation_fails_only_that_organisation(
     result = run_invoices(rt, PERIOD, RUN_AT)
     assert (result.created, result.failed) == (2, 1)
     assert result.failed_organisations == [ids[1]]
+    # Named with its reason, by the error's type only: its message may hold internals.
+    assert [(e.organisation_id, e.name, e.outcome, e.reason) for e in result.entries] == [
+        (ids[1], "org 1", "failed", "failed: DataError (the log has the details)")]
     assert any(str(ids[1]) in r.getMessage() for r in caplog.records)
