@@ -43,6 +43,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", f"{A}/api-keys/{{key_id}}/rotate"): Rule("keys:write", "API_KEY", "key_id"),
     ("POST", f"{A}/meters"): Rule("catalogue:write", "GLOBAL"),
     ("GET", f"{A}/meters"): Rule("catalogue:read", "ANY"),
+    ("GET", f"{A}/meters/{{code}}"): Rule("catalogue:read", "ANY"),
     ("POST", f"{A}/plans"): Rule("catalogue:write", "GLOBAL"),
     ("GET", f"{A}/plans"): Rule("catalogue:read", "ANY"),
     ("GET", f"{A}/plans/{{code}}"): Rule("catalogue:read", "ANY"),

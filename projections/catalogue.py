@@ -178,6 +178,11 @@ def meters(conn: Connection[Any]) -> list[MeterRow]:
                     (LIST_MAX_ROWS,))
 
 
+def meter(conn: Connection[Any], code: str) -> MeterRow | None:
+    """One meter, or None for an unknown code."""
+    return one_row(conn, MeterRow, f"SELECT {_METER_COLUMNS} FROM meters WHERE code = %s", (code,))
+
+
 def project(conn: Connection[Any], project_id: UUID) -> ProjectRow | None:
     return one_row(conn, ProjectRow,
                    "SELECT id, organisation_id, name, created_at FROM projects WHERE id = %s",

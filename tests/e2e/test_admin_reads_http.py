@@ -41,3 +41,15 @@ async def test_plans_list_pages_by_code_with_each_plans_latest_version(api: Api)
     assert rest["next_cursor"] is None
     assert "limit" in await _unprocessable_field(api, "/admin/v1/plans", limit="0")
     assert "cursor" in await _unprocessable_field(api, "/admin/v1/plans", cursor="!!")
+
+
+async def test_one_meter_is_read_by_code_and_an_unknown_code_is_a_404_problem(api: Api) -> None:
+    r = await api.http.post("/admin/v1/meters", headers=AUTH, json={
+        "code": "rd_gb", "name": "Gigabytes", "aggregation": "sum", "group_by": ["region"]})
+    assert r.status_code in (200, 201), r.text
+    got = await _ok(api, "/admin/v1/meters/rd_gb")
+    assert got == {"code": "rd_gb", "name": "Gigabytes", "aggregation": "sum", "field": None,
+                   "group_by": ["region"], "allow_negative": False}
+    missing = await api.http.get("/admin/v1/meters/rd_nope", headers=AUTH)
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("application/problem+json")
