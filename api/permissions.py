@@ -32,6 +32,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/organisations/{{org_id}}"): Rule("orgs:read", "ORG", "org_id"),
     ("PATCH", f"{A}/organisations/{{org_id}}"): Rule("orgs:write", "ORG", "org_id"),
     ("POST", f"{A}/organisations/{{org_id}}/projects"): Rule("projects:write", "ORG", "org_id"),
+    ("GET", f"{A}/organisations/{{org_id}}/projects"): Rule("projects:read", "ORG", "org_id"),
     ("GET", f"{A}/organisations/{{org_id}}/usage"): Rule("usage:read", "ORG", "org_id"),
     ("PUT", f"{A}/organisations/{{org_id}}/subscription"): Rule("billing:write", "GLOBAL"),
     ("GET", f"{A}/organisations/{{org_id}}/subscription"): Rule("billing:read", "ORG", "org_id"),

@@ -189,6 +189,21 @@ def project(conn: Connection[Any], project_id: UUID) -> ProjectRow | None:
                    (project_id,))
 
 
+def projects_page(conn: Connection[Any], organisation_id: UUID, limit: int,
+                  after_cursor: tuple[datetime, UUID] | None) -> list[ProjectRow]:
+    """An organisation's projects oldest first (created_at, id), `limit` at most, after the
+    cursor."""
+    assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
+    at, ident = after_cursor if after_cursor is not None else (None, None)
+    return all_rows(
+        conn, ProjectRow,
+        "SELECT id, organisation_id, name, created_at FROM projects WHERE organisation_id = %(org)s"
+        " AND (%(at)s::timestamptz IS NULL OR (created_at, id) > (%(at)s, %(id)s))"
+        " ORDER BY created_at, id LIMIT %(limit)s",
+        {"org": organisation_id, "at": at, "id": ident, "limit": limit},
+    )
+
+
 def api_keys(conn: Connection[Any], project_id: UUID) -> list[ApiKeyRow]:
     return all_rows(
         conn, ApiKeyRow,

@@ -3,6 +3,8 @@ the invoices list's number filter, order and organisation names. One service for
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.e2e.conftest import AUTH, Api
@@ -53,3 +55,32 @@ async def test_one_meter_is_read_by_code_and_an_unknown_code_is_a_404_problem(ap
     missing = await api.http.get("/admin/v1/meters/rd_nope", headers=AUTH)
     assert missing.status_code == 404
     assert missing.headers["content-type"].startswith("application/problem+json")
+
+
+async def _org(api: Api, name: str) -> str:
+    r = await api.http.post("/admin/v1/organisations", headers=AUTH,
+                            json={"name": name, "billing_email": "a@b.in"})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+async def test_an_organisations_projects_are_listed_oldest_first_and_only_its_own(api: Api) -> None:
+    org, other = await _org(api, "rd_projects"), await _org(api, "rd_other")
+    made = []
+    for name in ("p1", "p2"):
+        r = await api.http.post(f"/admin/v1/organisations/{org}/projects", headers=AUTH,
+                                json={"name": name})
+        assert r.status_code == 201, r.text
+        made.append(r.json())
+    r = await api.http.post(f"/admin/v1/organisations/{other}/projects", headers=AUTH,
+                            json={"name": "theirs"})
+    assert r.status_code == 201, r.text
+    first = await _ok(api, f"/admin/v1/organisations/{org}/projects", limit="1")
+    assert first["items"] == [made[0]]
+    rest = await _ok(api, f"/admin/v1/organisations/{org}/projects", limit="1",
+                     cursor=str(first["next_cursor"]))
+    assert rest == {"items": [made[1]], "next_cursor": None}
+    unknown = await api.http.get(f"/admin/v1/organisations/{uuid.uuid4()}/projects", headers=AUTH)
+    assert unknown.status_code == 404
+    assert "cursor" in await _unprocessable_field(
+        api, f"/admin/v1/organisations/{org}/projects", cursor="x")
