@@ -4,12 +4,15 @@ the invoices list's number filter, order and organisation names. One service for
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from tests.e2e.conftest import AUTH, Api
 
 pytestmark = pytest.mark.anyio
+IST = ZoneInfo("Asia/Kolkata")  # invoice periods are months in India's time
 
 
 async def _ok(api: Api, path: str, **params: str) -> dict[str, object]:
@@ -84,3 +87,39 @@ async def test_an_organisations_projects_are_listed_oldest_first_and_only_its_ow
     assert unknown.status_code == 404
     assert "cursor" in await _unprocessable_field(
         api, f"/admin/v1/organisations/{org}/projects", cursor="x")
+
+
+async def test_invoices_list_filters_by_number_orders_both_ways_and_names_the_organisation(
+    api: Api,
+) -> None:
+    await api.http.post("/admin/v1/meters", headers=AUTH,
+                        json={"code": "rd_req", "name": "Requests", "aggregation": "count"})
+    r = await api.http.post("/admin/v1/plans", headers=AUTH,
+                            json={"code": "rd_std", "name": "Std", "base_fee": "100"})
+    assert r.status_code == 201, r.text
+    starts_at = (datetime.now(UTC) - timedelta(days=70)).isoformat()
+    for name in ("rd_inv_1", "rd_inv_2"):
+        org = await _org(api, name)
+        r = await api.http.put(f"/admin/v1/organisations/{org}/subscription", headers=AUTH,
+                               json={"plan_code": "rd_std", "starts_at": starts_at})
+        assert r.status_code == 201, r.text
+    period = (datetime.now(IST).replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
+    r = await api.http.post("/admin/v1/invoice-runs", headers=AUTH, json={"period": period})
+    assert r.status_code == 200 and r.json()["created"] == 2, r.text
+
+    oldest = (await _ok(api, "/admin/v1/invoices"))["items"]
+    assert isinstance(oldest, list) and len(oldest) == 2
+    assert sorted(i["organisation_name"] for i in oldest) == ["rd_inv_1", "rd_inv_2"]
+    newest = await _ok(api, "/admin/v1/invoices", order="newest", limit="1")
+    assert newest["items"] == [oldest[1]]
+    after = await _ok(api, "/admin/v1/invoices", order="newest", limit="1",
+                      cursor=str(newest["next_cursor"]))
+    assert after == {"items": [oldest[0]], "next_cursor": None}
+
+    r = await api.http.post(f"/admin/v1/invoices/{oldest[1]['id']}/finalize", headers=AUTH)
+    assert r.status_code == 200, r.text
+    number = r.json()["number"]
+    found = await _ok(api, "/admin/v1/invoices", number=number)
+    assert [(i["id"], i["number"]) for i in found["items"]] == [(oldest[1]["id"], number)]  # type: ignore[attr-defined]
+    assert "order" in await _unprocessable_field(api, "/admin/v1/invoices", order="latest")
+    assert "number" in await _unprocessable_field(api, "/admin/v1/invoices", number="N" * 17)
