@@ -24,8 +24,13 @@ from api.pagination import decode_cursor, encode_cursor, parse_limit
 from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.invoice import STATUSES
+from domain.numbering import NUMBER_MAX_CHARS
 from domain.period import parse_period
 from projections import invoices as view
+from projections import organisations
+
+ORDER_OLDEST, ORDER_NEWEST = "oldest", "newest"
+ORDERS = (ORDER_OLDEST, ORDER_NEWEST)  # by (created_at, id); the list's `order`
 
 
 class VoidInvoice(msgspec.Struct, forbid_unknown_fields=True):
@@ -83,8 +88,15 @@ class InvoiceOut(msgspec.Struct):
     void_reason: str | None
 
 
+class ListedInvoiceOut(InvoiceOut):
+    """An invoice as listed: with its organisation's name (null while the organisations read
+    model has not yet caught up with a brand-new organisation)."""
+
+    organisation_name: str | None
+
+
 class InvoicePage(msgspec.Struct):
-    items: list[InvoiceOut]
+    items: list[ListedInvoiceOut]
     next_cursor: str | None
 
 
@@ -109,10 +121,28 @@ def from_row(row: view.InvoiceRow) -> InvoiceOut:
     )
 
 
-def _filters(request: Request[Any, Any, Any]) -> tuple[UUID | None, str | None, str | None]:
+def listed(row: view.ListedInvoiceRow) -> ListedInvoiceOut:
+    return ListedInvoiceOut(**msgspec.structs.asdict(from_row(row)),
+                            organisation_name=row.organisation_name)
+
+
+class _Filters(msgspec.Struct, frozen=True):
+    organisation_id: UUID | None
+    status: str | None
+    period: str | None
+    number: str | None
+    newest_first: bool
+
+
+def _filters(request: Request[Any, Any, Any]) -> _Filters:
     query = request.query_params
     raw_org, status, period = query.get("organisation_id"), query.get("status"), query.get("period")
+    number, order = query.get("number"), query.get("order", ORDER_OLDEST)
     errors: list[FieldError] = []
+    if number is not None and not 0 < len(number) <= NUMBER_MAX_CHARS:
+        errors.append(FieldError("number", f"must be 1 to {NUMBER_MAX_CHARS} characters"))
+    if order not in ORDERS:
+        errors.append(FieldError("order", f"must be one of {list(ORDERS)}"))
     organisation_id = None
     if raw_org is not None:
         try:
@@ -128,30 +158,33 @@ def _filters(request: Request[Any, Any, Any]) -> tuple[UUID | None, str | None, 
             errors.extend(failed.errors)
     if errors:
         raise ValidationFailed(errors)
-    return organisation_id, status, period
+    return _Filters(organisation_id, status, period, number, order == ORDER_NEWEST)
 
 
 class InvoiceController(Controller):
     path = "/admin/v1/invoices"
     tags = ["invoices"]
 
-    @get("/", summary="List invoices (filter by organisation_id, status, period)")
+    @get("/", summary="List invoices (filter by organisation_id, status, period, number;"
+                       " order=oldest|newest)")
     async def list_(self, request: Request[Any, Any, Any], deps: Deps) -> InvoicePage:
         limit = parse_limit(request.query_params.get("limit"))
         after = decode_cursor(request.query_params.get("cursor"))
-        organisation_id, status, period = _filters(request)
+        f = _filters(request)
         own = scope_of(request)
-        if own is not None and organisation_id not in (None, own):
+        if own is not None and f.organisation_id not in (None, own):
             return InvoicePage([], None)  # another organisation's invoices: as if there were none
-        organisation_id = own or organisation_id
+        organisation_id = own or f.organisation_id
+        await wait_caught_up(deps, request, organisations.NAME)
         await wait_caught_up(deps, request, view.NAME)
 
-        def fetch() -> list[view.InvoiceRow]:
+        def fetch() -> list[view.ListedInvoiceRow]:
             with deps.read_pool.connection() as conn:
-                return view.page(conn, limit + 1, after, organisation_id, status, period)
+                return view.page(conn, limit + 1, after, organisation_id, f.status, f.period,
+                                 number=f.number, newest_first=f.newest_first)
 
         rows = await anyio.to_thread.run_sync(fetch)
-        items = [from_row(r) for r in rows[:limit]]
+        items = [listed(r) for r in rows[:limit]]
         next_cursor = (
             encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit else None
         )

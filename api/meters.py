@@ -1,5 +1,5 @@
-"""Admin routes for meters: define (or change one that has no usage yet) and list
-(/admin/v1/meters)."""
+"""Admin routes for meters: define (or change one that has no usage yet), list and read one
+(/admin/v1/meters, /admin/v1/meters/{code})."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Annotated, Any, Literal
 import anyio
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 
 from api.auth import Acting
 from api.deps import ApiDeps, Deps
 from api.read_your_writes import LEDGER_POSITION_HEADER, settle, wait_caught_up
+from domain.errors import NotFound
 from projections import catalogue, usage_totals
 
 FIELD_DESCRIPTION = (
@@ -43,6 +44,10 @@ class MeterOut(msgspec.Struct):
 class MeterList(msgspec.Struct):
     items: list[MeterOut]
     next_cursor: str | None = None
+
+
+def _out(r: catalogue.MeterRow) -> MeterOut:
+    return MeterOut(r.code, r.name, r.aggregation, r.field, list(r.group_by), r.allow_negative)
 
 
 def _has_usage(deps: ApiDeps) -> Any:
@@ -85,5 +90,17 @@ class MeterController(Controller):
                 return catalogue.meters(conn)
 
         rows = await anyio.to_thread.run_sync(fetch)
-        return MeterList([MeterOut(r.code, r.name, r.aggregation, r.field, list(r.group_by),
-                                   r.allow_negative) for r in rows])
+        return MeterList([_out(r) for r in rows])
+
+    @get("/{code:str}", summary="Read a meter")
+    async def read(self, code: FromPath[str], request: Request[Any, Any, Any], deps: Deps) -> MeterOut:
+        await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
+
+        def fetch() -> catalogue.MeterRow | None:
+            with deps.read_pool.connection() as conn:
+                return catalogue.meter(conn, code)
+
+        row = await anyio.to_thread.run_sync(fetch)
+        if row is None:
+            raise NotFound("meter", code)
+        return _out(row)

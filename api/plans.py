@@ -18,6 +18,8 @@ rest, so one 422 names every problem of a plan, types and rules alike (docs/PLAN
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from functools import partial
@@ -31,6 +33,7 @@ from litestar.params import Body, FromPath
 
 from api.auth import Acting
 from api.deps import Deps
+from api.pagination import CURSOR_MAX_CHARS, parse_limit
 from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.decimal_text import NotDecimalText, parse_decimal_text
 from domain.errors import FieldError, NotFound, Problems, ValidationFailed
@@ -116,6 +119,21 @@ class PlanOut(msgspec.Struct):
     charges: list[ChargeOut]
     published_at: datetime
     versions: list[PlanVersionOut]
+
+
+class PlanSummaryOut(msgspec.Struct):
+    """A plan as listed: its latest version's code, name and currency."""
+
+    code: str
+    version: int  # the latest
+    name: str
+    currency: str
+    published_at: datetime
+
+
+class PlanPage(msgspec.Struct):
+    items: list[PlanSummaryOut]
+    next_cursor: str | None
 
 
 # ---- parsing and formatting -------------------------------------------------------------------
@@ -284,6 +302,27 @@ def plan_out(versions: list[StoredVersion]) -> PlanOut:
     return PlanOut(**msgspec.structs.asdict(latest), versions=[version_out(v) for v in versions])
 
 
+# Plans are listed by code, so their cursor is the last code listed (not api.pagination's
+# (created_at, id) pair), still opaque to clients.
+
+def encode_code_cursor(code: str) -> str:
+    return base64.urlsafe_b64encode(code.encode()).decode().rstrip("=")
+
+
+def decode_code_cursor(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        if len(raw) > CURSOR_MAX_CHARS:
+            raise ValueError("too long")
+        code = base64.b64decode(raw + "=" * (-len(raw) % 4), altchars=b"-_", validate=True).decode()
+        if not code:
+            raise ValueError("empty")
+        return code
+    except (ValueError, binascii.Error):  # UnicodeDecodeError is a ValueError
+        raise ValidationFailed([FieldError("cursor", "is not a cursor this API returned")]) from None
+
+
 # ---- routes -----------------------------------------------------------------------------------
 
 class PlanController(Controller):
@@ -323,6 +362,22 @@ class PlanController(Controller):
             headers={LEDGER_POSITION_HEADER: str(written.position),
                      "Location": f"{self.path}/{published.code}"},
         )
+
+    @get("/", summary="List plans: each one's code, name, currency and latest version")
+    async def list_(self, request: Request[Any, Any, Any], deps: Deps) -> PlanPage:
+        limit = parse_limit(request.query_params.get("limit"))
+        after = decode_code_cursor(request.query_params.get("cursor"))
+        await wait_caught_up(deps, request, view.NAME)
+
+        def fetch() -> list[view.PlanSummaryRow]:
+            with deps.read_pool.connection() as conn:
+                return view.plans_page(conn, limit + 1, after)
+
+        rows = await anyio.to_thread.run_sync(fetch)
+        items = [PlanSummaryOut(r.code, r.version, r.name, r.currency, r.published_at)
+                 for r in rows[:limit]]
+        next_cursor = encode_code_cursor(items[-1].code) if len(rows) > limit else None
+        return PlanPage(items, next_cursor)
 
     @get("/{code:str}", summary="Read a plan: its latest version and every version")
     async def read(self, code: FromPath[str], request: Request[Any, Any, Any], deps: Deps) -> PlanOut:

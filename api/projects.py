@@ -1,5 +1,5 @@
-"""Admin routes for projects: create one under an organisation, read one
-(/admin/v1/organisations/{org_id}/projects, /admin/v1/projects/{project_id})."""
+"""Admin routes for projects: create one under an organisation, list an organisation's, read
+one (/admin/v1/organisations/{org_id}/projects, /admin/v1/projects/{project_id})."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from litestar.params import FromPath, JSONBody
 
 from api.auth import Acting
 from api.deps import Deps
+from api.pagination import decode_cursor, encode_cursor, parse_limit
 from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.errors import NotFound
-from projections import catalogue
+from projections import catalogue, organisations
 
 
 class CreateProject(msgspec.Struct, forbid_unknown_fields=True):
@@ -29,6 +30,11 @@ class ProjectOut(msgspec.Struct):
     organisation_id: UUID
     name: str
     created_at: datetime
+
+
+class ProjectPage(msgspec.Struct):
+    items: list[ProjectOut]
+    next_cursor: str | None
 
 
 class ProjectController(Controller):
@@ -43,6 +49,29 @@ class ProjectController(Controller):
         p = written.aggregate
         return Response(ProjectOut(p.id, p.organisation_id, p.name, p.created_on), status_code=201,
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
+
+    @get("/organisations/{org_id:uuid}/projects", summary="List an organisation's projects")
+    async def list_(self, org_id: FromPath[UUID],
+                    request: Request[Any, Any, Any], deps: Deps) -> ProjectPage:
+        limit = parse_limit(request.query_params.get("limit"))
+        after = decode_cursor(request.query_params.get("cursor"))
+        await wait_caught_up(deps, request, organisations.NAME)
+        await wait_caught_up(deps, request, catalogue.READ_MODEL.name)
+
+        def fetch() -> list[catalogue.ProjectRow] | None:
+            with deps.read_pool.connection() as conn:
+                if organisations.get(conn, org_id) is None:
+                    return None
+                return catalogue.projects_page(conn, org_id, limit + 1, after)
+
+        rows = await anyio.to_thread.run_sync(fetch)
+        if rows is None:
+            raise NotFound("organisation", org_id)
+        items = [ProjectOut(r.id, r.organisation_id, r.name, r.created_at) for r in rows[:limit]]
+        next_cursor = (
+            encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > limit else None
+        )
+        return ProjectPage(items, next_cursor)
 
     @get("/projects/{project_id:uuid}", summary="Read a project")
     async def read(self, project_id: FromPath[UUID],

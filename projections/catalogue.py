@@ -178,10 +178,30 @@ def meters(conn: Connection[Any]) -> list[MeterRow]:
                     (LIST_MAX_ROWS,))
 
 
+def meter(conn: Connection[Any], code: str) -> MeterRow | None:
+    """One meter, or None for an unknown code."""
+    return one_row(conn, MeterRow, f"SELECT {_METER_COLUMNS} FROM meters WHERE code = %s", (code,))
+
+
 def project(conn: Connection[Any], project_id: UUID) -> ProjectRow | None:
     return one_row(conn, ProjectRow,
                    "SELECT id, organisation_id, name, created_at FROM projects WHERE id = %s",
                    (project_id,))
+
+
+def projects_page(conn: Connection[Any], organisation_id: UUID, limit: int,
+                  after_cursor: tuple[datetime, UUID] | None) -> list[ProjectRow]:
+    """An organisation's projects oldest first (created_at, id), `limit` at most, after the
+    cursor."""
+    assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
+    at, ident = after_cursor if after_cursor is not None else (None, None)
+    return all_rows(
+        conn, ProjectRow,
+        "SELECT id, organisation_id, name, created_at FROM projects WHERE organisation_id = %(org)s"
+        " AND (%(at)s::timestamptz IS NULL OR (created_at, id) > (%(at)s, %(id)s))"
+        " ORDER BY created_at, id LIMIT %(limit)s",
+        {"org": organisation_id, "at": at, "id": ident, "limit": limit},
+    )
 
 
 def api_keys(conn: Connection[Any], project_id: UUID) -> list[ApiKeyRow]:

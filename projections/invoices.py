@@ -240,6 +240,16 @@ def get(conn: Connection[Any], ident: UUID) -> InvoiceRow | None:
     return one_row(conn, InvoiceRow, f"SELECT {_COLUMNS} FROM invoices WHERE id = %s", (ident,))
 
 
+class ListedInvoiceRow(InvoiceRow, frozen=True):
+    """An invoice as listed: with its organisation's name (None while the organisations read
+    model has not yet seen the organisation; it is a separate projector)."""
+
+    organisation_name: str | None = None
+
+
+_LISTED_COLUMNS = ", ".join(f"i.{c.strip()}" for c in _COLUMNS.split(",")) + ", o.name AS organisation_name"
+
+
 def page(
     conn: Connection[Any],
     limit: int,
@@ -247,23 +257,30 @@ def page(
     organisation_id: UUID | None = None,
     status: str | None = None,
     period: str | None = None,
-) -> list[InvoiceRow]:
-    """Invoices oldest first (created_at, id), `limit` at most, after the cursor; each filter
-    given narrows the list."""
+    *,
+    number: str | None = None,
+    newest_first: bool = False,
+) -> list[ListedInvoiceRow]:
+    """Invoices oldest first (created_at, id), or newest first, `limit` at most, after the
+    cursor (the last invoice of the previous page, in the same order); each filter given
+    narrows the list."""
     assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
     where = ["TRUE"]
     params: dict[str, Any] = {"limit": limit}
     if after_cursor is not None:
-        where.append("(created_at, id) > (%(at)s, %(id)s)")
+        beyond = "<" if newest_first else ">"
+        where.append(f"(i.created_at, i.id) {beyond} (%(at)s, %(id)s)")
         params |= {"at": after_cursor[0], "id": after_cursor[1]}
     for column, value in (("organisation_id", organisation_id), ("status", status),
-                          ("period", period)):
+                          ("period", period), ("number", number)):
         if value is not None:
-            where.append(f"{column} = %({column})s")
+            where.append(f"i.{column} = %({column})s")
             params[column] = value
-    sql = (f"SELECT {_COLUMNS} FROM invoices WHERE {' AND '.join(where)}"
-           " ORDER BY created_at, id LIMIT %(limit)s")
-    return all_rows(conn, InvoiceRow, sql.encode(), params)
+    direction = "DESC" if newest_first else "ASC"
+    sql = (f"SELECT {_LISTED_COLUMNS} FROM invoices i LEFT JOIN organisations o"
+           f" ON o.id = i.organisation_id WHERE {' AND '.join(where)}"
+           f" ORDER BY i.created_at {direction}, i.id {direction} LIMIT %(limit)s")
+    return all_rows(conn, ListedInvoiceRow, sql.encode(), params)
 
 
 def outstanding(conn: Connection[Any], organisation_id: UUID) -> int:

@@ -117,6 +117,26 @@ def plan_versions(conn: Connection[Any], code: str) -> list[PlanVersionRow]:
                     " ORDER BY version LIMIT %s", (code, LIST_MAX_ROWS))
 
 
+class PlanSummaryRow(msgspec.Struct, frozen=True):
+    """A plan as listed: its latest version's code, name and currency."""
+
+    code: str
+    version: int  # the latest
+    name: str
+    currency: str
+    published_at: datetime  # when the latest version was published
+
+
+def plans_page(conn: Connection[Any], limit: int, after_code: str | None) -> list[PlanSummaryRow]:
+    """Every plan's latest version, by code, `limit` at most, after `after_code`."""
+    assert 0 < limit <= LIST_MAX_ROWS + 1  # one more than a page: is there a next one?
+    return all_rows(conn, PlanSummaryRow,
+                    "SELECT DISTINCT ON (code) code, version, name, currency, published_at"
+                    " FROM plan_versions WHERE %(after)s::text IS NULL OR code > %(after)s"
+                    " ORDER BY code, version DESC LIMIT %(limit)s",
+                    {"after": after_code, "limit": limit})
+
+
 def subscription_history(conn: Connection[Any], org_id: UUID) -> list[SubscriptionRow]:
     """An organisation's subscription steps in recorded (ledger) order. Empty when it never
     subscribed."""
