@@ -194,7 +194,7 @@ class InvoiceRun:
                actor: Actor | None) -> tuple[Outcome, str]:
         """The draft's status, and why when it was skipped."""
         try:
-            _, status, why = self._invoicing.draft_explained(
+            _, status, why = self._invoicing.draft(
                 org, period=period, subscription_history=history, plan_versions=versions,
                 quantities=quantities, usage_position=usage_position,
                 supplier_state_code=self._supplier, late=late, meter_names=meter_names,
@@ -205,7 +205,7 @@ class InvoiceRun:
                 raise
             log.error("invoice run %s: %s: late usage left out, needs a credit note or a manual "
                       "correction: %s", period, org.id, e)
-            _, status, why = self._invoicing.draft_explained(
+            _, status, why = self._invoicing.draft(
                 org, period=period, subscription_history=history, plan_versions=versions,
                 quantities=quantities, usage_position=usage_position,
                 supplier_state_code=self._supplier, late=kept, meter_names=meter_names,

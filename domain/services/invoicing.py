@@ -87,29 +87,6 @@ class InvoicingService:
         redraft_voided: bool = False,
         meter_names: Mapping[str, str] | None = None,
         actor: Actor | None,
-    ) -> tuple[Written[Invoice] | None, DraftStatus]:
-        """draft_explained without the reason (its docstring says the rest)."""
-        written, status, _ = self.draft_explained(
-            organisation, period=period, subscription_history=subscription_history,
-            plan_versions=plan_versions, quantities=quantities, usage_position=usage_position,
-            supplier_state_code=supplier_state_code, late=late, redraft_voided=redraft_voided,
-            meter_names=meter_names, actor=actor)
-        return written, status
-
-    def draft_explained(
-        self,
-        organisation: Billable,
-        *,
-        period: str,
-        subscription_history: Sequence[SubscriptionEntry],
-        plan_versions: Mapping[str, Sequence[StoredVersion]],
-        quantities: Mapping[str, Decimal],
-        usage_position: int,
-        supplier_state_code: str,
-        late: Sequence[LateUsage] = (),
-        redraft_voided: bool = False,
-        meter_names: Mapping[str, str] | None = None,
-        actor: Actor | None,
     ) -> tuple[Written[Invoice] | None, DraftStatus, str]:
         """Draft the organisation's invoice for `period` ('YYYY-MM', a period that has ended in
         the organisation's timezone), or find the one already drafted.

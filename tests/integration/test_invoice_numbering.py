@@ -64,7 +64,7 @@ def draft(rt: Runtime, svc: InvoicingService, org_id: UUID, calls: int) -> tuple
     versions = rt.ledger.get(plan_id("pro"), Plan).versions
     return svc.draft(org, period=PERIOD, subscription_history=history, plan_versions={"pro": versions},
                      quantities={"api_calls": Decimal(calls)}, usage_position=rt.ledger.head(),
-                     supplier_state_code=SUPPLIER, actor=None)
+                     supplier_state_code=SUPPLIER, actor=None)[:2]
 
 
 def read(rt: Runtime, query: Any, *args: Any, **kwargs: Any) -> Any:

@@ -82,7 +82,7 @@ def draft(svc: InvoicingService, customer: Organisation, version: StoredVersion 
                      plan_versions={version.code: [version]},
                      quantities=USAGE if quantities is None else quantities,
                      usage_position=kw.pop("usage_position", 42), supplier_state_code=SUPPLIER,
-                     actor=kw.pop("actor", None), **kw)
+                     actor=kw.pop("actor", None), **kw)[:2]
 
 
 # ---- numbering ----------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_a_skipped_draft_says_why_never_subscribed_later_or_all_zero() -> None:
 
     def why(version: StoredVersion, subscribed: list[SubscriptionEntry],
             quantities: dict[str, Decimal] | None = None) -> tuple[str, str]:
-        _, status, reason = svc.draft_explained(
+        _, status, reason = svc.draft(
             org(), period=PERIOD, subscription_history=subscribed,
             plan_versions={version.code: [version]},
             quantities=USAGE if quantities is None else quantities, usage_position=42,

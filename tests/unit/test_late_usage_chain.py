@@ -71,7 +71,7 @@ class Billing:
         billed_by = [self.ledger.get(ident, Invoice) for p, ident in self.drafted.items() if p in window]
         earlier = [shift_period(period, -back) for back in range(LATE_LOOKBACK_PERIODS, 0, -1)]
         late = late_usage(self.org.id, earlier, billed_by, self.usage, self.plan_version)
-        written, status = self.invoicing.draft(
+        written, status, _ = self.invoicing.draft(
             self.org, period=period,
             subscription_history=[SubscriptionEntry("late", datetime(2026, 1, 1, tzinfo=IST))],
             plan_versions={"late": [self.version]}, quantities=self.usage.get(period, {}),
