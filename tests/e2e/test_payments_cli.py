@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from uuid import UUID
 
 import pytest
 
@@ -16,26 +15,14 @@ from adapters.maintenance import rebuild
 from adapters.payment_manager import PaymentManager
 from domain.invoice import Invoice
 from domain.payment import GatewayEvent, gateway_event_ref
-from domain.services.payments import APPLIED, FAILED, PaymentsService
+from domain.services.payments import APPLIED, FAILED
 from infra.cli import _operate, _parser, reapply
 from infra.wiring import Runtime
 from projections import payments as view
+from tests.integration.test_payment_manager import Broken as _Buggy
 from tests.integration.test_payment_manager import captured, finalized
 
 pytestmark = pytest.mark.anyio
-
-
-class _Buggy(PaymentsService):
-    """The service before the fix: applying the one delivery fails."""
-
-    def __init__(self, inner: PaymentsService, broken: UUID) -> None:
-        self.__dict__.update(inner.__dict__)
-        self._broken = broken
-
-    def apply_delivery(self, ref: UUID, *, again: bool = False) -> str:
-        if ref == self._broken:
-            raise RuntimeError("a bug in applying")
-        return super().apply_delivery(ref, again=again)
 
 
 def billing(rt: Runtime, *argv: str) -> tuple[int, str]:

@@ -65,7 +65,7 @@ async def test_two_managers_apply_each_delivery_once_and_track_the_head(runtime:
     assert tracked(runtime, NAME) == runtime.ledger.head()
 
 
-class _Broken(PaymentsService):
+class Broken(PaymentsService):
     """A service with a bug for one delivery: the manager must not stop at it."""
 
     def __init__(self, inner: PaymentsService, broken: UUID) -> None:
@@ -86,7 +86,7 @@ async def test_a_delivery_that_keeps_failing_is_recorded_as_failed_and_the_next_
     payments.record_delivery(event_id="evt_good",
                              body=captured(order.razorpay_order_id, invoice.amount_due))
     manager = PaymentManager(runtime.ledger, runtime.pool,
-                             _Broken(payments, gateway_event_ref("evt_bad")), retry_backoff_s=(0.01,))
+                             Broken(payments, gateway_event_ref("evt_bad")), retry_backoff_s=(0.01,))
     await manager.step()
     bad = runtime.ledger.get(gateway_event_ref("evt_bad"), GatewayEvent)
     assert bad.outcome == FAILED and manager.failed == 1
