@@ -33,6 +33,7 @@ from litestar.params import Body, FromPath
 
 from api.auth import Acting
 from api.deps import Deps
+from api.input_rules import text_problem
 from api.pagination import CURSOR_MAX_CHARS, parse_limit
 from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.decimal_text import NotDecimalText, parse_decimal_text
@@ -316,8 +317,8 @@ def decode_code_cursor(raw: str | None) -> str | None:
         if len(raw) > CURSOR_MAX_CHARS:
             raise ValueError("too long")
         code = base64.b64decode(raw + "=" * (-len(raw) % 4), altchars=b"-_", validate=True).decode()
-        if not code:
-            raise ValueError("empty")
+        if not code or text_problem(code) is not None:  # never a code we returned: NUL, controls
+            raise ValueError("not a plan code")
         return code
     except (ValueError, binascii.Error):  # UnicodeDecodeError is a ValueError
         raise ValidationFailed([FieldError("cursor", "is not a cursor this API returned")]) from None

@@ -270,3 +270,11 @@ def test_an_ordinary_batch_still_takes_the_fast_path_with_every_kind_of_value() 
 def test_a_plain_decimal_string_has_no_exponent(text: str, plain: bool) -> None:
     assert is_decimal_text(text, exponent=False) == plain
     assert is_decimal_text(text) == (text != "007")
+
+
+def test_a_plans_cursor_that_decodes_to_a_control_character_is_a_422_not_a_database_error() -> None:
+    from api.plans import decode_code_cursor
+    from domain.errors import ValidationFailed
+
+    with pytest.raises(ValidationFailed, match="cursor"):
+        decode_code_cursor("AA")  # base64 of "\x00": Postgres text cannot hold it
