@@ -39,6 +39,7 @@ from domain.gateway_events import (
     signature_matches,
 )
 from infra.fake_razorpay import FakeRazorpay
+from tests.conftest import wait_sync
 
 LOOPBACK = "127.0.0.1"
 KEY_ID = "rzp_test_gwtest000001"
@@ -49,7 +50,6 @@ FAULT_DELAY_S = 2.0  # the fake's late answer: well past CLIENT_TIMEOUT_S
 CONTROL_TIMEOUT_S = 5.0
 STOP_MAX_S = 1.0  # stop() must not wait for a delayed answer
 WAIT_DEADLINE_S = 5.0
-POLL_S = 0.01
 AMOUNT_PAISE = 118_000
 
 
@@ -124,14 +124,6 @@ def webhook_receiver() -> Iterator[Receiver]:
         server.shutdown()
         server.server_close()
         thread.join()
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(POLL_S)
 
 
 def closed_port() -> int:
@@ -375,7 +367,7 @@ def test_a_refund_through_the_sdk_is_idempotent_and_sends_its_webhooks(fake: Fak
         assert len(fake.refunds()) == 1
         assert client.payment.fetch(payment["id"], timeout=CONTROL_TIMEOUT_S)[
             "amount_refunded"] == 1000
-        wait_for(lambda: len(receiver.received()) == 2, "the refund's two webhooks")
+        wait_sync(lambda: len(receiver.received()) == 2, "the refund's two webhooks", WAIT_DEADLINE_S)
         hooks = [parse_webhook(d.body) for d in receiver.received()]
         assert [h.event for h in hooks] == [REFUND_CREATED, REFUND_PROCESSED]
         assert [r.status for h in hooks if (r := h.refund()) is not None] == ["pending", "processed"]
