@@ -24,8 +24,9 @@ types: $(STAMP)
 layers: $(STAMP)
 	$(BIN)/lint-imports
 
+# Two workers, each with its own embedded Postgres and NATS: the suite fits CI's 10 minutes.
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 test: lint types layers pytest
 

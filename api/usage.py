@@ -17,7 +17,7 @@ from api.deps import ApiDeps, Deps
 from api.ingest import authorise_key
 from api.pagination import ascii_digits, parse_limit
 from api.problems import parse_id
-from api.read_your_writes import wait_for_position
+from api.read_your_writes import wait_caught_up, wait_for_position
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.meter import GROUP_BY_MAX_KEYS
 from domain.period import month_after, month_of
@@ -132,7 +132,14 @@ async def answer(deps: ApiDeps, request: Request[Any, Any, Any], org_id: UUID,
                     "group_by", f"{', '.join(unknown)} not in this meter's group_by {list(rule.group_by)}")])
             return query, tz, usage_totals.quantities(conn, query, rule.aggregation)
 
-    query, tz, rows = await anyio.to_thread.run_sync(run)
+    try:
+        query, tz, rows = await anyio.to_thread.run_sync(run)
+    except NotFound:
+        # An organisation created a moment ago may not be in its read model yet (the usage
+        # read does not wait for the head, which ingestion keeps moving): before answering
+        # 404, wait once for that read model to reach the ledger's head and look again.
+        await wait_caught_up(deps, request, organisations.NAME)
+        query, tz, rows = await anyio.to_thread.run_sync(run)
     page = rows[offset: offset + limit]
     items = [_item(query, tz, r) for r in page]
     more = offset + limit < len(rows)
