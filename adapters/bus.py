@@ -20,6 +20,9 @@ projectors' tracking reaches the ledger head while the other lane is busy.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -30,8 +33,8 @@ import nats
 from eventsourcing.utils import get_topic
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import DiscardPolicy, Placement, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 from psycopg import sql
 
 from domain.usage import Usage
@@ -43,6 +46,12 @@ MAX_MESSAGE_BYTES = 900_000  # below nats-server's default 1 MiB max_payload
 CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 5.0
 RECONNECT_WAIT_S = 0.5
+# A JetStream cluster that is still electing its meta leader (every node just started, or the
+# leader just died) answers stream requests with timeouts: keep asking, this long at most.
+STREAMS_READY_DEADLINE_S = 60.0
+STREAMS_RETRY_PAUSE_S = 0.5
+
+log = logging.getLogger("billing.bus")
 MAX_PENDING_BYTES = 8 * 1024 * 1024
 PREV_HEADER = "Ledger-Prev"  # position before the message's first entry
 TOPIC_HEADER = "Ledger-Topic"  # the one topic of every entry in the message
@@ -163,9 +172,13 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
 
 @dataclass(frozen=True)
 class Streams:
-    """Stream and subject names; a prefix isolates tests sharing one server."""
+    """Stream and subject names; a prefix isolates tests sharing one server. `replicas` and
+    `placement_tags` place the streams on a JetStream cluster (R3 in production: a stream
+    survives the loss of one node); 1 and none on a single server."""
 
     prefix: str = ""
+    replicas: int = 1
+    placement_tags: tuple[str, ...] = ()
 
     @property
     def ledger(self) -> str:
@@ -205,8 +218,11 @@ class Streams:
 
 async def connect(url: str, name: str) -> NatsClient:
     """Connect, and keep reconnecting forever: NATS being away never loses ledger data."""
+    # NATS_URL may name several servers of a cluster, comma-separated: the client tries each
+    # (and learns the rest of the cluster from the one it reaches).
+    servers = [u.strip() for u in url.split(",") if u.strip()]
     return await nats.connect(
-        url,
+        servers,
         name=name,
         connect_timeout=CONNECT_TIMEOUT_S,
         reconnect_time_wait=RECONNECT_WAIT_S,
@@ -218,6 +234,7 @@ async def connect(url: str, name: str) -> NatsClient:
 
 async def ensure_streams(js: JetStreamContext, streams: Streams) -> None:
     """Create or update both streams; safe to call from every process at start."""
+    placement = Placement(tags=list(streams.placement_tags)) if streams.placement_tags else None
     configs = [
         StreamConfig(
             name=streams.ledger,
@@ -228,6 +245,8 @@ async def ensure_streams(js: JetStreamContext, streams: Streams) -> None:
             duplicate_window=DUPLICATE_WINDOW_S,
             discard=DiscardPolicy.OLD,
             max_msg_size=MAX_MESSAGE_BYTES + 64 * 1024,
+            num_replicas=streams.replicas,
+            placement=placement,
         ),
         StreamConfig(
             name=streams.dlq,
@@ -236,10 +255,23 @@ async def ensure_streams(js: JetStreamContext, streams: Streams) -> None:
             storage=StorageType.FILE,
             max_age=DLQ_RETENTION_S,
             duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=streams.replicas,
+            placement=placement,
         ),
     ]
+    end = time.monotonic() + STREAMS_READY_DEADLINE_S
     for config in configs:
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+        while True:
+            try:
+                try:
+                    await js.add_stream(config)
+                except BadRequestError:
+                    await js.update_stream(config)
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    ServiceUnavailableError) as e:
+                if time.monotonic() > end:
+                    raise
+                log.warning("JetStream not ready for stream %s (will retry): %s",
+                            config.name, type(e).__name__)
+                await asyncio.sleep(STREAMS_RETRY_PAUSE_S)

@@ -15,6 +15,7 @@ DEFAULT_API_PROCESSES = 1
 API_PROCESSES_MAX = 16
 DEFAULT_RAZORPAY_TIMEOUT_S = 10.0
 RAZORPAY_TIMEOUT_MAX_S = 120.0  # a request to the API waits on the gateway at most this long
+STREAM_REPLICAS_MAX = 5  # JetStream's own bound on a stream's replicas
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Settings:
     pg_schema: str = "public"
     stream_prefix: str = ""
     razorpay_timeout_s: float = DEFAULT_RAZORPAY_TIMEOUT_S  # each call to Razorpay, at most
+    # JetStream placement of the streams: R3 on a 3-node cluster (infra/deploy/), 1 on one server.
+    stream_replicas: int = 1
+    stream_placement_tags: tuple[str, ...] = ()
 
 
 def _port(value: str) -> int:
@@ -68,6 +72,13 @@ def _timeout_s(name: str, value: str) -> float:
         raise ValueError(f"{name} must be more than 0 and at most {RAZORPAY_TIMEOUT_MAX_S:g} "
                          f"seconds, got {value}")
     return timeout_s
+
+
+def _stream_replicas(value: str) -> int:
+    replicas = int(value)
+    if not 1 <= replicas <= STREAM_REPLICAS_MAX:
+        raise ValueError(f"BILLING_STREAM_REPLICAS must be 1..{STREAM_REPLICAS_MAX}, got {value}")
+    return replicas
 
 
 def _comma_list(value: str | None) -> tuple[str, ...]:
@@ -108,4 +119,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=_comma_list(opt("BILLING_TRUSTED_PROXIES")),
         razorpay_timeout_s=_timeout_s("RAZORPAY_TIMEOUT_S",
                                       opt("RAZORPAY_TIMEOUT_S") or str(DEFAULT_RAZORPAY_TIMEOUT_S)),
+        stream_replicas=_stream_replicas(opt("BILLING_STREAM_REPLICAS") or "1"),
+        stream_placement_tags=_comma_list(opt("BILLING_STREAM_PLACEMENT_TAGS")),
     )

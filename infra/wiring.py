@@ -147,7 +147,8 @@ class Runtime:
         for model in READ_MODELS:
             ensure_tables(pool, model)
         return cls(settings, database_url, nats_url, ledger, pool,
-                   bus.Streams(settings.stream_prefix))
+                   bus.Streams(settings.stream_prefix, settings.stream_replicas,
+                               settings.stream_placement_tags))
 
     def projection_pool(self) -> ConnectionPool:
         """The projectors' own pool (adapters.pg.open_pool(for_projectors=True)), made once."""
