@@ -1,5 +1,6 @@
 """Admin routes for an organisation's subscription: assign a plan (it starts now, or changes
-from the next period) and read the schedule (/admin/v1/organisations/{org_id}/subscription)."""
+from the next period, or an earlier `starts_at` moves its start back) and read the schedule
+(/admin/v1/organisations/{org_id}/subscription)."""
 
 from __future__ import annotations
 
@@ -54,13 +55,14 @@ class SubscriptionController(Controller):
     tags = ["subscriptions"]
 
     @put("/organisations/{org_id:uuid}/subscription",
-         summary="Assign a plan: starts a subscription (201) or changes plan from the next period (200)")
+         summary="Assign a plan: starts a subscription (201), changes plan from the next period (200),"
+                 " or moves the start earlier (200; 422 when a period it re-prices has an invoice)")
     async def assign(self, org_id: FromPath[UUID], data: JSONBody[PutSubscription],
                      deps: Deps, actor: Acting) -> Response[SubscriptionOut]:
         written = await anyio.to_thread.run_sync(partial(
             deps.plans.subscribe, org_id, data.plan_code, data.starts_at, actor=actor))
         sub = written.aggregate
-        started = written.position > 0 and len(sub.history) == 1
+        started = written.position > 0 and sub.version == 1  # Started is its first event
         return Response(subscription_answer(sub, data.plan_code), status_code=201 if started else 200,
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
