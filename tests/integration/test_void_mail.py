@@ -50,5 +50,6 @@ def test_an_emailed_invoice_voided_gets_one_void_notice_and_an_unsent_one_none(r
     rebuild(runtime.pool, runtime.ledger, invoices.READ_MODEL)
     with runtime.pool.connection() as conn:
         assert invoices.void_not_emailed(conn, 10) == []
-        sent: dict[UUID, datetime | None] = dict(conn.execute("SELECT id, void_emailed_at FROM invoices").fetchall())
+        sent: dict[UUID, datetime | None] = dict(
+            conn.execute("SELECT id, void_emailed_at FROM invoices").fetchall())
     assert sent[emailed.id] is not None and sent[quiet.id] is None
