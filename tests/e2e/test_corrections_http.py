@@ -116,6 +116,7 @@ async def test_an_earlier_start_moves_the_subscription_back_or_says_why_not(api:
     r = await api.http.put(path, headers=AUTH, json={"plan_code": "fix", "starts_at": earlier.isoformat()})
     assert r.status_code == 200, r.text
     history = r.json()["history"]
+    assert datetime.fromisoformat(r.json()["effective_from"]) == earlier
     assert [(e["plan_code"], datetime.fromisoformat(e["effective_from"])) for e in history] == [
         ("fix", earlier)]
     read = (await api.http.get(path, headers=AUTH)).json()
