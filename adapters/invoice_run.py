@@ -92,6 +92,17 @@ class InvoiceRun:
         with self._exclusive("an invoice run is in progress; void the invoice when it ends"):
             return self._invoicing.void(ident, reason, actor=actor)
 
+    def redraft(self, ident: UUID, *, actor: Actor | None) -> Written[Invoice]:
+        """A replacement for the voided invoice `ident` (adapters/redraft.py), under the run's
+        lock: a run and a redraft never draft one period at once (Conflict while a run runs)."""
+        from adapters.redraft import redraft_voided  # it reads with this module's helpers
+
+        with self._exclusive("an invoice run is in progress; redraft the invoice when it ends"):
+            return redraft_voided(
+                ident, pool=self._pool, ledger=self._ledger, gate=self._gate,
+                invoicing=self._invoicing, supplier_state_code=self._supplier,
+                read_models=DEAD_LETTER_MODELS, dead_lettered=self._dead_lettered, actor=actor)
+
     @contextlib.contextmanager
     def _exclusive(self, busy: str) -> Iterator[None]:
         """One invoice run, or one void, at a time across processes (Conflict otherwise)."""

@@ -7,8 +7,9 @@ email and the payment confirmation, and a bounded retry helper.
   dropped, timeout, 4xx) raise MailUnavailable; a permanent refusal (5xx) raises MailRejected.
 - `OutboxMailer(folder)` writes `<message-id>.eml` atomically (temp file, fsync, rename), so a
   reader never sees half a message and a resend of the same message replaces the same file.
-- `build_invoice_email` and `build_payment_email` give each (invoice, kind) one deterministic
-  Message-ID, so a retried or repeated send is recognisably the same message.
+- `build_invoice_email`, `build_payment_email` and `build_void_email` (the notice that an
+  emailed invoice was voided) give each (invoice, kind) one deterministic Message-ID, so a
+  retried or repeated send is recognisably the same message.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ PAYMENT_TEXT_TEMPLATE = "payment.txt.j2"
 _KIND_SUBJECT = {
     "invoice": "Invoice {number} for {period}: {currency} {amount_due} due {due}",
     "paid": "Payment received: invoice {number} for {period}",
+    "void": "Invoice {number} for {period} is void: please disregard it",
 }
+VOID_HTML_TEMPLATE = "void.html.j2"
+VOID_TEXT_TEMPLATE = "void.txt.j2"
 
 
 class SmtpMailer:
@@ -233,6 +237,32 @@ def build_payment_email(
     msg["Message-ID"] = message_id(doc.invoice_id, "paid", sender)
     msg.set_content(_PAYMENT_ENV.get_template(PAYMENT_TEXT_TEMPLATE).render(payment=view))
     msg.add_alternative(_PAYMENT_ENV.get_template(PAYMENT_HTML_TEMPLATE).render(payment=view),
+                        subtype="html")
+    return msg
+
+
+def build_void_email(
+    doc: InvoiceDocument, *, reason: str, to: str, sender: str, sent_at: datetime | None = None
+) -> EmailMessage:
+    """The void notice of an invoice that was emailed: it no longer stands, and why. Plain text
+    and HTML alternatives, no attachment; its Message-ID is fixed by (invoice id, "void")."""
+    view = {
+        "number": doc.number,
+        "period_label": period_label(doc.period),
+        "currency": doc.currency,
+        "total": indian_rupees(doc.total),
+        "reason": reason,
+        "customer": doc.customer_name,
+        "supplier": doc.supplier_name,
+    }
+    msg = EmailMessage()
+    msg["Subject"] = _KIND_SUBJECT["void"].format(number=doc.number, period=doc.period)
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Date"] = format_datetime(sent_at or datetime.now(UTC))
+    msg["Message-ID"] = message_id(doc.invoice_id, "void", sender)
+    msg.set_content(_PAYMENT_ENV.get_template(VOID_TEXT_TEMPLATE).render(void=view))
+    msg.add_alternative(_PAYMENT_ENV.get_template(VOID_HTML_TEMPLATE).render(void=view),
                         subtype="html")
     return msg
 

@@ -1,7 +1,8 @@
 """Invoice emails: each finalized invoice goes to its organisation's billing email once, with
 the HTML body and the PDF attached; once it is paid in full, a short payment confirmation goes
-there once too. Each sending is recorded in the ledger (InvoiceMail.Sent, kind "invoice" or
-"payment"). A failed send is retried with backoff now and again on the next pass of the
+there once too; and when an invoice that was emailed is voided, a void notice goes there once.
+Each sending is recorded in the ledger (InvoiceMail.Sent, kind "invoice", "payment" or
+"void"). A failed send is retried with backoff now and again on the next pass of the
 scheduler.
 
 "Once": the record is written after the server accepted the message; a crash between the two
@@ -24,14 +25,14 @@ from psycopg_pool import ConnectionPool
 
 from adapters.documents import render_html, render_pdf
 from adapters.ledger import LedgerStore
-from adapters.mail import build_invoice_email, build_payment_email, send_with_retries
+from adapters.mail import build_invoice_email, build_payment_email, build_void_email, send_with_retries
 from domain.documents import DRAFT_NUMBER, DocumentLine, DocumentTier, InvoiceDocument
 from domain.errors import Conflict, DomainError, NotFound
 from domain.mail_record import InvoiceMail, mail_id
 from domain.ports import Mailer
 from domain.tax import TaxLine
 from projections import invoices, organisations
-from projections.invoices import INVOICE_MAIL, PAYMENT_MAIL, InvoiceRow
+from projections.invoices import INVOICE_MAIL, PAYMENT_MAIL, VOID_MAIL, InvoiceRow
 from projections.organisations import OrganisationRow
 
 log = logging.getLogger("billing.notifier")
@@ -110,11 +111,14 @@ class InvoiceNotifier:
 
     def send_due(self) -> tuple[int, int]:
         """One pass: email finalized invoices not emailed yet, then the payment confirmations of
-        paid invoices not confirmed yet. Returns (sent, failed) over both."""
+        paid invoices not confirmed yet, then the void notices of emailed invoices voided since.
+        Returns (sent, failed) over all three."""
         sent, failed = self._pass(invoices.not_emailed, self._send, "invoice")
         paid_sent, paid_failed = self._pass(invoices.paid_not_emailed, self._send_paid,
                                             "payment confirmation")
-        return sent + paid_sent, failed + paid_failed
+        void_sent, void_failed = self._pass(invoices.void_not_emailed, self._send_void,
+                                            "void notice")
+        return sent + paid_sent + void_sent, failed + paid_failed + void_failed
 
     def _pass(self, due_query: Due, send: Callable[[InvoiceRow, OrganisationRow], bool],
               what: str) -> tuple[int, int]:
@@ -167,4 +171,14 @@ class InvoiceNotifier:
                                   sender=self._supplier.sender)
         attempts = send_with_retries(self._mailer, msg, SEND_ATTEMPTS, SEND_BACKOFF_S)
         self._record(row, PAYMENT_MAIL, msg, org.billing_email, attempts)
+        return True
+
+    def _send_void(self, row: InvoiceRow, org: OrganisationRow) -> bool:
+        if self._sent_already(row.id, VOID_MAIL) or not self._sent_already(row.id, INVOICE_MAIL):
+            return False  # sent before; or the invoice itself never went out (the ledger says)
+        doc = document(row, org, self._supplier)
+        msg = build_void_email(doc, reason=row.void_reason or "", to=org.billing_email,
+                               sender=self._supplier.sender)
+        attempts = send_with_retries(self._mailer, msg, SEND_ATTEMPTS, SEND_BACKOFF_S)
+        self._record(row, VOID_MAIL, msg, org.billing_email, attempts)
         return True

@@ -242,4 +242,14 @@ class InvoiceController(Controller):
         return Response(from_row(view.row_of(written.aggregate, written.position)),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
-
+    @post("/{invoice_id:uuid}/redraft", status_code=201,
+          summary="Draft a replacement for a voided invoice (409 if it is not void): the next "
+                  "revision of its period, numbered when finalized")
+    async def redraft(self, invoice_id: FromPath[UUID], deps: Deps,
+                      actor: Acting) -> Response[InvoiceOut]:
+        # Through the invoice runner: under the run's lock, never while a run is drafting.
+        written = await anyio.to_thread.run_sync(partial(deps.invoice_runner.redraft, invoice_id,
+                                                         actor=actor))
+        return Response(from_row(view.row_of(written.aggregate, written.position)), status_code=201,
+                        headers={LEDGER_POSITION_HEADER: str(written.position),
+                                 "Location": f"{self.path}/{written.aggregate.id}"})

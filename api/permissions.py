@@ -59,6 +59,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/payments"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/payments/{{payment_id}}"): Rule("invoices:read", "PAYMENT", "payment_id"),
     ("GET", f"{A}/audit-events"): Rule("audit:read", "LIST"),
+    ("POST", f"{A}/invoices/{{invoice_id}}/redraft"): Rule("invoices:write", "GLOBAL"),
 }
 
 _READ = frozenset({"orgs:read", "projects:read", "keys:read", "catalogue:read", "billing:read",

@@ -1,5 +1,6 @@
 """Admin routes for an organisation's subscription: assign a plan (it starts now, or changes
-from the next period) and read the schedule (/admin/v1/organisations/{org_id}/subscription)."""
+from the next period, or an earlier `starts_at` moves its start back) and read the schedule
+(/admin/v1/organisations/{org_id}/subscription)."""
 
 from __future__ import annotations
 
@@ -42,9 +43,13 @@ def _schedule(history: list[SubscriptionEntry]) -> list[ScheduleEntryOut]:
     return [ScheduleEntryOut(e.plan_code, e.effective_from) for e in history]
 
 
-def subscription_answer(sub: Subscription, plan_code: str) -> SubscriptionOut:
-    """The PUT answer: the schedule step that puts `plan_code` in force (the newest one)."""
-    step = next((e for e in reversed(sub.history) if e.plan_code == plan_code), None)
+def subscription_answer(sub: Subscription, plan_code: str,
+                        starts_at: datetime | None = None) -> SubscriptionOut:
+    """The PUT answer: the schedule step that puts `plan_code` in force (the newest one), or
+    the first step when the request moved the start to `starts_at`."""
+    first = sub.history[0] if sub.history else None
+    moved = first is not None and (first.plan_code, first.effective_from) == (plan_code, starts_at)
+    step = first if moved else next((e for e in reversed(sub.history) if e.plan_code == plan_code), None)
     return SubscriptionOut(sub.organisation_id, plan_code, step.effective_from if step else None,
                            _schedule(sub.history))
 
@@ -54,14 +59,16 @@ class SubscriptionController(Controller):
     tags = ["subscriptions"]
 
     @put("/organisations/{org_id:uuid}/subscription",
-         summary="Assign a plan: starts a subscription (201) or changes plan from the next period (200)")
+         summary="Assign a plan: starts a subscription (201), changes plan from the next period (200),"
+                 " or moves the start earlier (200; 422 when a period it re-prices has an invoice)")
     async def assign(self, org_id: FromPath[UUID], data: JSONBody[PutSubscription],
                      deps: Deps, actor: Acting) -> Response[SubscriptionOut]:
         written = await anyio.to_thread.run_sync(partial(
             deps.plans.subscribe, org_id, data.plan_code, data.starts_at, actor=actor))
         sub = written.aggregate
-        started = written.position > 0 and len(sub.history) == 1
-        return Response(subscription_answer(sub, data.plan_code), status_code=201 if started else 200,
+        started = written.position > 0 and sub.version == 1  # Started is its first event
+        return Response(subscription_answer(sub, data.plan_code, data.starts_at),
+                        status_code=201 if started else 200,
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
     @get("/organisations/{org_id:uuid}/subscription",

@@ -1,4 +1,8 @@
-"""Usage queries: an organisation's (admin) or the calling project's own (API key)."""
+"""Usage queries: an organisation's (admin) or the calling project's own (API key).
+
+With `metric`, one meter's quantities per period (per `group_by` values if asked); without it,
+a summary: every meter's quantity per period, each by its own aggregation (group_by needs a
+metric, since each meter has its own group_by properties: a 422 says so)."""
 
 from __future__ import annotations
 
@@ -78,9 +82,7 @@ def build_query(
     today: date,
 ) -> usage_totals.UsageQuery:
     problems: list[FieldError] = []
-    metric = params.get("metric")
-    if not metric:
-        problems.append(FieldError("metric", "is required"))
+    metric = params.get("metric") or None  # None: every meter (a summary)
     granularity = params.get("granularity") or "month"
     if granularity not in usage_totals.GRANULARITIES:
         problems.append(FieldError("granularity", "must be day or month"))
@@ -102,9 +104,11 @@ def build_query(
     group_by = tuple(dict.fromkeys(g for g in raw_group_by.split(",") if g))
     if len(raw_group_by) > GROUP_BY_PARAM_MAX_CHARS or len(group_by) > GROUP_BY_MAX_KEYS:
         problems.append(FieldError("group_by", f"at most {GROUP_BY_MAX_KEYS} property names"))
+    if group_by and metric is None:
+        problems.append(FieldError("group_by", "needs a metric: each meter has its own group_by "
+                                               "properties (leave both out for every meter's totals)"))
     if problems:
         raise ValidationFailed(problems)
-    assert metric is not None
     return usage_totals.UsageQuery(org_id, metric, granularity, start, end, project_id, group_by)
 
 
@@ -116,13 +120,16 @@ async def answer(deps: ApiDeps, request: Request[Any, Any, Any], org_id: UUID,
     limit = parse_limit(params["limit"])
     offset = _offset(params["cursor"])
 
-    def run() -> tuple[usage_totals.UsageQuery, ZoneInfo, list[usage_totals.QuantityRow]]:
+    def run() -> tuple[usage_totals.UsageQuery, ZoneInfo,
+                       list[usage_totals.QuantityRow] | list[usage_totals.SummaryRow]]:
         with deps.read_pool.connection() as conn:
             org = organisations.get(conn, org_id)
             if org is None:
                 raise NotFound("organisation", org_id)
             tz = ZoneInfo(org.timezone)
             query = build_query(params, org_id, tz, project_id, datetime.now(tz).date())
+            if query.metric is None:
+                return query, tz, usage_totals.summary(conn, query)
             rule = usage_totals.meter_rule(conn, query.metric)
             if rule is None:
                 raise ValidationFailed([FieldError("metric", f"no meter {query.metric!r} has usage")])
@@ -141,7 +148,8 @@ async def answer(deps: ApiDeps, request: Request[Any, Any, Any], org_id: UUID,
         await wait_caught_up(deps, request, organisations.NAME)
         query, tz, rows = await anyio.to_thread.run_sync(run)
     page = rows[offset: offset + limit]
-    items = [_item(query, tz, r) for r in page]
+    items = [_summary_item(query, tz, r) if isinstance(r, usage_totals.SummaryRow)
+             else _item(query, tz, r) for r in page]
     more = offset + limit < len(rows)
     return UsagePage(items, str(offset + limit) if more else None)
 
@@ -154,21 +162,33 @@ def _offset(cursor: str | None) -> int:
     return int(cursor)
 
 
-def _item(q: usage_totals.UsageQuery, tz: ZoneInfo, row: usage_totals.QuantityRow) -> UsageItem:
-    start = row.period_start
+def _bounds(q: usage_totals.UsageQuery, tz: ZoneInfo, start: date) -> tuple[datetime, datetime]:
     end = start + timedelta(days=1) if q.granularity == "day" else month_after(start)
+    return datetime.combine(start, time(0), tz), datetime.combine(end, time(0), tz)
+
+
+def _summary_item(q: usage_totals.UsageQuery, tz: ZoneInfo, row: usage_totals.SummaryRow) -> UsageItem:
+    start, end = _bounds(q, tz, row.period_start)
+    return UsageItem(metric=row.metric, period_start=start, period_end=end,
+                     quantity=decimal_text(row.quantity), project_id=row.project_id)
+
+
+def _item(q: usage_totals.UsageQuery, tz: ZoneInfo, row: usage_totals.QuantityRow) -> UsageItem:
+    assert q.metric is not None
+    start, end = _bounds(q, tz, row.period_start)
     group = dict(zip(q.group_by, row.groups, strict=True)) if q.group_by else None
     return UsageItem(
         metric=q.metric,
-        period_start=datetime.combine(start, time(0), tz),
-        period_end=datetime.combine(end, time(0), tz),
+        period_start=start,
+        period_end=end,
         quantity=decimal_text(row.quantity),
         project_id=row.project_id,
         group=group,
     )
 
 
-@get("/admin/v1/organisations/{org_id:uuid}/usage", summary="An organisation's usage",
+@get("/admin/v1/organisations/{org_id:uuid}/usage",
+     summary="An organisation's usage: one meter's (metric=), or every meter's without metric",
      tags=["usage"])
 async def organisation_usage(org_id: FromPath[UUID],
                              request: Request[Any, Any, Any], deps: Deps) -> UsagePage:
@@ -177,7 +197,8 @@ async def organisation_usage(org_id: FromPath[UUID],
     return await answer(deps, request, org_id, project)
 
 
-@get("/api/v1/usage", summary="The calling project's own usage", tags=["usage"])
+@get("/api/v1/usage", summary="The calling project's own usage: one meter's (metric=), or every"
+                              " meter's without metric", tags=["usage"])
 async def own_usage(request: Request[Any, Any, Any], deps: Deps) -> UsagePage:
     key, _ = await authorise_key(request, deps)
     return await answer(deps, request, key.organisation_id, key.project_id)

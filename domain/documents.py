@@ -39,7 +39,7 @@ EXPORT_NOTE = "Supply meant for export of services under LUT without payment of 
 # GST state code used in returns and e-invoices for a place of supply outside India.
 OTHER_COUNTRY_STATE_CODE = "96"
 
-EmailKind = Literal["invoice", "paid"]
+EmailKind = Literal["invoice", "paid", "void"]
 
 # GST state / union territory codes (first two characters of a GSTIN).
 GST_STATES: dict[str, str] = {

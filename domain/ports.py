@@ -162,6 +162,11 @@ class InvoiceRunner(Protocol):
         Conflict then): a void between its reading and its drafting would lose late usage."""
         ...
 
+    def redraft(self, ident: UUID, *, actor: Actor | None) -> Any:
+        """Draft a replacement for a voided invoice (Conflict if it is not void, or while a run
+        runs): the next revision of its period, numbered when finalized."""
+        ...
+
 
 class IdempotencyStore(Protocol):
     """Admin Idempotency-Keys per principal, kept durably for the retention (docs/IDEMPOTENCY.md)."""

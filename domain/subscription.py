@@ -1,7 +1,9 @@
 """The Subscription aggregate (one per organisation) and which plan prices which period.
 
 A subscription is an append-only schedule of (plan code, effective from) entries: `Started`
-records the first one, `PlanChanged` every later one. A plan change takes effect from the
+records the first one, `PlanChanged` every later one, and `StartMoved` corrects the first one's
+start to an earlier instant (a back-dated correction; `periods_changed_by_start_move` names the
+periods it re-prices, which must have no invoice but a void one). A plan change takes effect from the
 start of the next billing period (calendar month in the organisation's timezone), never in
 the middle of one. `plan_for_period` is the pure rule that picks the plan code of a period and
 pins the plan version in force when the period began. The rules are in docs/PLANS.md.
@@ -18,7 +20,13 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate
 
 from domain.errors import FieldError, ValidationFailed
-from domain.period import next_period_start, period_bounds, period_start_at_or_after
+from domain.period import (
+    next_period_start,
+    period_bounds,
+    period_of,
+    period_start_at_or_after,
+    shift_period,
+)
 from domain.plan import pinned_version
 
 _SUBSCRIPTION_NAMESPACE = UUID("3e8b1f6a-7c2d-4a59-8e0f-6b1d2c3a4f22")
@@ -105,6 +113,40 @@ def change_effective_from(
     return max(effective, subscription_start)
 
 
+# A start moved earlier re-prices at most this many periods (ten years of months).
+START_MOVE_MAX_PERIODS = 120
+
+
+def moved_history(history: Sequence[SubscriptionEntry], starts_at: datetime) -> list[SubscriptionEntry]:
+    """The schedule with its first entry starting at `starts_at` instead."""
+    first = history[0]
+    return [SubscriptionEntry(first.plan_code, starts_at), *history[1:]]
+
+
+def periods_changed_by_start_move(
+    history: Sequence[SubscriptionEntry], starts_at: datetime, timezone: str,
+    versions: Mapping[str, PublishedVersions] | None = None,
+) -> list[str]:
+    """The periods whose plan (code or pinned version) moving the start to `starts_at` changes,
+    oldest first: those it uncovers, and the first period of the old start when its pin moves.
+    ValidationFailed when that span is longer than START_MOVE_MAX_PERIODS."""
+    first = period_of(starts_at, timezone)
+    last = period_of(history[0].effective_from, timezone)
+    span = [first]
+    while span[-1] < last:
+        if len(span) >= START_MOVE_MAX_PERIODS:
+            raise ValidationFailed([FieldError(
+                "starts_at", f"can move the start back by at most {START_MOVE_MAX_PERIODS} periods")])
+        span.append(shift_period(span[-1], 1))
+    moved = moved_history(history, starts_at)
+
+    def priced_by(schedule: Sequence[SubscriptionEntry], period: str) -> tuple[str, int | None] | None:
+        plan = plan_for_period(schedule, period, timezone, versions)
+        return None if plan is None else (plan.plan_code, plan.version)
+
+    return [p for p in span if priced_by(history, p) != priced_by(moved, p)]
+
+
 def _require_aware(value: datetime, name: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValidationFailed([FieldError(name, "must be a time with a UTC offset (RFC 3339)")])
@@ -135,6 +177,17 @@ class Subscription(Aggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate.history.append(SubscriptionEntry(self.plan_code, self.starts_at))
 
+    class StartMoved(Aggregate.Event):
+        """A correction: the first entry (plan `plan_code`) applies from `starts_at`, earlier
+        than it did. Carries the organisation too, so every fact names whom it bills."""
+
+        organisation_id: UUID
+        plan_code: str
+        starts_at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.history[:] = moved_history(aggregate.history, self.starts_at)
+
     def __init__(self, organisation_id: UUID) -> None:
         self.organisation_id = organisation_id
         self.history: list[SubscriptionEntry] = []
@@ -162,6 +215,33 @@ class Subscription(Aggregate):
         self.trigger_event(self.PlanChanged, timestamp=at, organisation_id=self.organisation_id,
                            plan_code=plan_code, starts_at=effective)
         return True
+
+    def moves_start(self, starts_at: datetime | None) -> bool:
+        """True when `starts_at` asks for the subscription to start earlier than it does."""
+        return starts_at is not None and _require_aware(starts_at, "starts_at") < self.starts_at
+
+    def move_start(self, plan_code: str, starts_at: datetime, at: datetime,
+                   invoiced: Mapping[str, str]) -> None:
+        """Decide: start earlier, at `starts_at`. `invoiced` maps each period the move changes
+        (periods_changed_by_start_move) that has an invoice other than a void one to that
+        invoice's status; any such period refuses the move, as does another plan than the
+        first one (a correction of the start, not a plan change)."""
+        start = _require_aware(starts_at, "starts_at")
+        first = self.history[0]
+        problems = []
+        if plan_code != first.plan_code:
+            problems.append(FieldError(
+                "plan_code", f"moving the start earlier keeps the first plan {first.plan_code!r}: "
+                             f"send plan_code {first.plan_code!r} (then change the plan, if need be)"))
+        if invoiced:
+            listed = ", ".join(f"{p} ({status})" for p, status in sorted(invoiced.items()))
+            problems.append(FieldError(
+                "starts_at", f"cannot start earlier: the periods this re-prices already have "
+                             f"invoices: {listed}; void them first, then redraft"))
+        if problems:
+            raise ValidationFailed(problems)
+        self.trigger_event(self.StartMoved, timestamp=at, organisation_id=self.organisation_id,
+                           plan_code=plan_code, starts_at=start)
 
     def plan_code_at(self, instant: datetime) -> str | None:
         entry = plan_at(self.history, instant)

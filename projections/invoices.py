@@ -30,6 +30,7 @@ NAME = "invoices"
 LIST_MAX_ROWS = 1000
 INVOICE_MAIL = "invoice"  # InvoiceMail kinds: the invoice itself, and its payment confirmation
 PAYMENT_MAIL = "payment"
+VOID_MAIL = "void"  # the void notice of an invoice that had been emailed
 
 DDL = (
     """CREATE TABLE IF NOT EXISTS invoices (
@@ -74,6 +75,8 @@ DDL = (
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS paid_emailed_at timestamptz",
     # The plan version's name when drafted; NULL: drafted before it was recorded.
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS plan_name text",
+    # When the void notice of an emailed invoice was emailed (NULL: not yet, or not owed).
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS void_emailed_at timestamptz",
 )
 
 
@@ -129,6 +132,9 @@ def _emailed(cur: Cursor[Any], e: InvoiceMail.Sent, position: int) -> None:
         cur.execute("UPDATE invoices SET emailed_at = %s WHERE id = %s", (e.timestamp, e.invoice_id))
     elif e.kind == PAYMENT_MAIL:
         cur.execute("UPDATE invoices SET paid_emailed_at = %s WHERE id = %s",
+                    (e.timestamp, e.invoice_id))
+    elif e.kind == VOID_MAIL:
+        cur.execute("UPDATE invoices SET void_emailed_at = %s WHERE id = %s",
                     (e.timestamp, e.invoice_id))
 
 
@@ -333,6 +339,16 @@ def paid_not_emailed(conn: Connection[Any], limit: int) -> list[InvoiceRow]:
     return all_rows(conn, InvoiceRow,
                     f"SELECT {_COLUMNS} FROM invoices WHERE paid_emailed_at IS NULL"
                     " AND status = %s ORDER BY finalized_at, id LIMIT %s", (PAID, limit))
+
+
+def void_not_emailed(conn: Connection[Any], limit: int) -> list[InvoiceRow]:
+    """Void invoices that had been emailed and whose void notice has not been recorded as sent,
+    oldest void first (an invoice voided before its email went out owes no notice)."""
+    assert 0 < limit <= LIST_MAX_ROWS
+    return all_rows(conn, InvoiceRow,
+                    f"SELECT {_COLUMNS} FROM invoices WHERE status = 'void'"
+                    " AND emailed_at IS NOT NULL AND void_emailed_at IS NULL"
+                    " ORDER BY voided_at, id LIMIT %s", (limit,))
 
 
 def billing_invoices(conn: Connection[Any], periods: list[str]) -> dict[UUID, list[UUID]]:

@@ -3,7 +3,7 @@
 `plan_versions` has one row per (code, version); `charges` is JSON with every decimal written
 as a decimal string, so no price ever passes through a float. `subscriptions` has one row per
 Started / PlanChanged event, in ledger order: the schedule that domain.subscription's
-`plan_for_period` reads.
+`plan_for_period` reads; a StartMoved rewrites the first row's `effective_from`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from domain.plan import Plan, StoredVersion
 from domain.subscription import PublishedVersions, Subscription, SubscriptionEntry
-from projections.base import ReadModel, all_rows, one_row
+from projections.base import ReadModel, all_rows, one_row, require_row
 
 NAME = "plans"
 LIST_MAX_ROWS = 1000
@@ -66,6 +66,17 @@ def _subscription_step(cur: Cursor[Any], e: Subscription.Started | Subscription.
     )
 
 
+def _start_moved(cur: Cursor[Any], e: Subscription.StartMoved, position: int) -> None:
+    # The correction rewrites the first step (the one Started recorded), as the aggregate does.
+    cur.execute(
+        "UPDATE subscriptions SET effective_from = %s WHERE organisation_id = %s AND"
+        " ledger_position = (SELECT min(ledger_position) FROM subscriptions"
+        " WHERE organisation_id = %s)",
+        (e.starts_at, e.organisation_id, e.organisation_id),
+    )
+    require_row(cur, "subscription of organisation", e.organisation_id)
+
+
 READ_MODEL = ReadModel(
     name=NAME,
     ddl=DDL,
@@ -75,6 +86,7 @@ READ_MODEL = ReadModel(
         Plan.VersionPublished: _version_published,
         Subscription.Started: _subscription_step,
         Subscription.PlanChanged: _subscription_step,
+        Subscription.StartMoved: _start_moved,
     },
 )
 

@@ -186,7 +186,7 @@ _QUANTITY = {
 @dataclass(frozen=True)
 class UsageQuery:
     organisation_id: UUID
-    metric: str
+    metric: str | None  # None: every meter (summary), never with group_by
     granularity: str
     start: date  # first period start included
     end: date  # periods starting before this
@@ -244,6 +244,42 @@ def quantities(conn: Connection[Any], q: UsageQuery, aggregation: str) -> list[Q
                         project_id=row[1] if with_project else None,
                         groups=tuple(row[1 + with_project:-1]))
             for row in rows]
+
+
+class SummaryRow(msgspec.Struct, frozen=True):
+    """One meter's quantity in one period (per project when the query names one)."""
+
+    metric: str
+    period_start: date
+    quantity: Decimal
+    project_id: UUID | None = None
+
+
+def summary(conn: Connection[Any], q: UsageQuery) -> list[SummaryRow]:
+    """Every meter's quantity per period of the organisation (of the query's project, if it
+    names one), each by its own aggregation: one row per (metric, period), ordered so."""
+    project = ", t.project_id" if q.project_id else ""
+    params: dict[str, Any] = {"org": q.organisation_id, "gran": q.granularity, "start": q.start,
+                              "end": q.end, "project": q.project_id, "limit": QUERY_MAX_ROWS}
+    where = ("t.organisation_id = %(org)s AND t.granularity = %(gran)s"
+             " AND t.period_start >= %(start)s AND t.period_start < %(end)s"
+             " AND (%(project)s::uuid IS NULL OR t.project_id = %(project)s)")
+    sql = (
+        f"SELECT t.metric, t.period_start{project}, CASE m.aggregation"
+        "  WHEN 'count' THEN sum(t.count)::numeric WHEN 'sum' THEN sum(t.sum)"
+        "  WHEN 'max' THEN max(t.max)"
+        "  WHEN 'latest' THEN (array_agg(t.latest_value"
+        "                      ORDER BY t.latest_at DESC, t.latest_position DESC))[1] END"
+        " FROM usage_totals t JOIN usage_meters m ON m.code = t.metric"
+        f" WHERE {where} AND m.aggregation <> 'unique_count'"
+        f" GROUP BY t.metric, t.period_start{project}, m.aggregation"
+        f" UNION ALL SELECT t.metric, t.period_start{project}, count(DISTINCT t.value)::numeric"
+        f" FROM usage_unique t WHERE {where} GROUP BY t.metric, t.period_start{project}"
+        f" ORDER BY 1, 2{', 3' if project else ''} LIMIT %(limit)s"
+    )
+    rows = conn.execute(sql.encode(), params).fetchall()
+    return [SummaryRow(metric=row[0], period_start=row[1], quantity=Decimal(row[-1]),
+                       project_id=row[2] if q.project_id else None) for row in rows]
 
 
 def period_quantities(conn: Connection[Any], month_start: date) -> dict[UUID, dict[str, Decimal]]:

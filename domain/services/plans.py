@@ -15,11 +15,18 @@ from uuid import UUID
 from domain.audit import Actor
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.instants import check_instant
+from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.organisation import Organisation
 from domain.plan import ChargeSpec, Plan, plan_id
 from domain.ports import Clock, Ledger
 from domain.services.base import Written, with_retries
-from domain.subscription import Subscription, subscription_id
+from domain.services.invoicing import REVISIONS_MAX
+from domain.subscription import (
+    PublishedVersions,
+    Subscription,
+    periods_changed_by_start_move,
+    subscription_id,
+)
 
 
 class PlansService:
@@ -60,7 +67,9 @@ class PlansService:
         actor: Actor | None,
     ) -> Written[Subscription]:
         """Start the organisation's subscription (from `starts_at`, default now), or change its
-        plan from the next period. Position 0 when the schedule already says so."""
+        plan from the next period, or (a `starts_at` earlier than its start) move its start
+        earlier: allowed while the periods that re-prices have no invoice but void ones,
+        otherwise ValidationFailed saying which. Position 0 when the schedule already says so."""
 
         check_instant(starts_at, "starts_at")
 
@@ -77,8 +86,29 @@ class PlansService:
             except NotFound:
                 sub = Subscription.start(organisation_id, plan_code, starts_at or now, now)
                 return Written(sub, self._ledger.save(sub, actor=actor))
+            if starts_at is not None and sub.moves_start(starts_at):
+                versions: dict[str, PublishedVersions] = {
+                    code: [(v.version, v.published_at) for v in self.plan(code).versions]
+                    for code in {entry.plan_code for entry in sub.history}}
+                changed = periods_changed_by_start_move(sub.history, starts_at, org.timezone, versions)
+                invoiced = {period: status for period in changed
+                            if (status := self._invoice_status(organisation_id, period)) is not None}
+                sub.move_start(plan_code, starts_at, now, invoiced)
+                return Written(sub, self._ledger.save(sub, actor=actor))
             if not sub.change_plan(plan_code, org.timezone, now, starts_at):
                 return Written(sub, 0)
             return Written(sub, self._ledger.save(sub, actor=actor))
 
         return with_retries(attempt)
+
+    def _invoice_status(self, organisation_id: UUID, period: str) -> str | None:
+        """The status of the period's invoice that is not void (a replacement of a voided one
+        included), or None when it has none."""
+        for revision in range(FIRST_REVISION, REVISIONS_MAX + 1):
+            try:
+                invoice = self._ledger.get(invoice_id(organisation_id, period, revision), Invoice)
+            except NotFound:
+                return None
+            if invoice.status != VOID:
+                return str(invoice.status)
+        return None
