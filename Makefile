@@ -24,9 +24,10 @@ types: $(STAMP)
 layers: $(STAMP)
 	$(BIN)/lint-imports
 
-# Two workers, each with its own embedded Postgres and NATS: the suite fits CI's 10 minutes.
+# Two workers, each with its own embedded Postgres and NATS, a test file on one worker (its
+# tests share a service and run in order): the suite fits CI's 10 minutes.
 pytest: $(STAMP)
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint types layers pytest
 
