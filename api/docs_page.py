@@ -16,6 +16,7 @@ from typing import Any
 from litestar import Request, Router, get
 from litestar.exceptions import NotFoundException
 from litestar.openapi.plugins import OpenAPIRenderPlugin
+from litestar.params import FromPath
 from litestar.response import File
 
 ASSETS_PACKAGE = "swagger_ui"  # PyPI: swagger-ui-py (Swagger UI 5, which reads OpenAPI 3.1)
@@ -38,7 +39,7 @@ def assets_dir() -> Path | None:
 
 @get(f"{ASSETS_PATH}/{{name:str}}", include_in_schema=False, sync_to_thread=False,
      cache_control=None)
-def asset(name: str) -> File:
+def asset(name: FromPath[str]) -> File:
     """One of Swagger UI's files, by name (only those the page uses)."""
     folder = assets_dir()
     media_type = ASSET_MEDIA_TYPES.get(name)
