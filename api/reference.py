@@ -326,7 +326,12 @@ def accepted_query(document: dict[str, Any]) -> dict[tuple[str, str], frozenset[
 
 def install(app: Litestar) -> None:
     """Complete the app's OpenAPI document, then tell api/input_rules.py which query parameters
-    each route accepts: the documented ones."""
+    each route accepts: the documented ones. Refuse to start if QUERY names a route the app does
+    not have (renamed or removed: its parameters would silently stop being accepted)."""
     document = app.plugins.get(OpenAPIPlugin).provide_openapi_schema()
+    routes = {(method.upper(), path) for path, method, _ in operations(document)}
+    stale = sorted(f"{m} {p}" for m, p in set(QUERY) - routes)
+    if stale:
+        raise RuntimeError(f"api/reference.py declares query parameters of no route: {stale}")
     complete(document)
     app.state[ACCEPTED_QUERY_STATE] = accepted_query(document)
