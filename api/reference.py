@@ -18,7 +18,7 @@ it. This module owns what it adds, once, after the document is generated (`insta
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,6 +255,30 @@ WEBHOOK_BODY: dict[str, Any] = {
 }
 
 
+# ---- success answers a handler's return type cannot tell ---------------------------------------------
+
+def _document_formats(responses: dict[str, Any]) -> None:
+    ok = responses.setdefault("200", {"description": "The invoice document"})
+    ok["description"] = ("The invoice as HTML (format=html, inline) or PDF (format=pdf, an"
+                         " attachment); Content-Disposition names the file, e.g. INV-2627-000001.pdf")
+    ok.setdefault("content", {})["application/pdf"] = {
+        "schema": {"type": "string", "contentMediaType": "application/pdf"}}
+    ok.setdefault("headers", {})["Content-Disposition"] = {
+        "schema": {"type": "string"}, "description": "inline (html) or attachment (pdf); filename"}
+
+
+def _order_already_made(responses: dict[str, Any]) -> None:
+    if "201" in responses:
+        responses.setdefault("200", {**responses["201"], "description": "An open order for the"
+                                     " amount due was already recorded: that order, unchanged"})
+
+
+SUCCESS: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {
+    ("GET", f"{A}/invoices/{{invoice_id}}/document"): _document_formats,
+    ("POST", f"{A}/invoices/{{invoice_id}}/payment-orders"): _order_already_made,
+}
+
+
 # ---- putting it into the document ------------------------------------------------------------------
 
 def _header(name: str, description: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
@@ -308,6 +332,8 @@ def complete(document: dict[str, Any]) -> None:
             del op["parameters"]
         op["security"] = security_of(path)
         responses: dict[str, Any] = op.setdefault("responses", {})
+        if (method.upper(), path) in SUCCESS:
+            SUCCESS[(method.upper(), path)](responses)
         codes = errors_of(path, method, op)
         if "400" not in codes:  # Litestar's own guess; this API answers bad parameters with 422
             responses.pop("400", None)
@@ -330,8 +356,8 @@ def install(app: Litestar) -> None:
     not have (renamed or removed: its parameters would silently stop being accepted)."""
     document = app.plugins.get(OpenAPIPlugin).provide_openapi_schema()
     routes = {(method.upper(), path) for path, method, _ in operations(document)}
-    stale = sorted(f"{m} {p}" for m, p in set(QUERY) - routes)
+    stale = sorted(f"{m} {p}" for m, p in (set(QUERY) | set(SUCCESS)) - routes)
     if stale:
-        raise RuntimeError(f"api/reference.py declares query parameters of no route: {stale}")
+        raise RuntimeError(f"api/reference.py declares parameters or answers of no route: {stale}")
     complete(document)
     app.state[ACCEPTED_QUERY_STATE] = accepted_query(document)
