@@ -189,6 +189,8 @@ _WHY = {
     "422": "The request is invalid (every broken rule listed in `errors`), or names a query"
            " parameter the route does not take; nothing was changed.",
     "429": "The API key's rate limit is spent; Retry-After says when to come back.",
+    "502": "The payment gateway answered with an error, or with something that is not its"
+           " API's answer; nothing was recorded.",
     "503": "A dependency (the ledger, a read model, the payment gateway) is not answering;"
            " Retry-After says when to try again.",
 }
@@ -196,9 +198,15 @@ _HAS_BODY = ("post", "put", "patch")
 _PATH_PARAM = re.compile(r"\{[^}]+\}")
 
 
-def errors_of(path: str, method: str, operation: dict[str, Any]) -> list[str]:
+# Error answers particular to a route (keyed like QUERY), beyond those of its kind.
+EXTRA_ERRORS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("POST", f"{A}/invoices/{{invoice_id}}/payment-orders"): ("502",),
+}
+
+
+def errors_of(path: str, method: str) -> list[str]:
     """The error statuses a route can answer, by what it is."""
-    codes = ["422"]
+    codes = ["422", *EXTRA_ERRORS.get((method.upper(), path), ())]
     secured = path.startswith(("/admin/", "/api/"))
     if secured or path == "/metrics":
         codes += ["401", "403"]
@@ -334,7 +342,7 @@ def complete(document: dict[str, Any]) -> None:
         responses: dict[str, Any] = op.setdefault("responses", {})
         if (method.upper(), path) in SUCCESS:
             SUCCESS[(method.upper(), path)](responses)
-        codes = errors_of(path, method, op)
+        codes = errors_of(path, method)
         if "400" not in codes:  # Litestar's own guess; this API answers bad parameters with 422
             responses.pop("400", None)
         for code in codes:
@@ -356,7 +364,7 @@ def install(app: Litestar) -> None:
     not have (renamed or removed: its parameters would silently stop being accepted)."""
     document = app.plugins.get(OpenAPIPlugin).provide_openapi_schema()
     routes = {(method.upper(), path) for path, method, _ in operations(document)}
-    stale = sorted(f"{m} {p}" for m, p in (set(QUERY) | set(SUCCESS)) - routes)
+    stale = sorted(f"{m} {p}" for m, p in (set(QUERY) | set(SUCCESS) | set(EXTRA_ERRORS)) - routes)
     if stale:
         raise RuntimeError(f"api/reference.py declares parameters or answers of no route: {stale}")
     complete(document)
