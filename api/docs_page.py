@@ -22,8 +22,8 @@ from litestar.response import File
 ASSETS_PACKAGE = "swagger_ui"  # PyPI: swagger-ui-py (Swagger UI 5, which reads OpenAPI 3.1)
 ASSETS_PATH = "/assets"  # under the OpenAPI path: /schema/assets/<name>
 ASSET_MEDIA_TYPES = {
-    "swagger-ui.css": "text/css; charset=utf-8",
-    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css",  # Litestar adds "; charset=utf-8" to text types
+    "swagger-ui-bundle.js": "text/javascript",
     "favicon-32x32.png": "image/png",
 }
 ASSET_MAX_AGE_S = 24 * 3600

@@ -178,6 +178,7 @@ async def test_the_docs_page_and_every_asset_it_references_come_from_the_service
             asset = await api.http.get(ref)
             assert asset.status_code == 200, (ref, asset.status_code)
             assert len(asset.content) > 500, ref
+            assert asset.headers["content-type"].count("charset") <= 1, asset.headers["content-type"]
             if ref.endswith(".css"):
                 # Images in the CSS are inline (data:), never fetched from elsewhere.
                 assert all(u.strip("'\"").startswith("data:")
