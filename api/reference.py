@@ -194,6 +194,13 @@ _WHY = {
     "503": "A dependency (the ledger, a read model, the payment gateway) is not answering;"
            " Retry-After says when to try again.",
 }
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again",
+                                 "schema": {"type": "integer", "minimum": 0}}}
+_ERROR_HEADERS: dict[str, dict[str, Any]] = {
+    "401": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    "429": _RETRY_AFTER,
+    "503": _RETRY_AFTER,
+}
 _HAS_BODY = ("post", "put", "patch")
 _PATH_PARAM = re.compile(r"\{[^}]+\}")
 
@@ -347,6 +354,8 @@ def complete(document: dict[str, Any]) -> None:
             responses.pop("400", None)
         for code in codes:
             responses[code] = {"description": _WHY[code], "content": problem}
+            if code in _ERROR_HEADERS:
+                responses[code]["headers"] = _ERROR_HEADERS[code]
 
 
 def accepted_query(document: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
