@@ -131,11 +131,13 @@ async def test_a_query_parameter_a_route_does_not_take_is_a_422_naming_it_on_eve
     for method, template in RULES:  # every permissioned route is among them
         assert (template, method.lower()) in {(p, m) for p, m, _ in ops}
     head = api.count(EVENTS_TABLE)
+    problem = jsonschema_rs.validator_for(document["components"]["schemas"]["Problem"])
     for path, method, _ in ops:
         r = await api.http.request(method.upper(), _filled(path), headers=AUTH,
                                    params={"start": "2026-01-01"})
         assert r.status_code == 422, f"{method.upper()} {path}: {r.status_code} {r.text[:300]}"
         assert r.headers["content-type"].startswith("application/problem+json")
+        problem.validate(r.json())  # the answer has the documented problem shape
         errors = r.json()["errors"]
         assert [e["field"] for e in errors] == ["start"], (method, path, errors)
         assert "is not a query parameter of this route" in errors[0]["message"]
