@@ -8,10 +8,11 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from api import health, input_rules, problems
+from api import health, input_rules, problems, reference
 from api.audit import AuditController
 from api.auth import admin_guard, provide_actor
 from api.deps import ApiDeps
+from api.docs_page import OfflineSwaggerPage
 from api.idempotency import IdempotencyMiddleware
 from api.ingest import ingest
 from api.invoice_runs import invoice_run
@@ -66,12 +67,14 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         exception_handlers={Exception: problems.handle},
         before_request=input_rules.check_request,  # docs/INPUT.md: strings, JSON bodies
         request_max_body_size=MAX_BODY_BYTES,
-        openapi_config=OpenAPIConfig(title="Billing ledger API", version="1"),
+        openapi_config=OpenAPIConfig(title="Billing ledger API", version="1",
+                                     render_plugins=[OfflineSwaggerPage()]),  # api/docs_page.py
         debug=False,
         logging_config=None,  # infra/logs.py owns logging (JSON lines)
         experimental_features=list[ExperimentalFeatures](),
     )
     check_rules(app)
+    reference.install(app)  # api/reference.py: the document's parameters, security and errors
     app.state.deps = deps
     app.state.metrics = metrics
     return app, RequestIdMiddleware(app, metrics)

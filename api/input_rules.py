@@ -5,7 +5,9 @@ UTF-8 cannot encode a lone surrogate, and a control character hides in operators
 and audit lists. So every string a client sends — JSON keys and values at any depth, query
 parameters (names and values), path parameters — is refused with a 422 naming its field when it
 holds a character of REFUSED_CHARACTERS; bodies must be JSON by content type (415), without
-duplicate keys (422), and nested at most JSON_MAX_DEPTH levels (422).
+duplicate keys (422), and nested at most JSON_MAX_DEPTH levels (422). A query parameter the
+route does not document in the OpenAPI document (api/reference.py) is refused with a 422 naming
+it: a misspelt `start=` must not silently fall back to a default.
 
 `check_request` is the app's `before_request` hook: it runs after routing and the guards, before
 Litestar decodes the body into the handler's struct. Ingestion (the hot path) opts out of its body
@@ -41,6 +43,9 @@ JSON_MAX_DEPTH = 32  # levels of nested arrays and objects in any body
 # as not JSON when it is not). Decision in docs/INPUT.md.
 JSON_MEDIA_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded"})
 INPUT_RULES_OPT = "input_rules"
+# app.state key: {(METHOD, path template): names} of the query parameters each route documents
+# (set by api/reference.py); any other name is refused (422), so a typo never goes unnoticed.
+ACCEPTED_QUERY_STATE = "accepted_query"
 OWN_BODY_RULES = "own-body-rules"  # the route applies the body rules itself (ingestion)
 
 
@@ -206,10 +211,28 @@ def parameter_problems(request: Request[Any, Any, Any]) -> list[FieldError]:
     return errors
 
 
+def unknown_query_problems(request: Request[Any, Any, Any]) -> list[FieldError]:
+    """A 422's errors for each query parameter the route does not document (api/reference.py).
+    A route outside the OpenAPI document (the docs page's own) is not checked."""
+    if not request.scope.get("query_string"):
+        return []
+    accepted: dict[tuple[str, str], frozenset[str]] | None = getattr(
+        request.app.state, ACCEPTED_QUERY_STATE, None)
+    if accepted is None:
+        return []
+    method = "GET" if request.method == "HEAD" else request.method
+    names = accepted.get((method, request.scope.get("path_template", "").rstrip("/") or "/"))
+    if names is None:
+        return []
+    takes = ", ".join(sorted(names)) or "none"
+    return [FieldError(_join("", name), f"is not a query parameter of this route (it takes: {takes})")
+            for name in dict.fromkeys(request.query_params) if name not in names]
+
+
 async def check_request(request: Request[Any, Any, Any]) -> None:
     """The app's before_request hook: parameters, then the body's content type and JSON rules.
     Raises ValidationFailed (422) or UnsupportedMediaType (415); returns None to go on."""
-    errors = parameter_problems(request)
+    errors = parameter_problems(request) or unknown_query_problems(request)
     if errors:
         raise ValidationFailed(errors)
     if request.route_handler.opt.get(INPUT_RULES_OPT) == OWN_BODY_RULES:
