@@ -72,7 +72,8 @@ PAGE = (LIMIT, CURSOR)
 _DATE_OR_TIME = ("A date (YYYY-MM-DD, in the organisation's timezone) or an RFC 3339 time with"
                  " offset")
 USAGE = (
-    Query("metric", "The meter's code.", {"type": "string", "minLength": 1}, required=True),
+    Query("metric", "The meter's code; left out, every meter's total per period (then no group_by).",
+          {"type": "string", "minLength": 1}),
     Query("granularity", "One row per month (default) or per day.",
           {"type": "string", "enum": ["month", "day"], "default": "month"}),
     Query("from", f"{_DATE_OR_TIME}; default: the start of the current month.", {"type": "string"}),
