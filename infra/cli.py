@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # given by `serve`
     for role, text in (("relay", "run the ledger relay only (one active, others standby)"),
                        ("project", "run the projectors only"),
-                       ("worker", "run the relay and the projectors in one process")):
+                       ("worker", "run the relay and the projectors in one process"),
+                       ("scheduler", "run the scheduler only: invoice runs and daily jobs (each "
+                                     "under an advisory lock: several schedulers never double)")):
         # `serve` lowers its background roles' priority: under CPU pressure the API answers first.
         sub.add_parser(role, help=text).add_argument("--niceness", type=int, default=0,
                                                      help=argparse.SUPPRESS)
@@ -467,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_roles(settings, {"api", "scheduler"}, with_children=True)
     if args.command == "api":
         return _run_roles(settings, {"api"}, listen_fd=args.listen_fd)
-    if args.command in ("relay", "project", "worker"):
+    if args.command in ("relay", "project", "worker", "scheduler"):
         if args.niceness:
             os.nice(args.niceness)
         return _run_roles(settings, {"relay", "project"} if args.command == "worker"

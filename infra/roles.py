@@ -124,7 +124,8 @@ async def _supervise(jobs: list[Coroutine[Any, Any, None]], stop: asyncio.Event,
         server.should_exit = True
     if scheduler is not None:
         scheduler.shutdown(wait=False)
-    await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
+    if tasks:  # none in a scheduler-only process (asyncio.wait refuses an empty set)
+        await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
     stopper.cancel()
     for task in tasks:
         task.cancel()
