@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     admin = sub.add_parser("admin", help="admin principals").add_subparsers(dest="action", required=True)
     tok = admin.add_parser("create-token", help="print a new admin token (shown once)")
     tok.add_argument("--role", required=True, choices=PRINCIPAL_ROLES)
-    tok.add_argument("--organisation", help="organisation id, for org_admin / org_viewer")
+    tok.add_argument("--organisation", help="organisation id, for org_admin / org_viewer",
+                     type=_ident)
     tok.add_argument("--name", default="created with the CLI")
     orgs = sub.add_parser("orgs", help="organisations").add_subparsers(dest="action", required=True)
     oc = orgs.add_parser("create", help="create an organisation; prints its id")
@@ -96,14 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     projects = sub.add_parser("projects", help="an organisation's projects").add_subparsers(
         dest="action", required=True)
     pc = projects.add_parser("create", help="create a project of an organisation; prints its id")
-    pc.add_argument("--organisation", required=True, help="organisation id")
+    pc.add_argument("--organisation", required=True, help="organisation id", type=_ident)
     pc.add_argument("--name", required=True)
     keys = sub.add_parser("keys", help="project API keys").add_subparsers(dest="action", required=True)
     kc = keys.add_parser("create", help="print a new API key for a project (shown once)")
-    kc.add_argument("--project", required=True)
+    kc.add_argument("--project", required=True, help="project id", type=_ident)
     kc.add_argument("--name", default="created with the CLI")
     kr = keys.add_parser("revoke", help="revoke an API key")
-    kr.add_argument("key_id")
+    kr.add_argument("key_id", type=_ident)
     inv = sub.add_parser("invoices", help="invoices").add_subparsers(dest="action", required=True)
     ir = inv.add_parser("run", help="draft every subscribed organisation's invoice for a period")
     ir.add_argument("--period", required=True, help="YYYY-MM")
@@ -295,6 +296,17 @@ def _invalid_arguments(args: argparse.Namespace) -> str | None:
         except ValidationFailed as e:
             return str(e)
     return None
+
+
+def _ident(value: str) -> str:
+    """An id argument (a UUID), checked as the arguments are parsed, before any server is started:
+    a mistyped id is a usage error (exit 2) naming its option, not a UUID parser's message."""
+    try:
+        return str(UUID(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an id (ids are UUIDs, as `billing orgs create`, `projects create` "
+            "and `keys create` print them)") from None
 
 
 def _status(rt: Runtime, out: TextIO) -> int:

@@ -114,7 +114,9 @@ def test_a_project_of_an_unknown_organisation_is_refused_with_exit_2(rt: Runtime
     code, out, err = billing(rt, "projects", "create", "--organisation",
                              "00000000-0000-4000-8000-000000000000", "--name", "web")
     assert (code, out) == (2, "") and "not found" in err
-    assert billing(rt, "projects", "create", "--organisation", "nope", "--name", "web")[0] == 2
+    with pytest.raises(SystemExit) as refused:  # a usage error, found as the arguments are parsed
+        billing(rt, "projects", "create", "--organisation", "nope", "--name", "web")
+    assert refused.value.code == 2
 
 
 def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_the_schedule(
@@ -144,3 +146,34 @@ def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_th
                                "{'usage_totals': [7]}") for line in lines), out
     assert lines[-1].startswith(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while "
                                 "`billing serve` runs (the first at its start), for ")
+
+
+@pytest.mark.parametrize("argv", [
+    ["invoices", "run", "--period", "2026-13"],
+    ["projects", "create", "--organisation", "nope", "--name", "web"],
+    ["keys", "create", "--project", "nope"],
+    ["keys", "revoke", "nope"],
+    ["admin", "create-token", "--role", "org_admin", "--organisation", "nope"],
+])
+def test_bad_arguments_are_refused_with_exit_2_before_any_data_is_looked_for(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], cli_process_state: None,
+) -> None:
+    """A bad period or id is the user's to fix, said first: not 'no data' (exit 3), not a UUID
+    parser's message after a server was started."""
+    for name in ("DATABASE_URL", "NATS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BILLING_DATA_DIR", str(tmp_path / "absent"))
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage error
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "no billing data" not in captured.err
+    if argv[0] == "invoices":
+        assert captured.err == "billing: period: must be a month written YYYY-MM, e.g. 2026-10\n"
+    else:
+        assert re.search(r"error: argument (--organisation|--project|key_id): 'nope' is not an "
+                         r"id \(ids are UUIDs", captured.err), captured.err
+    assert not (tmp_path / "absent").exists()
