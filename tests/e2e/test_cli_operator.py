@@ -164,6 +164,7 @@ def test_bad_arguments_are_refused_with_exit_2_before_any_data_is_looked_for(
     for name in ("DATABASE_URL", "NATS_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("BILLING_DATA_DIR", str(tmp_path / "absent"))
+    code: int | str | None
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's usage error
