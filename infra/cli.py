@@ -59,6 +59,12 @@ CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 INVOICE_PERIODS_SQL = ("SELECT period, count(*), max(created_at) FROM invoices"
                        " GROUP BY period ORDER BY period DESC LIMIT %s")
 STATUS_PERIODS_MAX = 3  # `billing status`: the latest periods it shows invoice runs for
+# `billing status`: where to see the organisations a run skipped, and why. A run's outcome for
+# each organisation is in its answer, not yet recorded; running a period again leaves its
+# existing invoices as they are and answers that list afresh.
+WHY_NOT_INVOICED = ("organisations not invoiced, each with why (skipped, not due, failed): "
+                    "`billing invoices run --period {period}` lists them (its existing invoices "
+                    "stay as they are)\n")
 FAILED_DELIVERIES_SQL = ("SELECT id, event_id, event_type, detail FROM gateway_events"
                          " WHERE outcome = 'failed' ORDER BY received_at, id")
 
@@ -336,6 +342,8 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   f"dead-lettered entries {b['read_models']} (run of "
                   f"{b['recorded_at'].isoformat(timespec='minutes')}); fix, `billing dlq redrive`, "
                   "then run the period again\n")
+    if periods:  # until runs are recorded with their reasons, a run's own answer has them
+        out.write(WHY_NOT_INVOICED.format(period=periods[0][0]))
     # The schedule lives in the `serve` process; this one cannot see its next fire time.
     due = due_periods(datetime.now(UTC), timedelta(hours=rt.settings.grace_hours),
                       CATCH_UP_PERIODS)

@@ -144,6 +144,9 @@ def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_th
     assert any(line.startswith(f"not invoiced for {invoice.period}: Blocked Ltd "
                                f"({invoice.organisation_id}): dead-lettered entries "
                                "{'usage_totals': [7]}") for line in lines), out
+    assert lines[-2] == ("organisations not invoiced, each with why (skipped, not due, failed): "
+                         f"`billing invoices run --period {invoice.period}` lists them (its "
+                         "existing invoices stay as they are)")
     assert lines[-1].startswith(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while "
                                 "`billing serve` runs (the first at its start), for ")
 
