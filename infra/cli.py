@@ -38,6 +38,7 @@ from infra import logs
 from infra.embedded import embedded_servers
 from infra.roles import listen_socket, run_roles
 from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN
+from infra.service_data import missing_ledger
 from infra.settings import Settings, from_env
 from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
 
@@ -236,6 +237,9 @@ def _operator(settings: Settings, args: argparse.Namespace) -> int:
         sys.stderr.write(f"billing: {missing}\n")
         return NO_DATA_EXIT
     with _service_database(settings) as db:
+        if (no_ledger := missing_ledger(db, settings.pg_schema)) is not None:
+            sys.stderr.write(f"billing: {no_ledger}\n")
+            return NO_DATA_EXIT
         # The operator commands read and write the ledger and the read models; none needs NATS.
         rt = Runtime.open(settings, db, settings.nats_url or "")
         try:

@@ -12,8 +12,9 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import UUID
+from uuid import UUID, uuid4
 
+import psycopg
 import pytest
 
 from adapters import bookkeeping
@@ -22,6 +23,7 @@ from domain.audit import AuditEntry
 from domain.project import Project
 from domain.records import Blocked
 from infra.cli import NO_DATA_EXIT, _operate, _parser, main
+from infra.embedded import free_port
 from infra.scheduler import INVOICE_RUN_EVERY_MIN
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoices
@@ -181,3 +183,35 @@ def test_bad_arguments_are_refused_with_exit_2_before_any_data_is_looked_for(
         assert re.search(r"error: argument (--organisation|--project|key_id): 'nope' is not an "
                          r"id \(ids are UUIDs", captured.err), captured.err
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_database_without_the_ledger_is_refused_and_left_as_it_was(
+    rt: Runtime, server_urls: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], cli_process_state: None,
+) -> None:
+    """DATABASE_URL (or BILLING_PG_SCHEMA) naming a database the service never ran on: the
+    command says so, exit 3, and creates no ledger there; the service's own is worked on."""
+    schema = f"t_noledger_{uuid4().hex[:8]}"
+    monkeypatch.delenv("NATS_URL", raising=False)
+    monkeypatch.setenv("BILLING_DATA_DIR", str(tmp_path / "absent"))
+    monkeypatch.setenv("DATABASE_URL", server_urls[0])
+    monkeypatch.setenv("BILLING_PG_SCHEMA", schema)
+    for argv in (["status"], ["orgs", "create", "--name", "A", "--billing-email", "a@b.in"]):
+        assert main(argv) == NO_DATA_EXIT
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"billing: no billing ledger in schema '{schema}' of "
+                                       "127.0.0.1:"), captured.err
+    with psycopg.connect(server_urls[0]) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s",
+                            (schema,)).fetchone() == (0,)
+
+    monkeypatch.setenv("BILLING_PG_SCHEMA", rt.settings.pg_schema)
+    assert main(["dlq", "list"]) == 0
+    assert capsys.readouterr().out == "no dead letters\n"
+
+    unreachable = f"postgresql://billing:s3cret@127.0.0.1:{free_port()}/billing"
+    monkeypatch.setenv("DATABASE_URL", unreachable)
+    assert main(["status"]) == NO_DATA_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("billing: cannot reach the database at 127.0.0.1:") and "s3cret" not in err
