@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from adapters import bookkeeping
 from adapters.maintenance import rebuild, redrive
+from adapters.schedule import job_record
 from domain.access import PRINCIPAL_ROLES
 from domain.audit import Actor
 from domain.errors import DomainError, NotFound, ValidationFailed
@@ -37,7 +38,7 @@ from domain.services.payments import FAILED, PaymentsService
 from infra import logs
 from infra.embedded import embedded_servers
 from infra.roles import listen_socket, run_roles
-from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN
+from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN, INVOICE_RUN_JOB
 from infra.service_data import missing_ledger
 from infra.settings import Settings, from_env
 from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
@@ -60,6 +61,9 @@ CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 INVOICE_PERIODS_SQL = ("SELECT period, count(*), max(created_at) FROM invoices"
                        " GROUP BY period ORDER BY period DESC LIMIT %s")
 STATUS_PERIODS_MAX = 3  # `billing status`: the latest periods it shows invoice runs for
+# `billing status`: a scheduler writes its next run time as it submits a run; a time this far in
+# the past means no scheduler is running the invoice run.
+SCHEDULE_LATE_S = 120
 # `billing status`: where to see the organisations a run skipped, and why. A run's outcome for
 # each organisation is in its answer, not yet recorded; running a period again leaves its
 # existing invoices as they are and answers that list afresh.
@@ -348,12 +352,36 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   "then run the period again\n")
     if periods:  # until runs are recorded with their reasons, a run's own answer has them
         out.write(WHY_NOT_INVOICED.format(period=periods[0][0]))
-    # The schedule lives in the `serve` process; this one cannot see its next fire time.
-    due = due_periods(datetime.now(UTC), timedelta(hours=rt.settings.grace_hours),
-                      CATCH_UP_PERIODS)
-    out.write(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while `billing serve` runs "
-              f"(the first at its start), for {', '.join(sorted(due))}\n")
+    out.write(next_run_line(rt, datetime.now(UTC)))
     return 1 if blocked else 0
+
+
+def next_run_line(rt: Runtime, now: datetime) -> str:
+    """`billing status`'s last line: when the scheduler (in `billing serve`, another process) runs
+    the invoice run next, from the record it keeps (adapters/schedule.py), and for which periods;
+    or, if its record is stale, that no scheduler is running it."""
+    grace = timedelta(hours=rt.settings.grace_hours)
+    every = f"every {INVOICE_RUN_EVERY_MIN} min while `billing serve` runs (the first at its start)"
+    with rt.pool.connection() as conn:
+        job = job_record(conn, INVOICE_RUN_JOB)
+    if job is None or job.next_run_at is None:
+        return (f"next invoice run: {every}, for "
+                f"{', '.join(sorted(due_periods(now, grace, CATCH_UP_PERIODS)))}\n")
+    last = ""
+    if job.started_at is not None:
+        last = f"; the last started {_minute(job.started_at)}" + (
+            f", finished {_minute(job.finished_at)}"
+            if job.finished_at is not None and job.finished_at >= job.started_at
+            else ", still running")
+    due = ", ".join(sorted(due_periods(max(now, job.next_run_at), grace, CATCH_UP_PERIODS)))
+    if job.next_run_at >= now - timedelta(seconds=SCHEDULE_LATE_S):
+        return f"next invoice run: {_minute(job.next_run_at)}, for {due} ({every}{last})\n"
+    return (f"next invoice run: none scheduled: one was due {_minute(job.next_run_at)} and no "
+            f"scheduler has run it since; is `billing serve` running? ({every}{last})\n")
+
+
+def _minute(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="minutes")
 
 
 class FailedDelivery(msgspec.Struct, frozen=True):

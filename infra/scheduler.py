@@ -9,9 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_SUBMITTED,
+    JobEvent,
+)
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from adapters import schedule
 from domain.errors import Conflict, DomainError
 from domain.period import due_periods
 from infra.wiring import Runtime
@@ -26,6 +35,7 @@ FINALIZE_BATCH_MAX = 1000
 EMAIL_EVERY_MIN = 1
 RECOVERY_EVERY_MIN = 1
 RECOVERY_BATCH_MAX = 100  # orders checked per pass; the rest wait for the next minute
+INVOICE_RUN_JOB = "invoice-run"  # the invoice run's job id, as start() schedules it
 
 
 async def invoice_job(rt: Runtime) -> None:
@@ -135,5 +145,43 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler.add_job(recovery_job, "interval", minutes=RECOVERY_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=20), max_instances=1, coalesce=True,
                       id="payment-recovery")
+    record_invoice_schedule(rt, scheduler)
     scheduler.start()
     return scheduler
+
+
+def record_invoice_schedule(rt: Runtime, scheduler: AsyncIOScheduler) -> None:
+    """Keep the invoice run's record (adapters/schedule.py) as the scheduler runs it: its next
+    run time whenever a run is submitted (or refused while one still runs), and when each run
+    started and finished. Written from a worker thread: the event loop never waits on Postgres."""
+    pending: set[asyncio.Future[None]] = set()
+
+    def on_event(event: JobEvent) -> None:
+        if event.job_id != INVOICE_RUN_JOB:
+            return
+        now = datetime.now(UTC)
+        started = now if event.code == EVENT_JOB_SUBMITTED else None
+        finished = now if event.code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR) else None
+        write = partial(_record_invoice_job, rt, scheduler, now, started, finished)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the loop (a thread executor's callback): write here
+            write()
+            return
+        task = asyncio.ensure_future(loop.run_in_executor(None, write))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    scheduler.add_listener(on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_MAX_INSTANCES
+                           | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+
+
+def _record_invoice_job(rt: Runtime, scheduler: AsyncIOScheduler, now: datetime,
+                        started: datetime | None, finished: datetime | None) -> None:
+    job = scheduler.get_job(INVOICE_RUN_JOB)
+    try:
+        with rt.pool.connection() as conn:
+            schedule.record(conn, INVOICE_RUN_JOB, next_run_at=job.next_run_time if job else None,
+                            now=now, started_at=started, finished_at=finished)
+    except Exception as e:  # a record for `billing status`: never a reason to stop the scheduler
+        log.warning("could not record the invoice run's schedule: %s", e)
