@@ -95,7 +95,8 @@ SENSIBLE: dict[str, Callable[[str], bool]] = {
     "keys create": lambda out: out.strip().startswith("bk_") and len(out.split()) == 1,
     "status": lambda out: (re.search(r"^relay: position \d+, head \d+, lag \d+$", out, re.M)
                            is not None and "dead letters 0" in out
-                           and "next invoice run: every" in out),
+                           and re.search(r"^next invoice run: \d{4}-\d\d-\d\dT", out, re.M)
+                           is not None),  # as the running service's scheduler recorded it
     "invoices run": lambda out: re.match(r"\d{4}-\d\d: created \d+, existing \d+, skipped \d+, "
                                          r"not due \d+, failed 0, blocked 0$", out) is not None,
     "dlq list": lambda out: out == "no dead letters\n",
