@@ -350,8 +350,11 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   f"dead-lettered entries {b['read_models']} (run of "
                   f"{b['recorded_at'].isoformat(timespec='minutes')}); fix, `billing dlq redrive`, "
                   "then run the period again\n")
-    if periods:  # until runs are recorded with their reasons, a run's own answer has them
-        out.write(WHY_NOT_INVOICED.format(period=periods[0][0]))
+    # Until runs are recorded with their reasons, a run's own answer has them: the latest period
+    # invoiced, or, before any invoice, the latest the scheduler runs.
+    latest = periods[0][0] if periods else max(due_periods(
+        datetime.now(UTC), timedelta(hours=rt.settings.grace_hours), CATCH_UP_PERIODS))
+    out.write(WHY_NOT_INVOICED.format(period=latest))
     out.write(next_run_line(rt, datetime.now(UTC)))
     return 1 if blocked else 0
 

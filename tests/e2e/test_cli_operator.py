@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -20,11 +21,12 @@ import pytest
 from adapters import bookkeeping
 from adapters.maintenance import rebuild
 from domain.audit import AuditEntry
+from domain.period import due_periods
 from domain.project import Project
 from domain.records import Blocked
 from infra.cli import NO_DATA_EXIT, _operate, _parser, main
 from infra.embedded import free_port
-from infra.scheduler import INVOICE_RUN_EVERY_MIN
+from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoices
 from tests.conftest import make_settings
@@ -127,6 +129,11 @@ def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_th
     code, out, _ = billing(rt, "status")
     assert code == 0
     assert "invoice runs: none has drafted an invoice yet\n" in out
+    latest = max(due_periods(datetime.now(UTC), timedelta(hours=rt.settings.grace_hours),
+                             CATCH_UP_PERIODS))
+    assert out.splitlines()[-2] == ("organisations not invoiced, each with why (skipped, not due, "
+                                    f"failed): `billing invoices run --period {latest}` lists "
+                                    "them (its existing invoices stay as they are)")
 
     _, invoice = finalized(rt)
     rebuild(rt.pool, rt.ledger, invoices.READ_MODEL)
