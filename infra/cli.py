@@ -362,12 +362,13 @@ def _status(rt: Runtime, out: TextIO) -> int:
 def next_run_line(rt: Runtime, now: datetime) -> str:
     """`billing status`'s last line: when the scheduler (in `billing serve`, another process) runs
     the invoice run next, from the record it keeps (adapters/schedule.py), and for which periods;
-    or, if its record is stale, that no scheduler is running it."""
+    or, if it stopped or its record is stale (a killed `serve` records nothing), that no
+    scheduler is running it."""
     grace = timedelta(hours=rt.settings.grace_hours)
     every = f"every {INVOICE_RUN_EVERY_MIN} min while `billing serve` runs (the first at its start)"
     with rt.pool.connection() as conn:
         job = job_record(conn, INVOICE_RUN_JOB)
-    if job is None or job.next_run_at is None:
+    if job is None:
         return (f"next invoice run: {every}, for "
                 f"{', '.join(sorted(due_periods(now, grace, CATCH_UP_PERIODS)))}\n")
     last = ""
@@ -376,6 +377,9 @@ def next_run_line(rt: Runtime, now: datetime) -> str:
             f", finished {_minute(job.finished_at)}"
             if job.finished_at is not None and job.finished_at >= job.started_at
             else ", still running")
+    if job.next_run_at is None:
+        return (f"next invoice run: none scheduled: the scheduler stopped at "
+                f"{_minute(job.recorded_at)}; is `billing serve` running? ({every}{last})\n")
     due = ", ".join(sorted(due_periods(max(now, job.next_run_at), grace, CATCH_UP_PERIODS)))
     if job.next_run_at >= now - timedelta(seconds=SCHEDULE_LATE_S):
         return f"next invoice run: {_minute(job.next_run_at)}, for {due} ({every}{last})\n"

@@ -16,7 +16,9 @@ from apscheduler.events import (
     EVENT_JOB_EXECUTED,
     EVENT_JOB_MAX_INSTANCES,
     EVENT_JOB_SUBMITTED,
+    EVENT_SCHEDULER_SHUTDOWN,
     JobEvent,
+    SchedulerEvent,
 )
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -36,6 +38,7 @@ EMAIL_EVERY_MIN = 1
 RECOVERY_EVERY_MIN = 1
 RECOVERY_BATCH_MAX = 100  # orders checked per pass; the rest wait for the next minute
 INVOICE_RUN_JOB = "invoice-run"  # the invoice run's job id, as start() schedules it
+SCHEDULE_RECORD_TIMEOUT_S = 2.0  # at shutdown, the wait for a connection to record it
 
 
 async def invoice_job(rt: Runtime) -> None:
@@ -152,14 +155,19 @@ def start(rt: Runtime) -> AsyncIOScheduler:
 
 def record_invoice_schedule(rt: Runtime, scheduler: AsyncIOScheduler) -> None:
     """Keep the invoice run's record (adapters/schedule.py) as the scheduler runs it: its next
-    run time whenever a run is submitted (or refused while one still runs), and when each run
-    started and finished. Written from a worker thread: the event loop never waits on Postgres."""
+    run time whenever a run is submitted (or refused while one still runs), when each run
+    started and finished, and no next run once the scheduler shuts down (`serve` stopping).
+    Written from a worker thread, so the event loop never waits on Postgres; only the last
+    record, at shutdown, is written at once (bounded), before the process goes."""
     pending: set[asyncio.Future[None]] = set()
 
-    def on_event(event: JobEvent) -> None:
-        if event.job_id != INVOICE_RUN_JOB:
-            return
+    def on_event(event: SchedulerEvent) -> None:
         now = datetime.now(UTC)
+        if event.code == EVENT_SCHEDULER_SHUTDOWN:
+            _record_invoice_job(rt, None, now, None, None, stopped=True)
+            return
+        if not isinstance(event, JobEvent) or event.job_id != INVOICE_RUN_JOB:
+            return
         started = now if event.code == EVENT_JOB_SUBMITTED else None
         finished = now if event.code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR) else None
         write = partial(_record_invoice_job, rt, scheduler, now, started, finished)
@@ -173,14 +181,15 @@ def record_invoice_schedule(rt: Runtime, scheduler: AsyncIOScheduler) -> None:
         task.add_done_callback(pending.discard)
 
     scheduler.add_listener(on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_MAX_INSTANCES
-                           | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+                           | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_SCHEDULER_SHUTDOWN)
 
 
-def _record_invoice_job(rt: Runtime, scheduler: AsyncIOScheduler, now: datetime,
-                        started: datetime | None, finished: datetime | None) -> None:
-    job = scheduler.get_job(INVOICE_RUN_JOB)
+def _record_invoice_job(rt: Runtime, scheduler: AsyncIOScheduler | None, now: datetime,
+                        started: datetime | None, finished: datetime | None, *,
+                        stopped: bool = False) -> None:
+    job = scheduler.get_job(INVOICE_RUN_JOB) if scheduler is not None else None
     try:
-        with rt.pool.connection() as conn:
+        with rt.pool.connection(timeout=SCHEDULE_RECORD_TIMEOUT_S if stopped else None) as conn:
             schedule.record(conn, INVOICE_RUN_JOB, next_run_at=job.next_run_time if job else None,
                             now=now, started_at=started, finished_at=finished)
     except Exception as e:  # a record for `billing status`: never a reason to stop the scheduler
