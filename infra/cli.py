@@ -376,7 +376,7 @@ def next_run_line(rt: Runtime, now: datetime) -> str:
         last = f"; the last started {_minute(job.started_at)}" + (
             f", finished {_minute(job.finished_at)}"
             if job.finished_at is not None and job.finished_at >= job.started_at
-            else ", still running")
+            else ", still running" if job.next_run_at is not None else ", did not finish")
     if job.next_run_at is None:
         return (f"next invoice run: none scheduled: the scheduler stopped at "
                 f"{_minute(job.recorded_at)}; is `billing serve` running? ({every}{last})\n")
