@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from infra.cli import NO_DATA_EXIT, _parser
-from infra.embedded import free_port, postgres_bin_path
+from infra.embedded import EmbeddedPostgres, free_port
 from tests.conftest import http_status, wait_sync
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -146,8 +146,7 @@ def clone(tmp_path: Path) -> Iterator[Path]:
     # Whatever happened, no Postgres started in this folder keeps running.
     pg = folder / ".data" / "pg"
     if (pg / "postmaster.pid").exists():
-        subprocess.run([str(postgres_bin_path() / "pg_ctl"), "-D", str(pg), "-m", "immediate",
-                        "stop"], check=False, capture_output=True, timeout=STOP_TIMEOUT_S)
+        EmbeddedPostgres(pg, owned=True).stop()  # as the user it runs as (not root)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
