@@ -10,6 +10,7 @@ children inherit), not whatever copy the shared virtualenv was installed from.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -22,6 +23,7 @@ from pathlib import Path
 from uuid import UUID
 
 import httpx
+import psutil
 import pytest
 
 from infra.cli import NO_DATA_EXIT, _parser
@@ -147,6 +149,12 @@ def clone(tmp_path: Path) -> Iterator[Path]:
     pg = folder / ".data" / "pg"
     if (pg / "postmaster.pid").exists():
         EmbeddedPostgres(pg, owned=True).stop()  # as the user it runs as (not root)
+    nats_pid = folder / ".data" / "nats" / "nats.pid"
+    if nats_pid.exists():  # the nats-server this test's `serve` started, if it still runs
+        with contextlib.suppress(ValueError, psutil.Error):
+            nats = psutil.Process(int(nats_pid.read_text().strip()))
+            if str(folder) in " ".join(nats.cmdline()):  # the pid file outlives the server
+                nats.terminate()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
