@@ -241,14 +241,14 @@ def test_every_readme_cli_example_runs_as_written_from_a_clean_clone(clone: Path
                           timeout=HTTP_TIMEOUT_S)
             return r.status_code == 200 and [p["id"] for p in r.json()["items"]] == [project]
 
-        wait_sync(listed, "the CLI's organisation and project served over HTTP")
+        wait_sync(listed, "the CLI's organisation and project served over HTTP", READY_DEADLINE_S)
 
         def ingested() -> bool:
             r = httpx.post(f"{base}/api/v1/events", headers={"Authorization": f"Bearer {key}"},
                            json={"events": [{"event_id": "readme-1", "metric": "api_calls"}]},
                            timeout=HTTP_TIMEOUT_S)
             return r.status_code != 401
-        wait_sync(ingested, "the CLI's key accepted for ingestion")
+        wait_sync(ingested, "the CLI's key accepted for ingestion", READY_DEADLINE_S)
     finally:
         _stop(proc)
     assert proc.returncode == 0, (clone.parent / "serve.log").read_text()[-3000:]
