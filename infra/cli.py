@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from adapters import bookkeeping
 from adapters.maintenance import rebuild, redrive
+from adapters.schedule import job_record
 from domain.access import PRINCIPAL_ROLES
 from domain.audit import Actor
 from domain.errors import DomainError, NotFound, ValidationFailed
@@ -37,7 +38,8 @@ from domain.services.payments import FAILED, PaymentsService
 from infra import logs
 from infra.embedded import embedded_servers
 from infra.roles import listen_socket, run_roles
-from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN
+from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN, INVOICE_RUN_JOB
+from infra.service_data import missing_ledger
 from infra.settings import Settings, from_env
 from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
 
@@ -59,6 +61,15 @@ CLI_NAMESPACE = UUID("5a0c7f4e-3b61-4c2b-8f0e-6d7a9c1e2b01")
 INVOICE_PERIODS_SQL = ("SELECT period, count(*), max(created_at) FROM invoices"
                        " GROUP BY period ORDER BY period DESC LIMIT %s")
 STATUS_PERIODS_MAX = 3  # `billing status`: the latest periods it shows invoice runs for
+# `billing status`: a scheduler writes its next run time as it submits a run; a time this far in
+# the past means no scheduler is running the invoice run.
+SCHEDULE_LATE_S = 120
+# `billing status`: where to see the organisations a run skipped, and why. A run's outcome for
+# each organisation is in its answer, not yet recorded; running a period again leaves its
+# existing invoices as they are and answers that list afresh.
+WHY_NOT_INVOICED = ("organisations not invoiced, each with why (skipped, not due, failed): "
+                    "`billing invoices run --period {period}` lists them (its existing invoices "
+                    "stay as they are)\n")
 FAILED_DELIVERIES_SQL = ("SELECT id, event_id, event_type, detail FROM gateway_events"
                          " WHERE outcome = 'failed' ORDER BY received_at, id")
 
@@ -87,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     admin = sub.add_parser("admin", help="admin principals").add_subparsers(dest="action", required=True)
     tok = admin.add_parser("create-token", help="print a new admin token (shown once)")
     tok.add_argument("--role", required=True, choices=PRINCIPAL_ROLES)
-    tok.add_argument("--organisation", help="organisation id, for org_admin / org_viewer")
+    tok.add_argument("--organisation", help="organisation id, for org_admin / org_viewer",
+                     type=_ident)
     tok.add_argument("--name", default="created with the CLI")
     orgs = sub.add_parser("orgs", help="organisations").add_subparsers(dest="action", required=True)
     oc = orgs.add_parser("create", help="create an organisation; prints its id")
@@ -98,14 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     projects = sub.add_parser("projects", help="an organisation's projects").add_subparsers(
         dest="action", required=True)
     pc = projects.add_parser("create", help="create a project of an organisation; prints its id")
-    pc.add_argument("--organisation", required=True, help="organisation id")
+    pc.add_argument("--organisation", required=True, help="organisation id", type=_ident)
     pc.add_argument("--name", required=True)
     keys = sub.add_parser("keys", help="project API keys").add_subparsers(dest="action", required=True)
     kc = keys.add_parser("create", help="print a new API key for a project (shown once)")
-    kc.add_argument("--project", required=True)
+    kc.add_argument("--project", required=True, help="project id", type=_ident)
     kc.add_argument("--name", default="created with the CLI")
     kr = keys.add_parser("revoke", help="revoke an API key")
-    kr.add_argument("key_id")
+    kr.add_argument("key_id", type=_ident)
     inv = sub.add_parser("invoices", help="invoices").add_subparsers(dest="action", required=True)
     ir = inv.add_parser("run", help="draft every subscribed organisation's invoice for a period")
     ir.add_argument("--period", required=True, help="YYYY-MM")
@@ -231,6 +243,9 @@ def _operator(settings: Settings, args: argparse.Namespace) -> int:
         sys.stderr.write(f"billing: {missing}\n")
         return NO_DATA_EXIT
     with _service_database(settings) as db:
+        if (no_ledger := missing_ledger(db, settings.pg_schema)) is not None:
+            sys.stderr.write(f"billing: {no_ledger}\n")
+            return NO_DATA_EXIT
         # The operator commands read and write the ledger and the read models; none needs NATS.
         rt = Runtime.open(settings, db, settings.nats_url or "")
         try:
@@ -299,6 +314,17 @@ def _invalid_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _ident(value: str) -> str:
+    """An id argument (a UUID), checked as the arguments are parsed, before any server is started:
+    a mistyped id is a usage error (exit 2) naming its option, not a UUID parser's message."""
+    try:
+        return str(UUID(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an id (ids are UUIDs, as `billing orgs create`, `projects create` "
+            "and `keys create` print them)") from None
+
+
 def _status(rt: Runtime, out: TextIO) -> int:
     """Read models, relay, dead letters, the invoice runs of the latest periods, every
     organisation a run left uninvoiced, and when the scheduler runs next: exit 1 if an
@@ -326,12 +352,45 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   f"dead-lettered entries {b['read_models']} (run of "
                   f"{b['recorded_at'].isoformat(timespec='minutes')}); fix, `billing dlq redrive`, "
                   "then run the period again\n")
-    # The schedule lives in the `serve` process; this one cannot see its next fire time.
-    due = due_periods(datetime.now(UTC), timedelta(hours=rt.settings.grace_hours),
-                      CATCH_UP_PERIODS)
-    out.write(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while `billing serve` runs "
-              f"(the first at its start), for {', '.join(sorted(due))}\n")
+    # Until runs are recorded with their reasons, a run's own answer has them: the latest period
+    # invoiced, or, before any invoice, the latest the scheduler runs.
+    latest = periods[0][0] if periods else max(due_periods(
+        datetime.now(UTC), timedelta(hours=rt.settings.grace_hours), CATCH_UP_PERIODS))
+    out.write(WHY_NOT_INVOICED.format(period=latest))
+    out.write(next_run_line(rt, datetime.now(UTC)))
     return 1 if blocked else 0
+
+
+def next_run_line(rt: Runtime, now: datetime) -> str:
+    """`billing status`'s last line: when the scheduler (in `billing serve`, another process) runs
+    the invoice run next, from the record it keeps (adapters/schedule.py), and for which periods;
+    or, if it stopped or its record is stale (a killed `serve` records nothing), that no
+    scheduler is running it."""
+    grace = timedelta(hours=rt.settings.grace_hours)
+    every = f"every {INVOICE_RUN_EVERY_MIN} min while `billing serve` runs (the first at its start)"
+    with rt.pool.connection() as conn:
+        job = job_record(conn, INVOICE_RUN_JOB)
+    if job is None:
+        return (f"next invoice run: {every}, for "
+                f"{', '.join(sorted(due_periods(now, grace, CATCH_UP_PERIODS)))}\n")
+    last = ""
+    if job.started_at is not None:
+        last = f"; the last started {_minute(job.started_at)}" + (
+            f", finished {_minute(job.finished_at)}"
+            if job.finished_at is not None and job.finished_at >= job.started_at
+            else ", still running" if job.next_run_at is not None else ", did not finish")
+    if job.next_run_at is None:
+        return (f"next invoice run: none scheduled: the scheduler stopped at "
+                f"{_minute(job.recorded_at)}; is `billing serve` running? ({every}{last})\n")
+    due = ", ".join(sorted(due_periods(max(now, job.next_run_at), grace, CATCH_UP_PERIODS)))
+    if job.next_run_at >= now - timedelta(seconds=SCHEDULE_LATE_S):
+        return f"next invoice run: {_minute(job.next_run_at)}, for {due} ({every}{last})\n"
+    return (f"next invoice run: none scheduled: one was due {_minute(job.next_run_at)} and no "
+            f"scheduler has run it since; is `billing serve` running? ({every}{last})\n")
+
+
+def _minute(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="minutes")
 
 
 class FailedDelivery(msgspec.Struct, frozen=True):

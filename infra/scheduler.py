@@ -9,9 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_SUBMITTED,
+    EVENT_SCHEDULER_SHUTDOWN,
+    JobEvent,
+    SchedulerEvent,
+)
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from adapters import schedule
 from domain.errors import Conflict, DomainError
 from domain.period import due_periods
 from infra.wiring import Runtime
@@ -26,6 +37,8 @@ FINALIZE_BATCH_MAX = 1000
 EMAIL_EVERY_MIN = 1
 RECOVERY_EVERY_MIN = 1
 RECOVERY_BATCH_MAX = 100  # orders checked per pass; the rest wait for the next minute
+INVOICE_RUN_JOB = "invoice-run"  # the invoice run's job id, as start() schedules it
+SCHEDULE_RECORD_TIMEOUT_S = 2.0  # at shutdown, the wait for a connection to record it
 
 
 async def invoice_job(rt: Runtime) -> None:
@@ -135,5 +148,49 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler.add_job(recovery_job, "interval", minutes=RECOVERY_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=20), max_instances=1, coalesce=True,
                       id="payment-recovery")
+    record_invoice_schedule(rt, scheduler)
     scheduler.start()
     return scheduler
+
+
+def record_invoice_schedule(rt: Runtime, scheduler: AsyncIOScheduler) -> None:
+    """Keep the invoice run's record (adapters/schedule.py) as the scheduler runs it: its next
+    run time whenever a run is submitted (or refused while one still runs), when each run
+    started and finished, and no next run once the scheduler shuts down (`serve` stopping).
+    Written from a worker thread, so the event loop never waits on Postgres; only the last
+    record, at shutdown, is written at once (bounded), before the process goes."""
+    pending: set[asyncio.Future[None]] = set()
+
+    def on_event(event: SchedulerEvent) -> None:
+        now = datetime.now(UTC)
+        if event.code == EVENT_SCHEDULER_SHUTDOWN:
+            _record_invoice_job(rt, None, now, None, None, stopped=True)
+            return
+        if not isinstance(event, JobEvent) or event.job_id != INVOICE_RUN_JOB:
+            return
+        started = now if event.code == EVENT_JOB_SUBMITTED else None
+        finished = now if event.code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR) else None
+        write = partial(_record_invoice_job, rt, scheduler, now, started, finished)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the loop (a thread executor's callback): write here
+            write()
+            return
+        task = asyncio.ensure_future(loop.run_in_executor(None, write))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    scheduler.add_listener(on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_MAX_INSTANCES
+                           | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_SCHEDULER_SHUTDOWN)
+
+
+def _record_invoice_job(rt: Runtime, scheduler: AsyncIOScheduler | None, now: datetime,
+                        started: datetime | None, finished: datetime | None, *,
+                        stopped: bool = False) -> None:
+    job = scheduler.get_job(INVOICE_RUN_JOB) if scheduler is not None else None
+    try:
+        with rt.pool.connection(timeout=SCHEDULE_RECORD_TIMEOUT_S if stopped else None) as conn:
+            schedule.record(conn, INVOICE_RUN_JOB, next_run_at=job.next_run_time if job else None,
+                            now=now, started_at=started, finished_at=finished)
+    except Exception as e:  # a record for `billing status`: never a reason to stop the scheduler
+        log.warning("could not record the invoice run's schedule: %s", e)

@@ -40,6 +40,7 @@ from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
 from adapters.resolver import PgResolver
+from adapters.schedule import DDL as SCHEDULE_DDL
 from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
 from api.permissions import ROLE_PERMISSIONS
@@ -109,6 +110,8 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
             for statement in (*bookkeeping.DDL, *rate_limit.DDL, *idempotency.DDL):
+                conn.execute(statement)
+            for statement in SCHEDULE_DDL:  # the scheduler's record, for `billing status`
                 conn.execute(statement)
             for model in READ_MODELS:
                 for statement in model.ddl:

@@ -11,18 +11,22 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from uuid import UUID
+from uuid import UUID, uuid4
 
+import psycopg
 import pytest
 
 from adapters import bookkeeping
 from adapters.maintenance import rebuild
 from domain.audit import AuditEntry
+from domain.period import due_periods
 from domain.project import Project
 from domain.records import Blocked
 from infra.cli import NO_DATA_EXIT, _operate, _parser, main
-from infra.scheduler import INVOICE_RUN_EVERY_MIN
+from infra.embedded import free_port
+from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoices
 from tests.conftest import make_settings
@@ -114,7 +118,9 @@ def test_a_project_of_an_unknown_organisation_is_refused_with_exit_2(rt: Runtime
     code, out, err = billing(rt, "projects", "create", "--organisation",
                              "00000000-0000-4000-8000-000000000000", "--name", "web")
     assert (code, out) == (2, "") and "not found" in err
-    assert billing(rt, "projects", "create", "--organisation", "nope", "--name", "web")[0] == 2
+    with pytest.raises(SystemExit) as refused:  # a usage error, found as the arguments are parsed
+        billing(rt, "projects", "create", "--organisation", "nope", "--name", "web")
+    assert refused.value.code == 2
 
 
 def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_the_schedule(
@@ -123,6 +129,11 @@ def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_th
     code, out, _ = billing(rt, "status")
     assert code == 0
     assert "invoice runs: none has drafted an invoice yet\n" in out
+    latest = max(due_periods(datetime.now(UTC), timedelta(hours=rt.settings.grace_hours),
+                             CATCH_UP_PERIODS))
+    assert out.splitlines()[-2] == ("organisations not invoiced, each with why (skipped, not due, "
+                                    f"failed): `billing invoices run --period {latest}` lists "
+                                    "them (its existing invoices stay as they are)")
 
     _, invoice = finalized(rt)
     rebuild(rt.pool, rt.ledger, invoices.READ_MODEL)
@@ -142,5 +153,72 @@ def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_th
     assert any(line.startswith(f"not invoiced for {invoice.period}: Blocked Ltd "
                                f"({invoice.organisation_id}): dead-lettered entries "
                                "{'usage_totals': [7]}") for line in lines), out
+    assert lines[-2] == ("organisations not invoiced, each with why (skipped, not due, failed): "
+                         f"`billing invoices run --period {invoice.period}` lists them (its "
+                         "existing invoices stay as they are)")
     assert lines[-1].startswith(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while "
                                 "`billing serve` runs (the first at its start), for ")
+
+
+@pytest.mark.parametrize("argv", [
+    ["invoices", "run", "--period", "2026-13"],
+    ["projects", "create", "--organisation", "nope", "--name", "web"],
+    ["keys", "create", "--project", "nope"],
+    ["keys", "revoke", "nope"],
+    ["admin", "create-token", "--role", "org_admin", "--organisation", "nope"],
+])
+def test_bad_arguments_are_refused_with_exit_2_before_any_data_is_looked_for(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], cli_process_state: None,
+) -> None:
+    """A bad period or id is the user's to fix, said first: not 'no data' (exit 3), not a UUID
+    parser's message after a server was started."""
+    for name in ("DATABASE_URL", "NATS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BILLING_DATA_DIR", str(tmp_path / "absent"))
+    code: int | str | None
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage error
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "no billing data" not in captured.err
+    if argv[0] == "invoices":
+        assert captured.err == "billing: period: must be a month written YYYY-MM, e.g. 2026-10\n"
+    else:
+        assert re.search(r"error: argument (--organisation|--project|key_id): 'nope' is not an "
+                         r"id \(ids are UUIDs", captured.err), captured.err
+    assert not (tmp_path / "absent").exists()
+
+
+def test_a_database_without_the_ledger_is_refused_and_left_as_it_was(
+    rt: Runtime, server_urls: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], cli_process_state: None,
+) -> None:
+    """DATABASE_URL (or BILLING_PG_SCHEMA) naming a database the service never ran on: the
+    command says so, exit 3, and creates no ledger there; the service's own is worked on."""
+    schema = f"t_noledger_{uuid4().hex[:8]}"
+    monkeypatch.delenv("NATS_URL", raising=False)
+    monkeypatch.setenv("BILLING_DATA_DIR", str(tmp_path / "absent"))
+    monkeypatch.setenv("DATABASE_URL", server_urls[0])
+    monkeypatch.setenv("BILLING_PG_SCHEMA", schema)
+    for argv in (["status"], ["orgs", "create", "--name", "A", "--billing-email", "a@b.in"]):
+        assert main(argv) == NO_DATA_EXIT
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"billing: no billing ledger in schema '{schema}' of "
+                                       "127.0.0.1:"), captured.err
+    with psycopg.connect(server_urls[0]) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s",
+                            (schema,)).fetchone() == (0,)
+
+    monkeypatch.setenv("BILLING_PG_SCHEMA", rt.settings.pg_schema)
+    assert main(["dlq", "list"]) == 0
+    assert capsys.readouterr().out == "no dead letters\n"
+
+    unreachable = f"postgresql://billing:s3cret@127.0.0.1:{free_port()}/billing"
+    monkeypatch.setenv("DATABASE_URL", unreachable)
+    assert main(["status"]) == NO_DATA_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("billing: cannot reach the database at 127.0.0.1:") and "s3cret" not in err
