@@ -127,6 +127,18 @@ def start(rt: Runtime) -> AsyncIOScheduler:
                       next_run_time=now + timedelta(seconds=10), max_instances=1, coalesce=True,
                       id="email")
 
+    credit_note_notifier = rt.credit_note_notifier()
+
+    async def credit_note_email_job() -> None:
+        sent, failed = await asyncio.to_thread(credit_note_notifier.send_due)
+        if sent or failed:
+            log.info("credit note emails", extra={"credit_note_emails": {"sent": sent,
+                                                                         "failed": failed}})
+
+    scheduler.add_job(credit_note_email_job, "interval", minutes=EMAIL_EVERY_MIN,
+                      next_run_time=now + timedelta(seconds=15), max_instances=1, coalesce=True,
+                      id="credit-note-email")
+
     async def recovery_job() -> None:
         found = await asyncio.to_thread(recover_payments, rt, datetime.now(UTC))
         if found:
