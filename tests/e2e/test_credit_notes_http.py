@@ -37,7 +37,7 @@ WEBHOOK_SECRET = "whsec-credit-0123"
 GATEWAY_TIMEOUT_S = 1.0
 FAULT_DELAY_S = 1.5  # a "timeout_after_create" answers after the service gave up
 WEBHOOK = "/webhooks/razorpay"
-TENANTS = ("refund", "race", "unpaid", "oob", "other")
+TENANTS = ("refund", "race", "unpaid", "oob", "other", "retry")
 BASE_FEE_PAISE = 50_000  # ₹500 base fee; intra-state: CGST 9 % + SGST 9 %
 TOTAL_PAISE = 59_000
 ISSUERS = 8
@@ -230,6 +230,29 @@ async def test_a_paid_invoice_is_credited_in_part_and_refunded_through_razorpay(
     subjects = sorted(str(m["Subject"]) for m in mails if str(m["Subject"]).startswith("Credit note"))
     assert subjects == sorted(f"Credit note {n['number']} against invoice {invoice['number']}"
                               for n in (first, second))
+
+
+async def test_a_refund_razorpay_refused_is_visible_and_retried_without_refunding_twice(
+        credit: Credit) -> None:
+    c, invoice = credit, credit.invoices["retry"]
+    payment = await _pay_by_razorpay(c, invoice)
+    before = len(c.fake.refunds())
+    c.fake.add_fault("500", method="POST", path=f"/v1/payments/{payment['id']}/refund")
+    failed = await _ok(await c.api.http.post(f"/admin/v1/invoices/{invoice['id']}/credit-notes",
+                                             headers=AUTH, json={
+        "reason": "duplicate_charge", "settlement": "refund", "lines": [{"line": 0, "amount": 1_000}]}))
+    assert failed["status"] == "refund_failed" and "GatewayFailed" in failed["refunds"][0]["error"]
+    assert len(c.fake.refunds()) == before
+    shown = await _get(c, f"/admin/v1/credit-notes/{failed['id']}")
+    assert shown["status"] == "refund_failed" and shown["refunds"][0]["error"]
+    retried = await _ok(await c.api.http.post(
+        f"/admin/v1/credit-notes/{failed['id']}/retry-refund", headers=AUTH), 200)
+    assert (retried["status"], retried["refunded"], retried["refunds"][0]["error"]) == (
+        "refunded", 1_180, None)
+    again = await c.api.http.post(f"/admin/v1/credit-notes/{failed['id']}/retry-refund",
+                                  headers=AUTH)
+    assert again.status_code == 409
+    assert [r["amount"] for r in c.fake.refunds()[before:]] == [1_180]  # one refund, once
 
 
 async def test_numbers_stay_gapless_and_credit_never_exceeds_under_concurrent_issuers(
