@@ -37,7 +37,7 @@ WEBHOOK_SECRET = "whsec-credit-0123"
 GATEWAY_TIMEOUT_S = 1.0
 FAULT_DELAY_S = 1.5  # a "timeout_after_create" answers after the service gave up
 WEBHOOK = "/webhooks/razorpay"
-TENANTS = ("refund", "race", "unpaid", "oob", "other", "retry")
+TENANTS = ("refund", "race", "unpaid", "oob", "other", "retry", "declined")
 BASE_FEE_PAISE = 50_000  # ₹500 base fee; intra-state: CGST 9 % + SGST 9 %
 TOTAL_PAISE = 59_000
 ISSUERS = 8
@@ -253,6 +253,38 @@ async def test_a_refund_razorpay_refused_is_visible_and_retried_without_refundin
                                   headers=AUTH)
     assert again.status_code == 409
     assert [r["amount"] for r in c.fake.refunds()[before:]] == [1_180]  # one refund, once
+
+
+async def test_a_refund_razorpay_declined_is_asked_for_again_under_a_new_key(
+        credit: Credit) -> None:
+    c, invoice = credit, credit.invoices["declined"]
+    payment = await _pay_by_razorpay(c, invoice)
+    before = len(c.fake.refunds())
+    c.fake.fail_refunds(1)
+    note = await _ok(await c.api.http.post(f"/admin/v1/invoices/{invoice['id']}/credit-notes",
+                                           headers=AUTH, json={
+        "reason": "service_deficiency", "settlement": "refund", "amount": 2_360}))
+    assert note["status"] == "refund_failed", note
+    declined = c.fake.refunds()[before]
+    assert (declined["status"], note["refunds"][0]["razorpay_refund_id"]) == ("failed", declined["id"])
+    # Its webhooks (created, failed) arrive twice and reordered: still failed, nothing refunded.
+    events = _refund_events(c, declined["id"])
+    await asyncio.to_thread(c.fake.deliver, [*reversed(events), *events])
+    await c.quiet_head()
+    shown = await _get(c, f"/admin/v1/credit-notes/{note['id']}")
+    assert (shown["status"], shown["refunded"]) == ("refund_failed", 0)
+    retried = await _ok(await c.api.http.post(
+        f"/admin/v1/credit-notes/{note['id']}/retry-refund", headers=AUTH), 200)
+    assert (retried["status"], retried["refunded"]) == ("refunded", 2_360)
+    made = c.fake.refunds()[before:]
+    assert [(r["status"], r["amount"], r["payment_id"]) for r in made] == [
+        ("failed", 2_360, payment["id"]), ("processed", 2_360, payment["id"])]
+    await asyncio.to_thread(c.fake.deliver, _refund_events(c, made[1]["id"]))
+    await c.quiet_head()
+    (paid,) = (await _get(c, "/admin/v1/payments", invoice_id=invoice["id"]))["items"]
+    assert paid["refunded"] == 2_360
+    now = await _get(c, f"/admin/v1/invoices/{invoice['id']}")
+    assert (now["credited"], now["refunded"], now["amount_due"]) == (2_360, 2_360, 0)
 
 
 async def test_numbers_stay_gapless_and_credit_never_exceeds_under_concurrent_issuers(
