@@ -79,7 +79,7 @@ def test_a_whole_amount_is_the_total_tax_included_or_refused_when_unreachable() 
                 {"lines": [(99, 1)], "amount": None}, {"lines": [(0, 0)], "amount": None},
                 {"lines": [(0, 1), (0, 1)], "amount": None}, {"lines": None, "amount": -1}):
         with pytest.raises(ValidationFailed):
-            compute_credit(invoice, **bad)  # type: ignore[arg-type]
+            compute_credit(invoice, **bad)
 
 
 @settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None)
