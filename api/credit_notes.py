@@ -27,13 +27,14 @@ from api.payments import gateway_limiter
 from api.problems import field_error, parse_id
 from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.credit_note import (
+    CREDIT_NOTE_STATUSES,
     LINES_MAX,
     REFERENCE_MAX_CHARS,
     REFUND,
     CreditNote,
     note_status,
 )
-from domain.errors import FieldError, NotFound, ValidationFailed
+from domain.errors import FieldError, NotFound, Unavailable, ValidationFailed
 from projections import credit_notes as view
 
 ReasonIn = Literal["duplicate_charge", "service_deficiency", "order_change", "other"]
@@ -175,8 +176,8 @@ async def _read(deps: Any, request: Request[Any, Any, Any], ident: UUID) -> view
 
 
 def _service(deps: Any) -> Any:
-    if deps.credit_notes is None:  # pragma: no cover - infra always wires it
-        raise NotFound("route", "credit notes")
+    if deps.credit_notes is None:  # infra always wires it; an app built without it says so
+        raise Unavailable("credit notes are not configured in this process", retry_after_s=60)
     return deps.credit_notes
 
 
@@ -224,7 +225,8 @@ class CreditNoteController(Controller):
         return Response(from_row(row_of(written.aggregate, written.position)),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 
-    @get("/credit-notes", summary="List credit notes (filter by organisation_id, invoice_id)")
+    @get("/credit-notes", summary="List credit notes (filter by organisation_id, invoice_id,"
+                                  " status: refund_failed lists the refunds to look at)")
     async def list_(self, request: Request[Any, Any, Any], deps: Deps) -> CreditNotePage:
         query = request.query_params
         limit = parse_limit(query.get("limit"))
@@ -232,6 +234,10 @@ class CreditNoteController(Controller):
         raw_org, raw_invoice = query.get("organisation_id"), query.get("invoice_id")
         organisation_id = parse_id(raw_org, "organisation") if raw_org is not None else None
         invoice_id = parse_id(raw_invoice, "invoice") if raw_invoice is not None else None
+        status = query.get("status")
+        if status is not None and status not in CREDIT_NOTE_STATUSES:
+            raise ValidationFailed([FieldError("status",
+                                               f"must be one of {list(CREDIT_NOTE_STATUSES)}")])
         own = scope_of(request)
         if own is not None and organisation_id not in (None, own):
             return CreditNotePage([], None)  # another organisation's: as if there were none
@@ -240,7 +246,7 @@ class CreditNoteController(Controller):
         def fetch() -> list[view.CreditNoteRow]:
             with deps.read_pool.connection() as conn:
                 return view.page(conn, limit + 1, after, organisation_id=own or organisation_id,
-                                 invoice_id=invoice_id)
+                                 invoice_id=invoice_id, status=status)
 
         rows = await anyio.to_thread.run_sync(fetch)
         items = [from_row(r) for r in rows[:limit]]

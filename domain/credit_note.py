@@ -461,6 +461,8 @@ class CreditNote(Aggregate):
         refund_id: str
         amount: int
         invoice_id: UUID  # whose refunded amount grows (the invoices read model)
+        organisation_id: UUID  # whose tenant webhook `refund.processed` this is
+        razorpay_payment_id: str  # the payment refunded
 
         def apply(self, aggregate: Any) -> None:
             aggregate._advance(self)
@@ -577,7 +579,9 @@ class CreditNote(Aggregate):
             return  # nothing new: a repeat, or older than what is known
         if status == PROCESSED:
             self.trigger_event(self.RefundProcessed, timestamp=at, share=share, attempt=attempt,
-                               refund_id=refund_id, amount=amount, invoice_id=self.invoice_id)
+                               refund_id=refund_id, amount=amount, invoice_id=self.invoice_id,
+                               organisation_id=self.organisation_id,
+                               razorpay_payment_id=self.refunds[share].razorpay_payment_id)
         else:
             self.trigger_event(self.RefundObserved, timestamp=at, share=share, attempt=attempt,
                                refund_id=refund_id, amount=amount, status=status)

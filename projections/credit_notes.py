@@ -60,6 +60,8 @@ DDL = (
     " ON credit_notes (organisation_id, issued_at, id)",
     "CREATE INDEX IF NOT EXISTS credit_notes_not_emailed ON credit_notes (issued_at, id)"
     " WHERE emailed_at IS NULL",
+    "CREATE INDEX IF NOT EXISTS credit_notes_refund_pending ON credit_notes (issued_at, id)"
+    " WHERE status = 'refund_pending'",
 )
 
 
@@ -189,8 +191,8 @@ def get(conn: Connection[Any], ident: UUID) -> CreditNoteRow | None:
 
 
 def page(conn: Connection[Any], limit: int, after_cursor: tuple[datetime, UUID] | None, *,
-         organisation_id: UUID | None = None,
-         invoice_id: UUID | None = None) -> list[CreditNoteRow]:
+         organisation_id: UUID | None = None, invoice_id: UUID | None = None,
+         status: str | None = None) -> list[CreditNoteRow]:
     """Credit notes oldest first (issued_at, id), `limit` at most, after the cursor; each filter
     given narrows the list."""
     assert 0 < limit <= LIST_MAX_ROWS + 1
@@ -199,7 +201,8 @@ def page(conn: Connection[Any], limit: int, after_cursor: tuple[datetime, UUID] 
     if after_cursor is not None:
         where.append("(issued_at, id) > (%(at)s, %(id)s)")
         params |= {"at": after_cursor[0], "id": after_cursor[1]}
-    for column, value in (("organisation_id", organisation_id), ("invoice_id", invoice_id)):
+    for column, value in (("organisation_id", organisation_id), ("invoice_id", invoice_id),
+                          ("status", status)):
         if value is not None:
             where.append(f"{column} = %({column})s")
             params[column] = value
@@ -214,3 +217,14 @@ def not_emailed(conn: Connection[Any], limit: int) -> list[CreditNoteRow]:
     return all_rows(conn, CreditNoteRow,
                     f"SELECT {_COLUMNS} FROM credit_notes WHERE emailed_at IS NULL"
                     " ORDER BY issued_at, id LIMIT %s", (limit,))
+
+
+def unrequested(conn: Connection[Any], issued_before: datetime, limit: int) -> list[UUID]:
+    """Refund notes issued before `issued_before` with a share never asked of Razorpay (the
+    process stopped between issuing and asking): the scheduler asks for them, oldest first."""
+    assert 0 < limit <= LIST_MAX_ROWS
+    with conn.cursor() as cur:
+        cur.execute("SELECT id FROM credit_notes WHERE status = 'refund_pending'"
+                    " AND shares @> '[{\"status\": \"\"}]'::jsonb AND issued_at < %s"
+                    " ORDER BY issued_at, id LIMIT %s", (issued_before, limit))
+        return [row[0] for row in cur.fetchall()]

@@ -39,7 +39,9 @@ from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
+from infra.scheduler import REFUND_REQUEST_GRACE, request_pending_refunds
 from infra.wiring import Runtime
+from projections import credit_notes as credit_notes_view
 from projections import invoices
 from tests.conftest import background_roles, reached, wait_sync
 from tests.integration.test_invoice_numbering import (
@@ -56,7 +58,7 @@ from tests.unit.test_payments import MemoryGateway, payment_entity
 T0 = datetime(2026, 11, 6, 10, 0, tzinfo=UTC)
 STEP = timedelta(seconds=1)
 ORGS_PER_EXAMPLE = 2
-EXAMPLES = 12
+EXAMPLES = 10
 WAIT_S = 20.0
 PAGE = 1000
 FACT_TOPICS = [get_topic(e) for e in (Invoice.Drafted, Invoice.Finalized, Invoice.PaymentApplied,
@@ -257,3 +259,23 @@ def test_section_34_through_the_service_changes_nothing(runtime: Runtime) -> Non
     with pytest.raises(ValidationFailed, match="until 2027-11-30"):
         late.issue(ident, reason="other", settlement="reduce_due", amount=1_180, actor=None)
     assert runtime.ledger.head() == head
+
+
+def test_a_refund_never_asked_for_is_asked_by_the_scheduler_once(runtime: Runtime) -> None:
+    world = World(runtime)
+    ident = world.invoice(1, 100)
+    world.play(("pay_razorpay", 0), [ident], [])
+    # Issued, then the process stopped before asking Razorpay: the note waits, pending.
+    note = world.notes.issue(ident, reason="other", settlement="refund", amount=1_180,
+                             actor=None).aggregate
+    issued_later = note.created_on + REFUND_REQUEST_GRACE + STEP
+    with background_roles(runtime, {"relay", "project"}):
+        wait_sync(lambda: reached(runtime, credit_notes_view.NAME, runtime.ledger.head()),
+                  "the credit notes view", WAIT_S)
+        assert request_pending_refunds(runtime, note.created_on, world.notes) == 0  # too young
+        assert request_pending_refunds(runtime, issued_later, world.notes) == 1
+        assert [r.amount for r in world.refunds.made] == [1_180]
+        wait_sync(lambda: reached(runtime, credit_notes_view.NAME, runtime.ledger.head()),
+                  "the credit notes view", WAIT_S)
+        assert request_pending_refunds(runtime, issued_later, world.notes) == 0
+    assert runtime.ledger.get(note.id, CreditNote).status == "refund_pending"
