@@ -279,11 +279,14 @@ def compute_credit(invoice: Invoice, *, lines: Sequence[tuple[int, int]] | None,
         left = tax.amount - invoice.credited_taxes.get(tax.name, 0)
         summed = sum(line.taxes[i].amount for line in credited)
         final = left if exhausts else min(summed, left)
-        if final != summed:  # the difference (a paisa or two of rounding) goes on the last line
-            last = adjusted[-1]
-            fixed = list(last.taxes)
+        if final != summed:
+            # The difference (a paisa or two of rounding) goes on the line with the most of this
+            # component, which can always take it (never below 0).
+            j = max(range(len(adjusted)), key=lambda k: adjusted[k].taxes[i].amount)
+            line = adjusted[j]
+            fixed = list(line.taxes)
             fixed[i] = InvoiceTax(tax.name, tax.rate, fixed[i].amount + final - summed)
-            adjusted[-1] = CreditNoteLine(last.index, last.description, last.taxable, tuple(fixed))
+            adjusted[j] = CreditNoteLine(line.index, line.description, line.taxable, tuple(fixed))
         taxes.append(InvoiceTax(tax.name, tax.rate, final))
     total = subtotal + sum(t.amount for t in taxes)
     left_total = invoice.total - invoice.credited
@@ -337,7 +340,7 @@ def settle(invoice: Invoice, total: int, settlement: str, reference: str | None,
 def refund_key(credit_note_id: UUID, share: int, attempt: int) -> str:
     """X-Refund-Idempotency of a share's refund attempt: derived from the note, so a retry of the
     same attempt can never refund twice (a new attempt only after Razorpay said it failed)."""
-    return str(uuid5(_KEY_NAMESPACE, f"{credit_note_id}/{share}/{attempt}"))
+    return uuid5(_KEY_NAMESPACE, f"{credit_note_id}/{share}/{attempt}").hex  # 32 alphanumerics
 
 
 # ---- the aggregate --------------------------------------------------------------------------
