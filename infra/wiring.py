@@ -194,6 +194,7 @@ class Runtime:
                 blocked=bookkeeping.blocked_counts(conn),
                 payments_for_review=payments.review_count(conn),
                 failed_deliveries=payments.failed_deliveries(conn),
+                refunds_failed=credit_notes_view.refunds_failed(conn),
             )
 
     def invoicing(self) -> InvoicingService:

@@ -228,3 +228,9 @@ def unrequested(conn: Connection[Any], issued_before: datetime, limit: int) -> l
                     " AND shares @> '[{\"status\": \"\"}]'::jsonb AND issued_at < %s"
                     " ORDER BY issued_at, id LIMIT %s", (issued_before, limit))
         return [row[0] for row in cur.fetchall()]
+
+
+def refunds_failed(conn: Connection[Any]) -> int:
+    """How many credit notes' refunds failed (status refund_failed): for /metrics."""
+    row = conn.execute("SELECT count(*) FROM credit_notes WHERE status = 'refund_failed'").fetchone()
+    return int(row[0]) if row else 0

@@ -273,6 +273,9 @@ async def test_a_refund_razorpay_declined_is_asked_for_again_under_a_new_key(
     await c.quiet_head()
     shown = await _get(c, f"/admin/v1/credit-notes/{note['id']}")
     assert (shown["status"], shown["refunded"]) == ("refund_failed", 0)
+    failing = (await _get(c, "/admin/v1/credit-notes", status="refund_failed"))["items"]
+    assert note["id"] in [x["id"] for x in failing]
+    assert c.api.rt.ops_snapshot().refunds_failed >= 1  # /metrics: billing_credit_note_refunds_failed
     retried = await _ok(await c.api.http.post(
         f"/admin/v1/credit-notes/{note['id']}/retry-refund", headers=AUTH), 200)
     assert (retried["status"], retried["refunded"]) == ("refunded", 2_360)
