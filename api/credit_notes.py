@@ -221,7 +221,8 @@ class CreditNoteController(Controller):
     async def retry_refund(self, credit_note_id: FromPath[UUID],
                            deps: Deps, actor: Acting) -> Response[CreditNoteOut]:
         written = await anyio.to_thread.run_sync(partial(
-            _service(deps).request_refunds, credit_note_id, retry=True), limiter=gateway_limiter())
+            _service(deps).request_refunds, credit_note_id, retry=True, actor=actor),
+            limiter=gateway_limiter())
         return Response(from_row(row_of(written.aggregate, written.position)),
                         headers={LEDGER_POSITION_HEADER: str(written.position)})
 

@@ -156,7 +156,8 @@ class CreditNotesService:
 
     # ---- refunds -----------------------------------------------------------------------------
 
-    def request_refunds(self, ident: UUID, *, retry: bool = False) -> Written[CreditNote]:
+    def request_refunds(self, ident: UUID, *, retry: bool = False,
+                        actor: Actor | None = None) -> Written[CreditNote]:
         """Ask Razorpay for the note's refunds not yet requested (`retry`: and the failed
         ones). Each share's call is recorded: the refund made, or the error (never raised: the
         note shows it). Conflict when `retry` finds nothing to retry."""
@@ -174,10 +175,13 @@ class CreditNotesService:
                                         retry_after_s=NOT_CONFIGURED_RETRY_AFTER_S)
         position = 0
         for share, attempt in wanted:
-            position = max(position, self._request_one(note.id, share, attempt))
+            # `actor` (a person's retry) is audited on the first save only: under an
+            # Idempotency-Key a request has one audit entry.
+            saved = self._request_one(note.id, share, attempt, actor if not position else None)
+            position = max(position, saved)
         return Written(self.note(ident), position)
 
-    def _request_one(self, ident: UUID, share: int, attempt: int) -> int:
+    def _request_one(self, ident: UUID, share: int, attempt: int, actor: Actor | None) -> int:
         gateway = self._gateway
         assert gateway is not None
         note = self.note(ident)
@@ -193,7 +197,7 @@ class CreditNotesService:
             if seen is not None and seen.status != "failed":
                 return self._save(ident, lambda n: n.observe_refund(
                     share=share, attempt=state.attempt, refund_id=seen.id, amount=seen.amount,
-                    status=seen.status, at=self._clock()))
+                    status=seen.status, at=self._clock()), actor)
         notes = {NOTE_CREDIT_NOTE: str(note.id), NOTE_SHARE: str(share),
                  NOTE_ATTEMPT: str(attempt), "credit_note": note.number}
         try:
@@ -204,19 +208,20 @@ class CreditNotesService:
         except DomainError as e:
             reason = f"{type(e).__name__}: {e}"
             return self._save(ident, lambda n: n.refund_request_failed(
-                share, attempt, reason, self._clock()))
+                share, attempt, reason, self._clock()), actor)
         return self._save(ident, lambda n: n.refund_requested(
-            share, attempt, refund.id, refund.status, self._clock()))
+            share, attempt, refund.id, refund.status, self._clock()), actor)
 
-    def _save(self, ident: UUID, decide: Callable[[CreditNote], None]) -> int:
+    def _save(self, ident: UUID, decide: Callable[[CreditNote], None], actor: Actor | None) -> int:
         """Record what a gateway call answered on the note (get -> decide -> save, again after
-        losing a race with a webhook). The service's own bookkeeping: no actor (the request's
-        audited save is the note's issue; under an Idempotency-Key there is one per request)."""
+        losing a race with a webhook), audited as `actor`'s when given (a person's retry; the
+        refunds asked right after issuing are the service's bookkeeping: the issue was audited,
+        and under an Idempotency-Key a request has one audit entry)."""
         def attempt() -> int:
             note = self.note(ident)
             decide(note)
             if not note.pending_events:
                 return 0
-            return self._ledger.save(note, actor=None)
+            return self._ledger.save(note, actor=actor)
 
         return with_retries(attempt)
