@@ -312,10 +312,17 @@ async def test_numbers_stay_gapless_and_credit_never_exceeds_under_concurrent_is
 async def test_reduce_due_and_out_of_band_settle_without_razorpay(credit: Credit) -> None:
     c = credit
     unpaid, oob = c.invoices["unpaid"], c.invoices["oob"]
+    body = {"reason": "order_change", "settlement": "reduce_due",
+            "lines": [{"line": 0, "amount": 20_000}]}
+    key = {"Idempotency-Key": f"cn-{uuid.uuid4()}"}
     note = await _ok(await c.api.http.post(f"/admin/v1/invoices/{unpaid['id']}/credit-notes",
-                                           headers=AUTH, json={
-        "reason": "order_change", "settlement": "reduce_due", "lines": [{"line": 0, "amount": 20_000}]}))
+                                           headers=AUTH | key, json=body))
     assert (note["status"], note["total"]) == ("issued", 23_600)
+    # The same request again under its Idempotency-Key: the first answer, no second note.
+    again = await _ok(await c.api.http.post(f"/admin/v1/invoices/{unpaid['id']}/credit-notes",
+                                            headers=AUTH | key, json=body))
+    assert again == note
+    assert len((await _get(c, "/admin/v1/credit-notes", invoice_id=unpaid["id"]))["items"]) == 1
     # Out of band needs money paid first; with it, a reference.
     path = f"/admin/v1/invoices/{oob['id']}/credit-notes"
     early = await c.api.http.post(path, headers=AUTH, json={
