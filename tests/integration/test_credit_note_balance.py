@@ -58,7 +58,7 @@ from tests.unit.test_payments import MemoryGateway, payment_entity
 T0 = datetime(2026, 11, 6, 10, 0, tzinfo=UTC)
 STEP = timedelta(seconds=1)
 ORGS_PER_EXAMPLE = 2
-EXAMPLES = 10
+EXAMPLES = 8
 WAIT_S = 20.0
 PAGE = 1000
 FACT_TOPICS = [get_topic(e) for e in (Invoice.Drafted, Invoice.Finalized, Invoice.PaymentApplied,
