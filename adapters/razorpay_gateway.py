@@ -1,5 +1,6 @@
 """The PaymentGateway port (domain/ports.py) over Razorpay's official SDK: creating an order,
-finding orders by receipt, listing an order's payments.
+finding orders by receipt, listing an order's payments, refunding a payment (with
+X-Refund-Idempotency) and reading a refund.
 
 What this module owns:
 - Checking an order's fields against Razorpay's limits before any HTTP call (ValueError), so a
@@ -31,12 +32,15 @@ from domain.gateway_events import (
     RECEIPT_MAX_CHARS,
     OrderEntity,
     PaymentEntity,
+    RefundEntity,
 )
 
 DEFAULT_TIMEOUT_S = 10.0  # per HTTP call: connecting, and then waiting for each read
 RECEIPT_LOOKUP_MAX_ORDERS = 100  # Razorpay's largest page (`count`); one receipt has a handful
 CURRENCY_CODE_CHARS = 3  # ISO 4217
 SECRET_PLACEHOLDER = "<key secret>"
+REFUND_IDEMPOTENCY_HEADER = "X-Refund-Idempotency"
+REFUND_KEY_MIN_CHARS = 10  # Razorpay's shortest idempotency key
 # Razorpay's key secrets are 24 characters; a shorter one is a test value, and replacing it
 # wherever it happens to occur would garble the message without protecting anything.
 SECRET_SCRUB_MIN_CHARS = 8
@@ -112,6 +116,30 @@ class RazorpayGateway:
         with self._call(f"list payments of {order_id}"):
             answer = self._client.order.payments(order_id, timeout=self._timeout_s)
             return _shaped(answer, _PaymentCollection).items
+
+    def refund(self, *, razorpay_payment_id: str, amount: int, idempotency_key: str,
+               notes: Mapping[str, str]) -> RefundEntity:
+        """POST /payments/{id}/refund with X-Refund-Idempotency: a retry with the same key
+        answers the refund already made (so it may be repeated after no answer)."""
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            raise ValueError(f"amount must be a positive integer of paise, got {amount!r}")
+        if len(idempotency_key) < REFUND_KEY_MIN_CHARS:
+            raise ValueError(f"X-Refund-Idempotency must be at least {REFUND_KEY_MIN_CHARS} "
+                             "characters")
+        if len(notes) > NOTES_MAX_PAIRS:
+            raise ValueError(f"{len(notes)} notes, Razorpay allows {NOTES_MAX_PAIRS} pairs")
+        with self._call(f"refund {razorpay_payment_id}"):
+            answer = self._client.payment.refund(
+                razorpay_payment_id, {"amount": amount, "notes": dict(notes)},
+                headers={REFUND_IDEMPOTENCY_HEADER: idempotency_key}, timeout=self._timeout_s)
+            return _shaped(answer, RefundEntity)
+
+    def fetch_refund(self, refund_id: str) -> RefundEntity:
+        if not refund_id:
+            raise ValueError("refund_id must not be empty")
+        with self._call(f"fetch refund {refund_id}"):
+            return _shaped(self._client.refund.fetch(refund_id, timeout=self._timeout_s),
+                           RefundEntity)
 
     @contextlib.contextmanager
     def _call(self, operation: str) -> Iterator[None]:

@@ -11,6 +11,7 @@ from litestar.types import ASGIApp
 from api import health, input_rules, problems, reference
 from api.audit import AuditController
 from api.auth import admin_guard, provide_actor
+from api.credit_notes import CreditNoteController
 from api.deps import ApiDeps
 from api.docs_page import OfflineSwaggerPage
 from api.idempotency import IdempotencyMiddleware
@@ -57,6 +58,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         guards=[admin_guard],
         middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )
+    admin.register(CreditNoteController)
     app = Litestar(
         # The webhook is outside the admin router: signed, not authenticated by a token.
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage,

@@ -25,6 +25,7 @@ from domain.ports import (
 )
 from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
+from domain.services.credit_notes import CreditNotesService
 from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import PaymentsService
@@ -45,6 +46,7 @@ class OpsSnapshot:
     blocked: dict[str, int] = field(default_factory=dict)  # period -> organisations not invoiced
     payments_for_review: int = 0  # payments a person must look at (docs/PAYMENTS.md)
     failed_deliveries: int = 0  # gateway deliveries the process manager could not apply
+    refunds_failed: int = 0  # credit notes whose refund failed (docs/CREDIT_NOTES.md)
 
 
 @dataclass
@@ -82,6 +84,10 @@ class ApiDeps:
     # Configuration that lets the service run but not issue proper invoices (a missing
     # SUPPLIER_GSTIN): /health/ready shows them without failing.
     warnings: tuple[str, ...] = ()
+    # Credit notes (domain/services/credit_notes.py) and their documents: (credit note id,
+    # "html" | "pdf") -> (body, media type, file name), None for an unknown note.
+    credit_notes: CreditNotesService | None = None
+    render_credit_note: Callable[[UUID, str], tuple[bytes, str, str] | None] = lambda _i, _f: None
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

@@ -86,6 +86,8 @@ class InvoiceOut(msgspec.Struct):
     finalized_at: datetime | None
     voided_at: datetime | None
     void_reason: str | None
+    credited: int  # paise credited by credit notes, tax included (docs/CREDIT_NOTES.md)
+    refunded: int  # paise of what was paid returned: processed refunds and out_of_band
 
 
 class ListedInvoiceOut(InvoiceOut):
@@ -117,7 +119,7 @@ def from_row(row: view.InvoiceRow) -> InvoiceOut:
         plan_version=row.plan_version, plan_name=row.plan_name or row.plan_code,
         created_at=row.created_at.astimezone(UTC),
         finalized_at=_utc(row.finalized_at), voided_at=_utc(row.voided_at),
-        void_reason=row.void_reason,
+        void_reason=row.void_reason, credited=row.credited, refunded=row.refunded,
     )
 
 

@@ -89,6 +89,9 @@ class OpsCollector(Collector):
         yield GaugeMetricFamily("billing_gateway_deliveries_failed",
                                 "Recorded gateway deliveries the process manager could not apply",
                                 value=s.failed_deliveries)
+        yield GaugeMetricFamily("billing_credit_note_refunds_failed",
+                                "Credit notes whose refund failed: retry or settle them by hand",
+                                value=s.refunds_failed)
 
 
 class RequestIdMiddleware:

@@ -212,6 +212,11 @@ class BalanceOut(msgspec.Struct):
     outstanding: int  # paise: amount due of finalized and partly paid invoices
     invoiced: int  # paise: totals of finalized, partly paid and paid invoices
     paid: int  # paise: what payments applied to those invoices
+    credited: int = 0  # paise: credit notes on those invoices, tax included
+    refunded: int = 0  # paise: of what was paid, returned (processed refunds, out_of_band)
+    # paise: invoiced - credited - paid + refunded. Positive: the organisation owes it; negative:
+    # it is owed (a refund not yet processed). Equals outstanding once every refund is processed.
+    balance: int = 0
 
 
 @get("/admin/v1/organisations/{org_id:uuid}/balance", tags=["invoices"],
@@ -221,12 +226,15 @@ async def organisation_balance(org_id: FromPath[UUID],
                                request: Request[Any, Any, Any], deps: Deps) -> BalanceOut:
     await wait_caught_up(deps, request, invoices.NAME)
 
-    def fetch() -> tuple[organisations.OrganisationRow | None, int, tuple[int, int]]:
+    def fetch() -> tuple[organisations.OrganisationRow | None, int, tuple[int, int],
+                         tuple[int, int]]:
         with deps.read_pool.connection() as conn:
             return (view.get(conn, org_id), invoices.outstanding(conn, org_id),
-                    invoices.billed_and_paid(conn, org_id))
+                    invoices.billed_and_paid(conn, org_id),
+                    invoices.credited_and_refunded(conn, org_id))
 
-    org, owed, (invoiced, paid) = await anyio.to_thread.run_sync(fetch)
+    org, owed, (invoiced, paid), (credited, refunded) = await anyio.to_thread.run_sync(fetch)
     if org is None:
         raise NotFound("organisation", org_id)
-    return BalanceOut(org_id, org.currency, owed, invoiced, paid)
+    return BalanceOut(org_id, org.currency, owed, invoiced, paid, credited, refunded,
+                      invoiced - credited - paid + refunded)

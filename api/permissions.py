@@ -60,6 +60,12 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/payments/{{payment_id}}"): Rule("invoices:read", "PAYMENT", "payment_id"),
     ("GET", f"{A}/audit-events"): Rule("audit:read", "LIST"),
     ("POST", f"{A}/invoices/{{invoice_id}}/redraft"): Rule("invoices:write", "GLOBAL"),
+    # Credit notes: a scoped caller's reads are confined by the handlers (another's is a 404).
+    ("POST", f"{A}/invoices/{{invoice_id}}/credit-notes"): Rule("invoices:write", "GLOBAL"),
+    ("POST", f"{A}/credit-notes/{{credit_note_id}}/retry-refund"): Rule("invoices:write", "GLOBAL"),
+    ("GET", f"{A}/credit-notes"): Rule("invoices:read", "LIST"),
+    ("GET", f"{A}/credit-notes/{{credit_note_id}}"): Rule("invoices:read", "LIST"),
+    ("GET", f"{A}/credit-notes/{{credit_note_id}}/document"): Rule("invoices:read", "LIST"),
 }
 
 _READ = frozenset({"orgs:read", "projects:read", "keys:read", "catalogue:read", "billing:read",

@@ -212,3 +212,4 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return problem(500, "internal error; it has been logged")
 
 
+PATH_ID_NOUNS["credit_note_id"] = "credit note"  # credit notes (api/credit_notes.py)

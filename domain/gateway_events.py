@@ -98,6 +98,13 @@ class RefundEntity(msgspec.Struct, frozen=True):
     amount: Paise
     currency: Currency = "INR"
     status: Code = "pending"
+    # What we sent with the refund (a credit note's id, its share and attempt); Razorpay sends
+    # an empty array when there are none.
+    notes: dict[str, str] | list[str] = msgspec.field(default_factory=dict)
+
+    def note(self, key: str) -> str | None:
+        """One of the refund's notes, or None."""
+        return self.notes.get(key) if isinstance(self.notes, dict) else None
 
 
 class _Wrapped(msgspec.Struct, frozen=True):

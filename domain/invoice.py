@@ -9,7 +9,8 @@ nothing the second time.
 Lifecycle: draft -> finalized -> partially_paid -> paid; draft or finalized -> void (never once
 anything was paid). Finalizing assigns the invoice number (domain.numbering) and makes the
 invoice immutable: the only facts a finalized invoice still accepts are payment orders,
-payments applied to its amount due, and being voided. A voided invoice accepts
+payments applied to its amount due, credit notes (`Credited`, domain/credit_note.py; an
+invoice with a credit note can no longer be voided), and being voided. A voided invoice accepts
 nothing. A correction is a void plus a replacement invoice: the replacement is revision 1, 2,
 ... of the same (organisation, period), with its own derived id. The rules are written down in
 docs/INVOICES.md.
@@ -98,6 +99,27 @@ class LateUsageBilled(msgspec.Struct, frozen=True):
     corrected: dict[str, Decimal]
 
 
+class CreditedLine(msgspec.Struct, frozen=True):
+    """Taxable value (paise) a credit note credits on invoice line `index` (-1: the whole invoice)."""
+
+    index: int
+    taxable: int
+
+
+class CreditedTax(msgspec.Struct, frozen=True):
+    """Tax (paise) a credit note reverses in component `name` (CGST | SGST | IGST)."""
+
+    name: str
+    amount: int
+
+
+class PaymentShare(msgspec.Struct, frozen=True):
+    """Paise of payment `payment_id` that a credit note refunds."""
+
+    payment_id: UUID
+    amount: int
+
+
 class Invoice(Aggregate):
     """An organisation's invoice for one billing period."""
 
@@ -169,6 +191,43 @@ class Invoice(Aggregate):
             aggregate.amount_due -= self.amount
             aggregate.status = PAID if aggregate.amount_due <= 0 else PARTIALLY_PAID
 
+    class Credited(Aggregate.Event):
+        """Credit note `credit_note_id` credits `total` paise (tax included) of this invoice:
+        `lines` the taxable value per invoice line index credited (-1: a whole-invoice amount),
+        `taxes` the tax reversed per component; `reduce_due` paise come off the amount due
+        (settlement reduce_due); `returned` paise of what was paid go back to the customer
+        (refund or out_of_band), `refunds` of them through which payments (refund)."""
+
+        credit_note_id: UUID
+        total: int
+        lines: tuple[CreditedLine, ...]
+        taxes: tuple[CreditedTax, ...]
+        reduce_due: int = 0
+        returned: int = 0
+        refunds: tuple[PaymentShare, ...] = ()
+        settlement: str = ""  # refund | out_of_band | reduce_due
+
+        def apply(self, aggregate: Any) -> None:
+            credited = dict(aggregate.credited_lines)
+            for line in self.lines:
+                credited[line.index] = credited.get(line.index, 0) + line.taxable
+            aggregate.credited_lines = credited
+            taxes = dict(aggregate.credited_taxes)
+            for tax in self.taxes:
+                taxes[tax.name] = taxes.get(tax.name, 0) + tax.amount
+            aggregate.credited_taxes = taxes
+            aggregate.credited = aggregate.credited + self.total
+            aggregate.returned = aggregate.returned + self.returned
+            shares = dict(aggregate.refund_shares)
+            for share in self.refunds:
+                shares[share.payment_id] = shares.get(share.payment_id, 0) + share.amount
+            aggregate.refund_shares = shares
+            if self.reduce_due:
+                aggregate.amount_due -= self.reduce_due
+                if aggregate.amount_due <= 0 and aggregate.status == PARTIALLY_PAID:
+                    aggregate.status = PAID
+            aggregate.credit_notes = (*aggregate.credit_notes, self.credit_note_id)
+
     def __init__(
         self, organisation_id: UUID, period: str, revision: int, currency: str,
         lines: tuple[InvoiceLine, ...], subtotal: int, taxes: tuple[InvoiceTax, ...], total: int,
@@ -203,6 +262,15 @@ class Invoice(Aggregate):
         self.void_reason: str | None = None
         self.orders: dict[str, int] = {}  # Razorpay order id -> paise, in creation order
         self.payments: dict[UUID, int] = {}  # payment id -> paise applied
+        # Credit notes (domain/credit_note.py): taxable value credited per line index (-1: whole
+        # amounts), tax reversed per component, paise credited (tax included), paise of what was
+        # paid that go back, and of those, per payment, what refunds take.
+        self.credited_lines: dict[int, int] = {}
+        self.credited_taxes: dict[str, int] = {}
+        self.credited = 0
+        self.returned = 0
+        self.refund_shares: dict[UUID, int] = {}
+        self.credit_notes: tuple[UUID, ...] = ()
 
     @property
     def paid(self) -> int:
@@ -285,7 +353,20 @@ class Invoice(Aggregate):
         if self.payments:
             raise self._refuse("voided: payments were applied to it (refund them or issue a "
                                "credit note)")
+        if self.credit_notes:
+            raise self._refuse("voided: credit notes were issued against it")
         self.trigger_event(self.Voided, timestamp=at, reason=text)
+
+    # ---- credit notes ------------------------------------------------------------------
+
+    def credit(self, *, credit_note_id: UUID, total: int, lines: tuple[CreditedLine, ...],
+               taxes: tuple[CreditedTax, ...], reduce_due: int, returned: int,
+               refunds: tuple[PaymentShare, ...], settlement: str, at: datetime) -> None:
+        """Decide: record a credit note against this invoice (domain/credit_note.py checks the
+        amounts first; this records them, so two notes racing collide on the invoice)."""
+        self.trigger_event(self.Credited, timestamp=at, credit_note_id=credit_note_id,
+                           total=total, lines=lines, taxes=taxes, reduce_due=reduce_due,
+                           returned=returned, refunds=refunds, settlement=settlement)
 
     # ---- payments ------------------------------------------------------------------------
 

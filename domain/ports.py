@@ -13,7 +13,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from domain.audit import Actor, Recorded
-from domain.gateway_events import OrderEntity, PaymentEntity
+from domain.gateway_events import OrderEntity, PaymentEntity, RefundEntity
 from domain.records import Appended, Claim, KeyRecord, RunResult, StoredResponse, TokenRecord
 from domain.usage import MeterRule, UsageBatch
 
@@ -217,4 +217,19 @@ class PaymentGateway(Protocol):
 
     def order_payments(self, order_id: str) -> list[PaymentEntity]:
         """The order's payments as Razorpay holds them now (missed-webhook recovery)."""
+        ...
+
+
+class RefundGateway(Protocol):
+    """Razorpay refunds, through its official SDK (adapters/razorpay_gateway.py); errors as
+    PaymentGateway's (GatewayUnavailable, GatewayFailed)."""
+
+    def refund(self, *, razorpay_payment_id: str, amount: int, idempotency_key: str,
+               notes: Mapping[str, str]) -> RefundEntity:
+        """Refund `amount` paise of a captured payment with X-Refund-Idempotency
+        `idempotency_key`: the same key again answers the same refund, never a second one."""
+        ...
+
+    def fetch_refund(self, refund_id: str) -> RefundEntity:
+        """A refund as Razorpay holds it now."""
         ...

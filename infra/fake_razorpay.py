@@ -58,6 +58,7 @@ from domain.gateway_events import (
     PAYMENT_FAILED,
     RECEIPT_MAX_CHARS,
     REFUND_CREATED,
+    REFUND_FAILED,
     REFUND_PROCESSED,
 )
 
@@ -207,6 +208,7 @@ class FakeRazorpay:
         self._payments: dict[str, dict[str, Any]] = {}
         self._refunds: dict[str, dict[str, Any]] = {}
         self._refund_keys: dict[str, str] = {}  # X-Refund-Idempotency -> refund id
+        self._refunds_to_fail = 0  # the next refunds made end failed (fail_refunds)
         self._events: dict[str, _Event] = {}
         self._faults: list[_Fault] = []
         self._requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_MAX_ENTRIES)
@@ -370,6 +372,14 @@ class FakeRazorpay:
             results.append(result)
         return results
 
+    def fail_refunds(self, count: int = 1) -> None:
+        """The next `count` refunds made end `failed` (refund.created, then refund.failed; the
+        payment's amount_refunded is given back), as a bank that refuses the credit would."""
+        if not _is_positive_int(count) or count > FAULT_MAX_COUNT:
+            raise ControlError(400, f"count must be 1..{FAULT_MAX_COUNT}, got {count!r}")
+        with self._lock:
+            self._refunds_to_fail += count
+
     def add_fault(self, kind: str, *, count: int = 1, delay_s: float = FAULT_DEFAULT_DELAY_S,
                   method: str | None = None, path: str | None = None) -> None:
         """The next `count` API calls (matching `method` and the `path` prefix, when given)
@@ -426,6 +436,7 @@ class FakeRazorpay:
                 store.clear()
             self._faults.clear()
             self._requests.clear()
+            self._refunds_to_fail = 0
 
     # --- state changes (callers hold the lock) -------------------------------------------
 
@@ -662,7 +673,8 @@ class FakeRazorpay:
             return 200, copy.deepcopy(payment)
 
     def _api_refund(self, request: _Request, params: dict[str, str]) -> tuple[int, Any]:
-        """Refunds are processed at once: refund.created (pending) then refund.processed."""
+        """Refunds are processed at once: refund.created (pending) then refund.processed (or,
+        after fail_refunds, refund.failed)."""
         data = _api_json(request)
         key = request.headers.get("X-Refund-Idempotency")
         with self._lock:
@@ -703,6 +715,16 @@ class FakeRazorpay:
             if full:
                 payment["status"] = "refunded"
             events = [self._event(REFUND_CREATED, refund=refund, payment=payment)]
+            if self._refunds_to_fail > 0:  # fail_refunds: the refund is given back
+                self._refunds_to_fail -= 1
+                payment["amount_refunded"] -= amount
+                payment["refund_status"] = "partial" if payment["amount_refunded"] else None
+                if payment["status"] == "refunded":
+                    payment["status"] = "captured"
+                refund["status"] = "failed"
+                events.append(self._event(REFUND_FAILED, refund=refund, payment=payment))
+                self._queue_deliveries(events)
+                return 200, copy.deepcopy(refund)
             refund["status"] = "processed"
             events.append(self._event(REFUND_PROCESSED, refund=refund, payment=payment))
             self._queue_deliveries(events)

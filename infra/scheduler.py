@@ -1,5 +1,6 @@
 """Scheduled work (APScheduler): the monthly invoice run, automatic finalization of drafts,
-invoice and payment emails, and the recovery of payments whose webhooks were missed. Every job
+invoice and payment emails, credit note emails, the refunds of credit notes never asked of
+Razorpay, and the recovery of payments whose webhooks were missed. Every job
 is safe to run in several processes: the invoice run takes a Postgres advisory lock,
 finalization and emails are idempotent by construction, and recovery records deliveries under
 derived ids (a second check records nothing new)."""
@@ -25,7 +26,9 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from adapters import schedule
 from domain.errors import Conflict, DomainError
 from domain.period import due_periods
+from domain.services.credit_notes import CreditNotesService
 from infra.wiring import Runtime
+from projections import credit_notes as credit_notes_view
 from projections import invoices, payments
 
 log = logging.getLogger("billing.scheduler")
@@ -36,6 +39,9 @@ CATCH_UP_PERIODS = 2  # after downtime, the last two ended periods are run again
 FINALIZE_BATCH_MAX = 1000
 EMAIL_EVERY_MIN = 1
 RECOVERY_EVERY_MIN = 1
+REFUND_EVERY_MIN = 1  # credit note refunds never asked of Razorpay (a crash after issuing)
+REFUND_REQUEST_GRACE = timedelta(minutes=2)  # the issuing request asks within this
+REFUND_BATCH_MAX = 100  # notes per pass
 RECOVERY_BATCH_MAX = 100  # orders checked per pass; the rest wait for the next minute
 INVOICE_RUN_JOB = "invoice-run"  # the invoice run's job id, as start() schedules it
 SCHEDULE_RECORD_TIMEOUT_S = 2.0  # at shutdown, the wait for a connection to record it
@@ -112,6 +118,26 @@ def recover_payments(rt: Runtime, now: datetime) -> int:
     return found
 
 
+def request_pending_refunds(rt: Runtime, now: datetime,
+                            service: CreditNotesService | None = None) -> int:
+    """One pass over refund credit notes with a share never asked of Razorpay (the process
+    stopped between issuing a note and asking; docs/CREDIT_NOTES.md): ask now, under the
+    share's own X-Refund-Idempotency key. Notes younger than REFUND_REQUEST_GRACE are left to
+    the request that issued them. Failed refunds are not retried here: a person decides
+    (POST .../retry-refund). Returns how many notes were asked for."""
+    service = service or rt.credit_notes()
+    with rt.pool.connection() as conn:
+        due = credit_notes_view.unrequested(conn, now - REFUND_REQUEST_GRACE, REFUND_BATCH_MAX)
+    asked = 0
+    for ident in due:
+        try:
+            service.request_refunds(ident)
+            asked += 1
+        except DomainError as e:
+            log.warning("refunds of credit note %s not requested: %s", ident, e)
+    return asked
+
+
 def start(rt: Runtime) -> AsyncIOScheduler:
     """Schedule every job on the running event loop (the first runs soon after start, so a
     restarted process catches up) and start the scheduler; the caller shuts it down."""
@@ -139,6 +165,27 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler.add_job(email_job, "interval", minutes=EMAIL_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=10), max_instances=1, coalesce=True,
                       id="email")
+
+    credit_note_notifier = rt.credit_note_notifier()
+
+    async def credit_note_email_job() -> None:
+        sent, failed = await asyncio.to_thread(credit_note_notifier.send_due)
+        if sent or failed:
+            log.info("credit note emails", extra={"credit_note_emails": {"sent": sent,
+                                                                         "failed": failed}})
+
+    scheduler.add_job(credit_note_email_job, "interval", minutes=EMAIL_EVERY_MIN,
+                      next_run_time=now + timedelta(seconds=15), max_instances=1, coalesce=True,
+                      id="credit-note-email")
+
+    async def refund_job() -> None:
+        asked = await asyncio.to_thread(request_pending_refunds, rt, datetime.now(UTC))
+        if asked:
+            log.info("asked Razorpay for the refunds of %d credit notes", asked)
+
+    scheduler.add_job(refund_job, "interval", minutes=REFUND_EVERY_MIN,
+                      next_run_time=now + timedelta(seconds=25), max_instances=1, coalesce=True,
+                      id="credit-note-refunds")
 
     async def recovery_job() -> None:
         found = await asyncio.to_thread(recover_payments, rt, datetime.now(UTC))

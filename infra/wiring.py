@@ -28,6 +28,8 @@ from psycopg_pool import ConnectionPool
 
 from adapters import bookkeeping, bus, idempotency, rate_limit
 from adapters.caches import KeyCache, MeterCache, PrefixCache, TokenCache
+from adapters.credit_note_documents import CreditNoteNotifier
+from adapters.credit_note_documents import render as render_credit_note
 from adapters.gate import PgProjectionGate, TrackingWatch
 from adapters.idempotency import PgIdempotencyStore
 from adapters.invoice_run import InvoiceRun
@@ -49,6 +51,7 @@ from domain.ports import Mailer
 from domain.records import KeyRecord, TokenRecord
 from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
+from domain.services.credit_notes import CreditNotesService
 from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import PaymentsService
@@ -56,6 +59,7 @@ from domain.services.plans import PlansService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
+from projections import credit_notes as credit_notes_view
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
@@ -68,6 +72,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     invoices.READ_MODEL,
     access.READ_MODEL,
     payments.READ_MODEL,
+    credit_notes_view.READ_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
@@ -193,6 +198,7 @@ class Runtime:
                 blocked=bookkeeping.blocked_counts(conn),
                 payments_for_review=payments.review_count(conn),
                 failed_deliveries=payments.failed_deliveries(conn),
+                refunds_failed=credit_notes_view.refunds_failed(conn),
             )
 
     def invoicing(self) -> InvoicingService:
@@ -238,6 +244,17 @@ class Runtime:
         s = self.settings
         mailer: Mailer = SmtpMailer(s.smtp_url) if s.smtp_url else OutboxMailer(s.data_dir / "outbox")
         return InvoiceNotifier(self.pool, self.ledger, mailer, self.supplier())
+
+    def credit_notes(self) -> CreditNotesService:
+        """Credit notes over the ledger; refunds through Razorpay when its keys are set."""
+        return CreditNotesService(self.ledger, lambda: datetime.now(UTC), uuid4, self.gateway(),
+                                  pause=_jittered_pause)
+
+    def credit_note_notifier(self) -> CreditNoteNotifier:
+        """Credit note emails, through the same mail transport as the invoices'."""
+        s = self.settings
+        mailer: Mailer = SmtpMailer(s.smtp_url) if s.smtp_url else OutboxMailer(s.data_dir / "outbox")
+        return CreditNoteNotifier(self.pool, self.ledger, mailer, self.supplier())
 
     def supplier(self) -> Supplier:
         """Who issues the invoices, from the settings."""
@@ -344,6 +361,8 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
                               if settings.metrics_token else None),
         webhook_secrets=settings.razorpay_webhook_secrets,
         warnings=warnings,
+        credit_notes=rt.credit_notes(),
+        render_credit_note=partial(render_credit_note, rt.pool, rt.supplier()),
     )
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
                    token_cache, tracking, idempotency_store)

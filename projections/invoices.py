@@ -3,7 +3,9 @@
 `lines` and `taxes` are JSON with every decimal (quantities, rates) written as a decimal
 string, so nothing passes through a float; amounts are bigint paise. A row follows its invoice
 through the lifecycle (draft -> finalized -> partially_paid -> paid, or void): each payment
-applied lowers `amount_due` and adds to `paid`. The ledger stays the truth and a rebuild from
+applied lowers `amount_due` and adds to `paid`; each credit note adds to `credited` (and a
+reduce_due note lowers `amount_due`), and money returned (processed refunds, out_of_band)
+adds to `refunded`. The ledger stays the truth and a rebuild from
 position 0 gives the same rows.
 
 Its queries answer `InvoiceRow`s; `row_of` gives the same shape for an invoice as saved in the
@@ -21,6 +23,7 @@ import msgspec
 from psycopg import Connection, Cursor, sql
 from psycopg.types.json import Jsonb
 
+from domain.credit_note import OUT_OF_BAND, CreditNote
 from domain.invoice import PAID, PAYABLE, Invoice
 from domain.mail_record import InvoiceMail
 from domain.tax import TaxName
@@ -77,6 +80,10 @@ DDL = (
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS plan_name text",
     # When the void notice of an emailed invoice was emailed (NULL: not yet, or not owed).
     "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS void_emailed_at timestamptz",
+    # Credit notes (docs/CREDIT_NOTES.md): paise credited (tax included), and paise of what was
+    # paid returned to the customer (processed Razorpay refunds and out_of_band returns).
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS credited bigint NOT NULL DEFAULT 0",
+    "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS refunded bigint NOT NULL DEFAULT 0",
 )
 
 
@@ -127,6 +134,23 @@ def _payment_applied(cur: Cursor[Any], e: Invoice.PaymentApplied, position: int)
             (e.amount, e.amount, e.amount))
 
 
+def _credited(cur: Cursor[Any], e: Invoice.Credited, position: int) -> None:
+    # As domain.invoice does: a reduce_due note lowers the amount due (a partly paid invoice with
+    # nothing left due is paid); out_of_band money is returned as the note is issued.
+    returned_now = e.returned if e.settlement == OUT_OF_BAND else 0
+    _update(cur, e, position,
+            "credited = credited + %s, refunded = refunded + %s, amount_due = amount_due - %s,"
+            " status = CASE WHEN %s > 0 AND amount_due - %s <= 0 AND status = 'partially_paid'"
+            " THEN 'paid' ELSE status END",
+            (e.total, returned_now, e.reduce_due, e.reduce_due, e.reduce_due))
+
+
+def _refund_processed(cur: Cursor[Any], e: CreditNote.RefundProcessed, position: int) -> None:
+    cur.execute("UPDATE invoices SET refunded = refunded + %s WHERE id = %s",
+                (e.amount, e.invoice_id))
+    require_row(cur, "invoice", e.invoice_id)
+
+
 def _emailed(cur: Cursor[Any], e: InvoiceMail.Sent, position: int) -> None:
     if e.kind == INVOICE_MAIL:
         cur.execute("UPDATE invoices SET emailed_at = %s WHERE id = %s", (e.timestamp, e.invoice_id))
@@ -148,6 +172,8 @@ READ_MODEL = ReadModel(
         Invoice.Voided: _voided,
         Invoice.PaymentApplied: _payment_applied,
         InvoiceMail.Sent: _emailed,
+        Invoice.Credited: _credited,
+        CreditNote.RefundProcessed: _refund_processed,
     },
 )
 
@@ -209,6 +235,8 @@ class InvoiceRow(msgspec.Struct, frozen=True):
     tax_state_code: str | None
     tax_gstin: str | None
     plan_name: str | None = None  # None: not recorded (drafted before it was); show plan_code
+    credited: int = 0  # paise credited by credit notes (tax included)
+    refunded: int = 0  # paise of what was paid returned (processed refunds, out_of_band)
 
 
 def row_of(invoice: Invoice, position: int) -> InvoiceRow:
@@ -228,6 +256,7 @@ def row_of(invoice: Invoice, position: int) -> InvoiceRow:
         finalized_at=invoice.finalized_at, voided_at=invoice.voided_at,
         updated_at=invoice.modified_on, ledger_position=position, tax_country=invoice.country,
         tax_state_code=invoice.state_code, tax_gstin=invoice.gstin, plan_name=invoice.plan_name,
+        credited=invoice.credited,
     )
 
 
@@ -235,7 +264,7 @@ _COLUMNS = (
     "id, organisation_id, period, revision, status, number, currency, lines, subtotal, taxes,"
     " total, amount_due, paid, plan_code, plan_version, usage_position, void_reason, created_at,"
     " finalized_at, voided_at, updated_at, ledger_position, tax_country, tax_state_code, tax_gstin,"
-    " plan_name"
+    " plan_name, credited, refunded"
 )
 
 
@@ -305,6 +334,17 @@ def billed_and_paid(conn: Connection[Any], organisation_id: UUID) -> tuple[int, 
     invoices) and paid against them (what payments applied)."""
     row = conn.execute(
         "SELECT COALESCE(sum(total), 0), COALESCE(sum(paid), 0) FROM invoices"
+        " WHERE organisation_id = %s AND status = ANY(%s)",
+        (organisation_id, [*PAYABLE, "paid"]),
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def credited_and_refunded(conn: Connection[Any], organisation_id: UUID) -> tuple[int, int]:
+    """Paise credited by credit notes on the organisation's finalized, partly paid and paid
+    invoices, and paise of what was paid returned to it (processed refunds, out_of_band)."""
+    row = conn.execute(
+        "SELECT COALESCE(sum(credited), 0), COALESCE(sum(refunded), 0) FROM invoices"
         " WHERE organisation_id = %s AND status = ANY(%s)",
         (organisation_id, [*PAYABLE, "paid"]),
     ).fetchone()

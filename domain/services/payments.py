@@ -12,6 +12,8 @@ get -> decide -> save over the Ledger and PaymentGateway ports. The rules (docs/
 - Applying joins the delivery's snapshot into the Payment (domain/payment.py): the outcome does
   not depend on arrival order or repeats. A captured payment reduces its invoice's amount due
   once; what the invoice was not owed, or a payment of no order of ours, is flagged for review.
+  A refund of a credit note (its notes name the note) moves the note's refund on too, in the
+  same append (domain/credit_note.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from uuid import UUID
 import msgspec
 
 from domain.audit import Actor
+from domain.credit_note import NOTE_ATTEMPT, NOTE_CREDIT_NOTE, NOTE_SHARE, CreditNote
 from domain.errors import Conflict, NotFound, PaymentsNotConfigured
 from domain.gateway_events import (
     HANDLED_EVENTS,
@@ -232,7 +235,7 @@ class PaymentsService:
         return APPLIED
 
     def _observe(self, event: str, entity: PaymentEntity | None, refund: RefundEntity | None,
-                 now: datetime) -> list[Payment | Invoice]:
+                 now: datetime) -> list[Payment | Invoice | CreditNote]:
         """What one delivery changes: its payment (made on first sight) and maybe its invoice."""
         payment_id = entity.id if entity is not None else refund.payment_id  # type: ignore[union-attr]
         try:
@@ -251,13 +254,36 @@ class PaymentsService:
             payment.observe(authorized=entity.status == "authorized" or event == PAYMENT_AUTHORIZED,
                             captured_amount=_captured(event, entity),
                             failure=_failure(event, entity), at=now)
+        changed: list[Payment | Invoice | CreditNote] = [payment]
         if refund is not None:
             payment.observe_refund(refund_id=refund.id, amount=refund.amount, status=refund.status,
                                    at=now)
-        changed: list[Payment | Invoice] = [payment]
+            changed += self._credit_note_refund(refund, now)
         if payment.captured and not payment.settled:
             changed += self._settle(payment, now)
         return changed
+
+    def _credit_note_refund(self, refund: RefundEntity, now: datetime) -> list[CreditNote]:
+        """A refund of a credit note (its notes name it): the note follows it too, in the same
+        append (domain/credit_note.py). A refund made any other way changes only its payment."""
+        raw_id, raw_share, raw_attempt = (refund.note(NOTE_CREDIT_NOTE), refund.note(NOTE_SHARE),
+                                          refund.note(NOTE_ATTEMPT))
+        try:
+            note_id = UUID(raw_id or "")
+            share_hint = int(raw_share) if raw_share is not None else None
+            attempt = int(raw_attempt or 0)
+        except ValueError:
+            return []
+        try:
+            note = self._ledger.get(note_id, CreditNote)
+        except NotFound:
+            return []
+        share = note.share_of(refund.payment_id, share_hint)
+        if share is None:
+            return []
+        note.observe_refund(share=share, attempt=attempt, refund_id=refund.id,
+                            amount=refund.amount, status=refund.status, at=now)
+        return [note]
 
     def _link(self, payment: Payment, entity: PaymentEntity, now: datetime) -> None:
         if payment.invoice_id is not None or entity.order_id is None:

@@ -126,6 +126,7 @@ def _url(template: str, t: Tenant) -> str:
     ids = {"org_id": t.org, "project_id": t.project, "key_id": str(uuid.uuid4()),
            "token_id": str(uuid.uuid4()), "invoice_id": str(uuid.uuid4()),
            "payment_id": str(uuid.uuid4()), "code": "nope"}
+    ids["credit_note_id"] = str(uuid.uuid4())  # credit notes (issue 17)
     return template.format(**ids)
 
 
