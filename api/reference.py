@@ -35,6 +35,7 @@ from api.problems import PROBLEM_JSON
 from api.read_your_writes import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS
 from api.usage import GROUP_BY_PARAM_MAX_CHARS
 from api.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER
+from domain.credit_note import CREDIT_NOTE_STATUSES
 from domain.invoice import STATUSES
 from domain.numbering import NUMBER_MAX_CHARS
 from domain.payment import PAYMENT_STATUSES
@@ -115,6 +116,17 @@ QUERY: dict[tuple[str, str], tuple[Query, ...]] = {
               {"type": "string", "enum": list(PAYMENT_STATUSES)}),
         Query("review", "Only payments that need (true) or do not need (false) a review.",
               {"type": "string", "enum": ["true", "false"]}),
+    ),
+    ("GET", f"{A}/credit-notes"): (
+        *PAGE,
+        Query("organisation_id", "Only this organisation's credit notes.", _UUID),
+        Query("invoice_id", "Only the credit notes of this invoice.", _UUID),
+        Query("status", "Only credit notes in this status (refund_failed: refunds to look at).",
+              {"type": "string", "enum": list(CREDIT_NOTE_STATUSES)}),
+    ),
+    ("GET", f"{A}/credit-notes/{{credit_note_id}}/document"): (
+        Query("format", "html (default, inline) or pdf (an attachment named after the note).",
+              {"type": "string", "enum": ["html", "pdf"], "default": "html"}),
     ),
     ("GET", f"{A}/audit-events"): (
         LIMIT,
@@ -274,9 +286,10 @@ WEBHOOK_BODY: dict[str, Any] = {
 # ---- success answers a handler's return type cannot tell ---------------------------------------------
 
 def _document_formats(responses: dict[str, Any]) -> None:
-    ok = responses.setdefault("200", {"description": "The invoice document"})
-    ok["description"] = ("The invoice as HTML (format=html, inline) or PDF (format=pdf, an"
-                         " attachment); Content-Disposition names the file, e.g. INV-2627-000001.pdf")
+    ok = responses.setdefault("200", {"description": "The document"})
+    ok["description"] = ("The invoice or credit note as HTML (format=html, inline) or PDF"
+                         " (format=pdf, an attachment); Content-Disposition names the file, e.g."
+                         " INV-2627-000001.pdf or CN-2627-000001.pdf")
     ok.setdefault("content", {})["application/pdf"] = {
         "schema": {"type": "string", "contentMediaType": "application/pdf"}}
     ok.setdefault("headers", {})["Content-Disposition"] = {
@@ -292,6 +305,7 @@ def _order_already_made(responses: dict[str, Any]) -> None:
 SUCCESS: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {
     ("GET", f"{A}/invoices/{{invoice_id}}/document"): _document_formats,
     ("POST", f"{A}/invoices/{{invoice_id}}/payment-orders"): _order_already_made,
+    ("GET", f"{A}/credit-notes/{{credit_note_id}}/document"): _document_formats,
 }
 
 
