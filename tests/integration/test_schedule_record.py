@@ -70,3 +70,35 @@ async def test_status_reads_the_next_invoice_run_the_scheduler_recorded(runtime:
     assert next_run_line(runtime, late) == (
         f"next invoice run: none scheduled: one was due {_minute(job.next_run_at)} and no "
         f"scheduler has run it since; is `billing serve` running? ({every}; {last})\n")
+
+
+def test_the_scheduler_runs_as_a_role_of_its_own_and_stops_cleanly(runtime: Runtime) -> None:
+    """`billing scheduler` (infra/deploy/): the scheduler alone in a process, no API, no worker.
+    It runs the invoice job (its record says so) and exits 0 on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import wait_sync
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "DATABASE_URL", "NATS_URL"))}
+    env |= {"DATABASE_URL": runtime.database_url, "NATS_URL": runtime.nats_url,
+            "BILLING_PG_SCHEMA": runtime.settings.pg_schema,
+            "BILLING_STREAM_PREFIX": runtime.settings.stream_prefix,
+            "BILLING_DATA_DIR": str(runtime.settings.data_dir), "LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "scheduler"], env=env,
+                            cwd=Path(__file__).resolve().parents[2],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        job = wait_sync(lambda: _finished(runtime) or proc.poll() is not None,
+                        "the scheduler role's first invoice run")
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert isinstance(job, JobRecord) and job.next_run_at is not None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
