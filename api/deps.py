@@ -29,6 +29,7 @@ from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
+from domain.services.webhooks import WebhooksService
 
 READ_WAIT_S = 5.0  # a read waits this long for its read model to include prior writes
 
@@ -82,6 +83,8 @@ class ApiDeps:
     # Configuration that lets the service run but not issue proper invoices (a missing
     # SUPPLIER_GSTIN): /health/ready shows them without failing.
     warnings: tuple[str, ...] = ()
+    # Tenant webhook endpoints (docs/WEBHOOKS.md); None: their routes answer 503.
+    webhooks: WebhooksService | None = None
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

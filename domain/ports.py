@@ -213,3 +213,16 @@ class PaymentGateway(Protocol):
     def order_payments(self, order_id: str) -> list[PaymentEntity]:
         """The order's payments as Razorpay holds them now (missed-webhook recovery)."""
         ...
+
+
+class DestinationCheck(Protocol):
+    """Refuses (ValidationFailed on `url`) a webhook URL whose host resolves to an address the
+    platform must not call (loopback, private, link-local...); adapters/destinations.py."""
+
+    def __call__(self, url: str, /) -> None: ...
+
+
+class NewWebhookSecret(Protocol):
+    """A fresh secret to sign an endpoint's deliveries with."""
+
+    def __call__(self) -> str: ...

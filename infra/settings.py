@@ -46,6 +46,8 @@ class Settings:
     pg_schema: str = "public"
     stream_prefix: str = ""
     razorpay_timeout_s: float = DEFAULT_RAZORPAY_TIMEOUT_S  # each call to Razorpay, at most
+    # Tenant webhooks may go to loopback/private/link-local addresses (docs/WEBHOOKS.md): off.
+    webhooks_allow_private: bool = False
 
 
 def _port(value: str) -> int:
@@ -108,4 +110,20 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=_comma_list(opt("BILLING_TRUSTED_PROXIES")),
         razorpay_timeout_s=_timeout_s("RAZORPAY_TIMEOUT_S",
                                       opt("RAZORPAY_TIMEOUT_S") or str(DEFAULT_RAZORPAY_TIMEOUT_S)),
+        webhooks_allow_private=_flag("BILLING_WEBHOOKS_ALLOW_PRIVATE",
+                                     opt("BILLING_WEBHOOKS_ALLOW_PRIVATE")),
     )
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(name: str, value: str | None) -> bool:
+    """An on/off setting: unset is off; anything but 1/true/yes/on or 0/false/no/off is refused."""
+    if value is None:
+        return False
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError(f"{name} must be true or false, got {value}")

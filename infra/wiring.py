@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool
 
 from adapters import bookkeeping, bus, idempotency, rate_limit
 from adapters.caches import KeyCache, MeterCache, PrefixCache, TokenCache
+from adapters.destinations import DestinationGuard
 from adapters.gate import PgProjectionGate, TrackingWatch
 from adapters.idempotency import PgIdempotencyStore
 from adapters.invoice_run import InvoiceRun
@@ -40,6 +41,7 @@ from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
 from adapters.resolver import PgResolver
+from adapters.tenant_webhooks import TenantWebhookSender
 from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
 from api.permissions import ROLE_PERMISSIONS
@@ -52,9 +54,11 @@ from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
+from domain.services.webhooks import WebhooksService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
+from projections import webhook_endpoints as webhook_view
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
@@ -67,6 +71,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     invoices.READ_MODEL,
     access.READ_MODEL,
     payments.READ_MODEL,
+    webhook_view.READ_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
@@ -240,6 +245,19 @@ class Runtime:
         s = self.settings
         return Supplier(s.supplier_name, s.supplier_gstin, s.supplier_state_code, s.mail_from)
 
+    def destination_guard(self) -> DestinationGuard:
+        """Where tenant webhooks may go (BILLING_WEBHOOKS_ALLOW_PRIVATE lifts the address rule)."""
+        return DestinationGuard(allow_private=self.settings.webhooks_allow_private)
+
+    def webhooks(self) -> WebhooksService:
+        """Tenant webhook endpoints over the ledger, on the wall clock."""
+        return WebhooksService(self.ledger, lambda: datetime.now(UTC), uuid4, new_webhook_secret,
+                               self.destination_guard())
+
+    def tenant_webhook_sender(self) -> TenantWebhookSender:
+        """The sender of the tenant webhook outbox (run by every worker), on the wall clock."""
+        return TenantWebhookSender(self.pool, self.destination_guard(), lambda: datetime.now(UTC))
+
 
 @dataclass(frozen=True)
 class ApiRole:
@@ -340,6 +358,7 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
                               if settings.metrics_token else None),
         webhook_secrets=settings.razorpay_webhook_secrets,
         warnings=warnings,
+        webhooks=rt.webhooks(),
     )
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
                    token_cache, tracking, idempotency_store)
@@ -386,3 +405,11 @@ def admin_token(settings: Settings) -> str:
         raise RuntimeError(f"the admin token is empty ({ADMIN_TOKEN_FILE} in {settings.data_dir}):"
                            " set BILLING_ADMIN_TOKEN, or delete the empty file to generate one")
     return token
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def new_webhook_secret() -> str:
+    """A tenant webhook endpoint's signing secret: 256 bits, recognisable by its prefix."""
+    return WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
