@@ -77,7 +77,7 @@ class DestinationGuard:
         host, port = _host_port(url)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
+        except (OSError, UnicodeError, ValueError):
             raise ValidationFailed([FieldError("url", f"host {host!r} does not resolve")]) from None
         _judge(host, (str(info[4][0]) for info in infos), self.allow_private)
 
@@ -87,6 +87,6 @@ class DestinationGuard:
         try:
             infos = await asyncio.wait_for(
                 loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S)
-        except (OSError, UnicodeError, TimeoutError):
+        except (OSError, UnicodeError, ValueError, TimeoutError):
             raise ValidationFailed([FieldError("url", f"host {host!r} does not resolve")]) from None
         _judge(host, (str(info[4][0]) for info in infos), self.allow_private)
