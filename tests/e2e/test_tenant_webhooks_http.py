@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from adapters.destinations import DestinationGuard
+from adapters.maintenance import rebuild
 from adapters.tenant_webhooks import TenantWebhookSender
 from api.app import create_app
 from domain.gateway_events import PaymentEntity, webhook_body
@@ -33,6 +34,7 @@ from domain.services.webhooks import WebhooksService
 from domain.tenant_webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER
 from infra.embedded import free_port
 from infra.wiring import Runtime, admin_token, build_api, new_webhook_secret
+from projections.webhook_endpoints import READ_MODEL
 from tests.conftest import http_status, make_settings, running, wait_until
 from tests.e2e.conftest import AUTH, Api, close_and_drop
 from tests.e2e.test_invoicing_http import last_period
@@ -320,6 +322,13 @@ async def test_failing_receivers_are_retried_dead_lettered_deleted_and_resent(ho
                   got[0].body, now=hooks.clock().timestamp())
     after = next(d for d in await hooks.deliveries() if d["id"] == target["id"])
     assert after["status"] == "delivered" and after["dead_lettered"] is False
+
+    # A rebuild of the read model writes no delivery twice and sends nothing again.
+    before, requests = await hooks.deliveries(), len(hooks.receivers.got)
+    await anyio.to_thread.run_sync(rebuild, hooks.api.rt.pool, hooks.api.rt.ledger, READ_MODEL)
+    hooks.offset[0] += CLOCK_STEP
+    await sender.send_due()
+    assert await hooks.deliveries() == before and len(hooks.receivers.got) == requests
 
 
 async def test_a_private_destination_is_refused_with_the_setting_off(hooks: Hooks) -> None:
