@@ -46,6 +46,7 @@ class OpsSnapshot:
     blocked: dict[str, int] = field(default_factory=dict)  # period -> organisations not invoiced
     payments_for_review: int = 0  # payments a person must look at (docs/PAYMENTS.md)
     failed_deliveries: int = 0  # gateway deliveries the process manager could not apply
+    webhook_dead_deliveries: int = 0  # tenant webhook deliveries dead-lettered (docs/WEBHOOKS.md)
 
 
 @dataclass

@@ -89,6 +89,9 @@ class OpsCollector(Collector):
         yield GaugeMetricFamily("billing_gateway_deliveries_failed",
                                 "Recorded gateway deliveries the process manager could not apply",
                                 value=s.failed_deliveries)
+        yield GaugeMetricFamily("billing_webhook_deliveries_dead",
+                                "Tenant webhook deliveries dead-lettered after 24 h of failures"
+                                " (re-send them: docs/WEBHOOKS.md)", value=s.webhook_dead_deliveries)
 
 
 class RequestIdMiddleware:

@@ -194,6 +194,7 @@ class Runtime:
                 blocked=bookkeeping.blocked_counts(conn),
                 payments_for_review=payments.review_count(conn),
                 failed_deliveries=payments.failed_deliveries(conn),
+                webhook_dead_deliveries=webhook_view.dead_count(conn),
             )
 
     def invoicing(self) -> InvoicingService:

@@ -296,6 +296,8 @@ async def test_failing_receivers_are_retried_dead_lettered_deleted_and_resent(ho
     assert all(d["attempts"] > 10 and d["last_status_code"] == 500 for d in down)
     dead = await hooks.deliveries(status="dead")
     assert {d["id"] for d in dead} == {d["id"] for d in down}
+    metrics = (await hooks.api.http.get("/metrics")).text
+    assert f"billing_webhook_deliveries_dead {float(len(dead))}" in metrics
     # Deleted: its pending deliveries cancelled, and nothing more sent.
     assert len(hooks.receivers.received("dropped")) == sent_to_dropped
     assert {d["status"] for d in await hooks.deliveries(endpoint_id=dropped["id"])} == {"cancelled"}
