@@ -81,7 +81,9 @@ class DestinationGuard:
             raise ValidationFailed([FieldError("url", f"host {host!r} does not resolve")]) from None
         _judge(host, (str(info[4][0]) for info in infos), self.allow_private)
 
-    async def check(self, url: str) -> None:
+    async def check(self, url: str) -> str:
+        """The address to connect to (the first the host resolved to, each judged); the sender
+        connects to it, so a DNS answer that changes after the check is never used."""
         host, port = _host_port(url)
         loop = asyncio.get_running_loop()
         try:
@@ -89,4 +91,6 @@ class DestinationGuard:
                 loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S)
         except (OSError, UnicodeError, ValueError, TimeoutError):
             raise ValidationFailed([FieldError("url", f"host {host!r} does not resolve")]) from None
-        _judge(host, (str(info[4][0]) for info in infos), self.allow_private)
+        addresses = [str(info[4][0]) for info in infos]
+        _judge(host, addresses, self.allow_private)
+        return addresses[0].split("%", 1)[0]

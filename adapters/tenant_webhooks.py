@@ -7,7 +7,8 @@ LOCKED, then leased for CLAIM_LEASE_S so that another worker leaves them alone; 
 sender's lease runs out and the delivery is claimed again), posts each one's body signed with
 its endpoint's secret (`Webhook-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t.body">`, and
 `Webhook-Id`: the event id, for receivers to drop repeats), at most SEND_CONCURRENCY at once,
-each bounded by SEND_TIMEOUT_S. A 2xx answer delivers it. Anything else (another status, a
+each bounded by SEND_TIMEOUT_S, connecting to the address the guard checked (never a second
+DNS answer). A 2xx answer delivers it. Anything else (another status, a
 timeout, a refused connection, a destination that now resolves to a private address) is
 retried after RETRY_FIRST_DELAY_S, doubling up to RETRY_MAX_DELAY_S, until RETRY_WINDOW_S after
 its first attempt; then it is dead-lettered (status `dead`), listed, and can be re-sent.
@@ -23,6 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import anyio.to_thread
@@ -58,6 +60,17 @@ UPDATE webhook_deliveries d SET next_attempt_at = %(lease)s,
 FROM due, webhook_endpoints e WHERE d.id = due.id AND e.id = d.endpoint_id
 RETURNING d.id, d.event_id, d.body, d.attempts, d.first_attempt_at, e.url, e.secret
 """
+
+
+def pinned(url: str, address: str) -> tuple[str, str, str | None]:
+    """The URL with its host replaced by the checked `address`, the Host header it keeps, and
+    the TLS server name (https: the host name, so its certificate is still checked for it)."""
+    parts = urlsplit(url)
+    literal = f"[{address}]" if ":" in address else address
+    netloc = f"{literal}:{parts.port}" if parts.port else literal
+    host = parts.netloc.rsplit("@", 1)[-1]
+    sni = parts.hostname if parts.scheme == "https" else None
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host, sni
 
 
 def retry_delay_s(attempts: int) -> int:
@@ -121,7 +134,9 @@ class TenantWebhookSender:
     def _client() -> httpx.AsyncClient:
         return httpx.AsyncClient(
             timeout=SEND_TIMEOUT_S, follow_redirects=False, trust_env=False,
-            limits=httpx.Limits(max_connections=SEND_CONCURRENCY),
+            # No connection is kept: one to an address, opened for one endpoint's host name (its
+            # TLS name), must never carry another host's request.
+            limits=httpx.Limits(max_connections=SEND_CONCURRENCY, max_keepalive_connections=0),
             headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
 
     async def send_due(self, client: httpx.AsyncClient | None = None) -> PassResult:
@@ -159,15 +174,17 @@ class TenantWebhookSender:
 
     async def _send(self, client: httpx.AsyncClient, delivery: Claimed) -> Outcome:
         try:
-            await self._guard.check(delivery.url)
+            address = await self._guard.check(delivery.url)
         except ValidationFailed as e:
             return Outcome(None, f"refused: {e}"[:ERROR_MAX_CHARS])
+        url, host, sni = pinned(delivery.url, address)
         timestamp = int(self._clock().timestamp())
         headers = {SIGNATURE_HEADER: signature_header(delivery.secret, timestamp, delivery.body),
-                   EVENT_ID_HEADER: str(delivery.event_id)}
+                   EVENT_ID_HEADER: str(delivery.event_id), "Host": host}
         try:
-            async with client.stream("POST", delivery.url, content=delivery.body,
-                                     headers=headers) as response:
+            async with client.stream("POST", url, content=delivery.body, headers=headers,
+                                     extensions={"sni_hostname": sni} if sni else None,
+                                     ) as response:
                 code = response.status_code  # the body is not read: only the status counts
         except httpx.HTTPError as e:
             return Outcome(None, f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS])

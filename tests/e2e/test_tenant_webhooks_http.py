@@ -243,6 +243,7 @@ async def test_a_receiver_gets_every_event_exactly_as_signed(hooks: Hooks) -> No
         body = json.loads(r.body)
         assert verify(secret, r.headers[SIGNATURE_HEADER], r.body), r.headers
         assert body["id"] == r.headers[EVENT_ID_HEADER]
+        assert r.headers["Host"] == hooks.receivers.url.removeprefix("http://")
         assert body["organisation_id"] == hooks.org
         assert not verify(hooks.endpoints["flaky"]["secret"], r.headers[SIGNATURE_HEADER], r.body)
         assert not verify(secret, r.headers[SIGNATURE_HEADER], r.body.replace(b"INR", b"USD"))

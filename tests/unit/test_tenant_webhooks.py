@@ -118,3 +118,12 @@ def test_invoice_paid_only_once_nothing_is_due() -> None:
     body = envelope(*args)
     assert body == envelope(*args)  # the same bytes for every endpoint and every attempt
     assert json.loads(body)["type"] == "invoice.paid" and b" " not in body
+
+
+def test_a_send_goes_to_the_checked_address_under_the_host_name() -> None:
+    from adapters.tenant_webhooks import pinned
+
+    assert pinned("https://hooks.example.com:8443/a?x=1", "93.184.216.34") == (
+        "https://93.184.216.34:8443/a?x=1", "hooks.example.com:8443", "hooks.example.com")
+    assert pinned("http://hooks.example.com/a", "2606:2800::1") == (
+        "http://[2606:2800::1]/a", "hooks.example.com", None)
