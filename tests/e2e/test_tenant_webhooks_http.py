@@ -407,6 +407,14 @@ async def test_other_tenants_get_404_and_bad_input_changes_nothing(hooks: Hooks)
                        200))["items"]
     assert created["id"] in {e["id"] for e in listed}
     assert all("secret" not in e for e in listed)
+    # A replay under the same Idempotency-Key does not show the secret again.
+    again = {"Idempotency-Key": "hooks-own-1"} | tokens[hooks.org]
+    body = {"url": f"{hooks.receivers.url}/own2", "events": ["invoice.paid"]}
+    first = await ok(await http.post(f"{mine}/webhook-endpoints", headers=again, json=body))
+    replay = await http.post(f"{mine}/webhook-endpoints", headers=again, json=body)
+    assert replay.status_code == 201 and replay.json()["id"] == first["id"], replay.text
+    assert first["secret"] and replay.json()["secret"] is None
+    assert replay.headers["idempotency-secret-omitted"] == "secret"
     # The secret is not in the audit trail.
     audit = await http.get("/admin/v1/audit-events", headers=AUTH)
     assert audit.status_code == 200 and created["secret"] not in audit.text
