@@ -27,6 +27,10 @@ from domain.webhook_endpoint import EVENTS_MAX, URL_MAX_CHARS
 from projections import organisations
 from projections import webhook_endpoints as view
 
+# Each tenant event is sent to every subscribed endpoint: bounds one event's fan-out. Checked on
+# the read model (a burst of concurrent registrations may pass it by a few).
+ENDPOINTS_PER_ORGANISATION_MAX = 16
+
 
 class EndpointIn(msgspec.Struct, forbid_unknown_fields=True):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=URL_MAX_CHARS)]
@@ -110,8 +114,19 @@ class WebhookEndpointController(Controller):
           description="Body {url (http or https), events (names from docs/WEBHOOKS.md)}. A URL"
                       " whose host resolves to a loopback, private, link-local or otherwise"
                       " non-public address is refused with 422 unless the operator allows it.")
-    async def register(self, org_id: FromPath[UUID], data: JSONBody[EndpointIn], deps: Deps,
+    async def register(self, org_id: FromPath[UUID], data: JSONBody[EndpointIn],
+                       request: Request[Any, Any, Any], deps: Deps,
                        actor: Acting) -> Response[EndpointOut]:
+        await wait_caught_up(deps, request, view.NAME)
+
+        def count() -> int:
+            with deps.read_pool.connection() as conn:
+                return len(view.endpoints(conn, org_id))
+
+        if await anyio.to_thread.run_sync(count) >= ENDPOINTS_PER_ORGANISATION_MAX:
+            raise ValidationFailed([FieldError(
+                "url", f"the organisation has {ENDPOINTS_PER_ORGANISATION_MAX} endpoints, the "
+                       "most it may have: delete one first")])
         written = await anyio.to_thread.run_sync(partial(
             _service(deps).register, org_id, url=data.url, events=data.events, actor=actor))
         e = written.aggregate

@@ -28,6 +28,7 @@ from adapters.destinations import DestinationGuard
 from adapters.maintenance import rebuild
 from adapters.tenant_webhooks import TenantWebhookSender
 from api.app import create_app
+from api.webhook_endpoints import ENDPOINTS_PER_ORGANISATION_MAX
 from domain.gateway_events import PaymentEntity, webhook_body
 from domain.payment import PaymentOrder
 from domain.services.webhooks import WebhooksService
@@ -419,3 +420,14 @@ async def test_other_tenants_get_404_and_bad_input_changes_nothing(hooks: Hooks)
     audit = await http.get("/admin/v1/audit-events", headers=AUTH)
     assert audit.status_code == 200 and created["secret"] not in audit.text
     assert "WebhookEndpoint" in audit.text
+
+
+async def test_an_organisation_holds_a_bounded_number_of_endpoints(hooks: Hooks) -> None:
+    http, path = hooks.api.http, f"/admin/v1/organisations/{hooks.other_org}/webhook-endpoints"
+    body = {"url": f"{hooks.receivers.url}/many", "events": ["invoice.paid"]}
+    for _ in range(ENDPOINTS_PER_ORGANISATION_MAX):
+        await ok(await http.post(path, headers=AUTH, json=body))
+    head = hooks.api.rt.ledger.head()
+    r = await http.post(path, headers=AUTH, json=body)
+    assert r.status_code == 422 and "delete one first" in r.text, r.text
+    assert hooks.api.rt.ledger.head() == head
