@@ -13,7 +13,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -143,6 +143,8 @@ class Runtime:
     # own gateway, and closing one runtime never closes another's.
     gateway_: RazorpayGateway | None = field(default=None, init=False, repr=False)
     _gateway_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # The tenant webhook sender's clock (None: the wall clock); tests move theirs to drive retries.
+    webhook_clock: Callable[[], datetime] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, database_url: str, nats_url: str) -> Runtime:
@@ -257,7 +259,8 @@ class Runtime:
 
     def tenant_webhook_sender(self) -> TenantWebhookSender:
         """The sender of the tenant webhook outbox (run by every worker), on the wall clock."""
-        return TenantWebhookSender(self.pool, self.destination_guard(), lambda: datetime.now(UTC))
+        return TenantWebhookSender(self.pool, self.destination_guard(),
+                                   self.webhook_clock or (lambda: datetime.now(UTC)))
 
 
 @dataclass(frozen=True)
