@@ -212,7 +212,5 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return problem(500, "internal error; it has been logged")
 
 
-
-
 # Tenant webhooks (api/webhook_endpoints.py): their path ids, for the 422 a malformed one gets.
 PATH_ID_NOUNS.update({"endpoint_id": "webhook endpoint", "delivery_id": "webhook delivery"})

@@ -258,7 +258,8 @@ class Runtime:
                                self.destination_guard())
 
     def tenant_webhook_sender(self) -> TenantWebhookSender:
-        """The sender of the tenant webhook outbox (run by every worker), on the wall clock."""
+        """The sender of the tenant webhook outbox (run by every worker), on `webhook_clock` if
+        set, else the wall clock."""
         return TenantWebhookSender(self.pool, self.destination_guard(),
                                    self.webhook_clock or (lambda: datetime.now(UTC)))
 
