@@ -252,6 +252,7 @@ async def test_a_receiver_gets_every_event_exactly_as_signed(hooks: Hooks) -> No
         assert not verify(hooks.endpoints["flaky"]["secret"], r.headers[SIGNATURE_HEADER], r.body)
         assert not verify(secret, r.headers[SIGNATURE_HEADER], r.body.replace(b"INR", b"USD"))
     assert len({json.loads(r.body)["id"] for r in got}) == len(EXPECTED)
+    assert hooks.api.count_where("projection_dead_letters", f"name = '{READ_MODEL.name}'") == 0
     by_type = {json.loads(r.body)["type"]: json.loads(r.body)["data"] for r in got}
     assert by_type["invoice.paid"]["amount_due"] == 0
     assert by_type["invoice.voided"]["reason"] == "issued in error"
