@@ -11,7 +11,7 @@ from domain.errors import NotFound
 from domain.organisation import Organisation
 from domain.ports import Clock, DestinationCheck, Ledger, NewId, NewWebhookSecret
 from domain.services.base import Written, with_retries
-from domain.webhook_endpoint import WebhookEndpoint, check_events, check_url
+from domain.webhook_endpoint import WebhookEndpoint, check_endpoint
 
 
 class WebhooksService:
@@ -44,8 +44,7 @@ class WebhooksService:
         """A new endpoint: its URL must be http(s) and resolve to a public address (unless the
         operator allows private ones). The answer holds the secret: the only time it is shown."""
         self._organisation(org_id)
-        check_url(url)
-        check_events(events)  # both before the destination's name is looked up
+        check_endpoint(url, events)  # before the destination's name is looked up
         self._check_destination(url)
         endpoint = WebhookEndpoint.register(
             endpoint_id=self._new_id(), organisation_id=org_id, url=url, events=events,

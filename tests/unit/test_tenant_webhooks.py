@@ -28,7 +28,7 @@ from domain.tenant_webhooks import (
     signature_header,
     verify,
 )
-from domain.webhook_endpoint import WebhookEndpoint, check_events, check_url
+from domain.webhook_endpoint import WebhookEndpoint, check_endpoint, check_events, check_url
 
 SECRET = "whsec_test"
 BODY = b'{"id":"e1","type":"invoice.paid"}'
@@ -84,6 +84,12 @@ def test_the_guard_refuses_literal_private_hosts_unless_allowed() -> None:
 def test_an_endpoint_url_must_be_plain_http_or_https(url: str) -> None:
     with pytest.raises(ValidationFailed):
         check_url(url)
+
+
+def test_a_bad_url_and_bad_events_are_named_together() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        check_endpoint("ftp://x", ["nope"])
+    assert {e.field for e in caught.value.errors} == {"url", "events"}
 
 
 def test_events_are_named_from_the_catalogue_once_each() -> None:
