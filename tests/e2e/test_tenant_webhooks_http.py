@@ -4,8 +4,9 @@ signed deliveries to real HTTP receivers on 127.0.0.1, verified with the README'
 One set of ledger facts (an invoice finalized and paid, another finalized and voided, a payment
 that failed) goes to four endpoints: `good` answers 200; `flaky` answers 500 at first, then
 recovers; `down` always answers 500 until it is dead-lettered, then is re-sent; `dropped` is
-deleted while its deliveries are still failing. A sender on a test clock drives the retries:
-no test sleeps for a backoff."""
+deleted while its deliveries are still failing. The workers' sender runs on the test's clock
+(Runtime.webhook_clock), and the test runs passes of its own on it: the test moves the clock
+through the retries, and no test sleeps for a backoff."""
 
 from __future__ import annotations
 
