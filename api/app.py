@@ -29,6 +29,7 @@ from api.projects import ProjectController
 from api.subscriptions import SubscriptionController
 from api.tokens import TokenController
 from api.usage import organisation_usage, own_usage
+from api.webhook_endpoints import WebhookEndpointController
 from api.webhooks import razorpay_webhook
 
 MAX_BODY_BYTES = 1024 * 1024  # API.md: 413 over 1 MiB
@@ -54,7 +55,8 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         route_handlers=[OrganisationController, organisation_balance, organisation_usage,
                         ProjectController, KeyController, TokenController, MeterController,
                         PlanController, SubscriptionController, InvoiceController, invoice_run,
-                        PaymentController, AuditController],
+                        PaymentController, AuditController,
+                        WebhookEndpointController],
         guards=[admin_guard],
         middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )

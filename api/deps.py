@@ -30,6 +30,7 @@ from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
+from domain.services.webhooks import WebhooksService
 
 READ_WAIT_S = 5.0  # a read waits this long for its read model to include prior writes
 
@@ -47,6 +48,7 @@ class OpsSnapshot:
     payments_for_review: int = 0  # payments a person must look at (docs/PAYMENTS.md)
     failed_deliveries: int = 0  # gateway deliveries the process manager could not apply
     refunds_failed: int = 0  # credit notes whose refund failed (docs/CREDIT_NOTES.md)
+    webhook_dead_deliveries: int = 0  # tenant webhook deliveries dead-lettered (docs/WEBHOOKS.md)
 
 
 @dataclass
@@ -88,6 +90,8 @@ class ApiDeps:
     # "html" | "pdf") -> (body, media type, file name), None for an unknown note.
     credit_notes: CreditNotesService | None = None
     render_credit_note: Callable[[UUID, str], tuple[bytes, str, str] | None] = lambda _i, _f: None
+    # Tenant webhook endpoints (docs/WEBHOOKS.md); None: their routes answer 503.
+    webhooks: WebhooksService | None = None
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

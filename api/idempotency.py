@@ -51,7 +51,7 @@ BUSY_RETRY_AFTER_S = 1  # then: 409, come back after this many seconds
 BODY_MAX_BYTES = 1024 * 1024  # as api.app.MAX_BODY_BYTES: a larger body is the app's 413
 # Response fields that carry a secret shown once (an API key's `key`, an admin `token`): never
 # stored, so a replay answers them as null and names them in SECRET_OMITTED_HEADER.
-SECRET_RESPONSE_FIELDS = ("key", "token")
+SECRET_RESPONSE_FIELDS = ("key", "token", "secret")  # secret: a tenant webhook endpoint's
 REPLAYED_HEADER = "idempotent-replayed"
 SECRET_OMITTED_HEADER = "idempotency-secret-omitted"
 _NOT_STORED_HEADERS = frozenset({"content-length", "x-request-id", "date", "server"})

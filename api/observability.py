@@ -92,6 +92,9 @@ class OpsCollector(Collector):
         yield GaugeMetricFamily("billing_credit_note_refunds_failed",
                                 "Credit notes whose refund failed: retry or settle them by hand",
                                 value=s.refunds_failed)
+        yield GaugeMetricFamily("billing_webhook_deliveries_dead",
+                                "Tenant webhook deliveries dead-lettered after 24 h of failures"
+                                " (re-send them: docs/WEBHOOKS.md)", value=s.webhook_dead_deliveries)
 
 
 class RequestIdMiddleware:

@@ -87,3 +87,25 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
 def rule_for(method: str, path_template: str) -> Rule | None:
     """The rule of a route, by its path template as Litestar routes it ({name}, no types)."""
     return RULES.get((method, path_template.rstrip("/") or "/"))
+
+
+# Tenant webhooks (docs/WEBHOOKS.md): an organisation's own org_admin, or a platform role, manages
+# its endpoints and re-sends deliveries; every role that reads the organisation sees them.
+_WEBHOOK_READ, _WEBHOOK_WRITE = "webhooks:read", "webhooks:write"
+_ORG_PATH = f"{A}/organisations/{{org_id}}"
+RULES.update({
+    ("POST", f"{_ORG_PATH}/webhook-endpoints"): Rule(_WEBHOOK_WRITE, "ORG", "org_id"),
+    ("GET", f"{_ORG_PATH}/webhook-endpoints"): Rule(_WEBHOOK_READ, "ORG", "org_id"),
+    ("DELETE", f"{_ORG_PATH}/webhook-endpoints/{{endpoint_id}}"): Rule(_WEBHOOK_WRITE, "ORG",
+                                                                      "org_id"),
+    ("GET", f"{_ORG_PATH}/webhook-deliveries"): Rule(_WEBHOOK_READ, "ORG", "org_id"),
+    ("POST", f"{_ORG_PATH}/webhook-deliveries/{{delivery_id}}/resend"): Rule(_WEBHOOK_WRITE, "ORG",
+                                                                            "org_id"),
+})
+ALL = ALL | {_WEBHOOK_READ, _WEBHOOK_WRITE}
+for _role, _granted in {"owner": {_WEBHOOK_READ, _WEBHOOK_WRITE},
+                        "billing_admin": {_WEBHOOK_READ, _WEBHOOK_WRITE},
+                        "org_admin": {_WEBHOOK_READ, _WEBHOOK_WRITE},
+                        "support": {_WEBHOOK_READ}, "auditor": {_WEBHOOK_READ},
+                        "org_viewer": {_WEBHOOK_READ}}.items():
+    ROLE_PERMISSIONS[_role] = ROLE_PERMISSIONS[_role] | _granted

@@ -213,3 +213,5 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 
 
 PATH_ID_NOUNS["credit_note_id"] = "credit note"  # credit notes (api/credit_notes.py)
+# Tenant webhooks (api/webhook_endpoints.py): their path ids, for the 422 a malformed one gets.
+PATH_ID_NOUNS.update({"endpoint_id": "webhook endpoint", "delivery_id": "webhook delivery"})

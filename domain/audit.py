@@ -27,7 +27,8 @@ from eventsourcing.domain import Aggregate
 from domain.errors import Conflict
 
 # Never copied into the trail: hashes of secrets are still secrets' fingerprints.
-SECRET_FIELDS = frozenset({"token_sha256", "secret_sha256"})
+SECRET_FIELDS = frozenset({"token_sha256", "secret_sha256",
+                           "secret"})  # a tenant webhook endpoint's signing secret
 _BOOKKEEPING_FIELDS = frozenset({"originator_id", "originator_version", "timestamp",
                                  "originator_topic"})
 VALUE_MAX_CHARS = 500

@@ -233,3 +233,16 @@ class RefundGateway(Protocol):
     def fetch_refund(self, refund_id: str) -> RefundEntity:
         """A refund as Razorpay holds it now."""
         ...
+
+
+class DestinationCheck(Protocol):
+    """Refuses (ValidationFailed on `url`) a webhook URL whose host resolves to an address the
+    platform must not call (loopback, private, link-local...); adapters/destinations.py."""
+
+    def __call__(self, url: str, /) -> None: ...
+
+
+class NewWebhookSecret(Protocol):
+    """A fresh secret to sign an endpoint's deliveries with."""
+
+    def __call__(self) -> str: ...

@@ -78,6 +78,8 @@ async def run_roles(
             jobs.append(projector.run(stop))
         # Workers also apply recorded gateway deliveries (docs/PAYMENTS.md, the process manager).
         jobs.append(PaymentManager(rt.ledger, rt.pool, rt.payments()).run(stop))
+        # ...and send the tenant webhook outbox (docs/WEBHOOKS.md).
+        jobs.append(rt.tenant_webhook_sender().run(stop))
     if "scheduler" in roles:
         scheduler = start_scheduler(rt)
     api = (api or build_api(rt, admin_token=admin_token(rt.settings))) if "api" in roles else None

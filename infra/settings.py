@@ -50,6 +50,8 @@ class Settings:
     # JetStream placement of the streams: R3 on a 3-node cluster (infra/deploy/), 1 on one server.
     stream_replicas: int = 1
     stream_placement_tags: tuple[str, ...] = ()
+    # Tenant webhooks may go to loopback/private/link-local addresses (docs/WEBHOOKS.md): off.
+    webhooks_allow_private: bool = False
 
 
 def _port(value: str) -> int:
@@ -121,4 +123,20 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                                       opt("RAZORPAY_TIMEOUT_S") or str(DEFAULT_RAZORPAY_TIMEOUT_S)),
         stream_replicas=_stream_replicas(opt("BILLING_STREAM_REPLICAS") or "1"),
         stream_placement_tags=_comma_list(opt("BILLING_STREAM_PLACEMENT_TAGS")),
+        webhooks_allow_private=_flag("BILLING_WEBHOOKS_ALLOW_PRIVATE",
+                                     opt("BILLING_WEBHOOKS_ALLOW_PRIVATE")),
     )
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(name: str, value: str | None) -> bool:
+    """An on/off setting: unset is off; anything but 1/true/yes/on or 0/false/no/off is refused."""
+    if value is None:
+        return False
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError(f"{name} must be true or false, got {value}")

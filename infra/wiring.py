@@ -13,7 +13,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -30,6 +30,7 @@ from adapters import bookkeeping, bus, idempotency, rate_limit
 from adapters.caches import KeyCache, MeterCache, PrefixCache, TokenCache
 from adapters.credit_note_documents import CreditNoteNotifier
 from adapters.credit_note_documents import render as render_credit_note
+from adapters.destinations import DestinationGuard
 from adapters.gate import PgProjectionGate, TrackingWatch
 from adapters.idempotency import PgIdempotencyStore
 from adapters.invoice_run import InvoiceRun
@@ -43,6 +44,7 @@ from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
 from adapters.resolver import PgResolver
 from adapters.schedule import DDL as SCHEDULE_DDL
+from adapters.tenant_webhooks import TenantWebhookSender
 from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
 from api.permissions import ROLE_PERMISSIONS
@@ -56,10 +58,12 @@ from domain.services.invoicing import InvoicingService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
+from domain.services.webhooks import WebhooksService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
 from projections import credit_notes as credit_notes_view
+from projections import webhook_endpoints as webhook_view
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
@@ -73,6 +77,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     access.READ_MODEL,
     payments.READ_MODEL,
     credit_notes_view.READ_MODEL,
+    webhook_view.READ_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
@@ -146,6 +151,8 @@ class Runtime:
     # own gateway, and closing one runtime never closes another's.
     gateway_: RazorpayGateway | None = field(default=None, init=False, repr=False)
     _gateway_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # The tenant webhook sender's clock (None: the wall clock); tests move theirs to drive retries.
+    webhook_clock: Callable[[], datetime] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, database_url: str, nats_url: str) -> Runtime:
@@ -199,6 +206,7 @@ class Runtime:
                 payments_for_review=payments.review_count(conn),
                 failed_deliveries=payments.failed_deliveries(conn),
                 refunds_failed=credit_notes_view.refunds_failed(conn),
+                webhook_dead_deliveries=webhook_view.dead_count(conn),
             )
 
     def invoicing(self) -> InvoicingService:
@@ -260,6 +268,21 @@ class Runtime:
         """Who issues the invoices, from the settings."""
         s = self.settings
         return Supplier(s.supplier_name, s.supplier_gstin, s.supplier_state_code, s.mail_from)
+
+    def destination_guard(self) -> DestinationGuard:
+        """Where tenant webhooks may go (BILLING_WEBHOOKS_ALLOW_PRIVATE lifts the address rule)."""
+        return DestinationGuard(allow_private=self.settings.webhooks_allow_private)
+
+    def webhooks(self) -> WebhooksService:
+        """Tenant webhook endpoints over the ledger, on the wall clock."""
+        return WebhooksService(self.ledger, lambda: datetime.now(UTC), uuid4, new_webhook_secret,
+                               self.destination_guard())
+
+    def tenant_webhook_sender(self) -> TenantWebhookSender:
+        """The sender of the tenant webhook outbox (run by every worker), on `webhook_clock` if
+        set, else the wall clock."""
+        return TenantWebhookSender(self.pool, self.destination_guard(),
+                                   self.webhook_clock or (lambda: datetime.now(UTC)))
 
 
 @dataclass(frozen=True)
@@ -363,6 +386,7 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
         warnings=warnings,
         credit_notes=rt.credit_notes(),
         render_credit_note=partial(render_credit_note, rt.pool, rt.supplier()),
+        webhooks=rt.webhooks(),
     )
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
                    token_cache, tracking, idempotency_store)
@@ -409,3 +433,11 @@ def admin_token(settings: Settings) -> str:
         raise RuntimeError(f"the admin token is empty ({ADMIN_TOKEN_FILE} in {settings.data_dir}):"
                            " set BILLING_ADMIN_TOKEN, or delete the empty file to generate one")
     return token
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def new_webhook_secret() -> str:
+    """A tenant webhook endpoint's signing secret: 256 bits, recognisable by its prefix."""
+    return WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)

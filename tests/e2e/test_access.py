@@ -127,6 +127,7 @@ def _url(template: str, t: Tenant) -> str:
            "token_id": str(uuid.uuid4()), "invoice_id": str(uuid.uuid4()),
            "payment_id": str(uuid.uuid4()), "code": "nope"}
     ids["credit_note_id"] = str(uuid.uuid4())  # credit notes (issue 17)
+    ids |= {"endpoint_id": str(uuid.uuid4()), "delivery_id": str(uuid.uuid4())}  # tenant webhooks
     return template.format(**ids)
 
 
@@ -395,6 +396,7 @@ class Invoiced:
 
 def _real_url(template: str, t: Invoiced) -> str:
     return template.format(org_id=t.tenant.org, project_id=t.tenant.project, key_id=t.tenant.key_id,
+                           endpoint_id=uuid.uuid4(), delivery_id=uuid.uuid4(),  # tenant webhooks
                            invoice_id=t.invoice)
 
 
