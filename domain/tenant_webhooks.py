@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid5
 
+from domain.credit_note import CreditNote
 from domain.invoice import Invoice
 from domain.payment import Payment
 
@@ -79,10 +80,16 @@ def _payment_linked(e: Payment.Linked, facts: Facts) -> Facts:
     return {**facts, "organisation_id": str(e.organisation_id), "invoice_id": str(e.invoice_id)}
 
 
+def _invoice_credited(e: Invoice.Credited, facts: Facts) -> Facts:
+    # A reduce_due credit note lowers what is due: invoice.paid must see the lower figure.
+    return {**facts, "amount_due": int(facts.get("amount_due", 0)) - e.reduce_due}
+
+
 SUBJECT_FACTS: dict[type[Any], Callable[[Any, Facts], Facts]] = {
     Invoice.Drafted: _invoice_drafted,
     Invoice.Finalized: _invoice_finalized,
     Invoice.PaymentApplied: _invoice_payment_applied,
+    Invoice.Credited: _invoice_credited,
     Payment.Opened: _payment_opened,
     Payment.Described: _payment_described,
     Payment.Linked: _payment_linked,
@@ -115,6 +122,19 @@ def _payment_failed(e: Payment.Failed, facts: Facts) -> Data:
                                             "method")} | {"reason": e.reason}
 
 
+def _credit_note_issued(e: CreditNote.Issued, _: Facts) -> Data:
+    return {"credit_note_id": str(e.originator_id), "number": e.number,
+            "invoice_id": str(e.invoice_id), "invoice_number": e.invoice_number,
+            "reason": e.reason, "settlement": e.settlement, "currency": e.currency,
+            "subtotal": e.subtotal, "total": e.total, "issued_at": e.timestamp.isoformat()}
+
+
+def _refund_processed(e: CreditNote.RefundProcessed, _: Facts) -> Data:
+    return {"credit_note_id": str(e.originator_id), "invoice_id": str(e.invoice_id),
+            "refund_id": e.refund_id, "razorpay_payment_id": e.razorpay_payment_id,
+            "amount": e.amount}
+
+
 @dataclass(frozen=True)
 class TenantEvent:
     name: str
@@ -126,18 +146,14 @@ TENANT_EVENTS: dict[type[Any], TenantEvent] = {
     Invoice.PaymentApplied: TenantEvent("invoice.paid", _paid),  # only once nothing is due
     Invoice.Voided: TenantEvent("invoice.voided", _voided),
     Payment.Failed: TenantEvent("payment.failed", _payment_failed),
-    # One entry each once their events exist (the credit-note work), e.g.:
-    #   CreditNote.Issued: TenantEvent("credit_note.issued", _credit_note_issued),
-    #   CreditNote.RefundProcessed: TenantEvent("refund.processed", _refund_processed),
-    # with `data(event, facts) -> dict`; an event without `organisation_id` of its own also
-    # needs its aggregate's creation event in SUBJECT_FACTS, giving "organisation_id".
+    CreditNote.Issued: TenantEvent("credit_note.issued", _credit_note_issued),
+    CreditNote.RefundProcessed: TenantEvent("refund.processed", _refund_processed),  # final
+    # A new one: `data(event, facts) -> dict`; an event without `organisation_id` of its own
+    # also needs its aggregate's creation event in SUBJECT_FACTS, giving "organisation_id".
 }
 
-# Every name a tenant may subscribe to: the catalogue's, and those announced for it (accepted
-# now so that endpoints need no change when the credit-note events arrive).
-ANNOUNCED = ("credit_note.issued", "refund.processed")
-EVENT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(
-    [t.name for t in TENANT_EVENTS.values()] + list(ANNOUNCED)))
+# Every name a tenant may subscribe to.
+EVENT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(t.name for t in TENANT_EVENTS.values()))
 
 
 def organisation_of(event: Any, facts: Facts) -> str | None:

@@ -12,6 +12,7 @@ import dataclasses
 import email
 import email.policy
 import io
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from infra.wiring import Runtime, admin_token, build_api
 from tests.conftest import http_status, make_settings, running, tracked, wait_until
 from tests.e2e.conftest import AUTH, Api, close_and_drop
 from tests.e2e.test_invoicing_http import last_period
+from tests.e2e.test_tenant_webhooks_http import Receivers, readme_verify
 
 pytestmark = pytest.mark.anyio
 
@@ -37,7 +39,7 @@ WEBHOOK_SECRET = "whsec-credit-0123"
 GATEWAY_TIMEOUT_S = 1.0
 FAULT_DELAY_S = 1.5  # a "timeout_after_create" answers after the service gave up
 WEBHOOK = "/webhooks/razorpay"
-TENANTS = ("refund", "race", "unpaid", "oob", "other", "retry", "declined")
+TENANTS = ("refund", "race", "unpaid", "oob", "other", "retry", "declined", "hooked")
 BASE_FEE_PAISE = 50_000  # ₹500 base fee; intra-state: CGST 9 % + SGST 9 %
 TOTAL_PAISE = 59_000
 ISSUERS = 8
@@ -95,7 +97,8 @@ async def credit(tmp_path_factory: pytest.TempPathFactory,
         settings = make_settings(
             Path(tmp_path_factory.mktemp("credit")), port=port, razorpay_key_id=KEY_ID,
             razorpay_key_secret=KEY_SECRET, razorpay_base_url=fake.url,
-            razorpay_webhook_secrets=(WEBHOOK_SECRET,), razorpay_timeout_s=GATEWAY_TIMEOUT_S)
+            razorpay_webhook_secrets=(WEBHOOK_SECRET,), razorpay_timeout_s=GATEWAY_TIMEOUT_S,
+            webhooks_allow_private=True)  # the tenant's receiver is on loopback
         fake.set_webhook(f"http://127.0.0.1:{port}{WEBHOOK}", WEBHOOK_SECRET)
         rt = Runtime.open(settings, *server_urls)
         role = build_api(rt, admin_token=admin_token(settings))
@@ -391,3 +394,41 @@ async def test_bad_input_unknown_ids_and_other_organisations_get_clear_4xx(credi
     r = await c.api.http.post(path, headers=scoped, json={
         "reason": "other", "settlement": "reduce_due", "amount": 118})
     assert r.status_code == 403, r.text
+
+
+async def test_the_tenant_hears_of_its_credit_note_and_of_its_refund_processed_as_signed(
+        credit: Credit) -> None:
+    """Issue 17's tenant events of this part: `credit_note.issued` and `refund.processed` reach
+    the organisation's endpoint from the ledger, signed as the README shows how to verify."""
+    c, invoice = credit, credit.invoices["hooked"]
+    receivers = Receivers()
+    receivers.thread.start()
+    try:
+        endpoint = await _ok(await c.api.http.post(
+            f"/admin/v1/organisations/{invoice['organisation_id']}/webhook-endpoints", headers=AUTH,
+            json={"url": f"{receivers.url}/hooked", "events": ["credit_note.issued",
+                                                               "refund.processed"]}))
+        await _pay_by_razorpay(c, invoice)
+        note = await _ok(await c.api.http.post(
+            f"/admin/v1/invoices/{invoice['id']}/credit-notes", headers=AUTH,
+            json={"reason": "order_change", "settlement": "refund", "amount": 5_900}))
+        (made,) = [r for r in c.fake.refunds() if r["notes"].get("credit_note_id") == note["id"]]
+        await asyncio.to_thread(c.fake.deliver, _refund_events(c, made["id"]))
+        got = await wait_until(lambda: len(r := receivers.received("hooked")) >= 2 and r,
+                               "both tenant events at the receiver")
+    finally:
+        receivers.server.shutdown()
+        receivers.server.server_close()
+    verify = readme_verify()
+    bodies = {}
+    for r in got:
+        assert verify(endpoint["secret"], r.headers["Webhook-Signature"], r.body), r.headers
+        body = json.loads(r.body)
+        bodies[body["type"]] = body
+    assert sorted(bodies) == ["credit_note.issued", "refund.processed"]
+    issued, processed = bodies["credit_note.issued"], bodies["refund.processed"]
+    assert issued["organisation_id"] == invoice["organisation_id"]
+    assert (issued["data"]["credit_note_id"], issued["data"]["number"], issued["data"]["total"],
+            issued["data"]["invoice_number"]) == (note["id"], note["number"], 5_900, invoice["number"])
+    assert (processed["data"]["credit_note_id"], processed["data"]["refund_id"],
+            processed["data"]["amount"]) == (note["id"], made["id"], 5_900)
