@@ -45,6 +45,7 @@ from domain.usage import (
     PROPERTY_KEY_MAX_CHARS,
     PROPERTY_VALUE_MAX_CHARS,
 )
+from projections.webhook_endpoints import DELIVERY_STATUSES
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,12 @@ QUERY: dict[tuple[str, str], tuple[Query, ...]] = {
     ("GET", f"{A}/credit-notes/{{credit_note_id}}/document"): (
         Query("format", "html (default, inline) or pdf (an attachment named after the note).",
               {"type": "string", "enum": ["html", "pdf"], "default": "html"}),
+    ),
+    ("GET", f"{A}/organisations/{{org_id}}/webhook-deliveries"): (
+        *PAGE,
+        Query("status", "Only deliveries in this status (dead: dead-lettered after 24 h of failures).",
+              {"type": "string", "enum": list(DELIVERY_STATUSES)}),
+        Query("endpoint_id", "Only this endpoint's deliveries.", _UUID),
     ),
     ("GET", f"{A}/audit-events"): (
         LIMIT,

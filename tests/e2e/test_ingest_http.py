@@ -302,7 +302,7 @@ async def test_a_count_meter_with_a_field_is_refused(api: Api) -> None:
 
 
 @pytest.mark.parametrize(("params", "field"), [
-    ({}, "metric"), ({"metric": "gb", "granularity": "week"}, "granularity"),
+    ({"group_by": "region"}, "group_by"), ({"metric": "gb", "granularity": "week"}, "granularity"),
     ({"metric": "calls", "group_by": "colour"}, "group_by"),
     ({"metric": "gb", "from": "2026-11-10", "to": "2026-11-01"}, "to"),
     ({"metric": "gb", "from": "soon"}, "from"), ({"metric": "gb", "limit": "0"}, "limit"),
