@@ -17,6 +17,7 @@ from api.ingest import ingest
 from api.invoice_runs import invoice_run
 from api.invoices import InvoiceController
 from api.keys import KeyController
+from api.ledger import ledger_entries
 from api.meters import MeterController
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController, organisation_balance
@@ -52,7 +53,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         route_handlers=[OrganisationController, organisation_balance, organisation_usage,
                         ProjectController, KeyController, TokenController, MeterController,
                         PlanController, SubscriptionController, InvoiceController, invoice_run,
-                        PaymentController, AuditController],
+                        PaymentController, AuditController, ledger_entries],
         guards=[admin_guard],
         middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )

@@ -82,6 +82,9 @@ class ApiDeps:
     # Configuration that lets the service run but not issue proper invoices (a missing
     # SUPPLIER_GSTIN): /health/ready shows them without failing.
     warnings: tuple[str, ...] = ()
+    # GET /admin/v1/ledger: (after, limit) -> up to `limit` (position, NDJSON line) pairs after
+    # the position, in order; None: the route answers 503.
+    ledger_page: Callable[[int, int], list[tuple[int, bytes]]] | None = None
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

@@ -17,6 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from adapters.payment_manager import PaymentManager
 from adapters.projector import Projector
 from adapters.relay import Relay
+from adapters.sealer import Sealer
 from api.app import create_app
 from infra.http_protocol import CoalescingHttpToolsProtocol
 from infra.scheduler import start as start_scheduler
@@ -78,6 +79,9 @@ async def run_roles(
             jobs.append(projector.run(stop))
         # Workers also apply recorded gateway deliveries (docs/PAYMENTS.md, the process manager).
         jobs.append(PaymentManager(rt.ledger, rt.pool, rt.payments()).run(stop))
+    if "seal" in roles:
+        jobs.append(Sealer(rt.database_url, rt.settings.pg_schema, rt.ledger.channel, js, rt.streams,
+                           events_table=rt.ledger.events_table).run(stop))
     if "scheduler" in roles:
         scheduler = start_scheduler(rt)
     api = (api or build_api(rt, admin_token=admin_token(rt.settings))) if "api" in roles else None

@@ -46,6 +46,9 @@ class Settings:
     pg_schema: str = "public"
     stream_prefix: str = ""
     razorpay_timeout_s: float = DEFAULT_RAZORPAY_TIMEOUT_S  # each call to Razorpay, at most
+    # The archive (docs/AUDIT.md): s3://bucket/prefix, or None for <data folder>/archive.
+    archive_url: str | None = None
+    archive_endpoint_url: str | None = None  # an S3-compatible service other than AWS
 
 
 def _port(value: str) -> int:
@@ -108,4 +111,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=_comma_list(opt("BILLING_TRUSTED_PROXIES")),
         razorpay_timeout_s=_timeout_s("RAZORPAY_TIMEOUT_S",
                                       opt("RAZORPAY_TIMEOUT_S") or str(DEFAULT_RAZORPAY_TIMEOUT_S)),
+        archive_url=opt("BILLING_ARCHIVE_URL"),
+        archive_endpoint_url=opt("BILLING_ARCHIVE_ENDPOINT_URL"),
     )

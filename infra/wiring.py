@@ -32,6 +32,7 @@ from adapters.gate import PgProjectionGate, TrackingWatch
 from adapters.idempotency import PgIdempotencyStore
 from adapters.invoice_run import InvoiceRun
 from adapters.ledger import LedgerStore
+from adapters.ledger_export import page as ledger_export_page
 from adapters.mail import OutboxMailer, SmtpMailer
 from adapters.maintenance import ensure_tables
 from adapters.notifier import InvoiceNotifier, Supplier
@@ -40,6 +41,7 @@ from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
 from adapters.resolver import PgResolver
+from adapters.sealer import DDL as SEALS_DDL
 from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
 from api.permissions import ROLE_PERMISSIONS
@@ -109,6 +111,8 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
             for statement in (*bookkeeping.DDL, *rate_limit.DDL, *idempotency.DDL):
+                conn.execute(statement)
+            for statement in SEALS_DDL:
                 conn.execute(statement)
             for model in READ_MODELS:
                 for statement in model.ddl:
@@ -341,8 +345,16 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
         webhook_secrets=settings.razorpay_webhook_secrets,
         warnings=warnings,
     )
+    deps.ledger_page = partial(_ledger_page, rt)
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
                    token_cache, tracking, idempotency_store)
+
+
+def _ledger_page(rt: Runtime, after: int, limit: int) -> list[tuple[int, bytes]]:
+    """GET /admin/v1/ledger's reads, from the read pool."""
+    with rt.pool.connection() as conn:
+        return ledger_export_page(conn, rt.settings.pg_schema, after, limit,
+                                  events_table=rt.ledger.events_table)
 
 
 def _jittered_pause(attempt: int) -> None:
