@@ -30,7 +30,7 @@ from domain.ledger_chain import entry_hash
 from domain.organisation import OrganisationSettings
 from domain.services.organisations import OrganisationService
 from infra.wiring import Runtime
-from tests.conftest import close_nats, wait_until
+from tests.conftest import close_nats, running, wait_until
 
 BLOCK = 7  # entries per block in these tests: several blocks from a few dozen entries
 
@@ -201,3 +201,13 @@ def test_verify_names_a_seal_that_was_removed(sealed: tuple[Runtime, int]) -> No
             sql.Identifier(rt.settings.pg_schema, SEALS_TABLE)))
     result = verify(rt)
     assert not result.ok and "missing" in result.problem, result
+
+
+@pytest.mark.anyio
+async def test_the_seal_role_seals_what_is_appended(runtime: Runtime) -> None:
+    rt = runtime
+    async with running(rt, {"seal"}):
+        await asyncio.to_thread(append, rt, 3)
+        head = rt.ledger.head()
+        await wait_until(lambda: verify(rt).sealed_through == head, "the role sealing the head")
+    assert verify(rt).ok
