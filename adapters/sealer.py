@@ -33,7 +33,7 @@ from psycopg import sql
 from adapters.bookkeeping import lock_key
 from adapters.bus import Streams
 from adapters.ledger import LEDGER_NAME
-from domain.ledger_chain import GENESIS, Finding, Seal, check_block, check_link, make_seal
+from domain.ledger_chain import ENTRY_TAG_BYTES, GENESIS, Finding, Seal, check_block, check_link
 
 log = logging.getLogger("billing.sealer")
 
@@ -108,6 +108,26 @@ def last_seal(conn: psycopg.Connection[Any], schema: str) -> Seal | None:
     return _seal(row) if row else None
 
 
+# One block sealed by one statement: Postgres hashes the entries, digests them, links the block
+# to the previous seal and writes it; nothing per entry crosses to Python. The same arithmetic
+# as domain/ledger_chain.make_seal (which `verify_chain` recomputes on its own).
+_SEAL_SQL = """
+WITH block AS (
+  SELECT notification_id AS p, {entry_hash} AS h FROM {events}
+  WHERE notification_id > %(after)s ORDER BY notification_id LIMIT %(limit)s
+), agg AS (
+  SELECT count(*)::int4 AS n, min(p) AS first, max(p) AS last,
+         sha256(string_agg(h, ''::bytea ORDER BY p)) AS digest,
+         string_agg(int8send(p) || substr(h, 1, {tag}), ''::bytea ORDER BY p) AS tags
+  FROM block
+)
+INSERT INTO {seals} (seq, first_position, last_position, entry_count, entries_digest, prev_hash,
+                     hash, tags)
+SELECT %(seq)s, first, last, n, digest, %(prev)s, sha256(%(prev)s || digest), tags FROM agg
+WHERE n > 0
+RETURNING {columns}"""
+
+
 def seal_next(conn: psycopg.Connection[Any], schema: str, *, events_table: str = EVENTS_TABLE,
               max_entries: int = SEAL_BLOCK_MAX_ENTRIES) -> Seal | None:
     """Seal the next block (up to `max_entries` entries after the last seal), in one
@@ -116,21 +136,15 @@ def seal_next(conn: psycopg.Connection[Any], schema: str, *, events_table: str =
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(schema, SEAL_WRITE_NAME),))
         last = last_seal(conn, schema)
-        rows = conn.execute(
-            sql.SQL("SELECT notification_id, {} FROM {} WHERE notification_id > %s"
-                    " ORDER BY notification_id LIMIT %s").format(
-                ENTRY_HASH_SQL, _table(schema, events_table)),
-            (last.last_position if last else 0, max_entries), prepare=True).fetchall()
-        if not rows:
-            return None
-        seal = make_seal(last.seq + 1 if last else 1, last.hash if last else GENESIS,
-                         [(int(p), bytes(h)) for p, h in rows])
-        conn.execute(
-            sql.SQL("INSERT INTO {} ({}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(
-                sql.Identifier(schema, SEALS_TABLE), sql.SQL(_SEAL_COLUMNS)),
-            (seal.seq, seal.first_position, seal.last_position, seal.entry_count,
-             seal.entries_digest, seal.prev_hash, seal.hash, seal.tags))
-        return seal
+        row = conn.execute(
+            sql.SQL(_SEAL_SQL).format(
+                entry_hash=ENTRY_HASH_SQL, events=_table(schema, events_table),
+                seals=sql.Identifier(schema, SEALS_TABLE), columns=sql.SQL(_SEAL_COLUMNS),
+                tag=sql.Literal(ENTRY_TAG_BYTES)),
+            {"after": last.last_position if last else 0, "limit": max_entries,
+             "seq": last.seq + 1 if last else 1, "prev": last.hash if last else GENESIS},
+            prepare=True).fetchone()
+        return _seal(row) if row else None
 
 
 def seal_pending(database_url: str, schema: str, *, events_table: str = EVENTS_TABLE) -> int:
