@@ -33,7 +33,15 @@ from psycopg import sql
 from adapters.bookkeeping import lock_key
 from adapters.bus import Streams
 from adapters.ledger import LEDGER_NAME
-from domain.ledger_chain import ENTRY_TAG_BYTES, GENESIS, Finding, Seal, check_block, check_link
+from domain.ledger_chain import (
+    ENTRY_TAG_BYTES,
+    GENESIS,
+    Finding,
+    Seal,
+    check_block,
+    check_link,
+    parse_digest,
+)
 
 log = logging.getLogger("billing.sealer")
 
@@ -331,13 +339,16 @@ def iter_seals(conn: psycopg.Connection[Any], schema: str, *, after_seq: int = 0
 
 
 def verify_chain(conn: psycopg.Connection[Any], *, schema: str,
-                 from_digest: tuple[int, bytes] | None = None,
+                 from_digest: tuple[int, bytes] | str | None = None,
                  events_table: str = EVENTS_TABLE) -> VerifyResult:
     """Recompute the chain over the rows that exist, in one snapshot, in constant memory (a
     server-side cursor over the rows, the seals a page at a time): the first position that was
     edited, deleted or inserted, a seal that does not link, or (with `from_digest`, a
     (position, hash) that `billing ledger digest` printed earlier) a chain that no longer passes
-    through that seal. Rows after the last seal are counted, not judged."""
+    through that seal. Rows after the last seal are counted, not judged. `from_digest` may also
+    be given as printed, `POS:HASH` (ValueError if it is not one)."""
+    if isinstance(from_digest, str):
+        from_digest = parse_digest(from_digest)
     autocommit = conn.autocommit
     with conn.transaction():
         if autocommit:  # a transaction of its own: one snapshot for rows and seals
