@@ -68,8 +68,9 @@ def invalid(args: argparse.Namespace) -> str | None:
     return None
 
 
-def offline(args: argparse.Namespace, out: TextIO = sys.stdout) -> int | None:
+def offline(args: argparse.Namespace, out: TextIO | None = None) -> int | None:
     """`ledger verify --file`: runs with no database; None for every other command."""
+    out = out or sys.stdout
     if not (args.command == "ledger" and args.action == "verify" and args.file):
         return None
     if (problem := invalid(args)) is not None:
@@ -96,8 +97,9 @@ def store_of(settings: Settings) -> ObjectStore:
                       endpoint_url=settings.archive_endpoint_url)
 
 
-def operate(rt: Runtime, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def operate(rt: Runtime, args: argparse.Namespace, out: TextIO | None = None) -> int:
     """The database-backed `ledger` and `archive` commands."""
+    out = out or sys.stdout
     if (problem := invalid(args)) is not None:
         sys.stderr.write(f"billing: {problem}\n")
         return BAD_ARGUMENTS_EXIT

@@ -8,8 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import subprocess
+import logging
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -26,12 +25,12 @@ from adapters.ledger_export import MANIFEST_SUFFIX, export_period, verify_file
 from adapters.maintenance import ensure_tables, rebuild
 from adapters.sealer import connect, last_seal
 from domain.services.invoicing import InvoicingService
+from infra.cli import NO_DATA_EXIT, main
 from infra.wiring import Runtime
 from projections import invoices, organisations
 from tests.integration.test_invoice_numbering import FINALIZED_AT, PERIOD, draft, subscribed_orgs
 from tests.integration.test_ledger_chain import append, rolled_back_insert, seal_all
 
-WORKTREE = Path(__file__).resolve().parents[2]
 ENTRIES = 30
 
 
@@ -56,17 +55,27 @@ def export(rt: Runtime, out: Path, store: object = None) -> dict[str, object]:
     return exported.manifest
 
 
-def offline_verify(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    """`billing ledger verify --file`, with no database to reach."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
-    env["BILLING_DATA_DIR"] = str(path.parent / "no-data-here")
-    return subprocess.run([sys.executable, "-m", "infra.cli", "ledger", "verify", "--file",
-                           str(path), *extra], cwd=WORKTREE, env=env, capture_output=True,
-                          text=True, timeout=60)
+def offline_verify(path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                   *extra: str) -> tuple[int, str]:
+    """`billing ledger verify --file` through the CLI's main, with no database to reach: no
+    DATABASE_URL and an empty data folder (any operator command would exit NO_DATA_EXIT)."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("BILLING_DATA_DIR", str(path.parent / "no-data-here"))
+    root = logging.getLogger()
+    handlers, level, interval = root.handlers[:], root.level, sys.getswitchinterval()
+    try:
+        code = main(["ledger", "verify", "--file", str(path), *extra])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        sys.setswitchinterval(interval)
+    assert code != NO_DATA_EXIT
+    return code, capsys.readouterr().out
 
 
-def test_an_export_verifies_offline_and_a_changed_byte_is_caught(sealed: Runtime,
-                                                                  tmp_path: Path) -> None:
+def test_an_export_verifies_offline_and_a_changed_byte_is_caught(
+        sealed: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     rt = sealed
     store = DirectoryStore(tmp_path / "archive")
     out = tmp_path / "ledger.ndjson.gz"
@@ -83,15 +92,15 @@ def test_an_export_verifies_offline_and_a_changed_byte_is_caught(sealed: Runtime
     assert store.get(str(manifest["file_sha256"])) == out.read_bytes()
     assert hashlib.sha256(out.read_bytes()).hexdigest() == manifest["file_sha256"]
 
-    ok = offline_verify(out, "--digest", digest)
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: 30 entries under 5 seals"), ok
+    code, text = offline_verify(out, monkeypatch, capsys, "--digest", digest)
+    assert code == 0 and text.startswith("ok: 30 entries under 5 seals"), text
 
     # One byte changed.
     data = bytearray(out.read_bytes())
     data[len(data) // 2] ^= 0x01
     out.write_bytes(bytes(data))
-    caught = verify_file(out)
-    assert not caught.ok and "changed" in str(caught.problem), caught
+    code, text = offline_verify(out, monkeypatch, capsys)
+    assert code == 1 and "MISMATCH" in text and "changed" in text, text
 
 
 def test_an_entry_rewritten_with_the_hashes_fixed_up_is_named(sealed: Runtime, tmp_path: Path) -> None:
