@@ -9,7 +9,11 @@ One run on embedded Postgres (fsync on) in a temporary folder, no HTTP:
    in the same process. Reported: ingestion events/s, how far behind the sealer was when
    ingestion ended (entries), and how long it took to seal the rest;
 2. backlog: the seals are dropped and the same ledger is sealed again from position 0 in
-   blocks of SEAL_BLOCK_MAX_ENTRIES: the sealer's own maximum rate, events/s;
+   blocks of SEAL_BLOCK_MAX_ENTRIES: the sealer's own maximum rate, events/s. With
+   `--total-events N` the ledger is first grown to N entries by Postgres (copies of the
+   ingested usage events under new ids, INSERT ... SELECT: no HTTP, no writer), so that the
+   backlog and verify figures are for a ledger of that size (e.g. 5M) while ingestion is
+   measured on `--events` of them;
 3. verify: `billing ledger verify`'s recomputation of the whole chain, events/s.
 
 `sealer_vs_ingest` = backlog rate / ingestion rate: above 1, the sealer keeps up with the
@@ -45,6 +49,7 @@ INGEST_TASKS = 4
 SCHEMA = "bench_sealer"
 CATCH_UP_DEADLINE_S = 300.0
 POLL_S = 0.01
+GROW_ROWS = 500_000  # rows per INSERT ... SELECT when growing the ledger (--total-events)
 
 
 def _rows(count: int) -> list[list[tuple[UUID, bytes]]]:
@@ -97,11 +102,25 @@ async def _ingest_with_live_sealer(url: str, batches: list[list[tuple[UUID, byte
             "live_sealed_blocks": sealer.sealed_blocks}
 
 
+def _grow(conn: psycopg.Connection[object], events_table: str, more: int) -> None:
+    """Append `more` copies of the ledger's first entries under new ids, GROW_ROWS at a time."""
+    table = sql.Identifier(SCHEMA, events_table)
+    while more > 0:
+        n = min(more, GROW_ROWS)
+        cur = conn.execute(sql.SQL("INSERT INTO {} (originator_id, originator_version, topic, state)"
+                                   " SELECT gen_random_uuid(), 1, topic, state FROM {}"
+                                   " ORDER BY notification_id LIMIT %s").format(table, table), (n,))
+        more -= cur.rowcount
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sealer", description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=EVENTS_DEFAULT)
+    parser.add_argument("--events", type=int, default=EVENTS_DEFAULT, help="ingested, timed")
+    parser.add_argument("--total-events", type=int, default=0,
+                        help="grow the ledger to this many entries before sealing the backlog")
     args = parser.parse_args()
-    figures: dict[str, float] = {"events": args.events}
+    total = max(args.total_events, args.events)
+    figures: dict[str, float] = {"events": args.events, "total_events": total}
     batches = _rows(args.events)
     with tempfile.TemporaryDirectory(prefix="bench-sealer-") as tmp, embedded_servers(
             Path(tmp), need_pg=True, need_nats=False, fsync=True) as (pg, _):
@@ -112,6 +131,7 @@ def main() -> int:
             figures |= asyncio.run(_ingest_with_live_sealer(url, batches, ledger.channel,
                                                             ledger.head()))
             with connect(url, SCHEMA) as conn:
+                _grow(conn, ledger.events_table, total - args.events)
                 conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(SCHEMA, SEALS_TABLE)))
                 conn.execute("CHECKPOINT")
                 started = time.monotonic()
@@ -124,11 +144,11 @@ def main() -> int:
                 verify_s = time.monotonic() - started
         finally:
             ledger.close()
-    assert result.ok and result.sealed_entries == args.events, result
-    backlog_rate = args.events / backlog_s
+    assert result.ok and result.sealed_entries == total, result
+    backlog_rate = total / backlog_s
     figures |= {"backlog_seal_s": round(backlog_s, 3), "backlog_blocks": blocks,
                 "sealer_events_per_s": round(backlog_rate),
-                "verify_s": round(verify_s, 3), "verify_events_per_s": round(args.events / verify_s),
+                "verify_s": round(verify_s, 3), "verify_events_per_s": round(total / verify_s),
                 "sealer_vs_ingest": round(backlog_rate / figures["ingest_events_per_s"], 2)}
     for name, value in figures.items():
         print(f"{name:32} {value}")
