@@ -5,8 +5,9 @@ One sealer is active at a time (a Postgres advisory lock held by its session); o
 hot standbys. Writing a seal also takes a transaction-scoped advisory lock, and the seal's
 number is the table's primary key: a second writer (the CLI's `seal_pending`, a sealer that has
 just lost its session) can neither fork the chain nor seal a position twice. Each entry's hash
-is computed by Postgres (`ENTRY_HASH_SQL`, the same bytes as ledger_chain.entry_bytes), so the
-sealer handles 40 bytes per entry, never the state.
+is computed by Postgres (`ENTRY_HASH_SQL`, the same bytes as ledger_chain.entry_bytes), and a
+whole block is sealed by one statement, so the sealer handles nothing per entry. The verifier
+takes each entry's canonical bytes from Postgres and hashes them itself.
 
 Every seal is published to the JetStream stream <prefix>SEALS (subject <prefix>seals.<seq>,
 Nats-Msg-Id seal-<seq>), so that a copy of the chain exists outside Postgres; a seal not yet
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,13 +82,15 @@ DDL = (
     f"ALTER TABLE {SEALS_TABLE} ALTER COLUMN tags SET STORAGE EXTERNAL",
 )
 
-# The SHA-256 of an entry's canonical bytes (domain/ledger_chain.entry_bytes), by Postgres.
-ENTRY_HASH_SQL = sql.SQL(
-    "sha256(int8send(notification_id) || uuid_send(originator_id)"
+# An entry's canonical bytes (domain/ledger_chain.entry_bytes), built by Postgres from a row.
+ENTRY_BYTES_SQL = sql.SQL(
+    "int8send(notification_id) || uuid_send(originator_id)"
     " || int8send(originator_version::int8)"
     " || int4send(octet_length(convert_to(coalesce(topic, ''), 'UTF8')))"
     " || convert_to(coalesce(topic, ''), 'UTF8')"
-    " || int4send(octet_length(coalesce(state, ''::bytea))) || coalesce(state, ''::bytea))")
+    " || int4send(octet_length(coalesce(state, ''::bytea))) || coalesce(state, ''::bytea)")
+# Their SHA-256, by Postgres (the sealer; the verifier hashes the bytes itself).
+ENTRY_HASH_SQL = sql.SQL("sha256({})").format(ENTRY_BYTES_SQL)
 
 _SEAL_COLUMNS = ("seq, first_position, last_position, entry_count, entries_digest, prev_hash,"
                  " hash, tags")
@@ -355,9 +359,12 @@ def verify_chain(conn: psycopg.Connection[Any], *, schema: str,
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         with conn.cursor(name="ledger_chain_verify", binary=True) as rows_cur:
             rows_cur.itersize = VERIFY_FETCH_ROWS
+            # The verifier hashes each entry itself: it takes from Postgres the bytes, not a
+            # verdict on them.
             rows_cur.execute(sql.SQL("SELECT notification_id, {} FROM {} ORDER BY notification_id"
-                                     ).format(ENTRY_HASH_SQL, _table(schema, events_table)))
-            rows = iter(rows_cur)
+                                     ).format(ENTRY_BYTES_SQL, _table(schema, events_table)))
+            sha256 = hashlib.sha256
+            rows = ((position, sha256(entry).digest()) for position, entry in rows_cur)
             return _walk(conn, schema, rows, from_digest)
 
 
