@@ -53,10 +53,11 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         route_handlers=[OrganisationController, organisation_balance, organisation_usage,
                         ProjectController, KeyController, TokenController, MeterController,
                         PlanController, SubscriptionController, InvoiceController, invoice_run,
-                        PaymentController, AuditController, ledger_entries],
+                        PaymentController, AuditController],
         guards=[admin_guard],
         middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )
+    admin.register(ledger_entries)  # GET /admin/v1/ledger (docs/AUDIT.md)
     app = Litestar(
         # The webhook is outside the admin router: signed, not authenticated by a token.
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage,
