@@ -12,8 +12,10 @@ from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from adapters.invoice_archive import archive_finalized
 from domain.errors import Conflict, DomainError
 from domain.period import due_periods
+from infra.ledger_cli import store_of
 from infra.wiring import Runtime
 from projections import invoices, payments
 
@@ -26,6 +28,7 @@ FINALIZE_BATCH_MAX = 1000
 EMAIL_EVERY_MIN = 1
 RECOVERY_EVERY_MIN = 1
 RECOVERY_BATCH_MAX = 100  # orders checked per pass; the rest wait for the next minute
+ARCHIVE_EVERY_MIN = 5
 
 
 async def invoice_job(rt: Runtime) -> None:
@@ -135,5 +138,15 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler.add_job(recovery_job, "interval", minutes=RECOVERY_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=20), max_instances=1, coalesce=True,
                       id="payment-recovery")
+    store = store_of(rt.settings)
+
+    async def archive_job() -> None:  # finalized invoices' PDFs to the archive (docs/AUDIT.md)
+        archived = await asyncio.to_thread(archive_finalized, rt.pool, rt.supplier(), store)
+        if archived:
+            log.info("archived %d finalized invoice PDFs to %s", archived, store.describe())
+
+    scheduler.add_job(archive_job, "interval", minutes=ARCHIVE_EVERY_MIN,
+                      next_run_time=now + timedelta(seconds=40), max_instances=1, coalesce=True,
+                      id="archive")
     scheduler.start()
     return scheduler

@@ -30,6 +30,7 @@ from adapters import bookkeeping, bus, idempotency, rate_limit
 from adapters.caches import KeyCache, MeterCache, PrefixCache, TokenCache
 from adapters.gate import PgProjectionGate, TrackingWatch
 from adapters.idempotency import PgIdempotencyStore
+from adapters.invoice_archive import DDL as INVOICE_ARCHIVE_DDL
 from adapters.invoice_run import InvoiceRun
 from adapters.ledger import LedgerStore
 from adapters.ledger_export import page as ledger_export_page
@@ -113,6 +114,8 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
             for statement in (*bookkeeping.DDL, *rate_limit.DDL, *idempotency.DDL):
                 conn.execute(statement)
             for statement in SEALS_DDL:
+                conn.execute(statement)
+            for statement in INVOICE_ARCHIVE_DDL:
                 conn.execute(statement)
             for model in READ_MODELS:
                 for statement in model.ddl:

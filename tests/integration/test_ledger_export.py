@@ -20,12 +20,13 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from adapters.archive import DirectoryStore, S3Store, open_store
-from adapters.invoice_archive import archive_invoices
+from adapters.invoice_archive import archive_finalized, archive_invoices
 from adapters.ledger_export import MANIFEST_SUFFIX, export_period, verify_file
 from adapters.maintenance import ensure_tables, rebuild
 from adapters.sealer import connect, last_seal
 from domain.services.invoicing import InvoicingService
 from infra.cli import NO_DATA_EXIT, main
+from infra.scheduler import start as start_scheduler
 from infra.wiring import Runtime
 from projections import invoices, organisations
 from tests.integration.test_invoice_numbering import FINALIZED_AT, PERIOD, draft, subscribed_orgs
@@ -174,9 +175,24 @@ def test_finalized_invoice_pdfs_are_archived_with_a_manifest(runtime: Runtime, t
         ensure_tables(rt.pool, model)
         rebuild(rt.pool, rt.ledger, model)
     store = DirectoryStore(tmp_path / "archive")
+    # The scheduler's job: each finalized invoice once (the draft is not archived).
+    assert archive_finalized(rt.pool, rt.supplier(), store) == 1
+    assert archive_finalized(rt.pool, rt.supplier(), store) == 0
     archived = archive_invoices(rt.pool, rt.supplier(), store, PERIOD)
     assert [i["number"] for i in archived.invoices] == [number]
     pdf = store.get(str(archived.invoices[0]["sha256"]))
     assert pdf.startswith(b"%PDF") and len(pdf) == archived.invoices[0]["bytes"]
     assert store.ref(f"invoices/{PERIOD}") == archived.manifest_key
     assert json.loads(store.get(archived.manifest_key))["invoices"][0]["invoice_id"] == str(ids[0])
+    with rt.pool.connection() as conn:
+        recorded = conn.execute("SELECT invoice_id, sha256 FROM archived_invoices").fetchall()
+    assert recorded == [(ids[0], archived.invoices[0]["sha256"])]  # the same bytes: one object
+
+
+@pytest.mark.anyio
+async def test_the_scheduler_schedules_the_archive_job(runtime: Runtime) -> None:
+    scheduler = start_scheduler(runtime)
+    try:
+        assert scheduler.get_job("archive") is not None
+    finally:
+        scheduler.shutdown(wait=False)
