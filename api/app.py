@@ -19,6 +19,7 @@ from api.ingest import ingest
 from api.invoice_runs import invoice_run
 from api.invoices import InvoiceController
 from api.keys import KeyController
+from api.ledger import ledger_entries
 from api.meters import MeterController
 from api.observability import Metrics, OpsCollector, RequestIdMiddleware
 from api.organisations import OrganisationController, organisation_balance
@@ -61,6 +62,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )
     admin.register(CreditNoteController)
+    admin.register(ledger_entries)  # GET /admin/v1/ledger (docs/AUDIT.md)
     app = Litestar(
         # The webhook is outside the admin router: signed, not authenticated by a token.
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage,

@@ -92,6 +92,9 @@ class ApiDeps:
     render_credit_note: Callable[[UUID, str], tuple[bytes, str, str] | None] = lambda _i, _f: None
     # Tenant webhook endpoints (docs/WEBHOOKS.md); None: their routes answer 503.
     webhooks: WebhooksService | None = None
+    # GET /admin/v1/ledger: (after, limit) -> up to `limit` (position, NDJSON line) pairs after
+    # the position, in order; None: the route answers 503.
+    ledger_page: Callable[[int, int], list[tuple[int, bytes]]] | None = None
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

@@ -66,6 +66,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/credit-notes"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/credit-notes/{{credit_note_id}}"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/credit-notes/{{credit_note_id}}/document"): Rule("invoices:read", "LIST"),
+    ("GET", f"{A}/ledger"): Rule("ledger:read", "GLOBAL"),
 }
 
 _READ = frozenset({"orgs:read", "projects:read", "keys:read", "catalogue:read", "billing:read",
@@ -82,6 +83,10 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "org_admin": _READ | {"orgs:write", "projects:write", "keys:write", "audit:read"},
     "org_viewer": _READ,
 }
+
+
+# The ledger itself (GET /admin/v1/ledger, docs/AUDIT.md): auditors and owners only.
+ROLE_PERMISSIONS["auditor"] = ROLE_PERMISSIONS["auditor"] | {"ledger:read"}
 
 
 def rule_for(method: str, path_template: str) -> Rule | None:

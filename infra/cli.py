@@ -35,7 +35,7 @@ from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
 from domain.services.organisations import OrganisationService
 from domain.services.payments import FAILED, PaymentsService
-from infra import logs
+from infra import ledger_cli, logs
 from infra.embedded import embedded_servers
 from infra.roles import listen_socket, run_roles
 from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN, INVOICE_RUN_JOB
@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                         "failed them was fixed; prints each one's new outcome; exit 1 if any still fails")
     ra.add_argument("--event-id", help="only this delivery (its X-Razorpay-Event-Id, or the id it "
                     "was recorded under)")
+    sub.add_parser("seal", help="run the ledger sealer only (one active, others standby)")
+    ledger_cli.add_parsers(sub)
     return p
 
 
@@ -261,6 +263,8 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
     if (invalid := _invalid_arguments(args)) is not None:
         sys.stderr.write(f"billing: {invalid}\n")
         return 2
+    if args.command in ("ledger", "archive"):
+        return ledger_cli.operate(rt, args, out)
     if args.command in ("admin", "orgs", "projects", "keys"):
         return _tenant_command(rt, args)
     if args.command == "invoices":
@@ -531,11 +535,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("relay", "project", "worker", "scheduler"):
         if args.niceness:
             os.nice(args.niceness)
-        return _run_roles(settings, {"relay", "project"} if args.command == "worker"
+        return _run_roles(settings, {"relay", "project", "seal"} if args.command == "worker"
                           else {args.command})
     if (invalid := _invalid_arguments(args)) is not None:  # before any server is started
         sys.stderr.write(f"billing: {invalid}\n")
         return 2
+    if args.command == "seal":
+        return _run_roles(settings, {"seal"})
+    if (code := ledger_cli.offline(args)) is not None:  # `ledger verify --file`: no database
+        return code
     return _operator(settings, args)
 
 

@@ -17,6 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from adapters.payment_manager import PaymentManager
 from adapters.projector import Projector
 from adapters.relay import Relay
+from adapters.sealer import Sealer
 from api.app import create_app
 from infra.http_protocol import CoalescingHttpToolsProtocol
 from infra.scheduler import start as start_scheduler
@@ -80,6 +81,9 @@ async def run_roles(
         jobs.append(PaymentManager(rt.ledger, rt.pool, rt.payments()).run(stop))
         # ...and send the tenant webhook outbox (docs/WEBHOOKS.md).
         jobs.append(rt.tenant_webhook_sender().run(stop))
+    if "seal" in roles:
+        jobs.append(Sealer(rt.database_url, rt.settings.pg_schema, rt.ledger.channel, js, rt.streams,
+                           events_table=rt.ledger.events_table).run(stop))
     if "scheduler" in roles:
         scheduler = start_scheduler(rt)
     api = (api or build_api(rt, admin_token=admin_token(rt.settings))) if "api" in roles else None

@@ -24,9 +24,11 @@ from apscheduler.events import (
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from adapters import schedule
+from adapters.invoice_archive import archive_finalized
 from domain.errors import Conflict, DomainError
 from domain.period import due_periods
 from domain.services.credit_notes import CreditNotesService
+from infra.ledger_cli import store_of
 from infra.wiring import Runtime
 from projections import credit_notes as credit_notes_view
 from projections import invoices, payments
@@ -45,6 +47,7 @@ REFUND_BATCH_MAX = 100  # notes per pass
 RECOVERY_BATCH_MAX = 100  # orders checked per pass; the rest wait for the next minute
 INVOICE_RUN_JOB = "invoice-run"  # the invoice run's job id, as start() schedules it
 SCHEDULE_RECORD_TIMEOUT_S = 2.0  # at shutdown, the wait for a connection to record it
+ARCHIVE_EVERY_MIN = 5
 
 
 async def invoice_job(rt: Runtime) -> None:
@@ -196,6 +199,16 @@ def start(rt: Runtime) -> AsyncIOScheduler:
                       next_run_time=now + timedelta(seconds=20), max_instances=1, coalesce=True,
                       id="payment-recovery")
     record_invoice_schedule(rt, scheduler)
+    store = store_of(rt.settings)
+
+    async def archive_job() -> None:  # finalized invoices' PDFs to the archive (docs/AUDIT.md)
+        archived = await asyncio.to_thread(archive_finalized, rt.pool, rt.supplier(), store)
+        if archived:
+            log.info("archived %d finalized invoice PDFs to %s", archived, store.describe())
+
+    scheduler.add_job(archive_job, "interval", minutes=ARCHIVE_EVERY_MIN,
+                      next_run_time=now + timedelta(seconds=40), max_instances=1, coalesce=True,
+                      id="archive")
     scheduler.start()
     return scheduler
 

@@ -52,6 +52,9 @@ class Settings:
     stream_placement_tags: tuple[str, ...] = ()
     # Tenant webhooks may go to loopback/private/link-local addresses (docs/WEBHOOKS.md): off.
     webhooks_allow_private: bool = False
+    # The archive (docs/AUDIT.md): s3://bucket/prefix, or None for <data folder>/archive.
+    archive_url: str | None = None
+    archive_endpoint_url: str | None = None  # an S3-compatible service other than AWS
 
 
 def _port(value: str) -> int:
@@ -125,6 +128,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stream_placement_tags=_comma_list(opt("BILLING_STREAM_PLACEMENT_TAGS")),
         webhooks_allow_private=_flag("BILLING_WEBHOOKS_ALLOW_PRIVATE",
                                      opt("BILLING_WEBHOOKS_ALLOW_PRIVATE")),
+        archive_url=opt("BILLING_ARCHIVE_URL"),
+        archive_endpoint_url=opt("BILLING_ARCHIVE_ENDPOINT_URL"),
     )
 
 

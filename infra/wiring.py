@@ -33,8 +33,10 @@ from adapters.credit_note_documents import render as render_credit_note
 from adapters.destinations import DestinationGuard
 from adapters.gate import PgProjectionGate, TrackingWatch
 from adapters.idempotency import PgIdempotencyStore
+from adapters.invoice_archive import DDL as INVOICE_ARCHIVE_DDL
 from adapters.invoice_run import InvoiceRun
 from adapters.ledger import LedgerStore
+from adapters.ledger_export import page as ledger_export_page
 from adapters.mail import OutboxMailer, SmtpMailer
 from adapters.maintenance import ensure_tables
 from adapters.notifier import InvoiceNotifier, Supplier
@@ -44,6 +46,7 @@ from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
 from adapters.resolver import PgResolver
 from adapters.schedule import DDL as SCHEDULE_DDL
+from adapters.sealer import DDL as SEALS_DDL
 from adapters.tenant_webhooks import TenantWebhookSender
 from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
@@ -122,6 +125,10 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
             for statement in (*bookkeeping.DDL, *rate_limit.DDL, *idempotency.DDL):
                 conn.execute(statement)
             for statement in SCHEDULE_DDL:  # the scheduler's record, for `billing status`
+                conn.execute(statement)
+            for statement in SEALS_DDL:
+                conn.execute(statement)
+            for statement in INVOICE_ARCHIVE_DDL:
                 conn.execute(statement)
             for model in READ_MODELS:
                 for statement in model.ddl:
@@ -388,8 +395,16 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
         render_credit_note=partial(render_credit_note, rt.pool, rt.supplier()),
         webhooks=rt.webhooks(),
     )
+    deps.ledger_page = partial(_ledger_page, rt)
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
                    token_cache, tracking, idempotency_store)
+
+
+def _ledger_page(rt: Runtime, after: int, limit: int) -> list[tuple[int, bytes]]:
+    """GET /admin/v1/ledger's reads, from the read pool."""
+    with rt.pool.connection() as conn:
+        return ledger_export_page(conn, rt.settings.pg_schema, after, limit,
+                                  events_table=rt.ledger.events_table)
 
 
 def _jittered_pause(attempt: int) -> None:

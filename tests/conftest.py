@@ -81,6 +81,8 @@ async def _delete_streams(url: str, rt: Runtime) -> None:
         for name in (rt.streams.ledger, rt.streams.dlq):
             with contextlib.suppress(Exception):
                 await js.delete_stream(name)
+        with contextlib.suppress(Exception):  # the sealer's (adapters/sealer.py)
+            await js.delete_stream(f"{rt.streams.prefix}SEALS")
         await asyncio.wait_for(nc.close(), NATS_CLOSE_TIMEOUT_S)
 
 
