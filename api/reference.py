@@ -30,6 +30,7 @@ from api.idempotency import IDEMPOTENCY_KEY_MAX_CHARS, IDEMPOTENT_METHODS
 from api.ingest import REQUEST_EVENTS_MAX
 from api.input_rules import ACCEPTED_QUERY_STATE
 from api.invoices import ORDERS
+from api.ledger import LEDGER_LIMIT_DEFAULT, LEDGER_LIMIT_MAX
 from api.pagination import CURSOR_MAX_CHARS, DEFAULT_LIMIT, MAX_LIMIT
 from api.problems import PROBLEM_JSON
 from api.read_your_writes import LEDGER_POSITION_HEADER, POSITION_MAX_DIGITS
@@ -134,6 +135,14 @@ QUERY: dict[tuple[str, str], tuple[Query, ...]] = {
         Query("status", "Only deliveries in this status (dead: dead-lettered after 24 h of failures).",
               {"type": "string", "enum": list(DELIVERY_STATUSES)}),
         Query("endpoint_id", "Only this endpoint's deliveries.", _UUID),
+    ),
+    ("GET", f"{A}/ledger"): (
+        Query("after", "Entries after this ledger position (default 0: from the start); the next "
+              "page starts after the last line's position.",
+              {"type": "string", "pattern": f"^[0-9]{{1,{POSITION_MAX_DIGITS}}}$", "default": "0"}),
+        Query("limit", f"Entries in this response, 1 to {LEDGER_LIMIT_MAX}.",
+              {"type": "integer", "minimum": 1, "maximum": LEDGER_LIMIT_MAX,
+               "default": LEDGER_LIMIT_DEFAULT}),
     ),
     ("GET", f"{A}/audit-events"): (
         LIMIT,
