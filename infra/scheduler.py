@@ -24,7 +24,7 @@ from apscheduler.events import (
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from adapters import schedule
-from adapters.invoice_archive import archive_finalized
+from adapters.invoice_archive import archive_credit_notes, archive_finalized
 from domain.errors import Conflict, DomainError
 from domain.period import due_periods
 from domain.services.credit_notes import CreditNotesService
@@ -203,8 +203,10 @@ def start(rt: Runtime) -> AsyncIOScheduler:
 
     async def archive_job() -> None:  # finalized invoices' PDFs to the archive (docs/AUDIT.md)
         archived = await asyncio.to_thread(archive_finalized, rt.pool, rt.supplier(), store)
-        if archived:
-            log.info("archived %d finalized invoice PDFs to %s", archived, store.describe())
+        notes = await asyncio.to_thread(archive_credit_notes, rt.pool, rt.supplier(), store)
+        if archived or notes:
+            log.info("archived %d finalized invoice and %d credit note PDFs to %s", archived,
+                     notes, store.describe())
 
     scheduler.add_job(archive_job, "interval", minutes=ARCHIVE_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=40), max_instances=1, coalesce=True,

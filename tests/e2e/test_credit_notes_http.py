@@ -432,3 +432,25 @@ async def test_the_tenant_hears_of_its_credit_note_and_of_its_refund_processed_a
             issued["data"]["invoice_number"]) == (note["id"], note["number"], 5_900, invoice["number"])
     assert (processed["data"]["credit_note_id"], processed["data"]["refund_id"],
             processed["data"]["amount"]) == (note["id"], made["id"], 5_900)
+
+
+async def test_every_issued_credit_note_pdf_is_archived_once(credit: Credit, tmp_path: Path) -> None:
+    """Issue 18's archive: each credit note's PDF goes to the object store under its SHA-256,
+    once, like the invoices' (the scheduler's archive job)."""
+    from adapters.archive import DirectoryStore
+    from adapters.invoice_archive import archive_credit_notes
+
+    rt = credit.api.rt
+    notes = (await _get(credit, "/admin/v1/credit-notes", limit=1000))["items"]
+    assert notes, "the module's earlier tests issued notes"
+    store = DirectoryStore(tmp_path / "archive")
+    assert await asyncio.to_thread(archive_credit_notes, rt.pool, rt.supplier(), store) == len(notes)
+    assert await asyncio.to_thread(archive_credit_notes, rt.pool, rt.supplier(), store) == 0
+    with rt.pool.connection() as conn:
+        recorded: dict[str, str] = dict(conn.execute(
+            "SELECT number, sha256 FROM archived_credit_notes").fetchall())
+    assert sorted(recorded) == sorted(n["number"] for n in notes)
+    for number, key in recorded.items():
+        pdf = store.get(key)
+        text = "\n".join(p.extract_text() for p in pypdf.PdfReader(io.BytesIO(pdf)).pages)
+        assert pdf.startswith(b"%PDF") and number in text
