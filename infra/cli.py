@@ -36,6 +36,7 @@ from domain.services.organisations import OrganisationService
 from domain.services.payments import FAILED, PaymentsService
 from infra import logs
 from infra.embedded import embedded_servers
+from infra.reconcile import add_reconcile_parser, reconcile_command, reconciliation_status
 from infra.roles import listen_socket, run_roles
 from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN
 from infra.settings import Settings, from_env
@@ -119,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                         "failed them was fixed; prints each one's new outcome; exit 1 if any still fails")
     ra.add_argument("--event-id", help="only this delivery (its X-Razorpay-Event-Id, or the id it "
                     "was recorded under)")
+    add_reconcile_parser(sub)
     return p
 
 
@@ -250,6 +252,8 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
         return _invoice_run(rt, args.period)
     if args.command == "payments":
         return _payments_command(rt, args, out)
+    if args.command == "reconcile":
+        return reconcile_command(rt, args, out, _local_operator())
     if args.command == "status" or (args.command == "projections" and args.action == "status"):
         return _status(rt, out)
     if args.command == "projections" and args.action == "rebuild":
@@ -294,6 +298,11 @@ def _invalid_arguments(args: argparse.Namespace) -> str | None:
             parse_period(args.period)
         except ValidationFailed as e:
             return str(e)
+    if args.command == "reconcile" and args.period is not None:
+        try:
+            parse_period(args.period)
+        except ValidationFailed as e:
+            return str(e)
     return None
 
 
@@ -329,7 +338,8 @@ def _status(rt: Runtime, out: TextIO) -> int:
                       CATCH_UP_PERIODS)
     out.write(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while `billing serve` runs "
               f"(the first at its start), for {', '.join(sorted(due))}\n")
-    return 1 if blocked else 0
+    failed_reconciliation = reconciliation_status(rt, out)
+    return 1 if blocked or failed_reconciliation else 0
 
 
 class FailedDelivery(msgspec.Struct, frozen=True):

@@ -39,6 +39,7 @@ from adapters.notifier import render as render_invoice
 from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
+from adapters.reconciliation import ExtraCheck
 from adapters.resolver import PgResolver
 from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
@@ -56,6 +57,7 @@ from infra.embedded import embedded_servers
 from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
 from projections.base import ReadModel
+from projections.reconciliations import READ_MODEL as RECONCILIATIONS_MODEL
 
 log = logging.getLogger("billing.infra")
 
@@ -67,6 +69,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     invoices.READ_MODEL,
     access.READ_MODEL,
     payments.READ_MODEL,
+    RECONCILIATIONS_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
@@ -386,3 +389,11 @@ def admin_token(settings: Settings) -> str:
         raise RuntimeError(f"the admin token is empty ({ADMIN_TOKEN_FILE} in {settings.data_dir}):"
                            " set BILLING_ADMIN_TOKEN, or delete the empty file to generate one")
     return token
+
+
+# ---- reconciliation (issue 18) ---------------------------------------------------------------
+# More reconciliation checks, run after checks 1-4 on the same replay (adapters/reconciliation.
+# CheckContext -> domain.reconciliation.CheckResult): the hash chain (check 5, over
+# adapters/sealer.verify_chain) and the credit notes against their invoices plug in here.
+EXTRA_CHECKS: list[ExtraCheck] = []
+
