@@ -102,6 +102,15 @@ class ReplayState:
         return out
 
 
+def ledger_query(table: sql.Composable) -> sql.Composed:
+    """The ledger in position order up to a position, in binary (a state's bytes are not sent
+    as hex): a usage entry's originator is not read (its view is all the fold needs)."""
+    return sql.SQL(
+        "SELECT notification_id, topic, state,"
+        " CASE WHEN topic = %s THEN NULL ELSE originator_id END, originator_version"
+        " FROM {} WHERE notification_id <= %s ORDER BY notification_id").format(table)
+
+
 def _rule_of(e: Meter.Defined | Meter.Redefined, code: str) -> MeterRule:
     return MeterRule(code, e.aggregation, e.field, tuple(e.group_by), e.allow_negative)
 
@@ -154,12 +163,9 @@ class Replayer:
                 "SELECT name, position FROM {}").format(
                 sql.Identifier(self._schema, "projection_tracking"))).fetchall()}
         self._usage_limit = state.tracked.get(USAGE_MODEL, head)
-        with conn.cursor(name=f"{scratch}_ledger") as rows, conn.cursor() as cur:
+        with conn.cursor(name=f"{scratch}_ledger", binary=True) as rows, conn.cursor() as cur:
             rows.itersize = REPLAY_FETCH_ROWS
-            rows.execute(sql.SQL(
-                "SELECT notification_id, topic, state, originator_id, originator_version"
-                " FROM {} WHERE notification_id <= %s ORDER BY notification_id")
-                .format(self._table), (head,))
+            rows.execute(ledger_query(self._table), (USAGE_TOPIC, head))
             while page := rows.fetchmany(REPLAY_FETCH_ROWS):
                 self._page(cur, state, page, observers)
                 if progress is not None:
@@ -196,8 +202,7 @@ class Replayer:
     def _fold(self, state: ReplayState, usage: list[tuple[Any, int]]) -> None:
         state.usage_events += len(usage)
         state.topics_seen[USAGE_TOPIC] = state.topics_seen.get(USAGE_TOPIC, 0) + len(usage)
-        state.fold.add_all(usage)
-        state.fold.fold_runs(state.rules)
+        state.fold.add_by_day(usage, state.rules)
 
     def _other(self, cur: psycopg.Cursor[Any], state: ReplayState, position: int, topic: str,
                data: bytes, originator_id: UUID, version: int,
