@@ -23,6 +23,7 @@ from domain.ports import (
     TrackingWaiter,
     UsageRecorder,
 )
+from domain.reconciliation import Report
 from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
 from domain.services.invoicing import InvoicingService
@@ -45,6 +46,7 @@ class OpsSnapshot:
     blocked: dict[str, int] = field(default_factory=dict)  # period -> organisations not invoiced
     payments_for_review: int = 0  # payments a person must look at (docs/PAYMENTS.md)
     failed_deliveries: int = 0  # gateway deliveries the process manager could not apply
+    reconciliation_failed: int = 0  # 1 when the newest reconciliation found differences
 
 
 @dataclass
@@ -82,6 +84,8 @@ class ApiDeps:
     # Configuration that lets the service run but not issue proper invoices (a missing
     # SUPPLIER_GSTIN): /health/ready shows them without failing.
     warnings: tuple[str, ...] = ()
+    # Runs a reconciliation and records it (infra/reconcile.py): (report, ledger position).
+    reconcile: Callable[..., tuple[Report, int]] | None = None
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

@@ -89,6 +89,10 @@ class OpsCollector(Collector):
         yield GaugeMetricFamily("billing_gateway_deliveries_failed",
                                 "Recorded gateway deliveries the process manager could not apply",
                                 value=s.failed_deliveries)
+        yield GaugeMetricFamily("billing_reconciliation_failed",
+                                "1 when the newest reconciliation of the ledger found differences"
+                                " (billing reconcile, GET /admin/v1/reconciliations)",
+                                value=s.reconciliation_failed)
 
 
 class RequestIdMiddleware:

@@ -59,6 +59,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/payments"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/payments/{{payment_id}}"): Rule("invoices:read", "PAYMENT", "payment_id"),
     ("GET", f"{A}/audit-events"): Rule("audit:read", "LIST"),
+    ("POST", f"{A}/reconciliations"): Rule("reconciliations:run", "GLOBAL"),
+    ("GET", f"{A}/reconciliations"): Rule("reconciliations:read", "GLOBAL"),
+    ("GET", f"{A}/reconciliations/{{reconciliation_id}}"): Rule("reconciliations:read", "GLOBAL"),
 }
 
 _READ = frozenset({"orgs:read", "projects:read", "keys:read", "catalogue:read", "billing:read",
@@ -76,6 +79,9 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "org_viewer": _READ,
 }
 
+# Reconciliation is the auditors' (and the owner's, who has ALL): a replay of the whole ledger.
+ROLE_PERMISSIONS["auditor"] = ROLE_PERMISSIONS["auditor"] | {"reconciliations:run",
+                                                             "reconciliations:read"}
 
 def rule_for(method: str, path_template: str) -> Rule | None:
     """The rule of a route, by its path template as Litestar routes it ({name}, no types)."""

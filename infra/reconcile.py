@@ -5,13 +5,17 @@ ledger. The CLI, the admin API and the scheduler all reconcile through here."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
 from typing import Any, TextIO
 from uuid import UUID
 
 import msgspec
+import psycopg
 from tqdm import tqdm
 
+from adapters import bookkeeping
 from adapters.reconciliation import Reconciler
 from adapters.replay import Progress
 from domain.audit import Actor
@@ -19,6 +23,8 @@ from domain.reconciliation import Report
 from domain.services.reconciliations import ReconciliationService
 from infra.wiring import EXTRA_CHECKS, READ_MODELS, Runtime
 from projections import reconciliations
+
+log = logging.getLogger("billing.reconcile")
 
 
 def reconciler(rt: Runtime) -> Reconciler:
@@ -106,3 +112,41 @@ def reconciliation_status(rt: Runtime, out: TextIO) -> bool:
     out.write(f"reconciliation: the newest ({r.id}, {r.completed_at.isoformat(timespec='minutes')},"
               f" up to position {r.ledger_position}) {verdict}\n")
     return not r.ok
+
+
+# ---- the daily run on the scheduler -----------------------------------------------------------
+
+RECONCILE_DAILY_AT_UTC = (2, 30)  # (hour, minute): the daily reconciliation, when traffic is low
+
+
+def reconcile_once(rt: Runtime) -> Report | None:
+    """A reconciliation by the scheduler, unless another process's is running (advisory lock):
+    its report (recorded), or None when it was left to the other."""
+    key = bookkeeping.lock_key(rt.settings.pg_schema, "reconcile")
+    with psycopg.connect(rt.database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        if not (row and row[0]):
+            return None
+        try:
+            return reconcile(rt, actor=None)[0]
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+async def reconciliation_job(rt: Runtime) -> None:
+    """The daily job: a failed reconciliation is logged as an error (and shows in /metrics and
+    `billing status` through the reconciliations read model)."""
+    try:
+        report = await asyncio.to_thread(reconcile_once, rt)
+    except Exception:
+        log.exception("the daily reconciliation could not run")
+        return
+    if report is None:
+        return
+    if report.ok:
+        log.info("reconciliation %s ok up to ledger position %d", report.id,
+                 report.ledger_position)
+    else:
+        log.error("reconciliation %s FAILED: %d differences up to ledger position %d (`billing "
+                  "reconcile` or GET /admin/v1/reconciliations/%s)", report.id,
+                  report.difference_count, report.ledger_position, report.id)

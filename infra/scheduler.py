@@ -14,6 +14,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from domain.errors import Conflict, DomainError
 from domain.period import due_periods
+from infra.reconcile import RECONCILE_DAILY_AT_UTC, reconciliation_job
 from infra.wiring import Runtime
 from projections import invoices, payments
 
@@ -135,5 +136,8 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler.add_job(recovery_job, "interval", minutes=RECOVERY_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=20), max_instances=1, coalesce=True,
                       id="payment-recovery")
+    hour, minute = RECONCILE_DAILY_AT_UTC
+    scheduler.add_job(reconciliation_job, "cron", args=[rt], hour=hour, minute=minute,
+                      max_instances=1, coalesce=True, id="reconciliation")
     scheduler.start()
     return scheduler

@@ -58,6 +58,7 @@ from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
 from projections.base import ReadModel
 from projections.reconciliations import READ_MODEL as RECONCILIATIONS_MODEL
+from projections.reconciliations import last_failed as last_reconciliation_failed
 
 log = logging.getLogger("billing.infra")
 
@@ -192,6 +193,7 @@ class Runtime:
                 blocked=bookkeeping.blocked_counts(conn),
                 payments_for_review=payments.review_count(conn),
                 failed_deliveries=payments.failed_deliveries(conn),
+                reconciliation_failed=int(last_reconciliation_failed(conn)),
             )
 
     def invoicing(self) -> InvoicingService:
@@ -343,9 +345,17 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
                               if settings.metrics_token else None),
         webhook_secrets=settings.razorpay_webhook_secrets,
         warnings=warnings,
+        reconcile=partial(_reconcile, rt),
     )
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
                    token_cache, tracking, idempotency_store)
+
+
+def _reconcile(rt: Runtime, **kwargs: Any) -> Any:
+    """infra.reconcile.reconcile (which imports this module: imported when first called)."""
+    from infra.reconcile import reconcile
+
+    return reconcile(rt, **kwargs)
 
 
 def _jittered_pause(attempt: int) -> None:
