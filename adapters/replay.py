@@ -18,7 +18,9 @@ payments). docs/RECONCILIATION.md says what is shared with the projectors and wh
 from __future__ import annotations
 
 import contextlib
+import queue
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -40,6 +42,8 @@ from projections.base import ReadModel
 from projections.usage_fold import Bucket, Fold, Totals, Unique, UsageView
 
 REPLAY_FETCH_ROWS = 20_000  # ledger rows per round trip of the server-side cursor
+REPLAY_PREFETCH_PAGES = 2  # pages read ahead while one is folded
+READER_POLL_S = 0.1  # how often a reader blocked on a full queue checks it should stop
 FOLD_CHUNK_ROWS = 20_000  # usage entries added to the fold before its runs are folded
 SCRATCH_PREFIX = "replay_"
 USAGE_TOPIC = get_topic(Usage.Recorded)
@@ -163,15 +167,61 @@ class Replayer:
                 "SELECT name, position FROM {}").format(
                 sql.Identifier(self._schema, "projection_tracking"))).fetchall()}
         self._usage_limit = state.tracked.get(USAGE_MODEL, head)
-        with conn.cursor(name=f"{scratch}_ledger", binary=True) as rows, conn.cursor() as cur:
-            rows.itersize = REPLAY_FETCH_ROWS
-            rows.execute(ledger_query(self._table), (USAGE_TOPIC, head))
-            while page := rows.fetchmany(REPLAY_FETCH_ROWS):
+        snapshot_row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert snapshot_row is not None
+        with conn.cursor() as cur:
+            for page in self._pages(str(snapshot_row[0]), head):
                 self._page(cur, state, page, observers)
                 if progress is not None:
                     progress(state.events, int(page[-1][0]))
         self._finish(state)
         return state
+
+    def _pages(self, snapshot: str, head: int) -> Iterator[list[Any]]:
+        """The ledger's pages, read ahead by a thread of their own on a second connection in the
+        same snapshot (`SET TRANSACTION SNAPSHOT`): the next page is fetched and converted while
+        this one is folded. At most REPLAY_PREFETCH_PAGES pages wait: memory stays bounded."""
+        pages: queue.Queue[list[Any] | BaseException] = queue.Queue(REPLAY_PREFETCH_PAGES)
+        stop = threading.Event()
+
+        def put(item: list[Any] | BaseException) -> None:
+            while not stop.is_set():
+                try:
+                    pages.put(item, timeout=READER_POLL_S)
+                    return
+                except queue.Full:
+                    continue
+
+        def read() -> None:
+            try:
+                with psycopg.connect(self._url, options="-c statement_timeout=0") as conn:
+                    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                        sql.Literal(snapshot)))
+                    with conn.cursor(name="replay_ledger", binary=True) as rows:
+                        rows.itersize = REPLAY_FETCH_ROWS
+                        rows.execute(ledger_query(self._table), (USAGE_TOPIC, head))
+                        while not stop.is_set():
+                            page = rows.fetchmany(REPLAY_FETCH_ROWS)
+                            put(page)
+                            if not page:
+                                return
+            except BaseException as e:  # handed to the folding thread, which raises it
+                put(e)
+
+        reader = threading.Thread(target=read, name="replay-reader", daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = pages.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if not item:
+                    return
+                yield item
+        finally:
+            stop.set()
+            reader.join()
 
     # ---- one page -----------------------------------------------------------------------
 

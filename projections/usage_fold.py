@@ -124,8 +124,7 @@ def _distinct(key: DayKey, events: Run, field: str) -> Iterator[tuple[DayKey, st
             yield key, value
 
 
-def _moment_and_position(item: tuple[Any, int]) -> tuple[datetime, int]:
-    return item[0].occurred_at, item[1]
+_UNKNOWN: Any = object()
 
 
 class LocalDays:
@@ -135,23 +134,22 @@ class LocalDays:
     the hours the events span, per timezone."""
 
     def __init__(self) -> None:
-        self._hours: dict[tuple[str, int], date | None] = {}
+        self.hours: dict[tuple[str, int], date | None] = {}
 
     def day(self, at: datetime, timezone: str) -> date:
-        hour = int(at.timestamp() // HOUR_S)
-        key = (timezone, hour)
-        try:
-            known = self._hours[key]
-        except KeyError:
-            known = self._hours[key] = self._whole_hour(timezone, hour)
+        key = (timezone, int(at.timestamp() // HOUR_S))
+        known = self.hours[key] if key in self.hours else self.whole_hour(key)
         return known if known is not None else local_day(at, timezone)
 
-    @staticmethod
-    def _whole_hour(timezone: str, hour: int) -> date | None:
+    def whole_hour(self, key: tuple[str, int]) -> date | None:
+        """The local day of every instant of that (timezone, UTC hour), or None when a day
+        starts inside it; remembered."""
+        timezone, hour = key
         start = datetime.fromtimestamp(hour * HOUR_S, UTC)
         first = local_day(start, timezone)
         last = local_day(start + timedelta(seconds=HOUR_S) - timedelta(microseconds=1), timezone)
-        return first if first == last else None
+        known = self.hours[key] = first if first == last else None
+        return known
 
 
 class Fold:
@@ -254,7 +252,8 @@ class Fold:
         project, meter and local day instead, the day found per (timezone, UTC hour) by
         `LocalDays`. Meters with group_by or unique_count (whose values need the properties)
         take the moment runs."""
-        days = self.local_days
+        hours = self.local_days.hours
+        whole_hour = self.local_days.whole_hour
         simple: dict[str, bool] = {}
         runs: dict[tuple[Any, ...], Run] = {}
         others: Run = []
@@ -270,7 +269,14 @@ class Fold:
             if not plain:
                 others.append(item)
                 continue
-            key = (e.organisation_id, e.project_id, metric, days.day(e.occurred_at, e.timezone))
+            at = e.occurred_at
+            hour = (e.timezone, int(at.timestamp() // HOUR_S))  # LocalDays.day, inline
+            day = hours.get(hour, _UNKNOWN)
+            if day is _UNKNOWN:
+                day = whole_hour(hour)
+            if day is None:
+                day = local_day(at, e.timezone)
+            key = (e.organisation_id, e.project_id, metric, day)
             run = runs.get(key)
             if run is None:
                 runs[key] = [item]
@@ -284,8 +290,16 @@ class Fold:
             t = self.days.get(bucket)
             if t is None:
                 t = self.days[bucket] = Totals({})
-            last = run[0] if len(run) == 1 else max(run, key=_moment_and_position)
-            t.add([e.value for e, _ in run], last[0].occurred_at, last[1], last[0].value)
+            if len(run) == 1:
+                e, position = run[0]
+                t.add([e.value], e.occurred_at, position, e.value)
+                continue
+            # The latest by (moment, position): the run is in position order, so the last of
+            # the events at the latest moment.
+            moments = [e.occurred_at for e, _ in run]
+            latest = max(moments)
+            e, position = run[len(moments) - 1 - moments[::-1].index(latest)]
+            t.add([e.value for e, _ in run], latest, position, e.value)
         if others:
             self.add_all(others)
             self.fold_runs(rules)
