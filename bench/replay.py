@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import pstats
 import resource
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -132,7 +133,12 @@ def _in_child(target: Any, *args: Any) -> dict[str, Any]:
     return answer
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a kill stops the embedded Postgres on the way out
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupted)
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default=",".join(map(str, SIZES_DEFAULT)))
     p.add_argument("--profile", action="store_true", help="cProfile the replay (its top lines)")

@@ -14,8 +14,8 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
-from uuid import uuid4
 
 import msgspec
 import pytest
@@ -92,9 +92,7 @@ def workload(rt: Runtime, writer: ThreadedWriter) -> Invoice:
     return rt.ledger.get(invoice.id, Invoice)
 
 
-def tenant_value(n: int) -> Any:
-    from decimal import Decimal
-
+def tenant_value(n: int) -> Decimal:
     return Decimal(1 + n % 3)
 
 
@@ -179,6 +177,8 @@ def test_an_empty_read_model_against_a_non_empty_ledger_fails(
     assert not report.ok
     (check,) = [c for c in report.checks if c.name == "read_models"]
     assert {d.kind for d in check.differences} == {"missing"}
+    caught_up(rt)  # the failed run recorded and projected: `billing status` says so
+    code, printed = billing(rt, "status")
+    assert code == 1 and "reconciliation: the newest" in printed and "FAILED" in printed, printed
     rebuild(rt.pool, rt.ledger, read_model("usage_totals"))
     assert reconcile(rt, actor=None)[0].ok
-    _ = uuid4

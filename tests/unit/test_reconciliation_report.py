@@ -1,0 +1,47 @@
+"""The report's rules, pure: a difference in either direction fails, a check that compared
+nothing while the ledger holds facts of its kind fails, and the hash is of canonical bytes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import uuid4
+
+from domain.reconciliation import (
+    DIFFERENT,
+    MISSING,
+    UNEXPECTED,
+    Reconciliation,
+    Report,
+    check_result,
+    compare,
+    report_hash,
+)
+
+AT = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def test_every_direction_of_a_difference_is_found_with_its_positions() -> None:
+    found = compare("t", {"a": 1, "b": 2, "c": 3}, {"b": 2, "c": 4, "d": 5},
+                    positions=lambda key, e, a: [{"a": 7, "c": 9, "d": 11}[key]])
+    assert [(d.key, d.kind, d.expected, d.actual, d.positions) for d in found] == [
+        ("a", MISSING, 1, None, (7,)), ("c", DIFFERENT, 3, 4, (9,)),
+        ("d", UNEXPECTED, None, 5, (11,))]
+
+
+def test_a_check_that_compared_nothing_fails_only_when_the_ledger_holds_facts() -> None:
+    assert not check_result("x", "x", compared=0, facts=3, differences=[]).ok
+    assert check_result("x", "x", compared=0, facts=0, differences=[]).ok
+    assert check_result("x", "x", compared=5, facts=3, differences=[]).ok
+    assert not check_result("x", "x", 5, 3, compare("t", {"a": 1}, {})).ok
+
+
+def test_a_report_is_ok_only_with_every_check_ok_and_its_hash_is_recorded() -> None:
+    good = check_result("a", "a", 1, 1, [])
+    silent = check_result("b", "b", 0, 2, [])
+    report = Report(uuid4(), AT, AT, 10, 10, (good, silent))
+    assert not report.ok and report.difference_count == 1
+    assert Report(uuid4(), AT, AT, 10, 10, (good,)).ok
+    assert not Report(uuid4(), AT, AT, 10, 10, ()).ok  # nothing checked is no success
+    recorded = Reconciliation.complete(report)
+    assert recorded.report_sha256 == report_hash(report) and not recorded.ok
+    assert recorded.id == report.id and recorded.differences == 1
