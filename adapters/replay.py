@@ -71,6 +71,11 @@ class ReplayState:
     # How far each read model had applied the ledger in the snapshot (its tracking row): it is
     # compared with the replay up to there, not with entries it has yet to apply.
     tracked: dict[str, int] = field(default_factory=dict)
+    # Month totals per (organisation, month) as of `_months_at` usage events: an invoice run's
+    # drafts, one after another, read them without merging the days again for each.
+    _months: dict[tuple[UUID, date], tuple[dict[str, Totals], dict[str, set[str]]]] = field(
+        default_factory=dict)
+    _months_at: int = -1
 
     def fold_pending(self) -> None:
         self.fold.fold_runs(self.rules)
@@ -79,15 +84,16 @@ class ReplayState:
         """The organisation's quantity per meter for one month (local dates), all projects and
         groups together, from what is folded so far: what an invoice run prices."""
         self.fold_pending()
-        merged: dict[str, Totals] = {}
-        distinct: dict[str, set[tuple[Any, ...]]] = {}
-        for (org, _project, metric, _key, day), t in self.fold.days.items():
-            if org == organisation_id and month_of(day) == month_start:
-                into = merged.setdefault(metric, Totals({}))
-                into.merge(t)
-        for (org, _project, metric, _key, day), value in self.fold.uniques:
-            if org == organisation_id and month_of(day) == month_start:
-                distinct.setdefault(metric, set()).add((value,))
+        if self._months_at != self.usage_events:  # usage folded since: merged again, once
+            self._months = {}
+            for (org, _project, metric, _key, day), t in self.fold.days.items():
+                totals, _ = self._months.setdefault((org, month_of(day)), ({}, {}))
+                totals.setdefault(metric, Totals({})).merge(t)
+            for (org, _project, metric, _key, day), value in self.fold.uniques:
+                _, values = self._months.setdefault((org, month_of(day)), ({}, {}))
+                values.setdefault(metric, set()).add(value)
+            self._months_at = self.usage_events
+        merged, distinct = self._months.get((organisation_id, month_start), ({}, {}))
         out: dict[str, Decimal] = {}
         for metric, t in merged.items():
             rule = self.rules.get(metric)

@@ -130,6 +130,14 @@ def test_a_mixed_workload_reconciles_and_three_edits_are_exactly_three_differenc
     with rt.pool.connection() as conn:
         newest = reconciliations.latest(conn, 1)
     assert newest and newest[0].ok and len(newest[0].report_sha256) == 64
+    with rt.pool.connection() as conn:
+        recorded = reconciliations.get(conn, newest[0].id)
+    assert recorded is not None
+    compared = {c["name"]: (c["compared"], c["facts"]) for c in recorded.report["checks"]}
+    assert compared["invoices"] == (1, 1)  # the invoice, priced afresh
+    assert compared["numbering"][0] == 1  # INV/..../000001, issued once, on it
+    assert compared["payments"][0] >= 2  # applied as its invoice says; refunds within capture
+    assert "gateway" in str(recorded.report["checks"][2]["note"])
 
     with rt.pool.connection() as conn:
         usage_position = conn.execute(
