@@ -182,10 +182,18 @@ class Reconciler:
         expected: dict[UUID, dict[str, Any]] = {}
         actual: dict[UUID, dict[str, Any]] = {}
         positions: dict[UUID, int] = {}
-        for e, position, replayed in noted.drafts:
-            positions[e.originator_id] = position
-            actual[e.originator_id] = _drafted_shape(e)
-            expected[e.originator_id] = self._priced(ctx.conn, e, replayed)
+        # Plans, subscriptions and organisations as the whole ledger has them (not as far as
+        # their read models had got).
+        ctx.conn.execute(sql.SQL("SET LOCAL search_path = {}").format(
+            sql.Identifier(ctx.state.whole)))
+        try:
+            for e, position, replayed in noted.drafts:
+                positions[e.originator_id] = position
+                actual[e.originator_id] = _drafted_shape(e)
+                expected[e.originator_id] = self._priced(ctx.conn, e, replayed)
+        finally:
+            ctx.conn.execute(sql.SQL("SET LOCAL search_path = {}").format(
+                sql.Identifier(ctx.state.scratch)))
         found = compare("invoices (ledger)", expected, actual,
                         positions=lambda key, _e, _a: (positions.get(key, 0),))
         return check_result("invoices", "invoice lines and totals against a fresh pricing of the"

@@ -47,6 +47,7 @@ READER_POLL_S = 0.1  # how often a reader blocked on a full queue checks it shou
 FOLD_CHUNK_ROWS = 20_000  # usage entries added to the fold before its runs are folded
 SCRATCH_PREFIX = "replay_"
 USAGE_TOPIC = get_topic(Usage.Recorded)
+WHOLE_MODELS = ("plans", "organisations")
 USAGE_MODEL = "usage_totals"  # folded in memory, not in the scratch schema
 METER_TOPICS = frozenset({get_topic(Meter.Defined), get_topic(Meter.Redefined)})
 
@@ -61,6 +62,9 @@ class ReplayState:
     head: int  # the ledger position the snapshot covers
     scratch: str  # the scratch schema holding the replayed read models (until the rollback)
     organisation_id: UUID | None = None
+    # A second scratch schema: the WHOLE_MODELS replayed up to the head, whatever their lag (what
+    # the ledger says of plans and organisations, for pricing invoices afresh).
+    whole: str = ""
     events: int = 0
     usage_events: int = 0
     fold: Fold = field(default_factory=Fold)
@@ -130,7 +134,7 @@ class Replayer:
     schema (the usage totals' meters among them); usage itself is folded in memory."""
 
     def __init__(self, database_url: str, schema: str, events_table: str,
-                 models: Sequence[ReadModel]) -> None:
+                 models: Sequence[ReadModel], whole: Sequence[str] = WHOLE_MODELS) -> None:
         self._url = database_url
         self._schema = schema
         self._table = sql.Identifier(schema, events_table)
@@ -143,6 +147,7 @@ class Replayer:
                     self._handled.setdefault(get_topic(cls), []).append(model)
         self._meter_codes: dict[UUID, str] = {}
         self._usage_limit = 0
+        self._whole = frozenset(whole)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[psycopg.Connection[Any]]:
@@ -162,12 +167,15 @@ class Replayer:
                                 .format(self._table)).fetchone()
         head = int(head_row[0]) if head_row else 0
         scratch = f"{SCRATCH_PREFIX}{secrets.token_hex(6)}"
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(scratch)))
-        conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(scratch)))
-        for model in self._models:
-            for statement in model.ddl:
-                conn.execute(statement)
-        state = ReplayState(head, scratch, organisation_id)
+        whole = f"{scratch}_whole"
+        for schema, models in ((whole, [m for m in self._models if m.name in self._whole]),
+                               (scratch, self._models)):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(schema)))
+            for model in models:
+                for statement in model.ddl:
+                    conn.execute(statement)
+        state = ReplayState(head, scratch, organisation_id, whole=whole)
         state.tracked = {m.name: 0 for m in self._models} | {
             str(name): int(position) for name, position in conn.execute(sql.SQL(
                 "SELECT name, position FROM {}").format(
@@ -278,6 +286,12 @@ class Replayer:
         for model in models or ():
             if position <= tracked.get(model.name, 0):
                 model.apply_all(cur, [(event, position)])
+            if model.name in self._whole:  # the ledger's own view, whatever the model's lag
+                cur.execute(sql.SQL("SET LOCAL search_path = {}").format(
+                    sql.Identifier(state.whole)))
+                model.apply_all(cur, [(event, position)])
+                cur.execute(sql.SQL("SET LOCAL search_path = {}").format(
+                    sql.Identifier(state.scratch)))
         for observe in observers:
             observe(event, position, state)
 

@@ -52,9 +52,10 @@ REPEAT_DEFAULT = 2
 START = datetime(2026, 10, 1, tzinfo=UTC)
 
 
-def _events(total: int, keys: list[KeyRecord], now: datetime) -> Iterator[tuple[bytes, bytes]]:
-    """(identity, state) of `total` usage events, spread over keys, meters and days."""
-    made = 0
+def _events(first: int, total: int, keys: list[KeyRecord], now: datetime
+            ) -> Iterator[tuple[bytes, bytes]]:
+    """(identity, state) of usage events `first` to `total`, spread over keys, meters and days."""
+    made = first
     while made < total:
         n = min(COPY_CHUNK_EVENTS, total - made)
         key = keys[(made // COPY_CHUNK_EVENTS) % len(keys)]
@@ -78,7 +79,7 @@ def fill(database_url: str, size: int, keys: list[KeyRecord], table: str, now: d
         with cur.copy(sql.SQL("COPY {} (originator_id, originator_version, topic, state)"
                               " FROM STDIN (FORMAT BINARY)").format(sql.SQL(table))) as copy:
             copy.set_types(["uuid", "int8", "text", "bytea"])
-            for ident, state in _events(size - already, keys, now):
+            for ident, state in _events(already, size, keys, now):
                 copy.write_row((UUID(bytes=ident), 1, topic, state))
         conn.commit()
     return time.perf_counter() - started

@@ -35,6 +35,7 @@ from projections import reconciliations
 from tests.conftest import ThreadedWriter
 from tests.integration.invoice_run_steps import caught_up, live_runtime, now
 from tests.integration.test_late_usage import OCTOBER, calls_tenant
+from tests.integration.test_payment_manager import finalized
 
 KEY_ID = "rzp_test_reconcile0001"
 KEY_SECRET = "reconcile-test-key-secret-0123456789"
@@ -190,3 +191,15 @@ def test_an_empty_read_model_against_a_non_empty_ledger_fails(
     assert code == 1 and "reconciliation: the newest" in printed and "FAILED" in printed, printed
     rebuild(rt.pool, rt.ledger, read_model("usage_totals"))
     assert reconcile(rt, actor=None)[0].ok
+
+
+def test_an_invoice_its_usage_does_not_bear_out_is_a_difference(runtime: Runtime) -> None:
+    # Drafted from quantities and a plan handed in: neither the usage nor the plan version is
+    # in the ledger behind it.
+    _, invoice = finalized(runtime)
+    report, _ = reconcile(runtime, actor=None)
+    (check,) = [c for c in report.checks if c.name == "invoices"]
+    (difference,) = check.differences
+    assert difference.key == str(invoice.id) and difference.kind == "different"
+    assert difference.expected == {"plan": "no such plan version in the ledger"}
+    assert difference.actual["total"] == invoice.total and difference.positions
