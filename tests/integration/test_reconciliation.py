@@ -18,8 +18,10 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 
+from adapters import bookkeeping
 from adapters.maintenance import rebuild
 from adapters.payment_manager import PaymentManager
 from adapters.usage_writer import encode_usage
@@ -29,7 +31,7 @@ from domain.services.payments import PaymentsService
 from domain.usage import UsageFact
 from infra.cli import _operate, _parser
 from infra.fake_razorpay import FakeRazorpay
-from infra.reconcile import reconcile
+from infra.reconcile import reconcile, reconcile_once
 from infra.wiring import Runtime, read_model
 from projections import reconciliations
 from tests.conftest import ThreadedWriter
@@ -203,3 +205,15 @@ def test_an_invoice_its_usage_does_not_bear_out_is_a_difference(runtime: Runtime
     assert difference.key == str(invoice.id) and difference.kind == "different"
     assert difference.expected == {"plan": "no such plan version in the ledger"}
     assert difference.actual["total"] == invoice.total and difference.positions
+
+
+def test_the_daily_job_reconciles_once_whichever_process_holds_the_lock(runtime: Runtime) -> None:
+    key = bookkeeping.lock_key(runtime.settings.pg_schema, "reconcile")
+    with psycopg.connect(runtime.database_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (key,))  # another process's run
+        assert reconcile_once(runtime) is None
+        other.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    report = reconcile_once(runtime)
+    assert report is not None and report.ok
+    with runtime.pool.connection() as conn:
+        assert not reconciliations.last_failed(conn)
