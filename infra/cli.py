@@ -333,12 +333,12 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   f"dead-lettered entries {b['read_models']} (run of "
                   f"{b['recorded_at'].isoformat(timespec='minutes')}); fix, `billing dlq redrive`, "
                   "then run the period again\n")
+    failed_reconciliation = reconciliation_status(rt, out)
     # The schedule lives in the `serve` process; this one cannot see its next fire time.
     due = due_periods(datetime.now(UTC), timedelta(hours=rt.settings.grace_hours),
                       CATCH_UP_PERIODS)
     out.write(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while `billing serve` runs "
               f"(the first at its start), for {', '.join(sorted(due))}\n")
-    failed_reconciliation = reconciliation_status(rt, out)
     return 1 if blocked or failed_reconciliation else 0
 
 
