@@ -138,6 +138,18 @@ def skipped(name: str, title: str, note: str) -> CheckResult:
     return CheckResult(name, title, 0, 0, (), 0, note, skipped=True)
 
 
+def hash_chain_result(checked: int, first_mismatch: int | None, ledger_entries: int,
+                      expected: str = "", actual: str = "") -> CheckResult:
+    """Check 5 from a verification of the ledger's hash chain: `checked` entries recomputed,
+    the first position whose seal does not match (None: all do), and the ledger's entries (the
+    facts: a chain that checked nothing over a non-empty ledger fails)."""
+    found = [] if first_mismatch is None else [Difference(
+        "hash chain", f"position {first_mismatch}", DIFFERENT, expected or "the sealed hash",
+        actual or "a different hash", (first_mismatch,))]
+    return check_result("hash_chain", "the ledger's hash chain recomputed", checked,
+                        ledger_entries, found)
+
+
 class Reconciliation(Aggregate):
     """One completed reconciliation, as the ledger records it."""
 

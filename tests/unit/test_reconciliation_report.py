@@ -14,6 +14,7 @@ from domain.reconciliation import (
     Report,
     check_result,
     compare,
+    hash_chain_result,
     report_hash,
 )
 
@@ -45,3 +46,10 @@ def test_a_report_is_ok_only_with_every_check_ok_and_its_hash_is_recorded() -> N
     recorded = Reconciliation.complete(report)
     assert recorded.report_sha256 == report_hash(report) and not recorded.ok
     assert recorded.id == report.id and recorded.differences == 1
+
+
+def test_the_hash_chain_check_names_the_first_position_that_does_not_match() -> None:
+    assert hash_chain_result(10, None, 10).ok
+    assert not hash_chain_result(0, None, 10).ok  # verified nothing over a non-empty ledger
+    broken = hash_chain_result(10, 7, 10)
+    assert not broken.ok and broken.differences[0].positions == (7,)
