@@ -40,6 +40,7 @@ from domain.reconciliation import (
     Report,
     check_result,
     compare,
+    hash_chain_result,
 )
 from domain.subscription import plan_for_period
 from domain.tax import TaxFacts
@@ -486,3 +487,17 @@ def _timezone(conn: psycopg.Connection[Any], organisation_id: UUID) -> str | Non
                        (organisation_id,)).fetchone()
     return str(row[0]) if row else None
 
+
+
+def chain_check(verify: Callable[..., Any]) -> ExtraCheck:
+    """Check 5 over a chain verifier called as `verify(conn, schema=...)` in the replay's
+    snapshot (adapters/sealer.verify_chain), whose result has `ok`, `first_bad_position`,
+    `problem` and `sealed_entries`. At merge: `EXTRA_CHECKS.append(chain_check(verify_chain))`.
+    A chain that does not pass through a digest (no position to name) is position 0."""
+    def check(ctx: CheckContext) -> CheckResult:
+        found = verify(ctx.conn, schema=ctx.live_schema)
+        first = None if found.ok else (found.first_bad_position or 0)
+        return hash_chain_result(int(found.sealed_entries), first, ctx.state.events,
+                                 actual=str(found.problem or ""))
+
+    return check

@@ -404,7 +404,7 @@ def admin_token(settings: Settings) -> str:
 # ---- reconciliation (issue 18) ---------------------------------------------------------------
 # More reconciliation checks, run after checks 1-4 on the same replay (adapters/reconciliation.
 # CheckContext -> domain.reconciliation.CheckResult): the hash chain (check 5, over
-# adapters/sealer.verify_chain, through domain.reconciliation.hash_chain_result) and the credit
-# notes against their invoices plug in here.
+# adapters/sealer.verify_chain: `EXTRA_CHECKS.append(chain_check(verify_chain))`, chain_check from
+# adapters/reconciliation.py) and the credit notes against their invoices plug in here.
 EXTRA_CHECKS: list[ExtraCheck] = []
 

@@ -3,9 +3,13 @@ nothing while the ledger holds facts of its kind fails, and the hash is of canon
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
 from uuid import uuid4
 
+from adapters.reconciliation import chain_check
 from domain.reconciliation import (
     DIFFERENT,
     MISSING,
@@ -53,3 +57,18 @@ def test_the_hash_chain_check_names_the_first_position_that_does_not_match() -> 
     assert not hash_chain_result(0, None, 10).ok  # verified nothing over a non-empty ledger
     broken = hash_chain_result(10, 7, 10)
     assert not broken.ok and broken.differences[0].positions == (7,)
+
+
+def test_a_chain_verifier_plugs_in_as_check_five() -> None:
+    @dataclass
+    class Found:
+        ok: bool
+        first_bad_position: int | None
+        problem: str | None
+        sealed_entries: int
+
+    ctx: Any = SimpleNamespace(conn=None, live_schema="s", state=SimpleNamespace(events=12))
+    edited = chain_check(lambda conn, schema: Found(False, 9, "row 9 edited", 12))(ctx)
+    assert not edited.ok and edited.differences[0].positions == (9,)
+    assert edited.differences[0].actual == "row 9 edited"
+    assert chain_check(lambda conn, schema: Found(True, None, None, 12))(ctx).ok
