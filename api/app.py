@@ -27,6 +27,7 @@ from api.payments import PaymentController
 from api.permissions import rule_for
 from api.plans import PlanController
 from api.projects import ProjectController
+from api.reconciliations import ReconciliationController
 from api.subscriptions import SubscriptionController
 from api.tokens import TokenController
 from api.usage import organisation_usage, own_usage
@@ -63,6 +64,7 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
     )
     admin.register(CreditNoteController)
     admin.register(ledger_entries)  # GET /admin/v1/ledger (docs/AUDIT.md)
+    admin.register(ReconciliationController)
     app = Litestar(
         # The webhook is outside the admin router: signed, not authenticated by a token.
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage,

@@ -23,6 +23,7 @@ from domain.ports import (
     TrackingWaiter,
     UsageRecorder,
 )
+from domain.reconciliation import Report
 from domain.services.access import AccessService
 from domain.services.catalogue import CatalogueService
 from domain.services.credit_notes import CreditNotesService
@@ -49,6 +50,7 @@ class OpsSnapshot:
     failed_deliveries: int = 0  # gateway deliveries the process manager could not apply
     refunds_failed: int = 0  # credit notes whose refund failed (docs/CREDIT_NOTES.md)
     webhook_dead_deliveries: int = 0  # tenant webhook deliveries dead-lettered (docs/WEBHOOKS.md)
+    reconciliation_failed: int = 0  # 1 when the newest reconciliation found differences
 
 
 @dataclass
@@ -95,6 +97,8 @@ class ApiDeps:
     # GET /admin/v1/ledger: (after, limit) -> up to `limit` (position, NDJSON line) pairs after
     # the position, in order; None: the route answers 503.
     ledger_page: Callable[[int, int], list[tuple[int, bytes]]] | None = None
+    # Runs a reconciliation and records it (infra/reconcile.py): (report, ledger position).
+    reconcile: Callable[..., tuple[Report, int]] | None = None
 
 
 # What a handler declares to be given the deps (api/app.py provides them). Not validated: they

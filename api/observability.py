@@ -95,6 +95,10 @@ class OpsCollector(Collector):
         yield GaugeMetricFamily("billing_webhook_deliveries_dead",
                                 "Tenant webhook deliveries dead-lettered after 24 h of failures"
                                 " (re-send them: docs/WEBHOOKS.md)", value=s.webhook_dead_deliveries)
+        yield GaugeMetricFamily("billing_reconciliation_failed",
+                                "1 when the newest reconciliation of the ledger found differences"
+                                " (billing reconcile, GET /admin/v1/reconciliations)",
+                                value=s.reconciliation_failed)
 
 
 class RequestIdMiddleware:

@@ -67,6 +67,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{A}/credit-notes/{{credit_note_id}}"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/credit-notes/{{credit_note_id}}/document"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/ledger"): Rule("ledger:read", "GLOBAL"),
+    ("POST", f"{A}/reconciliations"): Rule("reconciliations:run", "GLOBAL"),
+    ("GET", f"{A}/reconciliations"): Rule("reconciliations:read", "GLOBAL"),
+    ("GET", f"{A}/reconciliations/{{reconciliation_id}}"): Rule("reconciliations:read", "GLOBAL"),
 }
 
 _READ = frozenset({"orgs:read", "projects:read", "keys:read", "catalogue:read", "billing:read",
@@ -84,6 +87,9 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "org_viewer": _READ,
 }
 
+# Reconciliation is the auditors' (and the owner's, who has ALL): a replay of the whole ledger.
+ROLE_PERMISSIONS["auditor"] = ROLE_PERMISSIONS["auditor"] | {"reconciliations:run",
+                                                             "reconciliations:read"}
 
 # The ledger itself (GET /admin/v1/ledger, docs/AUDIT.md): auditors and owners only.
 ROLE_PERMISSIONS["auditor"] = ROLE_PERMISSIONS["auditor"] | {"ledger:read"}

@@ -37,6 +37,7 @@ from domain.services.organisations import OrganisationService
 from domain.services.payments import FAILED, PaymentsService
 from infra import ledger_cli, logs
 from infra.embedded import embedded_servers
+from infra.reconcile import add_reconcile_parser, reconcile_command, reconciliation_status
 from infra.roles import listen_socket, run_roles
 from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN, INVOICE_RUN_JOB
 from infra.service_data import missing_ledger
@@ -135,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
                     "was recorded under)")
     sub.add_parser("seal", help="run the ledger sealer only (one active, others standby)")
     ledger_cli.add_parsers(sub)
+    add_reconcile_parser(sub)
     return p
 
 
@@ -271,6 +273,8 @@ def _operate(rt: Runtime, args: argparse.Namespace) -> int:
         return _invoice_run(rt, args.period)
     if args.command == "payments":
         return _payments_command(rt, args, out)
+    if args.command == "reconcile":
+        return reconcile_command(rt, args, out, _local_operator())
     if args.command == "status" or (args.command == "projections" and args.action == "status"):
         return _status(rt, out)
     if args.command == "projections" and args.action == "rebuild":
@@ -311,6 +315,11 @@ def _invalid_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments argparse accepted, checked before any server is started
     or any progress bar drawn; None when nothing is."""
     if args.command == "invoices":
+        try:
+            parse_period(args.period)
+        except ValidationFailed as e:
+            return str(e)
+    if args.command == "reconcile" and args.period is not None:
         try:
             parse_period(args.period)
         except ValidationFailed as e:
@@ -356,13 +365,14 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   f"dead-lettered entries {b['read_models']} (run of "
                   f"{b['recorded_at'].isoformat(timespec='minutes')}); fix, `billing dlq redrive`, "
                   "then run the period again\n")
+    failed_reconciliation = reconciliation_status(rt, out)
     # Until runs are recorded with their reasons, a run's own answer has them: the latest period
     # invoiced, or, before any invoice, the latest the scheduler runs.
     latest = periods[0][0] if periods else max(due_periods(
         datetime.now(UTC), timedelta(hours=rt.settings.grace_hours), CATCH_UP_PERIODS))
     out.write(WHY_NOT_INVOICED.format(period=latest))
     out.write(next_run_line(rt, datetime.now(UTC)))
-    return 1 if blocked else 0
+    return 1 if blocked or failed_reconciliation else 0
 
 
 def next_run_line(rt: Runtime, now: datetime) -> str:

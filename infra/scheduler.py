@@ -29,6 +29,7 @@ from domain.errors import Conflict, DomainError
 from domain.period import due_periods
 from domain.services.credit_notes import CreditNotesService
 from infra.ledger_cli import store_of
+from infra.reconcile import RECONCILE_DAILY_AT_UTC, reconciliation_job
 from infra.wiring import Runtime
 from projections import credit_notes as credit_notes_view
 from projections import invoices, payments
@@ -211,6 +212,9 @@ def start(rt: Runtime) -> AsyncIOScheduler:
     scheduler.add_job(archive_job, "interval", minutes=ARCHIVE_EVERY_MIN,
                       next_run_time=now + timedelta(seconds=40), max_instances=1, coalesce=True,
                       id="archive")
+    hour, minute = RECONCILE_DAILY_AT_UTC
+    scheduler.add_job(reconciliation_job, "cron", args=[rt], hour=hour, minute=minute,
+                      max_instances=1, coalesce=True, id="reconciliation")
     scheduler.start()
     return scheduler
 

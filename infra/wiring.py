@@ -44,9 +44,11 @@ from adapters.notifier import render as render_invoice
 from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
+from adapters.reconciliation import ExtraCheck, chain_check
 from adapters.resolver import PgResolver
 from adapters.schedule import DDL as SCHEDULE_DDL
 from adapters.sealer import DDL as SEALS_DDL
+from adapters.sealer import verify_chain
 from adapters.tenant_webhooks import TenantWebhookSender
 from adapters.usage_writer import UsageWriter, append_function_ddl
 from api.deps import ApiDeps, OpsSnapshot
@@ -68,6 +70,8 @@ from projections import access, catalogue, invoices, organisations, payments, pl
 from projections import credit_notes as credit_notes_view
 from projections import webhook_endpoints as webhook_view
 from projections.base import ReadModel
+from projections.reconciliations import READ_MODEL as RECONCILIATIONS_MODEL
+from projections.reconciliations import last_failed as last_reconciliation_failed
 
 log = logging.getLogger("billing.infra")
 
@@ -81,6 +85,7 @@ READ_MODELS: tuple[ReadModel, ...] = (
     payments.READ_MODEL,
     credit_notes_view.READ_MODEL,
     webhook_view.READ_MODEL,
+    RECONCILIATIONS_MODEL,
 )
 SCHEMA_LOCK_TIMEOUT_S = 30
 ADMIN_TOKEN_FILE = "admin-token"
@@ -214,6 +219,7 @@ class Runtime:
                 failed_deliveries=payments.failed_deliveries(conn),
                 refunds_failed=credit_notes_view.refunds_failed(conn),
                 webhook_dead_deliveries=webhook_view.dead_count(conn),
+                reconciliation_failed=int(last_reconciliation_failed(conn)),
             )
 
     def invoicing(self) -> InvoicingService:
@@ -394,6 +400,7 @@ def build_api(rt: Runtime, *, admin_token: str) -> ApiRole:
         credit_notes=rt.credit_notes(),
         render_credit_note=partial(render_credit_note, rt.pool, rt.supplier()),
         webhooks=rt.webhooks(),
+        reconcile=partial(_reconcile, rt),
     )
     deps.ledger_page = partial(_ledger_page, rt)
     return ApiRole(deps, admin_token, access_service, writer, rate_limiter, key_cache, meter_cache,
@@ -405,6 +412,13 @@ def _ledger_page(rt: Runtime, after: int, limit: int) -> list[tuple[int, bytes]]
     with rt.pool.connection() as conn:
         return ledger_export_page(conn, rt.settings.pg_schema, after, limit,
                                   events_table=rt.ledger.events_table)
+
+
+def _reconcile(rt: Runtime, **kwargs: Any) -> Any:
+    """infra.reconcile.reconcile (which imports this module: imported when first called)."""
+    from infra.reconcile import reconcile
+
+    return reconcile(rt, **kwargs)
 
 
 def _jittered_pause(attempt: int) -> None:
@@ -456,3 +470,11 @@ WEBHOOK_SECRET_PREFIX = "whsec_"
 def new_webhook_secret() -> str:
     """A tenant webhook endpoint's signing secret: 256 bits, recognisable by its prefix."""
     return WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
+
+
+# ---- reconciliation (issue 18) ---------------------------------------------------------------
+# More reconciliation checks, run after checks 1-4 on the same replay (adapters/reconciliation.
+# CheckContext -> domain.reconciliation.CheckResult): check 5, the hash chain recomputed in the
+# replay's snapshot (adapters/sealer.verify_chain).
+EXTRA_CHECKS: list[ExtraCheck] = [chain_check(verify_chain)]
+

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, localcontext
 from operator import itemgetter
 from typing import Any
@@ -23,6 +23,7 @@ Bucket = tuple[UUID, UUID, str, str, date, str]
 # merged from days when the batch is written.
 DayKey = tuple[UUID, UUID, str, str, date]
 Unique = tuple[UUID, UUID, str, str, date, str, str]  # a bucket and one distinct value
+HOUR_S = 3600
 
 
 @dataclass
@@ -123,6 +124,34 @@ def _distinct(key: DayKey, events: Run, field: str) -> Iterator[tuple[DayKey, st
             yield key, value
 
 
+_UNKNOWN: Any = object()
+
+
+class LocalDays:
+    """`local_day` of many instants, worked out once per (timezone, UTC hour): every instant of
+    an hour has the same local day unless a day starts inside that hour (an offset of :30 or
+    :45, or a change of offset), and such an hour asks `local_day` for each instant. Bounded by
+    the hours the events span, per timezone."""
+
+    def __init__(self) -> None:
+        self.hours: dict[tuple[str, int], date | None] = {}
+
+    def day(self, at: datetime, timezone: str) -> date:
+        key = (timezone, int(at.timestamp() // HOUR_S))
+        known = self.hours[key] if key in self.hours else self.whole_hour(key)
+        return known if known is not None else local_day(at, timezone)
+
+    def whole_hour(self, key: tuple[str, int]) -> date | None:
+        """The local day of every instant of that (timezone, UTC hour), or None when a day
+        starts inside it; remembered."""
+        timezone, hour = key
+        start = datetime.fromtimestamp(hour * HOUR_S, UTC)
+        first = local_day(start, timezone)
+        last = local_day(start + timedelta(seconds=HOUR_S) - timedelta(microseconds=1), timezone)
+        known = self.hours[key] = first if first == last else None
+        return known
+
+
 class Fold:
     """One batch's usage, folded before anything is written. Events are first put in runs that
     share organisation, project, meter, moment and timezone — usually few, as a request's events
@@ -143,6 +172,7 @@ class Fold:
         self._local_days: dict[tuple[datetime, str], date] = {}
         self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[dict[str, str], str]] = {}
         self._ids: dict[bytes | UUID, UUID] = {}
+        self.local_days = LocalDays()
 
     @property
     def runs(self) -> dict[tuple[Any, ...], Run]:
@@ -215,6 +245,64 @@ class Fold:
             groups = dict(zip(rule.group_by, values, strict=True))
             known = self._groups[cache_key] = (groups, group_key(groups))
         return known
+
+    def add_by_day(self, items: Sequence[tuple[Any, int]], rules: dict[str, MeterRule]) -> None:
+        """`add_all` then `fold_runs`, with the same totals, for a long stream whose events seldom
+        share their moment (a replay of the ledger): events are put in runs of one organisation,
+        project, meter and local day instead, the day found per (timezone, UTC hour) by
+        `LocalDays`. Meters with group_by or unique_count (whose values need the properties)
+        take the moment runs."""
+        hours = self.local_days.hours
+        whole_hour = self.local_days.whole_hour
+        simple: dict[str, bool] = {}
+        runs: dict[tuple[Any, ...], Run] = {}
+        others: Run = []
+        for item in items:
+            e = item[0]
+            metric = e.metric
+            plain = simple.get(metric)
+            if plain is None:
+                rule = rules.get(metric)
+                if rule is None:
+                    raise LookupError(f"usage for unknown meter {metric!r}")
+                plain = simple[metric] = not rule.group_by and rule.aggregation != "unique_count"
+            if not plain:
+                others.append(item)
+                continue
+            at = e.occurred_at
+            hour = (e.timezone, int(at.timestamp() // HOUR_S))  # LocalDays.day, inline
+            day = hours.get(hour, _UNKNOWN)
+            if day is _UNKNOWN:
+                day = whole_hour(hour)
+            if day is None:
+                day = local_day(at, e.timezone)
+            key = (e.organisation_id, e.project_id, metric, day)
+            run = runs.get(key)
+            if run is None:
+                runs[key] = [item]
+            else:
+                run.append(item)
+        ids = self._ids
+        for (org, project, metric, day), run in runs.items():
+            org_id = ids.get(org) or ids.setdefault(org, _uuid(org))
+            project_id = ids.get(project) or ids.setdefault(project, _uuid(project))
+            bucket = (org_id, project_id, metric, "", day)
+            t = self.days.get(bucket)
+            if t is None:
+                t = self.days[bucket] = Totals({})
+            if len(run) == 1:
+                e, position = run[0]
+                t.add([e.value], e.occurred_at, position, e.value)
+                continue
+            # The latest by (moment, position): the run is in position order, so the last of
+            # the events at the latest moment.
+            moments = [e.occurred_at for e, _ in run]
+            latest = max(moments)
+            e, position = run[len(moments) - 1 - moments[::-1].index(latest)]
+            t.add([e.value for e, _ in run], latest, position, e.value)
+        if others:
+            self.add_all(others)
+            self.fold_runs(rules)
 
     def pending_meters(self) -> set[str]:
         """The meters of the usage added and not yet folded."""

@@ -128,6 +128,7 @@ def _url(template: str, t: Tenant) -> str:
            "payment_id": str(uuid.uuid4()), "code": "nope"}
     ids["credit_note_id"] = str(uuid.uuid4())  # credit notes (issue 17)
     ids |= {"endpoint_id": str(uuid.uuid4()), "delivery_id": str(uuid.uuid4())}  # tenant webhooks
+    ids["reconciliation_id"] = str(uuid.uuid4())  # reconciliations (issue 18)
     return template.format(**ids)
 
 
