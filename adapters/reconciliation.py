@@ -23,9 +23,11 @@ from typing import Any, Protocol
 from uuid import UUID, uuid4
 
 import psycopg
+from eventsourcing.utils import get_topic
 from psycopg import sql
 
 from adapters.replay import Progress, Replayer, ReplayState
+from domain.credit_note import CreditNote
 from domain.errors import DomainError
 from domain.gateway_events import PaymentEntity
 from domain.invoice import Invoice
@@ -37,9 +39,12 @@ from domain.pricing import price
 from domain.reconciliation import (
     CheckResult,
     Difference,
+    InvoiceFacts,
+    NoteFacts,
     Report,
     check_result,
     compare,
+    credit_note_findings,
     hash_chain_result,
 )
 from domain.subscription import plan_for_period
@@ -321,8 +326,6 @@ class Reconciler:
 # ---- check 1's comparisons ----------------------------------------------------------------
 
 def _topics(model: ReadModel) -> set[str]:
-    from eventsourcing.utils import get_topic
-
     return {get_topic(cls) for cls in model.handlers}
 
 
@@ -501,3 +504,31 @@ def chain_check(verify: Callable[..., Any]) -> ExtraCheck:
                                  actual=str(found.problem or ""))
 
     return check
+
+
+# ---- credit notes (checks 2 and 4 for notes) ------------------------------------------------
+
+_NOTES_SQL = ("SELECT id, number, invoice_id, organisation_id, invoice_number, subtotal, taxes,"
+              " total, ledger_position FROM {} WHERE %(org)s::uuid IS NULL OR organisation_id = %(org)s")
+_CREDITED_INVOICES_SQL = ("SELECT id, number, organisation_id, total, credited, taxes, ledger_position"
+                          " FROM {} WHERE credited > 0 OR id = ANY(%(ids)s)")
+
+
+def credit_notes_check(ctx: CheckContext) -> CheckResult:
+    """Every credit note the replay rebuilt against its invoice, and the notes' numbers gapless
+    per financial year (domain.reconciliation.credit_note_findings). Its facts: the notes the
+    ledger holds (CreditNote.Issued entries replayed), so a check of none over some fails."""
+    notes_table = sql.Identifier(ctx.state.scratch, "credit_notes")
+    invoices_table = sql.Identifier(ctx.state.scratch, "invoices")
+    notes = [NoteFacts(r[0], r[1], r[2], r[3], r[4], r[5], tuple(t["name"] for t in r[6]),
+                       sum(int(t["amount"]) for t in r[6]), r[7], r[8])
+             for r in ctx.conn.execute(sql.SQL(_NOTES_SQL).format(notes_table),
+                                       {"org": ctx.organisation_id}).fetchall()]
+    rows = ctx.conn.execute(sql.SQL(_CREDITED_INVOICES_SQL).format(invoices_table),
+                            {"ids": [n.invoice_id for n in notes]}).fetchall()
+    invoices = {r[0]: InvoiceFacts(r[0], r[1], r[2], r[3], r[4], tuple(t["name"] for t in r[5]), r[6])
+                for r in rows if ctx.organisation_id is None or r[2] == ctx.organisation_id}
+    compared, found = credit_note_findings(notes, invoices)
+    facts = ctx.state.topics_seen.get(get_topic(CreditNote.Issued), 0)
+    return check_result("credit_notes", "credit notes against their invoices; their numbers"
+                        " gapless per financial year", compared, facts, found)

@@ -185,3 +185,90 @@ class Reconciliation(Aggregate):
             differences=report.difference_count, report_sha256=report_hash(report),
             report=report_bytes(report).decode(), organisation_id=report.organisation_id,
             period=report.period)
+
+
+# ---- credit notes against their invoices, and their numbering (checks 2 and 4) ---------------
+
+class NoteFacts(msgspec.Struct, frozen=True):
+    """A credit note as the replay rebuilt it. Amounts are paise."""
+
+    id: UUID
+    number: str
+    invoice_id: UUID
+    organisation_id: UUID
+    invoice_number: str
+    subtotal: int
+    tax_names: tuple[str, ...]
+    taxes: int
+    total: int
+    position: int
+
+
+class InvoiceFacts(msgspec.Struct, frozen=True):
+    """What a credit note is checked against: its invoice, as the replay rebuilt it."""
+
+    id: UUID
+    number: str | None
+    organisation_id: UUID
+    total: int
+    credited: int
+    tax_names: tuple[str, ...]
+    position: int
+
+
+def credit_note_findings(notes: list[NoteFacts],
+                         invoices: Mapping[UUID, InvoiceFacts]) -> tuple[int, list[Difference]]:
+    """Every note against its invoice (its number, organisation, tax split, its own sum), the
+    credited total of every credited invoice (the notes' sum, never above the invoice), and the
+    notes' numbers gapless and unique per financial year (`CN/<fy>/<seq>`): what was compared,
+    and every difference."""
+    found: list[Difference] = []
+    compared = 0
+
+    def differ(key: str, expected: Any, actual: Any, *positions: int) -> None:
+        found.append(Difference("credit notes", key, DIFFERENT, expected, actual, positions))
+
+    by_invoice: dict[UUID, list[NoteFacts]] = {}
+    by_year: dict[str, dict[int, list[NoteFacts]]] = {}
+    for note in notes:
+        compared += 1
+        by_invoice.setdefault(note.invoice_id, []).append(note)
+        invoice = invoices.get(note.invoice_id)
+        key = f"credit note {note.number}"
+        if invoice is None:
+            differ(key, f"against invoice {note.invoice_id}", "no such invoice", note.position)
+            continue
+        if (note.invoice_number, note.organisation_id) != (invoice.number, invoice.organisation_id):
+            differ(key, f"invoice {invoice.number} of {invoice.organisation_id}",
+                   f"invoice {note.invoice_number} of {note.organisation_id}",
+                   note.position, invoice.position)
+        if not set(note.tax_names) <= set(invoice.tax_names):
+            differ(key, f"tax reversed in the invoice's split {list(invoice.tax_names)}",
+                   list(note.tax_names), note.position, invoice.position)
+        if note.subtotal + note.taxes != note.total:
+            differ(key, f"total {note.subtotal + note.taxes} (subtotal + tax)", note.total,
+                   note.position)
+        parts = note.number.split("/")
+        if len(parts) == 3 and parts[2].isdigit():
+            by_year.setdefault(parts[1], {}).setdefault(int(parts[2]), []).append(note)
+        else:
+            differ(key, "a number CN/<year>/<sequence>", note.number, note.position)
+    for invoice_id, invoice in invoices.items():
+        credited = sum(n.total for n in by_invoice.get(invoice_id, []))
+        if not credited and not invoice.credited:
+            continue
+        compared += 1
+        positions = [invoice.position, *(n.position for n in by_invoice.get(invoice_id, []))]
+        if credited != invoice.credited:
+            differ(f"invoice {invoice.number} credited", credited, invoice.credited, *positions)
+        if credited > invoice.total:
+            differ(f"invoice {invoice.number} credited", f"at most {invoice.total}", credited,
+                   *positions)
+    for year, issued in by_year.items():
+        for seq in range(1, max(issued) + 1):
+            compared += 1
+            given = issued.get(seq, [])
+            if len(given) != 1:
+                differ(f"credit note number {seq} of {year}", "issued once",
+                       f"issued {len(given)} times", *(n.position for n in given))
+    return compared, found

@@ -44,7 +44,7 @@ from adapters.notifier import render as render_invoice
 from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
-from adapters.reconciliation import ExtraCheck, chain_check
+from adapters.reconciliation import ExtraCheck, chain_check, credit_notes_check
 from adapters.resolver import PgResolver
 from adapters.schedule import DDL as SCHEDULE_DDL
 from adapters.sealer import DDL as SEALS_DDL
@@ -474,7 +474,8 @@ def new_webhook_secret() -> str:
 
 # ---- reconciliation (issue 18) ---------------------------------------------------------------
 # More reconciliation checks, run after checks 1-4 on the same replay (adapters/reconciliation.
-# CheckContext -> domain.reconciliation.CheckResult): check 5, the hash chain recomputed in the
-# replay's snapshot (adapters/sealer.verify_chain).
-EXTRA_CHECKS: list[ExtraCheck] = [chain_check(verify_chain)]
+# CheckContext -> domain.reconciliation.CheckResult): the credit notes against their invoices
+# and their numbering, and check 5, the hash chain recomputed in the replay's snapshot
+# (adapters/sealer.verify_chain).
+EXTRA_CHECKS: list[ExtraCheck] = [credit_notes_check, chain_check(verify_chain)]
 

@@ -42,6 +42,7 @@ from tests.integration.test_payment_manager import finalized
 KEY_ID = "rzp_test_reconcile0001"
 KEY_SECRET = "reconcile-test-key-secret-0123456789"
 CONTROL_TIMEOUT_S = 5.0
+CREDITED_PAISE = 1_180  # ₹10 + 18 % GST of the paid invoice, credited and refunded
 
 
 @pytest.fixture
@@ -92,6 +93,20 @@ def workload(rt: Runtime, writer: ThreadedWriter) -> Invoice:
         payments.record_delivery(event_id=event_id, body=webhook_body(kind, payment=payment))
     asyncio.run(PaymentManager(rt.ledger, rt.pool, payments).step())
     caught_up(rt)
+    # A credit note of part of the paid invoice, refunded through the fake Razorpay; the
+    # refund's webhooks arrive twice each, processed before created.
+    notes = rt.credit_notes()
+    note = notes.issue(invoice.id, reason="service_deficiency", settlement="refund",
+                       amount=CREDITED_PAISE, actor=None).aggregate
+    notes.request_refunds(note.id, actor=None)  # as the API does right after issuing
+    fake = _fake_of(rt)
+    refund_events = [e for e in fake.events() if e["type"].startswith("refund.")]
+    assert len(refund_events) == 2, refund_events
+    for e in sorted(refund_events, key=lambda e: e["type"] == "refund.created") * 2:
+        payments.record_delivery(event_id=e["id"], body=e["body"].encode())
+    asyncio.run(PaymentManager(rt.ledger, rt.pool, payments).step())
+    caught_up(rt)
+    assert rt.credit_notes().note(note.id).status == "refunded"
     return rt.ledger.get(invoice.id, Invoice)
 
 
@@ -138,6 +153,9 @@ def test_a_mixed_workload_reconciles_and_three_edits_are_exactly_three_differenc
     assert recorded is not None
     compared = {c["name"]: (c["compared"], c["facts"]) for c in recorded.report["checks"]}
     assert compared["invoices"] == (1, 1)  # the invoice, priced afresh
+    # The note against its invoice, the invoice's credited total, CN/..../000001 once.
+    assert compared["credit_notes"] == (3, 1)
+    assert compared["hash_chain"][0] == compared["hash_chain"][1] > 0  # every entry, sealed
     assert compared["numbering"][0] == 1  # INV/..../000001, issued once, on it
     assert compared["payments"][0] >= 2  # applied as its invoice says; refunds within capture
     assert "gateway" in str(recorded.report["checks"][2]["note"])

@@ -14,10 +14,13 @@ from domain.reconciliation import (
     DIFFERENT,
     MISSING,
     UNEXPECTED,
+    InvoiceFacts,
+    NoteFacts,
     Reconciliation,
     Report,
     check_result,
     compare,
+    credit_note_findings,
     hash_chain_result,
     report_hash,
 )
@@ -72,3 +75,31 @@ def test_a_chain_verifier_plugs_in_as_check_five() -> None:
     assert not edited.ok and edited.differences[0].positions == (9,)
     assert edited.differences[0].actual == "row 9 edited"
     assert chain_check(lambda conn, schema: Found(True, None, None, 12))(ctx).ok
+
+
+def _note(n: int, invoice: InvoiceFacts, total: int = 1_180, year: str = "2627") -> NoteFacts:
+    return NoteFacts(uuid4(), f"CN/{year}/{n:06d}", invoice.id, invoice.organisation_id,
+                     invoice.number or "", total - total * 18 // 118, ("CGST", "SGST"),
+                     total * 18 // 118, total, 100 + n)
+
+
+def _invoice(total: int, credited: int, taxes: tuple[str, ...] = ("CGST", "SGST")) -> InvoiceFacts:
+    return InvoiceFacts(uuid4(), "INV/2627/000001", uuid4(), total, credited, taxes, 50)
+
+
+def test_credit_notes_that_agree_with_their_invoices_and_count_up_are_no_difference() -> None:
+    invoice = _invoice(59_000, 2_360)
+    compared, found = credit_note_findings([_note(1, invoice), _note(2, invoice)],
+                                           {invoice.id: invoice})
+    assert (compared, found) == (5, [])  # two notes, one invoice, two numbers
+
+
+def test_a_gap_a_wrong_split_and_a_credited_total_the_notes_do_not_make_are_each_found() -> None:
+    invoice = _invoice(59_000, 9_999, taxes=("IGST",))
+    _, found = credit_note_findings([_note(1, invoice), _note(3, invoice)], {invoice.id: invoice})
+    keys = sorted(d.key for d in found)
+    assert keys == ["credit note CN/2627/000001", "credit note CN/2627/000003",
+                    "credit note number 2 of 2627", "invoice INV/2627/000001 credited"], found
+    over = _invoice(1_000, 1_180)
+    _, found = credit_note_findings([_note(1, over)], {over.id: over})
+    assert [d.expected for d in found] == ["at most 1000"]
