@@ -9,6 +9,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
 from api import health, input_rules, problems
+from api import invoice_runs as run_history
 from api.audit import AuditController
 from api.auth import admin_guard, provide_actor
 from api.deps import ApiDeps
@@ -56,6 +57,8 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
         guards=[admin_guard],
         middleware=[IdempotencyMiddleware],  # every admin POST and PUT honours Idempotency-Key
     )
+    for handler in (run_history.invoice_runs, run_history.invoice_run_record):  # the invoice runs' history
+        admin.register(handler)
     app = Litestar(
         # The webhook is outside the admin router: signed, not authenticated by a token.
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage,

@@ -55,6 +55,7 @@ from domain.services.plans import PlansService
 from infra.embedded import embedded_servers
 from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
+from projections import invoice_runs as invoice_run_records
 from projections.base import ReadModel
 
 log = logging.getLogger("billing.infra")
@@ -109,6 +110,8 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
             for statement in (*bookkeeping.DDL, *rate_limit.DDL, *idempotency.DDL):
+                conn.execute(statement)
+            for statement in invoice_run_records.DDL:  # the invoice runs' history
                 conn.execute(statement)
             for model in READ_MODELS:
                 for statement in model.ddl:

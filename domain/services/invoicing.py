@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 from domain.audit import Actor
 from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
-from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
+from domain.invoice import DRAFT, FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.numbering import InvoiceSequence, financial_year, sequence_id
 from domain.period import parse_period, period_bounds, period_has_ended
 from domain.plan import StoredVersion, to_version
@@ -108,12 +108,46 @@ class InvoicingService:
         catalogue) describe the charge lines; they are recorded on the draft, so the invoice
         keeps the name it was issued with.
         """
+        newest = self._newest(organisation.id, period)
+        invoice, status, why = self.decide_draft(
+            organisation, newest, period=period, subscription_history=subscription_history,
+            plan_versions=plan_versions, quantities=quantities, usage_position=usage_position,
+            supplier_state_code=supplier_state_code, late=late, redraft_voided=redraft_voided,
+            meter_names=meter_names)
+        if status == EXISTING:
+            assert newest is not None
+            return Written(newest, 0), EXISTING, ""
+        if invoice is None:
+            return None, status, why
+        try:
+            return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED, ""
+        except Conflict:  # another run drafted it first
+            return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING, ""
+
+    def decide_draft(
+        self,
+        organisation: Billable,
+        newest: Invoice | None,
+        *,
+        period: str,
+        subscription_history: Sequence[SubscriptionEntry],
+        plan_versions: Mapping[str, Sequence[StoredVersion]],
+        quantities: Mapping[str, Decimal],
+        usage_position: int,
+        supplier_state_code: str,
+        late: Sequence[LateUsage] = (),
+        redraft_voided: bool = False,
+        meter_names: Mapping[str, str] | None = None,
+    ) -> tuple[Invoice | None, DraftStatus, str]:
+        """`draft`'s decision without its reads and its save: `newest` is the period's newest
+        invoice revision (None: there is none). Answers the new draft, not saved yet, with
+        'created'; None with 'existing' or 'skipped' (and why, for 'skipped'). The invoice run
+        reads many organisations' `newest` at once and saves many drafts per append."""
         parse_period(period)
         if usage_position < 0:
             raise ValidationFailed([FieldError("usage_position", "must be a ledger position >= 0")])
-        newest = self._newest(organisation.id, period)
         if newest is not None and (newest.status != VOID or not redraft_voided):
-            return Written(newest, 0), EXISTING, ""
+            return None, EXISTING, ""
         revision = FIRST_REVISION if newest is None else newest.revision + 1
         if revision > REVISIONS_MAX:
             raise Conflict(f"the invoice for {period} was replaced {REVISIONS_MAX} times; "
@@ -150,10 +184,7 @@ class InvoicingService:
             usage_position=usage_position, tax=tax, late=late, at=now,
             gstin=organisation.gstin or "", plan_name=plan.name,
         )
-        try:
-            return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED, ""
-        except Conflict:  # another run drafted it first
-            return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING, ""
+        return invoice, CREATED, ""
 
     def _newest(self, organisation_id: UUID, period: str) -> Invoice | None:
         """The newest revision of the period's invoice: revision n + 1 exists only once
@@ -193,6 +224,37 @@ class InvoicingService:
             try:
                 return Written(invoice, self._ledger.save(invoice, sequence, actor=actor))
             except Conflict:  # another finalization took that number (or changed this invoice)
+                self._pause(attempt)
+        raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
+
+    def finalize_batch(self, idents: Sequence[UUID], *, actor: Actor | None) -> list[Invoice]:
+        """Finalize the drafts among `idents` in one ledger append: read them at once, advance
+        the financial year's InvoiceSequence in memory, and save the invoices with the sequence
+        atomically (all numbered, or none). Numbers stay gapless: the sequence's next version
+        is claimed by the append, and a lost race (another finalization took a number, or
+        changed one of them) decides the whole batch again from a fresh read. Ids that are not
+        drafts (finalized already, void, unknown) are left as they are. Returns the invoices
+        this call finalized, in `idents` order. Unavailable if the numbering stayed contended."""
+        for attempt in range(FINALIZE_ATTEMPTS):
+            found = self._ledger.get_many(idents, Invoice)
+            drafts = [found[i] for i in dict.fromkeys(idents) if i in found
+                      and found[i].status == DRAFT]
+            if not drafts:
+                return []
+            now = self._clock()
+            year = financial_year(now)
+            try:
+                sequence = self._ledger.get(sequence_id(year), InvoiceSequence)
+            except NotFound:
+                sequence = InvoiceSequence.open(year, now)
+            for invoice in drafts:
+                invoice.finalize(sequence.issue(invoice.id, now), now)
+            groups: list[tuple[Invoice | InvoiceSequence, ...]] = [(i,) for i in drafts[:-1]]
+            groups.append((drafts[-1], sequence))
+            try:
+                self._ledger.save_batch(groups, actor=actor)
+                return drafts
+            except Conflict:
                 self._pause(attempt)
         raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
 
