@@ -15,9 +15,9 @@ from infra.settings import from_env
 from infra.wiring import Runtime
 
 BUSY_EXIT = 3
-ORGS_PER_BATCH = 100
-DRAFTS_PER_APPEND = 30
-FINALIZE_BATCH_INVOICES = 40
+ORGS_PER_BATCH = 50
+DRAFTS_PER_APPEND = 20
+FINALIZE_BATCH_INVOICES = 30
 
 
 def main(period: str) -> int:

@@ -4,8 +4,8 @@ and then finalize-and-number; the test kills it when its progress passes a rando
 the drafting or in the numbering), starts it again, and at the end checks the ledger itself.
 
 ORGS organisations, not the issue's 10,000: setting those up and running them several times
-takes minutes on the CI's shared cores; the batches are made small instead (100 organisations,
-30 drafts per append, 40 numbers per append), so that a kill lands in many different places.
+takes minutes on the CI's shared cores; the batches are made small instead (50 organisations,
+20 drafts per append, 30 numbers per append), so that a kill lands in many different places.
 The bench (bench/invoice_run.py) runs 10k and 100k."""
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from tests.conftest import background_roles
 from tests.integration.invoice_run_child import BUSY_EXIT
 from tests.integration.invoice_run_steps import caught_up
 
-ORGS = 1000
-KILLS = 5
+ORGS = 500
+KILLS = 4
 SAVE_BATCH = 250
 STARTS_MAX = 40  # children started in all (kills, lock still held by a killed one, the last)
 ROOT = Path(__file__).resolve().parents[2]
