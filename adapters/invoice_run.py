@@ -53,6 +53,7 @@ from domain.services.invoicing import REVISIONS_MAX, InvoicingService
 from domain.subscription import SubscriptionEntry
 from projections import catalogue, invoices, organisations, plans, usage_totals
 from projections import invoice_runs as records
+from projections.organisations import OrganisationRow
 
 log = logging.getLogger("billing.invoice_run")
 R = TypeVar("R")
@@ -186,7 +187,11 @@ class InvoiceRun:
         with self._pool.connection() as conn:
             drafted = invoices.existing_of(conn, period, chunk)
             todo = [o for o in chunk if o not in drafted]
-            orgs = self._ledger.get_many(todo, Organisation)
+            # The read model (caught up to the run's start) has every organisation's settings
+            # in one query; the ledger is read only for one it lacks (dead-lettered there).
+            orgs: dict[UUID, Organisation | OrganisationRow] = {
+                **organisations.get_many(conn, todo)}
+            orgs |= self._ledger.get_many([o for o in todo if o not in orgs], Organisation)
             unreadable: dict[UUID, Exception] = {}
             histories = _bulk(conn, todo, partial(plans.subscription_histories, conn),
                               list, unreadable)
@@ -250,7 +255,7 @@ class InvoiceRun:
                 out.append((invoice, name, "existing"))
         return out
 
-    def _decide_one(self, conn: Any, batch: _Batch, org: Organisation,
+    def _decide_one(self, conn: Any, batch: _Batch, org: Organisation | OrganisationRow,
                     history: list[SubscriptionEntry], billed_by: list[Invoice],
                     earlier: list[str], totals: Mapping[str, Mapping[str, Decimal]],
                     quantities: dict[str, Decimal]) -> Done | Invoice:
@@ -280,8 +285,9 @@ class InvoiceRun:
                       "billed on it", period, org_id, [item.period for item in late])
         return Done(org_id, status, name=org.name, reason=why)
 
-    def _decide_draft(self, org: Organisation, batch: _Batch, history: list[SubscriptionEntry],
-                      quantities: dict[str, Decimal], late: list[LateUsage]
+    def _decide_draft(self, org: Organisation | OrganisationRow, batch: _Batch,
+                      history: list[SubscriptionEntry], quantities: dict[str, Decimal],
+                      late: list[LateUsage]
                       ) -> tuple[Invoice | None, Outcome, str]:
         """The draft (or why not); drafted again without the late items pricing refused."""
         decide_draft = partial(
