@@ -41,6 +41,7 @@ from domain.audit import Actor
 from domain.errors import Conflict, DomainError, NotFound, Unavailable, ValidationFailed
 from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.late_usage import late_usage
+from domain.numbering import InvoiceSequence
 from domain.organisation import Organisation
 from domain.period import check_period_has_ended_somewhere, first_day, parse_period
 from domain.plan import StoredVersion, to_version
@@ -316,21 +317,23 @@ class InvoiceRun:
         parse_period(period)
         finalized = 0
         after: UUID | None = None
+        sequences: dict[int, InvoiceSequence] = {}  # the year's sequence, kept across batches
         while True:
             with self._pool.connection() as conn:
                 page = plans.subscribed_page(conn, after, FINALIZE_BATCH_INVOICES)
             if not page:
                 return finalized
             after = page[-1]
-            ids = self._newest_invoices(period, page)
-            finalized += len(self._invoicing.finalize_batch(ids, actor=actor))
+            newest = self._newest_invoices(period, page)
+            finalized += len(self._invoicing.finalize_batch(
+                list(newest), actor=actor, loaded=newest, sequences=sequences))
             if progress:
                 progress(finalized)
 
-    def _newest_invoices(self, period: str, org_ids: list[UUID]) -> list[UUID]:
-        """The ids of the newest revision of each organisation's invoice for `period` (those
-        that have one): revision n + 1 exists only once revision n is void."""
-        out: list[UUID] = []
+    def _newest_invoices(self, period: str, org_ids: list[UUID]) -> dict[UUID, Invoice]:
+        """The newest revision of each organisation's invoice for `period` (those that have
+        one), by id: revision n + 1 exists only once revision n is void."""
+        out: dict[UUID, Invoice] = {}
         wanted = {invoice_id(o, period, FIRST_REVISION): (o, FIRST_REVISION) for o in org_ids}
         while wanted:
             found = self._ledger.get_many(wanted, Invoice)
@@ -342,7 +345,7 @@ class InvoiceRun:
                 if invoice.status == VOID and revision < REVISIONS_MAX:
                     following[invoice_id(org_id, period, revision + 1)] = (org_id, revision + 1)
                 else:
-                    out.append(ident)
+                    out[ident] = invoice
             wanted = following
         return out
 

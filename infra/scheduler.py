@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from domain.errors import Conflict, DomainError
+from domain.numbering import InvoiceSequence
 from domain.period import due_periods
 from infra.wiring import Runtime
 from projections import invoices, payments
@@ -73,11 +74,12 @@ def finalize_due(rt: Runtime, now: datetime) -> int:
     service = rt.invoicing()
     due = [row.id for row in drafts if row.created_at <= now - timedelta(hours=hours)]
     done = 0
+    sequences: dict[int, InvoiceSequence] = {}  # the year's sequence, kept across batches
     # Numbered in batches, each one ledger append with the year's sequence (issue 19).
     for start in range(0, len(due), FINALIZE_APPEND_MAX):
         batch = due[start:start + FINALIZE_APPEND_MAX]
         try:
-            done += len(service.finalize_batch(batch, actor=None))
+            done += len(service.finalize_batch(batch, actor=None, sequences=sequences))
         except DomainError as e:
             log.warning("auto-finalize of %d drafts from %s: %s", len(batch), batch[0], e)
     return done

@@ -227,35 +227,49 @@ class InvoicingService:
                 self._pause(attempt)
         raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
 
-    def finalize_batch(self, idents: Sequence[UUID], *, actor: Actor | None) -> list[Invoice]:
+    def finalize_batch(self, idents: Sequence[UUID], *, actor: Actor | None,
+                       loaded: Mapping[UUID, Invoice] | None = None,
+                       sequences: dict[int, InvoiceSequence] | None = None) -> list[Invoice]:
         """Finalize the drafts among `idents` in one ledger append: read them at once, advance
         the financial year's InvoiceSequence in memory, and save the invoices with the sequence
         atomically (all numbered, or none). Numbers stay gapless: the sequence's next version
         is claimed by the append, and a lost race (another finalization took a number, or
         changed one of them) decides the whole batch again from a fresh read. Ids that are not
         drafts (finalized already, void, unknown) are left as they are. Returns the invoices
-        this call finalized, in `idents` order. Unavailable if the numbering stayed contended."""
+        this call finalized, in `idents` order. Unavailable if the numbering stayed contended.
+
+        `loaded`: the invoices as the caller just read them (the first attempt uses them rather
+        than reading again). `sequences`: the caller's cache of sequences by financial year,
+        across batches: a year's sequence replays one event per number issued, so a caller
+        numbering many batches keeps the one it saved last (a stale one only loses the race
+        on its version, and is then read afresh)."""
+        cache: dict[int, InvoiceSequence] = {} if sequences is None else sequences
         for attempt in range(FINALIZE_ATTEMPTS):
-            found = self._ledger.get_many(idents, Invoice)
+            found = (loaded if loaded is not None and attempt == 0
+                     else self._ledger.get_many(idents, Invoice))
             drafts = [found[i] for i in dict.fromkeys(idents) if i in found
                       and found[i].status == DRAFT]
             if not drafts:
                 return []
             now = self._clock()
             year = financial_year(now)
-            try:
-                sequence = self._ledger.get(sequence_id(year), InvoiceSequence)
-            except NotFound:
-                sequence = InvoiceSequence.open(year, now)
+            sequence = cache.pop(year, None)
+            if sequence is None:
+                try:
+                    sequence = self._ledger.get(sequence_id(year), InvoiceSequence)
+                except NotFound:
+                    sequence = InvoiceSequence.open(year, now)
             for invoice in drafts:
                 invoice.finalize(sequence.issue(invoice.id, now), now)
             groups: list[tuple[Invoice | InvoiceSequence, ...]] = [(i,) for i in drafts[:-1]]
             groups.append((drafts[-1], sequence))
             try:
                 self._ledger.save_batch(groups, actor=actor)
-                return drafts
             except Conflict:
                 self._pause(attempt)
+                continue
+            cache[year] = sequence
+            return drafts
         raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
 
     def void(self, ident: UUID, reason: str = "", *, actor: Actor | None) -> Written[Invoice]:
