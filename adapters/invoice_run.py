@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -140,13 +141,17 @@ class InvoiceRun:
         log.info("invoice run %s (%s) started: %d organisations", period, run_id, total)
         counted = decide.Tally()
         try:
-            for chunk in self._chunks(missing):
-                self._batch(batch, chunk, counted)
-                total = max(total, counted.done)
-                if progress:
-                    progress(counted.done, total)
-                with self._pool.connection() as conn:
-                    records.progressed(conn, run_id, counted.done, counted.result(period))
+            # One batch's drafts are appended (a thread of their own, waiting on Postgres)
+            # while the next batch is read and priced: at most one append in flight.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="invoice-append") as appender:
+                appending: Future[list[Done]] | None = None
+                for chunk in self._chunks(missing):
+                    drafts = self._batch(batch, chunk, counted)
+                    if appending is not None:
+                        self._appended(appending, counted, run_id, total, progress)
+                    appending = appender.submit(self._append_all, drafts, actor)
+                if appending is not None:
+                    self._appended(appending, counted, run_id, total, progress)
         except BaseException as e:
             with contextlib.suppress(Exception), self._pool.connection() as conn:
                 records.finished(conn, run_id, counted.done, counted.result(period),
@@ -179,9 +184,10 @@ class InvoiceRun:
                 return
             after = page[-1]
 
-    def _batch(self, batch: _Batch, chunk: list[UUID], counted: decide.Tally) -> None:
-        """Read a batch of organisations' inputs at once, price each in memory, and append
-        their drafts DRAFTS_PER_APPEND per ledger transaction."""
+    def _batch(self, batch: _Batch, chunk: list[UUID], counted: decide.Tally
+               ) -> list[tuple[Invoice, str]]:
+        """Read a batch of organisations' inputs at once and price each in memory: the drafts
+        to append (with each organisation's name); every other outcome is counted."""
         period = batch.period
         earlier = decide.lookback_periods(period)
         drafts: list[tuple[Invoice, str]] = []
@@ -233,10 +239,28 @@ class InvoiceRun:
                     counted.add(one)
                 else:
                     drafts.append((one, org.name if org else ""))
+        return drafts
+
+    def _append_all(self, drafts: list[tuple[Invoice, str]], actor: Actor | None) -> list[Done]:
+        """Append a batch's drafts, DRAFTS_PER_APPEND per ledger transaction."""
+        out: list[Done] = []
         for start in range(0, len(drafts), DRAFTS_PER_APPEND):
             for invoice, name, status in self._append(drafts[start:start + DRAFTS_PER_APPEND],
-                                                      batch.actor):
-                counted.add(Done(invoice.organisation_id, status, name=name))
+                                                      actor):
+                out.append(Done(invoice.organisation_id, status, name=name))
+        return out
+
+    def _appended(self, appending: Future[list[Done]], counted: decide.Tally, run_id: UUID,
+                  total: int, progress: Callable[[int, int], None] | None) -> None:
+        """A batch's append is done (its error, if any, stops the run): count it, record the
+        progress and tell it."""
+        for one in appending.result():
+            counted.add(one)
+        total = max(total, counted.done)
+        if progress:
+            progress(counted.done, total)
+        with self._pool.connection() as conn:
+            records.progressed(conn, run_id, counted.done, counted.result(""))
 
     def _append(self, drafts: list[tuple[Invoice, str]], actor: Actor | None
                 ) -> list[tuple[Invoice, str, Outcome]]:

@@ -28,7 +28,7 @@ from domain.numbering import InvoiceSequence, financial_year, sequence_id
 from domain.period import parse_period, period_bounds, period_has_ended
 from domain.plan import StoredVersion, to_version
 from domain.ports import Billable, Clock, Ledger, Pause
-from domain.pricing import LateUsage, price
+from domain.pricing import LateUsage, PlanVersion, price
 from domain.services.base import Written
 from domain.subscription import SubscriptionEntry, plan_for_period
 from domain.tax import TaxFacts
@@ -42,6 +42,7 @@ SKIPPED: DraftStatus = "skipped"
 # round at least one of them wins, so this bounds the wait of the unluckiest under a burst.
 FINALIZE_ATTEMPTS = 64
 VOID_ATTEMPTS = 3  # a void races only with a finalize or a payment of the same invoice
+PRICED_VERSIONS_MAX = 256  # plan versions whose pricing form a service keeps
 REVISIONS_MAX = 100  # replacements of voided invoices of one (organisation, period)
 ZERO = Decimal(0)
 
@@ -70,6 +71,8 @@ class InvoicingService:
         self._ledger = ledger
         self._clock = clock
         self._pause = pause
+        # id(stored version) -> (that object, kept alive so the id stays its own; its pricing)
+        self._versions: dict[int, tuple[StoredVersion, PlanVersion]] = {}
 
     # ---- draft ----------------------------------------------------------------------------
 
@@ -170,7 +173,7 @@ class InvoicingService:
         if stored.currency != organisation.currency:
             raise Conflict(f"plan {stored.code!r} is priced in {stored.currency}; the organisation "
                            f"is billed in {organisation.currency}")
-        plan = to_version(stored)
+        plan = self._priced_version(stored)
         charged = {c.metric: quantities.get(c.metric, ZERO) for c in plan.charges}
         tax = TaxFacts(organisation.country, organisation.state_code, supplier_state_code)
         priced = price(plan, charged, tax, late, meter_names=meter_names)
@@ -185,6 +188,18 @@ class InvoicingService:
             gstin=organisation.gstin or "", plan_name=plan.name,
         )
         return invoice, CREATED, ""
+
+    def _priced_version(self, stored: StoredVersion) -> PlanVersion:
+        """`to_version(stored)`, once per stored version object: a run prices thousands of
+        organisations with the same few versions."""
+        cached = self._versions.get(id(stored))
+        if cached is not None and cached[0] is stored:
+            return cached[1]
+        plan = to_version(stored)
+        if len(self._versions) >= PRICED_VERSIONS_MAX:
+            self._versions.clear()
+        self._versions[id(stored)] = (stored, plan)
+        return plan
 
     def _newest(self, organisation_id: UUID, period: str) -> Invoice | None:
         """The newest revision of the period's invoice: revision n + 1 exists only once
