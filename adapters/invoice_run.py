@@ -1,7 +1,14 @@
 """The invoice run: draft every subscribed organisation's invoice for a period, from usage
-totals that are caught up with the ledger. This module reads (Postgres, the ledger), locks,
-keeps each organisation in its own savepoint and logs; what to do with what it read is decided
-by the pure functions of domain/services/invoice_runs.py.
+totals that are caught up with the ledger; and finalize-and-number a period's drafts. This
+module reads (Postgres, the ledger), locks, appends, records the run (projections/invoice_runs.py)
+and logs; what to do with what it read is decided by the pure functions of
+domain/services/invoice_runs.py and InvoicingService.decide_draft.
+
+- Fast (issue 19; docs/INVOICES.md, A fast run): ORGS_PER_BATCH organisations at a time, their
+  inputs read in one query each, priced in memory, their drafts appended DRAFTS_PER_APPEND per
+  ledger transaction (one batch appended while the next is priced); finalized
+  FINALIZE_BATCH_INVOICES per append with the year's sequence. Killed at any point and run
+  again, each invoice is drafted once (derived ids; a batch commits whole or not at all).
 
 - One run at a time across processes (a Postgres advisory lock); a second caller gets 409.
 - It first waits until every read model it reads has applied everything committed before the
@@ -17,6 +24,8 @@ by the pure functions of domain/services/invoice_runs.py.
   billed for them so far (docs/INVOICES.md, Late usage).
 - An organisation whose period (in its timezone) has not ended plus the grace period is left
   for a later run ("not_due"). Runs are idempotent: drafted periods are "existing".
+- Each run is recorded with its progress, counts and the organisations not invoiced with why;
+  the log has the counts and one line per organisation not invoiced (bounded).
 """
 
 from __future__ import annotations
