@@ -180,7 +180,10 @@ def main() -> None:
         child(*args.child)
         return
     sizes = [int(n) for n in args.orgs.split(",")]
-    figures = [one_size(n) for n in sizes]
+    figures = []
+    for n in sizes:  # each size's figures as soon as it is measured
+        figures.append(one_size(n))
+        print(json.dumps(figures[-1]), flush=True)
     for f in figures:
         print(f"{f['orgs']:>7} orgs: read {f['read_usage_totals_s']:.3f} s; draft "
               f"{f['draft_s']:.2f} s ({f['draft_vs_read']}x read, target <= {DRAFT_TARGET_X}x, "
