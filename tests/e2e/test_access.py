@@ -125,7 +125,8 @@ def tenants(cluster: Cluster) -> dict[str, Tenant]:
 def _url(template: str, t: Tenant) -> str:
     ids = {"org_id": t.org, "project_id": t.project, "key_id": str(uuid.uuid4()),
            "token_id": str(uuid.uuid4()), "invoice_id": str(uuid.uuid4()),
-           "payment_id": str(uuid.uuid4()), "code": "nope"}
+           "payment_id": str(uuid.uuid4()), "code": "nope",
+           "run_id": str(uuid.uuid4())}
     return template.format(**ids)
 
 
