@@ -118,8 +118,12 @@ def progressed(conn: Connection[Any], run_id: UUID, done: int, result: RunResult
 def finished(conn: Connection[Any], run_id: UUID, done: int, result: RunResult, at: datetime,
              error: str | None = None) -> None:
     progressed(conn, run_id, done, result)
-    conn.execute("UPDATE invoice_runs SET status = %s, finished_at = %s, error = %s WHERE id = %s",
-                 (FAILED if error else DONE, at, error, run_id))
+    # Done: every organisation was gone through, so the total is what was done (the count at
+    # the start may have named one twice: subscribed, and missing from the subscriptions).
+    conn.execute("UPDATE invoice_runs SET status = %s, finished_at = %s, error = %s,"
+                 " organisations_total = CASE WHEN %s THEN organisations_total ELSE %s END"
+                 " WHERE id = %s",
+                 (FAILED if error else DONE, at, error, bool(error), done, run_id))
 
 
 def get(conn: Connection[Any], run_id: UUID) -> InvoiceRunRow | None:
