@@ -201,6 +201,8 @@ class InvoiceRun:
         earlier = decide.lookback_periods(period)
         drafts: list[tuple[Invoice, str]] = []
         with self._pool.connection() as conn:
+            # Read before the totals: they include the ledger at least up to here.
+            batch.usage_position = tracked_position(conn, usage_totals.NAME)
             drafted = invoices.existing_of(conn, period, chunk)
             todo = [o for o in chunk if o not in drafted]
             # The read model (caught up to the run's start) has every organisation's settings
