@@ -1,7 +1,14 @@
 """The invoice run: draft every subscribed organisation's invoice for a period, from usage
-totals that are caught up with the ledger. This module reads (Postgres, the ledger), locks,
-keeps each organisation in its own savepoint and logs; what to do with what it read is decided
-by the pure functions of domain/services/invoice_runs.py.
+totals that are caught up with the ledger; and finalize-and-number a period's drafts. This
+module reads (Postgres, the ledger), locks, appends, records the run (projections/invoice_runs.py)
+and logs; what to do with what it read is decided by the pure functions of
+domain/services/invoice_runs.py and InvoicingService.decide_draft.
+
+- Fast (issue 19; docs/INVOICES.md, A fast run): ORGS_PER_BATCH organisations at a time, their
+  inputs read in one query each, priced in memory, their drafts appended DRAFTS_PER_APPEND per
+  ledger transaction (one batch appended while the next is priced); finalized
+  FINALIZE_BATCH_INVOICES per append with the year's sequence. Killed at any point and run
+  again, each invoice is drafted once (derived ids; a batch commits whole or not at all).
 
 - One run at a time across processes (a Postgres advisory lock); a second caller gets 409.
 - It first waits until every read model it reads has applied everything committed before the
@@ -17,18 +24,22 @@ by the pure functions of domain/services/invoice_runs.py.
   billed for them so far (docs/INVOICES.md, Late usage).
 - An organisation whose period (in its timezone) has not ended plus the grace period is left
   for a later run ("not_due"). Runs are idempotent: drafted periods are "existing".
+- Each run is recorded with its progress, counts and the organisations not invoiced with why;
+  the log has the counts and one line per organisation not invoiced (bounded).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any
-from uuid import UUID
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
 
 from psycopg_pool import ConnectionPool
 
@@ -38,21 +49,25 @@ from adapters.ledger import LedgerStore
 from adapters.pg import TRANSIENT
 from domain.audit import Actor
 from domain.errors import Conflict, DomainError, NotFound, Unavailable, ValidationFailed
-from domain.invoice import Invoice
+from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.late_usage import late_usage
+from domain.numbering import InvoiceSequence
 from domain.organisation import Organisation
-from domain.period import check_period_has_ended_somewhere, first_day
+from domain.period import check_period_has_ended_somewhere, first_day, parse_period
 from domain.plan import StoredVersion, to_version
 from domain.pricing import LateUsage, PlanVersion
 from domain.records import RunResult
 from domain.services import invoice_runs as decide
 from domain.services.base import Written
 from domain.services.invoice_runs import DeadLettered, Done, Outcome, OwnerOf, Scope
-from domain.services.invoicing import InvoicingService
+from domain.services.invoicing import REVISIONS_MAX, InvoicingService
 from domain.subscription import SubscriptionEntry
 from projections import catalogue, invoices, organisations, plans, usage_totals
+from projections import invoice_runs as records
+from projections.organisations import OrganisationRow
 
 log = logging.getLogger("billing.invoice_run")
+R = TypeVar("R")
 
 CATCH_UP_WAIT_S = 60.0
 READ_MODELS_USED = (usage_totals.NAME, plans.READ_MODEL.name, invoices.READ_MODEL.name,
@@ -64,6 +79,9 @@ DEAD_LETTER_MODELS = (*READ_MODELS_USED, catalogue.READ_MODEL.name)
 # or the scheduler's next one, does the rest; drafting is idempotent).
 INFRASTRUCTURE = (*TRANSIENT, Unavailable)
 ENTRIES_PER_READ = 1000  # dead-lettered ledger entries decoded per read
+ORGS_PER_BATCH = 1000  # organisations whose inputs are read at once, then priced in memory
+DRAFTS_PER_APPEND = 500  # drafts per ledger transaction (each its own aggregate and events)
+FINALIZE_BATCH_INVOICES = 500  # drafts numbered per ledger append, with their sequence
 
 
 class InvoiceRun:
@@ -80,11 +98,16 @@ class InvoiceRun:
         self._lock_key = lock_key(schema, "invoice-run")
 
     def run(self, period: str, progress: Callable[[int, int], None] | None = None, *,
-            actor: Actor | None) -> RunResult:
-        """Run `period`; the drafts are saved on behalf of `actor` (None: the scheduler)."""
+            actor: Actor | None, run_id: UUID | None = None,
+            on_started: Callable[[UUID], None] | None = None) -> RunResult:
+        """Run `period`; the drafts are saved on behalf of `actor` (None: the scheduler).
+        The run is recorded as `run_id` (a new id when None) in projections/invoice_runs.py;
+        `on_started` is told that id once the run holds the lock and its record exists (the API
+        answers 202 from there); `progress` is told (organisations done, total) after each
+        batch."""
         check_period_has_ended_somewhere(period, self._clock())
         with self._exclusive("an invoice run is already in progress; try again when it ends"):
-            return self._run(period, progress, actor)
+            return self._run(period, progress, actor, run_id or uuid4(), on_started)
 
     def void(self, ident: UUID, reason: str, *, actor: Actor | None) -> Written[Invoice]:
         """Void under the run's lock: a run reads which invoices billed late usage, then drafts;
@@ -116,42 +139,113 @@ class InvoiceRun:
                 lock_conn.execute("SELECT pg_advisory_unlock(%s)", (self._lock_key,))
 
     def _run(self, period: str, progress: Callable[[int, int], None] | None,
-             actor: Actor | None) -> RunResult:
+             actor: Actor | None, run_id: UUID, on_started: Callable[[UUID], None] | None
+             ) -> RunResult:
         head = self._ledger.head()
         # Every model whose dead letters are checked, too: caught up to the head, each entry
         # before it is applied or recorded as a dead letter, so the check misses none.
         for name in DEAD_LETTER_MODELS:
             self._gate.wait_for(name, head, CATCH_UP_WAIT_S)
         now = self._clock()
-        earlier = decide.lookback_periods(period)
         dead = self._dead_lettered(decide.usage_periods(period))
-        done: list[Done] = []
+        missing = decide.organisations_to_run((), dead, plans.READ_MODEL.name)
         with self._pool.connection() as conn:
-            usage_position = tracked_position(conn, usage_totals.NAME)
-            subscribed = decide.organisations_to_run(
-                plans.subscribed_organisations(conn), dead, plans.READ_MODEL.name)
-            drafted = invoices.existing_for_period(conn, period)
-            quantities = usage_totals.period_quantities(conn, first_day(period))
-            billing = invoices.billing_invoices(conn, decide.billing_periods(period))
-            earlier_totals = {q: usage_totals.period_quantities(conn, first_day(q)) for q in earlier}
-            versions: dict[str, list[StoredVersion]] = {}
-            meter_names = _meter_names(conn)
-            names: dict[UUID, str] = {}  # each organisation's, once read: a failure names it
-            for count, org_id in enumerate(subscribed, 1):
-                if progress:
-                    progress(count, len(subscribed))
+            records.interrupt_running(conn, now)
+            batch = _Batch(period=period, now=now, dead=dead, actor=actor,
+                           usage_position=tracked_position(conn, usage_totals.NAME),
+                           meter_names=_meter_names(conn))
+            total = plans.subscribed_count(conn) + len(missing)
+            records.started(conn, run_id, period, _started_by(actor), now, total)
+        if on_started is not None:
+            on_started(run_id)
+        log.info("invoice run %s (%s) started: %d organisations", period, run_id, total)
+        counted = decide.Tally()
+        try:
+            # One batch's drafts are appended (a thread of their own, waiting on Postgres)
+            # while the next batch is read and priced: at most one append in flight.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="invoice-append") as appender:
+                appending: Future[list[Done]] | None = None
+                for chunk in self._chunks(missing):
+                    drafts = self._batch(batch, chunk, counted)
+                    if appending is not None:
+                        self._appended(appending, counted, run_id, total, progress)
+                    appending = appender.submit(self._append_all, drafts, actor)
+                if appending is not None:
+                    self._appended(appending, counted, run_id, total, progress)
+        except BaseException as e:
+            with contextlib.suppress(Exception), self._pool.connection() as conn:
+                records.finished(conn, run_id, counted.done, counted.result(period),
+                                 self._clock(), error=f"{type(e).__name__}: {e}")
+            raise
+        result = counted.result(period, run_id)
+        with self._pool.connection() as conn:
+            record_blocked(conn, period, result.blocked)
+            records.finished(conn, run_id, counted.done, result, self._clock())
+        _log_result(run_id, result)
+        return result
+
+    def _chunks(self, missing: list[UUID]) -> Iterator[list[UUID]]:
+        """The organisations to run, ORGS_PER_BATCH at a time in id order: the subscribed ones
+        a page at a time, merged with `missing` (blocked: their subscription is dead-lettered)."""
+        after: UUID | None = None
+        rest = sorted(missing)
+        while True:
+            with self._pool.connection() as conn:
+                page = plans.subscribed_page(conn, after, ORGS_PER_BATCH)
+            if len(page) < ORGS_PER_BATCH:  # the last page: every missing one left goes too
+                ours, rest = rest, []
+            else:
+                ours = [m for m in rest if m <= page[-1]]
+                rest = rest[len(ours):]
+            chunk = sorted(set(page) | set(ours))
+            if chunk:
+                yield chunk
+            if len(page) < ORGS_PER_BATCH:
+                return
+            after = page[-1]
+
+    def _batch(self, batch: _Batch, chunk: list[UUID], counted: decide.Tally
+               ) -> list[tuple[Invoice, str]]:
+        """Read a batch of organisations' inputs at once and price each in memory: the drafts
+        to append (with each organisation's name); every other outcome is counted."""
+        period = batch.period
+        earlier = decide.lookback_periods(period)
+        drafts: list[tuple[Invoice, str]] = []
+        with self._pool.connection() as conn:
+            # Read before the totals: they include the ledger at least up to here.
+            batch.usage_position = tracked_position(conn, usage_totals.NAME)
+            drafted = invoices.existing_of(conn, period, chunk)
+            todo = [o for o in chunk if o not in drafted]
+            # The read model (caught up to the run's start) has every organisation's settings
+            # in one query; the ledger is read only for one it lacks (dead-lettered there).
+            orgs: dict[UUID, Organisation | OrganisationRow] = {
+                **organisations.get_many(conn, todo)}
+            orgs |= self._ledger.get_many([o for o in todo if o not in orgs], Organisation)
+            unreadable: dict[UUID, Exception] = {}
+            histories = _bulk(conn, todo, partial(plans.subscription_histories, conn),
+                              list, unreadable)
+            quantities = _bulk(conn, todo, partial(usage_totals.period_quantities, conn,
+                                                   first_day(period)), dict, unreadable)
+            earlier_totals = {q: _bulk(conn, todo, partial(usage_totals.period_quantities, conn,
+                                                           first_day(q)), dict, unreadable)
+                              for q in earlier}
+            billing = invoices.billing_invoices_of(conn, decide.billing_periods(period), todo)
+            billed = self._ledger.get_many([i for ids in billing.values() for i in ids], Invoice)
+            for org_id in chunk:
                 if org_id in drafted:
-                    done.append(Done(org_id, "existing"))
+                    counted.add(Done(org_id, "existing"))
                     continue
+                org = orgs.get(org_id)
                 try:
-                    # A savepoint: an error in Postgres for one organisation must not abort
-                    # the run's transaction for the others.
-                    with conn.transaction():
-                        done.append(self._invoice_one(
-                            conn, org_id, period, now, dead, versions, billing, earlier,
-                            decide.lookback_totals(org_id, earlier_totals),
-                            quantities.get(org_id, {}), usage_position, meter_names, names,
-                            actor))
+                    if org is None:
+                        raise NotFound("Organisation", org_id)
+                    if org_id in unreadable:
+                        raise unreadable[org_id]
+                    one = self._decide_one(
+                        conn, batch, org, plans.history_entries(histories.get(org_id, [])),
+                        [billed[i] for i in billing.get(org_id, []) if i in billed], earlier,
+                        decide.lookback_totals(org_id, earlier_totals),
+                        quantities.get(org_id, {}))
                 except INFRASTRUCTURE:
                     raise  # Postgres away: the run stops, and a later run does the rest
                 except Exception as e:  # one organisation's problem, of any kind, is its own
@@ -160,68 +254,146 @@ class InvoiceRun:
                     else:
                         log.exception("invoice run %s: %s not drafted: %s", period, org_id,
                                       type(e).__name__)
-                    done.append(Done(org_id, "failed", name=names.get(org_id, ""),
+                    counted.add(Done(org_id, "failed", name=org.name if org else "",
                                      reason=decide.failed_reason(e)))
-            result = decide.tally(period, done)
-            record_blocked(conn, period, result.blocked)
-        return result
+                    continue
+                if isinstance(one, Done):
+                    counted.add(one)
+                else:
+                    drafts.append((one, org.name if org else ""))
+        return drafts
 
-    def _invoice_one(self, conn: Any, org_id: UUID, period: str, now: datetime,
-                     dead: DeadLettered, versions: dict[str, list[StoredVersion]],
-                     billing: Mapping[UUID, Sequence[UUID]], earlier: list[str],
-                     totals: Mapping[str, Mapping[str, Decimal]],
-                     quantities: dict[str, Decimal], usage_position: int,
-                     meter_names: Mapping[str, str], names: dict[UUID, str],
-                     actor: Actor | None) -> Done:
-        """Draft one organisation's invoice, or say why not."""
-        org = self._ledger.get(org_id, Organisation)
-        names[org_id] = org.name
-        if not decide.is_due(period, org.timezone, now, self._grace):
+    def _append_all(self, drafts: list[tuple[Invoice, str]], actor: Actor | None) -> list[Done]:
+        """Append a batch's drafts, DRAFTS_PER_APPEND per ledger transaction."""
+        out: list[Done] = []
+        for start in range(0, len(drafts), DRAFTS_PER_APPEND):
+            for invoice, name, status in self._append(drafts[start:start + DRAFTS_PER_APPEND],
+                                                      actor):
+                out.append(Done(invoice.organisation_id, status, name=name))
+        return out
+
+    def _appended(self, appending: Future[list[Done]], counted: decide.Tally, run_id: UUID,
+                  total: int, progress: Callable[[int, int], None] | None) -> None:
+        """A batch's append is done (its error, if any, stops the run): count it, record the
+        progress and tell it."""
+        for one in appending.result():
+            counted.add(one)
+        total = max(total, counted.done)
+        if progress:
+            progress(counted.done, total)
+        with self._pool.connection() as conn:
+            records.progressed(conn, run_id, counted.done, counted.result(""))
+
+    def _append(self, drafts: list[tuple[Invoice, str]], actor: Actor | None
+                ) -> list[tuple[Invoice, str, Outcome]]:
+        """Save the drafts in one ledger append; when one of them exists already (another
+        process drafted it meanwhile), each alone: that one is 'existing'."""
+        try:
+            self._ledger.save_batch([(invoice,) for invoice, _ in drafts], actor=actor)
+            return [(invoice, name, "created") for invoice, name in drafts]
+        except Conflict:
+            pass
+        out: list[tuple[Invoice, str, Outcome]] = []
+        for invoice, name in drafts:
+            try:
+                self._ledger.save(invoice, actor=actor)
+                out.append((invoice, name, "created"))
+            except Conflict:
+                out.append((invoice, name, "existing"))
+        return out
+
+    def _decide_one(self, conn: Any, batch: _Batch, org: Organisation | OrganisationRow,
+                    history: list[SubscriptionEntry], billed_by: list[Invoice],
+                    earlier: list[str], totals: Mapping[str, Mapping[str, Decimal]],
+                    quantities: dict[str, Decimal]) -> Done | Invoice:
+        """One organisation's new draft (not saved yet), or what was done instead and why."""
+        period, org_id = batch.period, org.id
+        if not decide.is_due(period, org.timezone, batch.now, self._grace):
             return Done(org_id, "not_due", name=org.name,
                         reason=decide.not_due_reason(period, org.timezone, self._grace))
-        history = plans.history_entries(plans.subscription_history(conn, org_id))
-        stuck = decide.blocked(org_id, org.name, dead, (entry.plan_code for entry in history))
+        stuck = decide.blocked(org_id, org.name, batch.dead,
+                               (entry.plan_code for entry in history))
         if stuck is not None:
             log.error("invoice run %s: %s (%s) not invoiced: dead-lettered entries %s",
                       period, org.name, org_id, stuck.read_models)
             return Done(org_id, "blocked", stuck, name=org.name,
                         reason=decide.blocked_reason(stuck))
+        versions = batch.versions
         for entry in history:
             if entry.plan_code not in versions:
                 versions[entry.plan_code] = _stored_versions(conn, entry.plan_code)
-        billed_by = [self._ledger.get(ident, Invoice) for ident in billing.get(org_id, [])]
         late = late_usage(org_id, earlier, billed_by, totals,
                           partial(_plan_version, versions, conn), note=log.error)
-        status, why = self._draft(org, period, history, versions, quantities, usage_position,
-                                  late, meter_names, actor)
+        invoice, status, why = self._decide_draft(org, batch, history, quantities, late)
+        if invoice is not None:
+            return invoice
         if status == "skipped" and late:  # no plan covers the period, or all lines are 0
             log.error("invoice run %s: %s: nothing drafted, so late usage for %s is not "
                       "billed on it", period, org_id, [item.period for item in late])
         return Done(org_id, status, name=org.name, reason=why)
 
-    def _draft(self, org: Organisation, period: str, history: list[SubscriptionEntry],
-               versions: dict[str, list[StoredVersion]], quantities: dict[str, Decimal],
-               usage_position: int, late: list[LateUsage], meter_names: Mapping[str, str],
-               actor: Actor | None) -> tuple[Outcome, str]:
-        """The draft's status, and why when it was skipped."""
+    def _decide_draft(self, org: Organisation | OrganisationRow, batch: _Batch,
+                      history: list[SubscriptionEntry], quantities: dict[str, Decimal],
+                      late: list[LateUsage]
+                      ) -> tuple[Invoice | None, Outcome, str]:
+        """The draft (or why not); drafted again without the late items pricing refused."""
+        decide_draft = partial(
+            self._invoicing.decide_draft, org, None, period=batch.period,
+            subscription_history=history, plan_versions=batch.versions, quantities=quantities,
+            usage_position=batch.usage_position, supplier_state_code=self._supplier,
+            meter_names=batch.meter_names)
         try:
-            _, status, why = self._invoicing.draft(
-                org, period=period, subscription_history=history, plan_versions=versions,
-                quantities=quantities, usage_position=usage_position,
-                supplier_state_code=self._supplier, late=late, meter_names=meter_names,
-                actor=actor)
+            return decide_draft(late=late)
         except ValidationFailed as e:
             kept = decide.late_items_to_keep(late, e)
             if kept is None:
                 raise
             log.error("invoice run %s: %s: late usage left out, needs a credit note or a manual "
-                      "correction: %s", period, org.id, e)
-            _, status, why = self._invoicing.draft(
-                org, period=period, subscription_history=history, plan_versions=versions,
-                quantities=quantities, usage_position=usage_position,
-                supplier_state_code=self._supplier, late=kept, meter_names=meter_names,
-                actor=actor)
-        return status, why
+                      "correction: %s", batch.period, org.id, e)
+            return decide_draft(late=kept)
+
+    def finalize_period(self, period: str, progress: Callable[[int], None] | None = None, *,
+                        actor: Actor | None) -> int:
+        """Finalize (number) every draft of `period`, FINALIZE_BATCH_INVOICES per ledger append
+        with the financial year's sequence (InvoicingService.finalize_batch): the drafts are
+        found by their derived ids from the subscribed organisations, in the ledger itself (no
+        read model to wait for). Returns how many were finalized; `progress` is told the count
+        after each batch. Interrupted and run again, it numbers the rest: a batch is numbered
+        whole or not at all."""
+        parse_period(period)
+        finalized = 0
+        after: UUID | None = None
+        sequences: dict[int, InvoiceSequence] = {}  # the year's sequence, kept across batches
+        while True:
+            with self._pool.connection() as conn:
+                page = plans.subscribed_page(conn, after, FINALIZE_BATCH_INVOICES)
+            if not page:
+                return finalized
+            after = page[-1]
+            newest = self._newest_invoices(period, page)
+            finalized += len(self._invoicing.finalize_batch(
+                list(newest), actor=actor, loaded=newest, sequences=sequences))
+            if progress:
+                progress(finalized)
+
+    def _newest_invoices(self, period: str, org_ids: list[UUID]) -> dict[UUID, Invoice]:
+        """The newest revision of each organisation's invoice for `period` (those that have
+        one), by id: revision n + 1 exists only once revision n is void."""
+        out: dict[UUID, Invoice] = {}
+        wanted = {invoice_id(o, period, FIRST_REVISION): (o, FIRST_REVISION) for o in org_ids}
+        while wanted:
+            found = self._ledger.get_many(wanted, Invoice)
+            following: dict[UUID, tuple[UUID, int]] = {}
+            for ident, (org_id, revision) in wanted.items():
+                invoice = found.get(ident)
+                if invoice is None:
+                    continue
+                if invoice.status == VOID and revision < REVISIONS_MAX:
+                    following[invoice_id(org_id, period, revision + 1)] = (org_id, revision + 1)
+                else:
+                    out[ident] = invoice
+            wanted = following
+        return out
 
     def _dead_lettered(self, usage_periods: list[str]) -> DeadLettered:
         """What every dead letter of DEAD_LETTER_MODELS blocks (all of them, page by page)."""
@@ -285,3 +457,59 @@ def _plan_version(versions: dict[str, list[StoredVersion]], conn: Any, code: str
         if stored.version == version:
             return to_version(stored)
     raise NotFound("plan version", f"{code} v{version}")
+
+
+@dataclass
+class _Batch:
+    """What every batch of one run shares: the run's instant, what dead letters block, the
+    usage position, the meters' names, and the plan versions read so far."""
+
+    period: str
+    now: datetime
+    dead: DeadLettered
+    actor: Actor | None
+    usage_position: int
+    meter_names: Mapping[str, str]
+    versions: dict[str, list[StoredVersion]] = field(default_factory=dict)
+
+
+def _bulk(conn: Any, org_ids: list[UUID], read: Callable[[list[UUID]], dict[UUID, R]],
+          empty: Callable[[], R], unreadable: dict[UUID, Exception]) -> dict[UUID, R]:
+    """`read` of a batch of organisations at once; when that fails for something else than
+    the infrastructure (one organisation's data that will not load), each organisation alone,
+    so that only the ones whose data fails are failed (their errors go into `unreadable`).
+    Each read in a savepoint: a failed statement must not abort the batch's transaction."""
+    try:
+        with conn.transaction():
+            return read(org_ids)
+    except INFRASTRUCTURE:
+        raise
+    except Exception:  # read again one by one, below, to find whose data it is
+        pass
+    out: dict[UUID, R] = {}
+    for org_id in org_ids:
+        try:
+            with conn.transaction():
+                out[org_id] = read([org_id]).get(org_id, empty())
+        except INFRASTRUCTURE:
+            raise
+        except Exception as e:
+            unreadable.setdefault(org_id, e)
+    return out
+
+
+def _started_by(actor: Actor | None) -> str:
+    return "scheduler" if actor is None else str(actor.principal_id)
+
+
+def _log_result(run_id: UUID, result: RunResult) -> None:
+    """The run's counts, and each organisation not invoiced with why (bounded as the result
+    is: RUN_ENTRIES_MAX, then how many more)."""
+    log.info("invoice run %s (%s): created %d, existing %d, skipped %d, not due %d, failed %d, "
+             "blocked %d", result.period, run_id, result.created, result.existing,
+             result.skipped, result.not_due, result.failed, len(result.blocked))
+    for entry in result.entries:
+        log.info("invoice run %s: %s %s (%s): %s", result.period, entry.outcome, entry.name,
+                 entry.organisation_id, entry.reason)
+    if result.more:
+        log.info("invoice run %s: and %d more not invoiced", result.period, result.more)

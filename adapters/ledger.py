@@ -6,7 +6,7 @@ ordered reader over the notification log (the ledger's total order).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
@@ -26,6 +26,8 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import Environment
+from psycopg import sql
+from psycopg.rows import tuple_row
 
 from adapters.codec import MsgspecMapper
 from domain.audit import (
@@ -44,6 +46,7 @@ LEDGER_POOL_OVERFLOW = 8
 LEDGER_LOCK_TIMEOUT_S = 5  # an append waits this long for the table lock, then fails
 LEDGER_CONNECT_TIMEOUT_S = 5
 READ_PAGE_MAX_ROWS = 10_000
+GET_MANY_MAX_AGGREGATES = 5_000  # aggregates read in one query by get_many
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -98,6 +101,7 @@ class LedgerStore:
         self.events_table = recorder.events_table_name
         self.table = f'"{schema}"."{recorder.events_table_name}"'
         self.appended_events = 0
+        self._schema = schema
 
     def close(self) -> None:
         self._app.close()
@@ -141,6 +145,79 @@ class LedgerStore:
             return self.head()
         self.appended_events += len(recordings)
         return int(recordings[-1].notification.id)
+
+    def get_many(self, aggregate_ids: Iterable[UUID], kind: type[A]) -> dict[UUID, A]:
+        """The aggregates of `aggregate_ids` that exist and are a `kind`, read in one query
+        (at most GET_MANY_MAX_AGGREGATES ids): what `get` does for each, without a round trip
+        each. Ids that are unknown (or of another kind) are absent from the answer."""
+        ids = list(dict.fromkeys(aggregate_ids))
+        assert len(ids) <= GET_MANY_MAX_AGGREGATES
+        if not ids:
+            return {}
+        statement = (f"SELECT originator_id, originator_version, topic, state FROM {self.table}"
+                     " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version")
+        try:
+            with self.recorder.datastore.get_connection() as conn, \
+                    conn.cursor(row_factory=tuple_row) as cur:
+                cur.execute(statement.encode(), (ids,))
+                rows = cur.fetchall()
+        except (PersistenceError, psycopg.Error) as e:
+            raise Unavailable(f"ledger unavailable: {type(e).__name__}") from e
+        built: dict[UUID, Any] = {}
+        for row in rows:
+            stored = StoredEvent(originator_id=row[0], originator_version=row[1],
+                                 topic=row[2], state=bytes(row[3]))
+            ident = stored.originator_id
+            assert isinstance(ident, UUID)
+            built[ident] = self.mapper.to_domain_event(stored).mutate(built.get(ident))
+        return {ident: aggregate for ident, aggregate in built.items()
+                if isinstance(aggregate, kind)}
+
+    def save_batch(self, groups: Sequence[Sequence[Aggregate]], *, actor: Actor | None) -> int:
+        """Append every group's pending events in one transaction (all or nothing), each group
+        with its own audit entry when there is an actor, as if each were `save`d alone: many
+        invoices per ledger transaction, each still its own aggregate with its own events and
+        its own audit entry. Raises Conflict when any id or version already exists."""
+        aggregates: list[Aggregate] = []
+        now = datetime.now(UTC)
+        for group in groups:
+            aggregates += group
+            if actor is not None:
+                entry = describe(actor, group, uuid4(), now)
+                if entry is not None:
+                    aggregates.append(entry)
+        stored = [self.mapper.to_stored_event(e) for a in aggregates for e in a.collect_events()]
+        if not stored:
+            return self.head()
+        try:
+            position = self._insert(stored)
+        except psycopg.IntegrityError as e:
+            raise Conflict("already recorded in the ledger") from e
+        except psycopg.Error as e:
+            raise Unavailable(f"ledger cannot commit: {type(e).__name__}") from e
+        self.appended_events += len(stored)
+        return position
+
+    def _insert(self, stored: Sequence[StoredEvent]) -> int:
+        """Insert `stored` as the library's recorder does (its table lock, so that positions
+        follow commit order, and its NOTIFY), in one statement whose columns go as binary
+        arrays: the library's composite-typed rows cost more to encode than the events
+        themselves. Returns the position of the last one."""
+        with self.recorder.datastore.get_connection() as conn, conn.transaction(), \
+                conn.cursor(row_factory=tuple_row) as cur:
+            for statement in self.recorder.lock_table_statements:
+                cur.execute(statement, prepare=True)
+            cur.execute(sql.SQL("NOTIFY {}").format(sql.Identifier(self.channel)))
+            cur.execute(sql.SQL(
+                "WITH ins AS (INSERT INTO {} (originator_id, originator_version, topic, state)"
+                " SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])"
+                " RETURNING notification_id) SELECT max(notification_id) FROM ins"
+            ).format(sql.Identifier(self._schema, self.events_table)),
+                ([e.originator_id for e in stored], [e.originator_version for e in stored],
+                 [e.topic for e in stored], [e.state for e in stored]))
+            row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
 
     def recorded(self, entry_id: UUID) -> Recorded | None:
         """The audit entry `entry_id` as committed (None when there is none)."""

@@ -9,6 +9,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
 from api import health, input_rules, problems, reference
+from api import invoice_runs as run_history
 from api.audit import AuditController
 from api.auth import admin_guard, provide_actor
 from api.credit_notes import CreditNoteController
@@ -65,6 +66,8 @@ def create_app(deps: ApiDeps) -> tuple[Litestar, ASGIApp]:
     admin.register(CreditNoteController)
     admin.register(ledger_entries)  # GET /admin/v1/ledger (docs/AUDIT.md)
     admin.register(ReconciliationController)
+    for handler in (run_history.invoice_runs, run_history.invoice_run_record):  # the invoice runs' history
+        admin.register(handler)
     app = Litestar(
         # The webhook is outside the admin router: signed, not authenticated by a token.
         route_handlers=[health.live, health.ready, health.metrics, admin, ingest, own_usage,

@@ -56,6 +56,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", f"{A}/invoices/{{invoice_id}}/payment-orders"): Rule("invoices:write", "GLOBAL"),
     ("POST", f"{A}/invoices/{{invoice_id}}/payments"): Rule("invoices:write", "GLOBAL"),
     ("POST", f"{A}/invoice-runs"): Rule("invoices:write", "GLOBAL"),
+    ("GET", f"{A}/invoice-runs"): Rule("invoices:read", "GLOBAL"),
+    ("GET", f"{A}/invoice-runs/{{run_id}}"): Rule("invoices:read", "GLOBAL"),
     ("GET", f"{A}/payments"): Rule("invoices:read", "LIST"),
     ("GET", f"{A}/payments/{{payment_id}}"): Rule("invoices:read", "PAYMENT", "payment_id"),
     ("GET", f"{A}/audit-events"): Rule("audit:read", "LIST"),

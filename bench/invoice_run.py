@@ -1,8 +1,15 @@
-"""Invoice run at scale: 10,000 organisations x 3 meters on embedded Postgres (fsync on).
+"""Invoice run at scale: 10,000 and 100,000 organisations x 3 meters on embedded Postgres
+(fsync on), each size in a Postgres of its own.
 
-Prints the time of the invoice run (draft every invoice from caught-up usage totals, each a
-ledger append) next to the same run's time to read those organisations' usage totals (one
-query), and as its last line one JSON object. Run: `python -m bench.invoice_run [--orgs N]`.
+For each size, after the setup (organisations, subscriptions, usage, read models rebuilt), a
+child process does what billing day does and measures it: the invoice run (draft every
+invoice), then finalize-and-number every draft of the period, then its peak RSS (VmHWM), then
+the time to read those organisations' usage totals (one query, the baseline the run is
+measured against; read once before the run too, in the parent, and the faster read is the
+baseline). Prints draft / read and finalize / read, the RSS growth from the smallest
+size to the largest, and as its last line one JSON object.
+Targets (issue 19): draft <= 10x the read (must <= 20x), finalize <= 10x the read, RSS growth
+under 20 %. Run: `python -m bench.invoice_run [--orgs 10000,100000]`.
 """
 
 from __future__ import annotations
@@ -10,11 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
@@ -30,7 +40,11 @@ from infra.embedded import embedded_servers
 from infra.settings import from_env
 from infra.wiring import READ_MODELS, Runtime
 
-ORGS_DEFAULT = 10_000
+ORGS_DEFAULT = "10000,100000"
+DRAFT_TARGET_X = 10  # draft time <= this x the read of the usage totals (must: DRAFT_LIMIT_X)
+DRAFT_LIMIT_X = 20
+FINALIZE_TARGET_X = 10
+RSS_GROWTH_TARGET = 0.20  # peak RSS from the smallest size to the largest
 SAVE_BATCH_AGGREGATES = 500
 WRITE_CHUNK_ORGS = 500  # organisations whose usage is appended concurrently (group commits)
 EVENTS_PER_ORG_PER_METER = 2
@@ -87,12 +101,47 @@ async def write_usage(rt: Runtime, org_ids: list[UUID], inside: datetime, now: d
         await writer.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--orgs", type=int, default=ORGS_DEFAULT)
-    args = parser.parse_args()
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def child(database_url: str, data_dir: str, period: str, month: str) -> None:
+    """Billing day in a process of its own (its peak RSS is the run's): draft, finalize and
+    number, then the baseline read. Prints one JSON object."""
+    settings = from_env({"BILLING_DATA_DIR": data_dir})
+    rt = Runtime.open(settings, database_url, "")
+    try:
+        runner = rt.invoice_run()
+        started = time.perf_counter()
+        result = runner.run(period, actor=None)
+        draft_s = time.perf_counter() - started
+        started = time.perf_counter()
+        finalized = runner.finalize_period(period, actor=None)
+        finalize_s = time.perf_counter() - started
+        rss = peak_rss_mb()
+        from projections import usage_totals
+
+        started = time.perf_counter()
+        with rt.pool.connection() as conn:
+            quantities = usage_totals.period_quantities(conn, datetime.fromisoformat(month).date())
+        read_s = time.perf_counter() - started
+    finally:
+        rt.pool.close()
+        rt.ledger.close()
+    print(json.dumps({"draft_s": draft_s, "finalize_s": finalize_s, "read_s": read_s,
+                      "peak_rss_mb": rss, "created": result.created, "skipped": result.skipped,
+                      "failed": result.failed, "finalized": finalized,
+                      "orgs_with_usage": len(quantities), "run_id": str(result.run_id)}))
+
+
+def one_size(orgs: int) -> dict[str, Any]:
     now = datetime.now(UTC)
     period, inside = last_period(now)
+    month = inside.astimezone(IST).date().replace(day=1).isoformat()
     with tempfile.TemporaryDirectory(prefix="billing-invoice-bench-") as tmp, embedded_servers(
         Path(tmp), need_pg=True, need_nats=False
     ) as (pg, _):
@@ -100,30 +149,63 @@ def main() -> None:
         settings = from_env({"BILLING_DATA_DIR": tmp})
         rt = Runtime.open(settings, pg.url, "")
         try:
-            setup_s = setup(rt, args.orgs, inside - timedelta(days=60), inside)
+            setup_s = setup(rt, orgs, inside - timedelta(days=60), inside)
             from projections import usage_totals
 
-            started = time.perf_counter()
-            with rt.pool.connection() as conn:
-                month = inside.astimezone(IST).date().replace(day=1)
-                quantities = usage_totals.period_quantities(conn, month)
-            read_s = time.perf_counter() - started
-            started = time.perf_counter()
-            result = rt.invoice_run().run(period, actor=None)
-            run_s = time.perf_counter() - started
+            started = time.perf_counter()  # the read before the run too (this process's RSS
+            with rt.pool.connection() as conn:  # is not the run's)
+                usage_totals.period_quantities(conn, datetime.fromisoformat(month).date())
+            read_before_s = time.perf_counter() - started
         finally:
             rt.pool.close()
             rt.ledger.close()
-    figures = {
-        "orgs": args.orgs, "meters": len(METERS), "period": period, "setup_s": round(setup_s, 1),
-        "read_usage_totals_s": round(read_s, 3), "orgs_with_usage": len(quantities),
-        "invoice_run_s": round(run_s, 2), "created": result.created, "skipped": result.skipped,
-        "failed": result.failed, "invoices_per_s": round(result.created / run_s, 1),
-        "run_vs_read": round(run_s / read_s, 1),
+        out = subprocess.run([sys.executable, "-m", "bench.invoice_run", "--child", pg.url, tmp,
+                              period, month], check=True, capture_output=True, text=True)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    # The ratios are against the faster of the two reads (before the run, after it): the
+    # stricter of the two.
+    read_s = min(measured["read_s"], read_before_s)
+    return {
+        "orgs": orgs, "meters": len(METERS), "period": period, "setup_s": round(setup_s, 1),
+        "read_usage_totals_s": round(read_s, 3), "read_before_run_s": round(read_before_s, 3),
+        "read_after_run_s": round(measured["read_s"], 3), "orgs_with_usage": measured["orgs_with_usage"],
+        "draft_s": round(measured["draft_s"], 2), "finalize_s": round(measured["finalize_s"], 2),
+        "created": measured["created"], "finalized": measured["finalized"],
+        "skipped": measured["skipped"], "failed": measured["failed"],
+        "invoices_per_s": round(measured["created"] / measured["draft_s"], 1),
+        "draft_vs_read": round(measured["draft_s"] / read_s, 1),
+        "finalize_vs_read": round(measured["finalize_s"] / read_s, 1),
+        "peak_rss_mb": round(measured["peak_rss_mb"], 1),
     }
-    print(f"{'invoice run':<28}{run_s:>10.2f} s  ({figures['invoices_per_s']} invoices/s)")
-    print(f"{'read usage totals (baseline)':<28}{read_s:>10.3f} s")
-    print(json.dumps(figures))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--orgs", default=ORGS_DEFAULT,
+                        help="comma-separated organisation counts (default 10000,100000)")
+    parser.add_argument("--child", nargs=4, metavar=("DATABASE_URL", "DATA_DIR", "PERIOD", "MONTH"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    sizes = [int(n) for n in args.orgs.split(",")]
+    figures = []
+    for n in sizes:  # each size's figures as soon as it is measured
+        figures.append(one_size(n))
+        print(json.dumps(figures[-1]), flush=True)
+    for f in figures:
+        print(f"{f['orgs']:>7} orgs: read {f['read_usage_totals_s']:.3f} s; draft "
+              f"{f['draft_s']:.2f} s ({f['draft_vs_read']}x read, target <= {DRAFT_TARGET_X}x, "
+              f"must <= {DRAFT_LIMIT_X}x; {f['invoices_per_s']} invoices/s); finalize "
+              f"{f['finalize_s']:.2f} s ({f['finalize_vs_read']}x read, target <= "
+              f"{FINALIZE_TARGET_X}x); peak RSS {f['peak_rss_mb']} MiB")
+    growth = (float(figures[-1]["peak_rss_mb"]) / float(figures[0]["peak_rss_mb"]) - 1
+              if len(figures) > 1 else 0.0)
+    if len(figures) > 1:
+        print(f"peak RSS growth {figures[0]['orgs']} -> {figures[-1]['orgs']}: "
+              f"{growth:.1%} (target < {RSS_GROWTH_TARGET:.0%})")
+    print(json.dumps({"sizes": figures, "rss_growth": round(growth, 3)}))
 
 
 if __name__ == "__main__":

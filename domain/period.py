@@ -5,6 +5,7 @@ label a document prints. Nothing else in the code defines what a period is."""
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -24,8 +25,12 @@ MONTH_NAMES = (
 )
 # The time zone where a month ends first (UTC+14): until then it has ended for nobody.
 EARLIEST_ZONE = "Pacific/Kiritimati"
+# Periods (and period, timezone pairs) whose parse and bounds are kept: an invoice run asks for
+# the same few thousands of times. Pure functions of their text, so a cache is exact.
+PERIODS_CACHED_MAX = 4096
 
 
+@functools.lru_cache(maxsize=PERIODS_CACHED_MAX)
 def parse_period(period: str) -> tuple[int, int]:
     """'YYYY-MM' -> (year, month); ValidationFailed (field `period`) for anything else."""
     match = _PERIOD.match(period)
@@ -45,6 +50,7 @@ def _following(year: int, month: int) -> tuple[int, int]:
     return (year + 1, 1) if month == MONTHS_PER_YEAR else (year, month + 1)
 
 
+@functools.lru_cache(maxsize=PERIODS_CACHED_MAX)
 def period_bounds(period: str, timezone: str) -> tuple[datetime, datetime]:
     """[start, end) of a period in `timezone`, as UTC instants."""
     year, month = parse_period(period)

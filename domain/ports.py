@@ -4,7 +4,7 @@ cross them are in domain/records.py."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Any, Protocol, TypeVar
@@ -59,6 +59,15 @@ class Ledger(Protocol):
         Raises Conflict when an aggregate id or version already exists, Unavailable when
         the ledger cannot commit.
         """
+        ...
+
+    def get_many(self, aggregate_ids: Iterable[UUID], kind: type[A]) -> dict[UUID, A]:
+        """The aggregates that exist (and are a `kind`) among `aggregate_ids`, in one read."""
+        ...
+
+    def save_batch(self, groups: Sequence[Sequence[Aggregate]], *, actor: Actor | None) -> int:
+        """Append every group atomically, in one append, each group with its own audit entry
+        (as `save` of each group would); Conflict / Unavailable as `save`."""
         ...
 
 
@@ -155,7 +164,12 @@ class MeterLookup(Protocol):
 
 
 class InvoiceRunner(Protocol):
-    def run(self, period: str, *, actor: Actor | None) -> RunResult: ...
+    def run(self, period: str, progress: Callable[[int, int], None] | None = None, *,
+            actor: Actor | None, run_id: UUID | None = None,
+            on_started: Callable[[UUID], None] | None = None) -> RunResult:
+        """Run `period` (recorded as `run_id`); `on_started` is told the run's id once it
+        holds the run lock and its record exists."""
+        ...
 
     def void(self, ident: UUID, reason: str, *, actor: Actor | None) -> Any:
         """Void an invoice, never while a run is deciding what earlier invoices billed (a

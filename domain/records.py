@@ -127,3 +127,4 @@ class RunResult:
     failed_organisations: list[UUID] = field(default_factory=list)  # each logged with its error
     entries: list[RunEntry] = field(default_factory=list)
     more: int = 0
+    run_id: UUID | None = None  # the run's record (GET /admin/v1/invoice-runs/{id})

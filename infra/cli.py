@@ -491,6 +491,8 @@ def _invoice_run(rt: Runtime, period: str) -> int:
                          f"{entry.reason}\n")
     if result.more:
         sys.stdout.write(f"  ... and {result.more} more not invoiced (see the log)\n")
+    if result.run_id is not None:
+        sys.stdout.write(f"run {result.run_id}: GET /admin/v1/invoice-runs/{result.run_id}\n")
     return 1 if result.blocked or result.failed else 0
 
 

@@ -26,6 +26,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from adapters import schedule
 from adapters.invoice_archive import archive_credit_notes, archive_finalized
 from domain.errors import Conflict, DomainError
+from domain.numbering import InvoiceSequence
 from domain.period import due_periods
 from domain.services.credit_notes import CreditNotesService
 from infra.ledger_cli import store_of
@@ -40,6 +41,7 @@ INVOICE_RUN_EVERY_MIN = 15
 FINALIZE_EVERY_MIN = 15
 CATCH_UP_PERIODS = 2  # after downtime, the last two ended periods are run again (idempotent)
 FINALIZE_BATCH_MAX = 1000
+FINALIZE_APPEND_MAX = 500  # drafts numbered per ledger append
 EMAIL_EVERY_MIN = 1
 RECOVERY_EVERY_MIN = 1
 REFUND_EVERY_MIN = 1  # credit note refunds never asked of Razorpay (a crash after issuing)
@@ -71,7 +73,8 @@ async def invoice_job(rt: Runtime) -> None:
         # Under one key of our own: LogRecord refuses extras named like its attributes
         # ("created" is one), and raised KeyError here on every run.
         log.info("invoice run", extra={"invoice_run": {
-            "period": period, "created": result.created, "existing": result.existing,
+            "period": period, "run_id": str(result.run_id), "created": result.created,
+            "existing": result.existing,
             "skipped": result.skipped, "not_due": result.not_due, "failed": result.failed,
             "blocked": [str(b.organisation_id) for b in result.blocked],
             "failed_organisations": [str(o) for o in result.failed_organisations],
@@ -92,15 +95,16 @@ def finalize_due(rt: Runtime, now: datetime) -> int:
     with rt.pool.connection() as conn:
         drafts = invoices.page(conn, FINALIZE_BATCH_MAX, None, status="draft")
     service = rt.invoicing()
+    due = [row.id for row in drafts if row.created_at <= now - timedelta(hours=hours)]
     done = 0
-    for row in drafts:
-        if row.created_at > now - timedelta(hours=hours):
-            continue
+    sequences: dict[int, InvoiceSequence] = {}  # the year's sequence, kept across batches
+    # Numbered in batches, each one ledger append with the year's sequence (issue 19).
+    for start in range(0, len(due), FINALIZE_APPEND_MAX):
+        batch = due[start:start + FINALIZE_APPEND_MAX]
         try:
-            service.finalize(row.id, actor=None)
-            done += 1
+            done += len(service.finalize_batch(batch, actor=None, sequences=sequences))
         except DomainError as e:
-            log.warning("auto-finalize %s: %s", row.id, e)
+            log.warning("auto-finalize of %d drafts from %s: %s", len(batch), batch[0], e)
     return done
 
 

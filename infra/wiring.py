@@ -68,6 +68,7 @@ from infra.embedded import embedded_servers
 from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
 from projections import credit_notes as credit_notes_view
+from projections import invoice_runs as invoice_run_records
 from projections import webhook_endpoints as webhook_view
 from projections.base import ReadModel
 from projections.reconciliations import READ_MODEL as RECONCILIATIONS_MODEL
@@ -134,6 +135,8 @@ def setup_schema(database_url: str, schema: str) -> LedgerStore:
             for statement in SEALS_DDL:
                 conn.execute(statement)
             for statement in INVOICE_ARCHIVE_DDL:
+                conn.execute(statement)
+            for statement in invoice_run_records.DDL:  # the invoice runs' history
                 conn.execute(statement)
             for model in READ_MODELS:
                 for statement in model.ddl:

@@ -14,6 +14,7 @@ ledger, so the API's view and the printed document are each built from one shape
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -361,6 +362,44 @@ def existing_for_period(conn: Connection[Any], period: str) -> dict[UUID, str]:
             (period,),
         )
         return {row[0]: str(row[1]) for row in cur.fetchall()}
+
+
+def existing_of(conn: Connection[Any], period: str, org_ids: Sequence[UUID]) -> dict[UUID, str]:
+    """existing_for_period, for `org_ids` only (one batch of an invoice run)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT DISTINCT ON (organisation_id) organisation_id, status FROM invoices"
+            " WHERE period = %s AND organisation_id = ANY(%s)"
+            " ORDER BY organisation_id, revision DESC",
+            (period, list(org_ids)),
+        )
+        return {row[0]: str(row[1]) for row in cur.fetchall()}
+
+
+def billing_invoices_of(conn: Connection[Any], periods: list[str], org_ids: Sequence[UUID]
+                        ) -> dict[UUID, list[UUID]]:
+    """billing_invoices, for `org_ids` only (one batch of an invoice run)."""
+    out: dict[UUID, list[UUID]] = {}
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT organisation_id, id FROM invoices WHERE period = ANY(%s) AND status <> 'void'"
+            " AND organisation_id = ANY(%s) ORDER BY organisation_id, period, revision",
+            (periods, list(org_ids)),
+        )
+        for organisation_id, ident in cur.fetchall():
+            out.setdefault(organisation_id, []).append(ident)
+    return out
+
+
+def drafts_of_period(conn: Connection[Any], period: str, after: UUID | None, limit: int
+                     ) -> list[UUID]:
+    """Ids of the period's drafts, in id order, the next `limit` after `after`."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id FROM invoices WHERE period = %(period)s AND status = 'draft'"
+                    " AND (%(after)s::uuid IS NULL OR id > %(after)s)"
+                    " ORDER BY id LIMIT %(limit)s", {"period": period, "after": after,
+                                                     "limit": limit})
+        return [row[0] for row in cur.fetchall()]
 
 
 def not_emailed(conn: Connection[Any], limit: int) -> list[InvoiceRow]:

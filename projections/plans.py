@@ -165,6 +165,34 @@ def subscribed_organisations(conn: Connection[Any]) -> list[UUID]:
         return [row[0] for row in cur.fetchall()]
 
 
+def subscribed_page(conn: Connection[Any], after: UUID | None, limit: int) -> list[UUID]:
+    """subscribed_organisations a page at a time: the next `limit` ids after `after`, in id
+    order (a run over many organisations never holds all their ids)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT DISTINCT organisation_id FROM subscriptions"
+                    " WHERE %(after)s::uuid IS NULL OR organisation_id > %(after)s"
+                    " ORDER BY organisation_id LIMIT %(limit)s", {"after": after, "limit": limit})
+        return [row[0] for row in cur.fetchall()]
+
+
+def subscribed_count(conn: Connection[Any]) -> int:
+    row = conn.execute("SELECT count(DISTINCT organisation_id) FROM subscriptions").fetchone()
+    return int(row[0]) if row else 0
+
+
+def subscription_histories(conn: Connection[Any], org_ids: Sequence[UUID]
+                           ) -> dict[UUID, list[SubscriptionRow]]:
+    """subscription_history of each of `org_ids` in one query (absent: never subscribed)."""
+    out: dict[UUID, list[SubscriptionRow]] = {}
+    with conn.cursor() as cur:
+        cur.execute("SELECT organisation_id, plan_code, effective_from, recorded_at"
+                    " FROM subscriptions WHERE organisation_id = ANY(%s)"
+                    " ORDER BY organisation_id, ledger_position", (list(org_ids),))
+        for org_id, code, effective_from, recorded_at in cur.fetchall():
+            out.setdefault(org_id, []).append(SubscriptionRow(code, effective_from, recorded_at))
+    return out
+
+
 # ---- rows -> domain values ------------------------------------------------------------------
 
 def stored_version(row: PlanVersionRow) -> StoredVersion:

@@ -282,12 +282,16 @@ def summary(conn: Connection[Any], q: UsageQuery) -> list[SummaryRow]:
                        project_id=row[2] if q.project_id else None) for row in rows]
 
 
-def period_quantities(conn: Connection[Any], month_start: date) -> dict[UUID, dict[str, Decimal]]:
+def period_quantities(conn: Connection[Any], month_start: date,
+                      org_ids: Sequence[UUID] | None = None) -> dict[UUID, dict[str, Decimal]]:
     """Every organisation's quantity per meter for the month starting `month_start` (local
-    dates), all projects together: what an invoice run prices. One pass over the month."""
+    dates), all projects together: what an invoice run prices. One pass over the month; only
+    `org_ids`' when given (one batch of an invoice run)."""
     out: dict[UUID, dict[str, Decimal]] = {}
+    only = "" if org_ids is None else " AND t.organisation_id = ANY(%s)"
+    params: tuple[Any, ...] = (month_start,) if org_ids is None else (month_start, list(org_ids))
     rows = conn.execute(
-        """SELECT t.organisation_id, t.metric, CASE m.aggregation
+        b"""SELECT t.organisation_id, t.metric, CASE m.aggregation
                 WHEN 'count' THEN sum(t.count)::numeric
                 WHEN 'sum' THEN sum(t.sum)
                 WHEN 'max' THEN max(t.max)
@@ -295,14 +299,16 @@ def period_quantities(conn: Connection[Any], month_start: date) -> dict[UUID, di
                                     ORDER BY t.latest_at DESC, t.latest_position DESC))[1]
                 END
            FROM usage_totals t JOIN usage_meters m ON m.code = t.metric
-           WHERE t.granularity = 'month' AND t.period_start = %s AND m.aggregation <> 'unique_count'
+           WHERE t.granularity = 'month' AND t.period_start = %s AND m.aggregation <> 'unique_count'"""
+ + only.encode() + b"""
            GROUP BY t.organisation_id, t.metric, m.aggregation""",
-        (month_start,),
+        params,
     ).fetchall()
     rows += conn.execute(
-        """SELECT organisation_id, metric, count(DISTINCT value)::numeric FROM usage_unique
-           WHERE granularity = 'month' AND period_start = %s GROUP BY organisation_id, metric""",
-        (month_start,),
+        b"""SELECT t.organisation_id, t.metric, count(DISTINCT t.value)::numeric FROM usage_unique t
+           WHERE t.granularity = 'month' AND t.period_start = %s""" + only.encode()
+        + b" GROUP BY t.organisation_id, t.metric",
+        params,
     ).fetchall()
     for org, metric, quantity in rows:
         out.setdefault(org, {})[metric] = Decimal(quantity)

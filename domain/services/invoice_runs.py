@@ -245,28 +245,53 @@ class Done:
 _INVOICED: frozenset[Outcome] = frozenset({"created", "existing"})
 
 
+class Tally:
+    """The run's result, counted as organisations are done: counts by outcome, the blocked and
+    the failed ones named, those not invoiced listed with why, the first `entries_max` of them
+    (the rest counted in `more`). Holds no more than that, however many organisations a run
+    goes through."""
+
+    def __init__(self, entries_max: int = RUN_ENTRIES_MAX) -> None:
+        self.counts: dict[Outcome, int] = {}
+        self.blocked: list[Blocked] = []
+        self.failed: list[UUID] = []
+        self.entries: list[RunEntry] = []
+        self.more = 0
+        self._entries_max = entries_max
+
+    @property
+    def done(self) -> int:
+        """Organisations counted so far."""
+        return sum(self.counts.values())
+
+    def add(self, one: Done) -> None:
+        self.counts[one.outcome] = self.counts.get(one.outcome, 0) + 1
+        if one.outcome not in _INVOICED:
+            if len(self.entries) < self._entries_max:
+                self.entries.append(RunEntry(one.organisation_id, one.name, one.outcome,
+                                             one.reason))
+            else:
+                self.more += 1
+        if one.blocked is not None:
+            self.blocked.append(one.blocked)
+        if one.outcome == "failed":
+            self.failed.append(one.organisation_id)
+
+    def result(self, period: str, run_id: UUID | None = None) -> RunResult:
+        counts = self.counts
+        return RunResult(
+            period, created=counts.get("created", 0), existing=counts.get("existing", 0),
+            skipped=counts.get("skipped", 0), not_due=counts.get("not_due", 0),
+            failed=counts.get("failed", 0), blocked=list(self.blocked),
+            failed_organisations=list(self.failed), entries=list(self.entries),
+            more=self.more, run_id=run_id)
+
+
 def tally(period: str, done: Iterable[Done], entries_max: int = RUN_ENTRIES_MAX) -> RunResult:
     """The run's result: organisations counted by outcome; the blocked and the failed ones
     named, in the order they were met; those not invoiced listed with why, the first
     `entries_max` of them (the rest counted in `more`)."""
-    counts: dict[Outcome, int] = {}
-    blocked_ones: list[Blocked] = []
-    failed: list[UUID] = []
-    entries: list[RunEntry] = []
-    more = 0
+    counted = Tally(entries_max)
     for one in done:
-        counts[one.outcome] = counts.get(one.outcome, 0) + 1
-        if one.outcome not in _INVOICED:
-            if len(entries) < entries_max:
-                entries.append(RunEntry(one.organisation_id, one.name, one.outcome, one.reason))
-            else:
-                more += 1
-        if one.blocked is not None:
-            blocked_ones.append(one.blocked)
-        if one.outcome == "failed":
-            failed.append(one.organisation_id)
-    return RunResult(
-        period, created=counts.get("created", 0), existing=counts.get("existing", 0),
-        skipped=counts.get("skipped", 0), not_due=counts.get("not_due", 0),
-        failed=counts.get("failed", 0), blocked=blocked_ones, failed_organisations=failed,
-        entries=entries, more=more)
+        counted.add(one)
+    return counted.result(period)

@@ -23,12 +23,12 @@ from zoneinfo import ZoneInfo
 
 from domain.audit import Actor
 from domain.errors import Conflict, FieldError, NotFound, Unavailable, ValidationFailed
-from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
+from domain.invoice import DRAFT, FIRST_REVISION, VOID, Invoice, invoice_id
 from domain.numbering import InvoiceSequence, financial_year, sequence_id
 from domain.period import parse_period, period_bounds, period_has_ended
 from domain.plan import StoredVersion, to_version
 from domain.ports import Billable, Clock, Ledger, Pause
-from domain.pricing import LateUsage, price
+from domain.pricing import LateUsage, PlanVersion, price
 from domain.services.base import Written
 from domain.subscription import SubscriptionEntry, plan_for_period
 from domain.tax import TaxFacts
@@ -42,6 +42,7 @@ SKIPPED: DraftStatus = "skipped"
 # round at least one of them wins, so this bounds the wait of the unluckiest under a burst.
 FINALIZE_ATTEMPTS = 64
 VOID_ATTEMPTS = 3  # a void races only with a finalize or a payment of the same invoice
+PRICED_VERSIONS_MAX = 256  # plan versions whose pricing form a service keeps
 REVISIONS_MAX = 100  # replacements of voided invoices of one (organisation, period)
 ZERO = Decimal(0)
 
@@ -70,6 +71,8 @@ class InvoicingService:
         self._ledger = ledger
         self._clock = clock
         self._pause = pause
+        # id(stored version) -> (that object, kept alive so the id stays its own; its pricing)
+        self._versions: dict[int, tuple[StoredVersion, PlanVersion]] = {}
 
     # ---- draft ----------------------------------------------------------------------------
 
@@ -108,12 +111,46 @@ class InvoicingService:
         catalogue) describe the charge lines; they are recorded on the draft, so the invoice
         keeps the name it was issued with.
         """
+        newest = self._newest(organisation.id, period)
+        invoice, status, why = self.decide_draft(
+            organisation, newest, period=period, subscription_history=subscription_history,
+            plan_versions=plan_versions, quantities=quantities, usage_position=usage_position,
+            supplier_state_code=supplier_state_code, late=late, redraft_voided=redraft_voided,
+            meter_names=meter_names)
+        if status == EXISTING:
+            assert newest is not None
+            return Written(newest, 0), EXISTING, ""
+        if invoice is None:
+            return None, status, why
+        try:
+            return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED, ""
+        except Conflict:  # another run drafted it first
+            return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING, ""
+
+    def decide_draft(
+        self,
+        organisation: Billable,
+        newest: Invoice | None,
+        *,
+        period: str,
+        subscription_history: Sequence[SubscriptionEntry],
+        plan_versions: Mapping[str, Sequence[StoredVersion]],
+        quantities: Mapping[str, Decimal],
+        usage_position: int,
+        supplier_state_code: str,
+        late: Sequence[LateUsage] = (),
+        redraft_voided: bool = False,
+        meter_names: Mapping[str, str] | None = None,
+    ) -> tuple[Invoice | None, DraftStatus, str]:
+        """`draft`'s decision without its reads and its save: `newest` is the period's newest
+        invoice revision (None: there is none). Answers the new draft, not saved yet, with
+        'created'; None with 'existing' or 'skipped' (and why, for 'skipped'). The invoice run
+        reads many organisations' `newest` at once and saves many drafts per append."""
         parse_period(period)
         if usage_position < 0:
             raise ValidationFailed([FieldError("usage_position", "must be a ledger position >= 0")])
-        newest = self._newest(organisation.id, period)
         if newest is not None and (newest.status != VOID or not redraft_voided):
-            return Written(newest, 0), EXISTING, ""
+            return None, EXISTING, ""
         revision = FIRST_REVISION if newest is None else newest.revision + 1
         if revision > REVISIONS_MAX:
             raise Conflict(f"the invoice for {period} was replaced {REVISIONS_MAX} times; "
@@ -136,7 +173,7 @@ class InvoicingService:
         if stored.currency != organisation.currency:
             raise Conflict(f"plan {stored.code!r} is priced in {stored.currency}; the organisation "
                            f"is billed in {organisation.currency}")
-        plan = to_version(stored)
+        plan = self._priced_version(stored)
         charged = {c.metric: quantities.get(c.metric, ZERO) for c in plan.charges}
         tax = TaxFacts(organisation.country, organisation.state_code, supplier_state_code)
         priced = price(plan, charged, tax, late, meter_names=meter_names)
@@ -150,10 +187,19 @@ class InvoicingService:
             usage_position=usage_position, tax=tax, late=late, at=now,
             gstin=organisation.gstin or "", plan_name=plan.name,
         )
-        try:
-            return Written(invoice, self._ledger.save(invoice, actor=actor)), CREATED, ""
-        except Conflict:  # another run drafted it first
-            return Written(self._ledger.get(invoice.id, Invoice), 0), EXISTING, ""
+        return invoice, CREATED, ""
+
+    def _priced_version(self, stored: StoredVersion) -> PlanVersion:
+        """`to_version(stored)`, once per stored version object: a run prices thousands of
+        organisations with the same few versions."""
+        cached = self._versions.get(id(stored))
+        if cached is not None and cached[0] is stored:
+            return cached[1]
+        plan = to_version(stored)
+        if len(self._versions) >= PRICED_VERSIONS_MAX:
+            self._versions.clear()
+        self._versions[id(stored)] = (stored, plan)
+        return plan
 
     def _newest(self, organisation_id: UUID, period: str) -> Invoice | None:
         """The newest revision of the period's invoice: revision n + 1 exists only once
@@ -194,6 +240,51 @@ class InvoicingService:
                 return Written(invoice, self._ledger.save(invoice, sequence, actor=actor))
             except Conflict:  # another finalization took that number (or changed this invoice)
                 self._pause(attempt)
+        raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
+
+    def finalize_batch(self, idents: Sequence[UUID], *, actor: Actor | None,
+                       loaded: Mapping[UUID, Invoice] | None = None,
+                       sequences: dict[int, InvoiceSequence] | None = None) -> list[Invoice]:
+        """Finalize the drafts among `idents` in one ledger append: read them at once, advance
+        the financial year's InvoiceSequence in memory, and save the invoices with the sequence
+        atomically (all numbered, or none). Numbers stay gapless: the sequence's next version
+        is claimed by the append, and a lost race (another finalization took a number, or
+        changed one of them) decides the whole batch again from a fresh read. Ids that are not
+        drafts (finalized already, void, unknown) are left as they are. Returns the invoices
+        this call finalized, in `idents` order. Unavailable if the numbering stayed contended.
+
+        `loaded`: the invoices as the caller just read them (the first attempt uses them rather
+        than reading again). `sequences`: the caller's cache of sequences by financial year,
+        across batches: a year's sequence replays one event per number issued, so a caller
+        numbering many batches keeps the one it saved last (a stale one only loses the race
+        on its version, and is then read afresh)."""
+        cache: dict[int, InvoiceSequence] = {} if sequences is None else sequences
+        for attempt in range(FINALIZE_ATTEMPTS):
+            found = (loaded if loaded is not None and attempt == 0
+                     else self._ledger.get_many(idents, Invoice))
+            drafts = [found[i] for i in dict.fromkeys(idents) if i in found
+                      and found[i].status == DRAFT]
+            if not drafts:
+                return []
+            now = self._clock()
+            year = financial_year(now)
+            sequence = cache.pop(year, None)
+            if sequence is None:
+                try:
+                    sequence = self._ledger.get(sequence_id(year), InvoiceSequence)
+                except NotFound:
+                    sequence = InvoiceSequence.open(year, now)
+            for invoice in drafts:
+                invoice.finalize(sequence.issue(invoice.id, now), now)
+            groups: list[tuple[Invoice | InvoiceSequence, ...]] = [(i,) for i in drafts[:-1]]
+            groups.append((drafts[-1], sequence))
+            try:
+                self._ledger.save_batch(groups, actor=actor)
+            except Conflict:
+                self._pause(attempt)
+                continue
+            cache[year] = sequence
+            return drafts
         raise Unavailable("invoice numbering is busy; retry the finalization", retry_after_s=1)
 
     def void(self, ident: UUID, reason: str = "", *, actor: Actor | None) -> Written[Invoice]:

@@ -129,6 +129,7 @@ def _url(template: str, t: Tenant) -> str:
     ids["credit_note_id"] = str(uuid.uuid4())  # credit notes (issue 17)
     ids |= {"endpoint_id": str(uuid.uuid4()), "delivery_id": str(uuid.uuid4())}  # tenant webhooks
     ids["reconciliation_id"] = str(uuid.uuid4())  # reconciliations (issue 18)
+    ids["run_id"] = str(uuid.uuid4())  # invoice runs (issue 19)
     return template.format(**ids)
 
 

@@ -3,7 +3,7 @@ LedgerStore (tests/contract/ledger.py) and a settable clock. Integration tests u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -68,6 +68,19 @@ class MemoryLedger:
             self._stored.setdefault(ident, []).append(stored)
             self.position += 1
         return self.position
+
+
+    def get_many(self, aggregate_ids: Iterable[UUID], kind: type[A]) -> dict[UUID, A]:
+        out: dict[UUID, A] = {}
+        for ident in aggregate_ids:
+            try:
+                out[ident] = self.get(ident, kind)
+            except NotFound:
+                continue
+        return out
+
+    def save_batch(self, groups: Sequence[Sequence[Aggregate]], *, actor: Actor | None) -> int:
+        return self.save(*(a for group in groups for a in group), actor=actor)
 
 
 class Clock:
