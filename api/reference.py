@@ -136,6 +136,10 @@ QUERY: dict[tuple[str, str], tuple[Query, ...]] = {
               {"type": "string", "enum": list(DELIVERY_STATUSES)}),
         Query("endpoint_id", "Only this endpoint's deliveries.", _UUID),
     ),
+    ("GET", f"{A}/invoice-runs"): (
+        *PAGE,
+        Query("period", "Only the runs of this month (YYYY-MM).", _MONTH),
+    ),
     ("GET", f"{A}/ledger"): (
         Query("after", "Entries after this ledger position (default 0: from the start); the next "
               "page starts after the last line's position.",
