@@ -252,7 +252,12 @@ def compute_credit(invoice: Invoice, *, lines: Sequence[tuple[int, int]] | None,
                                                _line_taxes(invoice, taxable)))
     else:
         assert amount is not None
-        taxable_whole = _taxable_for_total(invoice, amount) if amount > 0 else None
+        if amount > 0 and amount == invoice.total - invoice.credited:
+            # Exactly what is left: all the taxable value left, and (below) all the tax left,
+            # whatever earlier notes' rounding made of it.
+            taxable_whole: int | None = invoice.subtotal - already_taxable
+        else:
+            taxable_whole = _taxable_for_total(invoice, amount) if amount > 0 else None
         if amount <= 0:
             problems.append(FieldError("amount", "must be a positive whole number of paise"))
         elif taxable_whole is None:
@@ -289,6 +294,11 @@ def compute_credit(invoice: Invoice, *, lines: Sequence[tuple[int, int]] | None,
             adjusted[j] = CreditNoteLine(line.index, line.description, line.taxable, tuple(fixed))
         taxes.append(InvoiceTax(tax.name, tax.rate, final))
     total = subtotal + sum(t.amount for t in taxes)
+    if amount is not None and total != amount:
+        # The tax left to reverse is less than this taxable value's: no note of exactly `amount`.
+        raise ValidationFailed([FieldError(
+            "amount", f"a note of {amount} paise would reverse more tax than is left; "
+                      f"{invoice.total - invoice.credited} paise are left to credit")])
     left_total = invoice.total - invoice.credited
     if total > left_total:
         raise ValidationFailed([FieldError(

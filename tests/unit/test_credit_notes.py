@@ -178,3 +178,33 @@ def test_failed_shares_are_retried_under_the_same_key_or_the_next_attempts() -> 
     for event in note.collect_events()[1:]:
         state = share_after(state, event)
     assert state == note.shares[0] and note_status("refund", [state]) == "refunded"
+
+
+@pytest.mark.parametrize("state", ["27", "29"])
+def test_exactly_what_is_left_can_be_credited_as_a_whole_amount_after_rounded_notes(
+        state: str) -> None:
+    """An earlier note's tax rounded up (IGST 18 % of 25 paise = 4.5 -> 5): what is left of the
+    invoice is then no taxable value's freshly rounded total, and yet it must be creditable."""
+    invoice, ledger, _ = finalized(state)
+    svc = CreditNotesService(ledger, Clock(AFTER_OCTOBER), uuid4, None)
+    for taxable in (25, 75, 1005):
+        svc.issue(invoice.id, reason="other", settlement="reduce_due", lines=[(0, taxable)],
+                  actor=None)
+    invoice = ledger.get(invoice.id, Invoice)
+    left = invoice.total - invoice.credited
+    for asked in (left - 1, left - 2):  # a whole amount is the note's total, or refused
+        try:
+            note = svc.issue(invoice.id, reason="other", settlement="reduce_due", amount=asked,
+                             actor=None).aggregate
+        except ValidationFailed:
+            continue
+        assert note.total == asked
+        break
+    invoice = ledger.get(invoice.id, Invoice)
+    left = invoice.total - invoice.credited
+    note = svc.issue(invoice.id, reason="other", settlement="reduce_due", amount=left,
+                     actor=None).aggregate
+    assert note.total == left
+    invoice = ledger.get(invoice.id, Invoice)
+    assert invoice.credited == invoice.total and invoice.amount_due == 0
+    assert invoice.credited_taxes == {t.name: t.amount for t in invoice.taxes}
