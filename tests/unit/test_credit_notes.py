@@ -208,3 +208,18 @@ def test_exactly_what_is_left_can_be_credited_as_a_whole_amount_after_rounded_no
     invoice = ledger.get(invoice.id, Invoice)
     assert invoice.credited == invoice.total and invoice.amount_due == 0
     assert invoice.credited_taxes == {t.name: t.amount for t in invoice.taxes}
+
+
+def test_a_payment_after_a_note_reduced_the_due_to_nothing_applies_nothing() -> None:
+    """A credit note racing a payment: the checkout was open when a reduce_due note took the
+    whole amount due; the payment captured then has nothing to pay (it is flagged for review)
+    and must not turn the invoice `paid` with a payment of 0 paise."""
+    invoice, ledger, clock = finalized("27")
+    svc = CreditNotesService(ledger, clock, uuid4, None)
+    svc.issue(invoice.id, reason="other", settlement="reduce_due",
+              amount=invoice.total, actor=None)
+    invoice = ledger.get(invoice.id, Invoice)
+    assert invoice.amount_due == 0
+    assert invoice.apply_payment(uuid4(), 1_000, clock()) == 0
+    assert invoice.status == "finalized" and not invoice.payments
+    assert not invoice.pending_events
