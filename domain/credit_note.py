@@ -552,7 +552,9 @@ class CreditNote(Aggregate):
                                 and state.current is None):
                 wanted.append((i, state.attempt))
             elif retry and status == FAILED:
-                known_failed = state.current is not None and state.refunds.get(state.current) == FAILED
+                # A request that failed (state.error) may have reached Razorpay: its key again.
+                known_failed = (state.error is None and state.current is not None
+                                and state.refunds.get(state.current) == FAILED)
                 wanted.append((i, state.attempt + 1 if known_failed else state.attempt))
         return wanted
 

@@ -223,3 +223,19 @@ def test_a_payment_after_a_note_reduced_the_due_to_nothing_applies_nothing() -> 
     assert invoice.apply_payment(uuid4(), 1_000, clock()) == 0
     assert invoice.status == "finalized" and not invoice.payments
     assert not invoice.pending_events
+
+
+def test_a_retry_after_a_failed_retry_repeats_its_key_and_never_refunds_twice() -> None:
+    """Razorpay said refund 1 failed; the retry's request (attempt 1) timed out, yet Razorpay may
+    have made refund 2 under that key (its webhook says pending). The next retry must repeat
+    attempt 1's key (Razorpay answers refund 2 again), not make a third refund under a new key."""
+    note = _note()
+    note.refund_requested(0, 0, "rfnd_1", "pending", AFTER_OCTOBER)
+    note.observe_refund(share=0, attempt=0, refund_id="rfnd_1", amount=11_800, status=FAILED,
+                        at=AFTER_OCTOBER)
+    assert note.to_request(retry=True) == [(0, 1)]
+    note.refund_request_failed(0, 1, "GatewayUnavailable: read timed out", AFTER_OCTOBER)
+    assert note.to_request(retry=True) == [(0, 1)]
+    note.observe_refund(share=0, attempt=1, refund_id="rfnd_2", amount=11_800, status="pending",
+                        at=AFTER_OCTOBER)
+    assert note.to_request(retry=True) in ([], [(0, 1)])
