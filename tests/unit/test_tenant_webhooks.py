@@ -185,3 +185,15 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_send_timeout(
 
     outcome, elapsed = asyncio.run(main())
     assert not outcome.ok and elapsed < 1.5, (outcome, elapsed)
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("2002:7f00:1::1", "loopback"),  # 6to4 around 127.0.0.1
+    ("2002:a9fe:a9fe::1", "link-local"),  # 6to4 around the metadata service
+    ("2002:a00:1::1", "private"),  # 6to4 around 10.0.0.1
+    ("fec0::1", "site-local"),  # deprecated, still routed inside some sites
+    ("2002:808:808::1", None),  # 6to4 around a public address
+])
+def test_the_guard_judges_ipv6_addresses_that_carry_an_ipv4_address_by_it(
+        address: str, reason: str | None) -> None:
+    assert refusal(ipaddress.ip_address(address)) == reason
