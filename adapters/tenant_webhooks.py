@@ -73,6 +73,8 @@ def pinned(url: str, address: str) -> tuple[str, str, str | None]:
     literal = f"[{address}]" if ":" in address else address
     netloc = f"{literal}:{parts.port}" if parts.port else literal
     host = parts.netloc.rsplit("@", 1)[-1]
+    if not host.isascii():  # an internationalised name: the Host header carries its IDNA form
+        host = host.encode("idna").decode("ascii")
     sni = parts.hostname if parts.scheme == "https" else None
     return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host, sni
 
@@ -158,7 +160,11 @@ class TenantWebhookSender:
 
         async def one(delivery: Claimed) -> None:
             async with gate:
-                outcome = await self._send(client, delivery)
+                try:
+                    outcome = await self._send(client, delivery)
+                except Exception as e:  # none may escape unrecorded: retried like any failure
+                    log.exception("tenant webhook %s could not be sent", delivery.id)
+                    outcome = Outcome(None, f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS])
             status = await anyio.to_thread.run_sync(self._record, delivery, outcome)
             if status == DELIVERED:
                 result.delivered += 1

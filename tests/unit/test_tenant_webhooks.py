@@ -197,3 +197,40 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_send_timeout(
 def test_the_guard_judges_ipv6_addresses_that_carry_an_ipv4_address_by_it(
         address: str, reason: str | None) -> None:
     assert refusal(ipaddress.ip_address(address)) == reason
+
+
+def test_an_endpoint_on_an_internationalised_host_name_is_sent_to_not_stuck() -> None:
+    """A host name with non-ASCII letters (accepted at registration) goes in the Host header in
+    its ASCII (IDNA) form; no outcome of a send may escape unrecorded (the delivery would be
+    claimed again and again, never retried by the rules nor dead-lettered)."""
+    import asyncio
+
+    from adapters import tenant_webhooks as sender
+
+    class Resolved(DestinationGuard):  # as if the name resolved to the test's receiver
+        async def check(self, url: str) -> str:
+            return "127.0.0.1"
+
+    hosts: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        hosts.extend(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"host:"))
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> sender.Outcome:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tx = sender.TenantWebhookSender(None, Resolved(allow_private=True),  # type: ignore[arg-type]
+                                        lambda: datetime.now(UTC))
+        delivery = sender.Claimed(uuid4(), uuid4(), b"{}", 0, datetime.now(UTC),
+                                  f"http://bücher.example:{port}/hook", "whsec_x")
+        async with server, sender.TenantWebhookSender._client() as client:
+            return await tx._send(client, delivery)
+
+    outcome = asyncio.run(main())
+    assert outcome.ok, outcome
+    assert hosts == [b"xn--bcher-kva.example:" + hosts[0].rsplit(b":", 1)[1]]
