@@ -284,14 +284,20 @@ def compute_credit(invoice: Invoice, *, lines: Sequence[tuple[int, int]] | None,
         left = tax.amount - invoice.credited_taxes.get(tax.name, 0)
         summed = sum(line.taxes[i].amount for line in credited)
         final = left if exhausts else min(summed, left)
-        if final != summed:
-            # The difference (a paisa or two of rounding) goes on the line with the most of this
-            # component, which can always take it (never below 0).
-            j = max(range(len(adjusted)), key=lambda k: adjusted[k].taxes[i].amount)
+        # The difference (usually a paisa or two of rounding) goes on the line with the most of
+        # this component; a cut larger than that line's tax (little tax left) goes on to the
+        # next, so no line's tax goes below 0.
+        diff = final - summed
+        for j in sorted(range(len(adjusted)), key=lambda k: -adjusted[k].taxes[i].amount):
+            if diff == 0:
+                break
             line = adjusted[j]
+            have = line.taxes[i].amount
+            change = diff if diff > 0 else max(diff, -have)
             fixed = list(line.taxes)
-            fixed[i] = InvoiceTax(tax.name, tax.rate, fixed[i].amount + final - summed)
+            fixed[i] = InvoiceTax(tax.name, tax.rate, have + change)
             adjusted[j] = CreditNoteLine(line.index, line.description, line.taxable, tuple(fixed))
+            diff -= change
         taxes.append(InvoiceTax(tax.name, tax.rate, final))
     total = subtotal + sum(t.amount for t in taxes)
     if amount is not None and total != amount:

@@ -21,6 +21,8 @@ from domain.credit_note import (
     ShareState,
     compute_credit,
     credit_sequence_id,
+    credited_lines,
+    credited_taxes,
     format_credit_note_number,
     note_status,
     share_after,
@@ -239,3 +241,21 @@ def test_a_retry_after_a_failed_retry_repeats_its_key_and_never_refunds_twice() 
     note.observe_refund(share=0, attempt=1, refund_id="rfnd_2", amount=11_800, status="pending",
                         at=AFTER_OCTOBER)
     assert note.to_request(retry=True) in ([], [(0, 1)])
+
+
+def test_no_line_of_a_note_reverses_negative_tax_when_little_tax_is_left() -> None:
+    """Notes of 6 paise each reverse 1 paisa of CGST and of SGST (0.54 rounded up): the tax runs
+    out long before the taxable value. A note of two lines then reverses only the paisa or two
+    left, and no line may show a negative tax (the cut is spread over the lines)."""
+    invoice, _, clock = finalized("29")
+    at, line = clock(), 0
+    while min(t.amount - invoice.credited_taxes.get(t.name, 0) for t in invoice.taxes) > 2:
+        credit = compute_credit(invoice, lines=[(line, 6)], amount=None)
+        invoice.credit(credit_note_id=uuid4(), total=credit.total, lines=credited_lines(credit),
+                       taxes=credited_taxes(credit), reduce_due=credit.total, returned=0,
+                       refunds=(), settlement="reduce_due", at=at)
+        line = (line + 1) % len(invoice.lines)
+    credit = compute_credit(invoice, lines=[(0, 1_000), (1, 1_000)], amount=None)
+    assert all(t.amount >= 0 for note_line in credit.lines for t in note_line.taxes), credit.lines
+    assert [sum(note_line.taxes[i].amount for note_line in credit.lines)
+            for i in range(len(credit.taxes))] == [t.amount for t in credit.taxes]
