@@ -4,10 +4,11 @@ A tenant names a URL and the platform calls it: without a guard a tenant could m
 call its own network (a database, a cloud metadata service on 169.254.169.254, an admin port on
 localhost). So a destination must be http(s), and every address its host resolves to must be a
 public one: loopback, private, link-local, multicast, unspecified, reserved and shared
-(carrier-grade NAT) addresses are refused, IPv4-mapped IPv6 addresses judged as their IPv4
-address. Checked when an endpoint is registered and again before every send (a name can be
-pointed elsewhere later). The operator setting BILLING_WEBHOOKS_ALLOW_PRIVATE lifts the address
-rule (a private deployment, and the tests' receivers on 127.0.0.1); the scheme rule stays.
+(carrier-grade NAT) addresses are refused, IPv4-mapped and 6to4 IPv6 addresses judged as their
+IPv4 address, IPv6 site-local ones refused too. Checked when an endpoint is registered and again
+before every send (a name can be pointed elsewhere later). The operator setting
+BILLING_WEBHOOKS_ALLOW_PRIVATE lifts the address rule (a private deployment, and the tests'
+receivers on 127.0.0.1); the scheme rule stays.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def refusal(address: Address) -> str | None:
     """Why the platform must not call `address` (e.g. "loopback"), or None for a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv6 address that carries an IPv4 one (mapped, or 6to4's 2002::/16) is judged as it.
+        carried = address.ipv4_mapped or address.sixtofour
+        if carried is not None:
+            address = carried
+        elif address.is_site_local:  # fec0::/10: deprecated, still routed inside some sites
+            return "site-local"
     checks = (("unspecified", address.is_unspecified), ("loopback", address.is_loopback),
               ("link-local", address.is_link_local), ("multicast", address.is_multicast),
               ("private", address.is_private),

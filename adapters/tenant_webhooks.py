@@ -31,7 +31,7 @@ import anyio.to_thread
 import httpx
 from psycopg_pool import ConnectionPool
 
-from adapters.destinations import DestinationGuard
+from adapters.destinations import RESOLVE_TIMEOUT_S, DestinationGuard
 from domain.errors import ValidationFailed
 from domain.tenant_webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, signature_header
 from projections.webhook_endpoints import DEAD, DELIVERED, PENDING
@@ -43,7 +43,11 @@ SEND_TIMEOUT_S = 10.0  # one POST, connect to answer
 SEND_CONCURRENCY = 8  # POSTs at once, per worker
 PASS_MAX_DELIVERIES = 64  # claimed per pass
 POLL_INTERVAL_S = 0.5  # between passes that found nothing due
-CLAIM_LEASE_S = 3 * SEND_TIMEOUT_S  # a claimed delivery is left alone this long by other workers
+# A claimed delivery is left alone this long by other workers: longer than the slowest pass (its
+# deliveries wait their turn, SEND_CONCURRENCY at once, each a resolution and a send at most),
+# so that two workers never POST the same delivery at the same time.
+PASS_WAVES = -(-PASS_MAX_DELIVERIES // SEND_CONCURRENCY)
+CLAIM_LEASE_S = PASS_WAVES * (RESOLVE_TIMEOUT_S + SEND_TIMEOUT_S) + 2 * SEND_TIMEOUT_S
 RETRY_FIRST_DELAY_S = 30
 RETRY_MAX_DELAY_S = 3600
 RETRY_WINDOW_S = 24 * 3600  # after the first attempt: then dead-lettered
@@ -69,6 +73,8 @@ def pinned(url: str, address: str) -> tuple[str, str, str | None]:
     literal = f"[{address}]" if ":" in address else address
     netloc = f"{literal}:{parts.port}" if parts.port else literal
     host = parts.netloc.rsplit("@", 1)[-1]
+    if not host.isascii():  # an internationalised name: the Host header carries its IDNA form
+        host = host.encode("idna").decode("ascii")
     sni = parts.hostname if parts.scheme == "https" else None
     return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host, sni
 
@@ -154,7 +160,11 @@ class TenantWebhookSender:
 
         async def one(delivery: Claimed) -> None:
             async with gate:
-                outcome = await self._send(client, delivery)
+                try:
+                    outcome = await self._send(client, delivery)
+                except Exception as e:  # none may escape unrecorded: retried like any failure
+                    log.exception("tenant webhook %s could not be sent", delivery.id)
+                    outcome = Outcome(None, f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS])
             status = await anyio.to_thread.run_sync(self._record, delivery, outcome)
             if status == DELIVERED:
                 result.delivered += 1
@@ -182,12 +192,16 @@ class TenantWebhookSender:
         headers = {SIGNATURE_HEADER: signature_header(delivery.secret, timestamp, delivery.body),
                    EVENT_ID_HEADER: str(delivery.event_id), "Host": host}
         try:
-            async with client.stream("POST", url, content=delivery.body, headers=headers,
-                                     extensions={"sni_hostname": sni} if sni else None,
-                                     ) as response:
+            # httpx's timeout is per phase and per read: a receiver answering a byte at a time
+            # could hold a send for ever, past the claim's lease; the send as a whole is bounded.
+            async with asyncio.timeout(SEND_TIMEOUT_S), client.stream(
+                    "POST", url, content=delivery.body, headers=headers,
+                    extensions={"sni_hostname": sni} if sni else None) as response:
                 code = response.status_code  # the body is not read: only the status counts
         except httpx.HTTPError as e:
             return Outcome(None, f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS])
+        except TimeoutError:
+            return Outcome(None, f"no answer within {SEND_TIMEOUT_S} s")
         return Outcome(code, None if 200 <= code < 300 else f"answered {code}")
 
     def _record(self, delivery: Claimed, outcome: Outcome) -> str:

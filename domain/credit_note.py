@@ -252,7 +252,12 @@ def compute_credit(invoice: Invoice, *, lines: Sequence[tuple[int, int]] | None,
                                                _line_taxes(invoice, taxable)))
     else:
         assert amount is not None
-        taxable_whole = _taxable_for_total(invoice, amount) if amount > 0 else None
+        if amount > 0 and amount == invoice.total - invoice.credited:
+            # Exactly what is left: all the taxable value left, and (below) all the tax left,
+            # whatever earlier notes' rounding made of it.
+            taxable_whole: int | None = invoice.subtotal - already_taxable
+        else:
+            taxable_whole = _taxable_for_total(invoice, amount) if amount > 0 else None
         if amount <= 0:
             problems.append(FieldError("amount", "must be a positive whole number of paise"))
         elif taxable_whole is None:
@@ -279,16 +284,27 @@ def compute_credit(invoice: Invoice, *, lines: Sequence[tuple[int, int]] | None,
         left = tax.amount - invoice.credited_taxes.get(tax.name, 0)
         summed = sum(line.taxes[i].amount for line in credited)
         final = left if exhausts else min(summed, left)
-        if final != summed:
-            # The difference (a paisa or two of rounding) goes on the line with the most of this
-            # component, which can always take it (never below 0).
-            j = max(range(len(adjusted)), key=lambda k: adjusted[k].taxes[i].amount)
+        # The difference (usually a paisa or two of rounding) goes on the line with the most of
+        # this component; a cut larger than that line's tax (little tax left) goes on to the
+        # next, so no line's tax goes below 0.
+        diff = final - summed
+        for j in sorted(range(len(adjusted)), key=lambda k: -adjusted[k].taxes[i].amount):
+            if diff == 0:
+                break
             line = adjusted[j]
+            have = line.taxes[i].amount
+            change = diff if diff > 0 else max(diff, -have)
             fixed = list(line.taxes)
-            fixed[i] = InvoiceTax(tax.name, tax.rate, fixed[i].amount + final - summed)
+            fixed[i] = InvoiceTax(tax.name, tax.rate, have + change)
             adjusted[j] = CreditNoteLine(line.index, line.description, line.taxable, tuple(fixed))
+            diff -= change
         taxes.append(InvoiceTax(tax.name, tax.rate, final))
     total = subtotal + sum(t.amount for t in taxes)
+    if amount is not None and total != amount:
+        # The tax left to reverse is less than this taxable value's: no note of exactly `amount`.
+        raise ValidationFailed([FieldError(
+            "amount", f"a note of {amount} paise would reverse more tax than is left; "
+                      f"{invoice.total - invoice.credited} paise are left to credit")])
     left_total = invoice.total - invoice.credited
     if total > left_total:
         raise ValidationFailed([FieldError(
@@ -542,7 +558,9 @@ class CreditNote(Aggregate):
                                 and state.current is None):
                 wanted.append((i, state.attempt))
             elif retry and status == FAILED:
-                known_failed = state.current is not None and state.refunds.get(state.current) == FAILED
+                # A request that failed (state.error) may have reached Razorpay: its key again.
+                known_failed = (state.error is None and state.current is not None
+                                and state.refunds.get(state.current) == FAILED)
                 wanted.append((i, state.attempt + 1 if known_failed else state.attempt))
         return wanted
 

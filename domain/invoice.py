@@ -404,8 +404,8 @@ class Invoice(Aggregate):
         invoice) — the caller flags the rest of the payment for review."""
         if payment_id in self.payments:
             return self.payments[payment_id]
-        if self.status not in PAYABLE or amount <= 0:
-            return 0
+        if self.status not in PAYABLE or amount <= 0 or self.amount_due <= 0:
+            return 0  # nothing due: a reduce_due credit note may have taken all of it
         applied = min(amount, self.amount_due)
         self.trigger_event(self.PaymentApplied, timestamp=at, payment_id=payment_id, amount=applied)
         return applied

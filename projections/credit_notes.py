@@ -221,10 +221,12 @@ def not_emailed(conn: Connection[Any], limit: int) -> list[CreditNoteRow]:
 
 def unrequested(conn: Connection[Any], issued_before: datetime, limit: int) -> list[UUID]:
     """Refund notes issued before `issued_before` with a share never asked of Razorpay (the
-    process stopped between issuing and asking): the scheduler asks for them, oldest first."""
+    process stopped between issuing and asking): the scheduler asks for them, oldest first.
+    A note refund_failed too: another share's failure must not hide a share never asked."""
     assert 0 < limit <= LIST_MAX_ROWS
     with conn.cursor() as cur:
-        cur.execute("SELECT id FROM credit_notes WHERE status = 'refund_pending'"
+        cur.execute("SELECT id FROM credit_notes"
+                    " WHERE status IN ('refund_pending', 'refund_failed')"
                     " AND shares @> '[{\"status\": \"\"}]'::jsonb AND issued_at < %s"
                     " ORDER BY issued_at, id LIMIT %s", (issued_before, limit))
         return [row[0] for row in cur.fetchall()]

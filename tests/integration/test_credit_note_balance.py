@@ -29,7 +29,7 @@ from domain.credit_note import (
     check_section_34,
     section_34_deadline,
 )
-from domain.errors import Conflict, ValidationFailed
+from domain.errors import Conflict, Unavailable, ValidationFailed
 from domain.gateway_events import RefundEntity, webhook_body
 from domain.invoice import Invoice
 from domain.organisation import OrganisationSettings
@@ -279,3 +279,39 @@ def test_a_refund_never_asked_for_is_asked_by_the_scheduler_once(runtime: Runtim
                   "the credit notes view", WAIT_S)
         assert request_pending_refunds(runtime, issued_later, world.notes) == 0
     assert runtime.ledger.get(note.id, CreditNote).status == "refund_pending"
+
+
+class DownRefunds(MemoryRefunds):
+    """Razorpay unreachable: every refund request fails (no refund is made)."""
+
+    def refund(self, *, razorpay_payment_id: str, amount: int, idempotency_key: str,
+               notes: Mapping[str, str]) -> RefundEntity:
+        raise Unavailable("razorpay is unreachable", retry_after_s=1)
+
+
+def test_a_share_never_asked_for_is_asked_by_the_scheduler_even_when_another_failed(
+        runtime: Runtime) -> None:
+    """Crash point: a refund note over two captured payments; asking for the first share failed
+    (recorded: the note is refund_failed), then the process stopped before asking for the
+    second. The scheduler still asks for the second; the failed one waits for a person."""
+    world = World(runtime)
+    ident = world.invoice(1, 100)
+    total = runtime.ledger.get(ident, Invoice).amount_due
+    for part in (total // 2, total - total // 2):  # two captured payments
+        order = world.payments.create_order(ident, actor=None)
+        world.deliver(webhook_body("payment.captured", payment=payment_entity(
+            f"pay_{uuid4().hex[:14]}", order.razorpay_order_id, part, "captured")))
+    note = world.notes.issue(ident, reason="other", settlement="refund",
+                             lines=[(0, runtime.ledger.get(ident, Invoice).lines[0].amount)],
+                             actor=None).aggregate
+    assert len(note.refunds) == 2, note.refunds
+    down = CreditNotesService(runtime.ledger, world.clock, uuid4, DownRefunds())
+    down._request_one(note.id, 0, 0, None)  # the first share's request fails; then the crash
+    assert runtime.ledger.get(note.id, CreditNote).status == "refund_failed"
+    issued_later = note.created_on + REFUND_REQUEST_GRACE + STEP
+    with background_roles(runtime, {"relay", "project"}):
+        wait_sync(lambda: reached(runtime, credit_notes_view.NAME, runtime.ledger.head()),
+                  "the credit notes view", WAIT_S)
+        assert request_pending_refunds(runtime, issued_later, world.notes) == 1
+    assert [(r.payment_id, r.amount) for r in world.refunds.made] == [
+        (note.refunds[1].razorpay_payment_id, note.refunds[1].amount)]

@@ -21,6 +21,8 @@ from domain.credit_note import (
     ShareState,
     compute_credit,
     credit_sequence_id,
+    credited_lines,
+    credited_taxes,
     format_credit_note_number,
     note_status,
     share_after,
@@ -178,3 +180,82 @@ def test_failed_shares_are_retried_under_the_same_key_or_the_next_attempts() -> 
     for event in note.collect_events()[1:]:
         state = share_after(state, event)
     assert state == note.shares[0] and note_status("refund", [state]) == "refunded"
+
+
+@pytest.mark.parametrize("state", ["27", "29"])
+def test_exactly_what_is_left_can_be_credited_as_a_whole_amount_after_rounded_notes(
+        state: str) -> None:
+    """An earlier note's tax rounded up (IGST 18 % of 25 paise = 4.5 -> 5): what is left of the
+    invoice is then no taxable value's freshly rounded total, and yet it must be creditable."""
+    invoice, ledger, _ = finalized(state)
+    svc = CreditNotesService(ledger, Clock(AFTER_OCTOBER), uuid4, None)
+    for taxable in (25, 75, 1005):
+        svc.issue(invoice.id, reason="other", settlement="reduce_due", lines=[(0, taxable)],
+                  actor=None)
+    invoice = ledger.get(invoice.id, Invoice)
+    left = invoice.total - invoice.credited
+    for asked in (left - 1, left - 2):  # a whole amount is the note's total, or refused
+        try:
+            note = svc.issue(invoice.id, reason="other", settlement="reduce_due", amount=asked,
+                             actor=None).aggregate
+        except ValidationFailed:
+            continue
+        assert note.total == asked
+        break
+    invoice = ledger.get(invoice.id, Invoice)
+    left = invoice.total - invoice.credited
+    note = svc.issue(invoice.id, reason="other", settlement="reduce_due", amount=left,
+                     actor=None).aggregate
+    assert note.total == left
+    invoice = ledger.get(invoice.id, Invoice)
+    assert invoice.credited == invoice.total and invoice.amount_due == 0
+    assert invoice.credited_taxes == {t.name: t.amount for t in invoice.taxes}
+
+
+def test_a_payment_after_a_note_reduced_the_due_to_nothing_applies_nothing() -> None:
+    """A credit note racing a payment: the checkout was open when a reduce_due note took the
+    whole amount due; the payment captured then has nothing to pay (it is flagged for review)
+    and must not turn the invoice `paid` with a payment of 0 paise."""
+    invoice, ledger, clock = finalized("27")
+    svc = CreditNotesService(ledger, clock, uuid4, None)
+    svc.issue(invoice.id, reason="other", settlement="reduce_due",
+              amount=invoice.total, actor=None)
+    invoice = ledger.get(invoice.id, Invoice)
+    assert invoice.amount_due == 0
+    assert invoice.apply_payment(uuid4(), 1_000, clock()) == 0
+    assert invoice.status == "finalized" and not invoice.payments
+    assert not invoice.pending_events
+
+
+def test_a_retry_after_a_failed_retry_repeats_its_key_and_never_refunds_twice() -> None:
+    """Razorpay said refund 1 failed; the retry's request (attempt 1) timed out, yet Razorpay may
+    have made refund 2 under that key (its webhook says pending). The next retry must repeat
+    attempt 1's key (Razorpay answers refund 2 again), not make a third refund under a new key."""
+    note = _note()
+    note.refund_requested(0, 0, "rfnd_1", "pending", AFTER_OCTOBER)
+    note.observe_refund(share=0, attempt=0, refund_id="rfnd_1", amount=11_800, status=FAILED,
+                        at=AFTER_OCTOBER)
+    assert note.to_request(retry=True) == [(0, 1)]
+    note.refund_request_failed(0, 1, "GatewayUnavailable: read timed out", AFTER_OCTOBER)
+    assert note.to_request(retry=True) == [(0, 1)]
+    note.observe_refund(share=0, attempt=1, refund_id="rfnd_2", amount=11_800, status="pending",
+                        at=AFTER_OCTOBER)
+    assert note.to_request(retry=True) in ([], [(0, 1)])
+
+
+def test_no_line_of_a_note_reverses_negative_tax_when_little_tax_is_left() -> None:
+    """Notes of 6 paise each reverse 1 paisa of CGST and of SGST (0.54 rounded up): the tax runs
+    out long before the taxable value. A note of two lines then reverses only the paisa or two
+    left, and no line may show a negative tax (the cut is spread over the lines)."""
+    invoice, _, clock = finalized("29")
+    at, line = clock(), 0
+    while min(t.amount - invoice.credited_taxes.get(t.name, 0) for t in invoice.taxes) > 2:
+        credit = compute_credit(invoice, lines=[(line, 6)], amount=None)
+        invoice.credit(credit_note_id=uuid4(), total=credit.total, lines=credited_lines(credit),
+                       taxes=credited_taxes(credit), reduce_due=credit.total, returned=0,
+                       refunds=(), settlement="reduce_due", at=at)
+        line = (line + 1) % len(invoice.lines)
+    credit = compute_credit(invoice, lines=[(0, 1_000), (1, 1_000)], amount=None)
+    assert all(t.amount >= 0 for note_line in credit.lines for t in note_line.taxes), credit.lines
+    assert [sum(note_line.taxes[i].amount for note_line in credit.lines)
+            for i in range(len(credit.taxes))] == [t.amount for t in credit.taxes]

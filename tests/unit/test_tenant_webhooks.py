@@ -133,3 +133,104 @@ def test_a_send_goes_to_the_checked_address_under_the_host_name() -> None:
         "https://93.184.216.34:8443/a?x=1", "hooks.example.com:8443", "hooks.example.com")
     assert pinned("http://hooks.example.com/a", "2606:2800::1") == (
         "http://[2606:2800::1]/a", "hooks.example.com", None)
+
+
+def test_a_claim_lease_outlasts_the_slowest_pass_so_no_delivery_is_sent_twice_at_once() -> None:
+    """Two sender workers (SKIP LOCKED, then a lease): a claimed delivery waits its turn behind
+    SEND_CONCURRENCY others, each taking up to RESOLVE + SEND seconds; if the lease ran out first,
+    the other worker would claim it and both would POST it at the same time."""
+    import math
+
+    from adapters import tenant_webhooks as sender
+    from adapters.destinations import RESOLVE_TIMEOUT_S
+
+    waves = math.ceil(sender.PASS_MAX_DELIVERIES / sender.SEND_CONCURRENCY)
+    assert waves * (RESOLVE_TIMEOUT_S + sender.SEND_TIMEOUT_S) < sender.CLAIM_LEASE_S
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_send_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx's timeout is per read: a receiver answering a byte at a time could hold one send for
+    ever (and past the claim's lease). A send as a whole is bounded by SEND_TIMEOUT_S."""
+    import asyncio
+    import time
+
+    from adapters import tenant_webhooks as sender
+
+    monkeypatch.setattr(sender, "SEND_TIMEOUT_S", 0.5)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"a" * 40 + b"\r\n\r\n"
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            for byte in answer:  # each byte well within the per-read timeout
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the sender hung up, or the test is over
+        writer.close()
+
+    async def main() -> tuple[sender.Outcome, float]:
+        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tx = sender.TenantWebhookSender(None, DestinationGuard(allow_private=True),  # type: ignore[arg-type]
+                                        lambda: datetime.now(UTC))
+        delivery = sender.Claimed(uuid4(), uuid4(), b"{}", 0, datetime.now(UTC),
+                                  f"http://127.0.0.1:{port}/hook", "whsec_x")
+        async with server, sender.TenantWebhookSender._client() as client:
+            started = time.monotonic()
+            outcome = await tx._send(client, delivery)
+            return outcome, time.monotonic() - started
+
+    outcome, elapsed = asyncio.run(main())
+    assert not outcome.ok and elapsed < 1.5, (outcome, elapsed)
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("2002:7f00:1::1", "loopback"),  # 6to4 around 127.0.0.1
+    ("2002:a9fe:a9fe::1", "link-local"),  # 6to4 around the metadata service
+    ("2002:a00:1::1", "private"),  # 6to4 around 10.0.0.1
+    ("fec0::1", "site-local"),  # deprecated, still routed inside some sites
+    ("2002:808:808::1", None),  # 6to4 around a public address
+])
+def test_the_guard_judges_ipv6_addresses_that_carry_an_ipv4_address_by_it(
+        address: str, reason: str | None) -> None:
+    assert refusal(ipaddress.ip_address(address)) == reason
+
+
+def test_an_endpoint_on_an_internationalised_host_name_is_sent_to_not_stuck() -> None:
+    """A host name with non-ASCII letters (accepted at registration) goes in the Host header in
+    its ASCII (IDNA) form; no outcome of a send may escape unrecorded (the delivery would be
+    claimed again and again, never retried by the rules nor dead-lettered)."""
+    import asyncio
+
+    from adapters import tenant_webhooks as sender
+
+    class Resolved(DestinationGuard):  # as if the name resolved to the test's receiver
+        async def check(self, url: str) -> str:
+            return "127.0.0.1"
+
+    hosts: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        hosts.extend(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"host:"))
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> sender.Outcome:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tx = sender.TenantWebhookSender(None, Resolved(allow_private=True),  # type: ignore[arg-type]
+                                        lambda: datetime.now(UTC))
+        delivery = sender.Claimed(uuid4(), uuid4(), b"{}", 0, datetime.now(UTC),
+                                  f"http://bücher.example:{port}/hook", "whsec_x")
+        async with server, sender.TenantWebhookSender._client() as client:
+            return await tx._send(client, delivery)
+
+    outcome = asyncio.run(main())
+    assert outcome.ok, outcome
+    assert hosts == [b"xn--bcher-kva.example:" + hosts[0].rsplit(b":", 1)[1]]
