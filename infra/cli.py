@@ -43,6 +43,7 @@ from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN, INVOICE_RUN
 from infra.service_data import missing_ledger
 from infra.settings import Settings, from_env
 from infra.wiring import READ_MODELS, Runtime, new_key_secret, read_model, servers
+from projections import invoice_runs as invoice_run_records
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 CHILD_POLL_S = 1.0
@@ -65,12 +66,6 @@ STATUS_PERIODS_MAX = 3  # `billing status`: the latest periods it shows invoice 
 # `billing status`: a scheduler writes its next run time as it submits a run; a time this far in
 # the past means no scheduler is running the invoice run.
 SCHEDULE_LATE_S = 120
-# `billing status`: where to see the organisations a run skipped, and why. A run's outcome for
-# each organisation is in its answer, not yet recorded; running a period again leaves its
-# existing invoices as they are and answers that list afresh.
-WHY_NOT_INVOICED = ("organisations not invoiced, each with why (skipped, not due, failed): "
-                    "`billing invoices run --period {period}` lists them (its existing invoices "
-                    "stay as they are)\n")
 FAILED_DELIVERIES_SQL = ("SELECT id, event_id, event_type, detail FROM gateway_events"
                          " WHERE outcome = 'failed' ORDER BY received_at, id")
 
@@ -366,13 +361,29 @@ def _status(rt: Runtime, out: TextIO) -> int:
                   f"{b['recorded_at'].isoformat(timespec='minutes')}); fix, `billing dlq redrive`, "
                   "then run the period again\n")
     failed_reconciliation = reconciliation_status(rt, out)
-    # Until runs are recorded with their reasons, a run's own answer has them: the latest period
-    # invoiced, or, before any invoice, the latest the scheduler runs.
-    latest = periods[0][0] if periods else max(due_periods(
-        datetime.now(UTC), timedelta(hours=rt.settings.grace_hours), CATCH_UP_PERIODS))
-    out.write(WHY_NOT_INVOICED.format(period=latest))
+    _last_run(rt, out)
     out.write(next_run_line(rt, datetime.now(UTC)))
     return 1 if blocked or failed_reconciliation else 0
+
+
+def _last_run(rt: Runtime, out: TextIO) -> None:
+    """`billing status`: the newest invoice run (projections/invoice_runs.py) and every
+    organisation it did not invoice, with why."""
+    with rt.pool.connection() as conn:
+        run = invoice_run_records.latest(conn)
+    if run is None:
+        out.write("last invoice run: none recorded yet\n")
+        return
+    finished = run.finished_at.isoformat(timespec="minutes") if run.finished_at else "not finished"
+    out.write(f"last invoice run {run.id}: {run.period}, {run.status}, started "
+              f"{run.started_at.isoformat(timespec='minutes')} by {run.started_by}, {finished}; "
+              f"{run.organisations_done}/{run.organisations_total} organisations: created "
+              f"{run.created}, existing {run.existing}, skipped {run.skipped}, not due "
+              f"{run.not_due}, blocked {run.blocked}, failed {run.failed}\n")
+    for entry in run.organisations:
+        out.write(f"  {entry.outcome}: {entry.name} ({entry.organisation_id}): {entry.reason}\n")
+    if run.more:
+        out.write(f"  ... and {run.more} more (GET /admin/v1/invoice-runs/{run.id})\n")
 
 
 def next_run_line(rt: Runtime, now: datetime) -> str:

@@ -21,13 +21,13 @@ import pytest
 from adapters import bookkeeping
 from adapters.maintenance import rebuild
 from domain.audit import AuditEntry
-from domain.period import due_periods
 from domain.project import Project
-from domain.records import Blocked
+from domain.records import Blocked, RunEntry, RunResult
 from infra.cli import NO_DATA_EXIT, _operate, _parser, main
 from infra.embedded import free_port
-from infra.scheduler import CATCH_UP_PERIODS, INVOICE_RUN_EVERY_MIN
+from infra.scheduler import INVOICE_RUN_EVERY_MIN
 from infra.wiring import READ_MODELS, Runtime
+from projections import invoice_runs as invoice_run_records
 from projections import invoices
 from tests.conftest import make_settings
 from tests.e2e.conftest import close_and_drop
@@ -129,11 +129,7 @@ def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_th
     code, out, _ = billing(rt, "status")
     assert code == 0
     assert "invoice runs: none has drafted an invoice yet\n" in out
-    latest = max(due_periods(datetime.now(UTC), timedelta(hours=rt.settings.grace_hours),
-                             CATCH_UP_PERIODS))
-    assert out.splitlines()[-2] == ("organisations not invoiced, each with why (skipped, not due, "
-                                    f"failed): `billing invoices run --period {latest}` lists "
-                                    "them (its existing invoices stay as they are)")
+    assert out.splitlines()[-2] == "last invoice run: none recorded yet"
 
     _, invoice = finalized(rt)
     rebuild(rt.pool, rt.ledger, invoices.READ_MODEL)
@@ -153,9 +149,26 @@ def test_status_shows_lag_dead_letters_invoice_runs_blocked_organisations_and_th
     assert any(line.startswith(f"not invoiced for {invoice.period}: Blocked Ltd "
                                f"({invoice.organisation_id}): dead-lettered entries "
                                "{'usage_totals': [7]}") for line in lines), out
-    assert lines[-2] == ("organisations not invoiced, each with why (skipped, not due, failed): "
-                         f"`billing invoices run --period {invoice.period}` lists them (its "
-                         "existing invoices stay as they are)")
+    assert lines[-2] == "last invoice run: none recorded yet"
+    assert lines[-1].startswith(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while "
+                                "`billing serve` runs (the first at its start), for ")
+
+    # A run is recorded (projections/invoice_runs.py, as the run writes it; the run's own tests
+    # show it does): status names the newest, its counts, and each organisation it did not
+    # invoice with why.
+    run_id, org_id, at = uuid4(), uuid4(), datetime.now(UTC) + timedelta(minutes=1)
+    entry = RunEntry(org_id, "Later Ltd", "skipped", "no plan covers the period")
+    with rt.pool.connection() as conn:
+        invoice_run_records.started(conn, run_id, invoice.period, "scheduler", at, 2)
+        invoice_run_records.finished(conn, run_id, 2, RunResult(
+            invoice.period, existing=1, skipped=1, entries=[entry]), at)
+    code, out, _ = billing(rt, "status")
+    lines = out.splitlines()
+    assert (f"last invoice run {run_id}: {invoice.period}, done, started "
+            f"{at.isoformat(timespec='minutes')} by scheduler, {at.isoformat(timespec='minutes')}; "
+            "2/2 organisations: created 0, existing 1, skipped 1, not due 0, blocked 0, failed 0"
+            ) in lines, out
+    assert f"  skipped: Later Ltd ({org_id}): no plan covers the period" in lines, out
     assert lines[-1].startswith(f"next invoice run: every {INVOICE_RUN_EVERY_MIN} min while "
                                 "`billing serve` runs (the first at its start), for ")
 
