@@ -100,7 +100,9 @@ SENSIBLE: dict[str, Callable[[str], bool]] = {
                            and re.search(r"^next invoice run: \d{4}-\d\d-\d\dT", out, re.M)
                            is not None),  # as the running service's scheduler recorded it
     "invoices run": lambda out: re.match(r"\d{4}-\d\d: created \d+, existing \d+, skipped \d+, "
-                                         r"not due \d+, failed 0, blocked 0$", out) is not None,
+                                         r"not due \d+, failed 0, blocked 0\n(?:  .*\n)*"
+                                         r"run [0-9a-f-]{36}: GET /admin/v1/invoice-runs/[0-9a-f-]{36}$",
+                                         out) is not None,
     "dlq list": lambda out: out == "no dead letters\n",
 }
 
