@@ -37,6 +37,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.auth
 	$(BIN)/python -m bench.invoice_run
 	$(BIN)/python -m bench.webhooks
+	$(BIN)/python -m bench.ledger_append
+	$(BIN)/python -m bench.sealer
+	$(BIN)/python -m bench.replay
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
