@@ -7,7 +7,9 @@ parameters (names and values), path parameters — is refused with a 422 naming 
 holds a character of REFUSED_CHARACTERS; bodies must be JSON by content type (415), without
 duplicate keys (422), and nested at most JSON_MAX_DEPTH levels (422). A query parameter the
 route does not document in the OpenAPI document (api/reference.py) is refused with a 422 naming
-it: a misspelt `start=` must not silently fall back to a default.
+it: a misspelt `start=` must not silently fall back to a default. A documented parameter given
+more than once (`?status=draft&status=void`) is refused the same way: only one value would be
+read, and the others silently ignored.
 
 `check_request` is the app's `before_request` hook: it runs after routing and the guards, before
 Litestar decodes the body into the handler's struct. Ingestion (the hot path) opts out of its body
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -212,7 +215,8 @@ def parameter_problems(request: Request[Any, Any, Any]) -> list[FieldError]:
 
 
 def unknown_query_problems(request: Request[Any, Any, Any]) -> list[FieldError]:
-    """A 422's errors for each query parameter the route does not document (api/reference.py).
+    """A 422's errors for each query parameter the route does not document (api/reference.py),
+    or that is given more than once.
     A route outside the OpenAPI document (the docs page's own) is not checked."""
     if not request.scope.get("query_string"):
         return []
@@ -225,8 +229,11 @@ def unknown_query_problems(request: Request[Any, Any, Any]) -> list[FieldError]:
     if names is None:
         return []
     takes = ", ".join(sorted(names)) or "none"
-    return [FieldError(_join("", name), f"is not a query parameter of this route (it takes: {takes})")
-            for name in dict.fromkeys(request.query_params) if name not in names]
+    given = Counter(name for name, _ in request.query_params.multi_items())
+    return [FieldError(_join("", name), f"is not a query parameter of this route (it takes: {takes})"
+                       if name not in names else
+                       "is given more than once: send it once (only one value is read)")
+            for name, times in given.items() if name not in names or times > 1]
 
 
 async def check_request(request: Request[Any, Any, Any]) -> None:

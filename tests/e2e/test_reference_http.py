@@ -159,11 +159,22 @@ async def test_the_issue_example_and_documented_parameters(api: Api) -> None:
         "limit": "5", "status": "draft", "period": "2026-10", "order": "newest",
         "organisation_id": org["id"], "number": "INV-2627-000001"})
     assert r.status_code == 200, r.text
-    # Two unknown names, each named once; a repeated known name is not unknown.
+    # Two unknown names, each named once; a repeated known name is not unknown, but refused too.
     r = await api.http.get("/admin/v1/organisations?limit=1&limit=2&stat=x&stat=y&sort=1",
                            headers=AUTH)
     assert r.status_code == 422, r.text
-    assert sorted(e["field"] for e in r.json()["errors"]) == ["sort", "stat"]
+    assert sorted(e["field"] for e in r.json()["errors"]) == ["limit", "sort", "stat"]
+
+
+async def test_a_query_parameter_given_twice_is_a_422_not_its_first_value(api: Api) -> None:
+    # `status=draft&status=void` reads as "drafts or voids"; answering only the drafts would
+    # silently ignore the second value (review of issue 21).
+    r = await api.http.get("/admin/v1/invoices?status=draft&status=void", headers=AUTH)
+    assert r.status_code == 422, r.text
+    [error] = r.json()["errors"]
+    assert error["field"] == "status" and "more than once" in error["message"]
+    r = await api.http.get("/admin/v1/invoices?status=draft&limit=5", headers=AUTH)
+    assert r.status_code == 200, r.text
 
 
 async def test_the_docs_page_and_every_asset_it_references_come_from_the_service(api: Api) -> None:
