@@ -24,13 +24,16 @@ from api.pagination import decode_cursor, encode_cursor, parse_limit
 from api.read_your_writes import LEDGER_POSITION_HEADER, wait_caught_up
 from domain.errors import FieldError, NotFound, ValidationFailed
 from domain.invoice import STATUSES
-from domain.numbering import NUMBER_MAX_CHARS
+from domain.numbering import INVOICE_PREFIX, NUMBER_MAX_CHARS
 from domain.period import parse_period
 from projections import invoices as view
 from projections import organisations
 
 ORDER_OLDEST, ORDER_NEWEST = "oldest", "newest"
 ORDERS = (ORDER_OLDEST, ORDER_NEWEST)  # by (created_at, id); the list's `order`
+# A number as the document's file name spells it (`/` -> `-`, INV-2627-000001.pdf): the list's
+# `number` filter accepts that form too, so the file an admin holds finds its invoice.
+FILE_NAME_NUMBER_PREFIX = f"{INVOICE_PREFIX}-"
 
 
 class VoidInvoice(msgspec.Struct, forbid_unknown_fields=True):
@@ -143,6 +146,8 @@ def _filters(request: Request[Any, Any, Any]) -> _Filters:
     errors: list[FieldError] = []
     if number is not None and not 0 < len(number) <= NUMBER_MAX_CHARS:
         errors.append(FieldError("number", f"must be 1 to {NUMBER_MAX_CHARS} characters"))
+    if number is not None and number.startswith(FILE_NAME_NUMBER_PREFIX) and "/" not in number:
+        number = number.replace("-", "/")  # as the PDF's file name spells it: INV-2627-000001
     if order not in ORDERS:
         errors.append(FieldError("order", f"must be one of {list(ORDERS)}"))
     organisation_id = None

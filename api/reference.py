@@ -101,7 +101,8 @@ QUERY: dict[tuple[str, str], tuple[Query, ...]] = {
         Query("organisation_id", "Only this organisation's invoices.", _UUID),
         Query("status", "Only invoices in this status.", {"type": "string", "enum": list(STATUSES)}),
         Query("period", "Only invoices of this month (YYYY-MM).", _MONTH),
-        Query("number", "Only the invoice with this number, e.g. INV-2627-000001.",
+        Query("number", "Only the invoice with this number, e.g. INV/2627/000001 (or"
+                        " INV-2627-000001, as the PDF's file name spells it).",
               {"type": "string", "minLength": 1, "maxLength": NUMBER_MAX_CHARS}),
         Query("order", "By creation time: oldest first (default) or newest first.",
               {"type": "string", "enum": list(ORDERS), "default": ORDERS[0]}),

@@ -121,5 +121,9 @@ async def test_invoices_list_filters_by_number_orders_both_ways_and_names_the_or
     number = r.json()["number"]
     found = await _ok(api, "/admin/v1/invoices", number=number)
     assert [(i["id"], i["number"]) for i in found["items"]] == [(oldest[1]["id"], number)]  # type: ignore[attr-defined]
+    # The number as the PDF's file name spells it (INV-2627-000001.pdf): an admin holding the
+    # file finds its invoice, rather than an empty list (review of issue 21).
+    by_file_name = await _ok(api, "/admin/v1/invoices", number=number.replace("/", "-"))
+    assert by_file_name == found
     assert "order" in await _unprocessable_field(api, "/admin/v1/invoices", order="latest")
     assert "number" in await _unprocessable_field(api, "/admin/v1/invoices", number="N" * 17)
