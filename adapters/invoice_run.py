@@ -70,6 +70,9 @@ log = logging.getLogger("billing.invoice_run")
 R = TypeVar("R")
 
 CATCH_UP_WAIT_S = 60.0
+# Why the run's lock is taken: an invoice run, a void or a redraft holds it, and each is told
+# which can be in the way (a double-clicked redraft is refused by the first one, not by a run).
+BUSY = "an invoice run, or a void or redraft of an invoice, is in progress"
 READ_MODELS_USED = (usage_totals.NAME, plans.READ_MODEL.name, invoices.READ_MODEL.name,
                     organisations.NAME)
 # Read models whose dead letters block the organisations they can affect: those the run reads,
@@ -106,13 +109,13 @@ class InvoiceRun:
         answers 202 from there); `progress` is told (organisations done, total) after each
         batch."""
         check_period_has_ended_somewhere(period, self._clock())
-        with self._exclusive("an invoice run is already in progress; try again when it ends"):
+        with self._exclusive(f"{BUSY}; try again when it ends"):
             return self._run(period, progress, actor, run_id or uuid4(), on_started)
 
     def void(self, ident: UUID, reason: str, *, actor: Actor | None) -> Written[Invoice]:
         """Void under the run's lock: a run reads which invoices billed late usage, then drafts;
         a void in between would leave that usage on a void invoice and on no other."""
-        with self._exclusive("an invoice run is in progress; void the invoice when it ends"):
+        with self._exclusive(f"{BUSY}; void the invoice when it ends"):
             return self._invoicing.void(ident, reason, actor=actor)
 
     def redraft(self, ident: UUID, *, actor: Actor | None) -> Written[Invoice]:
@@ -120,7 +123,7 @@ class InvoiceRun:
         lock: a run and a redraft never draft one period at once (Conflict while a run runs)."""
         from adapters.redraft import redraft_voided  # it reads with this module's helpers
 
-        with self._exclusive("an invoice run is in progress; redraft the invoice when it ends"):
+        with self._exclusive(f"{BUSY}; redraft the invoice when it ends"):
             return redraft_voided(
                 ident, pool=self._pool, ledger=self._ledger, gate=self._gate,
                 invoicing=self._invoicing, supplier_state_code=self._supplier,
