@@ -129,6 +129,11 @@ class InvoiceRun:
                 invoicing=self._invoicing, supplier_state_code=self._supplier,
                 read_models=DEAD_LETTER_MODELS, dead_lettered=self._dead_lettered, actor=actor)
 
+    def move_start(self, call: Callable[[], R]) -> R:
+        """`call` under the run's lock (domain.ports.InvoiceRunner.move_start)."""
+        with self._exclusive(f"{BUSY}; move the subscription's start when it ends"):
+            return call()
+
     @contextlib.contextmanager
     def _exclusive(self, busy: str) -> Iterator[None]:
         """One invoice run, or one void, at a time across processes (Conflict otherwise)."""

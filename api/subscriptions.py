@@ -63,8 +63,13 @@ class SubscriptionController(Controller):
                  " or moves the start earlier (200; 422 when a period it re-prices has an invoice)")
     async def assign(self, org_id: FromPath[UUID], data: JSONBody[PutSubscription],
                      deps: Deps, actor: Acting) -> Response[SubscriptionOut]:
-        written = await anyio.to_thread.run_sync(partial(
-            deps.plans.subscribe, org_id, data.plan_code, data.starts_at, actor=actor))
+        assign = partial(deps.plans.subscribe, org_id, data.plan_code, data.starts_at, actor=actor)
+        moves = await anyio.to_thread.run_sync(deps.plans.moves_start, org_id, data.starts_at)
+        if moves:
+            # It moves the start back, maybe into ended periods: never while a run drafts them.
+            written = await anyio.to_thread.run_sync(deps.invoice_runner.move_start, assign)
+        else:
+            written = await anyio.to_thread.run_sync(assign)
         sub = written.aggregate
         started = written.position > 0 and sub.version == 1  # Started is its first event
         return Response(subscription_answer(sub, data.plan_code, data.starts_at),

@@ -181,6 +181,12 @@ class InvoiceRunner(Protocol):
         runs): the next revision of its period, numbered when finalized."""
         ...
 
+    def move_start(self, call: Callable[[], Any]) -> Any:
+        """`call` (a subscription's start moved earlier, into ended periods) under the run's
+        lock, Conflict while a run holds it: a run that read the schedule before the move would
+        draft a period the move re-prices after the move checked that period had no invoice."""
+        ...
+
 
 class IdempotencyStore(Protocol):
     """Admin Idempotency-Keys per principal, kept durably for the retention (docs/IDEMPOTENCY.md)."""

@@ -101,6 +101,17 @@ class PlansService:
 
         return with_retries(attempt)
 
+    def moves_start(self, organisation_id: UUID, starts_at: datetime | None) -> bool:
+        """True when `subscribe` with this `starts_at` would move an existing subscription's
+        start earlier (the caller then holds the invoice run's lock: api/subscriptions.py)."""
+        if starts_at is None or starts_at.tzinfo is None or starts_at.utcoffset() is None:
+            return False
+        try:
+            sub = self._ledger.get(subscription_id(organisation_id), Subscription)
+        except NotFound:
+            return False
+        return sub.moves_start(starts_at)
+
     def _invoice_status(self, organisation_id: UUID, period: str) -> str | None:
         """The status of the period's invoice that is not void (a replacement of a voided one
         included), or None when it has none."""
