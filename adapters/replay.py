@@ -125,6 +125,16 @@ def ledger_query(table: sql.Composable) -> sql.Composed:
         " FROM {} WHERE notification_id <= %s ORDER BY notification_id").format(table)
 
 
+class ReplayFailed(Exception):
+    """An entry the replay cannot decode or apply (what a projector dead-letters): a finding of
+    the reconciliation at that position, not a crash of it."""
+
+    def __init__(self, position: int, topic: str, error: BaseException) -> None:
+        super().__init__(f"position {position} ({topic}): {type(error).__name__}: {error}")
+        self.position = position
+        self.topic = topic
+
+
 def _rule_of(e: Meter.Defined | Meter.Redefined, code: str) -> MeterRule:
     return MeterRule(code, e.aggregation, e.field, tuple(e.group_by), e.allow_negative)
 
@@ -274,6 +284,15 @@ class Replayer:
         models = self._handled.get(topic)
         if not models and not observers:
             return
+        try:
+            self._apply(cur, state, position, topic, data, originator_id, version, models,
+                        observers)
+        except Exception as e:
+            raise ReplayFailed(position, topic, e) from e
+
+    def _apply(self, cur: psycopg.Cursor[Any], state: ReplayState, position: int, topic: str,
+               data: bytes, originator_id: UUID, version: int, models: list[ReadModel] | None,
+               observers: Sequence[Observer]) -> None:
         event = self._mapper.to_domain_event(StoredEvent(
             originator_id=originator_id, originator_version=version, topic=topic, state=data))
         if topic in METER_TOPICS and position <= self._usage_limit:

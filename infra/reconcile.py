@@ -8,8 +8,9 @@ import argparse
 import asyncio
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any, TextIO
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import msgspec
 import psycopg
@@ -17,10 +18,10 @@ from tqdm import tqdm
 
 from adapters import bookkeeping
 from adapters.reconciliation import Reconciler
-from adapters.replay import Progress
+from adapters.replay import Progress, ReplayFailed
 from adapters.sealer import seal_pending
 from domain.audit import Actor
-from domain.reconciliation import Report
+from domain.reconciliation import Report, replay_failed_result
 from domain.services.reconciliations import ReconciliationService
 from infra.wiring import EXTRA_CHECKS, READ_MODELS, Runtime
 from projections import reconciliations
@@ -40,8 +41,13 @@ def reconcile(rt: Runtime, *, organisation_id: UUID | None = None, period: str |
     and the ledger position of that record. The ledger is sealed up to its head first (what the
     running sealer would do within a second), so that check 5 covers every entry replayed."""
     seal_pending(rt.database_url, rt.settings.pg_schema, events_table=rt.ledger.events_table)
-    report = reconciler(rt).run(organisation_id=organisation_id, period=period,
-                                progress=progress)
+    started = datetime.now(UTC)
+    try:
+        report = reconciler(rt).run(organisation_id=organisation_id, period=period,
+                                    progress=progress)
+    except ReplayFailed as e:  # a poison entry: a recorded failure naming it, not a crash
+        report = Report(uuid4(), started, datetime.now(UTC), rt.ledger.head(), 0,
+                        (replay_failed_result(e.position, str(e)),), organisation_id, period)
     written = ReconciliationService(rt.ledger).record(report, actor=actor)
     return report, written.position
 

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
+from eventsourcing.utils import get_topic
 
 from adapters import bookkeeping
 from adapters.maintenance import rebuild
@@ -235,3 +236,20 @@ def test_the_daily_job_reconciles_once_whichever_process_holds_the_lock(runtime:
     assert report is not None and report.ok
     with runtime.pool.connection() as conn:
         assert not reconciliations.last_failed(conn)
+
+
+def test_an_entry_the_replay_cannot_apply_is_a_recorded_failure_not_a_crash(
+        runtime: Runtime) -> None:
+    # A poison entry (the projectors dead-letter it): the daily job must record a failed
+    # reconciliation naming it, not crash and leave the previous verdict showing in /metrics.
+    with psycopg.connect(runtime.database_url, autocommit=True) as conn:
+        row = conn.execute(psycopg.sql.SQL(
+            "INSERT INTO {} (originator_id, originator_version, topic, state)"
+            " VALUES (gen_random_uuid(), 1, %s, %s) RETURNING notification_id").format(
+            psycopg.sql.Identifier(runtime.settings.pg_schema, runtime.ledger.events_table)),
+            (get_topic(Invoice.Finalized), b"\xc1 not msgpack")).fetchone()
+    assert row is not None
+    report = reconcile_once(runtime)
+    assert report is not None and not report.ok
+    (check,) = [c for c in report.checks if c.name == "replay"]
+    assert [d.positions for d in check.differences] == [(row[0],)]
