@@ -28,10 +28,11 @@ from psycopg import sql
 
 from adapters.replay import Progress, Replayer, ReplayState
 from domain.credit_note import CreditNote
-from domain.errors import DomainError
+from domain.errors import DomainError, NotFound
 from domain.gateway_events import PaymentEntity
 from domain.invoice import Invoice
 from domain.numbering import InvoiceSequence
+from domain.organisation import Organisation
 from domain.payment import Payment
 from domain.period import month_of, parse_period
 from domain.plan import to_version
@@ -115,6 +116,10 @@ class Reconciler:
         started = now()
         noted = _Ledgered()
         with self._replayer.snapshot() as conn:
+            if organisation_id is not None and not self._replayer.has_originator(
+                    conn, organisation_id, get_topic(Organisation.Created)):
+                # Else only the global tables are compared: "ok", recorded for nobody.
+                raise NotFound("organisation", organisation_id)
             state = self._replayer.run(conn, organisation_id=organisation_id,
                                        observers=[self._observer(noted, organisation_id,
                                                                  period)],

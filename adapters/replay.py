@@ -169,6 +169,14 @@ class Replayer:
             finally:
                 conn.rollback()
 
+    def has_originator(self, conn: psycopg.Connection[Any], originator_id: UUID, topic: str
+                       ) -> bool:
+        """Whether the ledger holds an entry of `topic` for `originator_id` (e.g. that an
+        organisation was ever created), in the snapshot `conn` holds."""
+        return conn.execute(sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE originator_id = %s AND originator_version = 1"
+            " AND topic = %s)").format(self._table), (originator_id, topic)).fetchone() == (True,)
+
     def run(self, conn: psycopg.Connection[Any], *, organisation_id: UUID | None = None,
             observers: Sequence[Observer] = (), progress: Progress | None = None) -> ReplayState:
         """Replay the whole ledger of the snapshot `conn` holds. The scratch schema stays until

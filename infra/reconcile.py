@@ -21,6 +21,7 @@ from adapters.reconciliation import Reconciler
 from adapters.replay import Progress, ReplayFailed
 from adapters.sealer import seal_pending
 from domain.audit import Actor
+from domain.errors import NotFound
 from domain.reconciliation import Report, replay_failed_result
 from domain.services.reconciliations import ReconciliationService
 from infra.wiring import EXTRA_CHECKS, READ_MODELS, Runtime
@@ -55,6 +56,7 @@ def reconcile(rt: Runtime, *, organisation_id: UUID | None = None, period: str |
 # ---- the CLI: `billing reconcile`, and its line in `billing status` ---------------------------
 
 RECONCILE_EXIT_DIFFERENCES = 1  # `billing reconcile` found a difference (or a silent check)
+RECONCILE_EXIT_BAD_ARGUMENTS = 2  # e.g. --organisation names no organisation of the ledger
 VALUE_SHOWN_MAX_CHARS = 160  # a difference's expected and actual values, in the CLI's table
 
 
@@ -75,8 +77,12 @@ def reconcile_command(rt: Runtime, args: argparse.Namespace, out: TextIO, actor:
             bar.set_postfix(events=events, refresh=False)
             bar.refresh()
 
-        report, position = reconcile(rt, organisation_id=args.organisation, period=args.period,
-                                     actor=actor, progress=progress)
+        try:
+            report, position = reconcile(rt, organisation_id=args.organisation,
+                                         period=args.period, actor=actor, progress=progress)
+        except NotFound as e:
+            sys.stderr.write(f"billing: {e}\n")
+            return RECONCILE_EXIT_BAD_ARGUMENTS
     write_table(report, out)
     out.write(f"recorded in the ledger at position {position}\n")
     return 0 if report.ok else RECONCILE_EXIT_DIFFERENCES

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from uuid import uuid4
 
 import msgspec
 import psycopg
@@ -26,6 +27,7 @@ from adapters import bookkeeping
 from adapters.maintenance import rebuild
 from adapters.payment_manager import PaymentManager
 from adapters.usage_writer import encode_usage
+from domain.errors import NotFound
 from domain.gateway_events import PaymentEntity, webhook_body
 from domain.invoice import Invoice
 from domain.services.payments import PaymentsService
@@ -253,3 +255,12 @@ def test_an_entry_the_replay_cannot_apply_is_a_recorded_failure_not_a_crash(
     assert report is not None and not report.ok
     (check,) = [c for c in report.checks if c.name == "replay"]
     assert [d.positions for d in check.differences] == [(row[0],)]
+
+
+def test_a_reconciliation_of_an_organisation_the_ledger_never_had_is_refused(
+        runtime: Runtime) -> None:
+    # It would compare the global tables only, report ok and record that for no organisation.
+    head = runtime.ledger.head()
+    with pytest.raises(NotFound):
+        reconcile(runtime, actor=None, organisation_id=uuid4())
+    assert runtime.ledger.head() == head  # nothing recorded
