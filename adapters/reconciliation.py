@@ -50,7 +50,7 @@ from domain.reconciliation import (
 )
 from domain.subscription import plan_for_period
 from domain.tax import TaxFacts
-from projections import plans
+from projections import credit_notes, plans
 from projections.base import ReadModel
 
 USAGE_TABLES = ("usage_totals", "usage_unique")  # folded in memory, compared in Python
@@ -522,7 +522,9 @@ _CREDITED_INVOICES_SQL = ("SELECT id, number, organisation_id, total, credited, 
 def credit_notes_check(ctx: CheckContext) -> CheckResult:
     """Every credit note the replay rebuilt against its invoice, and the notes' numbers gapless
     per financial year (domain.reconciliation.credit_note_findings). Its facts: the notes the
-    ledger holds (CreditNote.Issued entries replayed), so a check of none over some fails."""
+    model was replayed with (CreditNote.Issued entries up to its tracking position, of the
+    organisation filtered on), so a check of none over some fails, and another organisation's
+    note, or one the model has yet to apply, is no fact of it."""
     notes_table = sql.Identifier(ctx.state.scratch, "credit_notes")
     invoices_table = sql.Identifier(ctx.state.scratch, "invoices")
     notes = [NoteFacts(r[0], r[1], r[2], r[3], r[4], r[5], tuple(t["name"] for t in r[6]),
@@ -534,6 +536,8 @@ def credit_notes_check(ctx: CheckContext) -> CheckResult:
     invoices = {r[0]: InvoiceFacts(r[0], r[1], r[2], r[3], r[4], tuple(t["name"] for t in r[5]), r[6])
                 for r in rows if ctx.organisation_id is None or r[2] == ctx.organisation_id}
     compared, found = credit_note_findings(notes, invoices)
-    facts = ctx.state.topics_seen.get(get_topic(CreditNote.Issued), 0)
+    # Its facts: the notes the credit_notes model was replayed with (up to its own tracking
+    # position, within the organisation filter), not every note of the ledger.
+    facts = ctx.state.applied.get((credit_notes.NAME, get_topic(CreditNote.Issued)), 0)
     return check_result("credit_notes", "credit notes against their invoices; their numbers"
                         " gapless per financial year", compared, facts, found)

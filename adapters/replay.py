@@ -75,6 +75,9 @@ class ReplayState:
     # How far each read model had applied the ledger in the snapshot (its tracking row): it is
     # compared with the replay up to there, not with entries it has yet to apply.
     tracked: dict[str, int] = field(default_factory=dict)
+    # (read model, topic) -> entries replayed into that model within the organisation filter
+    # (an event without an organisation counts): the facts a check over that model must meet.
+    applied: dict[tuple[str, str], int] = field(default_factory=dict)
     # Month totals per (organisation, month) as of `_months_at` usage events: an invoice run's
     # drafts, one after another, read them without merging the days again for each.
     _months: dict[tuple[UUID, date], tuple[dict[str, Totals], dict[str, set[str]]]] = field(
@@ -310,9 +313,14 @@ class Replayer:
             if code is not None:
                 state.rules[code] = _rule_of(event, code)
         tracked = state.tracked
+        event_org = getattr(event, "organisation_id", None)
+        in_scope = state.organisation_id is None or event_org in (None, state.organisation_id)
         for model in models or ():
             if position <= tracked.get(model.name, 0):
                 model.apply_all(cur, [(event, position)])
+                if in_scope:
+                    key = (model.name, topic)
+                    state.applied[key] = state.applied.get(key, 0) + 1
             if model.name in self._whole:  # the ledger's own view, whatever the model's lag
                 cur.execute(sql.SQL("SET LOCAL search_path = {}").format(
                     sql.Identifier(state.whole)))

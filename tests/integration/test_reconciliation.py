@@ -162,6 +162,12 @@ def test_a_mixed_workload_reconciles_and_three_edits_are_exactly_three_differenc
     assert compared["numbering"][0] == 1  # INV/..../000001, issued once, on it
     assert compared["payments"][0] >= 2  # applied as its invoice says; refunds within capture
     assert "gateway" in str(recorded.report["checks"][2]["note"])
+    # Another organisation, with no credit note of its own: the first one's note is not a fact
+    # its reconciliation must have compared (it would be a "silent" check, a false failure).
+    other = calls_tenant((rt, writer))
+    caught_up(rt)
+    scoped, _ = reconcile(rt, actor=None, organisation_id=other.org.id)
+    assert scoped.ok, [c for c in scoped.checks if not c.ok]
 
     with rt.pool.connection() as conn:
         usage_position = conn.execute(
