@@ -31,6 +31,7 @@ from adapters.usage_writer import encode_usage
 from domain.errors import NotFound
 from domain.gateway_events import PaymentEntity, webhook_body
 from domain.invoice import Invoice
+from domain.payment import Payment, gateway_event_ref, razorpay_payment_ref
 from domain.services.payments import PaymentsService
 from domain.usage import UsageFact
 from infra.cli import _operate, _parser
@@ -309,4 +310,20 @@ def test_read_models_yet_to_apply_the_ledger_lag_and_are_not_a_silent_check(
     finalized(runtime)
     report, _ = reconcile(runtime, actor=None)
     (check,) = [c for c in report.checks if c.name == "read_models"]
+    assert check.ok and not check.silent, check
+
+
+def test_a_payments_model_yet_to_apply_an_open_payment_lags_and_is_not_a_silent_check(
+        runtime: Runtime) -> None:
+    # An authorized (not yet captured, so not settled) payment; no projector runs here.
+    payments, invoice = finalized(runtime)
+    order = payments.create_order(invoice.id, actor=None)
+    entity = PaymentEntity("pay_open", invoice.amount_due, "INR", "authorized",
+                           order.razorpay_order_id, "upi", captured=False)
+    payments.record_delivery(event_id="evt_open",
+                             body=webhook_body("payment.authorized", payment=entity))
+    payments.apply_delivery(gateway_event_ref("evt_open"))
+    assert runtime.ledger.get(razorpay_payment_ref("pay_open"), Payment).settled is False
+    report, _ = reconcile(runtime, actor=None)
+    (check,) = [c for c in report.checks if c.name == "payments"]
     assert check.ok and not check.silent, check
