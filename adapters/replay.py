@@ -272,7 +272,10 @@ class Replayer:
             if topic == USAGE_TOPIC:
                 if position > limit:
                     continue
-                view = decode(data)
+                try:
+                    view = decode(data)
+                except msgspec.DecodeError as e:
+                    raise ReplayFailed(position, topic, e) from e
                 if org is None or view.organisation_id == org:
                     usage.append((view, position))
                 continue

@@ -33,7 +33,7 @@ from domain.gateway_events import PaymentEntity, webhook_body
 from domain.invoice import Invoice
 from domain.payment import Payment, gateway_event_ref, razorpay_payment_ref
 from domain.services.payments import PaymentsService
-from domain.usage import UsageFact
+from domain.usage import Usage, UsageFact
 from infra.cli import _operate, _parser
 from infra.fake_razorpay import FakeRazorpay
 from infra.reconcile import reconcile, reconcile_once
@@ -248,8 +248,9 @@ def test_the_daily_job_reconciles_once_whichever_process_holds_the_lock(runtime:
         assert not reconciliations.last_failed(conn)
 
 
+@pytest.mark.parametrize("topic", [get_topic(Invoice.Finalized), get_topic(Usage.Recorded)])
 def test_an_entry_the_replay_cannot_apply_is_a_recorded_failure_not_a_crash(
-        runtime: Runtime) -> None:
+        runtime: Runtime, topic: str) -> None:
     # A poison entry (the projectors dead-letter it): the daily job must record a failed
     # reconciliation naming it, not crash and leave the previous verdict showing in /metrics.
     with psycopg.connect(runtime.database_url, autocommit=True) as conn:
@@ -257,8 +258,13 @@ def test_an_entry_the_replay_cannot_apply_is_a_recorded_failure_not_a_crash(
             "INSERT INTO {} (originator_id, originator_version, topic, state)"
             " VALUES (gen_random_uuid(), 1, %s, %s) RETURNING notification_id").format(
             psycopg.sql.Identifier(runtime.settings.pg_schema, runtime.ledger.events_table)),
-            (get_topic(Invoice.Finalized), b"\xc1 not msgpack")).fetchone()
-    assert row is not None
+            (topic, b"\xc1 not msgpack")).fetchone()
+        assert row is not None
+        # The usage projector dead-lettered it and moved on (the replay folds usage up to there).
+        conn.execute(psycopg.sql.SQL(
+            "INSERT INTO {} (name, position) VALUES ('usage_totals', %s) ON CONFLICT (name)"
+            " DO UPDATE SET position = excluded.position").format(
+            psycopg.sql.Identifier(runtime.settings.pg_schema, "projection_tracking")), (row[0],))
     report = reconcile_once(runtime)
     assert report is not None and not report.ok
     (check,) = [c for c in report.checks if c.name == "replay"]
