@@ -75,6 +75,9 @@ class ReplayState:
     # How far each read model had applied the ledger in the snapshot (its tracking row): it is
     # compared with the replay up to there, not with entries it has yet to apply.
     tracked: dict[str, int] = field(default_factory=dict)
+    # (read model, topic) -> entries replayed into that model within the organisation filter
+    # (an event without an organisation counts): the facts a check over that model must meet.
+    applied: dict[tuple[str, str], int] = field(default_factory=dict)
     # Month totals per (organisation, month) as of `_months_at` usage events: an invoice run's
     # drafts, one after another, read them without merging the days again for each.
     _months: dict[tuple[UUID, date], tuple[dict[str, Totals], dict[str, set[str]]]] = field(
@@ -125,6 +128,16 @@ def ledger_query(table: sql.Composable) -> sql.Composed:
         " FROM {} WHERE notification_id <= %s ORDER BY notification_id").format(table)
 
 
+class ReplayFailed(Exception):
+    """An entry the replay cannot decode or apply (what a projector dead-letters): a finding of
+    the reconciliation at that position, not a crash of it."""
+
+    def __init__(self, position: int, topic: str, error: BaseException) -> None:
+        super().__init__(f"position {position} ({topic}): {type(error).__name__}: {error}")
+        self.position = position
+        self.topic = topic
+
+
 def _rule_of(e: Meter.Defined | Meter.Redefined, code: str) -> MeterRule:
     return MeterRule(code, e.aggregation, e.field, tuple(e.group_by), e.allow_negative)
 
@@ -158,6 +171,14 @@ class Replayer:
                 yield conn
             finally:
                 conn.rollback()
+
+    def has_originator(self, conn: psycopg.Connection[Any], originator_id: UUID, topic: str
+                       ) -> bool:
+        """Whether the ledger holds an entry of `topic` for `originator_id` (e.g. that an
+        organisation was ever created), in the snapshot `conn` holds."""
+        return conn.execute(sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE originator_id = %s AND originator_version = 1"
+            " AND topic = %s)").format(self._table), (originator_id, topic)).fetchone() == (True,)
 
     def run(self, conn: psycopg.Connection[Any], *, organisation_id: UUID | None = None,
             observers: Sequence[Observer] = (), progress: Progress | None = None) -> ReplayState:
@@ -251,7 +272,10 @@ class Replayer:
             if topic == USAGE_TOPIC:
                 if position > limit:
                     continue
-                view = decode(data)
+                try:
+                    view = decode(data)
+                except msgspec.DecodeError as e:
+                    raise ReplayFailed(position, topic, e) from e
                 if org is None or view.organisation_id == org:
                     usage.append((view, position))
                 continue
@@ -274,6 +298,15 @@ class Replayer:
         models = self._handled.get(topic)
         if not models and not observers:
             return
+        try:
+            self._apply(cur, state, position, topic, data, originator_id, version, models,
+                        observers)
+        except Exception as e:
+            raise ReplayFailed(position, topic, e) from e
+
+    def _apply(self, cur: psycopg.Cursor[Any], state: ReplayState, position: int, topic: str,
+               data: bytes, originator_id: UUID, version: int, models: list[ReadModel] | None,
+               observers: Sequence[Observer]) -> None:
         event = self._mapper.to_domain_event(StoredEvent(
             originator_id=originator_id, originator_version=version, topic=topic, state=data))
         if topic in METER_TOPICS and position <= self._usage_limit:
@@ -283,9 +316,14 @@ class Replayer:
             if code is not None:
                 state.rules[code] = _rule_of(event, code)
         tracked = state.tracked
+        event_org = getattr(event, "organisation_id", None)
+        in_scope = state.organisation_id is None or event_org in (None, state.organisation_id)
         for model in models or ():
             if position <= tracked.get(model.name, 0):
                 model.apply_all(cur, [(event, position)])
+                if in_scope:
+                    key = (model.name, topic)
+                    state.applied[key] = state.applied.get(key, 0) + 1
             if model.name in self._whole:  # the ledger's own view, whatever the model's lag
                 cur.execute(sql.SQL("SET LOCAL search_path = {}").format(
                     sql.Identifier(state.whole)))

@@ -163,10 +163,11 @@ def parse_digest(raw: str) -> tuple[int, bytes]:
     position, sep, hexed = raw.strip().partition(":")
     if not sep or not position.isascii() or not position.isdigit() or len(hexed) != 2 * HASH_BYTES:
         raise ValueError("a digest is POSITION:SHA256-HEX, as `billing ledger digest` prints it")
-    try:
-        return int(position), bytes.fromhex(hexed)
-    except ValueError:
-        raise ValueError("a digest's hash is 64 hexadecimal digits") from None
+    # bytes.fromhex skips whitespace: "ab cd..." of 64 characters would give a short hash,
+    # which no seal can equal (a malformed digest reported as a rewritten chain).
+    if any(c not in "0123456789abcdefABCDEF" for c in hexed):
+        raise ValueError("a digest's hash is 64 hexadecimal digits")
+    return int(position), bytes.fromhex(hexed)
 
 
 def format_digest(position: int, hash_: bytes) -> str:

@@ -150,6 +150,14 @@ def hash_chain_result(checked: int, first_mismatch: int | None, ledger_entries: 
                         ledger_entries, found)
 
 
+def replay_failed_result(position: int, problem: str) -> CheckResult:
+    """The replay stopped at an entry it cannot decode or apply (one a projector dead-letters):
+    a failed check naming that position, so that the run is recorded as failed."""
+    return check_result("replay", "the ledger replayed by the read models' own handlers", 0, 1,
+                        [Difference("replay", f"position {position}", DIFFERENT,
+                                    "an entry the read models can apply", problem, (position,))])
+
+
 class Reconciliation(Aggregate):
     """One completed reconciliation, as the ledger records it."""
 

@@ -57,9 +57,10 @@ def add_parsers(sub: Any) -> None:
 def invalid(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, before any server is started; None when nothing."""
     try:
-        if getattr(args, "digest", None):
+        # `is not None`: an empty --digest "$D" is refused, never a verify without the digest.
+        if getattr(args, "digest", None) is not None:
             parse_digest(args.digest)
-        if getattr(args, "period", None):
+        if getattr(args, "period", None) is not None:
             parse_period(args.period)
     except ValueError as e:
         return str(e)
@@ -80,7 +81,7 @@ def offline(args: argparse.Namespace, out: TextIO | None = None) -> int | None:
     if not path.is_file():
         sys.stderr.write(f"billing: no such file: {path}\n")
         return BAD_ARGUMENTS_EXIT
-    check = verify_file(path, digest=parse_digest(args.digest) if args.digest else None)
+    check = verify_file(path, digest=parse_digest(args.digest) if args.digest is not None else None)
     if args.json:
         out.write(json.dumps(check.to_json()) + "\n")
     elif check.ok:
@@ -136,7 +137,7 @@ def operate(rt: Runtime, args: argparse.Namespace, out: TextIO | None = None) ->
                 out.write(f"archived: manifest {exported.archived}, file {m['file_sha256']}\n")
             return 0
         result = verify_chain(conn, schema=schema, events_table=table,
-                              from_digest=parse_digest(args.digest) if args.digest else None)
+                              from_digest=parse_digest(args.digest) if args.digest is not None else None)
     if args.json:
         out.write(json.dumps(result.to_json()) + "\n")
     elif result.ok:

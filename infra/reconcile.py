@@ -8,8 +8,9 @@ import argparse
 import asyncio
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any, TextIO
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import msgspec
 import psycopg
@@ -17,10 +18,11 @@ from tqdm import tqdm
 
 from adapters import bookkeeping
 from adapters.reconciliation import Reconciler
-from adapters.replay import Progress
+from adapters.replay import Progress, ReplayFailed
 from adapters.sealer import seal_pending
 from domain.audit import Actor
-from domain.reconciliation import Report
+from domain.errors import NotFound
+from domain.reconciliation import Report, replay_failed_result
 from domain.services.reconciliations import ReconciliationService
 from infra.wiring import EXTRA_CHECKS, READ_MODELS, Runtime
 from projections import reconciliations
@@ -40,8 +42,13 @@ def reconcile(rt: Runtime, *, organisation_id: UUID | None = None, period: str |
     and the ledger position of that record. The ledger is sealed up to its head first (what the
     running sealer would do within a second), so that check 5 covers every entry replayed."""
     seal_pending(rt.database_url, rt.settings.pg_schema, events_table=rt.ledger.events_table)
-    report = reconciler(rt).run(organisation_id=organisation_id, period=period,
-                                progress=progress)
+    started = datetime.now(UTC)
+    try:
+        report = reconciler(rt).run(organisation_id=organisation_id, period=period,
+                                    progress=progress)
+    except ReplayFailed as e:  # a poison entry: a recorded failure naming it, not a crash
+        report = Report(uuid4(), started, datetime.now(UTC), rt.ledger.head(), 0,
+                        (replay_failed_result(e.position, str(e)),), organisation_id, period)
     written = ReconciliationService(rt.ledger).record(report, actor=actor)
     return report, written.position
 
@@ -49,6 +56,7 @@ def reconcile(rt: Runtime, *, organisation_id: UUID | None = None, period: str |
 # ---- the CLI: `billing reconcile`, and its line in `billing status` ---------------------------
 
 RECONCILE_EXIT_DIFFERENCES = 1  # `billing reconcile` found a difference (or a silent check)
+RECONCILE_EXIT_BAD_ARGUMENTS = 2  # e.g. --organisation names no organisation of the ledger
 VALUE_SHOWN_MAX_CHARS = 160  # a difference's expected and actual values, in the CLI's table
 
 
@@ -69,8 +77,12 @@ def reconcile_command(rt: Runtime, args: argparse.Namespace, out: TextIO, actor:
             bar.set_postfix(events=events, refresh=False)
             bar.refresh()
 
-        report, position = reconcile(rt, organisation_id=args.organisation, period=args.period,
-                                     actor=actor, progress=progress)
+        try:
+            report, position = reconcile(rt, organisation_id=args.organisation,
+                                         period=args.period, actor=actor, progress=progress)
+        except NotFound as e:
+            sys.stderr.write(f"billing: {e}\n")
+            return RECONCILE_EXIT_BAD_ARGUMENTS
     write_table(report, out)
     out.write(f"recorded in the ledger at position {position}\n")
     return 0 if report.ok else RECONCILE_EXIT_DIFFERENCES

@@ -57,6 +57,10 @@ async def test_an_auditor_reconciles_reads_the_report_and_a_failure_shows_in_met
     assert len(one["report_sha256"]) == 64
     assert await _metric(api, "billing_reconciliation_failed") == 0
 
+    unknown = await api.http.post("/admin/v1/reconciliations", headers=auditor,
+                                  json={"organisation_id": "00000000-0000-4000-8000-000000000001"})
+    assert unknown.status_code == 404, unknown.text  # no organisation: refused, not "ok"
+
     with api.rt.pool.connection() as conn:  # a row edited by hand
         conn.execute("UPDATE organisations SET name = 'edited' WHERE id = %s", (org,))
     r = await api.http.post("/admin/v1/reconciliations", headers=AUTH,

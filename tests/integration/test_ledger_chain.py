@@ -211,3 +211,23 @@ async def test_the_seal_role_seals_what_is_appended(runtime: Runtime) -> None:
         head = rt.ledger.head()
         await wait_until(lambda: verify(rt).sealed_through == head, "the role sealing the head")
     assert verify(rt).ok
+
+
+def test_the_last_row_deleted_is_named_and_the_last_seal_deleted_is_caught_by_a_digest(
+        sealed: tuple[Runtime, int]) -> None:
+    rt, _ = sealed
+    head = rt.ledger.head()
+    with connect(rt.database_url, rt.settings.pg_schema) as conn:
+        last = last_seal(conn, rt.settings.pg_schema)
+    assert last is not None and last.last_position == head
+    execute(rt, "DELETE FROM {table} WHERE notification_id = %s", head)
+    result = verify(rt)
+    assert (result.ok, result.first_bad_position) == (False, head) and "deleted" in result.problem
+    # The last seal removed too: its rows are "not sealed yet" (the chain ends earlier), which
+    # only the digest kept from before can tell from a chain that never went further.
+    with connect(rt.database_url, rt.settings.pg_schema) as conn:
+        conn.execute(sql.SQL("DELETE FROM {} WHERE seq = %s").format(
+            sql.Identifier(rt.settings.pg_schema, SEALS_TABLE)), (last.seq,))
+    assert verify(rt).ok
+    result = verify(rt, (last.last_position, last.hash))
+    assert not result.ok and "no seal ends" in result.problem, result

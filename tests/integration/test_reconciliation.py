@@ -11,24 +11,29 @@ import contextlib
 import dataclasses
 import io
 import json
+import threading
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from uuid import uuid4
 
 import msgspec
 import psycopg
 import pytest
+from eventsourcing.utils import get_topic
 
 from adapters import bookkeeping
 from adapters.maintenance import rebuild
 from adapters.payment_manager import PaymentManager
 from adapters.usage_writer import encode_usage
+from domain.errors import NotFound
 from domain.gateway_events import PaymentEntity, webhook_body
 from domain.invoice import Invoice
+from domain.payment import Payment, gateway_event_ref, razorpay_payment_ref
 from domain.services.payments import PaymentsService
-from domain.usage import UsageFact
+from domain.usage import Usage, UsageFact
 from infra.cli import _operate, _parser
 from infra.fake_razorpay import FakeRazorpay
 from infra.reconcile import reconcile, reconcile_once
@@ -159,6 +164,12 @@ def test_a_mixed_workload_reconciles_and_three_edits_are_exactly_three_differenc
     assert compared["numbering"][0] == 1  # INV/..../000001, issued once, on it
     assert compared["payments"][0] >= 2  # applied as its invoice says; refunds within capture
     assert "gateway" in str(recorded.report["checks"][2]["note"])
+    # Another organisation, with no credit note of its own: the first one's note is not a fact
+    # its reconciliation must have compared (it would be a "silent" check, a false failure).
+    other = calls_tenant((rt, writer))
+    caught_up(rt)
+    scoped, _ = reconcile(rt, actor=None, organisation_id=other.org.id)
+    assert scoped.ok, [c for c in scoped.checks if not c.ok]
 
     with rt.pool.connection() as conn:
         usage_position = conn.execute(
@@ -235,3 +246,90 @@ def test_the_daily_job_reconciles_once_whichever_process_holds_the_lock(runtime:
     assert report is not None and report.ok
     with runtime.pool.connection() as conn:
         assert not reconciliations.last_failed(conn)
+
+
+@pytest.mark.parametrize("topic", [get_topic(Invoice.Finalized), get_topic(Usage.Recorded)])
+def test_an_entry_the_replay_cannot_apply_is_a_recorded_failure_not_a_crash(
+        runtime: Runtime, topic: str) -> None:
+    # A poison entry (the projectors dead-letter it): the daily job must record a failed
+    # reconciliation naming it, not crash and leave the previous verdict showing in /metrics.
+    with psycopg.connect(runtime.database_url, autocommit=True) as conn:
+        row = conn.execute(psycopg.sql.SQL(
+            "INSERT INTO {} (originator_id, originator_version, topic, state)"
+            " VALUES (gen_random_uuid(), 1, %s, %s) RETURNING notification_id").format(
+            psycopg.sql.Identifier(runtime.settings.pg_schema, runtime.ledger.events_table)),
+            (topic, b"\xc1 not msgpack")).fetchone()
+        assert row is not None
+        # The usage projector dead-lettered it and moved on (the replay folds usage up to there).
+        conn.execute(psycopg.sql.SQL(
+            "INSERT INTO {} (name, position) VALUES ('usage_totals', %s) ON CONFLICT (name)"
+            " DO UPDATE SET position = excluded.position").format(
+            psycopg.sql.Identifier(runtime.settings.pg_schema, "projection_tracking")), (row[0],))
+    report = reconcile_once(runtime)
+    assert report is not None and not report.ok
+    (check,) = [c for c in report.checks if c.name == "replay"]
+    assert [d.positions for d in check.differences] == [(row[0],)]
+
+
+def test_a_reconciliation_of_an_organisation_the_ledger_never_had_is_refused(
+        runtime: Runtime) -> None:
+    # It would compare the global tables only, report ok and record that for no organisation.
+    head = runtime.ledger.head()
+    with pytest.raises(NotFound):
+        reconcile(runtime, actor=None, organisation_id=uuid4())
+    assert runtime.ledger.head() == head  # nothing recorded
+
+
+def test_a_reconciliation_while_ingestion_goes_on_reports_no_lag_as_a_difference(
+        live: tuple[Runtime, ThreadedWriter]) -> None:
+    rt, writer = live
+    tenant = calls_tenant((rt, writer))
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def ingest() -> None:  # usage appended (and projected, with some lag) all through the replay
+        n = 0
+        while not stop.is_set():
+            rows = [encode_usage(tenant.key, UsageFact(f"busy-{n}-{i}", "calls", Decimal(1),
+                                                       OCTOBER + timedelta(minutes=i), {}), now())
+                    for i in range(50)]
+            sent.append(writer.submit(rows).result(10).position)
+            n += 1
+
+    ingestion = threading.Thread(target=ingest)
+    ingestion.start()
+    try:
+        reports = [reconcile(rt, actor=None)[0] for _ in range(3)]
+    finally:
+        stop.set()
+        ingestion.join()
+    assert sent
+    for report in reports:
+        assert report.ok, [(c.name, c.compared, c.facts, c.difference_count)
+                           for c in report.checks]
+
+
+def test_read_models_yet_to_apply_the_ledger_lag_and_are_not_a_silent_check(
+        runtime: Runtime) -> None:
+    # No projector runs here: every read model is behind the invoice's entries (a lag, which
+    # the replay compares up to each model's tracking position), not a check of nothing.
+    finalized(runtime)
+    report, _ = reconcile(runtime, actor=None)
+    (check,) = [c for c in report.checks if c.name == "read_models"]
+    assert check.ok and not check.silent, check
+
+
+def test_a_payments_model_yet_to_apply_an_open_payment_lags_and_is_not_a_silent_check(
+        runtime: Runtime) -> None:
+    # An authorized (not yet captured, so not settled) payment; no projector runs here.
+    payments, invoice = finalized(runtime)
+    order = payments.create_order(invoice.id, actor=None)
+    entity = PaymentEntity("pay_open", invoice.amount_due, "INR", "authorized",
+                           order.razorpay_order_id, "upi", captured=False)
+    payments.record_delivery(event_id="evt_open",
+                             body=webhook_body("payment.authorized", payment=entity))
+    payments.apply_delivery(gateway_event_ref("evt_open"))
+    assert runtime.ledger.get(razorpay_payment_ref("pay_open"), Payment).settled is False
+    report, _ = reconcile(runtime, actor=None)
+    (check,) = [c for c in report.checks if c.name == "payments"]
+    assert check.ok and not check.silent, check

@@ -58,6 +58,8 @@ def test_digests_parse_strictly() -> None:
     h = bytes(range(32))
     assert parse_digest(format_digest(42, h)) == (42, h)
     for bad in ("", "42", "42:", f"x:{h.hex()}", f"42:{h.hex()[:-2]}", f"-1:{h.hex()}",
-                f"42:{'zz' * 32}", f"٤٢:{h.hex()}"):
+                f"42:{'zz' * 32}", f"٤٢:{h.hex()}",
+                # whitespace inside the hash: bytes.fromhex would skip it (a 31-byte hash)
+                f"42:{h.hex()[:30]}  {h.hex()[32:]}", f"42:{h.hex()[:30]}\t\n{h.hex()[32:]}"):
         with pytest.raises(ValueError):
             parse_digest(bad)
