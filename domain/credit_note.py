@@ -47,10 +47,11 @@ from domain.money import MONEY_EXACT, round_half_up
 from domain.numbering import (
     FY_TIMEZONE,
     NUMBER_MAX_CHARS,
-    SEQUENCE_DIGITS,
     SEQUENCE_MAX,
     financial_year,
+    format_number,
     fy_label,
+    sequence_id,
 )
 
 Reason = Literal["duplicate_charge", "service_deficiency", "order_change", "other"]
@@ -86,26 +87,19 @@ PENDING = "pending"
 NOTE_CREDIT_NOTE = "credit_note_id"  # the refund's notes at Razorpay: how a webhook finds us
 NOTE_SHARE = "share"
 NOTE_ATTEMPT = "attempt"
-_SEQUENCE_NAMESPACE = UUID("3e7d5b1c-2a9f-4c6e-8b0d-1f4a6c8e2d71")
 _KEY_NAMESPACE = UUID("9a4c2e6f-1b3d-4f5a-8c7e-0d2b4f6a8c91")
 
 assert len(f"{CREDIT_NOTE_PREFIX}/0000/{SEQUENCE_MAX}") <= NUMBER_MAX_CHARS
 
 
-# ---- numbers -------------------------------------------------------------------------------
-
 def format_credit_note_number(start_year: int, sequence: int) -> str:
-    """`CN/{FY}/{seq:06d}`, e.g. CN/2627/000001 (14 characters)."""
-    if not 1 <= sequence <= SEQUENCE_MAX:
-        raise ValueError(f"sequence must be 1..{SEQUENCE_MAX}, got {sequence}")
-    number = f"{CREDIT_NOTE_PREFIX}/{fy_label(start_year)}/{sequence:0{SEQUENCE_DIGITS}d}"
-    assert len(number) <= NUMBER_MAX_CHARS
-    return number
+    """`CN/{FY}/{seq:06d}`, e.g. CN/2627/000001: the invoices' format, the notes' prefix."""
+    return format_number(start_year, sequence, prefix=CREDIT_NOTE_PREFIX)
 
 
 def credit_sequence_id(start_year: int) -> UUID:
     """One series per financial year, derived from the year (never the invoices' series)."""
-    return uuid5(_SEQUENCE_NAMESPACE, f"{CREDIT_NOTE_PREFIX}/{start_year}")
+    return sequence_id(start_year, prefix=CREDIT_NOTE_PREFIX)
 
 
 class CreditNoteSequence(Aggregate):

@@ -52,19 +52,20 @@ def fy_label(start_year: int) -> str:
     return f"{start_year % YEAR_DIGITS_KEPT:02d}{(start_year + 1) % YEAR_DIGITS_KEPT:02d}"
 
 
-def format_number(start_year: int, sequence: int) -> str:
-    """`{PREFIX}/{FY}/{seq:06d}`, e.g. INV/2627/000001 (15 characters)."""
+def format_number(start_year: int, sequence: int, *, prefix: str = INVOICE_PREFIX) -> str:
+    """`{prefix}/{FY}/{seq:06d}`, e.g. INV/2627/000001 (15 characters) or, for the credit
+    notes' series, CN/2627/000001."""
     if not 1 <= sequence <= SEQUENCE_MAX:
         raise ValueError(f"sequence must be 1..{SEQUENCE_MAX}, got {sequence}")
-    number = f"{INVOICE_PREFIX}/{fy_label(start_year)}/{sequence:0{SEQUENCE_DIGITS}d}"
+    number = f"{prefix}/{fy_label(start_year)}/{sequence:0{SEQUENCE_DIGITS}d}"
     assert len(number) <= NUMBER_MAX_CHARS
     return number
 
 
-def sequence_id(start_year: int) -> UUID:
-    """One sequence per financial year: its ledger identity is derived from the year, so two
-    processes opening the first number of a year collide instead of starting two series."""
-    return uuid5(_SEQUENCE_NAMESPACE, f"{INVOICE_PREFIX}/{start_year}")
+def sequence_id(start_year: int, *, prefix: str = INVOICE_PREFIX) -> UUID:
+    """One sequence per series and financial year: its ledger identity is derived from both,
+    so two processes opening the first number of a year collide instead of starting two."""
+    return uuid5(_SEQUENCE_NAMESPACE, f"{prefix}/{start_year}")
 
 
 class InvoiceSequence(Aggregate):
