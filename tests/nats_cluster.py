@@ -10,18 +10,18 @@ import contextlib
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from infra.embedded import free_port, nats_server_binary
+from tests.conftest import wait_sync
 
 NODES = 3
 CLUSTER_NAME = "billing-test"
 START_DEADLINE_S = 20.0
 STOP_TIMEOUT_S = 10.0
-POLL_S = 0.05
 
 CONFIG = """\
 server_name: {name}
@@ -108,13 +108,9 @@ def nats_cluster(directory: Path) -> Iterator[Cluster]:
     try:
         for node in cluster.nodes:
             node.start()
-        deadline = time.monotonic() + START_DEADLINE_S
         for node in cluster.nodes:
-            while not _accepting(node.port):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"nats node {node.name} did not start:\n"
-                                       + node.log.read_text(errors="replace")[-2000:])
-                time.sleep(POLL_S)
+            wait_sync(partial(_accepting, node.port), f"nats node {node.name} accepting "
+                      f"(its log: {node.log})", START_DEADLINE_S)
         yield cluster
     finally:
         for node in cluster.nodes:
