@@ -186,15 +186,20 @@ class LedgerStore:
                 entry = describe(actor, group, uuid4(), now)
                 if entry is not None:
                     aggregates.append(entry)
-        stored = [self.mapper.to_stored_event(e) for a in aggregates for e in a.collect_events()]
+        # Pending events are drained only once committed: after a Conflict the aggregates
+        # still hold them, so a caller can save them one by one.
+        stored = [self.mapper.to_stored_event(e) for a in aggregates for e in a.pending_events]
         if not stored:
             return self.head()
         try:
             position = self._insert(stored)
-        except psycopg.IntegrityError as e:
+        # The library's connection turns psycopg's errors into its own (as in `save`).
+        except (IntegrityError, psycopg.IntegrityError) as e:
             raise Conflict("already recorded in the ledger") from e
-        except psycopg.Error as e:
+        except (PersistenceError, psycopg.Error) as e:
             raise Unavailable(f"ledger cannot commit: {type(e).__name__}") from e
+        for aggregate in aggregates:
+            aggregate.collect_events()
         self.appended_events += len(stored)
         return position
 

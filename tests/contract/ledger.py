@@ -208,6 +208,23 @@ class LedgerContract(ABC):
         with pytest.raises(NotFound):
             ledger.get(project.id, Project)
 
+    def test_a_batch_with_one_conflict_appends_nothing_and_each_can_then_be_saved_alone(
+            self, ledger: Ledger) -> None:
+        """save_batch is all or nothing, refused as a Conflict (never the store's own error),
+        and leaves every aggregate's events pending: the invoice run's fallback saves them one
+        by one, the one that exists conflicting again."""
+        taken = organisation()
+        self.save(ledger, taken)
+        fresh, clash = organisation(), organisation(taken.id, name="Clash")
+        with pytest.raises(Conflict):
+            ledger.save_batch([(fresh,), (clash,)], actor=None)
+        with pytest.raises(NotFound):
+            ledger.get(fresh.id, Organisation)
+        self.save(ledger, fresh)
+        assert named(ledger, fresh.id) == (1, "Acme")
+        with pytest.raises(Conflict):
+            self.save(ledger, clash)
+
     def test_interleaved_saves_of_two_copies_one_wins_each_version(self, ledger: Ledger) -> None:
         """Any interleaving of two copies of one aggregate, each change saved at once: a save
         wins exactly when its copy had the newest version, so one copy wins each version;

@@ -54,7 +54,7 @@ class MemoryLedger:
         if self.before_save is not None:
             hook, self.before_save = self.before_save, None
             hook()
-        pending = [e for a in aggregates for e in a.collect_events()]
+        pending = [e for a in aggregates for e in a.pending_events]  # drained once appended
         if self.always_conflict:
             raise Conflict("already recorded in the ledger")
         lengths = {k: len(v) for k, v in self._stored.items()}
@@ -67,6 +67,8 @@ class MemoryLedger:
         for ident, stored in encoded:
             self._stored.setdefault(ident, []).append(stored)
             self.position += 1
+        for aggregate in aggregates:
+            aggregate.collect_events()
         return self.position
 
 
