@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -146,6 +147,13 @@ def request_pending_refunds(rt: Runtime, now: datetime,
     return asked
 
 
+def _every(scheduler: AsyncIOScheduler, job: Callable[[], Awaitable[None]], *, minutes: int,
+           first: datetime, job_id: str) -> None:
+    """An interval job, at most one instance at a time, missed runs coalesced into one."""
+    scheduler.add_job(job, "interval", minutes=minutes, next_run_time=first, max_instances=1,
+                      coalesce=True, id=job_id)
+
+
 def start(rt: Runtime) -> AsyncIOScheduler:
     """Schedule every job on the running event loop (the first runs soon after start, so a
     restarted process catches up) and start the scheduler; the caller shuts it down."""
@@ -160,9 +168,8 @@ def start(rt: Runtime) -> AsyncIOScheduler:
         if count:
             log.info("auto-finalized %d draft invoices", count)
 
-    scheduler.add_job(finalize_job, "interval", minutes=FINALIZE_EVERY_MIN,
-                      next_run_time=now + timedelta(seconds=30), max_instances=1, coalesce=True,
-                      id="finalize")
+    _every(scheduler, finalize_job, minutes=FINALIZE_EVERY_MIN, first=now + timedelta(seconds=30),
+           job_id="finalize")
     notifier = rt.notifier()
 
     async def email_job() -> None:
@@ -170,9 +177,8 @@ def start(rt: Runtime) -> AsyncIOScheduler:
         if sent or failed:
             log.info("invoice emails", extra={"invoice_emails": {"sent": sent, "failed": failed}})
 
-    scheduler.add_job(email_job, "interval", minutes=EMAIL_EVERY_MIN,
-                      next_run_time=now + timedelta(seconds=10), max_instances=1, coalesce=True,
-                      id="email")
+    _every(scheduler, email_job, minutes=EMAIL_EVERY_MIN, first=now + timedelta(seconds=10),
+           job_id="email")
 
     credit_note_notifier = rt.credit_note_notifier()
 
@@ -182,27 +188,24 @@ def start(rt: Runtime) -> AsyncIOScheduler:
             log.info("credit note emails", extra={"credit_note_emails": {"sent": sent,
                                                                          "failed": failed}})
 
-    scheduler.add_job(credit_note_email_job, "interval", minutes=EMAIL_EVERY_MIN,
-                      next_run_time=now + timedelta(seconds=15), max_instances=1, coalesce=True,
-                      id="credit-note-email")
+    _every(scheduler, credit_note_email_job, minutes=EMAIL_EVERY_MIN, first=now + timedelta(seconds=15),
+           job_id="credit-note-email")
 
     async def refund_job() -> None:
         asked = await asyncio.to_thread(request_pending_refunds, rt, datetime.now(UTC))
         if asked:
             log.info("asked Razorpay for the refunds of %d credit notes", asked)
 
-    scheduler.add_job(refund_job, "interval", minutes=REFUND_EVERY_MIN,
-                      next_run_time=now + timedelta(seconds=25), max_instances=1, coalesce=True,
-                      id="credit-note-refunds")
+    _every(scheduler, refund_job, minutes=REFUND_EVERY_MIN, first=now + timedelta(seconds=25),
+           job_id="credit-note-refunds")
 
     async def recovery_job() -> None:
         found = await asyncio.to_thread(recover_payments, rt, datetime.now(UTC))
         if found:
             log.info("payment recovery recorded %d deliveries a webhook had not brought", found)
 
-    scheduler.add_job(recovery_job, "interval", minutes=RECOVERY_EVERY_MIN,
-                      next_run_time=now + timedelta(seconds=20), max_instances=1, coalesce=True,
-                      id="payment-recovery")
+    _every(scheduler, recovery_job, minutes=RECOVERY_EVERY_MIN, first=now + timedelta(seconds=20),
+           job_id="payment-recovery")
     record_invoice_schedule(rt, scheduler)
     store = store_of(rt.settings)
 
@@ -213,9 +216,8 @@ def start(rt: Runtime) -> AsyncIOScheduler:
             log.info("archived %d finalized invoice and %d credit note PDFs to %s", archived,
                      notes, store.describe())
 
-    scheduler.add_job(archive_job, "interval", minutes=ARCHIVE_EVERY_MIN,
-                      next_run_time=now + timedelta(seconds=40), max_instances=1, coalesce=True,
-                      id="archive")
+    _every(scheduler, archive_job, minutes=ARCHIVE_EVERY_MIN, first=now + timedelta(seconds=40),
+           job_id="archive")
     hour, minute = RECONCILE_DAILY_AT_UTC
     scheduler.add_job(reconciliation_job, "cron", args=[rt], hour=hour, minute=minute,
                       max_instances=1, coalesce=True, id="reconciliation")
