@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,10 +30,10 @@ import pytest
 from adapters.bookkeeping import dead_letters
 from adapters.maintenance import rebuild
 from infra import embedded
-from infra.embedded import EmbeddedPostgres, embedded_servers, free_port
+from infra.embedded import EmbeddedPostgres, embedded_servers
 from infra.settings import from_env
 from infra.wiring import READ_MODELS, Runtime
-from tests.conftest import http_status_is, wait_sync
+from tests.conftest import wait_sync
 from tests.e2e.workload import (
     ADMIN,
     ADMIN_TOKEN,
@@ -50,7 +49,6 @@ from tests.e2e.workload import (
     QUIET_TENANT,
     QUIET_TENANT_KEYS,
     READY_DEADLINE_S,
-    REPO_ROOT,
     RESTART_DELAY_MAX_S,
     SENDERS,
     USAGE_TOTALS,
@@ -60,6 +58,7 @@ from tests.e2e.workload import (
     Invoicer,
     Key,
     Sender,
+    ServiceProcesses,
     accepted,
     admin_post,
     caught_up,
@@ -76,41 +75,24 @@ pytestmark = pytest.mark.slow
 # ---------------------------------------------------------------- the service's processes
 
 
-class Service:
-    """The `billing` processes of this test, started against its own Postgres and NATS; each
-    process's stderr goes to a file under tmp_path, shown when the test fails."""
+class Service(ServiceProcesses):
+    """Two `billing api`, a `billing relay` and a `billing project` (killed and restarted)."""
 
     def __init__(self, tmp: Path, database_url: str, nats_url: str) -> None:
-        self.tmp = tmp
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("BILLING_", "DATABASE_URL", "NATS_URL"))}
-        self.env |= {"DATABASE_URL": database_url, "NATS_URL": nats_url,
-                     "BILLING_DATA_DIR": str(tmp / "data"), "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
-                     "BILLING_GRACE_HOURS": "0", "LOG_LEVEL": "WARNING"}
-        self.ports = [free_port(), free_port()]
+        super().__init__(tmp, database_url, nats_url)
         self.apis: list[subprocess.Popen[bytes]] = []
         self.relay: subprocess.Popen[bytes] | None = None
         self.projector: subprocess.Popen[bytes] | None = None
-        self.started = 0
-        self.everything: list[subprocess.Popen[bytes]] = []
 
     def _start(self, role: str, port: int | None = None) -> subprocess.Popen[bytes]:
-        self.started += 1
-        log = (self.tmp / f"{self.started:02d}-{role}-{port or ''}.log").open("wb")
-        env = self.env | ({"PORT": str(port)} if port else {})
-        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", role], env=env, cwd=REPO_ROOT,
-                                stdout=log, stderr=log)
-        log.close()
-        self.everything.append(proc)
-        return proc
+        return self.spawn(f"{role}-{port or ''}", role, port)
 
     def start_all(self) -> None:
         self.apis = [self._start("api", port) for port in self.ports]
         self.relay = self._start("relay")
         self.projector = self._start("project")
         for port in self.ports:
-            wait_sync(partial(http_status_is, f"http://127.0.0.1:{port}/health/ready", 200),
-                      f"the API on port {port} ready", READY_DEADLINE_S)
+            self.wait_api(port)
 
     def kill_projector(self) -> None:
         assert self.projector is not None
@@ -120,31 +102,11 @@ class Service:
     def start_projector(self) -> None:
         self.projector = self._start("project")
 
-    def stop_all(self) -> None:
-        """SIGTERM every process this test started (SIGKILL after the timeout)."""
-        for proc in self.everything:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.everything:
-            try:
-                proc.wait(PROCESS_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(PROCESS_STOP_TIMEOUT_S)
-
     def died(self) -> list[str]:
         """Processes that exited by themselves (not killed by the test), with their exit codes."""
         live = [*self.apis, self.relay, self.projector]
         return [f"{' '.join(map(str, p.args[3:]))}: exit {p.returncode}"  # type: ignore[index]
                 for p in live if p is not None and p.poll() is not None]
-
-    def logs_tail(self, chars: int = 1500) -> str:
-        out = []
-        for path in sorted(self.tmp.glob("*.log")):
-            text = path.read_text(errors="replace").strip()
-            if text:
-                out.append(f"--- {path.name}\n{text[-chars:]}")
-        return "\n".join(out)
 
 
 def restart_postgres(pg: EmbeddedPostgres) -> float:

@@ -13,11 +13,9 @@ named by Postgres itself."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +28,10 @@ import pytest
 
 from adapters.bookkeeping import dead_letters, lock_key
 from adapters.relay import RELAY_NAME
-from infra.embedded import EmbeddedPostgres, embedded_servers, free_port
+from infra.embedded import EmbeddedPostgres, embedded_servers
 from infra.settings import from_env
 from infra.wiring import Runtime
-from tests.conftest import http_status_is, wait_sync
+from tests.conftest import wait_sync
 from tests.e2e.workload import (
     ADMIN,
     ADMIN_TOKEN,
@@ -44,10 +42,10 @@ from tests.e2e.workload import (
     PROCESS_STOP_TIMEOUT_S,
     QUIET_TENANT,
     READY_DEADLINE_S,
-    REPO_ROOT,
     Admin,
     Books,
     Sender,
+    ServiceProcesses,
     accepted,
     caught_up,
     ingest_status,
@@ -72,34 +70,16 @@ LIMIT_WINDOW_S = 3.0
 LIMIT_REQUESTS_MAX = 400  # a bound on the loop; the window ends it first
 
 
-class Processes:
-    """The service's processes, each started as `python -m infra.cli <role>` with its own
-    PGAPPNAME (role-n) and its own log under tmp."""
+class Processes(ServiceProcesses):
+    """The service's processes by name, each connecting to Postgres as PGAPPNAME=<name>."""
 
     def __init__(self, tmp: Path, database_url: str, nats_url: str) -> None:
-        self.tmp = tmp
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("BILLING_", "DATABASE_URL", "NATS_URL", "PG"))}
-        self.env |= {"DATABASE_URL": database_url, "NATS_URL": nats_url,
-                     "BILLING_DATA_DIR": str(tmp / "data"), "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
-                     "BILLING_GRACE_HOURS": "0", "LOG_LEVEL": "WARNING"}
-        self.ports = [free_port(), free_port()]
+        super().__init__(tmp, database_url, nats_url)
         self.live: dict[str, subprocess.Popen[bytes]] = {}
-        self.everything: list[subprocess.Popen[bytes]] = []
         self.killed: set[str] = set()
 
     def start(self, name: str, role: str, port: int | None = None) -> None:
-        log = (self.tmp / f"{len(self.everything):02d}-{name}.log").open("wb")
-        env = self.env | {"PGAPPNAME": name} | ({"PORT": str(port)} if port else {})
-        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", role], env=env, cwd=REPO_ROOT,
-                                stdout=log, stderr=log)
-        log.close()
-        self.live[name] = proc
-        self.everything.append(proc)
-
-    def wait_api(self, port: int) -> None:
-        wait_sync(partial(http_status_is, f"http://127.0.0.1:{port}/health/ready", 200),
-                  f"the API on port {port} ready", READY_DEADLINE_S)
+        self.live[name] = self.spawn(name, role, port, env={"PGAPPNAME": name})
 
     def kill(self, name: str) -> None:
         proc = self.live.pop(name)
@@ -109,25 +89,6 @@ class Processes:
 
     def died(self) -> list[str]:
         return [f"{name}: exit {p.returncode}" for name, p in self.live.items() if p.poll() is not None]
-
-    def stop_all(self) -> None:
-        for proc in self.everything:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.everything:
-            try:
-                proc.wait(PROCESS_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(PROCESS_STOP_TIMEOUT_S)
-
-    def logs_tail(self, chars: int = 1500) -> str:
-        out = []
-        for path in sorted(self.tmp.glob("*.log")):
-            text = path.read_text(errors="replace").strip()
-            if text:
-                out.append(f"--- {path.name}\n{text[-chars:]}")
-        return "\n".join(out)
 
 
 def relay_leader(rt: Runtime) -> str | None:

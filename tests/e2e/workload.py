@@ -5,7 +5,11 @@ after the workload."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -24,9 +28,10 @@ from psycopg_pool import ConnectionPool
 
 from adapters.bookkeeping import all_tracking
 from adapters.maintenance import rebuild
+from infra.embedded import free_port
 from infra.wiring import READ_MODELS, Runtime
 from projections.base import ReadModel
-from tests.conftest import wait_sync
+from tests.conftest import http_status_is, wait_sync
 
 DEFAULT_SEED = 14
 WORKLOAD_S = 25.0
@@ -646,3 +651,54 @@ def rebuild_problems(runtime: Runtime) -> list[str]:
         problems += [f"read model {model.name} differs from its rebuild: {d}"
                      for d in differences(live, snapshot(runtime, model))]
     return problems
+
+
+# ---- the service's processes -----------------------------------------------------------------
+
+class ServiceProcesses:
+    """`python -m infra.cli <role>` processes of one test, against its own Postgres and NATS;
+    each one's output goes to a numbered log under `tmp`, shown when the test fails."""
+
+    def __init__(self, tmp: Path, database_url: str, nats_url: str) -> None:
+        self.tmp = tmp
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("BILLING_", "DATABASE_URL", "NATS_URL", "PG"))}
+        self.env |= {"DATABASE_URL": database_url, "NATS_URL": nats_url,
+                     "BILLING_DATA_DIR": str(tmp / "data"), "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
+                     "BILLING_GRACE_HOURS": "0", "LOG_LEVEL": "WARNING"}
+        self.ports = [free_port(), free_port()]
+        self.everything: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, role: str, port: int | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"{len(self.everything) + 1:02d}-{name}.log").open("wb")
+        extra = (env or {}) | ({"PORT": str(port)} if port else {})
+        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", role], env=self.env | extra,
+                                cwd=REPO_ROOT, stdout=log, stderr=log)
+        log.close()
+        self.everything.append(proc)
+        return proc
+
+    def wait_api(self, port: int) -> None:
+        wait_sync(partial(http_status_is, f"http://127.0.0.1:{port}/health/ready", 200),
+                  f"the API on port {port} ready", READY_DEADLINE_S)
+
+    def stop_all(self) -> None:
+        """SIGTERM every process this test started (SIGKILL after the timeout)."""
+        for proc in self.everything:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.everything:
+            try:
+                proc.wait(PROCESS_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(PROCESS_STOP_TIMEOUT_S)
+
+    def logs_tail(self, chars: int = 1500) -> str:
+        out = []
+        for path in sorted(self.tmp.glob("*.log")):
+            text = path.read_text(errors="replace").strip()
+            if text:
+                out.append(f"--- {path.name}\n{text[-chars:]}")
+        return "\n".join(out)
