@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from psycopg import sql
 
 from infra.embedded import free_port
+from infra.settings import Settings
 from infra.wiring import ApiRole, Runtime, admin_token, build_api
 from tests.conftest import TEST_ADMIN_TOKEN, http_status, make_settings, running, wait_until
 
@@ -38,11 +40,10 @@ class Api:
             return int(row[0])
 
 
-@pytest.fixture(scope="module")
-async def api(
-    tmp_path_factory: pytest.TempPathFactory, server_urls: tuple[str, str]
-) -> AsyncIterator[Api]:
-    settings = make_settings(Path(tmp_path_factory.mktemp("api")), port=free_port())
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, server_urls: tuple[str, str]) -> AsyncIterator[Api]:
+    """The API, relay and projectors of `settings` running here until the block ends; its
+    schema dropped afterwards."""
     rt = Runtime.open(settings, *server_urls)
     role = build_api(rt, admin_token=admin_token(settings))
     base = f"http://127.0.0.1:{settings.port}"
@@ -54,6 +55,15 @@ async def api(
             yield Api(http, rt, role)
     finally:
         close_and_drop(server_urls[0], settings.pg_schema, rt)
+
+
+@pytest.fixture(scope="module")
+async def api(
+    tmp_path_factory: pytest.TempPathFactory, server_urls: tuple[str, str]
+) -> AsyncIterator[Api]:
+    settings = make_settings(Path(tmp_path_factory.mktemp("api")), port=free_port())
+    async with serving(settings, server_urls) as served:
+        yield served
 
 
 def close_and_drop(database_url: str, schema: str, *runtimes: Runtime) -> None:

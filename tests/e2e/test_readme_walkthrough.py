@@ -21,13 +21,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import anyio
-import httpx
 import pytest
 
 from infra.embedded import free_port
-from infra.wiring import Runtime, admin_token, build_api
-from tests.conftest import TEST_ADMIN_TOKEN, http_status, make_settings, running, wait_until
-from tests.e2e.conftest import AUTH, Api, close_and_drop
+from tests.conftest import TEST_ADMIN_TOKEN, make_settings
+from tests.e2e.conftest import AUTH, Api, serving
 
 pytestmark = pytest.mark.anyio
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -51,17 +49,8 @@ def walkthrough_script(readme: str) -> str:
 async def walk_api(tmp_path_factory: pytest.TempPathFactory,
                    server_urls: tuple[str, str]) -> AsyncIterator[Api]:
     settings = make_settings(Path(tmp_path_factory.mktemp("walk")), port=free_port(), grace_hours=0)
-    rt = Runtime.open(settings, *server_urls)
-    role = build_api(rt, admin_token=admin_token(settings))
-    base = f"http://127.0.0.1:{settings.port}"
-    try:
-        async with running(rt, {"api", "relay", "project"}, api=role), httpx.AsyncClient(
-            base_url=base, timeout=10
-        ) as http:
-            await wait_until(lambda: http_status(f"{base}/health/ready") == 200, "up")
-            yield Api(http, rt, role)
-    finally:
-        close_and_drop(server_urls[0], settings.pg_schema, rt)
+    async with serving(settings, server_urls) as served:
+        yield served
 
 
 def _clone_folder(tmp: Path) -> Path:
