@@ -155,7 +155,7 @@ class LedgerStore:
         if not ids:
             return {}
         statement = (f"SELECT originator_id, originator_version, topic, state FROM {self.table}"
-                     " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version")
+                     " WHERE originator_id = ANY(%b::uuid[]) ORDER BY originator_id, originator_version")
         try:
             with self.recorder.datastore.get_connection() as conn, \
                     conn.cursor(row_factory=tuple_row) as cur:
@@ -215,7 +215,7 @@ class LedgerStore:
             cur.execute(sql.SQL("NOTIFY {}").format(sql.Identifier(self.channel)))
             cur.execute(sql.SQL(
                 "WITH ins AS (INSERT INTO {} (originator_id, originator_version, topic, state)"
-                " SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])"
+                " SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[])"
                 " RETURNING notification_id) SELECT max(notification_id) FROM ins"
             ).format(sql.Identifier(self._schema, self.events_table)),
                 ([e.originator_id for e in stored], [e.originator_version for e in stored],

@@ -369,7 +369,7 @@ def existing_of(conn: Connection[Any], period: str, org_ids: Sequence[UUID]) -> 
     with conn.cursor() as cur:
         cur.execute(
             "SELECT DISTINCT ON (organisation_id) organisation_id, status FROM invoices"
-            " WHERE period = %s AND organisation_id = ANY(%s)"
+            " WHERE period = %s AND organisation_id = ANY(%b::uuid[])"
             " ORDER BY organisation_id, revision DESC",
             (period, list(org_ids)),
         )
@@ -383,7 +383,7 @@ def billing_invoices_of(conn: Connection[Any], periods: list[str], org_ids: Sequ
     with conn.cursor() as cur:
         cur.execute(
             "SELECT organisation_id, id FROM invoices WHERE period = ANY(%s) AND status <> 'void'"
-            " AND organisation_id = ANY(%s) ORDER BY organisation_id, period, revision",
+            " AND organisation_id = ANY(%b::uuid[]) ORDER BY organisation_id, period, revision",
             (periods, list(org_ids)),
         )
         for organisation_id, ident in cur.fetchall():

@@ -122,7 +122,7 @@ def row_of(org: Organisation) -> OrganisationRow:
 def get_many(conn: Connection[Any], org_ids: Sequence[UUID]) -> dict[UUID, OrganisationRow]:
     """The rows of `org_ids` that the read model has, in one query (an invoice run's batch)."""
     rows = all_rows(conn, OrganisationRow,
-                    f"SELECT {_COLUMNS} FROM organisations WHERE id = ANY(%s)", (list(org_ids),))
+                    f"SELECT {_COLUMNS} FROM organisations WHERE id = ANY(%b::uuid[])", (list(org_ids),))
     return {row.id: row for row in rows}
 
 

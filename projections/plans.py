@@ -186,7 +186,7 @@ def subscription_histories(conn: Connection[Any], org_ids: Sequence[UUID]
     out: dict[UUID, list[SubscriptionRow]] = {}
     with conn.cursor() as cur:
         cur.execute("SELECT organisation_id, plan_code, effective_from, recorded_at"
-                    " FROM subscriptions WHERE organisation_id = ANY(%s)"
+                    " FROM subscriptions WHERE organisation_id = ANY(%b::uuid[])"
                     " ORDER BY organisation_id, ledger_position", (list(org_ids),))
         for org_id, code, effective_from, recorded_at in cur.fetchall():
             out.setdefault(org_id, []).append(SubscriptionRow(code, effective_from, recorded_at))

@@ -288,7 +288,7 @@ def period_quantities(conn: Connection[Any], month_start: date,
     dates), all projects together: what an invoice run prices. One pass over the month; only
     `org_ids`' when given (one batch of an invoice run)."""
     out: dict[UUID, dict[str, Decimal]] = {}
-    only = "" if org_ids is None else " AND t.organisation_id = ANY(%s)"
+    only = "" if org_ids is None else " AND t.organisation_id = ANY(%b::uuid[])"
     params: tuple[Any, ...] = (month_start,) if org_ids is None else (month_start, list(org_ids))
     rows = conn.execute(
         b"""SELECT t.organisation_id, t.metric, CASE m.aggregation
