@@ -45,6 +45,7 @@ from psycopg_pool import ConnectionPool
 
 from adapters.bookkeeping import dead_letter_pages, lock_key, record_blocked, tracked_position
 from adapters.gate import PgProjectionGate
+from adapters.invoice_run_helpers import HELPERS_MAX, Helper, Recipe
 from adapters.ledger import LedgerStore
 from adapters.pg import TRANSIENT
 from domain.audit import Actor
@@ -83,6 +84,9 @@ DEAD_LETTER_MODELS = (*READ_MODELS_USED, catalogue.READ_MODEL.name)
 INFRASTRUCTURE = (*TRANSIENT, Unavailable)
 ENTRIES_PER_READ = 1000  # dead-lettered ledger entries decoded per read
 ORGS_PER_BATCH = 1000  # organisations whose inputs are read at once, then priced in memory
+# A run of at least this many organisations starts its helper processes (each takes about a
+# second to start: a smaller run is done sooner without them).
+HELPERS_FROM_ORGS = 4 * ORGS_PER_BATCH
 DRAFTS_PER_APPEND = 500  # drafts per ledger transaction (each its own aggregate and events)
 FINALIZE_BATCH_INVOICES = 500  # drafts numbered per ledger append, with their sequence
 
@@ -90,7 +94,14 @@ FINALIZE_BATCH_INVOICES = 500  # drafts numbered per ledger append, with their s
 class InvoiceRun:
     def __init__(self, pool: ConnectionPool, ledger: LedgerStore, invoicing: InvoicingService,
                  supplier_state_code: str, clock: Callable[[], datetime], grace: timedelta,
-                 schema: str) -> None:
+                 schema: str, *, helpers: int = 0, helper_recipe: Recipe | None = None) -> None:
+        """`helpers`: processes that take batches of a large run besides this one, each
+        building its own run from `helper_recipe` (adapters/invoice_run_helpers.py); 0 or no
+        recipe: every batch is done here."""
+        if not 0 <= helpers <= HELPERS_MAX:
+            raise ValueError(f"an invoice run has 0 to {HELPERS_MAX} helper processes")
+        self._helpers = helpers
+        self._helper_recipe = helper_recipe if helpers else None
         self._pool = pool
         self._ledger = ledger
         self._gate = PgProjectionGate(pool, ledger)
@@ -168,23 +179,40 @@ class InvoiceRun:
             on_started(run_id)
         log.info("invoice run %s (%s) started: %d organisations", period, run_id, total)
         counted = decide.Tally()
+        report = partial(self._counted, counted, run_id, total, progress)
+        helpers: list[Helper] = []
         try:
+            helpers = self._start_helpers(total)
             # One batch's drafts are appended (a thread of their own, waiting on Postgres)
-            # while the next batch is read and priced: at most one append in flight.
+            # while the next batch is read and priced: at most one append in flight. A helper
+            # process with no batch in hand is handed the next one instead.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="invoice-append") as appender:
                 appending: Future[list[Done]] | None = None
                 for chunk in self._chunks(missing):
-                    drafts = self._batch(batch, chunk, counted)
+                    idle = self._idle_helper(helpers, report)
+                    if idle is not None:
+                        idle.submit(batch, chunk, actor)
+                        continue
+                    drafts = self._batch(batch, chunk, counted.add)
                     if appending is not None:
-                        self._appended(appending, counted, run_id, total, progress)
+                        report(appending.result())
                     appending = appender.submit(self._append_all, drafts, actor)
                 if appending is not None:
-                    self._appended(appending, counted, run_id, total, progress)
+                    report(appending.result())
+                for helper in helpers:
+                    if helper.busy:
+                        report(helper.result())
+            if helpers:
+                log.info("invoice run %s (%s): %d batches drafted by %d helper processes",
+                         period, run_id, sum(h.batches for h in helpers), len(helpers))
         except BaseException as e:
             with contextlib.suppress(Exception), self._pool.connection() as conn:
                 records.finished(conn, run_id, counted.done, counted.result(period),
                                  self._clock(), error=f"{type(e).__name__}: {e}")
             raise
+        finally:
+            for helper in helpers:
+                helper.stop()
         result = counted.result(period, run_id)
         with self._pool.connection() as conn:
             record_blocked(conn, period, result.blocked)
@@ -212,10 +240,18 @@ class InvoiceRun:
                 return
             after = page[-1]
 
-    def _batch(self, batch: _Batch, chunk: list[UUID], counted: decide.Tally
+    def batch_outcomes(self, batch: _Batch, chunk: list[UUID], actor: Actor | None
+                       ) -> list[Done]:
+        """One batch read, priced and appended here and now: what was done with each of its
+        organisations (what a helper process does with the batches it is handed)."""
+        outcomes: list[Done] = []
+        drafts = self._batch(batch, chunk, outcomes.append)
+        return outcomes + self._append_all(drafts, actor)
+
+    def _batch(self, batch: _Batch, chunk: list[UUID], add: Callable[[Done], None]
                ) -> list[tuple[Invoice, str]]:
         """Read a batch of organisations' inputs at once and price each in memory: the drafts
-        to append (with each organisation's name); every other outcome is counted."""
+        to append (with each organisation's name); every other outcome goes to `add`."""
         period = batch.period
         earlier = decide.lookback_periods(period)
         drafts: list[tuple[Invoice, str]] = []
@@ -241,7 +277,7 @@ class InvoiceRun:
             billed = self._ledger.get_many([i for ids in billing.values() for i in ids], Invoice)
             for org_id in chunk:
                 if org_id in drafted:
-                    counted.add(Done(org_id, "existing"))
+                    add(Done(org_id, "existing"))
                     continue
                 org = orgs.get(org_id)
                 try:
@@ -262,11 +298,11 @@ class InvoiceRun:
                     else:
                         log.exception("invoice run %s: %s not drafted: %s", period, org_id,
                                       type(e).__name__)
-                    counted.add(Done(org_id, "failed", name=org.name if org else "",
-                                     reason=decide.failed_reason(e)))
+                    add(Done(org_id, "failed", name=org.name if org else "",
+                             reason=decide.failed_reason(e)))
                     continue
                 if isinstance(one, Done):
-                    counted.add(one)
+                    add(one)
                 else:
                     drafts.append((one, org.name if org else ""))
         return drafts
@@ -280,11 +316,27 @@ class InvoiceRun:
                 out.append(Done(invoice.organisation_id, status, name=name))
         return out
 
-    def _appended(self, appending: Future[list[Done]], counted: decide.Tally, run_id: UUID,
-                  total: int, progress: Callable[[int, int], None] | None) -> None:
-        """A batch's append is done (its error, if any, stops the run): count it, record the
-        progress and tell it."""
-        for one in appending.result():
+    def _start_helpers(self, total: int) -> list[Helper]:
+        """The helper processes for a run of `total` organisations: none for a run too small
+        to repay starting them (about a second each)."""
+        if self._helper_recipe is None or total < HELPERS_FROM_ORGS:
+            return []
+        return [Helper(self._helper_recipe) for _ in range(self._helpers)]
+
+    @staticmethod
+    def _idle_helper(helpers: list[Helper], report: Callable[[list[Done]], None]
+                     ) -> Helper | None:
+        """A helper without a batch in hand, once the answers of those done are counted."""
+        for helper in helpers:
+            if helper.done():
+                report(helper.result())
+        return next((helper for helper in helpers if not helper.busy), None)
+
+    def _counted(self, counted: decide.Tally, run_id: UUID, total: int,
+                 progress: Callable[[int, int], None] | None, outcomes: list[Done]) -> None:
+        """A batch is done (appended here or by a helper): count it, record the progress and
+        tell it."""
+        for one in outcomes:
             counted.add(one)
         total = max(total, counted.done)
         if progress:

@@ -16,6 +16,10 @@ API_PROCESSES_MAX = 16
 DEFAULT_RAZORPAY_TIMEOUT_S = 10.0
 RAZORPAY_TIMEOUT_MAX_S = 120.0  # a request to the API waits on the gateway at most this long
 STREAM_REPLICAS_MAX = 5  # JetStream's own bound on a stream's replicas
+# An invoice run of thousands of organisations drafts batches in this many more processes
+# (each about a core; docs/SCALING.md, The invoice run). 0: the run alone.
+DEFAULT_INVOICE_RUN_HELPERS = 1
+INVOICE_RUN_HELPERS_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Settings:
     # The archive (docs/AUDIT.md): s3://bucket/prefix, or None for <data folder>/archive.
     archive_url: str | None = None
     archive_endpoint_url: str | None = None  # an S3-compatible service other than AWS
+    # Processes that draft batches of a large invoice run besides the one running it.
+    invoice_run_helpers: int = DEFAULT_INVOICE_RUN_HELPERS
 
 
 def _port(value: str) -> int:
@@ -84,6 +90,17 @@ def _stream_replicas(value: str) -> int:
     if not 1 <= replicas <= STREAM_REPLICAS_MAX:
         raise ValueError(f"BILLING_STREAM_REPLICAS must be 1..{STREAM_REPLICAS_MAX}, got {value}")
     return replicas
+
+
+def _invoice_run_helpers(value: str | None) -> int:
+    """BILLING_INVOICE_RUN_HELPERS: unset is DEFAULT_INVOICE_RUN_HELPERS."""
+    if value is None:
+        return DEFAULT_INVOICE_RUN_HELPERS
+    count = int(value)
+    if not 0 <= count <= INVOICE_RUN_HELPERS_MAX:
+        raise ValueError(f"BILLING_INVOICE_RUN_HELPERS must be 0..{INVOICE_RUN_HELPERS_MAX}, "
+                         f"got {value}")
+    return count
 
 
 def _comma_list(value: str | None) -> tuple[str, ...]:
@@ -130,6 +147,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                                      opt("BILLING_WEBHOOKS_ALLOW_PRIVATE")),
         archive_url=opt("BILLING_ARCHIVE_URL"),
         archive_endpoint_url=opt("BILLING_ARCHIVE_ENDPOINT_URL"),
+        invoice_run_helpers=_invoice_run_helpers(opt("BILLING_INVOICE_RUN_HELPERS")),
     )
 
 

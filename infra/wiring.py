@@ -65,6 +65,7 @@ from domain.services.payments import PaymentsService
 from domain.services.plans import PlansService
 from domain.services.webhooks import WebhooksService
 from infra.embedded import embedded_servers
+from infra.invoice_run_helper import helper_invoice_run
 from infra.settings import Settings
 from projections import access, catalogue, invoices, organisations, payments, plans, usage_totals
 from projections import credit_notes as credit_notes_view
@@ -230,10 +231,13 @@ class Runtime:
         return InvoicingService(self.ledger, lambda: datetime.now(UTC), pause=_jittered_pause)
 
     def invoice_run(self) -> InvoiceRun:
-        """The invoice run over every subscribed organisation (API, CLI and scheduler)."""
+        """The invoice run over every subscribed organisation (API, CLI and scheduler), with
+        the settings' helper processes for large runs (each builds its own: helper_invoice_run)."""
         return InvoiceRun(self.pool, self.ledger, self.invoicing(), self.settings.supplier_state_code,
                           lambda: datetime.now(UTC), timedelta(hours=self.settings.grace_hours),
-                          self.settings.pg_schema)
+                          self.settings.pg_schema, helpers=self.settings.invoice_run_helpers,
+                          helper_recipe=partial(helper_invoice_run, self.settings,
+                                                self.database_url))
 
     def gateway(self) -> RazorpayGateway | None:
         """The Razorpay gateway when both its keys are set, made once (one connection pool for

@@ -1,0 +1,147 @@
+"""Helper processes of the invoice run: a batch of organisations read, priced and appended in
+another process, so that billing day uses more than one core (what bounds a run is the Python
+work per invoice; Postgres mostly waits).
+
+A helper is a program of its own (`python -m adapters.invoice_run_helpers FD`), never a fork
+(the process that runs an invoice run has threads and connection pools a fork would copy
+mid-use), talking over a socket pair. It builds its own run from a recipe (its own
+ledger and connections: infra/wiring.py helper_invoice_run), then takes one batch at a time
+over a pipe and answers what it did with each organisation. The run that owns it holds the
+run's lock; a helper only appends batches it is handed, each whole or not at all, with derived
+invoice ids, so a helper can never draft an invoice twice.
+
+When the owner dies (SIGKILL included), its end of the pipe closes: the helper reads EOF and
+exits, after finishing the batch in hand (a run started again finds those drafts: "existing").
+When a helper dies, the owner reads EOF, and the run stops as it would with Postgres away
+(Unavailable): a run started again does the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from domain.audit import Actor
+from domain.errors import Unavailable
+from domain.services.invoice_runs import Done
+
+if TYPE_CHECKING:
+    from adapters.invoice_run import InvoiceRun, _Batch
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HELPERS_MAX = 8  # helper processes one run may use
+STOP_TIMEOUT_S = 30.0  # a helper asked to stop finishes its batch first
+RESULT_POLL_S = 1.0  # how often a wait for a batch checks that the helper is still alive
+BATCH_TIMEOUT_S = 3600.0  # one batch of at most ORGS_PER_BATCH organisations, at most
+ERROR_TEXT_MAX_CHARS = 500
+
+# Builds the helper's own run (and closes its connections after).
+Recipe = Callable[[], AbstractContextManager["InvoiceRun"]]
+
+
+class Helper:
+    """One helper process and the batch it has in hand (at most one)."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            # A program of its own (not multiprocessing's spawn, which would import the
+            # caller's __main__ again): the project's packages from where this one is.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (str(_PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        self._conn = Connection(ours.detach())
+        self.busy = False
+        self.batches = 0  # answered so far
+        self._send(recipe)
+
+    def submit(self, batch: _Batch, chunk: Sequence[UUID], actor: Actor | None) -> None:
+        """Hand the helper one batch of organisations (it must not have one in hand)."""
+        assert not self.busy
+        self._send((batch, list(chunk), actor))
+        self.busy = True
+
+    def _send(self, message: object) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:
+            raise Unavailable(f"an invoice run helper stopped (exit {self._process.poll()})") from None
+
+    def done(self) -> bool:
+        """True when the batch in hand is answered (take it with `result`)."""
+        return self.busy and self._conn.poll()
+
+    def result(self, timeout_s: float = BATCH_TIMEOUT_S) -> list[Done]:
+        """What the helper did with each organisation of its batch; waits for it. Unavailable
+        when the helper failed, died, or took longer than `timeout_s`."""
+        assert self.busy
+        waited_s = 0.0
+        while not self._conn.poll(RESULT_POLL_S):
+            waited_s += RESULT_POLL_S
+            if self._process.poll() is not None and not self._conn.poll():
+                raise Unavailable(f"an invoice run helper stopped (exit {self._process.returncode})")
+            if waited_s >= timeout_s:
+                raise Unavailable("an invoice run helper did not answer in time")
+        try:
+            kind, answer = self._conn.recv()
+        except (EOFError, OSError):  # closed, or reset by a helper that was killed
+            raise Unavailable(f"an invoice run helper stopped (exit {self._process.poll()})"
+                              ) from None
+        self.busy = False
+        self.batches += 1
+        if kind == "failed":
+            raise Unavailable(f"an invoice run helper failed: {answer}")
+        outcomes: list[Done] = answer
+        return outcomes
+
+    def stop(self) -> None:
+        """Ask the helper to exit (after its batch, if any) and wait; kill it if it does not."""
+        with contextlib.suppress(OSError):  # already gone
+            self._conn.send(None)
+        try:
+            self._process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(STOP_TIMEOUT_S)
+        self._conn.close()
+
+
+def _serve(conn: Connection) -> None:
+    """The helper process: build its run from the recipe it is sent first, then answer
+    batches until told to stop or the owner's end closes."""
+    try:
+        recipe: Recipe = conn.recv()
+    except (EOFError, OSError):
+        return
+    with recipe() as run:
+        while True:
+            try:
+                work: Any = conn.recv()
+            except (EOFError, OSError):
+                return  # the owner is gone
+            if work is None:
+                return
+            batch, chunk, actor = work
+            try:
+                answer: tuple[str, Any] = ("done", run.batch_outcomes(batch, chunk, actor))
+            except Exception as e:  # the owner stops the run with it (a later run resumes)
+                answer = ("failed", f"{type(e).__name__}: {e}"[:ERROR_TEXT_MAX_CHARS])
+            try:
+                conn.send(answer)
+            except OSError:
+                return  # the owner is gone; what was appended stays (a later run sees it)
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))

@@ -1,0 +1,139 @@
+"""Issue 19: an invoice run hands batches to helper processes (adapters/invoice_run_helpers.py)
+and still drafts every organisation's invoice exactly once: with a helper at work, with a
+helper SIGKILLed in the middle of a run (the run stops; the next one drafts the rest), and no
+helper outlives its run. Small batches, so that a few dozen organisations make several."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from uuid import UUID, uuid4
+
+import pytest
+
+import adapters.invoice_run as invoice_run
+from adapters.maintenance import rebuild
+from domain.errors import Unavailable
+from domain.invoice import Invoice, invoice_id
+from domain.meter import Meter
+from domain.organisation import Organisation, OrganisationSettings
+from domain.period import period_bounds, period_of, shift_period
+from domain.plan import ChargeSpec, Plan
+from domain.subscription import Subscription
+from infra.wiring import READ_MODELS, Runtime
+
+ORGS = 60
+ORGS_PER_BATCH = 10
+HELPER_MODULE = "adapters.invoice_run_helpers"
+
+
+def _setup(rt: Runtime, period: str) -> list[UUID]:
+    now = datetime.now(UTC)
+    meter = Meter.define("calls", "API calls", "count", None, [], False, now)
+    plan = Plan.publish("helped", "Helped", "INR", Decimal(500), Decimal(0),
+                        [ChargeSpec("calls", "per_unit", unit_price=Decimal("0.5"))], {"calls"}, now)
+    starts = period_bounds(period, "Asia/Kolkata")[0] - timedelta(days=40)
+    aggregates: list[object] = [meter, plan]
+    ids = []
+    for i in range(ORGS):
+        org = Organisation.create(uuid4(), OrganisationSettings(
+            name=f"org {i}", billing_email=f"o{i}@example.in", state_code="29"), now)
+        aggregates += [org, Subscription.start(org.id, "helped", starts, now)]
+        ids.append(org.id)
+    rt.ledger.save(*aggregates, actor=None)  # type: ignore[arg-type]
+    _catch_up(rt)
+    return ids
+
+
+def _catch_up(rt: Runtime) -> None:
+    """The read models up to the ledger's head, without projectors (a run waits for them)."""
+    for model in READ_MODELS:
+        rebuild(rt.pool, rt.ledger, model)
+
+
+def _helpers_alive() -> list[int]:
+    """Helper processes started by this process that are still running (not zombies)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        state, ppid = fields[0], int(fields[1])
+        if ppid == os.getpid() and HELPER_MODULE in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _drafted(rt: Runtime) -> int:
+    with rt.pool.connection() as conn:
+        row = conn.execute(f"SELECT count(*) FROM {rt.ledger.table}"
+                           " WHERE topic LIKE '%%Invoice.Drafted'").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(invoice_run, "ORGS_PER_BATCH", ORGS_PER_BATCH)
+    monkeypatch.setattr(invoice_run, "HELPERS_FROM_ORGS", 2 * ORGS_PER_BATCH)
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_a_run_with_a_helper_process_drafts_every_invoice_once(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = runtime
+    period = shift_period(period_of(datetime.now(UTC), "Asia/Kolkata"), -2)
+    ids = _setup(rt, period)
+    runner = rt.invoice_run()
+    with caplog.at_level(logging.INFO, logger="billing.invoice_run"):
+        result = runner.run(period, actor=None)
+    assert (result.created, result.existing, result.failed) == (ORGS, 0, 0)
+    helped = [r.getMessage() for r in caplog.records if "helper processes" in r.getMessage()]
+    assert helped and not helped[0].split(": ", 1)[1].startswith("0 batches"), helped
+    assert len(rt.ledger.get_many([invoice_id(o, period) for o in ids], Invoice)) == ORGS
+    assert _drafted(rt) == ORGS
+    assert _helpers_alive() == []
+    # Run again: every one exists already, nothing is appended.
+    _catch_up(rt)
+    head = rt.ledger.head()
+    again = runner.run(period, actor=None)
+    assert (again.created, again.existing) == (0, ORGS)
+    assert rt.ledger.head() == head
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_a_helper_killed_mid_run_stops_the_run_and_the_next_run_drafts_the_rest_once(
+    runtime: Runtime
+) -> None:
+    rt = runtime
+    period = shift_period(period_of(datetime.now(UTC), "Asia/Kolkata"), -2)
+    ids = _setup(rt, period)
+    killed: list[int] = []
+
+    def kill_the_helper(done: int, _total: int) -> None:
+        if not killed:
+            for pid in _helpers_alive():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    with pytest.raises(Unavailable, match="helper"):
+        rt.invoice_run().run(period, kill_the_helper, actor=None)
+    assert killed
+    assert _drafted(rt) < ORGS  # stopped part-way
+    assert _helpers_alive() == []
+    _catch_up(rt)
+    result = rt.invoice_run().run(period, actor=None)
+    assert result.created + result.existing == ORGS and result.failed == 0
+    assert len(rt.ledger.get_many([invoice_id(o, period) for o in ids], Invoice)) == ORGS
+    assert _drafted(rt) == ORGS
+    assert _helpers_alive() == []
