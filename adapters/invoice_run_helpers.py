@@ -124,7 +124,9 @@ def _serve(conn: Connection) -> None:
         recipe: Recipe = conn.recv()
     except (EOFError, OSError):
         return
-    with recipe() as run:
+    from adapters.invoice_run import fewer_collections  # it imports this module
+
+    with recipe() as run, fewer_collections():
         while True:
             try:
                 work: Any = conn.recv()
