@@ -473,8 +473,14 @@ def _charge_line(charge: Charge, quantities: Mapping[str, Decimal], names: Mappi
     # The meter's name is what a customer understands; its code stands in when there is none.
     quantity = quantities.get(charge.metric, ZERO)
     description = names.get(charge.metric) or charge.metric
-    return Line(description, charge.metric, quantity, to_paise(charge_amount(charge, quantity)),
-                tier_parts(charge, quantity))
+    if charge.model not in TIERED_MODELS:
+        return Line(description, charge.metric, quantity, to_paise(charge_amount(charge, quantity)))
+    # A tiered charge's amount is the sum over its tiers (as charge_amount computes it): the
+    # tiers are worked out once, for the line's breakdown and its amount.
+    parts = tier_parts(charge, quantity)
+    with localcontext(MONEY_EXACT):
+        amount = _parts_total(parts)
+    return Line(description, charge.metric, quantity, to_paise(amount), parts)
 
 
 def _check_quantities(

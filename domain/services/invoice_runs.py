@@ -164,6 +164,8 @@ class DeadLettered:
 
     def for_organisation(self, org_id: UUID, plan_codes: Iterable[str]) -> dict[str, list[int]]:
         """Read model -> sorted positions that block `org_id` (empty: nothing does)."""
+        if not (self.everyone or self.by_organisation or self.by_plan_code):
+            return {}  # no dead letters (every organisation of a healthy run asks)
         out: dict[str, set[int]] = {}
         scopes = [self.everyone, self.by_organisation.get(org_id, {}),
                   *(self.by_plan_code.get(code, {}) for code in set(plan_codes))]
