@@ -11,29 +11,33 @@ and that no process it started is left running.
 
 The setup is fast: the organisations and their subscriptions are appended
 SAVE_BATCH_ORGS per ledger transaction, each organisation's usage goes through the usage
-writer in a few group commits, and the read models are rebuilt from the ledger
+writer (a call each, in a few group commits), and the read models are rebuilt from the ledger
 (adapters/maintenance.rebuild) instead of pushing the setup through the relay and the
-projectors. The relay and projectors run only for the billing day itself: a child started
-after a kill waits (its run's gate) until the read models hold what the killed ones
-appended."""
+projectors. The relay and the projectors of the read models the run waits for run only for
+the billing day itself: a child started after a kill waits (its run's gate) until those read
+models hold what the killed ones appended."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from uuid import UUID, uuid4
 
-from adapters.invoice_run import FINALIZE_BATCH_INVOICES, ORGS_PER_BATCH
+from adapters.invoice_run import DEAD_LETTER_MODELS, FINALIZE_BATCH_INVOICES, ORGS_PER_BATCH
 from adapters.ledger import GET_MANY_MAX_AGGREGATES
 from adapters.maintenance import rebuild
-from adapters.relay import RELAY_NAME
+from adapters.projector import Projector
+from adapters.relay import RELAY_NAME, Relay
 from adapters.usage_writer import UsageWriter, encode_usage
 from domain.invoice import FINALIZED, Invoice, invoice_id
 from domain.meter import Meter
@@ -46,7 +50,7 @@ from domain.subscription import Subscription
 from domain.usage import UsageFact
 from infra.wiring import READ_MODELS, Runtime
 from projections import invoice_runs
-from tests.conftest import background_roles, wait_sync
+from tests.conftest import close_nats, wait_sync
 from tests.integration import orphans
 from tests.integration.invoice_run_child import BUSY_EXIT
 
@@ -55,9 +59,10 @@ DRAFT_KILLS = 2
 FINALIZE_KILLS = 2
 SAVE_BATCH_ORGS = 1000  # organisations (each with its subscription) per ledger transaction
 USAGE_ORGS_PER_APPEND = 2500  # organisations whose usage goes in one group commit
-USAGE_EVENTS_PER_ORG = 2
+USAGE_EVENTS_PER_ORG = 1
 SUBTOTAL_PAISE = 500_00 + USAGE_EVENTS_PER_ORG * 50  # the base fee, and 0.50 per call
 STARTS_MAX = 40  # children started in all (kills, lock still held by a killed one, the last)
+STOP_S = 30.0  # for the relay and projectors to stop
 ORPHANS_GONE_S = 10.0  # for a killed child's own children to notice and exit
 TIMEZONE = "Asia/Kolkata"
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,10 +113,49 @@ async def _usage(rt: Runtime, ids: list[UUID], inside: datetime, now: datetime) 
         await writer.stop()
 
 
-def _child(rt: Runtime, period: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "tests.integration.invoice_run_child",
-                             rt.database_url, rt.settings.pg_schema, period],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _relay_and_projectors(rt: Runtime) -> Iterator[None]:
+    """The relay and the projectors of the read models a run waits for (DEAD_LETTER_MODELS),
+    on an event loop in a thread: background_roles' "relay" and "project" less the other read
+    models and workers, whose CPU the children's runs need on a 2-core machine."""
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        js = await rt.connect_nats("billing-invoice-run-kill")
+        try:
+            await asyncio.gather(
+                Relay(rt.ledger, rt.database_url, rt.settings.pg_schema, js, rt.streams).run(stop),
+                *(Projector(model, rt.ledger, rt.projection_pool(), js, rt.streams).run(stop)
+                  for model in READ_MODELS if model.name in DEAD_LETTER_MODELS))
+        finally:
+            await close_nats(rt)
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(STOP_S)
+        loop.close()
+
+
+@contextlib.contextmanager
+def _child(rt: Runtime, period: str) -> Iterator[subprocess.Popen[str]]:
+    """A child running billing day; killed if the test fails meanwhile, waited for always."""
+    child = subprocess.Popen([sys.executable, "-m", "tests.integration.invoice_run_child",
+                              rt.database_url, rt.settings.pg_schema, period],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        yield child
+    except BaseException:
+        child.kill()
+        raise
+    finally:
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
 
 
 def _invoices(rt: Runtime, idents: list[UUID]) -> dict[UUID, Invoice]:
@@ -180,7 +224,7 @@ def test_billing_day_killed_at_random_points_makes_every_invoice_once_with_gaple
     ids = _setup(rt, period)
     killed: set[orphans.Proc] = set()
     starts, kills = 0, 0
-    with background_roles(rt, {"relay", "project"}):
+    with _relay_and_projectors(rt):
         for target in _targets(rng):
             code = BUSY_EXIT
             while code == BUSY_EXIT:  # the lock of a killed one still held: again
