@@ -1,7 +1,7 @@
 """Billing day in a process of its own, for tests that SIGKILL it (test_invoice_run_kill.py):
 the invoice run of a period, then finalize-and-number of its drafts, each printing a progress
-line after every batch ("drafted <n>", "finalized <n>") and "done" at the end. Small batches,
-so that a kill can land in many places. Exit 0 when done, 3 when the run lock is still held
+line after every batch ("drafted <n>", "finalized <n>") and "done" at the end, with the
+production batch sizes (adapters/invoice_run.py). Exit 0 when done, 3 when the run lock is still held
 (the backend of a killed run not gone yet). It builds the run from the adapters alone (no
 infra.wiring: a child that imports less starts sooner, and the test starts several).
 Run: `python -m tests.integration.invoice_run_child DATABASE_URL SCHEMA PERIOD`."""
@@ -18,19 +18,11 @@ from domain.errors import Conflict
 from domain.services.invoicing import InvoicingService
 
 BUSY_EXIT = 3
-ORGS_PER_BATCH = 50
-DRAFTS_PER_APPEND = 20
-FINALIZE_BATCH_INVOICES = 30
-
-
 GRACE = timedelta(hours=24)
 SUPPLIER_STATE_CODE = "29"
 
 
 def main(database_url: str, schema: str, period: str) -> int:
-    invoice_run.ORGS_PER_BATCH = ORGS_PER_BATCH
-    invoice_run.DRAFTS_PER_APPEND = DRAFTS_PER_APPEND
-    invoice_run.FINALIZE_BATCH_INVOICES = FINALIZE_BATCH_INVOICES
     clock = lambda: datetime.now(UTC)  # noqa: E731
     ledger = LedgerStore(database_url, schema)
     pool = open_pool(database_url, schema)
