@@ -17,6 +17,7 @@ import pytest
 
 import adapters.invoice_run as invoice_run
 from adapters.maintenance import rebuild
+from domain.audit import Actor
 from domain.errors import Unavailable
 from domain.invoice import Invoice, invoice_id
 from domain.meter import Meter
@@ -73,10 +74,10 @@ def _helpers_alive() -> list[int]:
     return found
 
 
-def _drafted(rt: Runtime) -> int:
+def _drafted(rt: Runtime, topic: str = "Invoice.Drafted") -> int:
     with rt.pool.connection() as conn:
-        row = conn.execute(f"SELECT count(*) FROM {rt.ledger.table}"
-                           " WHERE topic LIKE '%%Invoice.Drafted'").fetchone()
+        row = conn.execute(f"SELECT count(*) FROM {rt.ledger.table} WHERE topic LIKE %s",
+                           (f"%{topic}",)).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -88,23 +89,30 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("small_batches")
-def test_a_run_with_a_helper_process_drafts_every_invoice_once(
+def test_a_run_with_a_helper_process_drafts_every_invoice_once_each_audited_as_its_actor(
     runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
     rt = runtime
     period = shift_period(period_of(datetime.now(UTC), "Asia/Kolkata"), -2)
     ids = _setup(rt, period)
     runner = rt.invoice_run()
+    admin = Actor(uuid4(), "admin", None, "127.0.0.1", "run-with-helpers")
     with caplog.at_level(logging.INFO, logger="billing.invoice_run"):
-        result = runner.run(period, actor=None)
+        result = runner.run(period, actor=admin)
     assert (result.created, result.existing, result.failed) == (ORGS, 0, 0)
     helped = [r.getMessage() for r in caplog.records if "helper processes" in r.getMessage()]
     assert helped and not helped[0].split(": ", 1)[1].startswith("0 batches"), helped
     assert len(rt.ledger.get_many([invoice_id(o, period) for o in ids], Invoice)) == ORGS
     assert _drafted(rt) == ORGS
+    # Each draft has its own audit entry naming the actor, the helper's as the run's own.
+    assert _drafted(rt, "AuditEntry.Recorded") == ORGS
+    _catch_up(rt)
+    with rt.pool.connection() as conn:
+        audited = conn.execute("SELECT request_id, actor_id, count(*) FROM audit_events"
+                               " GROUP BY 1, 2").fetchall()
+    assert audited == [("run-with-helpers", admin.principal_id, ORGS)]
     assert _helpers_alive() == []
     # Run again: every one exists already, nothing is appended.
-    _catch_up(rt)
     head = rt.ledger.head()
     again = runner.run(period, actor=None)
     assert (again.created, again.existing) == (0, ORGS)
