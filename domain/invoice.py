@@ -18,6 +18,8 @@ docs/INVOICES.md.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -149,6 +151,20 @@ class Invoice(Aggregate):
         # The plan version's name when drafted ("Growth"); None: drafted before it was recorded
         # (the invoice then shows the plan code).
         plan_name: str | None = None
+
+        def mutate(self, aggregate: Any) -> Any:
+            """The invoice this event creates, as the library's generic mutate builds it (a
+            shell, its id, version and timestamps, then __init__ with the event's fields),
+            with __init__'s parameters named once (_DRAFTED_INIT) rather than matched against
+            the event's fields on every call: billing day creates, and numbering reads, one
+            per organisation."""
+            assert aggregate is None
+            invoice = Invoice.__new__(Invoice)
+            invoice.__base_init__(self.originator_id, self.originator_version, self.timestamp)
+            fields = self.__dict__
+            invoice.__init__(**{name: fields[name] for name in _DRAFTED_INIT})  # type: ignore[misc]
+            self.apply(invoice)
+            return invoice
 
     class Finalized(Aggregate.Event):
         """The invoice got its number and can no longer change (only be paid or voided)."""
@@ -289,8 +305,13 @@ class Invoice(Aggregate):
         parse_period(period)  # ValidationFailed for anything but YYYY-MM
         if usage_position < 0 or revision < FIRST_REVISION:
             raise ValueError("usage_position and revision are >= 0")
-        return cls._create(
-            cls.Drafted, id=invoice_id(organisation_id, period, revision), timestamp=at,
+        # What the library's _create does for this one event class (the event with the
+        # aggregate's topic and first version, then the aggregate from it, with the event
+        # pending), without its per-call matching of argument names: a run drafts one per
+        # organisation.
+        drafted = cls.Drafted(  # type: ignore[call-arg]  # its fields come from the dataclass
+            originator_topic=_INVOICE_TOPIC, originator_version=cls.INITIAL_VERSION,
+            originator_id=invoice_id(organisation_id, period, revision), timestamp=at,
             organisation_id=organisation_id, period=period, revision=revision,
             currency=priced.currency,
             lines=tuple(_line(x) for x in priced.lines),
@@ -308,6 +329,9 @@ class Invoice(Aggregate):
             ),
             gstin=gstin, plan_name=plan_name,
         )
+        invoice: Invoice = drafted.mutate(None)
+        invoice.pending_events.append(drafted)
+        return invoice
 
     @property
     def created_at(self) -> datetime:
@@ -409,6 +433,14 @@ class Invoice(Aggregate):
         applied = min(amount, self.amount_due)
         self.trigger_event(self.PaymentApplied, timestamp=at, payment_id=payment_id, amount=applied)
         return applied
+
+
+# The aggregate's topic as the library names it (eventsourcing.utils.get_topic: the class's
+# module and qualified name; Invoice sets no TOPIC of its own).
+_INVOICE_TOPIC = f"{Invoice.__module__}:{Invoice.__qualname__}"
+# Invoice.__init__'s parameters, every one a field of Invoice.Drafted (checked here, once).
+_DRAFTED_INIT = tuple(inspect.signature(Invoice.__init__).parameters)[1:]
+assert set(_DRAFTED_INIT) <= {f.name for f in dataclasses.fields(Invoice.Drafted)}
 
 
 def _line(line: Line) -> InvoiceLine:
