@@ -6,11 +6,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import partial
+from uuid import UUID, uuid4
 
 from adapters.invoice_run import InvoiceRun
+from adapters.maintenance import rebuild
+from domain.meter import Meter
+from domain.organisation import Organisation, OrganisationSettings
+from domain.period import period_bounds
+from domain.plan import ChargeSpec, Plan
 from domain.records import RunResult
 from domain.services.invoicing import InvoicingService
+from domain.subscription import Subscription
 from infra.wiring import READ_MODELS, Runtime
 from tests.conftest import ThreadedWriter, background_roles, reached, threaded_writer, wait_sync
 
@@ -42,3 +50,30 @@ def run_invoices(rt: Runtime, period: str, at: datetime) -> RunResult:
                         clock, GRACE, rt.settings.pg_schema).run(period, actor=None)
     caught_up(rt)
     return result
+
+
+def subscribed(rt: Runtime, period: str, count: int, plan_code: str) -> list[UUID]:
+    """`count` organisations subscribed since before `period` to a plan `plan_code` (a base fee
+    and API calls at 0.5), saved in one append, with the read models rebuilt up to it (no
+    projectors needed): an invoice run of `period` drafts one invoice for each."""
+    at = now()
+    meter = Meter.define("calls", "API calls", "count", None, [], False, at)
+    plan = Plan.publish(plan_code, plan_code.title(), "INR", Decimal(500), Decimal(0),
+                        [ChargeSpec("calls", "per_unit", unit_price=Decimal("0.5"))], {"calls"}, at)
+    starts = period_bounds(period, "Asia/Kolkata")[0] - timedelta(days=40)
+    aggregates: list[object] = [meter, plan]
+    ids = []
+    for i in range(count):
+        org = Organisation.create(uuid4(), OrganisationSettings(
+            name=f"org {i}", billing_email=f"o{i}@example.in", state_code="29"), at)
+        aggregates += [org, Subscription.start(org.id, plan_code, starts, at)]
+        ids.append(org.id)
+    rt.ledger.save(*aggregates, actor=None)  # type: ignore[arg-type]
+    rebuild_read_models(rt)
+    return ids
+
+
+def rebuild_read_models(rt: Runtime) -> None:
+    """Every read model up to the ledger's head, without projectors (a run waits for them)."""
+    for model in READ_MODELS:
+        rebuild(rt.pool, rt.ledger, model)

@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import random
 import threading
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from uuid import UUID, uuid4
+from datetime import UTC, datetime
+from uuid import UUID
 
 import pytest
 
 import adapters.invoice_run as invoice_run
-from adapters.maintenance import rebuild
 from domain.errors import Conflict, Unavailable
 from domain.invoice import FINALIZED, Invoice, invoice_id
-from domain.meter import Meter
 from domain.numbering import InvoiceSequence, format_number, sequence_id
-from domain.organisation import Organisation, OrganisationSettings
-from domain.period import period_bounds, period_of, shift_period
-from domain.plan import ChargeSpec, Plan
-from domain.subscription import Subscription
-from infra.wiring import READ_MODELS, Runtime
+from domain.period import period_of, shift_period
+from infra.wiring import Runtime
+from tests.integration.invoice_run_steps import subscribed
 
 ORGS = 200
 BATCH_INVOICES = 20
@@ -35,21 +30,7 @@ JOIN_TIMEOUT_S = 120.0
 
 def _drafts(rt: Runtime, period: str) -> list[UUID]:
     """ORGS organisations with a draft each for `period` (an invoice run, no helpers)."""
-    now = datetime.now(UTC)
-    meter = Meter.define("calls", "API calls", "count", None, [], False, now)
-    plan = Plan.publish("race", "Race", "INR", Decimal(500), Decimal(0),
-                        [ChargeSpec("calls", "per_unit", unit_price=Decimal("0.5"))], {"calls"}, now)
-    starts = period_bounds(period, "Asia/Kolkata")[0] - timedelta(days=40)
-    aggregates: list[object] = [meter, plan]
-    ids = []
-    for i in range(ORGS):
-        org = Organisation.create(uuid4(), OrganisationSettings(
-            name=f"org {i}", billing_email=f"o{i}@example.in", state_code="29"), now)
-        aggregates += [org, Subscription.start(org.id, "race", starts, now)]
-        ids.append(org.id)
-    rt.ledger.save(*aggregates, actor=None)  # type: ignore[arg-type]
-    for model in READ_MODELS:
-        rebuild(rt.pool, rt.ledger, model)
+    ids = subscribed(rt, period, ORGS, "race")
     assert rt.invoice_run().run(period, actor=None).created == ORGS
     return [invoice_id(o, period) for o in ids]
 

@@ -8,52 +8,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from pathlib import Path
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import pytest
 
 import adapters.invoice_run as invoice_run
-from adapters.maintenance import rebuild
 from domain.audit import Actor
 from domain.errors import Unavailable
 from domain.invoice import Invoice, invoice_id
-from domain.meter import Meter
-from domain.organisation import Organisation, OrganisationSettings
-from domain.period import period_bounds, period_of, shift_period
-from domain.plan import ChargeSpec, Plan
-from domain.subscription import Subscription
-from infra.wiring import READ_MODELS, Runtime
+from domain.period import period_of, shift_period
+from infra.wiring import Runtime
+from tests.integration.invoice_run_steps import rebuild_read_models, subscribed
 
 ORGS = 60
 ORGS_PER_BATCH = 10
 HELPER_MODULE = "adapters.invoice_run_helpers"
-
-
-def _setup(rt: Runtime, period: str) -> list[UUID]:
-    now = datetime.now(UTC)
-    meter = Meter.define("calls", "API calls", "count", None, [], False, now)
-    plan = Plan.publish("helped", "Helped", "INR", Decimal(500), Decimal(0),
-                        [ChargeSpec("calls", "per_unit", unit_price=Decimal("0.5"))], {"calls"}, now)
-    starts = period_bounds(period, "Asia/Kolkata")[0] - timedelta(days=40)
-    aggregates: list[object] = [meter, plan]
-    ids = []
-    for i in range(ORGS):
-        org = Organisation.create(uuid4(), OrganisationSettings(
-            name=f"org {i}", billing_email=f"o{i}@example.in", state_code="29"), now)
-        aggregates += [org, Subscription.start(org.id, "helped", starts, now)]
-        ids.append(org.id)
-    rt.ledger.save(*aggregates, actor=None)  # type: ignore[arg-type]
-    _catch_up(rt)
-    return ids
-
-
-def _catch_up(rt: Runtime) -> None:
-    """The read models up to the ledger's head, without projectors (a run waits for them)."""
-    for model in READ_MODELS:
-        rebuild(rt.pool, rt.ledger, model)
 
 
 def _helpers_alive() -> list[int]:
@@ -94,7 +65,7 @@ def test_a_run_with_a_helper_process_drafts_every_invoice_once_each_audited_as_i
 ) -> None:
     rt = runtime
     period = shift_period(period_of(datetime.now(UTC), "Asia/Kolkata"), -2)
-    ids = _setup(rt, period)
+    ids = subscribed(rt, period, ORGS, "helped")
     runner = rt.invoice_run()
     admin = Actor(uuid4(), "admin", None, "127.0.0.1", "run-with-helpers")
     with caplog.at_level(logging.INFO, logger="billing.invoice_run"):
@@ -106,7 +77,7 @@ def test_a_run_with_a_helper_process_drafts_every_invoice_once_each_audited_as_i
     assert _drafted(rt) == ORGS
     # Each draft has its own audit entry naming the actor, the helper's as the run's own.
     assert _drafted(rt, "AuditEntry.Recorded") == ORGS
-    _catch_up(rt)
+    rebuild_read_models(rt)
     with rt.pool.connection() as conn:
         audited = conn.execute("SELECT request_id, actor_id, count(*) FROM audit_events"
                                " GROUP BY 1, 2").fetchall()
@@ -125,7 +96,7 @@ def test_a_helper_killed_mid_run_stops_the_run_and_the_next_run_drafts_the_rest_
 ) -> None:
     rt = runtime
     period = shift_period(period_of(datetime.now(UTC), "Asia/Kolkata"), -2)
-    ids = _setup(rt, period)
+    ids = subscribed(rt, period, ORGS, "helped")
     killed: list[int] = []
 
     def kill_the_helper(done: int, _total: int) -> None:
@@ -139,7 +110,7 @@ def test_a_helper_killed_mid_run_stops_the_run_and_the_next_run_drafts_the_rest_
     assert killed
     assert _drafted(rt) < ORGS  # stopped part-way
     assert _helpers_alive() == []
-    _catch_up(rt)
+    rebuild_read_models(rt)
     result = rt.invoice_run().run(period, actor=None)
     assert result.created + result.existing == ORGS and result.failed == 0
     assert len(rt.ledger.get_many([invoice_id(o, period) for o in ids], Invoice)) == ORGS
