@@ -46,7 +46,7 @@ from psycopg_pool import ConnectionPool
 
 from adapters.bookkeeping import dead_letter_pages, lock_key, record_blocked, tracked_position
 from adapters.gate import PgProjectionGate
-from adapters.invoice_run_helpers import HELPERS_MAX, Helper, Recipe
+from adapters.invoice_run_helpers import BATCHES_IN_HAND_MAX, HELPERS_MAX, Helper, Recipe
 from adapters.ledger import LedgerStore
 from adapters.pg import TRANSIENT
 from domain.audit import Actor
@@ -70,6 +70,9 @@ from projections.organisations import OrganisationRow
 
 log = logging.getLogger("billing.invoice_run")
 R = TypeVar("R")
+# A batch read and priced: the outcomes of the organisations not drafted, and the drafts (each
+# with its organisation's name) to append.
+Priced = tuple[list[Done], list[tuple[Invoice, str]]]
 
 CATCH_UP_WAIT_S = 60.0
 # Why the run's lock is taken: an invoice run, a void or a redraft holds it, and each is told
@@ -187,11 +190,14 @@ class InvoiceRun:
             helpers = self._start_helpers(total)
             # One batch's drafts are appended (a thread of their own, waiting on Postgres)
             # while the next batch is read and priced: at most one append in flight. A helper
-            # process with no batch in hand is handed the next one instead.
+            # process with room in hand is handed the next batch instead (it does the same).
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="invoice-append") as appender:
                 appending: Future[list[Done]] | None = None
+                handed = 0  # organisations handed out so far, here or to helpers
                 for chunk in self._chunks(missing):
-                    idle = self._idle_helper(helpers, report)
+                    handed += len(chunk)
+                    idle = self._idle_helper(helpers, report, _in_hand_max(total - handed,
+                                                                           len(helpers)))
                     if idle is not None:
                         idle.submit(batch, chunk, actor)
                         continue
@@ -202,7 +208,7 @@ class InvoiceRun:
                 if appending is not None:
                     report(appending.result())
                 for helper in helpers:
-                    if helper.busy:
+                    while helper.in_hand:
                         report(helper.result())
             if helpers:
                 log.info("invoice run %s (%s): %d batches drafted by %d helper processes",
@@ -242,13 +248,18 @@ class InvoiceRun:
                 return
             after = page[-1]
 
-    def batch_outcomes(self, batch: _Batch, chunk: list[UUID], actor: Actor | None
-                       ) -> list[Done]:
-        """One batch read, priced and appended here and now: what was done with each of its
-        organisations (what a helper process does with the batches it is handed)."""
+    def price_batch(self, batch: _Batch, chunk: list[UUID]) -> Priced:
+        """One batch read and priced (what a helper process does with a batch it is handed,
+        before append_batch): what was done with each organisation not drafted, and the
+        drafts to append."""
         outcomes: list[Done] = []
         drafts = self._batch(batch, chunk, outcomes.append)
-        return outcomes + self._append_all(drafts, actor)
+        return outcomes, drafts
+
+    def append_batch(self, drafts: list[tuple[Invoice, str]], actor: Actor | None
+                     ) -> list[Done]:
+        """A priced batch's drafts appended: what was done with each (created or existing)."""
+        return self._append_all(drafts, actor)
 
     def _batch(self, batch: _Batch, chunk: list[UUID], add: Callable[[Done], None]
                ) -> list[tuple[Invoice, str]]:
@@ -326,13 +337,15 @@ class InvoiceRun:
         return [Helper(self._helper_recipe) for _ in range(self._helpers)]
 
     @staticmethod
-    def _idle_helper(helpers: list[Helper], report: Callable[[list[Done]], None]
-                     ) -> Helper | None:
-        """A helper without a batch in hand, once the answers of those done are counted."""
+    def _idle_helper(helpers: list[Helper], report: Callable[[list[Done]], None],
+                     in_hand_max: int) -> Helper | None:
+        """A helper with fewer than `in_hand_max` batches in hand, once the answers of those
+        done are counted."""
         for helper in helpers:
-            if helper.done():
+            while helper.done():
                 report(helper.result())
-        return next((helper for helper in helpers if not helper.busy), None)
+        return min((h for h in helpers if h.in_hand < in_hand_max), default=None,
+                   key=lambda h: h.in_hand)
 
     def _counted(self, counted: decide.Tally, run_id: UUID, total: int,
                  progress: Callable[[int, int], None] | None, outcomes: list[Done]) -> None:
@@ -525,6 +538,13 @@ def fewer_collections() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*before)
+
+
+def _in_hand_max(remaining: int, helpers: int) -> int:
+    """How many batches a helper may hold: two (it prices one while it appends the other)
+    while much remains; one towards the end, so that the run does not wait on a helper's
+    second batch while it has nothing left to do itself."""
+    return BATCHES_IN_HAND_MAX if remaining >= 2 * (helpers + 1) * ORGS_PER_BATCH else 1
 
 
 def _meter_names(conn: Any) -> dict[str, str]:

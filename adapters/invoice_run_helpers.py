@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -35,10 +36,11 @@ from domain.errors import Unavailable
 from domain.services.invoice_runs import Done
 
 if TYPE_CHECKING:
-    from adapters.invoice_run import InvoiceRun, _Batch
+    from adapters.invoice_run import InvoiceRun, Priced, _Batch
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
-HELPERS_MAX = 8  # helper processes one run may use
+HELPERS_MAX = 8
+BATCHES_IN_HAND_MAX = 2  # one priced while the one before is appended  # helper processes one run may use
 STOP_TIMEOUT_S = 30.0  # a helper asked to stop finishes its batch first
 RESULT_POLL_S = 1.0  # how often a wait for a batch checks that the helper is still alive
 BATCH_TIMEOUT_S = 3600.0  # one batch of at most ORGS_PER_BATCH organisations, at most
@@ -49,7 +51,8 @@ Recipe = Callable[[], AbstractContextManager["InvoiceRun"]]
 
 
 class Helper:
-    """One helper process and the batch it has in hand (at most one)."""
+    """One helper process and the batches it has in hand (at most BATCHES_IN_HAND_MAX: it
+    prices one while it appends the one before, as the run itself does)."""
 
     def __init__(self, recipe: Recipe) -> None:
         ours, theirs = socket.socketpair()
@@ -62,15 +65,15 @@ class Helper:
                 [sys.executable, "-m", __name__, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         self._conn = Connection(ours.detach())
-        self.busy = False
+        self.in_hand = 0  # batches handed and not answered yet
         self.batches = 0  # answered so far
         self._send(recipe)
 
     def submit(self, batch: _Batch, chunk: Sequence[UUID], actor: Actor | None) -> None:
-        """Hand the helper one batch of organisations (it must not have one in hand)."""
-        assert not self.busy
+        """Hand the helper one more batch of organisations; it answers them in order."""
+        assert self.in_hand < BATCHES_IN_HAND_MAX
         self._send((batch, list(chunk), actor))
-        self.busy = True
+        self.in_hand += 1
 
     def _send(self, message: object) -> None:
         try:
@@ -79,13 +82,13 @@ class Helper:
             raise Unavailable(f"an invoice run helper stopped (exit {self._process.poll()})") from None
 
     def done(self) -> bool:
-        """True when the batch in hand is answered (take it with `result`)."""
-        return self.busy and self._conn.poll()
+        """True when the oldest batch in hand is answered (take it with `result`)."""
+        return self.in_hand > 0 and self._conn.poll()
 
     def result(self, timeout_s: float = BATCH_TIMEOUT_S) -> list[Done]:
-        """What the helper did with each organisation of its batch; waits for it. Unavailable
-        when the helper failed, died, or took longer than `timeout_s`."""
-        assert self.busy
+        """What the helper did with each organisation of its oldest batch in hand; waits for
+        it. Unavailable when the helper failed, died, or took longer than `timeout_s`."""
+        assert self.in_hand > 0
         waited_s = 0.0
         while not self._conn.poll(RESULT_POLL_S):
             waited_s += RESULT_POLL_S
@@ -98,7 +101,7 @@ class Helper:
         except (EOFError, OSError):  # closed, or reset by a helper that was killed
             raise Unavailable(f"an invoice run helper stopped (exit {self._process.poll()})"
                               ) from None
-        self.busy = False
+        self.in_hand -= 1
         self.batches += 1
         if kind == "failed":
             raise Unavailable(f"an invoice run helper failed: {answer}")
@@ -126,23 +129,43 @@ def _serve(conn: Connection) -> None:
         return
     from adapters.invoice_run import fewer_collections  # it imports this module
 
-    with recipe() as run, fewer_collections():
+    # One batch's drafts are appended and answered (a thread of its own, waiting on Postgres)
+    # while the next batch is read and priced; answers go in the order batches came.
+    with recipe() as run, fewer_collections(), ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="helper-append") as appender:
         while True:
             try:
                 work: Any = conn.recv()
             except (EOFError, OSError):
-                return  # the owner is gone
+                return  # the owner is gone (the appends under way finish first)
             if work is None:
                 return
             batch, chunk, actor = work
             try:
-                answer: tuple[str, Any] = ("done", run.batch_outcomes(batch, chunk, actor))
+                priced = run.price_batch(batch, chunk)
             except Exception as e:  # the owner stops the run with it (a later run resumes)
-                answer = ("failed", f"{type(e).__name__}: {e}"[:ERROR_TEXT_MAX_CHARS])
-            try:
-                conn.send(answer)
-            except OSError:
-                return  # the owner is gone; what was appended stays (a later run sees it)
+                appender.submit(_answer, conn, ("failed", _error_text(e)))
+                continue
+            appender.submit(_append_and_answer, run, conn, priced, actor)
+
+
+def _append_and_answer(run: InvoiceRun, conn: Connection, priced: Priced,
+                       actor: Actor | None) -> None:
+    outcomes, drafts = priced
+    try:
+        answer: tuple[str, Any] = ("done", outcomes + run.append_batch(drafts, actor))
+    except Exception as e:
+        answer = ("failed", _error_text(e))
+    _answer(conn, answer)
+
+
+def _answer(conn: Connection, answer: tuple[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the owner is gone; what was appended stays
+        conn.send(answer)
+
+
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:ERROR_TEXT_MAX_CHARS]
 
 
 if __name__ == "__main__":
