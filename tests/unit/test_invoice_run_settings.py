@@ -27,3 +27,9 @@ def test_a_run_refuses_more_helpers_than_it_may_have() -> None:
     with pytest.raises(ValueError, match="helper processes"):
         InvoiceRun(None, None, None, "29", lambda: datetime.now(UTC),  # type: ignore[arg-type]
                    timedelta(hours=24), "public", helpers=INVOICE_RUN_HELPERS_MAX + 1)
+
+
+def test_the_setting_allows_exactly_the_helpers_a_run_may_have() -> None:
+    from adapters.invoice_run_helpers import HELPERS_MAX
+
+    assert INVOICE_RUN_HELPERS_MAX == HELPERS_MAX
