@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -531,7 +532,13 @@ def fewer_collections() -> Iterator[None]:
     objects (a collection every GC_GEN0_ALLOCATIONS allocations rather than 700): about 8 % of
     a run's drafting CPU and 15 % of its numbering's. Reference counting still frees almost
     everything at once, and the collector still runs, so memory stays flat. Process-wide while
-    it lasts (the collector has one setting per process); the previous setting comes back."""
+    it lasts (the collector has one setting per process); the previous setting comes back.
+    Only in a process's main thread (the CLI's run, the bench, a helper process): a run in a
+    server's thread (the API's 202 path, the scheduler) leaves the setting to the process, which
+    may set its own meanwhile (infra/roles.py, at start) and must keep it after the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     before = gc.get_threshold()
     gc.set_threshold(GC_GEN0_ALLOCATIONS, *before[1:])
     try:
