@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # not_due_reason("2026-01", "America/Los_Angeles", 24 h): a batch of 1000 such answers
 # pickles to 214 KB, more than a socket's default send buffer (net.core.wmem_default, 208 KiB).
 NOT_DUE_REASON_CHARS = 140
-STOP_TIMEOUT_TEST_S = 5.0  # ample for a helper to price two stand-in batches and exit
+STOP_TIMEOUT_TEST_S = 10.0  # ample for a helper to price two stand-in batches and exit
 STEP_DEADLINE_S = 30.0  # for each step of the owner-killed test (the helper starting, ...)
 
 
