@@ -561,7 +561,12 @@ def fewer_collections() -> contextlib.AbstractContextManager[None]:
     a run's drafting CPU and 15 % of its numbering's. Reference counting still frees almost
     everything at once, and the collector still runs, so memory stays flat. Process-wide while
     any run lasts (the collector has one setting per process); the setting from before the
-    first comes back when the last ends, however they overlap."""
+    first comes back when the last ends, however they overlap. Only in a process's main thread
+    (the CLI's run, the bench, a helper process): a run in a server's thread (the API's 202
+    path, the scheduler) leaves the setting to the process, which sets its own at start
+    (infra/roles.py) and must keep it after the run."""
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
     return _COLLECTIONS.fewer()
 
 

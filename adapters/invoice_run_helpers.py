@@ -11,7 +11,9 @@ run's lock; a helper only appends batches it is handed, each whole or not at all
 invoice ids, so a helper can never draft an invoice twice.
 
 When the owner dies (SIGKILL included), its end of the pipe closes: the helper reads EOF and
-exits, after finishing the batch in hand (a run started again finds those drafts: "existing").
+exits, appending nothing more (the run's lock went with its owner: a void, a redraft or a moved
+subscription start may be under way; an append already in flight commits or not, as the owner's
+own would). A run started again drafts what it had in hand.
 When a helper dies, the owner reads EOF, and the run stops as it would with Postgres away
 (Unavailable): a run started again does the rest.
 """
@@ -112,6 +114,9 @@ class Helper:
         """Ask the helper to exit (after its batch, if any) and wait; kill it if it does not."""
         with contextlib.suppress(OSError):  # already gone
             self._conn.send(None)
+        # Our end closed too: a helper sending an answer nobody will read now gets EPIPE and
+        # exits, rather than block until it is killed (it reads the None sent first).
+        self._conn.close()
         try:
             self._process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -128,6 +133,8 @@ def _serve(conn: Connection) -> None:
     except (EOFError, OSError):
         return
     from adapters.invoice_run import fewer_collections  # it imports this module
+
+    owner = os.getppid()  # the run that started this helper, and holds the run's lock
 
     # One batch's drafts are appended and answered (a thread of its own, waiting on Postgres)
     # while the next batch is read and priced; answers go in the order batches came.
@@ -146,11 +153,13 @@ def _serve(conn: Connection) -> None:
             except Exception as e:  # the owner stops the run with it (a later run resumes)
                 appender.submit(_answer, conn, ("failed", _error_text(e)))
                 continue
-            appender.submit(_append_and_answer, run, conn, priced, actor)
+            appender.submit(_append_and_answer, run, conn, priced, actor, owner)
 
 
 def _append_and_answer(run: InvoiceRun, conn: Connection, priced: Priced,
-                       actor: Actor | None) -> None:
+                       actor: Actor | None, owner: int) -> None:
+    if os.getppid() != owner:  # the owner died (this process was given another parent)
+        return  # and its lock with it: append nothing more (a later run drafts these)
     outcomes, drafts = priced
     try:
         answer: tuple[str, Any] = ("done", outcomes + run.append_batch(drafts, actor))

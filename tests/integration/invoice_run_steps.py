@@ -77,3 +77,12 @@ def rebuild_read_models(rt: Runtime) -> None:
     """Every read model up to the ledger's head, without projectors (a run waits for them)."""
     for model in READ_MODELS:
         rebuild(rt.pool, rt.ledger, model)
+
+
+def entries_of(rt: Runtime, topic: str) -> int:
+    """How many ledger entries have a topic ending in `topic` ("Invoice.Drafted")."""
+    with rt.pool.connection() as conn:
+        row = conn.execute(f"SELECT count(*) FROM {rt.ledger.table} WHERE topic LIKE %s",
+                           (f"%{topic}",)).fetchone()
+    assert row is not None
+    return int(row[0])

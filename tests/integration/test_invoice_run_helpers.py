@@ -10,7 +10,7 @@ import os
 import signal
 from datetime import UTC, datetime
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -20,10 +20,11 @@ from domain.errors import Unavailable
 from domain.invoice import Invoice, invoice_id
 from domain.period import period_of, shift_period
 from infra.wiring import Runtime
-from tests.integration.invoice_run_steps import rebuild_read_models, subscribed
+from tests.integration.invoice_run_steps import entries_of, rebuild_read_models, subscribed
 
 ORGS = 60
 ORGS_PER_BATCH = 10
+BLOCKED_EVERY = 7  # every 7th organisation is blocked: in batches here and in the helper's
 HELPER_MODULE = "adapters.invoice_run_helpers"
 
 
@@ -46,11 +47,7 @@ def _helpers_alive() -> list[int]:
 
 
 def _drafted(rt: Runtime, topic: str = "Invoice.Drafted") -> int:
-    with rt.pool.connection() as conn:
-        row = conn.execute(f"SELECT count(*) FROM {rt.ledger.table} WHERE topic LIKE %s",
-                           (f"%{topic}",)).fetchone()
-    assert row is not None
-    return int(row[0])
+    return entries_of(rt, topic)
 
 
 @pytest.fixture
@@ -115,4 +112,37 @@ def test_a_helper_killed_mid_run_stops_the_run_and_the_next_run_drafts_the_rest_
     assert result.created + result.existing == ORGS and result.failed == 0
     assert len(rt.ledger.get_many([invoice_id(o, period) for o in ids], Invoice)) == ORGS
     assert _drafted(rt) == ORGS
+    assert _helpers_alive() == []
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_organisations_blocked_by_dead_letters_in_helper_batches_are_blocked_and_recorded(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19 review: the run's dead letters go to the helper with each batch (pickled); the
+    organisations they block are blocked there as here, reported with their positions, and the
+    rest drafted once."""
+    rt = runtime
+    period = shift_period(period_of(datetime.now(UTC), "Asia/Kolkata"), -2)
+    ids = subscribed(rt, period, ORGS, "helped")
+    stuck = set(ids[::BLOCKED_EVERY])
+    head = rt.ledger.head()
+    positions: dict[UUID, int] = {}
+    for entry in rt.ledger.read_after(0, head, stop=head):
+        owner = getattr(rt.ledger.decode(entry), "organisation_id", None)
+        if owner in stuck and "Subscription" in entry.topic:
+            positions[owner] = int(entry.id)
+    assert set(positions) == stuck
+    with rt.pool.connection() as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO projection_dead_letters (name, position, topic, error, attempts)"
+            " VALUES ('plans', %s, 'test', 'test', 6)", [(p,) for p in positions.values()])
+    with caplog.at_level(logging.INFO, logger="billing.invoice_run"):
+        result = rt.invoice_run().run(period, actor=None)
+    helped = [r.getMessage() for r in caplog.records if "helper processes" in r.getMessage()]
+    assert helped and not helped[0].split(": ", 1)[1].startswith("0 batches"), helped
+    assert {b.organisation_id: b.missing_positions for b in result.blocked} == {
+        o: [p] for o, p in positions.items()}
+    assert (result.created, result.failed) == (ORGS - len(stuck), 0)
+    assert _drafted(rt) == ORGS - len(stuck)
     assert _helpers_alive() == []
