@@ -1,14 +1,16 @@
 """The invoice run: draft every subscribed organisation's invoice for a period, from usage
-totals that are caught up with the ledger; and finalize-and-number a period's drafts. This
-module reads (Postgres, the ledger), locks, appends, records the run (projections/invoice_runs.py)
-and logs; what to do with what it read is decided by the pure functions of
+totals that are caught up with the ledger (numbering the drafts is
+adapters/period_numbering.py's; which organisations dead letters block,
+adapters/dead_letter_scope.py's). This module reads (Postgres, the ledger), locks, appends,
+records the run (projections/invoice_runs.py) and logs; what to do with what it read is
+decided by the pure functions of
 domain/services/invoice_runs.py and InvoicingService.decide_draft.
 
 - Fast (issue 19; docs/INVOICES.md, A fast run): ORGS_PER_BATCH organisations at a time, their
   inputs read in one query each, priced in memory, their drafts appended DRAFTS_PER_APPEND per
-  ledger transaction (one batch appended while the next is priced); finalized
-  FINALIZE_BATCH_INVOICES per append with the year's sequence. Killed at any point and run
-  again, each invoice is drafted once (derived ids; a batch commits whole or not at all).
+  ledger transaction (one batch appended while the next is priced), helper processes taking
+  batches too (adapters/invoice_run_helpers.py). Killed at any point and run again, each
+  invoice is drafted once (derived ids; a batch commits whole or not at all).
 
 - One run at a time across processes (a Postgres advisory lock); a second caller gets 409.
 - It first waits until every read model it reads has applied everything committed before the
@@ -31,9 +33,7 @@ domain/services/invoice_runs.py and InvoicingService.decide_draft.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,25 +45,26 @@ from uuid import UUID, uuid4
 
 from psycopg_pool import ConnectionPool
 
-from adapters.bookkeeping import dead_letter_pages, lock_key, record_blocked, tracked_position
+from adapters import dead_letter_scope
+from adapters.bookkeeping import lock_key, record_blocked, tracked_position
 from adapters.gate import PgProjectionGate
+from adapters.gc_pace import fewer_collections
 from adapters.invoice_run_helpers import BATCHES_IN_HAND_MAX, HELPERS_MAX, Helper, Recipe
 from adapters.ledger import LedgerStore
 from adapters.pg import TRANSIENT
 from domain.audit import Actor
 from domain.errors import Conflict, DomainError, NotFound, Unavailable, ValidationFailed
-from domain.invoice import FIRST_REVISION, VOID, Invoice, invoice_id
+from domain.invoice import Invoice
 from domain.late_usage import late_usage
-from domain.numbering import InvoiceSequence
 from domain.organisation import Organisation
-from domain.period import check_period_has_ended_somewhere, first_day, parse_period
+from domain.period import check_period_has_ended_somewhere, first_day
 from domain.plan import StoredVersion, to_version
 from domain.pricing import LateUsage, PlanVersion
 from domain.records import RunResult
 from domain.services import invoice_runs as decide
 from domain.services.base import Written
-from domain.services.invoice_runs import DeadLettered, Done, Outcome, OwnerOf, Scope
-from domain.services.invoicing import REVISIONS_MAX, InvoicingService
+from domain.services.invoice_runs import DeadLettered, Done, Outcome
+from domain.services.invoicing import InvoicingService
 from domain.subscription import SubscriptionEntry
 from projections import catalogue, invoices, organisations, plans, usage_totals
 from projections import invoice_runs as records
@@ -87,14 +88,11 @@ DEAD_LETTER_MODELS = (*READ_MODELS_USED, catalogue.READ_MODEL.name)
 # Errors that are the infrastructure's, not one organisation's: they stop the run (a later run,
 # or the scheduler's next one, does the rest; drafting is idempotent).
 INFRASTRUCTURE = (*TRANSIENT, Unavailable)
-ENTRIES_PER_READ = 1000  # dead-lettered ledger entries decoded per read
 ORGS_PER_BATCH = 1000  # organisations whose inputs are read at once, then priced in memory
 # A run of at least this many organisations starts its helper processes (each takes about a
 # second to start: a smaller run is done sooner without them).
 HELPERS_FROM_ORGS = 4 * ORGS_PER_BATCH
 DRAFTS_PER_APPEND = 500  # drafts per ledger transaction (each its own aggregate and events)
-FINALIZE_BATCH_INVOICES = 500  # drafts numbered per ledger append, with their sequence
-GC_GEN0_ALLOCATIONS = 50_000  # allocations between the collector's runs during a run
 
 
 class InvoiceRun:
@@ -428,146 +426,10 @@ class InvoiceRun:
                       "correction: %s", batch.period, org.id, e)
             return decide_draft(late=kept)
 
-    def finalize_period(self, period: str, progress: Callable[[int], None] | None = None, *,
-                        actor: Actor | None) -> int:
-        """Finalize (number) every draft of `period`, FINALIZE_BATCH_INVOICES per ledger append
-        with the financial year's sequence (InvoicingService.finalize_batch): the drafts are
-        found by their derived ids from the subscribed organisations, in the ledger itself (no
-        read model to wait for). Returns how many were finalized; `progress` is told the count
-        after each batch. Interrupted and run again, it numbers the rest: a batch is numbered
-        whole or not at all."""
-        parse_period(period)
-        finalized = 0
-        sequences: dict[int, InvoiceSequence] = {}  # the year's sequence, kept across batches
-        # The next page is read (a thread of its own) while this one is numbered and appended:
-        # its invoices are other organisations', and a batch read too early only loses its
-        # append's race on their versions, and is then read again (finalize_batch).
-        with fewer_collections(), ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="invoice-finalize-read") as reader:
-            reading = reader.submit(self._finalize_page, period, None)
-            while True:
-                page, newest = reading.result()
-                if not page:
-                    return finalized
-                reading = reader.submit(self._finalize_page, period, page[-1])
-                finalized += len(self._invoicing.finalize_batch(
-                    list(newest), actor=actor, loaded=newest, sequences=sequences))
-                if progress:
-                    progress(finalized)
-
-    def _finalize_page(self, period: str, after: UUID | None
-                       ) -> tuple[list[UUID], dict[UUID, Invoice]]:
-        """The next FINALIZE_BATCH_INVOICES subscribed organisations after `after`, and their
-        newest invoices of `period`."""
-        with self._pool.connection() as conn:
-            page = plans.subscribed_page(conn, after, FINALIZE_BATCH_INVOICES)
-        return page, self._newest_invoices(period, page) if page else {}
-
-    def _newest_invoices(self, period: str, org_ids: list[UUID]) -> dict[UUID, Invoice]:
-        """The newest revision of each organisation's invoice for `period` (those that have
-        one), by id: revision n + 1 exists only once revision n is void."""
-        out: dict[UUID, Invoice] = {}
-        wanted = {invoice_id(o, period, FIRST_REVISION): (o, FIRST_REVISION) for o in org_ids}
-        while wanted:
-            found = self._ledger.get_many(wanted, Invoice)
-            following: dict[UUID, tuple[UUID, int]] = {}
-            for ident, (org_id, revision) in wanted.items():
-                invoice = found.get(ident)
-                if invoice is None:
-                    continue
-                if invoice.status == VOID and revision < REVISIONS_MAX:
-                    following[invoice_id(org_id, period, revision + 1)] = (org_id, revision + 1)
-                else:
-                    out[ident] = invoice
-            wanted = following
-        return out
-
     def _dead_lettered(self, usage_periods: list[str]) -> DeadLettered:
-        """What every dead letter of DEAD_LETTER_MODELS blocks (all of them, page by page)."""
-        entries: list[tuple[str, int, Scope]] = []
-        with self._pool.connection() as conn:
-            for page in dead_letter_pages(conn, DEAD_LETTER_MODELS):
-                events = self._entries(sorted({int(row["position"]) for row in page}))
-                for row in page:
-                    position = int(row["position"])
-                    event = events.get(position)
-                    scope = decide.EVERYONE if event is None else self._scope(event, usage_periods)
-                    entries.append((str(row["name"]), position, scope))
-        return decide.dead_lettered(entries)
-
-    def _scope(self, event: Any, usage_periods: list[str]) -> Scope:
-        """Whom a dead-lettered entry can affect, reading its aggregate when it names nobody."""
-        scope = decide.scope_of(event, usage_periods)
-        if not isinstance(scope, OwnerOf):
-            return scope
-        try:
-            owner = self._ledger.get(scope.aggregate_id, scope.kind)
-        except DomainError:
-            return decide.scope_of_owner(None)
-        return decide.scope_of_owner(owner)
-
-    def _entries(self, positions: list[int]) -> dict[int, Any]:
-        """The decoded ledger entries at `positions` (sorted): one read per run of consecutive
-        positions. A position that cannot be read or decoded is absent."""
-        out: dict[int, Any] = {}
-        index = 0
-        while index < len(positions):
-            first = last = positions[index]
-            while (index + 1 < len(positions) and positions[index + 1] == last + 1
-                   and last - first + 1 < ENTRIES_PER_READ):
-                index += 1
-                last = positions[index]
-            index += 1
-            for n in self._ledger.read_after(first - 1, last - first + 1, stop=last):
-                try:
-                    out[int(n.id)] = self._ledger.decode(n)
-                except Exception:  # an entry that will not decode is attributed to everyone
-                    log.exception("dead letter at %s cannot be decoded", n.id)
-        return out
-
-
-class _Collections:
-    """The collector's setting, shared by every run and numbering of this process that is
-    under way (a run started over HTTP while the scheduler numbers, say): the first to start
-    saves the setting and lowers the pace, the last to end puts it back."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved: tuple[int, int, int] = gc.get_threshold()
-
-    @contextlib.contextmanager
-    def fewer(self) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0:
-                self._saved = gc.get_threshold()
-                gc.set_threshold(GC_GEN0_ALLOCATIONS, *self._saved[1:])
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    gc.set_threshold(*self._saved)
-
-
-_COLLECTIONS = _Collections()
-
-
-def fewer_collections() -> contextlib.AbstractContextManager[None]:
-    """The cyclic garbage collector runs less often while a run allocates its millions of small
-    objects (a collection every GC_GEN0_ALLOCATIONS allocations rather than 700): about 8 % of
-    a run's drafting CPU and 15 % of its numbering's. Reference counting still frees almost
-    everything at once, and the collector still runs, so memory stays flat. Process-wide while
-    any run lasts (the collector has one setting per process); the setting from before the
-    first comes back when the last ends, however they overlap. Only in a process's main thread
-    (the CLI's run, the bench, a helper process): a run in a server's thread (the API's 202
-    path, the scheduler) leaves the setting to the process, which sets its own at start
-    (infra/roles.py) and must keep it after the run."""
-    if threading.current_thread() is not threading.main_thread():
-        return contextlib.nullcontext()
-    return _COLLECTIONS.fewer()
+        """What every dead letter of DEAD_LETTER_MODELS blocks (adapters/dead_letter_scope.py)."""
+        return dead_letter_scope.blocked_by(self._pool, self._ledger, DEAD_LETTER_MODELS,
+                                            usage_periods)
 
 
 def _in_hand_max(remaining: int, helpers: int) -> int:

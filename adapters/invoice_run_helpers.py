@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from adapters.gc_pace import fewer_collections
 from domain.audit import Actor
 from domain.errors import Unavailable
 from domain.services.invoice_runs import Done
@@ -122,7 +123,6 @@ class Helper:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait(STOP_TIMEOUT_S)
-        self._conn.close()
 
 
 def _serve(conn: Connection) -> None:
@@ -132,8 +132,6 @@ def _serve(conn: Connection) -> None:
         recipe: Recipe = conn.recv()
     except (EOFError, OSError):
         return
-    from adapters.invoice_run import fewer_collections  # it imports this module
-
     owner = os.getppid()  # the run that started this helper, and holds the run's lock
 
     # One batch's drafts are appended and answered (a thread of its own, waiting on Postgres)

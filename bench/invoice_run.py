@@ -137,7 +137,7 @@ def child(database_url: str, data_dir: str, period: str, month: str) -> None:
         result = runner.run(period, actor=None)
         draft_s = time.perf_counter() - started
         started = time.perf_counter()
-        finalized = runner.finalize_period(period, actor=None)
+        finalized = rt.period_numbering().finalize_period(period, actor=None)
         finalize_s = time.perf_counter() - started
         rss, helpers_rss = peak_rss_mb(), helpers_peak_rss_mb()
         from projections import usage_totals

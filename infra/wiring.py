@@ -41,6 +41,7 @@ from adapters.mail import OutboxMailer, SmtpMailer
 from adapters.maintenance import ensure_tables
 from adapters.notifier import InvoiceNotifier, Supplier
 from adapters.notifier import render as render_invoice
+from adapters.period_numbering import PeriodNumbering
 from adapters.pg import open_pool
 from adapters.rate_limit import PgRateLimiter
 from adapters.razorpay_gateway import RazorpayGateway
@@ -238,6 +239,10 @@ class Runtime:
                           self.settings.pg_schema, helpers=self.settings.invoice_run_helpers,
                           helper_recipe=partial(helper_invoice_run, self.settings,
                                                 self.database_url))
+
+    def period_numbering(self) -> PeriodNumbering:
+        """Finalize-and-number a period's drafts in batches (the CLI, the bench)."""
+        return PeriodNumbering(self.pool, self.ledger, self.invoicing())
 
     def gateway(self) -> RazorpayGateway | None:
         """The Razorpay gateway when both its keys are set, made once (one connection pool for

@@ -16,6 +16,7 @@ from functools import partial
 
 import adapters.invoice_run as invoice_run
 from adapters.ledger import LedgerStore
+from adapters.period_numbering import PeriodNumbering
 from adapters.pg import open_pool
 from domain.errors import Conflict
 from domain.services.invoicing import InvoicingService
@@ -35,8 +36,9 @@ def main(database_url: str, schema: str, period: str) -> int:
     try:
         settings = from_env({"BILLING_PG_SCHEMA": schema, "SUPPLIER_STATE_CODE": SUPPLIER_STATE_CODE,
                              "BILLING_GRACE_HOURS": str(int(GRACE.total_seconds() // 3600))})
+        invoicing = InvoicingService(ledger, clock)
         runner = invoice_run.InvoiceRun(
-            pool, ledger, InvoicingService(ledger, clock), SUPPLIER_STATE_CODE, clock, GRACE,
+            pool, ledger, invoicing, SUPPLIER_STATE_CODE, clock, GRACE,
             schema, helpers=HELPERS, helper_recipe=partial(helper_invoice_run, settings,
                                                            database_url))
         try:
@@ -44,7 +46,8 @@ def main(database_url: str, schema: str, period: str) -> int:
                        actor=None)
         except Conflict:
             return BUSY_EXIT
-        runner.finalize_period(period, lambda n: print(f"finalized {n}", flush=True), actor=None)
+        PeriodNumbering(pool, ledger, invoicing).finalize_period(
+            period, lambda n: print(f"finalized {n}", flush=True), actor=None)
         print("done", flush=True)
         return 0
     finally:

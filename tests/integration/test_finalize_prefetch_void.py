@@ -1,5 +1,5 @@
 """Issue 19 review: numbering reads the next page of drafts while it numbers the current one
-(InvoiceRun.finalize_period). A draft of the page read ahead that is voided before its page is
+(PeriodNumbering.finalize_period). A draft of the page read ahead that is voided before its page is
 numbered is not numbered: the page's append loses the race on that invoice's version and
 finalize_batch decides again from a fresh read. The others are numbered, once each, gaplessly."""
 
@@ -10,7 +10,7 @@ from uuid import UUID
 
 import pytest
 
-import adapters.invoice_run as invoice_run
+import adapters.period_numbering as period_numbering
 from domain.invoice import FINALIZED, VOID, Invoice, invoice_id
 from domain.numbering import format_number
 from domain.period import period_of, shift_period
@@ -25,12 +25,12 @@ def test_a_draft_voided_after_numbering_read_it_ahead_is_left_void_and_the_rest_
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rt = runtime
-    monkeypatch.setattr(invoice_run, "FINALIZE_BATCH_INVOICES", BATCH_INVOICES)
+    monkeypatch.setattr(period_numbering, "FINALIZE_BATCH_INVOICES", BATCH_INVOICES)
     period = shift_period(period_of(datetime.now(UTC), "Asia/Kolkata"), -2)
     ids = subscribed(rt, period, ORGS, "ahead")
     assert rt.invoice_run().run(period, actor=None).created == ORGS
-    runner = rt.invoice_run()
-    read_page = runner._finalize_page
+    numbering = rt.period_numbering()
+    read_page = numbering._finalize_page
     voided: list[UUID] = []
 
     def read_then_void(period: str, after: UUID | None
@@ -42,8 +42,8 @@ def test_a_draft_voided_after_numbering_read_it_ahead_is_left_void_and_the_rest_
             voided.append(ident)
         return page, newest
 
-    monkeypatch.setattr(runner, "_finalize_page", read_then_void)
-    assert runner.finalize_period(period, actor=None) == ORGS - 1
+    monkeypatch.setattr(numbering, "_finalize_page", read_then_void)
+    assert numbering.finalize_period(period, actor=None) == ORGS - 1
     assert voided
     invoices = rt.ledger.get_many([invoice_id(o, period) for o in ids], Invoice)
     assert invoices[voided[0]].status == VOID and invoices[voided[0]].number is None

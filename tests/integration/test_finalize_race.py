@@ -1,4 +1,4 @@
-"""Issue 19: numbering in batches (InvoiceRun.finalize_period -> finalize_batch) racing single
+"""Issue 19: numbering in batches (PeriodNumbering.finalize_period -> finalize_batch) racing single
 finalizations of the same drafts in other Postgres sessions (POST .../finalize, the scheduler's
 auto-finalize) on the real ledger: every draft is numbered exactly once and the year's numbers
 stay gapless. A batch that loses the race on an invoice's or the sequence's version decides
@@ -14,7 +14,7 @@ from uuid import UUID
 
 import pytest
 
-import adapters.invoice_run as invoice_run
+import adapters.period_numbering as period_numbering
 from domain.errors import Conflict, Unavailable
 from domain.invoice import FINALIZED, Invoice, invoice_id
 from domain.numbering import InvoiceSequence, format_number, sequence_id
@@ -39,7 +39,7 @@ def test_batched_numbering_racing_single_finalizations_numbers_each_draft_once_g
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rt = runtime
-    monkeypatch.setattr(invoice_run, "FINALIZE_BATCH_INVOICES", BATCH_INVOICES)
+    monkeypatch.setattr(period_numbering, "FINALIZE_BATCH_INVOICES", BATCH_INVOICES)
     period = shift_period(period_of(datetime.now(UTC), "Asia/Kolkata"), -2)
     ids = _drafts(rt, period)
     seed = random.randrange(2**32)
@@ -51,7 +51,7 @@ def test_batched_numbering_racing_single_finalizations_numbers_each_draft_once_g
     def batches() -> None:
         try:
             start.wait()
-            rt.invoice_run().finalize_period(period, actor=None)
+            rt.period_numbering().finalize_period(period, actor=None)
         except Unavailable as e:  # contended past its attempts: run again below
             batch_stopped.append(e)
         except BaseException as e:
@@ -80,7 +80,7 @@ def test_batched_numbering_racing_single_finalizations_numbers_each_draft_once_g
         t.join(JOIN_TIMEOUT_S)
     assert not any(t.is_alive() for t in threads), f"seed {seed}"
     assert not errors, f"seed {seed}: {errors!r}"
-    rt.invoice_run().finalize_period(period, actor=None)  # the rest, if the race left any
+    rt.period_numbering().finalize_period(period, actor=None)  # the rest, if the race left any
     assert sum(singles) > 0, f"seed {seed}: the single finalizations never won a race"
     invoices = rt.ledger.get_many(ids, Invoice)
     assert {i.status for i in invoices.values()} == {FINALIZED}, f"seed {seed}"

@@ -46,10 +46,6 @@ def _helpers_alive() -> list[int]:
     return found
 
 
-def _drafted(rt: Runtime, topic: str = "Invoice.Drafted") -> int:
-    return entries_of(rt, topic)
-
-
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(invoice_run, "ORGS_PER_BATCH", ORGS_PER_BATCH)
@@ -71,9 +67,9 @@ def test_a_run_with_a_helper_process_drafts_every_invoice_once_each_audited_as_i
     helped = [r.getMessage() for r in caplog.records if "helper processes" in r.getMessage()]
     assert helped and not helped[0].split(": ", 1)[1].startswith("0 batches"), helped
     assert len(rt.ledger.get_many([invoice_id(o, period) for o in ids], Invoice)) == ORGS
-    assert _drafted(rt) == ORGS
+    assert entries_of(rt, "Invoice.Drafted") == ORGS
     # Each draft has its own audit entry naming the actor, the helper's as the run's own.
-    assert _drafted(rt, "AuditEntry.Recorded") == ORGS
+    assert entries_of(rt, "AuditEntry.Recorded") == ORGS
     rebuild_read_models(rt)
     with rt.pool.connection() as conn:
         audited = conn.execute("SELECT request_id, actor_id, count(*) FROM audit_events"
@@ -105,13 +101,13 @@ def test_a_helper_killed_mid_run_stops_the_run_and_the_next_run_drafts_the_rest_
     with pytest.raises(Unavailable, match="helper"):
         rt.invoice_run().run(period, kill_the_helper, actor=None)
     assert killed
-    assert _drafted(rt) < ORGS  # stopped part-way
+    assert entries_of(rt, "Invoice.Drafted") < ORGS  # stopped part-way
     assert _helpers_alive() == []
     rebuild_read_models(rt)
     result = rt.invoice_run().run(period, actor=None)
     assert result.created + result.existing == ORGS and result.failed == 0
     assert len(rt.ledger.get_many([invoice_id(o, period) for o in ids], Invoice)) == ORGS
-    assert _drafted(rt) == ORGS
+    assert entries_of(rt, "Invoice.Drafted") == ORGS
     assert _helpers_alive() == []
 
 
@@ -144,5 +140,5 @@ def test_organisations_blocked_by_dead_letters_in_helper_batches_are_blocked_and
     assert {b.organisation_id: b.missing_positions for b in result.blocked} == {
         o: [p] for o, p in positions.items()}
     assert (result.created, result.failed) == (ORGS - len(stuck), 0)
-    assert _drafted(rt) == ORGS - len(stuck)
+    assert entries_of(rt, "Invoice.Drafted") == ORGS - len(stuck)
     assert _helpers_alive() == []

@@ -33,9 +33,10 @@ from decimal import Decimal
 from pathlib import Path
 from uuid import UUID, uuid4
 
-from adapters.invoice_run import DEAD_LETTER_MODELS, FINALIZE_BATCH_INVOICES, ORGS_PER_BATCH
+from adapters.invoice_run import DEAD_LETTER_MODELS, ORGS_PER_BATCH
 from adapters.ledger import GET_MANY_MAX_AGGREGATES
 from adapters.maintenance import rebuild
+from adapters.period_numbering import FINALIZE_BATCH_INVOICES
 from adapters.projector import Projector
 from adapters.relay import RELAY_NAME, Relay
 from adapters.usage_writer import UsageWriter, encode_usage

@@ -1,4 +1,4 @@
-"""A run lowers the garbage collector's pace while it lasts (adapters.invoice_run.
+"""A run lowers the garbage collector's pace while it lasts (adapters.gc_pace.
 fewer_collections); runs that overlap in one process (a run over HTTP while the scheduler
 numbers) put back the setting from before the first, whichever ends first."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 
-from adapters.invoice_run import GC_GEN0_ALLOCATIONS, fewer_collections
+from adapters.gc_pace import GC_GEN0_ALLOCATIONS, fewer_collections
 
 
 def test_overlapping_runs_restore_the_collectors_setting_from_before_the_first() -> None:

@@ -1,4 +1,4 @@
-"""Issue 19 review: the invoice run's collector setting (adapters/invoice_run.fewer_collections)
+"""Issue 19 review: the invoice run's collector setting (adapters/gc_pace.fewer_collections)
 is process-wide. A served process (`billing serve`: the API and the scheduler in one) sets its
 own at start (infra/roles.py, tune_gc) after the scheduler is started, whose invoice run of the
 periods it missed starts at once in a thread: that run must not put back, when it ends, the
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from adapters.invoice_run import GC_GEN0_ALLOCATIONS, fewer_collections
+from adapters.gc_pace import GC_GEN0_ALLOCATIONS, fewer_collections
 
 PROCESS_SETTING = 12_345  # what the process sets for itself while a run lasts
 JOIN_TIMEOUT_S = 10.0
