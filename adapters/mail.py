@@ -27,6 +27,7 @@ from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
@@ -229,16 +230,8 @@ def build_payment_email(
         "customer": doc.customer_name,
         "supplier": doc.supplier_name,
     }
-    msg = EmailMessage()
-    msg["Subject"] = _KIND_SUBJECT["paid"].format(number=doc.number, period=doc.period)
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Date"] = format_datetime(sent_at or datetime.now(UTC))
-    msg["Message-ID"] = message_id(doc.invoice_id, "paid", sender)
-    msg.set_content(_PAYMENT_ENV.get_template(PAYMENT_TEXT_TEMPLATE).render(payment=view))
-    msg.add_alternative(_PAYMENT_ENV.get_template(PAYMENT_HTML_TEMPLATE).render(payment=view),
-                        subtype="html")
-    return msg
+    return _notice(doc, "paid", (PAYMENT_TEXT_TEMPLATE, PAYMENT_HTML_TEMPLATE),
+                   {"payment": view}, to=to, sender=sender, sent_at=sent_at)
 
 
 def build_void_email(
@@ -255,15 +248,25 @@ def build_void_email(
         "customer": doc.customer_name,
         "supplier": doc.supplier_name,
     }
+    return _notice(doc, "void", (VOID_TEXT_TEMPLATE, VOID_HTML_TEMPLATE), {"void": view},
+                   to=to, sender=sender, sent_at=sent_at)
+
+
+def _notice(doc: InvoiceDocument, kind: str, templates: tuple[str, str],
+            context: dict[str, Any], *, to: str, sender: str, sent_at: datetime | None
+            ) -> EmailMessage:
+    """A notice about an invoice with no attachment (paid, void): its subject by `kind`, plain
+    text and HTML alternatives rendered from `templates` with `context`, and a Message-ID
+    fixed by (invoice id, `kind`)."""
+    text, html = templates
     msg = EmailMessage()
-    msg["Subject"] = _KIND_SUBJECT["void"].format(number=doc.number, period=doc.period)
+    msg["Subject"] = _KIND_SUBJECT[kind].format(number=doc.number, period=doc.period)
     msg["From"] = sender
     msg["To"] = to
     msg["Date"] = format_datetime(sent_at or datetime.now(UTC))
-    msg["Message-ID"] = message_id(doc.invoice_id, "void", sender)
-    msg.set_content(_PAYMENT_ENV.get_template(VOID_TEXT_TEMPLATE).render(void=view))
-    msg.add_alternative(_PAYMENT_ENV.get_template(VOID_HTML_TEMPLATE).render(void=view),
-                        subtype="html")
+    msg["Message-ID"] = message_id(doc.invoice_id, kind, sender)
+    msg.set_content(_PAYMENT_ENV.get_template(text).render(**context))
+    msg.add_alternative(_PAYMENT_ENV.get_template(html).render(**context), subtype="html")
     return msg
 
 
