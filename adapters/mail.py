@@ -252,7 +252,7 @@ def build_void_email(
                    to=to, sender=sender, sent_at=sent_at)
 
 
-def _notice(doc: InvoiceDocument, kind: str, templates: tuple[str, str],
+def _notice(doc: InvoiceDocument, kind: EmailKind, templates: tuple[str, str],
             context: dict[str, Any], *, to: str, sender: str, sent_at: datetime | None
             ) -> EmailMessage:
     """A notice about an invoice with no attachment (paid, void): its subject by `kind`, plain
